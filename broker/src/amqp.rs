@@ -1,0 +1,457 @@
+//! The AMQP adapter: RabbitMQ through `lapin`.
+//!
+//! One supervised connection per process. A supervisor task connects with
+//! exponential backoff, opens a publisher channel in confirm mode, declares
+//! every queue this process has declared so far, and publishes the
+//! connection through a watch; when the connection fails it is withdrawn
+//! (publishes fail fast with [`BrokerError::Unavailable`], so callers answer
+//! 503 instead of hanging) and the supervisor reconnects. Each subscription
+//! runs its own task with its own channel and prefetch, and resubscribes on
+//! every new connection. Messages carry an AMQP `expiration` from their TTL
+//! and are published `mandatory`, so a missing queue is reported, not lost.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Acker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueDepth, QueueKind, SubInner,
+    Subscription,
+};
+
+/// RabbitMQ adapter. Cloning shares the connection.
+#[derive(Clone)]
+pub struct AmqpBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Where to connect, `amqp://user:pass@host:port/vhost`.
+    uri: String,
+    /// The live connection, `None` while (re)connecting.
+    current: watch::Sender<Option<Arc<Live>>>,
+    /// `current.is_some()`, for callers that only need up/down.
+    up: watch::Sender<bool>,
+    /// Queues declared through this handle, declared again after a reconnect
+    /// (a broker that lost its state must get them back).
+    declared: Mutex<HashMap<String, QueueKind>>,
+    /// Stops the supervisor when the last handle is dropped.
+    stop: CancellationToken,
+}
+
+struct Live {
+    connection: Connection,
+    /// Publishes go through one confirm-mode channel; lapin matches confirms
+    /// to publishes, so concurrent publishers share it safely.
+    publisher: Channel,
+    /// Counts connections, so subscribers can tell a new one from the old.
+    generation: u64,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+fn declare_options(kind: QueueKind) -> QueueDeclareOptions {
+    match kind {
+        QueueKind::Work => QueueDeclareOptions::durable(),
+        QueueKind::Exclusive => QueueDeclareOptions::exclusive().auto_delete(),
+    }
+}
+
+async fn declare_on(channel: &Channel, queue: &str, kind: QueueKind) -> Result<(), BrokerError> {
+    channel
+        .queue_declare(queue.into(), declare_options(kind), FieldTable::default())
+        .await
+        .map(drop)
+        .map_err(|e| BrokerError::Protocol(format!("declaring {queue}: {e}")))
+}
+
+impl AmqpBroker {
+    /// Start connecting to `uri` in the background; returns at once. Until
+    /// the first connection is up, publishes fail with `Unavailable`.
+    pub fn connect(uri: &str) -> Self {
+        let (current, _) = watch::channel(None);
+        let inner = Arc::new(Inner {
+            uri: uri.to_owned(),
+            current,
+            up: watch::Sender::new(false),
+            declared: Mutex::new(HashMap::new()),
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(supervise(Arc::downgrade(&inner), inner.stop.clone()));
+        AmqpBroker { inner }
+    }
+
+    /// Wait until connected, at most `timeout`.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut up = self.inner.up.subscribe();
+        let ok = tokio::time::timeout(timeout, up.wait_for(|u| *u))
+            .await
+            .is_ok();
+        ok
+    }
+
+    fn live(&self) -> Result<Arc<Live>, BrokerError> {
+        self.inner
+            .current
+            .borrow()
+            .clone()
+            .ok_or_else(|| BrokerError::Unavailable("not connected to RabbitMQ".into()))
+    }
+}
+
+/// The supervisor: connect, serve, notice the loss, back off, repeat.
+async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    let mut generation = 0u64;
+    loop {
+        let Some(strong) = inner.upgrade() else { return };
+        let uri = strong.uri.clone();
+        drop(strong);
+        let attempt = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = establish(&uri) => r,
+        };
+        match attempt {
+            Ok((connection, publisher)) => {
+                let Some(strong) = inner.upgrade() else { return };
+                let queues: Vec<(String, QueueKind)> = strong
+                    .declared
+                    .lock()
+                    .map(|d| d.iter().map(|(q, k)| (q.clone(), *k)).collect())
+                    .unwrap_or_default();
+                let mut redeclared = true;
+                for (q, k) in queues {
+                    if let Err(e) = declare_on(&publisher, &q, k).await {
+                        tracing::warn!(queue = %q, error = %e, "redeclare after reconnect failed");
+                        redeclared = false;
+                    }
+                }
+                if !redeclared {
+                    let _ = connection.close(0, "redeclare failed".into()).await;
+                    continue;
+                }
+                generation += 1;
+                let events = connection.events_listener();
+                let live = Arc::new(Live {
+                    connection,
+                    publisher,
+                    generation,
+                });
+                strong.current.send_replace(Some(Arc::clone(&live)));
+                strong.up.send_replace(true);
+                drop(strong);
+                tracing::info!(generation, "connected to RabbitMQ");
+                backoff = Duration::from_millis(100);
+                wait_for_loss(&live, events, &stop).await;
+                let Some(strong) = inner.upgrade() else { return };
+                strong.current.send_replace(None);
+                strong.up.send_replace(false);
+                tracing::warn!(generation, "lost the RabbitMQ connection; reconnecting");
+                let _ = live.connection.close(0, "reconnecting".into()).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot connect to RabbitMQ");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn establish(uri: &str) -> Result<(Connection, Channel), lapin::Error> {
+    let connection = Connection::connect(uri, ConnectionProperties::default()).await?;
+    let publisher = connection.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok((connection, publisher))
+}
+
+/// Return when the connection or its publisher channel is no longer usable.
+async fn wait_for_loss(
+    live: &Live,
+    mut events: impl futures::Stream<Item = lapin::Event> + Unpin,
+    stop: &CancellationToken,
+) {
+    // Errors arrive as events; the status poll catches anything that does not
+    // (a closed publisher channel, for one).
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            ev = events.next() => match ev {
+                Some(lapin::Event::Error(e)) => {
+                    tracing::warn!(error = %e, "RabbitMQ connection error");
+                    return;
+                }
+                Some(_) => {}
+                None => return,
+            },
+            _ = tick.tick() => {
+                if !live.connection.status().connected() || !live.publisher.status().connected() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn to_field_table(headers: &[(String, String)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in headers {
+        t.insert(
+            ShortString::from(k.as_str()),
+            AMQPValue::LongString(LongString::from(v.as_bytes())),
+        );
+    }
+    t
+}
+
+fn from_field_table(table: Option<&FieldTable>) -> Vec<(String, String)> {
+    let Some(table) = table else {
+        return Vec::new();
+    };
+    table
+        .inner()
+        .iter()
+        .filter_map(|(k, v)| {
+            let v = match v {
+                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                AMQPValue::ShortString(s) => s.as_str().to_owned(),
+                _ => return None,
+            };
+            Some((k.as_str().to_owned(), v))
+        })
+        .collect()
+}
+
+impl Broker for AmqpBroker {
+    async fn declare(&self, queue: &str, kind: QueueKind) -> Result<(), BrokerError> {
+        if let Ok(mut d) = self.inner.declared.lock() {
+            d.insert(queue.to_owned(), kind);
+        }
+        let live = self.live()?;
+        declare_on(&live.publisher, queue, kind).await
+    }
+
+    async fn publish(&self, queue: &str, message: Message) -> Result<(), BrokerError> {
+        let live = self.live()?;
+        let mut props = BasicProperties::default()
+            .with_delivery_mode(if message.persistent { 2 } else { 1 });
+        if !message.headers.is_empty() {
+            props = props.with_headers(to_field_table(&message.headers));
+        }
+        if let Some(ttl) = message.ttl_ms {
+            props = props.with_expiration(ShortString::from(ttl.max(1).to_string()));
+        }
+        let confirm = live
+            .publisher
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &message.payload,
+                props,
+            )
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(unavailable)?;
+        if confirm.is_nack() {
+            return Err(BrokerError::Nacked(queue.to_owned()));
+        }
+        if confirm.take_message().is_some() {
+            return Err(BrokerError::NoRoute(queue.to_owned()));
+        }
+        Ok(())
+    }
+
+    async fn consume(
+        &self,
+        queue: &str,
+        kind: QueueKind,
+        options: ConsumeOptions,
+    ) -> Result<Subscription, BrokerError> {
+        if let Ok(mut d) = self.inner.declared.lock() {
+            d.insert(queue.to_owned(), kind);
+        }
+        let (tx, rx) = async_channel::bounded(usize::from(options.prefetch.max(1)));
+        let stop = CancellationToken::new();
+        tokio::spawn(subscribe(
+            self.inner.current.subscribe(),
+            queue.to_owned(),
+            kind,
+            options,
+            tx,
+            stop.clone(),
+        ));
+        Ok(Subscription {
+            inner: SubInner::Amqp {
+                rx,
+                _stop: stop.drop_guard(),
+            },
+        })
+    }
+
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        let live = self.live()?;
+        // A passive declare on a throwaway channel: if the queue is missing
+        // the broker closes that channel, not the shared publisher.
+        let ch = live.connection.create_channel().await.map_err(unavailable)?;
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions::default().passive(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|_| BrokerError::NoRoute(queue.to_owned()));
+        let _ = ch.close(200, "depth".into()).await;
+        let q = q?;
+        Ok(QueueDepth {
+            ready: u64::from(q.message_count()),
+            unacked: None,
+            consumers: u64::from(q.consumer_count()),
+        })
+    }
+
+    fn connected(&self) -> watch::Receiver<bool> {
+        self.inner.up.subscribe()
+    }
+}
+
+/// One subscription's task: consume on every connection until stopped.
+async fn subscribe(
+    mut current: watch::Receiver<Option<Arc<Live>>>,
+    queue: String,
+    kind: QueueKind,
+    options: ConsumeOptions,
+    tx: async_channel::Sender<Delivery>,
+    stop: CancellationToken,
+) {
+    let mut last_generation = 0;
+    loop {
+        // Wait for a connection newer than the one we last consumed on (or
+        // the same one again after a short pause, if only our channel died).
+        let live = loop {
+            let cur = current.borrow_and_update().clone();
+            match cur {
+                Some(l) if l.generation != last_generation => break l,
+                Some(l) if l.connection.status().connected() => {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => break l,
+                        r = current.changed() => if r.is_err() { return },
+                    }
+                }
+                _ => tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = current.changed() => if r.is_err() { return },
+                },
+            }
+        };
+        last_generation = live.generation;
+        let channel = match open_consumer(&live, &queue, kind, options).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(queue = %queue, error = %e, "cannot consume; retrying");
+                continue;
+            }
+        };
+        let (channel, mut consumer) = channel;
+        tracing::debug!(queue = %queue, "consuming");
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => {
+                    let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                    let _ = channel.close(200, "unsubscribed".into()).await;
+                    return;
+                }
+                d = consumer.next() => d,
+            };
+            match next {
+                Some(Ok(d)) => {
+                    let delivery = Delivery {
+                        message: Message {
+                            headers: from_field_table(d.properties.headers().as_ref()),
+                            payload: Bytes::from(d.data),
+                            ttl_ms: None,
+                            persistent: d.properties.delivery_mode() == &Some(2),
+                        },
+                        redelivered: d.redelivered,
+                        acker: if options.auto_ack {
+                            Acker::None
+                        } else {
+                            Acker::Amqp(d.acker)
+                        },
+                        settled: false,
+                    };
+                    if tx.send(delivery).await.is_err() {
+                        let _ = channel.close(200, "unsubscribed".into()).await;
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(queue = %queue, error = %e, "consumer failed; resubscribing");
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+async fn open_consumer(
+    live: &Live,
+    queue: &str,
+    kind: QueueKind,
+    options: ConsumeOptions,
+) -> Result<(Channel, lapin::Consumer), BrokerError> {
+    let channel = live.connection.create_channel().await.map_err(unavailable)?;
+    declare_on(&channel, queue, kind).await?;
+    if !options.auto_ack {
+        channel
+            .basic_qos(options.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(unavailable)?;
+    }
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: options.auto_ack,
+                exclusive: kind == QueueKind::Exclusive,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok((channel, consumer))
+}

@@ -1,0 +1,181 @@
+//! The embedded broker: in-process bounded queues, so `funcatron up` runs the
+//! whole path in one process with no RabbitMQ.
+//!
+//! Each queue is a bounded MPMC channel: publishers wait for room
+//! (backpressure) and competing consumers share the work. Unacknowledged
+//! deliveries are counted for [`QueueDepth::unacked`]; a nack with requeue,
+//! or a delivery dropped unsettled, goes back on the queue.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tokio::sync::watch;
+
+use crate::{
+    Acker as DeliveryAcker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueDepth,
+    QueueKind, SubInner, Subscription,
+};
+
+/// In-process broker. Cloning shares the same queues.
+#[derive(Clone)]
+pub struct EmbeddedBroker {
+    queues: Arc<DashMap<String, Arc<Queue>>>,
+    /// Bound of every queue; a full queue makes publishers wait.
+    capacity: usize,
+    connected: watch::Sender<bool>,
+}
+
+struct Queue {
+    name: String,
+    tx: async_channel::Sender<Message>,
+    rx: async_channel::Receiver<Message>,
+    unacked: AtomicU64,
+    consumers: AtomicU64,
+}
+
+impl EmbeddedBroker {
+    /// A broker whose queues each hold at most `capacity` messages.
+    pub fn new(capacity: usize) -> Self {
+        EmbeddedBroker {
+            queues: Arc::new(DashMap::new()),
+            capacity: capacity.max(1),
+            connected: watch::Sender::new(true),
+        }
+    }
+
+    fn queue(&self, name: &str) -> Option<Arc<Queue>> {
+        self.queues.get(name).map(|q| Arc::clone(q.value()))
+    }
+
+    fn get_or_create(&self, name: &str) -> Arc<Queue> {
+        if let Some(q) = self.queue(name) {
+            return q;
+        }
+        let entry = self.queues.entry(name.to_owned()).or_insert_with(|| {
+            let (tx, rx) = async_channel::bounded(self.capacity);
+            Arc::new(Queue {
+                name: name.to_owned(),
+                tx,
+                rx,
+                unacked: AtomicU64::new(0),
+                consumers: AtomicU64::new(0),
+            })
+        });
+        Arc::clone(entry.value())
+    }
+
+    /// Remove a queue; its pending messages are dropped.
+    pub fn delete(&self, name: &str) {
+        if let Some((_, q)) = self.queues.remove(name) {
+            q.rx.close();
+        }
+    }
+}
+
+impl Broker for EmbeddedBroker {
+    async fn declare(&self, queue: &str, _kind: QueueKind) -> Result<(), BrokerError> {
+        self.get_or_create(queue);
+        Ok(())
+    }
+
+    async fn publish(&self, queue: &str, message: Message) -> Result<(), BrokerError> {
+        let q = self
+            .queue(queue)
+            .ok_or_else(|| BrokerError::NoRoute(queue.to_owned()))?;
+        q.tx.send(message)
+            .await
+            .map_err(|_| BrokerError::NoRoute(queue.to_owned()))
+    }
+
+    async fn consume(
+        &self,
+        queue: &str,
+        _kind: QueueKind,
+        options: ConsumeOptions,
+    ) -> Result<Subscription, BrokerError> {
+        let q = self.get_or_create(queue);
+        q.consumers.fetch_add(1, Ordering::Relaxed);
+        Ok(Subscription {
+            inner: SubInner::Embedded(Receiver {
+                queue: q,
+                auto_ack: options.auto_ack,
+            }),
+        })
+    }
+
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        let q = self
+            .queue(queue)
+            .ok_or_else(|| BrokerError::NoRoute(queue.to_owned()))?;
+        Ok(QueueDepth {
+            ready: q.rx.len() as u64,
+            unacked: Some(q.unacked.load(Ordering::Relaxed)),
+            consumers: q.consumers.load(Ordering::Relaxed),
+        })
+    }
+
+    fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.subscribe()
+    }
+}
+
+/// One consumer of an embedded queue.
+pub(crate) struct Receiver {
+    queue: Arc<Queue>,
+    auto_ack: bool,
+}
+
+impl Receiver {
+    pub(crate) async fn next(&mut self) -> Option<Delivery> {
+        let message = self.queue.rx.recv().await.ok()?;
+        let acker = if self.auto_ack {
+            DeliveryAcker::None
+        } else {
+            self.queue.unacked.fetch_add(1, Ordering::Relaxed);
+            DeliveryAcker::Embedded(Acker {
+                queue: Arc::clone(&self.queue),
+            })
+        };
+        Some(Delivery {
+            message,
+            redelivered: false,
+            acker,
+            settled: false,
+        })
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.queue.consumers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Settles one embedded delivery.
+pub(crate) struct Acker {
+    queue: Arc<Queue>,
+}
+
+impl Acker {
+    pub(crate) fn settle(&self) {
+        self.queue.unacked.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn requeue(&self, message: Message) {
+        // Requeueing must not block (it runs in Drop); a full queue gets the
+        // message back from a task as soon as there is room.
+        match self.queue.tx.try_send(message) {
+            Ok(()) => {}
+            Err(async_channel::TrySendError::Full(message)) => {
+                let tx = self.queue.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(message).await;
+                });
+            }
+            Err(async_channel::TrySendError::Closed(_)) => {
+                tracing::warn!(queue = %self.queue.name, "queue deleted; requeued message dropped");
+            }
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The broker seam of the request path: ingress -> **broker** -> Tron ->
+//! **broker** (Func queue) -> Runner -> **broker** (reply queue) -> ingress.
+//!
+//! [`Broker`] is the small trait every adapter implements: declare a queue,
+//! publish with confirmation, consume with explicit ack/nack, read queue
+//! depth. Two adapters sit beside it and never depend on each other:
+//! [`embedded`] (in-process, bounded, with backpressure; the default that
+//! makes `funcatron up` a single process) and [`amqp`] (RabbitMQ through
+//! `lapin`, with publisher confirms and reconnection). Components hold an
+//! [`AnyBroker`], the closed enum chosen from configuration.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+pub mod amqp;
+pub mod embedded;
+pub mod names;
+
+pub use amqp::AmqpBroker;
+pub use embedded::EmbeddedBroker;
+
+/// Why a broker operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker cannot be reached now; callers answer 503 and retry later.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The queue is full and stayed full (embedded backpressure).
+    #[error("queue {0} is full")]
+    Full(String),
+    /// No queue of that name exists, so the message went nowhere.
+    #[error("no queue named {0}")]
+    NoRoute(String),
+    /// The broker refused the message (publisher confirm nack).
+    #[error("broker refused the message for {0}")]
+    Nacked(String),
+    /// The broker rejected an operation (bad arguments, access refused...).
+    #[error("broker error: {0}")]
+    Protocol(String),
+}
+
+impl BrokerError {
+    /// A bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BrokerError::Unavailable(_) => "unavailable",
+            BrokerError::Full(_) => "full",
+            BrokerError::NoRoute(_) => "no_route",
+            BrokerError::Nacked(_) => "nacked",
+            BrokerError::Protocol(_) => "protocol",
+        }
+    }
+}
+
+/// A message: an envelope's bytes plus the few headers Funcatron routes on.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Message {
+    /// The envelope bytes, shared rather than copied between hops.
+    pub payload: Bytes,
+    /// String headers (see `funcatron_envelope::headers`).
+    pub headers: Vec<(String, String)>,
+    /// Drop the message if not consumed within this many milliseconds
+    /// (derived from the request deadline so no one works on stale requests).
+    pub ttl_ms: Option<u64>,
+    /// Survive a broker restart (written to disk by RabbitMQ).
+    pub persistent: bool,
+}
+
+impl Message {
+    /// A transient message with no headers.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Message {
+            payload: payload.into(),
+            ..Message::default()
+        }
+    }
+
+    /// The first value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What kind of queue to declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QueueKind {
+    /// Shared work queue (requests, Func queues, dead letters): durable,
+    /// consumed by any number of competing consumers.
+    Work,
+    /// One consumer's private queue (an ingress's replies): removed when its
+    /// owner's connection goes away.
+    Exclusive,
+}
+
+/// How to consume.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumeOptions {
+    /// Most unacknowledged deliveries this consumer holds at once.
+    pub prefetch: u16,
+    /// Deliveries count as acknowledged on receipt (reply queues only: a
+    /// reply has nowhere else to go).
+    pub auto_ack: bool,
+}
+
+/// Depth of a queue, the autoscaler's main signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueDepth {
+    /// Waiting to be delivered.
+    pub ready: u64,
+    /// Delivered, not yet acknowledged, where the adapter can tell.
+    pub unacked: Option<u64>,
+    /// Consumers attached.
+    pub consumers: u64,
+}
+
+/// A received message that must be settled with [`Delivery::ack`] or
+/// [`Delivery::nack`] once its outcome is published.
+pub struct Delivery {
+    /// The message.
+    pub message: Message,
+    /// The broker delivered it before and it was not acknowledged.
+    pub redelivered: bool,
+    acker: Acker,
+    settled: bool,
+}
+
+enum Acker {
+    None,
+    Embedded(embedded::Acker),
+    Amqp(lapin::Acker),
+}
+
+impl Delivery {
+    /// Acknowledge: the message's outcome is safely published.
+    pub async fn ack(mut self) -> Result<(), BrokerError> {
+        self.settled = true;
+        match &self.acker {
+            Acker::None => Ok(()),
+            Acker::Embedded(a) => {
+                a.settle();
+                Ok(())
+            }
+            Acker::Amqp(a) => a
+                .ack(lapin::options::BasicAckOptions::default())
+                .await
+                .map(drop)
+                .map_err(|e| BrokerError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Negative acknowledgement; `requeue` puts it back for another consumer.
+    pub async fn nack(mut self, requeue: bool) -> Result<(), BrokerError> {
+        self.settled = true;
+        match &self.acker {
+            Acker::None => Ok(()),
+            Acker::Embedded(a) => {
+                a.settle();
+                if requeue {
+                    a.requeue(std::mem::take(&mut self.message));
+                }
+                Ok(())
+            }
+            Acker::Amqp(a) => a
+                .nack(lapin::options::BasicNackOptions {
+                    requeue,
+                    multiple: false,
+                })
+                .await
+                .map(drop)
+                .map_err(|e| BrokerError::Unavailable(e.to_string())),
+        }
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        // Never lose a message because a handler forgot it or panicked: the
+        // embedded broker requeues it, as RabbitMQ does when the channel closes.
+        if let Acker::Embedded(a) = &self.acker {
+            a.settle();
+            a.requeue(std::mem::take(&mut self.message));
+        } else if let Acker::Amqp(_) = &self.acker {
+            tracing::warn!("AMQP delivery dropped unsettled; RabbitMQ redelivers it when the channel closes");
+        }
+    }
+}
+
+/// A stream of deliveries from one queue. Dropping it stops consuming.
+pub struct Subscription {
+    inner: SubInner,
+}
+
+enum SubInner {
+    Embedded(embedded::Receiver),
+    Amqp {
+        rx: async_channel::Receiver<Delivery>,
+        _stop: tokio_util::sync::DropGuard,
+    },
+}
+
+impl Subscription {
+    /// The next delivery; `None` once the subscription is closed.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        match &mut self.inner {
+            SubInner::Embedded(r) => r.next().await,
+            SubInner::Amqp { rx, .. } => rx.recv().await.ok(),
+        }
+    }
+}
+
+/// The broker seam. Adapters: [`EmbeddedBroker`], [`AmqpBroker`].
+pub trait Broker: Clone + Send + Sync + 'static {
+    /// Create the queue if it does not exist (idempotent). Adapters that can
+    /// lose queues (a broker restart) declare them again on reconnect.
+    fn declare(
+        &self,
+        queue: &str,
+        kind: QueueKind,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Publish to a queue and wait until the broker has taken responsibility
+    /// for the message (publisher confirm, or room in an embedded queue).
+    fn publish(
+        &self,
+        queue: &str,
+        message: Message,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Consume a queue (declaring it as `kind` first).
+    fn consume(
+        &self,
+        queue: &str,
+        kind: QueueKind,
+        options: ConsumeOptions,
+    ) -> impl Future<Output = Result<Subscription, BrokerError>> + Send;
+
+    /// How deep a queue is.
+    fn depth(&self, queue: &str) -> impl Future<Output = Result<QueueDepth, BrokerError>> + Send;
+
+    /// Whether the broker is reachable now, as a watch: `false` while
+    /// reconnecting. Waiting requesters use it to answer 503 at once.
+    fn connected(&self) -> watch::Receiver<bool>;
+}
+
+/// The adapter chosen from configuration.
+#[derive(Clone)]
+pub enum AnyBroker {
+    /// In-process.
+    Embedded(EmbeddedBroker),
+    /// RabbitMQ.
+    Amqp(AmqpBroker),
+}
+
+impl AnyBroker {
+    /// Pick an adapter from a URL: `embedded` (or `memory:`) for a fresh
+    /// in-process broker, `amqp://...` for RabbitMQ.
+    pub fn from_url(url: &str, embedded_capacity: usize) -> Result<Self, BrokerError> {
+        if url == "embedded" || url.starts_with("memory:") {
+            Ok(AnyBroker::Embedded(EmbeddedBroker::new(embedded_capacity)))
+        } else if url.starts_with("amqp://") || url.starts_with("amqps://") {
+            Ok(AnyBroker::Amqp(AmqpBroker::connect(url)))
+        } else {
+            Err(BrokerError::Protocol(format!(
+                "unsupported broker URL {url:?}: use `embedded` or `amqp://user:pass@host:5672/%2f`"
+            )))
+        }
+    }
+
+    /// A short name for logs and health checks.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AnyBroker::Embedded(_) => "embedded",
+            AnyBroker::Amqp(_) => "amqp",
+        }
+    }
+}
+
+impl Broker for AnyBroker {
+    async fn declare(&self, queue: &str, kind: QueueKind) -> Result<(), BrokerError> {
+        match self {
+            AnyBroker::Embedded(b) => b.declare(queue, kind).await,
+            AnyBroker::Amqp(b) => b.declare(queue, kind).await,
+        }
+    }
+
+    async fn publish(&self, queue: &str, message: Message) -> Result<(), BrokerError> {
+        match self {
+            AnyBroker::Embedded(b) => b.publish(queue, message).await,
+            AnyBroker::Amqp(b) => b.publish(queue, message).await,
+        }
+    }
+
+    async fn consume(
+        &self,
+        queue: &str,
+        kind: QueueKind,
+        options: ConsumeOptions,
+    ) -> Result<Subscription, BrokerError> {
+        match self {
+            AnyBroker::Embedded(b) => b.consume(queue, kind, options).await,
+            AnyBroker::Amqp(b) => b.consume(queue, kind, options).await,
+        }
+    }
+
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        match self {
+            AnyBroker::Embedded(b) => b.depth(queue).await,
+            AnyBroker::Amqp(b) => b.depth(queue).await,
+        }
+    }
+
+    fn connected(&self) -> watch::Receiver<bool> {
+        match self {
+            AnyBroker::Embedded(b) => b.connected(),
+            AnyBroker::Amqp(b) => b.connected(),
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Queue names every component agrees on.
+
+/// The request firehose: ingresses publish, Trons consume.
+pub const REQUESTS: &str = "funcatron.requests";
+/// Messages no one could decode or route, with the reason in a header.
+pub const DEAD_LETTERS: &str = "funcatron.dead";
+
+/// The queue a Func's Runners consume.
+pub fn func_queue(func: &str) -> String {
+    format!("funcatron.func.{func}")
+}
+
+/// An ingress instance's private reply queue.
+pub fn reply_queue(instance: &str) -> String {
+    format!("funcatron.reply.{instance}")
+}

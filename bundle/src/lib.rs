@@ -1,0 +1,521 @@
+//! Func bundles, the unit users write and upload.
+//!
+//! A bundle is a directory holding a Swagger 2.0 or OpenAPI 3.0 document and
+//! the Func's code. The Tron reads a bundle's routing key (host + basePath)
+//! and operations to build its route table; the Runner reads its runtime and
+//! handler file to prepare it once. What runtime and handler to use is
+//! declared in the document's `x-funcatron` extension or in a
+//! `funcatron.yaml` beside it (which wins).
+//!
+//! Every failure names the file and the field at fault.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Documents a bundle may hold, in the order they are looked for.
+pub const SPEC_FILES: &[&str] = &[
+    "openapi.yaml",
+    "openapi.yml",
+    "openapi.json",
+    "swagger.yaml",
+    "swagger.yml",
+    "swagger.json",
+];
+
+/// The HTTP methods an operation can have, as Swagger spells them.
+pub const METHODS: &[&str] = &[
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
+
+/// Why a bundle was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// A document is not valid YAML/JSON or not a valid Swagger/OpenAPI document.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+}
+
+impl BundleError {
+    fn invalid(path: &Path, message: impl Into<String>) -> Self {
+        BundleError::Invalid {
+            path: path.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The runtimes a bundle can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// Lua 5.4, in-process in the Runner.
+    Lua,
+}
+
+impl RuntimeKind {
+    fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "lua" | "lua5.4" | "lua54" => Some(RuntimeKind::Lua),
+            _ => None,
+        }
+    }
+}
+
+/// One Swagger operation: what the Tron routes to and the Runner invokes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operation {
+    /// Upper-case HTTP method.
+    pub method: String,
+    /// Path template relative to the base path, e.g. `/pets/{petId}`.
+    pub path: String,
+    /// Names the handler.
+    pub operation_id: String,
+}
+
+/// A loaded, validated bundle.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// The Func's name; its queue is named after it.
+    pub name: String,
+    /// The bundle directory.
+    pub dir: PathBuf,
+    /// The Swagger/OpenAPI document inside it.
+    pub spec_file: PathBuf,
+    /// `None` for any host (`*` or no host in the document).
+    pub host: Option<String>,
+    /// Normalised base path: starts with `/`, no trailing `/` (`/` alone for root).
+    pub base_path: String,
+    /// The operations, in document order.
+    pub operations: Vec<Operation>,
+    /// Runtime to run the code in.
+    pub runtime: RuntimeKind,
+    /// Handler file, relative to `dir`.
+    pub handler: PathBuf,
+    /// Per-invocation time limit in milliseconds, if the bundle sets one.
+    pub timeout_ms: Option<u64>,
+    /// Memory limit for the Func's state in bytes, if the bundle sets one.
+    pub memory_bytes: Option<usize>,
+}
+
+/// `x-funcatron` in the document or `funcatron.yaml` beside it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    name: Option<String>,
+    runtime: Option<String>,
+    handler: Option<String>,
+    spec: Option<String>,
+    timeout_ms: Option<u64>,
+    memory_mb: Option<usize>,
+}
+
+impl Manifest {
+    fn overlay(self, over: Manifest) -> Manifest {
+        Manifest {
+            name: over.name.or(self.name),
+            runtime: over.runtime.or(self.runtime),
+            handler: over.handler.or(self.handler),
+            spec: over.spec.or(self.spec),
+            timeout_ms: over.timeout_ms.or(self.timeout_ms),
+            memory_mb: over.memory_mb.or(self.memory_mb),
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, BundleError> {
+    std::fs::read_to_string(path).map_err(|source| BundleError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn parse_doc(path: &Path, text: &str) -> Result<Value, BundleError> {
+    serde_yaml_ng::from_str::<Value>(text)
+        .map_err(|e| BundleError::invalid(path, format!("not valid YAML or JSON: {e}")))
+}
+
+/// Names a Func may have: they become queue names and URL-safe labels.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The parts of a document the platform uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiDoc {
+    /// `None` for any host.
+    pub host: Option<String>,
+    /// Normalised base path.
+    pub base_path: String,
+    /// Operations in document order.
+    pub operations: Vec<Operation>,
+}
+
+/// Parse a Swagger 2.0 or OpenAPI 3.0 document (YAML or JSON text).
+pub fn parse_api(path: &Path, text: &str) -> Result<ApiDoc, BundleError> {
+    let doc = parse_doc(path, text)?;
+    api_from_value(path, &doc)
+}
+
+fn api_from_value(path: &Path, doc: &Value) -> Result<ApiDoc, BundleError> {
+    if !doc.is_object() {
+        return Err(BundleError::invalid(path, "document is not a mapping"));
+    }
+    if let Some(v) = doc.get("openapi") {
+        let v = v.as_str().unwrap_or_default();
+        if !v.starts_with("3.0") {
+            return Err(BundleError::invalid(
+                path,
+                format!("field `openapi`: version {v:?} is not supported (3.0.x is)"),
+            ));
+        }
+        openapi3(path, doc)
+    } else if let Some(v) = doc.get("swagger") {
+        if v.as_str() != Some("2.0") {
+            return Err(BundleError::invalid(
+                path,
+                format!("field `swagger`: version {v} is not supported (2.0 is)"),
+            ));
+        }
+        swagger2(path, doc)
+    } else {
+        Err(BundleError::invalid(
+            path,
+            "neither `swagger: \"2.0\"` nor `openapi: 3.0.x` is set",
+        ))
+    }
+}
+
+fn normalise_base(base: &str) -> String {
+    let trimmed = base.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/".to_owned()
+    } else if trimmed.starts_with('/') {
+        trimmed.to_owned()
+    } else {
+        format!("/{trimmed}")
+    }
+}
+
+fn normalise_host(host: Option<&str>) -> Option<String> {
+    match host.map(str::trim) {
+        None | Some("") | Some("*") => None,
+        Some(h) => Some(h.to_ascii_lowercase()),
+    }
+}
+
+fn operation(
+    path: &Path,
+    method: &str,
+    template: &str,
+    id: Option<&str>,
+) -> Result<Operation, BundleError> {
+    let where_ = format!("paths.{template}.{method}");
+    let id = id
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| BundleError::invalid(path, format!("{where_}: missing `operationId` (it names the handler)")))?;
+    if !template.starts_with('/') {
+        return Err(BundleError::invalid(
+            path,
+            format!("paths.{template}: a path must start with `/`"),
+        ));
+    }
+    Ok(Operation {
+        method: method.to_ascii_uppercase(),
+        path: template.to_owned(),
+        operation_id: id.to_owned(),
+    })
+}
+
+fn swagger2(path: &Path, doc: &Value) -> Result<ApiDoc, BundleError> {
+    let host = match doc.get("host") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => normalise_host(Some(s)),
+        Some(_) => return Err(BundleError::invalid(path, "field `host` must be a string")),
+    };
+    let base_path = match doc.get("basePath") {
+        None | Some(Value::Null) => "/".to_owned(),
+        Some(Value::String(s)) => normalise_base(s),
+        Some(_) => {
+            return Err(BundleError::invalid(
+                path,
+                "field `basePath` must be a string",
+            ))
+        }
+    };
+    let paths = doc
+        .get("paths")
+        .and_then(Value::as_object)
+        .ok_or_else(|| BundleError::invalid(path, "field `paths` is missing or not a mapping"))?;
+    let mut operations = Vec::new();
+    for (template, item) in paths {
+        if template.starts_with("x-") {
+            continue;
+        }
+        let item = item.as_object().ok_or_else(|| {
+            BundleError::invalid(path, format!("paths.{template}: not a mapping"))
+        })?;
+        for m in METHODS {
+            if let Some(op) = item.get(*m) {
+                let id = op.get("operationId").and_then(Value::as_str);
+                operations.push(operation(path, m, template, id)?);
+            }
+        }
+    }
+    Ok(ApiDoc {
+        host,
+        base_path,
+        operations,
+    })
+}
+
+fn openapi3(path: &Path, doc: &Value) -> Result<ApiDoc, BundleError> {
+    let api: openapiv3::OpenAPI = serde_json::from_value(doc.clone())
+        .map_err(|e| BundleError::invalid(path, format!("not a valid OpenAPI 3.0 document: {e}")))?;
+    let (host, base_path) = match api.servers.first() {
+        None => (None, "/".to_owned()),
+        Some(server) => {
+            let mut url = server.url.clone();
+            if let Some(vars) = &server.variables {
+                for (k, v) in vars {
+                    url = url.replace(&format!("{{{k}}}"), &v.default);
+                }
+            }
+            split_server_url(&url)
+        }
+    };
+    let mut operations = Vec::new();
+    for (template, item) in &api.paths.paths {
+        let item = item.as_item().ok_or_else(|| {
+            BundleError::invalid(
+                path,
+                format!("paths.{template}: `$ref` path items are not supported"),
+            )
+        })?;
+        for (m, op) in item.iter() {
+            operations.push(operation(path, m, template, op.operation_id.as_deref())?);
+        }
+    }
+    Ok(ApiDoc {
+        host,
+        base_path,
+        operations,
+    })
+}
+
+/// `http://Api.Example.com:8080/v1/` -> (`api.example.com:8080`, `/v1`);
+/// `/v1` -> (any host, `/v1`).
+fn split_server_url(url: &str) -> (Option<String>, String) {
+    let rest = match url.find("://") {
+        Some(i) => &url[i + 3..],
+        None if url.starts_with("//") => &url[2..],
+        None => return (None, normalise_base(url)),
+    };
+    let (host, base) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    (normalise_host(Some(host)), normalise_base(base))
+}
+
+impl Bundle {
+    /// Load and validate the bundle in `dir`.
+    pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
+        let manifest_path = dir.join("funcatron.yaml");
+        let file_manifest = if manifest_path.is_file() {
+            let text = read(&manifest_path)?;
+            serde_yaml_ng::from_str::<Manifest>(&text)
+                .map_err(|e| BundleError::invalid(&manifest_path, e.to_string()))?
+        } else {
+            Manifest::default()
+        };
+        let spec_file = match &file_manifest.spec {
+            Some(s) => inside(dir, s, &manifest_path, "spec")?,
+            None => SPEC_FILES
+                .iter()
+                .map(|f| dir.join(f))
+                .find(|p| p.is_file())
+                .ok_or_else(|| {
+                    BundleError::invalid(
+                        dir,
+                        format!("no API document: expected one of {}", SPEC_FILES.join(", ")),
+                    )
+                })?,
+        };
+        let doc = parse_doc(&spec_file, &read(&spec_file)?)?;
+        let api = api_from_value(&spec_file, &doc)?;
+        let doc_manifest = match doc.get("x-funcatron") {
+            Some(v) => serde_json::from_value::<Manifest>(v.clone())
+                .map_err(|e| BundleError::invalid(&spec_file, format!("x-funcatron: {e}")))?,
+            None => Manifest::default(),
+        };
+        let (m, source) = if manifest_path.is_file() {
+            (doc_manifest.overlay(file_manifest), manifest_path.clone())
+        } else {
+            (doc_manifest, spec_file.clone())
+        };
+        let name = match m.name {
+            Some(n) => n,
+            None => dir
+                .canonicalize()
+                .ok()
+                .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_default(),
+        };
+        if !valid_name(&name) {
+            return Err(BundleError::invalid(
+                &source,
+                format!("field `name`: {name:?} is not a valid Func name (letters, digits, - _ .)"),
+            ));
+        }
+        let runtime_name = m.runtime.ok_or_else(|| {
+            BundleError::invalid(&source, "field `runtime` is missing (x-funcatron.runtime or funcatron.yaml)")
+        })?;
+        let runtime = RuntimeKind::parse(&runtime_name).ok_or_else(|| {
+            BundleError::invalid(&source, format!("field `runtime`: unknown runtime {runtime_name:?} (known: lua)"))
+        })?;
+        let handler_name = m.handler.unwrap_or_else(|| "main.lua".to_owned());
+        let handler_path = inside(dir, &handler_name, &source, "handler")?;
+        if !handler_path.is_file() {
+            return Err(BundleError::invalid(
+                &source,
+                format!("field `handler`: {handler_name:?} does not exist in the bundle"),
+            ));
+        }
+        if api.operations.is_empty() {
+            return Err(BundleError::invalid(&spec_file, "field `paths`: no operations"));
+        }
+        Ok(Bundle {
+            name,
+            dir: dir.to_owned(),
+            spec_file,
+            host: api.host,
+            base_path: api.base_path,
+            operations: api.operations,
+            runtime,
+            handler: PathBuf::from(handler_name),
+            timeout_ms: m.timeout_ms,
+            memory_bytes: m.memory_mb.map(|mb| mb * 1024 * 1024),
+        })
+    }
+
+    /// Load every bundle directly under `root` (each subdirectory is one),
+    /// or `root` itself when it is a bundle.
+    pub fn load_all(root: &Path) -> Result<Vec<Bundle>, BundleError> {
+        if root.join("funcatron.yaml").is_file()
+            || SPEC_FILES.iter().any(|f| root.join(f).is_file())
+        {
+            return Ok(vec![Bundle::load(root)?]);
+        }
+        let entries = std::fs::read_dir(root).map_err(|source| BundleError::Io {
+            path: root.to_owned(),
+            source,
+        })?;
+        let mut dirs: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        dirs.sort();
+        dirs.iter().map(|d| Bundle::load(d)).collect()
+    }
+}
+
+/// Resolve a relative file named in a manifest, refusing anything outside `dir`.
+fn inside(dir: &Path, rel: &str, source: &Path, field: &str) -> Result<PathBuf, BundleError> {
+    let p = Path::new(rel);
+    if p.is_absolute()
+        || p.components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(BundleError::invalid(
+            source,
+            format!("field `{field}`: {rel:?} must be a relative path inside the bundle"),
+        ));
+    }
+    Ok(dir.join(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_urls_split_into_host_and_base() {
+        assert_eq!(
+            split_server_url("http://Api.Example.com:8080/v1/"),
+            (Some("api.example.com:8080".into()), "/v1".into())
+        );
+        assert_eq!(split_server_url("/v2"), (None, "/v2".into()));
+        assert_eq!(
+            split_server_url("https://petstore3.swagger.io/api/v3"),
+            (Some("petstore3.swagger.io".into()), "/api/v3".into())
+        );
+        assert_eq!(split_server_url("https://x.io"), (Some("x.io".into()), "/".into()));
+    }
+
+    #[test]
+    fn missing_operation_id_is_named() {
+        let doc = "swagger: '2.0'\npaths:\n  /a:\n    get: {}\n";
+        let err = parse_api(Path::new("s.yaml"), doc).unwrap_err().to_string();
+        assert!(err.contains("s.yaml") && err.contains("paths./a.get") && err.contains("operationId"), "{err}");
+    }
+
+    #[test]
+    fn malformed_documents_are_clear_errors() {
+        for (doc, needle) in [
+            ("{{{", "not valid YAML"),
+            ("swagger: '1.2'\npaths: {}", "not supported"),
+            ("openapi: 3.1.0\npaths: {}", "not supported"),
+            ("hello: world", "neither"),
+            ("- a\n- b", "not a mapping"),
+            ("openapi: 3.0.0\ninfo: 7\npaths: {}", "not a valid OpenAPI"),
+            ("swagger: '2.0'\npaths: 3", "`paths`"),
+        ] {
+            let err = parse_api(Path::new("x.yaml"), doc).unwrap_err().to_string();
+            assert!(err.contains(needle), "{doc:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn bundle_manifest_errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("swagger.yaml"),
+            "swagger: '2.0'\nx-funcatron: {runtime: cobol}\npaths:\n  /a:\n    get: {operationId: a}\n",
+        )
+        .unwrap();
+        let err = Bundle::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("runtime") && err.contains("cobol"), "{err}");
+        std::fs::write(dir.path().join("funcatron.yaml"), "runtime: lua\nhandler: ../../etc/passwd\n").unwrap();
+        let err = Bundle::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("handler") && err.contains("inside the bundle"), "{err}");
+        std::fs::write(dir.path().join("funcatron.yaml"), "runtime: lua\nhandler: nope.lua\n").unwrap();
+        let err = Bundle::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("does not exist"), "{err}");
+        std::fs::write(dir.path().join("main.lua"), "return {}").unwrap();
+        std::fs::write(dir.path().join("funcatron.yaml"), "runtime: lua\nname: my-func\ntimeout_ms: 250\n").unwrap();
+        let b = Bundle::load(dir.path()).unwrap();
+        assert_eq!(b.name, "my-func");
+        assert_eq!(b.timeout_ms, Some(250));
+        assert_eq!(b.host, None);
+        assert_eq!(b.base_path, "/");
+    }
+}

@@ -1,0 +1,15 @@
+//! Broker message headers Funcatron sets beside the envelope body.
+//!
+//! The Tron routes once and records the outcome here, so the Runner never
+//! parses Swagger paths again and the envelope bytes travel unchanged.
+
+/// Name of the Func (bundle) whose queue the message is on.
+pub const FUNC: &str = "x-funcatron-func";
+/// The Swagger `operationId` the request routed to.
+pub const OPERATION: &str = "x-funcatron-operation";
+/// Path parameters extracted by the Tron, as a JSON object of strings.
+pub const PATH_PARAMS: &str = "x-funcatron-path-params";
+/// Why a message was dead-lettered.
+pub const DEAD_REASON: &str = "x-funcatron-dead-reason";
+/// The queue a dead-lettered message came from.
+pub const DEAD_SOURCE: &str = "x-funcatron-dead-source";
