@@ -1,1 +1,16 @@
+//! The Tron: the dispatcher between the request firehose and the Func queues.
+//!
+//! ingress -> `funcatron.requests` -> **Tron** -> `funcatron.func.<name>` ->
+//! Runner. A Tron decodes only the routing fields of each request envelope
+//! ([`funcatron_envelope::RouteView`]), finds the Func by host + basePath and
+//! the operation by path template + method ([`routes`]), and forwards the
+//! envelope bytes untouched with the routing outcome in message headers. It
+//! answers 404/405 itself, dead-letters what it cannot decode, and
+//! acknowledges a request only after its forward (or answer) is confirmed.
+//! Any number of Trons may consume the same request queue.
 
+pub mod dispatch;
+pub mod routes;
+
+pub use dispatch::{run, TronOptions};
+pub use routes::{RouteError, RouteOutcome, RouteTable};

@@ -1,0 +1,201 @@
+//! The dispatch loop: consume the request queue, route, forward, acknowledge.
+
+use std::sync::Arc;
+
+use funcatron_broker::{names, AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind};
+use funcatron_envelope::{headers, now_ms, Response, RouteView};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::routes::{RouteOutcome, RouteTable};
+
+/// Tron settings.
+#[derive(Debug, Clone)]
+pub struct TronOptions {
+    /// Unacknowledged requests one Tron holds at once; each is dispatched
+    /// concurrently, so this bounds in-flight forwards.
+    pub prefetch: u16,
+}
+
+impl Default for TronOptions {
+    fn default() -> Self {
+        TronOptions { prefetch: 256 }
+    }
+}
+
+/// Run a Tron until `shutdown` fires; in-flight dispatches finish first.
+pub async fn run(
+    broker: AnyBroker,
+    routes: Arc<RouteTable>,
+    options: TronOptions,
+    shutdown: CancellationToken,
+) -> Result<(), BrokerError> {
+    for (func, queue) in routes.funcs() {
+        tracing::info!(func, queue, "routing to Func");
+        declare_when_connected(&broker, queue).await;
+    }
+    declare_when_connected(&broker, names::DEAD_LETTERS).await;
+    let mut sub = broker
+        .consume(
+            names::REQUESTS,
+            QueueKind::Work,
+            ConsumeOptions {
+                prefetch: options.prefetch,
+                auto_ack: false,
+            },
+        )
+        .await?;
+    let tracker = TaskTracker::new();
+    loop {
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            d = sub.next() => match d { Some(d) => d, None => break },
+        };
+        let broker = broker.clone();
+        let routes = Arc::clone(&routes);
+        tracker.spawn(async move { dispatch(&broker, &routes, delivery).await });
+    }
+    drop(sub);
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+/// Declare now, or remember the queue so the adapter declares it on connect.
+async fn declare_when_connected(broker: &AnyBroker, queue: &str) {
+    if let Err(e) = broker.declare(queue, QueueKind::Work).await {
+        tracing::debug!(queue, error = %e, "declare deferred until the broker is reachable");
+    }
+}
+
+/// Move a message that cannot be processed to the dead-letter queue.
+pub async fn dead_letter(
+    broker: &AnyBroker,
+    source: &str,
+    delivery: Delivery,
+    reason: &str,
+) {
+    let mut message = delivery.message.clone();
+    message.headers.push((headers::DEAD_REASON.into(), reason.into()));
+    message.headers.push((headers::DEAD_SOURCE.into(), source.into()));
+    message.ttl_ms = None;
+    message.persistent = true;
+    metrics::counter!("tron_dead_lettered_total").increment(1);
+    match broker.publish(names::DEAD_LETTERS, message).await {
+        Ok(()) => {
+            tracing::warn!(queue = source, reason, "dead-lettered an undecodable message");
+            let _ = delivery.ack().await;
+        }
+        Err(e) => {
+            tracing::error!(queue = source, reason, error = %e, "cannot dead-letter; requeueing");
+            let _ = delivery.nack(true).await;
+        }
+    }
+}
+
+async fn dispatch(broker: &AnyBroker, routes: &RouteTable, delivery: Delivery) {
+    let payload = delivery.message.payload.clone();
+    let view = match RouteView::decode(&payload) {
+        Ok(v) => v,
+        Err(e) => {
+            dead_letter(broker, names::REQUESTS, delivery, &e.to_string()).await;
+            return;
+        }
+    };
+    let span = tracing::debug_span!("tron.dispatch", request_id = %view.id, func = tracing::field::Empty);
+    async {
+        let now = now_ms();
+        if (view.deadline_ms as f64) <= now {
+            // The ingress has already answered 504; nothing left to do.
+            tracing::debug!("request expired before dispatch");
+            metrics::counter!("tron_requests_total", "outcome" => "expired").increment(1);
+            let _ = delivery.ack().await;
+            return;
+        }
+        let ttl_ms = (view.deadline_ms as f64 - now).ceil() as u64;
+        match routes.route(&view.host, &view.method, &view.path) {
+            RouteOutcome::Found(route) => {
+                tracing::Span::current().record("func", route.func);
+                let mut hdrs = Vec::with_capacity(3);
+                hdrs.push((headers::FUNC.to_owned(), route.func.to_owned()));
+                hdrs.push((headers::OPERATION.to_owned(), route.operation_id.to_owned()));
+                if !route.params.is_empty() {
+                    let obj: serde_json::Map<String, serde_json::Value> = route
+                        .params
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
+                        .collect();
+                    hdrs.push((headers::PATH_PARAMS.to_owned(), serde_json::Value::Object(obj).to_string()));
+                }
+                let forward = Message {
+                    payload: payload.clone(),
+                    headers: hdrs,
+                    ttl_ms: Some(ttl_ms),
+                    persistent: delivery.message.persistent,
+                };
+                match broker.publish(route.queue, forward).await {
+                    Ok(()) => {
+                        metrics::counter!("tron_requests_total", "outcome" => "forwarded").increment(1);
+                        let _ = delivery.ack().await;
+                    }
+                    Err(BrokerError::NoRoute(q)) => {
+                        // The Func queue vanished (deleted by hand?): say so.
+                        let msg = format!("the queue {q} of Func {} does not exist", route.func);
+                        answer(broker, &view, delivery, 503, "func_unavailable", &msg, None).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "forward failed; requeueing");
+                        let _ = delivery.nack(true).await;
+                    }
+                }
+            }
+            RouteOutcome::NotFound => {
+                let msg = format!("no Func serves {} {}{}", view.method, view.host, view.path);
+                answer(broker, &view, delivery, 404, "no_route", &msg, None).await;
+            }
+            RouteOutcome::MethodNotAllowed(allow) => {
+                let allow = allow.join(", ");
+                let msg = format!("{} is not allowed on {}; allowed: {allow}", view.method, view.path);
+                answer(broker, &view, delivery, 405, "method_not_allowed", &msg, Some(allow)).await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The Tron answers a request itself (404, 405, 503).
+async fn answer(
+    broker: &AnyBroker,
+    view: &RouteView<'_>,
+    delivery: Delivery,
+    status: u16,
+    code: &'static str,
+    message: &str,
+    allow: Option<String>,
+) {
+    metrics::counter!("tron_requests_total", "outcome" => code).increment(1);
+    let Some(reply_to) = view.reply_to.as_deref() else {
+        let _ = delivery.ack().await;
+        return;
+    };
+    let mut resp = Response::error(&view.id, status, code, message);
+    if let Some(allow) = allow {
+        resp.headers.push(("allow".into(), allow.into()));
+    }
+    let msg = Message {
+        payload: resp.encode().into(),
+        ..Message::default()
+    };
+    match broker.publish(reply_to, msg).await {
+        // NoRoute: the ingress is gone; no one is left to tell.
+        Ok(()) | Err(BrokerError::NoRoute(_)) => {
+            let _ = delivery.ack().await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "answer failed; requeueing");
+            let _ = delivery.nack(true).await;
+        }
+    }
+}
