@@ -274,6 +274,31 @@ impl AnyBroker {
         }
     }
 
+    /// Move a delivery that cannot be processed to [`names::DEAD_LETTERS`],
+    /// with the reason and source queue in headers, then acknowledge it. If
+    /// the dead-letter publish fails the delivery is requeued, never dropped.
+    pub async fn dead_letter(&self, source: &str, delivery: Delivery, reason: &str) {
+        let mut message = delivery.message.clone();
+        message
+            .headers
+            .push((names::DEAD_REASON.into(), reason.into()));
+        message
+            .headers
+            .push((names::DEAD_SOURCE.into(), source.into()));
+        message.ttl_ms = None;
+        message.persistent = true;
+        match self.publish(names::DEAD_LETTERS, message).await {
+            Ok(()) => {
+                tracing::warn!(queue = source, reason, "dead-lettered a message");
+                let _ = delivery.ack().await;
+            }
+            Err(e) => {
+                tracing::error!(queue = source, reason, error = %e, "cannot dead-letter; requeueing");
+                let _ = delivery.nack(true).await;
+            }
+        }
+    }
+
     /// A short name for logs and health checks.
     pub fn kind(&self) -> &'static str {
         match self {

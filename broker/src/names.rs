@@ -14,3 +14,8 @@ pub fn func_queue(func: &str) -> String {
 pub fn reply_queue(instance: &str) -> String {
     format!("funcatron.reply.{instance}")
 }
+
+/// Header on a dead-lettered message: why it was dead-lettered.
+pub const DEAD_REASON: &str = "x-funcatron-dead-reason";
+/// Header on a dead-lettered message: the queue it came from.
+pub const DEAD_SOURCE: &str = "x-funcatron-dead-source";

@@ -417,24 +417,44 @@ impl Bundle {
     }
 
     /// Load every bundle directly under `root` (each subdirectory is one),
-    /// or `root` itself when it is a bundle.
-    pub fn load_all(root: &Path) -> Result<Vec<Bundle>, BundleError> {
+    /// or `root` itself when it is a bundle. A broken bundle does not stop
+    /// the others: its error is returned beside them.
+    pub fn load_all(root: &Path) -> (Vec<Bundle>, Vec<BundleError>) {
         if root.join("funcatron.yaml").is_file()
             || SPEC_FILES.iter().any(|f| root.join(f).is_file())
         {
-            return Ok(vec![Bundle::load(root)?]);
+            return match Bundle::load(root) {
+                Ok(b) => (vec![b], vec![]),
+                Err(e) => (vec![], vec![e]),
+            };
         }
-        let entries = std::fs::read_dir(root).map_err(|source| BundleError::Io {
-            path: root.to_owned(),
-            source,
-        })?;
+        let entries = match std::fs::read_dir(root) {
+            Ok(e) => e,
+            Err(source) => {
+                return (
+                    vec![],
+                    vec![BundleError::Io {
+                        path: root.to_owned(),
+                        source,
+                    }],
+                )
+            }
+        };
         let mut dirs: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
             .filter(|p| p.is_dir())
             .collect();
         dirs.sort();
-        dirs.iter().map(|d| Bundle::load(d)).collect()
+        let mut ok = Vec::new();
+        let mut errors = Vec::new();
+        for d in dirs {
+            match Bundle::load(&d) {
+                Ok(b) => ok.push(b),
+                Err(e) => errors.push(e),
+            }
+        }
+        (ok, errors)
     }
 }
 

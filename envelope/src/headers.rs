@@ -9,7 +9,3 @@ pub const FUNC: &str = "x-funcatron-func";
 pub const OPERATION: &str = "x-funcatron-operation";
 /// Path parameters extracted by the Tron, as a JSON object of strings.
 pub const PATH_PARAMS: &str = "x-funcatron-path-params";
-/// Why a message was dead-lettered.
-pub const DEAD_REASON: &str = "x-funcatron-dead-reason";
-/// The queue a dead-lettered message came from.
-pub const DEAD_SOURCE: &str = "x-funcatron-dead-source";

@@ -1,1 +1,281 @@
-fn main(){}
+//! `funcatron`: one binary for every role on the request path.
+//!
+//! `up` runs ingress, Tron and Runner in one process (on the embedded broker
+//! by default, so nothing else is needed); `ingress`, `tron` and `runner` run
+//! one role each against a shared broker (RabbitMQ), any number of each.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use funcatron_broker::AnyBroker;
+use funcatron_bundle::Bundle;
+use funcatron_ingress::IngressOptions;
+use funcatron_runner::lua::LuaLimits;
+use funcatron_runner::RunnerOptions;
+use funcatron_tron::{RouteTable, TronOptions};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "funcatron", version, about = "Serverless on your cluster: Swagger-defined Funcs served through a message broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every role (ingress, Tron, Runner) in one process.
+    Up(UpArgs),
+    /// Run a Tron: route requests from the request queue to Func queues.
+    Tron(TronArgs),
+    /// Run a Runner: serve Func queues with the bundles' code.
+    Runner(RunnerArgs),
+    /// Run the embedded HTTP ingress: HTTP in, envelopes on the broker, replies out.
+    Ingress(IngressArgs),
+}
+
+#[derive(Args, Clone)]
+struct BrokerArgs {
+    /// Broker to use: `embedded` (in-process; only with `up`) or an AMQP URL
+    /// such as `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    #[arg(long, env = "FUNCATRON_BROKER", default_value = "embedded")]
+    broker: String,
+    /// Capacity of each embedded queue; publishers wait when it is full.
+    #[arg(long, env = "FUNCATRON_EMBEDDED_CAPACITY", default_value_t = 10_000)]
+    embedded_capacity: usize,
+}
+
+#[derive(Args, Clone)]
+struct BundleArgs {
+    /// Directory of Func bundles (each subdirectory one bundle), or one bundle directory.
+    #[arg(long, env = "FUNCATRON_BUNDLES", default_value = "func-bundles")]
+    bundles: PathBuf,
+}
+
+#[derive(Args, Clone)]
+struct TronOpts {
+    /// Requests one Tron dispatches concurrently (AMQP prefetch on the request queue).
+    #[arg(long, env = "FUNCATRON_TRON_PREFETCH", default_value_t = 256)]
+    tron_prefetch: u16,
+}
+
+#[derive(Args, Clone)]
+struct RunnerOpts {
+    /// Requests held per Func queue (AMQP prefetch).
+    #[arg(long, env = "FUNCATRON_RUNNER_PREFETCH", default_value_t = 64)]
+    runner_prefetch: u16,
+    /// Lua worker threads; default: one per CPU.
+    #[arg(long, env = "FUNCATRON_WORKERS")]
+    workers: Option<usize>,
+    /// Default time limit of one Func invocation, in milliseconds.
+    #[arg(long, env = "FUNCATRON_FUNC_TIMEOUT_MS", default_value_t = 10_000)]
+    func_timeout_ms: u64,
+    /// Default memory limit of a Func's Lua state, in MiB.
+    #[arg(long, env = "FUNCATRON_FUNC_MEMORY_MB", default_value_t = 64)]
+    func_memory_mb: usize,
+}
+
+#[derive(Args, Clone)]
+struct IngressOpts {
+    /// Address the HTTP ingress listens on.
+    #[arg(long, env = "FUNCATRON_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "FUNCATRON_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// How long a request waits for its answer before 504, in milliseconds.
+    #[arg(long, env = "FUNCATRON_TIMEOUT_MS", default_value_t = 30_000)]
+    timeout_ms: u64,
+    /// Most requests waiting at once; more get 429.
+    #[arg(long, env = "FUNCATRON_MAX_IN_FLIGHT", default_value_t = 10_000)]
+    max_in_flight: usize,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[command(flatten)]
+    bundles: BundleArgs,
+    #[command(flatten)]
+    ingress: IngressOpts,
+    #[command(flatten)]
+    tron: TronOpts,
+    #[command(flatten)]
+    runner: RunnerOpts,
+}
+
+#[derive(Args)]
+struct TronArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[command(flatten)]
+    bundles: BundleArgs,
+    #[command(flatten)]
+    tron: TronOpts,
+}
+
+#[derive(Args)]
+struct RunnerArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[command(flatten)]
+    bundles: BundleArgs,
+    #[command(flatten)]
+    runner: RunnerOpts,
+}
+
+#[derive(Args)]
+struct IngressArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[command(flatten)]
+    ingress: IngressOpts,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signal_shutdown(shutdown.clone()));
+        match cli.command {
+            Command::Up(a) => up(a, shutdown).await,
+            Command::Tron(a) => {
+                let broker = broker(&a.broker, false)?;
+                tron(broker, &a.bundles.bundles, &a.tron, shutdown).await
+            }
+            Command::Runner(a) => {
+                let broker = broker(&a.broker, false)?;
+                runner(broker, &a.bundles.bundles, &a.runner, shutdown).await
+            }
+            Command::Ingress(a) => {
+                let broker = broker(&a.broker, false)?;
+                ingress(broker, &a.ingress, shutdown).await
+            }
+        }
+    })
+}
+
+async fn signal_shutdown(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        } else {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutting down: finishing in-flight work");
+    shutdown.cancel();
+}
+
+fn broker(a: &BrokerArgs, embedded_ok: bool) -> Result<AnyBroker> {
+    let b = AnyBroker::from_url(&a.broker, a.embedded_capacity)?;
+    if matches!(b, AnyBroker::Embedded(_)) && !embedded_ok {
+        bail!("the embedded broker lives inside one process: use `funcatron up`, or give --broker amqp://... to run roles separately");
+    }
+    Ok(b)
+}
+
+fn load_bundles(dir: &Path) -> Vec<Bundle> {
+    let (bundles, errors) = Bundle::load_all(dir);
+    for e in &errors {
+        tracing::error!(error = %e, "bundle rejected");
+    }
+    if bundles.is_empty() {
+        tracing::warn!(dir = %dir.display(), "no usable bundles");
+    }
+    bundles
+}
+
+async fn tron(broker: AnyBroker, dir: &Path, o: &TronOpts, shutdown: CancellationToken) -> Result<()> {
+    let bundles = load_bundles(dir);
+    let routes = RouteTable::build(&bundles)?;
+    let opts = TronOptions { prefetch: o.tron_prefetch };
+    funcatron_tron::run(broker, Arc::new(routes), opts, shutdown).await?;
+    Ok(())
+}
+
+async fn runner(broker: AnyBroker, dir: &Path, o: &RunnerOpts, shutdown: CancellationToken) -> Result<()> {
+    let bundles = load_bundles(dir);
+    let mut opts = RunnerOptions {
+        prefetch: o.runner_prefetch,
+        lua_limits: LuaLimits {
+            timeout: Duration::from_millis(o.func_timeout_ms),
+            memory_bytes: o.func_memory_mb * 1024 * 1024,
+        },
+        ..RunnerOptions::default()
+    };
+    if let Some(w) = o.workers {
+        opts.workers = w;
+    }
+    funcatron_runner::run(broker, bundles, opts, shutdown).await?;
+    Ok(())
+}
+
+async fn ingress(broker: AnyBroker, o: &IngressOpts, shutdown: CancellationToken) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(o.listen)
+        .await
+        .with_context(|| format!("binding {}", o.listen))?;
+    let opts = IngressOptions {
+        max_body_bytes: o.max_body_bytes,
+        timeout: Duration::from_millis(o.timeout_ms),
+        max_in_flight: o.max_in_flight,
+        ..IngressOptions::default()
+    };
+    funcatron_ingress::run(listener, broker, opts, shutdown).await?;
+    Ok(())
+}
+
+async fn up(a: UpArgs, shutdown: CancellationToken) -> Result<()> {
+    let broker = broker(&a.broker, true)?;
+    let dir = a.bundles.bundles.clone();
+    let t = tokio::spawn({
+        let (b, s, o, d) = (broker.clone(), shutdown.clone(), a.tron.clone(), dir.clone());
+        async move { tron(b, &d, &o, s).await }
+    });
+    let r = tokio::spawn({
+        let (b, s, o, d) = (broker.clone(), shutdown.clone(), a.runner.clone(), dir.clone());
+        async move { runner(b, &d, &o, s).await }
+    });
+    let i = tokio::spawn({
+        let (b, s, o) = (broker.clone(), shutdown.clone(), a.ingress.clone());
+        async move { ingress(b, &o, s).await }
+    });
+    tracing::info!(listen = %a.ingress.listen, broker = broker.kind(), bundles = %dir.display(), "funcatron up");
+    // If any role fails, stop the others and report it.
+    let mut roles = tokio::task::JoinSet::new();
+    roles.spawn(async move { t.await? });
+    roles.spawn(async move { r.await? });
+    roles.spawn(async move { i.await? });
+    let mut first_err = None;
+    while let Some(done) = roles.join_next().await {
+        let result = done.map_err(anyhow::Error::from).and_then(|r| r);
+        if let Err(e) = result {
+            shutdown.cancel();
+            first_err.get_or_insert(e);
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

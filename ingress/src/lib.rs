@@ -1,1 +1,402 @@
+//! The embedded ingress: the front of the request path.
+//!
+//! **ingress** -> `funcatron.requests` -> Tron -> Func queue -> Runner ->
+//! `funcatron.reply.<instance>` -> **ingress**. Each HTTP request becomes a
+//! request envelope on the request queue; the ingress waits on its own
+//! long-lived exclusive reply queue, matching replies to waiting requests by
+//! request id. Every accepted request gets exactly one answer: the Func's, or
+//! a JSON error (413 too large, 429 too many in flight, 502 malformed reply,
+//! 503 broker unavailable or connection lost, 504 no answer before the
+//! deadline). Replies that arrive late, twice, or for no one are dropped.
+//!
+//! Production deployments put nginx with `ingress-lua/` in this role; both
+//! speak the same envelope (`docs/wire.md`).
 
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request as HttpRequest, StatusCode};
+use axum::response::Response as HttpResponse;
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use funcatron_broker::{names, AnyBroker, Broker, BrokerError, ConsumeOptions, Message, QueueKind};
+use funcatron_envelope::{
+    encode_body, error_body, new_request_id, now_ms, sane_request_id, Request, Response, VERSION,
+};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Deserialize;
+use tokio::sync::{oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// The health endpoint, reserved on every host.
+pub const HEALTH_PATH: &str = "/_funcatron/health";
+
+/// Ingress settings.
+#[derive(Debug, Clone)]
+pub struct IngressOptions {
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// How long a request may wait for its answer before 504.
+    pub timeout: Duration,
+    /// Most requests waiting at once; more get 429.
+    pub max_in_flight: usize,
+    /// Names this instance's reply queue; unique per ingress process.
+    pub instance: String,
+}
+
+impl Default for IngressOptions {
+    fn default() -> Self {
+        IngressOptions {
+            max_body_bytes: 10 * 1024 * 1024,
+            timeout: Duration::from_secs(30),
+            max_in_flight: 10_000,
+            instance: format!("ingress-{}", &new_request_id()[..12]),
+        }
+    }
+}
+
+/// Why the ingress could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    /// The broker refused the reply queue.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The HTTP server failed.
+    #[error("HTTP server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+enum Waiting {
+    Reply(Bytes),
+    BrokerLost,
+}
+
+struct Shared {
+    broker: AnyBroker,
+    reply_queue: String,
+    pending: DashMap<String, oneshot::Sender<Waiting>>,
+    in_flight: Semaphore,
+    options: IngressOptions,
+}
+
+/// Removes a request's pending entry however its handler ends (answered,
+/// timed out, or the client went away).
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    id: &'a str,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.pending.remove(self.id);
+    }
+}
+
+#[derive(Deserialize)]
+struct ReplyId<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+}
+
+/// Serve HTTP on `listener` until `shutdown`.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    broker: AnyBroker,
+    options: IngressOptions,
+    shutdown: CancellationToken,
+) -> Result<(), IngressError> {
+    let reply_queue = names::reply_queue(&options.instance);
+    broker.declare(names::REQUESTS, QueueKind::Work).await.or_else(deferred)?;
+    let mut replies = broker
+        .consume(
+            &reply_queue,
+            QueueKind::Exclusive,
+            ConsumeOptions {
+                prefetch: 1000,
+                auto_ack: true,
+            },
+        )
+        .await?;
+    let shared = Arc::new(Shared {
+        broker: broker.clone(),
+        reply_queue,
+        pending: DashMap::new(),
+        in_flight: Semaphore::new(options.max_in_flight),
+        options,
+    });
+    // Replies: wake the waiting request; drop late, duplicate or stray ones.
+    let s = Arc::clone(&shared);
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let d = tokio::select! {
+                _ = stop.cancelled() => return,
+                d = replies.next() => match d { Some(d) => d, None => return },
+            };
+            let payload = d.message.payload.clone();
+            let id = match serde_json::from_slice::<ReplyId>(&payload) {
+                Ok(r) => r.id.into_owned(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "undecodable message on the reply queue; dropped");
+                    continue;
+                }
+            };
+            match s.pending.remove(&id) {
+                Some((_, tx)) => {
+                    let _ = tx.send(Waiting::Reply(payload));
+                }
+                None => tracing::debug!(request_id = %id, "late or duplicate reply dropped"),
+            }
+            let _ = d.ack().await;
+        }
+    });
+    // Connection loss: every waiting request's reply queue is gone with it.
+    let s = Arc::clone(&shared);
+    let mut up = broker.connected();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = up.changed() => if r.is_err() { return },
+            }
+            if !*up.borrow_and_update() {
+                let ids: Vec<String> = s.pending.iter().map(|e| e.key().clone()).collect();
+                for id in ids {
+                    if let Some((_, tx)) = s.pending.remove(&id) {
+                        let _ = tx.send(Waiting::BrokerLost);
+                    }
+                }
+            }
+        }
+    });
+    let app = Router::new()
+        .route(HEALTH_PATH, get(health))
+        .fallback(handle)
+        .with_state(shared);
+    tracing::info!(addr = ?listener.local_addr().ok(), "ingress listening");
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+fn deferred(e: BrokerError) -> Result<(), BrokerError> {
+    match e {
+        // Not connected yet: the adapter declares it once it is.
+        BrokerError::Unavailable(_) => Ok(()),
+        other => Err(other),
+    }
+}
+
+async fn health(State(s): State<Arc<Shared>>) -> HttpResponse {
+    let connected = *s.broker.connected().borrow();
+    let body = serde_json::json!({
+        "status": if connected { "ok" } else { "broker_unavailable" },
+        "broker": s.broker.kind(),
+        "connected": connected,
+        "in_flight": s.pending.len(),
+    });
+    let status = if connected { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json_response(status, body.to_string(), None)
+}
+
+fn json_response(status: StatusCode, body: String, id: Option<&str>) -> HttpResponse {
+    let mut r = HttpResponse::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    if let Some(id) = id.and_then(|i| HeaderValue::from_str(i).ok()) {
+        r.headers_mut().insert("x-request-id", id);
+    }
+    r
+}
+
+fn error(status: StatusCode, id: &str, code: &str, message: &str, started: Instant) -> HttpResponse {
+    metrics::counter!("ingress_requests_total", "status" => status.as_str().to_owned()).increment(1);
+    let mut r = json_response(status, error_body(id, code, message), Some(id));
+    let total = started.elapsed().as_secs_f64() * 1000.0;
+    if let Ok(v) = HeaderValue::from_str(&format!("total;dur={total:.3}")) {
+        r.headers_mut().insert("server-timing", v);
+    }
+    r
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    match headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        Some(id) if sane_request_id(id) => id.to_owned(),
+        _ => new_request_id(),
+    }
+}
+
+async fn handle(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    req: HttpRequest<Body>,
+) -> HttpResponse {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let mut id = request_id(&parts.headers);
+    let Ok(_permit) = s.in_flight.try_acquire() else {
+        return error(StatusCode::TOO_MANY_REQUESTS, &id, "too_many_requests", "too many requests in flight; retry later", started);
+    };
+    let limit = s.options.max_body_bytes;
+    let too_large = format!("request body exceeds the limit of {limit} bytes");
+    let declared = parts
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, &id, "payload_too_large", &too_large, started);
+    }
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, &id, "payload_too_large", &too_large, started);
+        }
+        Err(e) => {
+            return error(StatusCode::BAD_REQUEST, &id, "bad_request", &format!("could not read the request body: {e}"), started);
+        }
+    };
+
+    let (tx, rx) = oneshot::channel();
+    // A client-chosen id already waiting would steal that request's reply.
+    match s.pending.entry(id.clone()) {
+        Entry::Vacant(v) => {
+            v.insert(tx);
+        }
+        Entry::Occupied(_) => {
+            id = new_request_id();
+            s.pending.insert(id.clone(), tx);
+        }
+    }
+    let _guard = PendingGuard { shared: &s, id: &id };
+
+    let timeout = s.options.timeout;
+    let sent_ms = now_ms();
+    let deadline_ms = (sent_ms + timeout.as_millis() as f64) as u64;
+    let payload = {
+        let host = parts
+            .headers
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+            .unwrap_or_default();
+        let scheme = match parts.headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()) {
+            Some(p @ ("http" | "https")) => p,
+            _ => "http",
+        };
+        let (body, body_base64) = encode_body(&body);
+        let remote = remote.to_string();
+        Request {
+            version: Cow::Borrowed(VERSION),
+            id: Cow::Borrowed(&id),
+            deadline_ms,
+            sent_ms,
+            method: Cow::Borrowed(parts.method.as_str()),
+            scheme: Cow::Borrowed(scheme),
+            host: Cow::Borrowed(host),
+            path: Cow::Borrowed(parts.uri.path()),
+            query: Cow::Borrowed(parts.uri.query().unwrap_or("")),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| (Cow::Borrowed(k.as_str()), String::from_utf8_lossy(v.as_bytes())))
+                .collect(),
+            remote: Some(Cow::Owned(remote)),
+            body,
+            body_base64,
+            reply_to: Some(Cow::Borrowed(&s.reply_queue)),
+        }
+        .encode()
+    };
+    let message = Message {
+        payload: payload.into(),
+        headers: Vec::new(),
+        ttl_ms: Some(timeout.as_millis() as u64),
+        persistent: false,
+    };
+    let span = tracing::debug_span!("ingress.request", request_id = %id);
+    wait_for_answer(&s, message, rx, &id, started).instrument(span).await
+}
+
+async fn wait_for_answer(
+    s: &Shared,
+    message: Message,
+    rx: oneshot::Receiver<Waiting>,
+    id: &str,
+    started: Instant,
+) -> HttpResponse {
+    let timeout = s.options.timeout;
+    match tokio::time::timeout(timeout, s.broker.publish(names::REQUESTS, message)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "publish failed");
+            return error(StatusCode::SERVICE_UNAVAILABLE, id, "broker_unavailable", &format!("the request could not be queued: {e}"), started);
+        }
+        Err(_) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, id, "broker_unavailable", "the request queue stayed full until the deadline", started);
+        }
+    }
+    let remaining = timeout.saturating_sub(started.elapsed());
+    let payload = match tokio::time::timeout(remaining, rx).await {
+        Ok(Ok(Waiting::Reply(p))) => p,
+        Ok(Ok(Waiting::BrokerLost)) | Ok(Err(_)) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, id, "broker_connection_lost", "the broker connection was lost while the request was in flight; its outcome is unknown", started);
+        }
+        Err(_) => {
+            return error(StatusCode::GATEWAY_TIMEOUT, id, "timeout", &format!("no answer within {} ms", timeout.as_millis()), started);
+        }
+    };
+    respond(&payload, id, started)
+}
+
+fn respond(payload: &Bytes, id: &str, started: Instant) -> HttpResponse {
+    let resp = match Response::decode(payload) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_GATEWAY, id, "malformed_reply", &format!("the reply could not be decoded: {e}"), started),
+    };
+    let body = match (&resp.body, resp.body_base64) {
+        // Text bodies without escapes point into the reply: no copy.
+        (Cow::Borrowed(s), false) => payload.slice_ref(s.as_bytes()),
+        _ => match resp.body_bytes() {
+            Ok(b) => Bytes::from(b.into_owned()),
+            Err(e) => return error(StatusCode::BAD_GATEWAY, id, "malformed_reply", &e.to_string(), started),
+        },
+    };
+    let Ok(status) = StatusCode::from_u16(resp.status) else {
+        return error(StatusCode::BAD_GATEWAY, id, "malformed_reply", &format!("invalid status {}", resp.status), started);
+    };
+    metrics::counter!("ingress_requests_total", "status" => status.as_str().to_owned()).increment(1);
+    let mut r = HttpResponse::new(Body::from(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    for (k, v) in &resp.headers {
+        if matches!(k.as_ref(), "content-length" | "transfer-encoding" | "connection" | "x-request-id") {
+            continue;
+        }
+        match (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            (Ok(k), Ok(v)) => {
+                h.append(k, v);
+            }
+            _ => tracing::debug!(header = %k, "invalid response header dropped"),
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(id) {
+        h.insert("x-request-id", v);
+    }
+    let total = started.elapsed().as_secs_f64() * 1000.0;
+    if let Ok(v) = HeaderValue::from_str(&resp.timings.server_timing(total)) {
+        h.insert("server-timing", v);
+    }
+    r
+}

@@ -1,1 +1,15 @@
+//! The Runner: the end of the request path.
+//!
+//! Tron -> `funcatron.func.<name>` -> **Runner** -> reply queue -> ingress.
+//! A Runner consumes the queue of every Func it serves, hands each request
+//! to the Func's runtime ([`runtime::Runtime`]; Lua in-process today, see
+//! [`lua`]), publishes the response envelope to the request's reply queue,
+//! and only then acknowledges the request. Messages it cannot decode go to
+//! the dead-letter queue; expired requests are skipped.
 
+pub mod invoke;
+pub mod lua;
+pub mod runtime;
+pub mod serve;
+
+pub use serve::{run, RunnerOptions};

@@ -69,37 +69,13 @@ async fn declare_when_connected(broker: &AnyBroker, queue: &str) {
     }
 }
 
-/// Move a message that cannot be processed to the dead-letter queue.
-pub async fn dead_letter(
-    broker: &AnyBroker,
-    source: &str,
-    delivery: Delivery,
-    reason: &str,
-) {
-    let mut message = delivery.message.clone();
-    message.headers.push((headers::DEAD_REASON.into(), reason.into()));
-    message.headers.push((headers::DEAD_SOURCE.into(), source.into()));
-    message.ttl_ms = None;
-    message.persistent = true;
-    metrics::counter!("tron_dead_lettered_total").increment(1);
-    match broker.publish(names::DEAD_LETTERS, message).await {
-        Ok(()) => {
-            tracing::warn!(queue = source, reason, "dead-lettered an undecodable message");
-            let _ = delivery.ack().await;
-        }
-        Err(e) => {
-            tracing::error!(queue = source, reason, error = %e, "cannot dead-letter; requeueing");
-            let _ = delivery.nack(true).await;
-        }
-    }
-}
-
 async fn dispatch(broker: &AnyBroker, routes: &RouteTable, delivery: Delivery) {
     let payload = delivery.message.payload.clone();
     let view = match RouteView::decode(&payload) {
         Ok(v) => v,
         Err(e) => {
-            dead_letter(broker, names::REQUESTS, delivery, &e.to_string()).await;
+            metrics::counter!("tron_dead_lettered_total", "reason" => e.kind()).increment(1);
+            broker.dead_letter(names::REQUESTS, delivery, &e.to_string()).await;
             return;
         }
     };

@@ -1,0 +1,518 @@
+//! The Lua runtime: Funcs written in Lua 5.4, run in-process.
+//!
+//! A pool of OS threads (the `workers` setting) each holds one prepared Lua
+//! state per bundle: the handler file is loaded once and its functions are
+//! looked up by `operationId`, then reused for every request. Requests reach
+//! a free thread through a bounded channel.
+//!
+//! Sandbox: only the `table`, `string`, `math`, `utf8` and `coroutine`
+//! libraries; no `io`, `os`, `debug`, `package`, `load`, `loadfile` or
+//! `dofile`. `require` loads only `.lua` files inside the bundle. Every call
+//! runs under a time limit (an instruction-count hook checks the clock) and
+//! the state under a memory limit; breaking either answers 504 / 500.
+//! `print` goes to the Runner's log with the request id. A `json` table
+//! (`json.encode`, `json.decode`) is provided.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use funcatron_bundle::{Bundle, RuntimeKind};
+use mlua::{Function, HookTriggers, Lua, LuaOptions, LuaSerdeExt, StdLib, Table, Value, VmState};
+
+use crate::invoke::{process, FuncRequest, FuncResponse, Handled, InvokeError, Job};
+use crate::runtime::Runtime;
+
+/// Limits applied to every Lua Func unless its bundle sets its own.
+#[derive(Debug, Clone, Copy)]
+pub struct LuaLimits {
+    /// Longest one invocation may run.
+    pub timeout: Duration,
+    /// Most memory one Func's Lua state may hold.
+    pub memory_bytes: usize,
+}
+
+impl Default for LuaLimits {
+    fn default() -> Self {
+        LuaLimits {
+            timeout: Duration::from_secs(10),
+            memory_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Instructions between two clock checks: frequent enough to stop a runaway
+/// loop within a millisecond or so, rare enough to cost nothing measurable.
+const HOOK_EVERY: u32 = 10_000;
+
+struct Task {
+    func: Arc<str>,
+    job: Job,
+    done: tokio::sync::oneshot::Sender<Handled>,
+}
+
+/// The Lua runtime: a pool of threads holding prepared Funcs.
+pub struct LuaRuntime {
+    tx: async_channel::Sender<Task>,
+}
+
+impl LuaRuntime {
+    /// Prepare every Lua bundle on `workers` threads. Bundles that fail to
+    /// prepare are returned with the reason; requests for them are answered
+    /// 500 with that reason, and the others serve normally.
+    pub fn start(bundles: &[Bundle], workers: usize, limits: LuaLimits) -> (Self, Vec<(String, String)>) {
+        let lua_bundles: Vec<Bundle> = bundles
+            .iter()
+            .filter(|b| b.runtime == RuntimeKind::Lua)
+            .cloned()
+            .collect();
+        let failures = lua_bundles
+            .iter()
+            .filter_map(|b| LuaFunc::prepare(b, limits).err().map(|e| (b.name.clone(), e)))
+            .collect();
+        let workers = workers.max(1);
+        let (tx, rx) = async_channel::bounded::<Task>(workers * 256);
+        for i in 0..workers {
+            let rx = rx.clone();
+            let bundles = lua_bundles.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("funcatron-lua-{i}"))
+                .spawn(move || worker(bundles, rx, limits));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a Lua worker thread");
+            }
+        }
+        (LuaRuntime { tx }, failures)
+    }
+}
+
+impl Runtime for LuaRuntime {
+    async fn invoke(&self, func: &str, job: Job) -> Handled {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let task = Task {
+            func: Arc::from(func),
+            job,
+            done,
+        };
+        if self.tx.send(task).await.is_err() {
+            return Handled::Undecodable("Lua runtime stopped".into());
+        }
+        match rx.await {
+            Ok(h) => h,
+            // The worker panicked mid-call: its thread lives on (see
+            // `worker`), but this request's answer is lost; say so.
+            Err(_) => Handled::Undecodable("Lua worker crashed while handling the request".into()),
+        }
+    }
+}
+
+fn worker(bundles: Vec<Bundle>, rx: async_channel::Receiver<Task>, limits: LuaLimits) {
+    let funcs: HashMap<String, Result<LuaFunc, String>> = bundles
+        .iter()
+        .map(|b| (b.name.clone(), LuaFunc::prepare(b, limits)))
+        .collect();
+    while let Ok(task) = rx.recv_blocking() {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            match funcs.get(&*task.func) {
+                Some(Ok(f)) => process(&task.func, &task.job, f.timeout_ms(), |req| f.call(req)),
+                Some(Err(msg)) => process(&task.func, &task.job, 0, |_| {
+                    Err(InvokeError::Broken(format!("bundle failed to load: {msg}")))
+                }),
+                None => process(&task.func, &task.job, 0, |_| {
+                    Err(InvokeError::Broken("this Runner does not serve that Func".into()))
+                }),
+            }
+        }));
+        match outcome {
+            Ok(h) => {
+                let _ = task.done.send(h);
+            }
+            Err(_) => {
+                tracing::error!(func = %task.func, "Lua runtime panicked; answering 500");
+                let h = process(&task.func, &task.job, 0, |_| {
+                    Err(InvokeError::Handler("the Lua runtime failed while handling the request".into()))
+                });
+                let _ = task.done.send(h);
+            }
+        }
+    }
+}
+
+/// One prepared Func: a sandboxed Lua state with its handlers resolved.
+pub struct LuaFunc {
+    lua: Lua,
+    name: String,
+    handlers: HashMap<String, Function>,
+    /// When the running call must stop; read by the instruction hook.
+    deadline: Rc<Cell<Option<Instant>>>,
+    /// Set by the hook when it stopped a call, so the error maps to 504.
+    timed_out: Rc<Cell<bool>>,
+    timeout: Duration,
+}
+
+fn lua_err(e: mlua::Error) -> String {
+    match e {
+        mlua::Error::CallbackError { cause, .. } => lua_err((*cause).clone()),
+        mlua::Error::RuntimeError(m) | mlua::Error::SyntaxError { message: m, .. } => m,
+        other => other.to_string(),
+    }
+}
+
+fn is_memory_error(e: &mlua::Error) -> bool {
+    match e {
+        mlua::Error::MemoryError(_) => true,
+        mlua::Error::CallbackError { cause, .. } => is_memory_error(cause),
+        _ => false,
+    }
+}
+
+impl LuaFunc {
+    /// Build the sandboxed state, load the handler file and resolve one
+    /// function per `operationId`.
+    pub fn prepare(bundle: &Bundle, limits: LuaLimits) -> Result<LuaFunc, String> {
+        let libs = StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE;
+        let lua = Lua::new_with(libs, LuaOptions::default()).map_err(lua_err)?;
+        let timeout = bundle.timeout_ms.map(Duration::from_millis).unwrap_or(limits.timeout);
+        let memory = bundle.memory_bytes.unwrap_or(limits.memory_bytes);
+        let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
+        let timed_out = Rc::new(Cell::new(false));
+        {
+            let deadline = Rc::clone(&deadline);
+            let timed_out = Rc::clone(&timed_out);
+            lua.set_hook(HookTriggers::new().every_nth_instruction(HOOK_EVERY), move |_, _| {
+                match deadline.get() {
+                    Some(d) if Instant::now() >= d => {
+                        timed_out.set(true);
+                        Err(mlua::Error::runtime("time limit exceeded"))
+                    }
+                    _ => Ok(VmState::Continue),
+                }
+            })
+            .map_err(lua_err)?;
+        }
+        install_sandbox(&lua, &bundle.dir, &bundle.name).map_err(lua_err)?;
+        lua.set_memory_limit(memory).map_err(lua_err)?;
+
+        let path = bundle.dir.join(&bundle.handler);
+        let source = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        deadline.set(Some(Instant::now() + timeout.max(Duration::from_secs(5))));
+        let loaded: Value = lua
+            .load(&source)
+            .set_name(format!("@{}", bundle.handler.display()))
+            .call(())
+            .map_err(|e| format!("{}: {}", bundle.handler.display(), lua_err(e)))?;
+        deadline.set(None);
+        let scope: Table = match loaded {
+            Value::Table(t) => t,
+            _ => lua.globals(),
+        };
+        let mut handlers = HashMap::new();
+        let mut missing = Vec::new();
+        for op in &bundle.operations {
+            match scope.get::<Value>(op.operation_id.as_str()) {
+                Ok(Value::Function(f)) => {
+                    handlers.insert(op.operation_id.clone(), f);
+                }
+                _ => missing.push(format!("`{}` ({} {})", op.operation_id, op.method, op.path)),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(format!(
+                "{}: no function for operationId {}",
+                bundle.handler.display(),
+                missing.join(", ")
+            ));
+        }
+        Ok(LuaFunc {
+            lua,
+            name: bundle.name.clone(),
+            handlers,
+            deadline,
+            timed_out,
+            timeout,
+        })
+    }
+
+    fn timeout_ms(&self) -> u64 {
+        self.timeout.as_millis() as u64
+    }
+
+    /// Invoke the handler for one request.
+    pub fn call(&self, req: &FuncRequest<'_>) -> Result<FuncResponse, InvokeError> {
+        let handler = self
+            .handlers
+            .get(req.operation)
+            .ok_or_else(|| InvokeError::Broken(format!("no handler for operationId `{}`", req.operation)))?;
+        let table = self.request_table(req).map_err(|e| match e {
+            BuildError::BadRequest(m) => InvokeError::BadRequest(m),
+            BuildError::Lua(e) => self.classify(e),
+        })?;
+        self.lua
+            .set_app_data(RequestId(req.envelope.id.to_string()));
+        self.timed_out.set(false);
+        self.deadline.set(Some(req.deadline));
+        let result = handler.call::<Value>(table);
+        self.deadline.set(None);
+        let out = match result {
+            Ok(v) => to_response(&self.lua, v).map_err(|e| self.classify(e)),
+            Err(e) => Err(self.classify(e)),
+        };
+        if out.is_err() {
+            // Reclaim what a failed call left behind before the next one.
+            let _ = self.lua.gc_collect();
+        }
+        out
+    }
+
+    fn classify(&self, e: mlua::Error) -> InvokeError {
+        if self.timed_out.get() {
+            InvokeError::Timeout(format!("the Func ran longer than {} ms", self.timeout_ms()))
+        } else if is_memory_error(&e) {
+            InvokeError::Memory(format!("Func `{}` exceeded its memory limit", self.name))
+        } else {
+            InvokeError::Handler(lua_err(e))
+        }
+    }
+
+    fn request_table(&self, req: &FuncRequest<'_>) -> Result<Table, BuildError> {
+        let lua = &self.lua;
+        let env = req.envelope;
+        let t = lua.create_table_with_capacity(0, 14)?;
+        t.raw_set("id", env.id.as_ref())?;
+        t.raw_set("method", env.method.as_ref())?;
+        t.raw_set("scheme", env.scheme.as_ref())?;
+        t.raw_set("host", env.host.as_ref())?;
+        t.raw_set("path", env.path.as_ref())?;
+        t.raw_set("operation", req.operation)?;
+        t.raw_set("query_string", env.query.as_ref())?;
+        if let Some(r) = &env.remote {
+            t.raw_set("remote", r.as_ref())?;
+        }
+        let params = lua.create_table_with_capacity(0, req.params.len())?;
+        for (k, v) in req.params {
+            params.raw_set(k.as_str(), v.as_str())?;
+        }
+        t.raw_set("params", params)?;
+        let query = lua.create_table()?;
+        for (k, v) in form_urlencoded::parse(env.query.as_bytes()) {
+            match query.raw_get::<Value>(k.as_ref())? {
+                Value::Nil => query.raw_set(k.as_ref(), v.as_ref())?,
+                Value::Table(list) => list.raw_push(v.as_ref())?,
+                first => {
+                    let list = lua.create_sequence_from([first, Value::String(lua.create_string(v.as_ref())?)])?;
+                    query.raw_set(k.as_ref(), list)?;
+                }
+            }
+        }
+        t.raw_set("query", query)?;
+        let headers = lua.create_table_with_capacity(0, env.headers.len())?;
+        let mut content_type = "";
+        for (k, v) in &env.headers {
+            if k == "content-type" {
+                content_type = v;
+            }
+            match headers.raw_get::<Option<mlua::LuaString>>(k.as_ref())? {
+                None => headers.raw_set(k.as_ref(), v.as_ref())?,
+                Some(prev) => {
+                    let joined = format!("{}, {v}", prev.to_string_lossy());
+                    headers.raw_set(k.as_ref(), joined)?;
+                }
+            }
+        }
+        t.raw_set("headers", headers)?;
+        t.raw_set("body", lua.create_string(req.body)?)?;
+        if content_type.contains("json") && !req.body.is_empty() {
+            let v: serde_json::Value = serde_json::from_slice(req.body)
+                .map_err(|e| BuildError::BadRequest(format!("request body is not valid JSON: {e}")))?;
+            t.raw_set("json", lua.to_value(&v)?)?;
+        }
+        Ok(t)
+    }
+}
+
+enum BuildError {
+    BadRequest(String),
+    Lua(mlua::Error),
+}
+
+impl From<mlua::Error> for BuildError {
+    fn from(e: mlua::Error) -> Self {
+        BuildError::Lua(e)
+    }
+}
+
+/// The request id of the call in progress, for `print`.
+struct RequestId(String);
+
+fn json_body(v: &Value) -> Result<Vec<u8>, mlua::Error> {
+    serde_json::to_vec(v).map_err(mlua::Error::external)
+}
+
+/// Map what a handler returned to a response (see the module docs of the
+/// README's "Writing a Lua Func" for the rules).
+fn to_response(lua: &Lua, v: Value) -> Result<FuncResponse, mlua::Error> {
+    let text = |body: Vec<u8>| FuncResponse {
+        status: 200,
+        headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())],
+        body,
+    };
+    let json = |body: Vec<u8>| FuncResponse {
+        status: 200,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body,
+    };
+    match v {
+        Value::Nil => Ok(FuncResponse {
+            status: 204,
+            ..FuncResponse::default()
+        }),
+        Value::String(s) => Ok(text(s.as_bytes().to_vec())),
+        Value::Table(t) if is_response_table(&t)? => {
+            let status: i64 = t.raw_get("status")?;
+            if !(100..=599).contains(&status) {
+                return Err(mlua::Error::runtime(format!("invalid HTTP status {status}")));
+            }
+            let mut headers = Vec::new();
+            if let Value::Table(h) = t.raw_get::<Value>("headers")? {
+                for pair in h.pairs::<mlua::LuaString, Value>() {
+                    let (k, v) = pair?;
+                    let k = k.to_string_lossy().to_ascii_lowercase();
+                    match v {
+                        Value::Table(list) => {
+                            for item in list.sequence_values::<mlua::LuaString>() {
+                                headers.push((k.clone(), item?.to_string_lossy()));
+                            }
+                        }
+                        other => {
+                            let s = lua.coerce_string(other)?.map(|s| s.to_string_lossy()).unwrap_or_default();
+                            headers.push((k, s));
+                        }
+                    }
+                }
+            }
+            let has_ct = headers.iter().any(|(k, _)| k == "content-type");
+            let body = match t.raw_get::<Value>("body")? {
+                Value::Nil => Vec::new(),
+                Value::String(s) => {
+                    if !has_ct {
+                        headers.push(("content-type".into(), "text/plain; charset=utf-8".into()));
+                    }
+                    s.as_bytes().to_vec()
+                }
+                other => {
+                    if !has_ct {
+                        headers.push(("content-type".into(), "application/json".into()));
+                    }
+                    json_body(&other)?
+                }
+            };
+            Ok(FuncResponse {
+                status: status as u16,
+                headers,
+                body,
+            })
+        }
+        other => Ok(json(json_body(&other)?)),
+    }
+}
+
+/// A table is a response (not data to encode as JSON) when it has an integer
+/// `status` and no keys besides `status`, `headers` and `body`.
+fn is_response_table(t: &Table) -> Result<bool, mlua::Error> {
+    if !matches!(t.raw_get::<Value>("status")?, Value::Integer(_)) {
+        return Ok(false);
+    }
+    for pair in t.pairs::<Value, Value>() {
+        let (k, _) = pair?;
+        let ok = matches!(&k, Value::String(s) if matches!(s.as_bytes().as_ref(), b"status" | b"headers" | b"body"));
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn install_sandbox(lua: &Lua, dir: &Path, func: &str) -> mlua::Result<()> {
+    let g = lua.globals();
+    for name in ["load", "loadfile", "dofile", "require", "collectgarbage"] {
+        g.raw_set(name, Value::Nil)?;
+    }
+    // string.dump exposes bytecode; nothing here can load it, but keep the
+    // surface small.
+    if let Value::Table(s) = g.raw_get::<Value>("string")? {
+        s.raw_set("dump", Value::Nil)?;
+    }
+    let func_name = func.to_owned();
+    g.raw_set(
+        "print",
+        lua.create_function(move |lua, args: mlua::Variadic<Value>| {
+            let mut line = String::new();
+            for (i, a) in args.iter().enumerate() {
+                if i > 0 {
+                    line.push('\t');
+                }
+                match lua.coerce_string(a.clone())? {
+                    Some(s) => line.push_str(&s.to_string_lossy()),
+                    None => line.push_str(&format!("{a:?}")),
+                }
+            }
+            let id = lua.app_data_ref::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+            tracing::info!(func = %func_name, request_id = %id, "{line}");
+            Ok(())
+        })?,
+    )?;
+    let json = lua.create_table()?;
+    json.raw_set(
+        "encode",
+        lua.create_function(|_, v: Value| {
+            serde_json::to_string(&v).map_err(mlua::Error::external)
+        })?,
+    )?;
+    json.raw_set(
+        "decode",
+        lua.create_function(|lua, s: mlua::LuaString| {
+            let v: serde_json::Value = serde_json::from_slice(&s.as_bytes()).map_err(mlua::Error::external)?;
+            lua.to_value(&v)
+        })?,
+    )?;
+    g.raw_set("json", json)?;
+    let root = dir.canonicalize().map_err(mlua::Error::external)?;
+    let loaded = lua.create_table()?;
+    g.raw_set(
+        "require",
+        lua.create_function(move |lua, name: String| {
+            if let Some(v) = loaded.raw_get::<Option<Value>>(name.as_str())? {
+                return Ok(v);
+            }
+            let path = module_path(&root, &name).map_err(mlua::Error::runtime)?;
+            let src = std::fs::read(&path).map_err(|e| mlua::Error::runtime(format!("require {name:?}: {e}")))?;
+            let v: Value = lua.load(&src).set_name(format!("@{name}.lua")).call(())?;
+            let v = if v.is_nil() { Value::Boolean(true) } else { v };
+            loaded.raw_set(name.as_str(), v.clone())?;
+            Ok(v)
+        })?,
+    )?;
+    Ok(())
+}
+
+/// `a.b` -> `<bundle>/a/b.lua`, refusing names and links that leave the bundle.
+fn module_path(root: &Path, name: &str) -> Result<PathBuf, String> {
+    let valid = !name.is_empty()
+        && name
+            .split('.')
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+    if !valid {
+        return Err(format!("require {name:?}: module names are dot-separated words"));
+    }
+    let path = root.join(format!("{}.lua", name.replace('.', "/")));
+    let real = path
+        .canonicalize()
+        .map_err(|_| format!("require {name:?}: no module {name}.lua in the bundle"))?;
+    if !real.starts_with(root) {
+        return Err(format!("require {name:?}: module is outside the bundle"));
+    }
+    Ok(real)
+}
