@@ -1,0 +1,174 @@
+//! Helpers shared by the end-to-end tests: clusters in-process or as real
+//! child processes, temporary bundles, readiness waits.
+#![allow(dead_code, missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use funcatron_broker::AnyBroker;
+use funcatron_bundle::Bundle;
+use funcatron_ingress::IngressOptions;
+use funcatron_runner::RunnerOptions;
+use funcatron_tron::{RouteTable, TronOptions};
+use tokio_util::sync::CancellationToken;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Write a bundle directory from (file name, contents) pairs.
+pub fn write_bundle(root: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (f, text) in files {
+        std::fs::write(dir.join(f), text).unwrap();
+    }
+    dir
+}
+
+/// A bundles directory with the shipped examples plus a `trouble` Func whose
+/// operations misbehave on purpose (loop forever, eat memory, raise).
+pub fn bundles_with_trouble() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    for ex in ["hello", "petshop"] {
+        let src = repo().join("func-bundles").join(ex);
+        let dst = root.path().join(ex);
+        std::fs::create_dir_all(&dst).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    write_bundle(
+        root.path(),
+        "trouble",
+        &[
+            (
+                "swagger.yaml",
+                "swagger: '2.0'\nbasePath: /trouble\nx-funcatron: {runtime: lua, timeout_ms: 300, memory_mb: 16}\npaths:\n  /loop:\n    get: {operationId: spin}\n  /eat:\n    get: {operationId: eat}\n  /raise:\n    get: {operationId: raise}\n  /ok:\n    get: {operationId: ok}\n",
+            ),
+            (
+                "main.lua",
+                "return {\n  spin = function() while true do end end,\n  eat = function() local t = {} for i = 1, 1e9 do t[i] = string.rep('x', 1024) .. i end end,\n  raise = function() error('the handler gave up') end,\n  ok = function() return 'still fine' end,\n}\n",
+            ),
+        ],
+    );
+    root
+}
+
+/// Load bundles, panicking on any rejected one.
+pub fn load(dir: &Path) -> Vec<Bundle> {
+    let (bundles, errors) = Bundle::load_all(dir);
+    assert!(errors.is_empty(), "{errors:?}");
+    bundles
+}
+
+/// Every role in this process on one broker, HTTP on a free port.
+pub struct InProcess {
+    pub base: String,
+    pub broker: AnyBroker,
+    pub shutdown: CancellationToken,
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn start_in_process(broker: AnyBroker, bundles: Vec<Bundle>, ingress: IngressOptions) -> InProcess {
+    let shutdown = CancellationToken::new();
+    let routes = Arc::new(RouteTable::build(&bundles).unwrap());
+    tokio::spawn(funcatron_tron::run(broker.clone(), routes, TronOptions::default(), shutdown.clone()));
+    let ropts = RunnerOptions {
+        workers: 2,
+        ..RunnerOptions::default()
+    };
+    tokio::spawn(funcatron_runner::run(broker.clone(), bundles, ropts, shutdown.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(funcatron_ingress::run(listener, broker.clone(), ingress, shutdown.clone()));
+    let base = format!("http://{addr}");
+    wait_ready(&format!("{base}/hello/ready")).await;
+    InProcess { base, broker, shutdown }
+}
+
+/// Poll `url` until it answers 200 (readiness, bounded by 30 s).
+pub async fn wait_ready(url: &str) {
+    let client = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(url).timeout(Duration::from_secs(2)).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < until, "{url} never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// The AMQP URL tests use (`FUNCATRON_TEST_AMQP`, default local guest).
+pub fn amqp_base() -> String {
+    std::env::var("FUNCATRON_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl on PATH");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A fresh RabbitMQ virtual host, so tests do not share queues.
+pub fn fresh_vhost() -> String {
+    let name = format!("funcatron-test-{}", &funcatron_envelope::new_request_id()[..10]);
+    rabbitmqctl(&["add_vhost", &name]);
+    rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+    format!("{}/{}", amqp_base(), name)
+}
+
+/// A `funcatron` child process, killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Still running (it has not exited, crashed or been killed)?
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+pub fn spawn(role: &str, broker: &str, extra: &[&str]) -> Proc {
+    let log = std::env::temp_dir().join(format!("funcatron-test-{role}-{}.log", std::process::id()));
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_funcatron"))
+        .arg(role)
+        .arg("--broker")
+        .arg(broker)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    Proc {
+        child,
+        name: role.into(),
+    }
+}

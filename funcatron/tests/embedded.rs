@@ -1,0 +1,280 @@
+//! End to end on the embedded broker, all roles in this process: the path a
+//! developer gets from `funcatron up`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use funcatron_broker::{names, AnyBroker, Broker, ConsumeOptions, EmbeddedBroker, Message, QueueKind};
+use funcatron_ingress::IngressOptions;
+use funcatron_tron::{RouteTable, TronOptions};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+fn embedded() -> AnyBroker {
+    AnyBroker::Embedded(EmbeddedBroker::new(10_000))
+}
+
+async fn cluster(ingress: IngressOptions) -> (InProcess, tempfile::TempDir) {
+    let dir = bundles_with_trouble();
+    let c = start_in_process(embedded(), load(dir.path()), ingress).await;
+    (c, dir)
+}
+
+#[tokio::test]
+async fn hello_and_petshop_answer_through_the_whole_path() {
+    let (c, _d) = cluster(IngressOptions::default()).await;
+    let http = reqwest::Client::new();
+
+    let r = http.get(format!("{}/hello/world", c.base)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(id.len(), 32, "a generated id is returned");
+    let timing = r.headers()["server-timing"].to_str().unwrap().to_owned();
+    assert!(timing.starts_with("queue;dur=") && timing.contains("exec;dur=") && timing.contains("total;dur="), "{timing}");
+    assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(r.text().await.unwrap(), "Hello, world!");
+
+    // Path parameters are percent-decoded.
+    let r = http.get(format!("{}/hello/J%C3%BCrgen", c.base)).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "Hello, Jürgen!");
+
+    // Query parameters, JSON out, Func-set headers.
+    let r = http.get(format!("{}/petshop/pets?tag=dog&limit=5", c.base)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-total-count"], "2");
+    let pets: Value = r.json().await.unwrap();
+    let names: Vec<&str> = pets.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["Rex", "Fido"]);
+
+    // JSON in, 201 out with a Location header.
+    let r = http
+        .post(format!("{}/petshop/pets", c.base))
+        .json(&serde_json::json!({"name": "Bo", "tag": "cat"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["location"], "/petshop/pets/5");
+    let pet: Value = r.json().await.unwrap();
+    assert_eq!(pet["name"], "Bo");
+
+    // The Func's own 400 and 404.
+    let r = http.post(format!("{}/petshop/pets", c.base)).json(&serde_json::json!({"tag": "x"})).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http.get(format!("{}/petshop/pets/99", c.base)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "no pet 99");
+
+    // Invalid JSON with a JSON content type is refused before the Func runs.
+    let r = http
+        .post(format!("{}/petshop/pets", c.base))
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "bad_request");
+}
+
+#[tokio::test]
+async fn request_ids_repeated_headers_and_query_reach_the_func() {
+    let (c, _d) = cluster(IngressOptions::default()).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("{}/petshop/inspect?a=1&a=2&b=x%20y", c.base))
+        .header("x-request-id", "client-chosen-42")
+        .header("x-tag", "one")
+        .header("x-tag", "two")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "client-chosen-42");
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(seen["id"], "client-chosen-42");
+    assert_eq!(seen["headers"]["x-tag"], "one, two");
+    assert_eq!(seen["query"]["a"], serde_json::json!(["1", "2"]));
+    assert_eq!(seen["query"]["b"], "x y");
+    assert_eq!(seen["path"], "/petshop/inspect");
+
+    // An id that is not sane is replaced, and the replacement returned.
+    let r = http
+        .get(format!("{}/petshop/inspect", c.base))
+        .header("x-request-id", "bad id with spaces")
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_ne!(id, "bad id with spaces");
+    assert_eq!(r.json::<Value>().await.unwrap()["id"], id);
+}
+
+#[tokio::test]
+async fn binary_and_large_bodies_round_trip_byte_exact() {
+    let (c, _d) = cluster(IngressOptions::default()).await;
+    let http = reqwest::Client::new();
+    let binary: Vec<u8> = (0..=255u8).cycle().take(3 * 1024 * 1024 + 7).collect();
+    let r = http
+        .post(format!("{}/petshop/echo", c.base))
+        .header("content-type", "application/octet-stream")
+        .body(binary.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), binary.as_slice());
+
+    let text = "héllo wörld\n".repeat(100_000);
+    let r = http.post(format!("{}/petshop/echo", c.base)).header("content-type", "text/plain").body(text.clone()).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), text);
+}
+
+#[tokio::test]
+async fn platform_errors_are_json_with_reasons() {
+    let opts = IngressOptions {
+        max_body_bytes: 1024,
+        ..IngressOptions::default()
+    };
+    let (c, _d) = cluster(opts).await;
+    let http = reqwest::Client::new();
+
+    let r = http.get(format!("{}/nowhere", c.base)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "no_route");
+    assert_eq!(body["request_id"], id);
+
+    let r = http.delete(format!("{}/petshop/pets/1", c.base)).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "GET");
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "method_not_allowed");
+
+    // Too large, declared up front and streamed without a length.
+    let r = http.post(format!("{}/petshop/echo", c.base)).body(vec![b'x'; 2048]).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "payload_too_large");
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..4).map(|_| Ok(vec![b'y'; 512])).collect();
+    let stream = futures::stream::iter(chunks);
+    let r = http
+        .post(format!("{}/petshop/echo", c.base))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+}
+
+#[tokio::test]
+async fn misbehaving_funcs_get_clear_errors_and_others_keep_serving() {
+    let (c, _d) = cluster(IngressOptions::default()).await;
+    let http = reqwest::Client::new();
+    let get = |p: &str| http.get(format!("{}/trouble/{p}", c.base)).send();
+
+    let r = get("loop").await.unwrap();
+    assert_eq!(r.status(), 504);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "func_timeout");
+    assert!(body["message"].as_str().unwrap().contains("300 ms"), "{body}");
+
+    let r = get("eat").await.unwrap();
+    assert_eq!(r.status(), 500);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "func_out_of_memory");
+
+    let r = get("raise").await.unwrap();
+    assert_eq!(r.status(), 500);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "func_error");
+    assert!(body["message"].as_str().unwrap().contains("the handler gave up"), "{body}");
+
+    // The same Lua states keep serving afterwards.
+    for _ in 0..4 {
+        let r = get("ok").await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "still fine");
+    }
+    let r = http.get(format!("{}/hello/after", c.base)).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "Hello, after!");
+}
+
+#[tokio::test]
+async fn concurrent_requests_each_get_their_own_answer() {
+    let (c, _d) = cluster(IngressOptions::default()).await;
+    let http = reqwest::Client::new();
+    let calls = (0..300).map(|i| {
+        let http = http.clone();
+        let url = format!("{}/hello/n{i}", c.base);
+        async move {
+            let r = http.get(url).header("x-request-id", format!("req-{i}")).send().await.unwrap();
+            assert_eq!(r.headers()["x-request-id"], format!("req-{i}").as_str());
+            (i, r.text().await.unwrap())
+        }
+    });
+    for (i, text) in futures::future::join_all(calls).await {
+        assert_eq!(text, format!("Hello, n{i}!"));
+    }
+}
+
+#[tokio::test]
+async fn garbage_and_foreign_versions_are_dead_lettered_while_good_requests_succeed() {
+    let (c, _d) = cluster(IngressOptions::default()).await;
+    for junk in [&b"\x00\xffnot json at all"[..], br#"{"version":"2.0","id":"x","whatever":1}"#, b"[1,2,3]"] {
+        c.broker.publish(names::REQUESTS, Message::new(junk.to_vec())).await.unwrap();
+    }
+    let r = reqwest::get(format!("{}/hello/still", c.base)).await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "Hello, still!");
+
+    let mut dead = c
+        .broker
+        .consume(names::DEAD_LETTERS, QueueKind::Work, ConsumeOptions { prefetch: 10, auto_ack: false })
+        .await
+        .unwrap();
+    let mut reasons = Vec::new();
+    for _ in 0..3 {
+        let d = tokio::time::timeout(Duration::from_secs(10), dead.next()).await.unwrap().unwrap();
+        assert_eq!(d.message.header(names::DEAD_SOURCE), Some(names::REQUESTS));
+        reasons.push(d.message.header(names::DEAD_REASON).unwrap().to_owned());
+        d.ack().await.unwrap();
+    }
+    assert!(reasons.iter().any(|r| r.contains("unsupported envelope version \"2.0\"")), "{reasons:?}");
+    assert_eq!(reasons.iter().filter(|r| r.contains("malformed")).count(), 2, "{reasons:?}");
+}
+
+#[tokio::test]
+async fn no_runner_means_504_at_the_deadline_not_a_hang() {
+    let broker = embedded();
+    let dir = bundles_with_trouble();
+    let bundles = load(dir.path());
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let routes = Arc::new(RouteTable::build(&bundles).unwrap());
+    tokio::spawn(funcatron_tron::run(broker.clone(), routes, TronOptions::default(), shutdown.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let opts = IngressOptions {
+        timeout: Duration::from_millis(400),
+        ..IngressOptions::default()
+    };
+    tokio::spawn(funcatron_ingress::run(listener, broker.clone(), opts, shutdown.clone()));
+    // Routing works without a Runner: a 404 proves the Tron is up.
+    let base = format!("http://{addr}");
+    let mut ready = false;
+    for _ in 0..200 {
+        if let Ok(r) = reqwest::get(format!("{base}/nowhere")).await {
+            if r.status() == 404 {
+                ready = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready);
+    let started = Instant::now();
+    let r = reqwest::get(format!("{base}/hello/x")).await.unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "timeout");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
