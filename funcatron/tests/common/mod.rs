@@ -172,3 +172,71 @@ pub fn spawn(role: &str, broker: &str, extra: &[&str]) -> Proc {
         name: role.into(),
     }
 }
+
+/// Stop the RabbitMQ node and start it again (a real broker restart), then
+/// wait until it accepts work.
+pub fn restart_rabbitmq() {
+    rabbitmqctl(&["shutdown"]);
+    let started = Command::new("rabbitmq-server").arg("-detached").status().expect("rabbitmq-server on PATH");
+    assert!(started.success());
+    wait_rabbitmq();
+}
+
+/// Wait until the RabbitMQ node is up (bounded by 60 s).
+pub fn wait_rabbitmq() {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ok = Command::new("rabbitmqctl")
+            .args(["await_startup", "--timeout", "10"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < until, "RabbitMQ did not come back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Ingress, Tron and Runner processes on one AMQP broker.
+pub struct Processes {
+    pub procs: Vec<Proc>,
+    pub bases: Vec<String>,
+    pub broker: String,
+    pub _bundles: tempfile::TempDir,
+}
+
+/// Start `trons` Trons, `runners` Runners and `ingresses` ingresses on a
+/// fresh vhost, and wait until every ingress serves `/hello/ready`.
+pub async fn start_processes(trons: usize, runners: usize, ingresses: usize, ingress_extra: &[&str]) -> Processes {
+    let broker = fresh_vhost();
+    let bundles = bundles_with_trouble();
+    let dir = bundles.path().to_str().unwrap().to_owned();
+    let mut procs = Vec::new();
+    for _ in 0..trons {
+        procs.push(spawn("tron", &broker, &["--bundles", &dir]));
+    }
+    for _ in 0..runners {
+        procs.push(spawn("runner", &broker, &["--bundles", &dir, "--workers", "2"]));
+    }
+    let mut bases = Vec::new();
+    for _ in 0..ingresses {
+        let addr = free_addr().to_string();
+        let mut args = vec!["--listen", addr.as_str()];
+        args.extend_from_slice(ingress_extra);
+        procs.push(spawn("ingress", &broker, &args));
+        bases.push(format!("http://{addr}"));
+    }
+    for b in &bases {
+        wait_ready(&format!("{b}/hello/ready")).await;
+    }
+    Processes {
+        procs,
+        bases,
+        broker,
+        _bundles: bundles,
+    }
+}
