@@ -1,1 +1,393 @@
-fn main() {}
+//! `funcatron-bench`: what the Funcatron path costs over a bare broker round
+//! trip, measured in one run on one machine.
+//!
+//! (a) raw AMQP request/reply: a lapin client publishes (with confirm) to a
+//!     queue, an echo consumer publishes the payload back (with confirm) to
+//!     the client's exclusive reply queue and then acks: the same delivery
+//!     guarantees as Funcatron's hops, with no Funcatron in between;
+//! (b) the full path over the same RabbitMQ: HTTP -> embedded ingress ->
+//!     request queue -> Tron -> Func queue -> Runner (hello, Lua) -> reply
+//!     queue -> ingress -> HTTP;
+//! (c) the full path on the embedded broker (`funcatron up`).
+//!
+//! Each at concurrency 1 and 64 (keep-alive HTTP/1.1 connections, one per
+//! concurrent caller), printing requests/s, p50 and p99, and the ratios.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use clap::Parser;
+use dashmap::DashMap;
+use funcatron_broker::{AmqpBroker, AnyBroker, EmbeddedBroker};
+use futures::StreamExt;
+use http_body_util::{BodyExt, Empty};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(about = "Raw AMQP round trip vs the full Funcatron path vs the embedded broker")]
+struct Args {
+    /// RabbitMQ to measure against.
+    #[arg(
+        long,
+        env = "FUNCATRON_BENCH_AMQP",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp: String,
+    /// Requests per measurement at concurrency 64 (a tenth at concurrency 1).
+    #[arg(long, default_value_t = 40_000)]
+    requests: usize,
+    /// Skip the RabbitMQ measurements (embedded only).
+    #[arg(long)]
+    embedded_only: bool,
+    /// Bundles directory (the hello Func is called).
+    #[arg(long, default_value = "func-bundles")]
+    bundles: PathBuf,
+}
+
+#[derive(Clone, Copy)]
+struct Stats {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn stats(mut lat_us: Vec<u64>, elapsed: Duration) -> Stats {
+    lat_us.sort_unstable();
+    let pick = |q: f64| lat_us[((lat_us.len() as f64 - 1.0) * q) as usize] as f64 / 1000.0;
+    Stats {
+        rps: lat_us.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: pick(0.50),
+        p99_ms: pick(0.99),
+    }
+}
+
+/// Run `total` calls of `call` from `concurrency` callers; latency per call.
+async fn drive<F, Fut>(concurrency: usize, total: usize, call: F) -> Result<Stats>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    // Warm up: connections, JIT-free but caches and pools.
+    for i in 0..concurrency.min(64) {
+        call.clone()(i).await?;
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let call = call.clone();
+        let next = Arc::clone(&next);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(total / concurrency + 1);
+            while next.fetch_add(1, Ordering::Relaxed) < total as u64 {
+                let t = Instant::now();
+                call(worker).await?;
+                lat.push(t.elapsed().as_micros() as u64);
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut all = Vec::with_capacity(total);
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(stats(all, started.elapsed()))
+}
+
+/// (a) The raw AMQP round trip.
+async fn raw_amqp(url: &str, concurrency: usize, total: usize, payload: Bytes) -> Result<Stats> {
+    let queue = format!("bench.echo.{}", funcatron_envelope::new_request_id());
+    let server = Connection::connect(url, ConnectionProperties::default()).await?;
+    let sch = server.create_channel().await?;
+    sch.confirm_select(ConfirmSelectOptions::default()).await?;
+    sch.basic_qos(256, BasicQosOptions::default()).await?;
+    sch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let mut consumer = sch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let echo_ch = sch.clone();
+    let echo = tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let ch = echo_ch.clone();
+            tokio::spawn(async move {
+                let reply_to = d.properties.reply_to().clone().unwrap_or_default();
+                let props = BasicProperties::default()
+                    .with_correlation_id(d.properties.correlation_id().clone().unwrap_or_default());
+                if let Ok(c) = ch
+                    .basic_publish(
+                        "".into(),
+                        reply_to,
+                        BasicPublishOptions::default(),
+                        &d.data,
+                        props,
+                    )
+                    .await
+                {
+                    let _ = c.await;
+                }
+                let _ = d.acker.ack(BasicAckOptions::default()).await;
+            });
+        }
+    });
+
+    let client = Connection::connect(url, ConnectionProperties::default()).await?;
+    let cch = client.create_channel().await?;
+    cch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let reply = cch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions::exclusive(),
+            FieldTable::default(),
+        )
+        .await?;
+    let reply_name = reply.name().clone();
+    let pending: Arc<DashMap<String, oneshot::Sender<()>>> = Arc::new(DashMap::new());
+    let mut replies = cch
+        .basic_consume(
+            reply_name.clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let p2 = Arc::clone(&pending);
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(d)) = replies.next().await {
+            if let Some(id) = d.properties.correlation_id() {
+                if let Some((_, tx)) = p2.remove(id.as_str()) {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    let counter = Arc::new(AtomicU64::new(0));
+    let q = queue.clone();
+    let result = drive(concurrency, total, move |_| {
+        let (cch, pending, payload, reply_name, counter, q) = (
+            cch.clone(),
+            Arc::clone(&pending),
+            payload.clone(),
+            reply_name.clone(),
+            Arc::clone(&counter),
+            q.clone(),
+        );
+        async move {
+            let id = counter.fetch_add(1, Ordering::Relaxed).to_string();
+            let (tx, rx) = oneshot::channel();
+            pending.insert(id.clone(), tx);
+            let props = BasicProperties::default()
+                .with_reply_to(reply_name)
+                .with_correlation_id(id.as_str().into());
+            cch.basic_publish(
+                "".into(),
+                q.as_str().into(),
+                BasicPublishOptions::default(),
+                &payload,
+                props,
+            )
+            .await?
+            .await?;
+            tokio::time::timeout(Duration::from_secs(30), rx).await??;
+            Ok(())
+        }
+    })
+    .await;
+    let _ = sch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    echo.abort();
+    reader.abort();
+    let _ = client.close(200, "done".into()).await;
+    let _ = server.close(200, "done".into()).await;
+    result
+}
+
+/// One keep-alive HTTP/1.1 connection per caller.
+async fn http_callers(
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> Result<Vec<Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>>>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (send, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        out.push(Arc::new(tokio::sync::Mutex::new(send)));
+    }
+    Ok(out)
+}
+
+async fn http_load(addr: std::net::SocketAddr, concurrency: usize, total: usize) -> Result<Stats> {
+    let callers = Arc::new(http_callers(addr, concurrency).await?);
+    let uri: hyper::Uri = format!("http://{addr}/hello/bench").parse()?;
+    drive(concurrency, total, move |worker| {
+        let callers = Arc::clone(&callers);
+        let uri = uri.clone();
+        async move {
+            let mut send = callers[worker % callers.len()].lock().await;
+            send.ready().await?;
+            let req = hyper::Request::get(uri)
+                .header("host", "localhost")
+                .body(Empty::<Bytes>::new())?;
+            let resp = send.send_request(req).await?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            anyhow::ensure!(
+                status == 200 && body.as_ref() == b"Hello, bench!",
+                "bad answer {status}"
+            );
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// Start ingress, Tron and Runner in this process, each with its own broker
+/// handle (for AMQP: its own connection, as separate processes would have).
+async fn start_path(
+    make: impl Fn() -> AnyBroker,
+    bundles: &std::path::Path,
+    stop: &CancellationToken,
+) -> Result<std::net::SocketAddr> {
+    let (list, errors) = funcatron_bundle::Bundle::load_all(bundles);
+    anyhow::ensure!(errors.is_empty(), "bundles: {errors:?}");
+    let routes = Arc::new(funcatron_tron::RouteTable::build(&list)?);
+    let tron = make();
+    let runner = make();
+    let ingress = make();
+    for b in [&tron, &runner, &ingress] {
+        if let AnyBroker::Amqp(a) = b {
+            anyhow::ensure!(
+                a.wait_connected(Duration::from_secs(10)).await,
+                "cannot reach RabbitMQ"
+            );
+        }
+    }
+    tokio::spawn(funcatron_tron::run(
+        tron,
+        routes,
+        Default::default(),
+        stop.clone(),
+    ));
+    tokio::spawn(funcatron_runner::run(
+        runner,
+        list,
+        Default::default(),
+        stop.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(funcatron_ingress::run(
+        listener,
+        ingress,
+        Default::default(),
+        stop.clone(),
+    ));
+    // Ready when hello answers.
+    for _ in 0..400 {
+        if http_load(addr, 1, 1).await.is_ok() {
+            return Ok(addr);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("the path never became ready")
+}
+
+fn row(name: &str, s: Stats) {
+    println!(
+        "{name:<44} {:>10.0} {:>9.3} {:>9.3}",
+        s.rps, s.p50_ms, s.p99_ms
+    );
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let c1 = (args.requests / 10).max(100);
+    let c64 = args.requests;
+    println!(
+        "machine: {} CPUs; requests: {c1} at c=1, {c64} at c=64",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "{:<44} {:>10} {:>9} {:>9}",
+        "measurement", "req/s", "p50 ms", "p99 ms"
+    );
+
+    if !args.embedded_only {
+        // A realistic payload: the size of a hello request envelope.
+        let payload = Bytes::from(vec![b'x'; 420]);
+        let raw1 = raw_amqp(&args.amqp, 1, c1, payload.clone())
+            .await
+            .context("raw AMQP")?;
+        row("(a) raw AMQP round trip, c=1", raw1);
+        let raw64 = raw_amqp(&args.amqp, 64, c64, payload).await?;
+        row("(a) raw AMQP round trip, c=64", raw64);
+
+        let stop = CancellationToken::new();
+        let url = args.amqp.clone();
+        let addr = start_path(
+            || AnyBroker::Amqp(AmqpBroker::connect(&url)),
+            &args.bundles,
+            &stop,
+        )
+        .await?;
+        let full1 = http_load(addr, 1, c1).await.context("full path c=1")?;
+        row("(b) full path over RabbitMQ, c=1", full1);
+        let full64 = http_load(addr, 64, c64).await.context("full path c=64")?;
+        row("(b) full path over RabbitMQ, c=64", full64);
+        stop.cancel();
+
+        println!();
+        println!(
+            "ratio full/raw p50 at c=1:          {:.2}x  (target <= 2x)",
+            full1.p50_ms / raw1.p50_ms
+        );
+        println!(
+            "ratio full/raw throughput at c=64:  {:.2}   (target >= 0.50)",
+            full64.rps / raw64.rps
+        );
+    }
+
+    let stop = CancellationToken::new();
+    let embedded = AnyBroker::Embedded(EmbeddedBroker::new(10_000));
+    let addr = start_path(|| embedded.clone(), &args.bundles, &stop).await?;
+    let emb1 = http_load(addr, 1, c1).await.context("embedded c=1")?;
+    row("(c) funcatron up (embedded), c=1", emb1);
+    let emb64 = http_load(addr, 64, c64).await.context("embedded c=64")?;
+    row("(c) funcatron up (embedded), c=64", emb64);
+    println!(
+        "embedded throughput at c=64:        {:.0} req/s (target >= 20000)",
+        emb64.rps
+    );
+    stop.cancel();
+    Ok(())
+}

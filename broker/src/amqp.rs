@@ -123,7 +123,9 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     let mut generation = 0u64;
     loop {
-        let Some(strong) = inner.upgrade() else { return };
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
         let uri = strong.uri.clone();
         drop(strong);
         let attempt = tokio::select! {
@@ -132,7 +134,9 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
         };
         match attempt {
             Ok((connection, publisher)) => {
-                let Some(strong) = inner.upgrade() else { return };
+                let Some(strong) = inner.upgrade() else {
+                    return;
+                };
                 let queues: Vec<(String, QueueKind)> = strong
                     .declared
                     .lock()
@@ -162,7 +166,9 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
                 tracing::info!(generation, "connected to RabbitMQ");
                 backoff = Duration::from_millis(100);
                 wait_for_loss(&live, events, &stop).await;
-                let Some(strong) = inner.upgrade() else { return };
+                let Some(strong) = inner.upgrade() else {
+                    return;
+                };
                 strong.current.send_replace(None);
                 strong.up.send_replace(false);
                 tracing::warn!(generation, "lost the RabbitMQ connection; reconnecting");
@@ -258,8 +264,8 @@ impl Broker for AmqpBroker {
 
     async fn publish(&self, queue: &str, message: Message) -> Result<(), BrokerError> {
         let live = self.live()?;
-        let mut props = BasicProperties::default()
-            .with_delivery_mode(if message.persistent { 2 } else { 1 });
+        let mut props =
+            BasicProperties::default().with_delivery_mode(if message.persistent { 2 } else { 1 });
         if !message.headers.is_empty() {
             props = props.with_headers(to_field_table(&message.headers));
         }
@@ -300,21 +306,14 @@ impl Broker for AmqpBroker {
         if let Ok(mut d) = self.inner.declared.lock() {
             d.insert(queue.to_owned(), kind);
         }
-        let (tx, rx) = async_channel::bounded(usize::from(options.prefetch.max(1)));
-        let stop = CancellationToken::new();
-        tokio::spawn(subscribe(
-            self.inner.current.subscribe(),
-            queue.to_owned(),
-            kind,
-            options,
-            tx,
-            stop.clone(),
-        ));
         Ok(Subscription {
-            inner: SubInner::Amqp {
-                rx,
-                _stop: stop.drop_guard(),
-            },
+            inner: SubInner::Amqp(Box::new(AmqpSubscription {
+                current: self.inner.current.subscribe(),
+                queue: queue.to_owned(),
+                kind,
+                options,
+                active: None,
+            })),
         })
     }
 
@@ -322,7 +321,11 @@ impl Broker for AmqpBroker {
         let live = self.live()?;
         // A passive declare on a throwaway channel: if the queue is missing
         // the broker closes that channel, not the shared publisher.
-        let ch = live.connection.create_channel().await.map_err(unavailable)?;
+        let ch = live
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)?;
         let q = ch
             .queue_declare(
                 queue.into(),
@@ -345,58 +348,61 @@ impl Broker for AmqpBroker {
     }
 }
 
-/// One subscription's task: consume on every connection until stopped.
-async fn subscribe(
-    mut current: watch::Receiver<Option<Arc<Live>>>,
+/// A subscription that follows the supervised connection: it consumes on
+/// the live connection and, when that connection fails or is replaced,
+/// subscribes again on the next one. Deliveries are read straight from
+/// lapin's consumer, with no forwarding task in between.
+pub(crate) struct AmqpSubscription {
+    current: watch::Receiver<Option<Arc<Live>>>,
     queue: String,
     kind: QueueKind,
     options: ConsumeOptions,
-    tx: async_channel::Sender<Delivery>,
-    stop: CancellationToken,
-) {
-    let mut last_generation = 0;
-    loop {
-        // Wait for a connection newer than the one we last consumed on (or
-        // the same one again after a short pause, if only our channel died).
-        let live = loop {
-            let cur = current.borrow_and_update().clone();
-            match cur {
-                Some(l) if l.generation != last_generation => break l,
-                Some(l) if l.connection.status().connected() => {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => break l,
-                        r = current.changed() => if r.is_err() { return },
+    /// The channel and consumer on the current connection, with its generation.
+    active: Option<(Channel, lapin::Consumer, u64)>,
+}
+
+impl AmqpSubscription {
+    pub(crate) async fn next(&mut self) -> Option<Delivery> {
+        loop {
+            let Some((_, consumer, generation)) = &mut self.active else {
+                let live = loop {
+                    let cur = self.current.borrow_and_update().clone();
+                    match cur {
+                        Some(l) if l.connection.status().connected() => break l,
+                        _ => self.current.changed().await.ok()?,
+                    }
+                };
+                match open_consumer(&live, &self.queue, self.kind, self.options).await {
+                    Ok((ch, c)) => {
+                        tracing::debug!(queue = %self.queue, "consuming");
+                        self.active = Some((ch, c, live.generation));
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = %self.queue, error = %e, "cannot consume; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                            r = self.current.changed() => r.ok()?,
+                        }
                     }
                 }
-                _ => tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = current.changed() => if r.is_err() { return },
-                },
-            }
-        };
-        last_generation = live.generation;
-        let channel = match open_consumer(&live, &queue, kind, options).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(queue = %queue, error = %e, "cannot consume; retrying");
                 continue;
-            }
-        };
-        let (channel, mut consumer) = channel;
-        tracing::debug!(queue = %queue, "consuming");
-        loop {
+            };
+            let generation = *generation;
             let next = tokio::select! {
-                _ = stop.cancelled() => {
-                    let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-                    let _ = channel.close(200, "unsubscribed".into()).await;
-                    return;
-                }
                 d = consumer.next() => d,
+                // A new connection (or none) while we wait: the old consumer is dead.
+                r = self.current.changed() => {
+                    r.ok()?;
+                    let same = self.current.borrow().as_ref().is_some_and(|l| l.generation == generation);
+                    if !same {
+                        self.active = None;
+                    }
+                    continue;
+                }
             };
             match next {
                 Some(Ok(d)) => {
-                    let delivery = Delivery {
+                    return Some(Delivery {
                         message: Message {
                             headers: from_field_table(d.properties.headers().as_ref()),
                             payload: Bytes::from(d.data),
@@ -404,23 +410,36 @@ async fn subscribe(
                             persistent: d.properties.delivery_mode() == &Some(2),
                         },
                         redelivered: d.redelivered,
-                        acker: if options.auto_ack {
+                        acker: if self.options.auto_ack {
                             Acker::None
                         } else {
                             Acker::Amqp(d.acker)
                         },
                         settled: false,
-                    };
-                    if tx.send(delivery).await.is_err() {
-                        let _ = channel.close(200, "unsubscribed".into()).await;
-                        return;
-                    }
+                    })
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(queue = %queue, error = %e, "consumer failed; resubscribing");
-                    break;
+                    tracing::warn!(queue = %self.queue, error = %e, "consumer failed; resubscribing");
+                    self.active = None;
                 }
-                None => break,
+                None => self.active = None,
+            }
+        }
+    }
+}
+
+impl Drop for AmqpSubscription {
+    fn drop(&mut self) {
+        // Close the channel so RabbitMQ requeues what this consumer held
+        // and stops delivering to it.
+        if let Some((channel, consumer, _)) = self.active.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = channel
+                        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                        .await;
+                    let _ = channel.close(200, "unsubscribed".into()).await;
+                });
             }
         }
     }
@@ -432,7 +451,11 @@ async fn open_consumer(
     kind: QueueKind,
     options: ConsumeOptions,
 ) -> Result<(Channel, lapin::Consumer), BrokerError> {
-    let channel = live.connection.create_channel().await.map_err(unavailable)?;
+    let channel = live
+        .connection
+        .create_channel()
+        .await
+        .map_err(unavailable)?;
     declare_on(&channel, queue, kind).await?;
     if !options.auto_ack {
         channel

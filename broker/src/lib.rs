@@ -188,7 +188,9 @@ impl Drop for Delivery {
             a.settle();
             a.requeue(std::mem::take(&mut self.message));
         } else if let Acker::Amqp(_) = &self.acker {
-            tracing::warn!("AMQP delivery dropped unsettled; RabbitMQ redelivers it when the channel closes");
+            tracing::warn!(
+                "AMQP delivery dropped unsettled; RabbitMQ redelivers it when the channel closes"
+            );
         }
     }
 }
@@ -200,10 +202,7 @@ pub struct Subscription {
 
 enum SubInner {
     Embedded(embedded::Receiver),
-    Amqp {
-        rx: async_channel::Receiver<Delivery>,
-        _stop: tokio_util::sync::DropGuard,
-    },
+    Amqp(Box<amqp::AmqpSubscription>),
 }
 
 impl Subscription {
@@ -211,7 +210,7 @@ impl Subscription {
     pub async fn next(&mut self) -> Option<Delivery> {
         match &mut self.inner {
             SubInner::Embedded(r) => r.next().await,
-            SubInner::Amqp { rx, .. } => rx.recv().await.ok(),
+            SubInner::Amqp(s) => s.next().await,
         }
     }
 }

@@ -228,9 +228,12 @@ fn operation(
     id: Option<&str>,
 ) -> Result<Operation, BundleError> {
     let where_ = format!("paths.{template}.{method}");
-    let id = id
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| BundleError::invalid(path, format!("{where_}: missing `operationId` (it names the handler)")))?;
+    let id = id.filter(|s| !s.is_empty()).ok_or_else(|| {
+        BundleError::invalid(
+            path,
+            format!("{where_}: missing `operationId` (it names the handler)"),
+        )
+    })?;
     if !template.starts_with('/') {
         return Err(BundleError::invalid(
             path,
@@ -287,8 +290,9 @@ fn swagger2(path: &Path, doc: &Value) -> Result<ApiDoc, BundleError> {
 }
 
 fn openapi3(path: &Path, doc: &Value) -> Result<ApiDoc, BundleError> {
-    let api: openapiv3::OpenAPI = serde_json::from_value(doc.clone())
-        .map_err(|e| BundleError::invalid(path, format!("not a valid OpenAPI 3.0 document: {e}")))?;
+    let api: openapiv3::OpenAPI = serde_json::from_value(doc.clone()).map_err(|e| {
+        BundleError::invalid(path, format!("not a valid OpenAPI 3.0 document: {e}"))
+    })?;
     let (host, base_path) = match api.servers.first() {
         None => (None, "/".to_owned()),
         Some(server) => {
@@ -386,10 +390,16 @@ impl Bundle {
             ));
         }
         let runtime_name = m.runtime.ok_or_else(|| {
-            BundleError::invalid(&source, "field `runtime` is missing (x-funcatron.runtime or funcatron.yaml)")
+            BundleError::invalid(
+                &source,
+                "field `runtime` is missing (x-funcatron.runtime or funcatron.yaml)",
+            )
         })?;
         let runtime = RuntimeKind::parse(&runtime_name).ok_or_else(|| {
-            BundleError::invalid(&source, format!("field `runtime`: unknown runtime {runtime_name:?} (known: lua)"))
+            BundleError::invalid(
+                &source,
+                format!("field `runtime`: unknown runtime {runtime_name:?} (known: lua)"),
+            )
         })?;
         let handler_name = m.handler.unwrap_or_else(|| "main.lua".to_owned());
         let handler_path = inside(dir, &handler_name, &source, "handler")?;
@@ -400,7 +410,10 @@ impl Bundle {
             ));
         }
         if api.operations.is_empty() {
-            return Err(BundleError::invalid(&spec_file, "field `paths`: no operations"));
+            return Err(BundleError::invalid(
+                &spec_file,
+                "field `paths`: no operations",
+            ));
         }
         Ok(Bundle {
             name,
@@ -488,14 +501,20 @@ mod tests {
             split_server_url("https://petstore3.swagger.io/api/v3"),
             (Some("petstore3.swagger.io".into()), "/api/v3".into())
         );
-        assert_eq!(split_server_url("https://x.io"), (Some("x.io".into()), "/".into()));
+        assert_eq!(
+            split_server_url("https://x.io"),
+            (Some("x.io".into()), "/".into())
+        );
     }
 
     #[test]
     fn missing_operation_id_is_named() {
         let doc = "swagger: '2.0'\npaths:\n  /a:\n    get: {}\n";
         let err = parse_api(Path::new("s.yaml"), doc).unwrap_err().to_string();
-        assert!(err.contains("s.yaml") && err.contains("paths./a.get") && err.contains("operationId"), "{err}");
+        assert!(
+            err.contains("s.yaml") && err.contains("paths./a.get") && err.contains("operationId"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -524,14 +543,29 @@ mod tests {
         .unwrap();
         let err = Bundle::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("runtime") && err.contains("cobol"), "{err}");
-        std::fs::write(dir.path().join("funcatron.yaml"), "runtime: lua\nhandler: ../../etc/passwd\n").unwrap();
+        std::fs::write(
+            dir.path().join("funcatron.yaml"),
+            "runtime: lua\nhandler: ../../etc/passwd\n",
+        )
+        .unwrap();
         let err = Bundle::load(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("handler") && err.contains("inside the bundle"), "{err}");
-        std::fs::write(dir.path().join("funcatron.yaml"), "runtime: lua\nhandler: nope.lua\n").unwrap();
+        assert!(
+            err.contains("handler") && err.contains("inside the bundle"),
+            "{err}"
+        );
+        std::fs::write(
+            dir.path().join("funcatron.yaml"),
+            "runtime: lua\nhandler: nope.lua\n",
+        )
+        .unwrap();
         let err = Bundle::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("does not exist"), "{err}");
         std::fs::write(dir.path().join("main.lua"), "return {}").unwrap();
-        std::fs::write(dir.path().join("funcatron.yaml"), "runtime: lua\nname: my-func\ntimeout_ms: 250\n").unwrap();
+        std::fs::write(
+            dir.path().join("funcatron.yaml"),
+            "runtime: lua\nname: my-func\ntimeout_ms: 250\n",
+        )
+        .unwrap();
         let b = Bundle::load(dir.path()).unwrap();
         assert_eq!(b.name, "my-func");
         assert_eq!(b.timeout_ms, Some(250));

@@ -2,6 +2,8 @@
 //! decoding, version policy, body bytes, header repeats, re-encoding, and the
 //! `Server-Timing` rendering. The Lua ingress is checked against the same files.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use funcatron_envelope::{encode_body, sane_request_id, Request, Response, RouteView};
@@ -20,7 +22,11 @@ fn vectors() -> Vec<(String, Value)> {
         })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    assert!(out.len() >= 8, "expected the vector set, found {}", out.len());
+    assert!(
+        out.len() >= 8,
+        "expected the vector set, found {}",
+        out.len()
+    );
     out
 }
 
@@ -57,8 +63,12 @@ fn every_vector_decodes_as_expected() {
                 if let Some(hv) = expect.get("header_values").and_then(Value::as_object) {
                     for (h, want) in hv {
                         let got: Vec<&str> = req.header_values(h).collect();
-                        let want: Vec<&str> =
-                            want.as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+                        let want: Vec<&str> = want
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|x| x.as_str().unwrap())
+                            .collect();
                         assert_eq!(got, want, "{name}: header {h}");
                     }
                 }
@@ -72,7 +82,11 @@ fn every_vector_decodes_as_expected() {
                     // The body encoding rule picks the same representation.
                     let bytes = req.body_bytes().unwrap();
                     let (body, b64) = encode_body(&bytes);
-                    assert_eq!((body.as_ref(), b64), (req.body.as_ref(), req.body_base64), "{name}");
+                    assert_eq!(
+                        (body.as_ref(), b64),
+                        (req.body.as_ref(), req.body_base64),
+                        "{name}"
+                    );
                 }
             }
             "response" => {

@@ -20,7 +20,11 @@ use funcatron_tron::{RouteTable, TronOptions};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "funcatron", version, about = "Serverless on your cluster: Swagger-defined Funcs served through a message broker")]
+#[command(
+    name = "funcatron",
+    version,
+    about = "Serverless on your cluster: Swagger-defined Funcs served through a message broker"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -206,15 +210,27 @@ fn load_bundles(dir: &Path) -> Vec<Bundle> {
     bundles
 }
 
-async fn tron(broker: AnyBroker, dir: &Path, o: &TronOpts, shutdown: CancellationToken) -> Result<()> {
+async fn tron(
+    broker: AnyBroker,
+    dir: &Path,
+    o: &TronOpts,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let bundles = load_bundles(dir);
     let routes = RouteTable::build(&bundles)?;
-    let opts = TronOptions { prefetch: o.tron_prefetch };
+    let opts = TronOptions {
+        prefetch: o.tron_prefetch,
+    };
     funcatron_tron::run(broker, Arc::new(routes), opts, shutdown).await?;
     Ok(())
 }
 
-async fn runner(broker: AnyBroker, dir: &Path, o: &RunnerOpts, shutdown: CancellationToken) -> Result<()> {
+async fn runner(
+    broker: AnyBroker,
+    dir: &Path,
+    o: &RunnerOpts,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let bundles = load_bundles(dir);
     let mut opts = RunnerOptions {
         prefetch: o.runner_prefetch,
@@ -249,11 +265,21 @@ async fn up(a: UpArgs, shutdown: CancellationToken) -> Result<()> {
     let broker = broker(&a.broker, true)?;
     let dir = a.bundles.bundles.clone();
     let t = tokio::spawn({
-        let (b, s, o, d) = (broker.clone(), shutdown.clone(), a.tron.clone(), dir.clone());
+        let (b, s, o, d) = (
+            broker.clone(),
+            shutdown.clone(),
+            a.tron.clone(),
+            dir.clone(),
+        );
         async move { tron(b, &d, &o, s).await }
     });
     let r = tokio::spawn({
-        let (b, s, o, d) = (broker.clone(), shutdown.clone(), a.runner.clone(), dir.clone());
+        let (b, s, o, d) = (
+            broker.clone(),
+            shutdown.clone(),
+            a.runner.clone(),
+            dir.clone(),
+        );
         async move { runner(b, &d, &o, s).await }
     });
     let i = tokio::spawn({

@@ -3,6 +3,8 @@
 //! succeed again once the broker is back. Its own test binary, because it
 //! restarts the broker every other test shares.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};
@@ -15,15 +17,30 @@ async fn every_component_reconnects_after_a_broker_restart() {
     let mut p = start_processes(1, 1, 1, &["--timeout-ms", "5000"]).await;
     let base = p.bases[0].clone();
     let http = reqwest::Client::new();
-    assert_eq!(http.get(format!("{base}/hello/before")).send().await.unwrap().text().await.unwrap(), "Hello, before!");
+    assert_eq!(
+        http.get(format!("{base}/hello/before"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "Hello, before!"
+    );
 
     // Stop the node; while it is down the ingress answers 503 quickly.
     let base2 = base.clone();
     let restart = std::thread::spawn(move || {
-        let out = std::process::Command::new("rabbitmqctl").arg("shutdown").output().unwrap();
+        let out = std::process::Command::new("rabbitmqctl")
+            .arg("shutdown")
+            .output()
+            .unwrap();
         assert!(out.status.success());
         // While the broker is down: a fast 503 with a reason, not a hang.
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let during = rt.block_on(async {
             let started = Instant::now();
             let r = reqwest::get(format!("{base2}/hello/during")).await.unwrap();
@@ -31,29 +48,49 @@ async fn every_component_reconnects_after_a_broker_restart() {
             let body: Value = r.json().await.unwrap();
             (status, body, started.elapsed())
         });
-        let ok = std::process::Command::new("rabbitmq-server").arg("-detached").status().unwrap();
+        let ok = std::process::Command::new("rabbitmq-server")
+            .arg("-detached")
+            .status()
+            .unwrap();
         assert!(ok.success());
         wait_rabbitmq();
         during
     });
-    let (status, body, took) = tokio::task::spawn_blocking(move || restart.join().unwrap()).await.unwrap();
+    let (status, body, took) = tokio::task::spawn_blocking(move || restart.join().unwrap())
+        .await
+        .unwrap();
     assert_eq!(status, 503, "{body}");
-    assert!(body["error"].as_str().unwrap().starts_with("broker_"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("broker_"),
+        "{body}"
+    );
     assert!(took < Duration::from_secs(2), "503 came after {took:?}");
 
     // Back: requests succeed again without restarting anything.
     let until = Instant::now() + Duration::from_secs(60);
     loop {
-        let r = http.get(format!("{base}/hello/after")).send().await.unwrap();
+        let r = http
+            .get(format!("{base}/hello/after"))
+            .send()
+            .await
+            .unwrap();
         if r.status() == 200 {
             assert_eq!(r.text().await.unwrap(), "Hello, after!");
             break;
         }
-        assert!(Instant::now() < until, "no recovery: last status {}", r.status());
+        assert!(
+            Instant::now() < until,
+            "no recovery: last status {}",
+            r.status()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for _ in 0..20 {
-        let r = http.get(format!("{base}/petshop/pets/1")).send().await.unwrap();
+        let r = http
+            .get(format!("{base}/petshop/pets/1"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
     for proc in &mut p.procs {

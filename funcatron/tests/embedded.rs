@@ -1,13 +1,17 @@
 //! End to end on the embedded broker, all roles in this process: the path a
 //! developer gets from `funcatron up`.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use funcatron_broker::{names, AnyBroker, Broker, ConsumeOptions, EmbeddedBroker, Message, QueueKind};
+use funcatron_broker::{
+    names, AnyBroker, Broker, ConsumeOptions, EmbeddedBroker, Message, QueueKind,
+};
 use funcatron_ingress::IngressOptions;
 use funcatron_tron::{RouteTable, TronOptions};
 use serde_json::Value;
@@ -28,25 +32,47 @@ async fn hello_and_petshop_answer_through_the_whole_path() {
     let (c, _d) = cluster(IngressOptions::default()).await;
     let http = reqwest::Client::new();
 
-    let r = http.get(format!("{}/hello/world", c.base)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/hello/world", c.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(id.len(), 32, "a generated id is returned");
     let timing = r.headers()["server-timing"].to_str().unwrap().to_owned();
-    assert!(timing.starts_with("queue;dur=") && timing.contains("exec;dur=") && timing.contains("total;dur="), "{timing}");
+    assert!(
+        timing.starts_with("queue;dur=")
+            && timing.contains("exec;dur=")
+            && timing.contains("total;dur="),
+        "{timing}"
+    );
     assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
     assert_eq!(r.text().await.unwrap(), "Hello, world!");
 
     // Path parameters are percent-decoded.
-    let r = http.get(format!("{}/hello/J%C3%BCrgen", c.base)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/hello/J%C3%BCrgen", c.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.text().await.unwrap(), "Hello, Jürgen!");
 
     // Query parameters, JSON out, Func-set headers.
-    let r = http.get(format!("{}/petshop/pets?tag=dog&limit=5", c.base)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/petshop/pets?tag=dog&limit=5", c.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-total-count"], "2");
     let pets: Value = r.json().await.unwrap();
-    let names: Vec<&str> = pets.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = pets
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["Rex", "Fido"]);
 
     // JSON in, 201 out with a Location header.
@@ -62,9 +88,18 @@ async fn hello_and_petshop_answer_through_the_whole_path() {
     assert_eq!(pet["name"], "Bo");
 
     // The Func's own 400 and 404.
-    let r = http.post(format!("{}/petshop/pets", c.base)).json(&serde_json::json!({"tag": "x"})).send().await.unwrap();
+    let r = http
+        .post(format!("{}/petshop/pets", c.base))
+        .json(&serde_json::json!({"tag": "x"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
-    let r = http.get(format!("{}/petshop/pets/99", c.base)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/petshop/pets/99", c.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "no pet 99");
 
@@ -129,7 +164,13 @@ async fn binary_and_large_bodies_round_trip_byte_exact() {
     assert_eq!(r.bytes().await.unwrap().as_ref(), binary.as_slice());
 
     let text = "héllo wörld\n".repeat(100_000);
-    let r = http.post(format!("{}/petshop/echo", c.base)).header("content-type", "text/plain").body(text.clone()).send().await.unwrap();
+    let r = http
+        .post(format!("{}/petshop/echo", c.base))
+        .header("content-type", "text/plain")
+        .body(text.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.text().await.unwrap(), text);
 }
 
@@ -142,23 +183,43 @@ async fn platform_errors_are_json_with_reasons() {
     let (c, _d) = cluster(opts).await;
     let http = reqwest::Client::new();
 
-    let r = http.get(format!("{}/nowhere", c.base)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/nowhere", c.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "no_route");
     assert_eq!(body["request_id"], id);
 
-    let r = http.delete(format!("{}/petshop/pets/1", c.base)).send().await.unwrap();
+    let r = http
+        .delete(format!("{}/petshop/pets/1", c.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 405);
     assert_eq!(r.headers()["allow"], "GET");
-    assert_eq!(r.json::<Value>().await.unwrap()["error"], "method_not_allowed");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "method_not_allowed"
+    );
 
     // Too large, declared up front and streamed without a length.
-    let r = http.post(format!("{}/petshop/echo", c.base)).body(vec![b'x'; 2048]).send().await.unwrap();
+    let r = http
+        .post(format!("{}/petshop/echo", c.base))
+        .body(vec![b'x'; 2048])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 413);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"], "payload_too_large");
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..4).map(|_| Ok(vec![b'y'; 512])).collect();
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "payload_too_large"
+    );
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..4).map(|_| Ok(vec![b'y'; 512])).collect();
     let stream = futures::stream::iter(chunks);
     let r = http
         .post(format!("{}/petshop/echo", c.base))
@@ -179,24 +240,40 @@ async fn misbehaving_funcs_get_clear_errors_and_others_keep_serving() {
     assert_eq!(r.status(), 504);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "func_timeout");
-    assert!(body["message"].as_str().unwrap().contains("300 ms"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("300 ms"),
+        "{body}"
+    );
 
     let r = get("eat").await.unwrap();
     assert_eq!(r.status(), 500);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"], "func_out_of_memory");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "func_out_of_memory"
+    );
 
     let r = get("raise").await.unwrap();
     assert_eq!(r.status(), 500);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "func_error");
-    assert!(body["message"].as_str().unwrap().contains("the handler gave up"), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("the handler gave up"),
+        "{body}"
+    );
 
     // The same Lua states keep serving afterwards.
     for _ in 0..4 {
         let r = get("ok").await.unwrap();
         assert_eq!(r.text().await.unwrap(), "still fine");
     }
-    let r = http.get(format!("{}/hello/after", c.base)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/hello/after", c.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.text().await.unwrap(), "Hello, after!");
 }
 
@@ -208,7 +285,12 @@ async fn concurrent_requests_each_get_their_own_answer() {
         let http = http.clone();
         let url = format!("{}/hello/n{i}", c.base);
         async move {
-            let r = http.get(url).header("x-request-id", format!("req-{i}")).send().await.unwrap();
+            let r = http
+                .get(url)
+                .header("x-request-id", format!("req-{i}"))
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.headers()["x-request-id"], format!("req-{i}").as_str());
             (i, r.text().await.unwrap())
         }
@@ -221,26 +303,54 @@ async fn concurrent_requests_each_get_their_own_answer() {
 #[tokio::test]
 async fn garbage_and_foreign_versions_are_dead_lettered_while_good_requests_succeed() {
     let (c, _d) = cluster(IngressOptions::default()).await;
-    for junk in [&b"\x00\xffnot json at all"[..], br#"{"version":"2.0","id":"x","whatever":1}"#, b"[1,2,3]"] {
-        c.broker.publish(names::REQUESTS, Message::new(junk.to_vec())).await.unwrap();
+    for junk in [
+        &b"\x00\xffnot json at all"[..],
+        br#"{"version":"2.0","id":"x","whatever":1}"#,
+        b"[1,2,3]",
+    ] {
+        c.broker
+            .publish(names::REQUESTS, Message::new(junk.to_vec()))
+            .await
+            .unwrap();
     }
-    let r = reqwest::get(format!("{}/hello/still", c.base)).await.unwrap();
+    let r = reqwest::get(format!("{}/hello/still", c.base))
+        .await
+        .unwrap();
     assert_eq!(r.text().await.unwrap(), "Hello, still!");
 
     let mut dead = c
         .broker
-        .consume(names::DEAD_LETTERS, QueueKind::Work, ConsumeOptions { prefetch: 10, auto_ack: false })
+        .consume(
+            names::DEAD_LETTERS,
+            QueueKind::Work,
+            ConsumeOptions {
+                prefetch: 10,
+                auto_ack: false,
+            },
+        )
         .await
         .unwrap();
     let mut reasons = Vec::new();
     for _ in 0..3 {
-        let d = tokio::time::timeout(Duration::from_secs(10), dead.next()).await.unwrap().unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(10), dead.next())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(d.message.header(names::DEAD_SOURCE), Some(names::REQUESTS));
         reasons.push(d.message.header(names::DEAD_REASON).unwrap().to_owned());
         d.ack().await.unwrap();
     }
-    assert!(reasons.iter().any(|r| r.contains("unsupported envelope version \"2.0\"")), "{reasons:?}");
-    assert_eq!(reasons.iter().filter(|r| r.contains("malformed")).count(), 2, "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("unsupported envelope version \"2.0\"")),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons.iter().filter(|r| r.contains("malformed")).count(),
+        2,
+        "{reasons:?}"
+    );
 }
 
 #[tokio::test]
@@ -251,14 +361,24 @@ async fn no_runner_means_504_at_the_deadline_not_a_hang() {
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
     let routes = Arc::new(RouteTable::build(&bundles).unwrap());
-    tokio::spawn(funcatron_tron::run(broker.clone(), routes, TronOptions::default(), shutdown.clone()));
+    tokio::spawn(funcatron_tron::run(
+        broker.clone(),
+        routes,
+        TronOptions::default(),
+        shutdown.clone(),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let opts = IngressOptions {
         timeout: Duration::from_millis(400),
         ..IngressOptions::default()
     };
-    tokio::spawn(funcatron_ingress::run(listener, broker.clone(), opts, shutdown.clone()));
+    tokio::spawn(funcatron_ingress::run(
+        listener,
+        broker.clone(),
+        opts,
+        shutdown.clone(),
+    ));
     // Routing works without a Runner: a 404 proves the Tron is up.
     let base = format!("http://{addr}");
     let mut ready = false;

@@ -114,7 +114,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), IngressError> {
     let reply_queue = names::reply_queue(&options.instance);
-    broker.declare(names::REQUESTS, QueueKind::Work).await.or_else(deferred)?;
+    broker
+        .declare(names::REQUESTS, QueueKind::Work)
+        .await
+        .or_else(deferred)?;
     let mut replies = broker
         .consume(
             &reply_queue,
@@ -183,9 +186,12 @@ pub async fn run(
         .fallback(handle)
         .with_state(shared);
     tracing::info!(addr = ?listener.local_addr().ok(), "ingress listening");
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await?;
     Ok(())
 }
 
@@ -205,7 +211,11 @@ async fn health(State(s): State<Arc<Shared>>) -> HttpResponse {
         "connected": connected,
         "in_flight": s.pending.len(),
     });
-    let status = if connected { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if connected {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     json_response(status, body.to_string(), None)
 }
 
@@ -220,8 +230,15 @@ fn json_response(status: StatusCode, body: String, id: Option<&str>) -> HttpResp
     r
 }
 
-fn error(status: StatusCode, id: &str, code: &str, message: &str, started: Instant) -> HttpResponse {
-    metrics::counter!("ingress_requests_total", "status" => status.as_str().to_owned()).increment(1);
+fn error(
+    status: StatusCode,
+    id: &str,
+    code: &str,
+    message: &str,
+    started: Instant,
+) -> HttpResponse {
+    metrics::counter!("ingress_requests_total", "status" => status.as_str().to_owned())
+        .increment(1);
     let mut r = json_response(status, error_body(id, code, message), Some(id));
     let total = started.elapsed().as_secs_f64() * 1000.0;
     if let Ok(v) = HeaderValue::from_str(&format!("total;dur={total:.3}")) {
@@ -246,7 +263,13 @@ async fn handle(
     let (parts, body) = req.into_parts();
     let mut id = request_id(&parts.headers);
     let Ok(_permit) = s.in_flight.try_acquire() else {
-        return error(StatusCode::TOO_MANY_REQUESTS, &id, "too_many_requests", "too many requests in flight; retry later", started);
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            &id,
+            "too_many_requests",
+            "too many requests in flight; retry later",
+            started,
+        );
     };
     let limit = s.options.max_body_bytes;
     let too_large = format!("request body exceeds the limit of {limit} bytes");
@@ -256,15 +279,33 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return error(StatusCode::PAYLOAD_TOO_LARGE, &id, "payload_too_large", &too_large, started);
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &id,
+            "payload_too_large",
+            &too_large,
+            started,
+        );
     }
     let body = match Limited::new(body, limit).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return error(StatusCode::PAYLOAD_TOO_LARGE, &id, "payload_too_large", &too_large, started);
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &id,
+                "payload_too_large",
+                &too_large,
+                started,
+            );
         }
         Err(e) => {
-            return error(StatusCode::BAD_REQUEST, &id, "bad_request", &format!("could not read the request body: {e}"), started);
+            return error(
+                StatusCode::BAD_REQUEST,
+                &id,
+                "bad_request",
+                &format!("could not read the request body: {e}"),
+                started,
+            );
         }
     };
 
@@ -279,7 +320,10 @@ async fn handle(
             s.pending.insert(id.clone(), tx);
         }
     }
-    let _guard = PendingGuard { shared: &s, id: &id };
+    let _guard = PendingGuard {
+        shared: &s,
+        id: &id,
+    };
 
     let timeout = s.options.timeout;
     let sent_ms = now_ms();
@@ -291,10 +335,12 @@ async fn handle(
             .and_then(|h| h.to_str().ok())
             .or_else(|| parts.uri.authority().map(|a| a.as_str()))
             .unwrap_or_default();
-        let scheme = match parts.headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()) {
-            Some(p @ ("http" | "https")) => p,
-            _ => "http",
-        };
+        let scheme = parts
+            .headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .filter(|p| matches!(*p, "http" | "https"))
+            .unwrap_or("http");
         let (body, body_base64) = encode_body(&body);
         let remote = remote.to_string();
         Request {
@@ -310,7 +356,12 @@ async fn handle(
             headers: parts
                 .headers
                 .iter()
-                .map(|(k, v)| (Cow::Borrowed(k.as_str()), String::from_utf8_lossy(v.as_bytes())))
+                .map(|(k, v)| {
+                    (
+                        Cow::Borrowed(k.as_str()),
+                        String::from_utf8_lossy(v.as_bytes()),
+                    )
+                })
                 .collect(),
             remote: Some(Cow::Owned(remote)),
             body,
@@ -326,7 +377,9 @@ async fn handle(
         persistent: false,
     };
     let span = tracing::debug_span!("ingress.request", request_id = %id);
-    wait_for_answer(&s, message, rx, &id, started).instrument(span).await
+    wait_for_answer(&s, message, rx, &id, started)
+        .instrument(span)
+        .await
 }
 
 async fn wait_for_answer(
@@ -341,10 +394,22 @@ async fn wait_for_answer(
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "publish failed");
-            return error(StatusCode::SERVICE_UNAVAILABLE, id, "broker_unavailable", &format!("the request could not be queued: {e}"), started);
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                id,
+                "broker_unavailable",
+                &format!("the request could not be queued: {e}"),
+                started,
+            );
         }
         Err(_) => {
-            return error(StatusCode::SERVICE_UNAVAILABLE, id, "broker_unavailable", "the request queue stayed full until the deadline", started);
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                id,
+                "broker_unavailable",
+                "the request queue stayed full until the deadline",
+                started,
+            );
         }
     }
     let remaining = timeout.saturating_sub(started.elapsed());
@@ -354,7 +419,13 @@ async fn wait_for_answer(
             return error(StatusCode::SERVICE_UNAVAILABLE, id, "broker_connection_lost", "the broker connection was lost while the request was in flight; its outcome is unknown", started);
         }
         Err(_) => {
-            return error(StatusCode::GATEWAY_TIMEOUT, id, "timeout", &format!("no answer within {} ms", timeout.as_millis()), started);
+            return error(
+                StatusCode::GATEWAY_TIMEOUT,
+                id,
+                "timeout",
+                &format!("no answer within {} ms", timeout.as_millis()),
+                started,
+            );
         }
     };
     respond(&payload, id, started)
@@ -363,28 +434,57 @@ async fn wait_for_answer(
 fn respond(payload: &Bytes, id: &str, started: Instant) -> HttpResponse {
     let resp = match Response::decode(payload) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_GATEWAY, id, "malformed_reply", &format!("the reply could not be decoded: {e}"), started),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                id,
+                "malformed_reply",
+                &format!("the reply could not be decoded: {e}"),
+                started,
+            )
+        }
     };
     let body = match (&resp.body, resp.body_base64) {
         // Text bodies without escapes point into the reply: no copy.
         (Cow::Borrowed(s), false) => payload.slice_ref(s.as_bytes()),
         _ => match resp.body_bytes() {
             Ok(b) => Bytes::from(b.into_owned()),
-            Err(e) => return error(StatusCode::BAD_GATEWAY, id, "malformed_reply", &e.to_string(), started),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    id,
+                    "malformed_reply",
+                    &e.to_string(),
+                    started,
+                )
+            }
         },
     };
     let Ok(status) = StatusCode::from_u16(resp.status) else {
-        return error(StatusCode::BAD_GATEWAY, id, "malformed_reply", &format!("invalid status {}", resp.status), started);
+        return error(
+            StatusCode::BAD_GATEWAY,
+            id,
+            "malformed_reply",
+            &format!("invalid status {}", resp.status),
+            started,
+        );
     };
-    metrics::counter!("ingress_requests_total", "status" => status.as_str().to_owned()).increment(1);
+    metrics::counter!("ingress_requests_total", "status" => status.as_str().to_owned())
+        .increment(1);
     let mut r = HttpResponse::new(Body::from(body));
     *r.status_mut() = status;
     let h = r.headers_mut();
     for (k, v) in &resp.headers {
-        if matches!(k.as_ref(), "content-length" | "transfer-encoding" | "connection" | "x-request-id") {
+        if matches!(
+            k.as_ref(),
+            "content-length" | "transfer-encoding" | "connection" | "x-request-id"
+        ) {
             continue;
         }
-        match (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+        match (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
             (Ok(k), Ok(v)) => {
                 h.append(k, v);
             }

@@ -63,7 +63,11 @@ impl LuaRuntime {
     /// Prepare every Lua bundle on `workers` threads. Bundles that fail to
     /// prepare are returned with the reason; requests for them are answered
     /// 500 with that reason, and the others serve normally.
-    pub fn start(bundles: &[Bundle], workers: usize, limits: LuaLimits) -> (Self, Vec<(String, String)>) {
+    pub fn start(
+        bundles: &[Bundle],
+        workers: usize,
+        limits: LuaLimits,
+    ) -> (Self, Vec<(String, String)>) {
         let lua_bundles: Vec<Bundle> = bundles
             .iter()
             .filter(|b| b.runtime == RuntimeKind::Lua)
@@ -71,7 +75,11 @@ impl LuaRuntime {
             .collect();
         let failures = lua_bundles
             .iter()
-            .filter_map(|b| LuaFunc::prepare(b, limits).err().map(|e| (b.name.clone(), e)))
+            .filter_map(|b| {
+                LuaFunc::prepare(b, limits)
+                    .err()
+                    .map(|e| (b.name.clone(), e))
+            })
             .collect();
         let workers = workers.max(1);
         let (tx, rx) = async_channel::bounded::<Task>(workers * 256);
@@ -122,7 +130,9 @@ fn worker(bundles: Vec<Bundle>, rx: async_channel::Receiver<Task>, limits: LuaLi
                     Err(InvokeError::Broken(format!("bundle failed to load: {msg}")))
                 }),
                 None => process(&task.func, &task.job, 0, |_| {
-                    Err(InvokeError::Broken("this Runner does not serve that Func".into()))
+                    Err(InvokeError::Broken(
+                        "this Runner does not serve that Func".into(),
+                    ))
                 }),
             }
         }));
@@ -133,7 +143,9 @@ fn worker(bundles: Vec<Bundle>, rx: async_channel::Receiver<Task>, limits: LuaLi
             Err(_) => {
                 tracing::error!(func = %task.func, "Lua runtime panicked; answering 500");
                 let h = process(&task.func, &task.job, 0, |_| {
-                    Err(InvokeError::Handler("the Lua runtime failed while handling the request".into()))
+                    Err(InvokeError::Handler(
+                        "the Lua runtime failed while handling the request".into(),
+                    ))
                 });
                 let _ = task.done.send(h);
             }
@@ -175,22 +187,26 @@ impl LuaFunc {
     pub fn prepare(bundle: &Bundle, limits: LuaLimits) -> Result<LuaFunc, String> {
         let libs = StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE;
         let lua = Lua::new_with(libs, LuaOptions::default()).map_err(lua_err)?;
-        let timeout = bundle.timeout_ms.map(Duration::from_millis).unwrap_or(limits.timeout);
+        let timeout = bundle
+            .timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(limits.timeout);
         let memory = bundle.memory_bytes.unwrap_or(limits.memory_bytes);
         let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
         let timed_out = Rc::new(Cell::new(false));
         {
             let deadline = Rc::clone(&deadline);
             let timed_out = Rc::clone(&timed_out);
-            lua.set_hook(HookTriggers::new().every_nth_instruction(HOOK_EVERY), move |_, _| {
-                match deadline.get() {
+            lua.set_hook(
+                HookTriggers::new().every_nth_instruction(HOOK_EVERY),
+                move |_, _| match deadline.get() {
                     Some(d) if Instant::now() >= d => {
                         timed_out.set(true);
                         Err(mlua::Error::runtime("time limit exceeded"))
                     }
                     _ => Ok(VmState::Continue),
-                }
-            })
+                },
+            )
             .map_err(lua_err)?;
         }
         install_sandbox(&lua, &bundle.dir, &bundle.name).map_err(lua_err)?;
@@ -242,10 +258,9 @@ impl LuaFunc {
 
     /// Invoke the handler for one request.
     pub fn call(&self, req: &FuncRequest<'_>) -> Result<FuncResponse, InvokeError> {
-        let handler = self
-            .handlers
-            .get(req.operation)
-            .ok_or_else(|| InvokeError::Broken(format!("no handler for operationId `{}`", req.operation)))?;
+        let handler = self.handlers.get(req.operation).ok_or_else(|| {
+            InvokeError::Broken(format!("no handler for operationId `{}`", req.operation))
+        })?;
         let table = self.request_table(req).map_err(|e| match e {
             BuildError::BadRequest(m) => InvokeError::BadRequest(m),
             BuildError::Lua(e) => self.classify(e),
@@ -302,7 +317,10 @@ impl LuaFunc {
                 Value::Nil => query.raw_set(k.as_ref(), v.as_ref())?,
                 Value::Table(list) => list.raw_push(v.as_ref())?,
                 first => {
-                    let list = lua.create_sequence_from([first, Value::String(lua.create_string(v.as_ref())?)])?;
+                    let list = lua.create_sequence_from([
+                        first,
+                        Value::String(lua.create_string(v.as_ref())?),
+                    ])?;
                     query.raw_set(k.as_ref(), list)?;
                 }
             }
@@ -325,8 +343,9 @@ impl LuaFunc {
         t.raw_set("headers", headers)?;
         t.raw_set("body", lua.create_string(req.body)?)?;
         if content_type.contains("json") && !req.body.is_empty() {
-            let v: serde_json::Value = serde_json::from_slice(req.body)
-                .map_err(|e| BuildError::BadRequest(format!("request body is not valid JSON: {e}")))?;
+            let v: serde_json::Value = serde_json::from_slice(req.body).map_err(|e| {
+                BuildError::BadRequest(format!("request body is not valid JSON: {e}"))
+            })?;
             t.raw_set("json", lua.to_value(&v)?)?;
         }
         Ok(t)
@@ -373,7 +392,9 @@ fn to_response(lua: &Lua, v: Value) -> Result<FuncResponse, mlua::Error> {
         Value::Table(t) if is_response_table(&t)? => {
             let status: i64 = t.raw_get("status")?;
             if !(100..=599).contains(&status) {
-                return Err(mlua::Error::runtime(format!("invalid HTTP status {status}")));
+                return Err(mlua::Error::runtime(format!(
+                    "invalid HTTP status {status}"
+                )));
             }
             let mut headers = Vec::new();
             if let Value::Table(h) = t.raw_get::<Value>("headers")? {
@@ -387,7 +408,10 @@ fn to_response(lua: &Lua, v: Value) -> Result<FuncResponse, mlua::Error> {
                             }
                         }
                         other => {
-                            let s = lua.coerce_string(other)?.map(|s| s.to_string_lossy()).unwrap_or_default();
+                            let s = lua
+                                .coerce_string(other)?
+                                .map(|s| s.to_string_lossy())
+                                .unwrap_or_default();
                             headers.push((k, s));
                         }
                     }
@@ -459,7 +483,10 @@ fn install_sandbox(lua: &Lua, dir: &Path, func: &str) -> mlua::Result<()> {
                     None => line.push_str(&format!("{a:?}")),
                 }
             }
-            let id = lua.app_data_ref::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+            let id = lua
+                .app_data_ref::<RequestId>()
+                .map(|r| r.0.clone())
+                .unwrap_or_default();
             tracing::info!(func = %func_name, request_id = %id, "{line}");
             Ok(())
         })?,
@@ -474,7 +501,8 @@ fn install_sandbox(lua: &Lua, dir: &Path, func: &str) -> mlua::Result<()> {
     json.raw_set(
         "decode",
         lua.create_function(|lua, s: mlua::LuaString| {
-            let v: serde_json::Value = serde_json::from_slice(&s.as_bytes()).map_err(mlua::Error::external)?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&s.as_bytes()).map_err(mlua::Error::external)?;
             lua.to_value(&v)
         })?,
     )?;
@@ -488,7 +516,8 @@ fn install_sandbox(lua: &Lua, dir: &Path, func: &str) -> mlua::Result<()> {
                 return Ok(v);
             }
             let path = module_path(&root, &name).map_err(mlua::Error::runtime)?;
-            let src = std::fs::read(&path).map_err(|e| mlua::Error::runtime(format!("require {name:?}: {e}")))?;
+            let src = std::fs::read(&path)
+                .map_err(|e| mlua::Error::runtime(format!("require {name:?}: {e}")))?;
             let v: Value = lua.load(&src).set_name(format!("@{name}.lua")).call(())?;
             let v = if v.is_nil() { Value::Boolean(true) } else { v };
             loaded.raw_set(name.as_str(), v.clone())?;
@@ -505,7 +534,9 @@ fn module_path(root: &Path, name: &str) -> Result<PathBuf, String> {
             .split('.')
             .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
     if !valid {
-        return Err(format!("require {name:?}: module names are dot-separated words"));
+        return Err(format!(
+            "require {name:?}: module names are dot-separated words"
+        ));
     }
     let path = root.join(format!("{}.lua", name.replace('.', "/")));
     let real = path

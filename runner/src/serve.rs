@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use funcatron_broker::{names, AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind};
+use funcatron_broker::{
+    names, AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind,
+};
 use funcatron_bundle::Bundle;
 use funcatron_envelope::{headers, now_ms};
 use tokio_util::sync::CancellationToken;
@@ -27,7 +29,9 @@ pub struct RunnerOptions {
 
 impl Default for RunnerOptions {
     fn default() -> Self {
-        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         RunnerOptions {
             prefetch: 64,
             workers,
@@ -105,8 +109,8 @@ fn path_params(delivery: &Delivery) -> Result<Vec<(String, String)>, String> {
     let Some(raw) = delivery.message.header(headers::PATH_PARAMS) else {
         return Ok(Vec::new());
     };
-    let map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(raw).map_err(|e| format!("bad {} header: {e}", headers::PATH_PARAMS))?;
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(raw)
+        .map_err(|e| format!("bad {} header: {e}", headers::PATH_PARAMS))?;
     Ok(map
         .into_iter()
         .map(|(k, v)| {
@@ -119,11 +123,25 @@ fn path_params(delivery: &Delivery) -> Result<Vec<(String, String)>, String> {
         .collect())
 }
 
-async fn handle(broker: &AnyBroker, runtime: &impl Runtime, func: &str, queue: &str, delivery: Delivery) {
+async fn handle(
+    broker: &AnyBroker,
+    runtime: &impl Runtime,
+    func: &str,
+    queue: &str,
+    delivery: Delivery,
+) {
     let picked_ms = now_ms();
-    let Some(operation) = delivery.message.header(headers::OPERATION).map(str::to_owned) else {
+    let Some(operation) = delivery
+        .message
+        .header(headers::OPERATION)
+        .map(str::to_owned)
+    else {
         broker
-            .dead_letter(queue, delivery, "no operation header: the message did not come through a Tron")
+            .dead_letter(
+                queue,
+                delivery,
+                "no operation header: the message did not come through a Tron",
+            )
             .await;
         return;
     };

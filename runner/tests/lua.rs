@@ -1,5 +1,7 @@
 //! The Lua runtime in isolation: sandbox, limits, state reuse, result shapes.
 
+#![allow(clippy::unwrap_used)]
+
 use std::borrow::Cow;
 use std::path::Path;
 use std::time::Duration;
@@ -10,7 +12,8 @@ use funcatron_runner::invoke::{process, Handled, Job};
 use funcatron_runner::lua::{LuaFunc, LuaLimits};
 
 fn bundle(dir: &Path, ops: &[&str], lua: &str) -> Bundle {
-    let mut doc = String::from("swagger: '2.0'\nx-funcatron: {runtime: lua, timeout_ms: 200}\npaths:\n");
+    let mut doc =
+        String::from("swagger: '2.0'\nx-funcatron: {runtime: lua, timeout_ms: 200}\npaths:\n");
     for op in ops {
         doc.push_str(&format!("  /{op}:\n    post: {{operationId: {op}}}\n"));
     }
@@ -38,7 +41,10 @@ fn job(op: &str, body: &[u8], content_type: &str) -> Job {
         host: Cow::Borrowed("localhost"),
         path: Cow::Owned(format!("/{op}")),
         query: Cow::Borrowed(""),
-        headers: vec![(Cow::Borrowed("content-type"), Cow::Owned(content_type.to_owned()))],
+        headers: vec![(
+            Cow::Borrowed("content-type"),
+            Cow::Owned(content_type.to_owned()),
+        )],
         remote: None,
         body: b,
         body_base64: b64,
@@ -57,7 +63,12 @@ fn call(f: &LuaFunc, op: &str, body: &[u8], ct: &str) -> (u16, String, Vec<u8>) 
     match process("t", &job(op, body, ct), 200, |r| f.call(r)) {
         Handled::Reply { response, .. } => {
             let r = Response::decode(&response).unwrap();
-            let ct = r.headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.to_string()).unwrap_or_default();
+            let ct = r
+                .headers
+                .iter()
+                .find(|(k, _)| k == "content-type")
+                .map(|(_, v)| v.to_string())
+                .unwrap_or_default();
             (r.status, ct, r.body_bytes().unwrap().into_owned())
         }
         other => panic!("{other:?}"),
@@ -81,7 +92,9 @@ fn sandbox_has_no_io_os_debug_or_load() {
     let (status, ct, body) = call(&f, "probe", b"", "text/plain");
     assert_eq!((status, ct.as_str()), (200, "application/json"));
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    for lib in ["io", "os", "debug", "load", "loadfile", "dofile", "package", "dump"] {
+    for lib in [
+        "io", "os", "debug", "load", "loadfile", "dofile", "package", "dump",
+    ] {
         assert_eq!(v[lib], "nil", "{lib} must not be reachable");
     }
     assert_eq!(v["string"], "table");
@@ -92,11 +105,19 @@ fn sandbox_has_no_io_os_debug_or_load() {
 fn require_stays_inside_the_bundle() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("lib")).unwrap();
-    std::fs::write(dir.path().join("lib/util.lua"), "return { twice = function(s) return s .. s end }").unwrap();
+    std::fs::write(
+        dir.path().join("lib/util.lua"),
+        "return { twice = function(s) return s .. s end }",
+    )
+    .unwrap();
     let outside = tempfile::tempdir().unwrap();
     std::fs::write(outside.path().join("secret.lua"), "return 'leaked'").unwrap();
     #[cfg(unix)]
-    std::os::unix::fs::symlink(outside.path().join("secret.lua"), dir.path().join("link.lua")).unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("secret.lua"),
+        dir.path().join("link.lua"),
+    )
+    .unwrap();
     let f = LuaFunc::prepare(
         &bundle(
             dir.path(),
@@ -110,7 +131,11 @@ fn require_stays_inside_the_bundle() {
     assert_eq!(call(&f, "ok", b"ab", "text/plain").2, b"abab");
     let (status, _, body) = call(&f, "escape", b"", "text/plain");
     assert_eq!(status, 500);
-    assert!(String::from_utf8_lossy(&body).contains("module names"), "{}", String::from_utf8_lossy(&body));
+    assert!(
+        String::from_utf8_lossy(&body).contains("module names"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     let (status, _, body) = call(&f, "link", b"", "text/plain");
     assert_eq!(status, 500);
     assert!(String::from_utf8_lossy(&body).contains("outside the bundle"));
@@ -120,7 +145,11 @@ fn require_stays_inside_the_bundle() {
 fn state_is_prepared_once_and_reused() {
     let dir = tempfile::tempdir().unwrap();
     let f = LuaFunc::prepare(
-        &bundle(dir.path(), &["count"], "local n = 0\nreturn { count = function() n = n + 1 return tostring(n) end }"),
+        &bundle(
+            dir.path(),
+            &["count"],
+            "local n = 0\nreturn { count = function() n = n + 1 return tostring(n) end }",
+        ),
         limits(),
     )
     .unwrap();
@@ -148,19 +177,34 @@ fn result_shapes_map_to_responses() {
     )
     .unwrap();
     assert_eq!(call(&f, "nothing", b"", "").0, 204);
-    assert_eq!(call(&f, "text", b"", ""), (200, "text/plain; charset=utf-8".into(), b"plain".to_vec()));
+    assert_eq!(
+        call(&f, "text", b"", ""),
+        (200, "text/plain; charset=utf-8".into(), b"plain".to_vec())
+    );
     let (s, ct, b) = call(&f, "data", b"", "");
     assert_eq!((s, ct.as_str()), (200, "application/json"));
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&b).unwrap(), serde_json::json!({"a": 1, "list": [1, 2]}));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&b).unwrap(),
+        serde_json::json!({"a": 1, "list": [1, 2]})
+    );
     let (s, ct, b) = call(&f, "full", b"", "");
-    assert_eq!((s, ct.as_str(), b.as_slice()), (418, "application/json", &br#"{"ok":true}"#[..]));
+    assert_eq!(
+        (s, ct.as_str(), b.as_slice()),
+        (418, "application/json", &br#"{"ok":true}"#[..])
+    );
     assert_eq!(call(&f, "bytes", b"", "").2, vec![0u8, 255, 1]);
     assert_eq!(call(&f, "badstatus", b"", "").0, 500);
-    assert_eq!(call(&f, "jsonin", br#"{"x": 21}"#, "application/json").2, br#"{"got":42}"#);
+    assert_eq!(
+        call(&f, "jsonin", br#"{"x": 21}"#, "application/json").2,
+        br#"{"got":42}"#
+    );
     // A table with other keys besides status/headers/body is data.
     let (s, _, b) = call(&f, "looksalike", b"", "");
     assert_eq!(s, 200);
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&b).unwrap(), serde_json::json!({"status": 200, "extra": "data"}));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&b).unwrap(),
+        serde_json::json!({"status": 200, "extra": "data"})
+    );
 }
 
 #[test]
@@ -179,7 +223,10 @@ fn limits_and_errors_are_reported() {
     .unwrap();
     let started = std::time::Instant::now();
     assert_eq!(call(&f, "spin", b"", "").0, 504);
-    assert!(started.elapsed() < Duration::from_secs(3), "the time limit stops the loop");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the time limit stops the loop"
+    );
     assert_eq!(call(&f, "eat", b"", "").0, 500);
     assert_eq!(call(&f, "boom", b"", "").0, 500);
     assert_eq!(call(&f, "fine", b"", "").2, b"ok");
@@ -188,12 +235,25 @@ fn limits_and_errors_are_reported() {
 #[test]
 fn broken_bundles_fail_to_prepare_with_reasons() {
     let dir = tempfile::tempdir().unwrap();
-    let err = LuaFunc::prepare(&bundle(dir.path(), &["a"], "this is not lua"), limits()).err().unwrap();
-    assert!(err.contains("main.lua"), "{err}");
-    let err = LuaFunc::prepare(&bundle(dir.path(), &["a", "b"], "return { a = function() end }"), limits()).err().unwrap();
-    assert!(err.contains("`b`") && err.contains("POST /b"), "{err}");
-    let err = LuaFunc::prepare(&bundle(dir.path(), &["a"], "while true do end"), LuaLimits { timeout: Duration::from_millis(50), ..limits() })
+    let err = LuaFunc::prepare(&bundle(dir.path(), &["a"], "this is not lua"), limits())
         .err()
         .unwrap();
+    assert!(err.contains("main.lua"), "{err}");
+    let err = LuaFunc::prepare(
+        &bundle(dir.path(), &["a", "b"], "return { a = function() end }"),
+        limits(),
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("`b`") && err.contains("POST /b"), "{err}");
+    let err = LuaFunc::prepare(
+        &bundle(dir.path(), &["a"], "while true do end"),
+        LuaLimits {
+            timeout: Duration::from_millis(50),
+            ..limits()
+        },
+    )
+    .err()
+    .unwrap();
     assert!(err.contains("time limit"), "{err}");
 }

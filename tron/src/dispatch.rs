@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use funcatron_broker::{names, AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind};
+use funcatron_broker::{
+    names, AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind,
+};
 use funcatron_envelope::{headers, now_ms, Response, RouteView};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -75,11 +77,14 @@ async fn dispatch(broker: &AnyBroker, routes: &RouteTable, delivery: Delivery) {
         Ok(v) => v,
         Err(e) => {
             metrics::counter!("tron_dead_lettered_total", "reason" => e.kind()).increment(1);
-            broker.dead_letter(names::REQUESTS, delivery, &e.to_string()).await;
+            broker
+                .dead_letter(names::REQUESTS, delivery, &e.to_string())
+                .await;
             return;
         }
     };
-    let span = tracing::debug_span!("tron.dispatch", request_id = %view.id, func = tracing::field::Empty);
+    let span =
+        tracing::debug_span!("tron.dispatch", request_id = %view.id, func = tracing::field::Empty);
     async {
         let now = now_ms();
         if (view.deadline_ms as f64) <= now {
@@ -102,7 +107,10 @@ async fn dispatch(broker: &AnyBroker, routes: &RouteTable, delivery: Delivery) {
                         .into_iter()
                         .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
                         .collect();
-                    hdrs.push((headers::PATH_PARAMS.to_owned(), serde_json::Value::Object(obj).to_string()));
+                    hdrs.push((
+                        headers::PATH_PARAMS.to_owned(),
+                        serde_json::Value::Object(obj).to_string(),
+                    ));
                 }
                 let forward = Message {
                     payload: payload.clone(),
@@ -112,7 +120,8 @@ async fn dispatch(broker: &AnyBroker, routes: &RouteTable, delivery: Delivery) {
                 };
                 match broker.publish(route.queue, forward).await {
                     Ok(()) => {
-                        metrics::counter!("tron_requests_total", "outcome" => "forwarded").increment(1);
+                        metrics::counter!("tron_requests_total", "outcome" => "forwarded")
+                            .increment(1);
                         let _ = delivery.ack().await;
                     }
                     Err(BrokerError::NoRoute(q)) => {
@@ -132,8 +141,20 @@ async fn dispatch(broker: &AnyBroker, routes: &RouteTable, delivery: Delivery) {
             }
             RouteOutcome::MethodNotAllowed(allow) => {
                 let allow = allow.join(", ");
-                let msg = format!("{} is not allowed on {}; allowed: {allow}", view.method, view.path);
-                answer(broker, &view, delivery, 405, "method_not_allowed", &msg, Some(allow)).await;
+                let msg = format!(
+                    "{} is not allowed on {}; allowed: {allow}",
+                    view.method, view.path
+                );
+                answer(
+                    broker,
+                    &view,
+                    delivery,
+                    405,
+                    "method_not_allowed",
+                    &msg,
+                    Some(allow),
+                )
+                .await;
             }
         }
     }

@@ -15,22 +15,10 @@ use regex::Regex;
 /// A route table could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
-    /// Two bundles claim the same host + basePath.
-    #[error("bundles `{first}` ({first_file}) and `{second}` ({second_file}) both claim host `{host}` basePath `{base_path}`")]
-    Conflict {
-        /// One bundle.
-        first: String,
-        /// Its document.
-        first_file: String,
-        /// The other bundle.
-        second: String,
-        /// Its document.
-        second_file: String,
-        /// The contested host (`*` for any).
-        host: String,
-        /// The contested basePath.
-        base_path: String,
-    },
+    /// Two bundles claim the same host + basePath; the message names both
+    /// bundles, their documents, the host and the basePath.
+    #[error("{0}")]
+    Conflict(String),
     /// Two bundles have the same name (and so the same queue).
     #[error("two bundles are named `{0}`")]
     DuplicateName(String),
@@ -128,11 +116,9 @@ fn host_matches(route_host: &Option<String>, request_host: &str) -> bool {
         None => true,
         Some(h) => {
             h.eq_ignore_ascii_case(request_host)
-                || request_host
-                    .rsplit_once(':')
-                    .is_some_and(|(name, port)| {
-                        port.bytes().all(|b| b.is_ascii_digit()) && h.eq_ignore_ascii_case(name)
-                    })
+                || request_host.rsplit_once(':').is_some_and(|(name, port)| {
+                    port.bytes().all(|b| b.is_ascii_digit()) && h.eq_ignore_ascii_case(name)
+                })
         }
     }
 }
@@ -162,14 +148,15 @@ impl RouteTable {
                     return Err(RouteError::DuplicateName(b.name.clone()));
                 }
                 if other.host == b.host && other.base_path == b.base_path {
-                    return Err(RouteError::Conflict {
-                        first: other.name.clone(),
-                        first_file: other.spec_file.display().to_string(),
-                        second: b.name.clone(),
-                        second_file: b.spec_file.display().to_string(),
-                        host: b.host.clone().unwrap_or_else(|| "*".into()),
-                        base_path: b.base_path.clone(),
-                    });
+                    return Err(RouteError::Conflict(format!(
+                        "bundles `{}` ({}) and `{}` ({}) both claim host `{}` basePath `{}`",
+                        other.name,
+                        other.spec_file.display(),
+                        b.name,
+                        b.spec_file.display(),
+                        b.host.as_deref().unwrap_or("*"),
+                        b.base_path
+                    )));
                 }
             }
             let mut paths: Vec<PathRoute> = Vec::new();
@@ -192,7 +179,7 @@ impl RouteTable {
                     methods: vec![(op.method.clone(), op.operation_id.clone())],
                 });
             }
-            paths.sort_by(|a, b| b.literal_len.cmp(&a.literal_len));
+            paths.sort_by_key(|p| std::cmp::Reverse(p.literal_len));
             funcs.push(FuncRoutes {
                 func: Arc::from(b.name.as_str()),
                 queue: names::func_queue(&b.name),
@@ -243,7 +230,10 @@ impl RouteTable {
                     .zip(caps.iter().skip(1))
                     .map(|(n, c)| {
                         let raw = c.map(|m| m.as_str()).unwrap_or_default();
-                        (n.as_str(), percent_decode_str(raw).decode_utf8_lossy().into_owned())
+                        (
+                            n.as_str(),
+                            percent_decode_str(raw).decode_utf8_lossy().into_owned(),
+                        )
                     })
                     .collect();
                 return RouteOutcome::Found(Route {

@@ -1,6 +1,8 @@
 //! Route table tests on the real Petstore documents in `swagger-examples/`
 //! and on hand-made conflicts.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use funcatron_bundle::{parse_api, Bundle, RuntimeKind};
@@ -61,28 +63,67 @@ fn petstore_swagger2_routes_by_host_base_path_template_and_method() {
     let t = RouteTable::build(&[b]).unwrap();
 
     let r = found(t.route("petstore.swagger.io", "GET", "/v2/pet/42"));
-    assert_eq!((r.func, r.operation_id, r.queue), ("petstore2", "getPetById", "funcatron.func.petstore2"));
+    assert_eq!(
+        (r.func, r.operation_id, r.queue),
+        ("petstore2", "getPetById", "funcatron.func.petstore2")
+    );
     assert_eq!(r.params, vec![("petId", "42".to_string())]);
     // Literal segments beat parameters.
-    assert_eq!(found(t.route("petstore.swagger.io", "GET", "/v2/pet/findByStatus")).operation_id, "findPetsByStatus");
-    assert_eq!(found(t.route("petstore.swagger.io", "GET", "/v2/user/login")).operation_id, "loginUser");
+    assert_eq!(
+        found(t.route("petstore.swagger.io", "GET", "/v2/pet/findByStatus")).operation_id,
+        "findPetsByStatus"
+    );
+    assert_eq!(
+        found(t.route("petstore.swagger.io", "GET", "/v2/user/login")).operation_id,
+        "loginUser"
+    );
     let r = found(t.route("petstore.swagger.io", "GET", "/v2/user/j%C3%BCrgen"));
-    assert_eq!((r.operation_id, r.params[0].1.as_str()), ("getUserByName", "jürgen"));
+    assert_eq!(
+        (r.operation_id, r.params[0].1.as_str()),
+        ("getUserByName", "jürgen")
+    );
     // Methods on one path.
-    assert_eq!(found(t.route("petstore.swagger.io", "DELETE", "/v2/pet/7")).operation_id, "deletePet");
-    assert_eq!(found(t.route("petstore.swagger.io", "post", "/v2/pet/7")).operation_id, "updatePetWithForm");
+    assert_eq!(
+        found(t.route("petstore.swagger.io", "DELETE", "/v2/pet/7")).operation_id,
+        "deletePet"
+    );
+    assert_eq!(
+        found(t.route("petstore.swagger.io", "post", "/v2/pet/7")).operation_id,
+        "updatePetWithForm"
+    );
     let r = found(t.route("petstore.swagger.io:443", "POST", "/v2/pet/7/uploadImage"));
     assert_eq!((r.operation_id, r.params.len()), ("uploadFile", 1));
     // Host with a port matches the bare host; other hosts do not.
-    assert!(matches!(t.route("petstore.swagger.io:8080", "GET", "/v2/store/inventory"), RouteOutcome::Found(_)));
-    assert_eq!(t.route("other.example.com", "GET", "/v2/store/inventory"), RouteOutcome::NotFound);
+    assert!(matches!(
+        t.route("petstore.swagger.io:8080", "GET", "/v2/store/inventory"),
+        RouteOutcome::Found(_)
+    ));
+    assert_eq!(
+        t.route("other.example.com", "GET", "/v2/store/inventory"),
+        RouteOutcome::NotFound
+    );
     // Wrong method: 405 with the allowed ones.
-    assert_eq!(t.route("petstore.swagger.io", "PATCH", "/v2/pet/7"), RouteOutcome::MethodNotAllowed(vec!["GET", "POST", "DELETE"]));
-    assert_eq!(t.route("petstore.swagger.io", "GET", "/v2/pet"), RouteOutcome::MethodNotAllowed(vec!["PUT", "POST"]));
+    assert_eq!(
+        t.route("petstore.swagger.io", "PATCH", "/v2/pet/7"),
+        RouteOutcome::MethodNotAllowed(vec!["GET", "POST", "DELETE"])
+    );
+    assert_eq!(
+        t.route("petstore.swagger.io", "GET", "/v2/pet"),
+        RouteOutcome::MethodNotAllowed(vec!["PUT", "POST"])
+    );
     // Outside the base path or no such template.
-    assert_eq!(t.route("petstore.swagger.io", "GET", "/v1/pet/1"), RouteOutcome::NotFound);
-    assert_eq!(t.route("petstore.swagger.io", "GET", "/v2x/pet/1"), RouteOutcome::NotFound);
-    assert_eq!(t.route("petstore.swagger.io", "GET", "/v2/pet/1/extra/deep"), RouteOutcome::NotFound);
+    assert_eq!(
+        t.route("petstore.swagger.io", "GET", "/v1/pet/1"),
+        RouteOutcome::NotFound
+    );
+    assert_eq!(
+        t.route("petstore.swagger.io", "GET", "/v2x/pet/1"),
+        RouteOutcome::NotFound
+    );
+    assert_eq!(
+        t.route("petstore.swagger.io", "GET", "/v2/pet/1/extra/deep"),
+        RouteOutcome::NotFound
+    );
 }
 
 #[test]
@@ -110,29 +151,50 @@ fn petstore_openapi3_routes_on_any_host_under_servers_url() {
 #[test]
 fn longest_base_path_wins_and_named_host_beats_wildcard() {
     let root = bundle_text("root", "swagger: '2.0'\npaths:\n  /{any}:\n    get: {operationId: any}\n  /api/v1/x:\n    get: {operationId: shadow}\n");
-    let api = bundle_text("api", "swagger: '2.0'\nbasePath: /api/v1\npaths:\n  /x:\n    get: {operationId: x}\n");
+    let api = bundle_text(
+        "api",
+        "swagger: '2.0'\nbasePath: /api/v1\npaths:\n  /x:\n    get: {operationId: x}\n",
+    );
     let named = bundle_text("named", "swagger: '2.0'\nhost: example.com\nbasePath: /api/v1\npaths:\n  /x:\n    get: {operationId: nx}\n");
     let t = RouteTable::build(&[root, api, named]).unwrap();
-    assert_eq!(found(t.route("example.com", "GET", "/api/v1/x")).func, "named");
+    assert_eq!(
+        found(t.route("example.com", "GET", "/api/v1/x")).func,
+        "named"
+    );
     assert_eq!(found(t.route("other.com", "GET", "/api/v1/x")).func, "api");
     assert_eq!(found(t.route("other.com", "GET", "/hello")).func, "root");
     // A path the longer base does not serve falls through to a shorter one.
-    assert_eq!(t.route("other.com", "GET", "/api/v1/y"), RouteOutcome::NotFound);
+    assert_eq!(
+        t.route("other.com", "GET", "/api/v1/y"),
+        RouteOutcome::NotFound
+    );
 }
 
 #[test]
 fn two_bundles_on_one_host_and_base_path_are_refused_naming_both() {
-    let a = bundle_text("alpha", "swagger: '2.0'\nhost: '*'\nbasePath: /v1/\npaths:\n  /a:\n    get: {operationId: a}\n");
+    let a = bundle_text(
+        "alpha",
+        "swagger: '2.0'\nhost: '*'\nbasePath: /v1/\npaths:\n  /a:\n    get: {operationId: a}\n",
+    );
     let b = bundle_text("beta", "openapi: 3.0.0\ninfo: {title: b, version: '1'}\nservers: [{url: /v1}]\npaths:\n  /b:\n    get: {operationId: b, responses: {'200': {description: ok}}}\n");
     let err = RouteTable::build(&[a, b]).unwrap_err();
-    assert!(matches!(err, RouteError::Conflict { .. }));
+    assert!(matches!(err, RouteError::Conflict(_)));
     let msg = err.to_string();
-    assert!(msg.contains("alpha") && msg.contains("beta") && msg.contains("/v1"), "{msg}");
+    assert!(
+        msg.contains("alpha") && msg.contains("beta") && msg.contains("/v1"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn bad_templates_are_reported() {
-    let b = bundle_text("bad", "swagger: '2.0'\npaths:\n  /a/{oops:\n    get: {operationId: a}\n");
+    let b = bundle_text(
+        "bad",
+        "swagger: '2.0'\npaths:\n  /a/{oops:\n    get: {operationId: a}\n",
+    );
     let err = RouteTable::build(&[b]).unwrap_err().to_string();
-    assert!(err.contains("/a/{oops") && err.contains("unclosed"), "{err}");
+    assert!(
+        err.contains("/a/{oops") && err.contains("unclosed"),
+        "{err}"
+    );
 }

@@ -1,6 +1,6 @@
 //! Helpers shared by the end-to-end tests: clusters in-process or as real
 //! child processes, temporary bundles, readiness waits.
-#![allow(dead_code, missing_docs)]
+#![allow(dead_code, missing_docs, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -79,21 +79,44 @@ impl Drop for InProcess {
     }
 }
 
-pub async fn start_in_process(broker: AnyBroker, bundles: Vec<Bundle>, ingress: IngressOptions) -> InProcess {
+pub async fn start_in_process(
+    broker: AnyBroker,
+    bundles: Vec<Bundle>,
+    ingress: IngressOptions,
+) -> InProcess {
     let shutdown = CancellationToken::new();
     let routes = Arc::new(RouteTable::build(&bundles).unwrap());
-    tokio::spawn(funcatron_tron::run(broker.clone(), routes, TronOptions::default(), shutdown.clone()));
+    tokio::spawn(funcatron_tron::run(
+        broker.clone(),
+        routes,
+        TronOptions::default(),
+        shutdown.clone(),
+    ));
     let ropts = RunnerOptions {
         workers: 2,
         ..RunnerOptions::default()
     };
-    tokio::spawn(funcatron_runner::run(broker.clone(), bundles, ropts, shutdown.clone()));
+    tokio::spawn(funcatron_runner::run(
+        broker.clone(),
+        bundles,
+        ropts,
+        shutdown.clone(),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(funcatron_ingress::run(listener, broker.clone(), ingress, shutdown.clone()));
+    tokio::spawn(funcatron_ingress::run(
+        listener,
+        broker.clone(),
+        ingress,
+        shutdown.clone(),
+    ));
     let base = format!("http://{addr}");
     wait_ready(&format!("{base}/hello/ready")).await;
-    InProcess { base, broker, shutdown }
+    InProcess {
+        base,
+        broker,
+        shutdown,
+    }
 }
 
 /// Poll `url` until it answers 200 (readiness, bounded by 30 s).
@@ -118,17 +141,28 @@ pub fn free_addr() -> SocketAddr {
 
 /// The AMQP URL tests use (`FUNCATRON_TEST_AMQP`, default local guest).
 pub fn amqp_base() -> String {
-    std::env::var("FUNCATRON_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
+    std::env::var("FUNCATRON_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
 }
 
 fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl on PATH");
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl on PATH");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A fresh RabbitMQ virtual host, so tests do not share queues.
 pub fn fresh_vhost() -> String {
-    let name = format!("funcatron-test-{}", &funcatron_envelope::new_request_id()[..10]);
+    let name = format!(
+        "funcatron-test-{}",
+        &funcatron_envelope::new_request_id()[..10]
+    );
     rabbitmqctl(&["add_vhost", &name]);
     rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
     format!("{}/{}", amqp_base(), name)
@@ -155,8 +189,13 @@ impl Proc {
 }
 
 pub fn spawn(role: &str, broker: &str, extra: &[&str]) -> Proc {
-    let log = std::env::temp_dir().join(format!("funcatron-test-{role}-{}.log", std::process::id()));
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+    let log =
+        std::env::temp_dir().join(format!("funcatron-test-{role}-{}.log", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_funcatron"))
         .arg(role)
         .arg("--broker")
@@ -177,7 +216,10 @@ pub fn spawn(role: &str, broker: &str, extra: &[&str]) -> Proc {
 /// wait until it accepts work.
 pub fn restart_rabbitmq() {
     rabbitmqctl(&["shutdown"]);
-    let started = Command::new("rabbitmq-server").arg("-detached").status().expect("rabbitmq-server on PATH");
+    let started = Command::new("rabbitmq-server")
+        .arg("-detached")
+        .status()
+        .expect("rabbitmq-server on PATH");
     assert!(started.success());
     wait_rabbitmq();
 }
@@ -211,7 +253,12 @@ pub struct Processes {
 
 /// Start `trons` Trons, `runners` Runners and `ingresses` ingresses on a
 /// fresh vhost, and wait until every ingress serves `/hello/ready`.
-pub async fn start_processes(trons: usize, runners: usize, ingresses: usize, ingress_extra: &[&str]) -> Processes {
+pub async fn start_processes(
+    trons: usize,
+    runners: usize,
+    ingresses: usize,
+    ingress_extra: &[&str],
+) -> Processes {
     let broker = fresh_vhost();
     let bundles = bundles_with_trouble();
     let dir = bundles.path().to_str().unwrap().to_owned();
@@ -220,7 +267,11 @@ pub async fn start_processes(trons: usize, runners: usize, ingresses: usize, ing
         procs.push(spawn("tron", &broker, &["--bundles", &dir]));
     }
     for _ in 0..runners {
-        procs.push(spawn("runner", &broker, &["--bundles", &dir, "--workers", "2"]));
+        procs.push(spawn(
+            "runner",
+            &broker,
+            &["--bundles", &dir, "--workers", "2"],
+        ));
     }
     let mut bases = Vec::new();
     for _ in 0..ingresses {
