@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # The whole test suite. Installs and starts what the tests need on a fresh
-# Debian machine (RabbitMQ from Debian's packages), then runs every test.
+# Debian machine (RabbitMQ with its STOMP plugin, nginx with the Lua module,
+# all from Debian's packages), then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v rabbitmq-server >/dev/null 2>&1; then
-  echo "== installing RabbitMQ from Debian's packages"
+need=()
+command -v rabbitmq-server >/dev/null 2>&1 || need+=(rabbitmq-server)
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
+[ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || need+=(libnginx-mod-http-lua)
+[ -f /usr/lib/x86_64-linux-gnu/lua/5.1/cjson.so ] || dpkg -s lua-cjson >/dev/null 2>&1 || need+=(lua-cjson)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "== installing ${need[*]} from Debian's packages"
   as_root apt-get update -qq
-  # policy-rc.d may forbid starting services at install time; we start it below.
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
+  # Services are started by this script, not at install time.
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
 if ! as_root rabbitmqctl await_startup --timeout 5 >/dev/null 2>&1; then
@@ -23,7 +29,9 @@ if ! as_root rabbitmqctl await_startup --timeout 5 >/dev/null 2>&1; then
   done
   as_root rabbitmqctl await_startup --timeout 10 >/dev/null
 fi
-echo "== RabbitMQ is up"
+# The nginx ingress speaks STOMP to RabbitMQ (idempotent; works online).
+as_root rabbitmq-plugins enable --quiet rabbitmq_stomp >/dev/null
+echo "== RabbitMQ is up (AMQP 5672, STOMP 61613)"
 
 # One build, every test (the broker-restart test is its own binary, and cargo
 # runs test binaries one after another, so it never disturbs the others).

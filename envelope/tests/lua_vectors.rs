@@ -16,7 +16,8 @@ fn repo() -> PathBuf {
 
 fn load() -> (Lua, Table) {
     let lua = Lua::new();
-    let src = std::fs::read_to_string(repo().join("ingress-lua/lib/funcatron/envelope.lua")).unwrap();
+    let src =
+        std::fs::read_to_string(repo().join("ingress-lua/lib/funcatron/envelope.lua")).unwrap();
     let m: Table = lua.load(&src).set_name("@envelope.lua").eval().unwrap();
     let decode = lua
         .create_function(|lua, s: mlua::LuaString| {
@@ -60,22 +61,28 @@ fn lua_encodes_every_canonical_request_vector_identically() {
         let decoded = Request::decode(&raw).unwrap();
         let body = decoded.body_bytes().unwrap();
         let t = lua.create_table().unwrap();
-        for f in ["id", "method", "scheme", "host", "path", "query", "remote", "reply_to"] {
+        for f in [
+            "id", "method", "scheme", "host", "path", "query", "remote", "reply_to",
+        ] {
             if let Some(s) = env.get(f).and_then(Value::as_str) {
                 t.set(f, s).unwrap();
             }
         }
-        t.set("deadline_ms", env["deadline_ms"].as_f64().unwrap()).unwrap();
+        t.set("deadline_ms", env["deadline_ms"].as_f64().unwrap())
+            .unwrap();
         t.set("sent_ms", env["sent_ms"].as_f64().unwrap()).unwrap();
         t.set("body", lua.create_string(&*body).unwrap()).unwrap();
         let hs = lua.create_table().unwrap();
         for (i, h) in env["headers"].as_array().unwrap().iter().enumerate() {
-            let pair = lua.create_sequence_from([h[0].as_str().unwrap(), h[1].as_str().unwrap()]).unwrap();
+            let pair = lua
+                .create_sequence_from([h[0].as_str().unwrap(), h[1].as_str().unwrap()])
+                .unwrap();
             hs.set(i + 1, pair).unwrap();
         }
         t.set("headers", hs).unwrap();
         let text: String = encode.call(t).unwrap();
-        let got: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}: {text}"));
+        let got: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}: {text}"));
         assert_eq!(&got, env, "{name}: Lua encoding differs");
         assert_eq!(Request::decode(text.as_bytes()).unwrap(), decoded, "{name}");
         checked += 1;
@@ -98,20 +105,32 @@ fn lua_decodes_every_response_vector() {
         assert_eq!(r.get::<u16>("status").unwrap(), rust.status, "{name}");
         assert_eq!(r.get::<String>("id").unwrap(), rust.id, "{name}");
         let body: mlua::LuaString = r.get("body").unwrap();
-        assert_eq!(hex(&body.as_bytes()), hex(&rust.body_bytes().unwrap()), "{name}");
+        assert_eq!(
+            hex(&body.as_bytes()),
+            hex(&rust.body_bytes().unwrap()),
+            "{name}"
+        );
         let headers: Table = r.get("headers").unwrap();
         assert_eq!(headers.raw_len(), rust.headers.len(), "{name}");
         if let Some(st) = v["expect"].get("server_timing").and_then(Value::as_str) {
             let total = v["expect"]["server_timing_total_ms"].as_f64().unwrap();
-            let got: String = timing.call((r.get::<Table>("timings").unwrap(), total)).unwrap();
+            let got: String = timing
+                .call((r.get::<Table>("timings").unwrap(), total))
+                .unwrap();
             assert_eq!(got, st, "{name}");
         }
     }
     // Foreign major versions and garbage are refused with a reason.
     for (text, needle) in [
-        (r#"{"version":"2.0","id":"x","status":200}"#, "unsupported envelope version"),
+        (
+            r#"{"version":"2.0","id":"x","status":200}"#,
+            "unsupported envelope version",
+        ),
         ("not json", "malformed"),
-        (r#"{"version":"1.0","id":"x","status":200,"body":"%%%","body_base64":true}"#, "base64"),
+        (
+            r#"{"version":"1.0","id":"x","status":200,"body":"%%%","body_base64":true}"#,
+            "base64",
+        ),
     ] {
         let (ok, why): (LuaValue, String) = decode.call(text).unwrap();
         assert!(ok.is_nil());
@@ -123,7 +142,10 @@ fn lua_decodes_every_response_vector() {
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> u8 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 56) as u8
     }
 }
@@ -154,7 +176,12 @@ fn lua_utf8_and_base64_agree_with_rust_on_random_bytes() {
         assert_eq!(d.as_bytes().as_ref(), bytes.as_slice());
     }
     // Surrogates and overlongs are not UTF-8.
-    for bad in [&b"\xed\xa0\x80"[..], b"\xc0\xaf", b"\xf4\x90\x80\x80", b"\xe0\x80\xaf"] {
+    for bad in [
+        &b"\xed\xa0\x80"[..],
+        b"\xc0\xaf",
+        b"\xf4\x90\x80\x80",
+        b"\xe0\x80\xaf",
+    ] {
         let lua_ok: bool = valid.call(lua.create_string(bad).unwrap()).unwrap();
         assert!(!lua_ok, "{bad:?}");
     }
@@ -164,7 +191,16 @@ fn lua_utf8_and_base64_agree_with_rust_on_random_bytes() {
 fn lua_request_id_rule_matches_rust() {
     let (_lua, m) = load();
     let sane: Function = m.get("sane_request_id").unwrap();
-    for id in ["abc-123_X.y:z", "", "has space", "new\nline", &"a".repeat(128), &"a".repeat(129), "ünï", "a/b"] {
+    for id in [
+        "abc-123_X.y:z",
+        "",
+        "has space",
+        "new\nline",
+        &"a".repeat(128),
+        &"a".repeat(129),
+        "ünï",
+        "a/b",
+    ] {
         let got: bool = sane.call(id).unwrap();
         assert_eq!(got, funcatron_envelope::sane_request_id(id), "{id:?}");
     }

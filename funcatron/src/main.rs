@@ -19,6 +19,8 @@ use funcatron_runner::RunnerOptions;
 use funcatron_tron::{RouteTable, TronOptions};
 use tokio_util::sync::CancellationToken;
 
+mod nginx;
+
 #[derive(Parser)]
 #[command(
     name = "funcatron",
@@ -40,6 +42,45 @@ enum Command {
     Runner(RunnerArgs),
     /// Run the embedded HTTP ingress: HTTP in, envelopes on the broker, replies out.
     Ingress(IngressArgs),
+    /// Print an nginx config for the production nginx + Lua ingress (`ingress-lua/`).
+    NginxConfig(NginxArgs),
+}
+
+#[derive(Args)]
+struct NginxArgs {
+    /// The cluster's RabbitMQ (host, vhost and credentials are used for STOMP).
+    #[arg(long, env = "FUNCATRON_BROKER")]
+    broker: String,
+    /// RabbitMQ's STOMP port (enable the plugin: `rabbitmq-plugins enable rabbitmq_stomp`).
+    #[arg(long, env = "FUNCATRON_STOMP_PORT", default_value_t = 61613)]
+    stomp_port: u16,
+    /// nginx `listen` value.
+    #[arg(long, env = "FUNCATRON_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Directory for nginx's logs, pid and temp files (created).
+    #[arg(long, default_value = "nginx-run")]
+    prefix: PathBuf,
+    /// Directory holding `funcatron/*.lua` (the repository's `ingress-lua/lib`).
+    #[arg(long, env = "FUNCATRON_LUA_DIR", default_value = "ingress-lua/lib")]
+    lua_dir: PathBuf,
+    /// nginx worker processes.
+    #[arg(long, default_value = "auto")]
+    workers: String,
+    /// How long a request waits for its answer before 504, in milliseconds.
+    #[arg(long, env = "FUNCATRON_TIMEOUT_MS", default_value_t = 30_000)]
+    timeout_ms: u64,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "FUNCATRON_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Do not emit `load_module` lines (OpenResty, or modules compiled in).
+    #[arg(long)]
+    no_load_modules: bool,
+    /// nginx error_log level.
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+    /// Write the config here instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -168,6 +209,7 @@ fn main() -> Result<()> {
                 let broker = broker(&a.broker, false)?;
                 ingress(broker, &a.ingress, shutdown).await
             }
+            Command::NginxConfig(a) => nginx_config(a),
         }
     })
 }
@@ -189,6 +231,26 @@ async fn signal_shutdown(shutdown: CancellationToken) {
     let _ = tokio::signal::ctrl_c().await;
     tracing::info!("shutting down: finishing in-flight work");
     shutdown.cancel();
+}
+
+fn nginx_config(a: NginxArgs) -> Result<()> {
+    let text = nginx::render(&nginx::NginxConfig {
+        broker: a.broker,
+        stomp_port: a.stomp_port,
+        listen: a.listen,
+        prefix: a.prefix,
+        lua_dir: a.lua_dir,
+        workers: a.workers,
+        timeout_ms: a.timeout_ms,
+        max_body_bytes: a.max_body_bytes,
+        load_modules: !a.no_load_modules,
+        log_level: a.log_level,
+    })?;
+    match a.out {
+        Some(p) => std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?,
+        None => print!("{text}"),
+    }
+    Ok(())
 }
 
 fn broker(a: &BrokerArgs, embedded_ok: bool) -> Result<AnyBroker> {

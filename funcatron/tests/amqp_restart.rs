@@ -1,4 +1,5 @@
-//! RabbitMQ is stopped and started again under running processes: nothing
+//! RabbitMQ is stopped and started again under running processes (and an
+//! nginx ingress): nothing
 //! exits, requests during the outage get a JSON 503 at once, and requests
 //! succeed again once the broker is back. Its own test binary, because it
 //! restarts the broker every other test shares.
@@ -15,6 +16,8 @@ use serde_json::Value;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_component_reconnects_after_a_broker_restart() {
     let mut p = start_processes(1, 1, 1, &["--timeout-ms", "5000"]).await;
+    let mut nginx = start_nginx(&p.broker, &["--timeout-ms", "5000"]).await;
+    let nginx_base = nginx.base.clone();
     let base = p.bases[0].clone();
     let http = reqwest::Client::new();
     assert_eq!(
@@ -30,6 +33,7 @@ async fn every_component_reconnects_after_a_broker_restart() {
 
     // Stop the node; while it is down the ingress answers 503 quickly.
     let base2 = base.clone();
+    let nginx2 = nginx_base.clone();
     let restart = std::thread::spawn(move || {
         let out = std::process::Command::new("rabbitmqctl")
             .arg("shutdown")
@@ -42,11 +46,15 @@ async fn every_component_reconnects_after_a_broker_restart() {
             .build()
             .unwrap();
         let during = rt.block_on(async {
-            let started = Instant::now();
-            let r = reqwest::get(format!("{base2}/hello/during")).await.unwrap();
-            let status = r.status().as_u16();
-            let body: Value = r.json().await.unwrap();
-            (status, body, started.elapsed())
+            let mut out = Vec::new();
+            for b in [&base2, &nginx2] {
+                let started = Instant::now();
+                let r = reqwest::get(format!("{b}/hello/during")).await.unwrap();
+                let status = r.status().as_u16();
+                let body: Value = r.json().await.unwrap();
+                out.push((status, body, started.elapsed()));
+            }
+            out
         });
         let ok = std::process::Command::new("rabbitmq-server")
             .arg("-detached")
@@ -56,35 +64,36 @@ async fn every_component_reconnects_after_a_broker_restart() {
         wait_rabbitmq();
         during
     });
-    let (status, body, took) = tokio::task::spawn_blocking(move || restart.join().unwrap())
+    let during = tokio::task::spawn_blocking(move || restart.join().unwrap())
         .await
         .unwrap();
-    assert_eq!(status, 503, "{body}");
-    assert!(
-        body["error"].as_str().unwrap().starts_with("broker_"),
-        "{body}"
-    );
-    assert!(took < Duration::from_secs(2), "503 came after {took:?}");
-
-    // Back: requests succeed again without restarting anything.
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = http
-            .get(format!("{base}/hello/after"))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            assert_eq!(r.text().await.unwrap(), "Hello, after!");
-            break;
-        }
+    for (status, body, took) in during {
+        assert_eq!(status, 503, "{body}");
         assert!(
-            Instant::now() < until,
-            "no recovery: last status {}",
-            r.status()
+            body["error"].as_str().unwrap().starts_with("broker_"),
+            "{body}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(took < Duration::from_secs(2), "503 came after {took:?}");
     }
+
+    // Back: requests succeed again through both ingresses without restarting anything.
+    for b in [&base, &nginx_base] {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = http.get(format!("{b}/hello/after")).send().await.unwrap();
+            if r.status() == 200 {
+                assert_eq!(r.text().await.unwrap(), "Hello, after!");
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "{b}: no recovery: last status {}",
+                r.status()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(nginx.alive(), "nginx exited during the restart");
     for _ in 0..20 {
         let r = http
             .get(format!("{base}/petshop/pets/1"))

@@ -291,3 +291,99 @@ pub async fn start_processes(
         _bundles: bundles,
     }
 }
+
+/// nginx with the Lua ingress, configured by `funcatron nginx-config`,
+/// stopped with SIGTERM on drop (so its workers exit with it).
+pub struct Nginx {
+    pub base: String,
+    pub prefix: tempfile::TempDir,
+    child: Child,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Nginx {
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// Start nginx (two workers) in front of `broker`, and wait until every
+/// worker consumes its reply queue.
+pub async fn start_nginx(broker: &str, extra: &[&str]) -> Nginx {
+    let prefix = tempfile::tempdir().unwrap();
+    let addr = free_addr().to_string();
+    let conf = prefix.path().join("nginx.conf");
+    let lua_dir = repo().join("ingress-lua/lib");
+    let out = Command::new(env!("CARGO_BIN_EXE_funcatron"))
+        .args([
+            "nginx-config",
+            "--broker",
+            broker,
+            "--listen",
+            &addr,
+            "--workers",
+            "2",
+            "--log-level",
+            "info",
+        ])
+        .arg("--prefix")
+        .arg(prefix.path())
+        .arg("--lua-dir")
+        .arg(&lua_dir)
+        .arg("--out")
+        .arg(&conf)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nginx-config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let child = Command::new("nginx")
+        .arg("-p")
+        .arg(prefix.path())
+        .arg("-c")
+        .arg(&conf)
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx on PATH (./scripts/test.sh installs it)");
+    let nginx = Nginx {
+        base: format!("http://{addr}"),
+        prefix,
+        child,
+    };
+    let client = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client
+            .get(format!("{}/_funcatron/health", nginx.base))
+            .send()
+            .await
+        {
+            if let Ok(v) = r.json::<serde_json::Value>().await {
+                if v["workers_ready"] == v["workers"] && v["workers"].as_u64() > Some(0) {
+                    break;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < until,
+            "nginx never became ready; see {}/logs/error.log",
+            nginx.prefix.path().display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    nginx
+}

@@ -1,0 +1,152 @@
+//! `funcatron nginx-config`: render `ingress-lua/nginx.conf.template` for
+//! one broker and listen address, so operators get a working nginx ingress
+//! config with one command.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use percent_encoding::percent_decode_str;
+
+/// The template, compiled in so the binary needs nothing beside it.
+pub const TEMPLATE: &str = include_str!("../../ingress-lua/nginx.conf.template");
+
+/// Debian's module files for `libnginx-mod-http-lua`; OpenResty needs none.
+const DEBIAN_MODULES: &[&str] = &[
+    "/usr/lib/nginx/modules/ndk_http_module.so",
+    "/usr/lib/nginx/modules/ngx_http_lua_module.so",
+];
+
+/// What goes into the config.
+pub struct NginxConfig {
+    /// The AMQP URL the rest of the cluster uses; host, vhost and credentials
+    /// are taken from it (the ingress speaks STOMP to the same broker).
+    pub broker: String,
+    /// RabbitMQ's STOMP port.
+    pub stomp_port: u16,
+    /// nginx `listen` value.
+    pub listen: String,
+    /// Directory for logs, pid and temp files.
+    pub prefix: PathBuf,
+    /// Directory holding `funcatron/*.lua`.
+    pub lua_dir: PathBuf,
+    /// nginx worker processes (`auto` or a number).
+    pub workers: String,
+    /// Request deadline.
+    pub timeout_ms: u64,
+    /// Largest body accepted.
+    pub max_body_bytes: usize,
+    /// Emit `load_module` lines for Debian's packaged modules.
+    pub load_modules: bool,
+    /// error_log level.
+    pub log_level: String,
+}
+
+struct Amqp {
+    host: String,
+    vhost: String,
+    login: String,
+    passcode: String,
+}
+
+fn parse_amqp(url: &str) -> Result<Amqp> {
+    let rest = url
+        .strip_prefix("amqp://")
+        .context("--broker must be an amqp:// URL (the nginx ingress talks to RabbitMQ)")?;
+    let (authority, vhost) = match rest.split_once('/') {
+        Some((a, v)) if !v.is_empty() => (a, percent_decode_str(v).decode_utf8()?.into_owned()),
+        Some((a, _)) => (a, "/".to_owned()),
+        None => (rest, "/".to_owned()),
+    };
+    let (userinfo, hostport) = authority
+        .rsplit_once('@')
+        .unwrap_or(("guest:guest", authority));
+    let (login, passcode) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let host = hostport
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(hostport);
+    let host = if host.is_empty() { "127.0.0.1" } else { host };
+    Ok(Amqp {
+        host: host.to_owned(),
+        vhost,
+        login: percent_decode_str(login).decode_utf8()?.into_owned(),
+        passcode: percent_decode_str(passcode).decode_utf8()?.into_owned(),
+    })
+}
+
+fn lua_quote(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+fn abs(p: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(p).ok();
+    p.canonicalize().with_context(|| format!("{}", p.display()))
+}
+
+/// Render the config and create the prefix's log directory.
+pub fn render(c: &NginxConfig) -> Result<String> {
+    let amqp = parse_amqp(&c.broker)?;
+    let prefix = abs(&c.prefix)?;
+    std::fs::create_dir_all(prefix.join("logs"))?;
+    let lua_dir = c
+        .lua_dir
+        .canonicalize()
+        .with_context(|| format!("--lua-dir {}: not found", c.lua_dir.display()))?;
+    if !lua_dir.join("funcatron/ingress.lua").is_file() {
+        bail!(
+            "--lua-dir {} does not hold funcatron/ingress.lua",
+            lua_dir.display()
+        );
+    }
+    let modules = if c.load_modules {
+        DEBIAN_MODULES
+            .iter()
+            .filter(|m| Path::new(m).is_file())
+            .map(|m| format!("load_module {m};\n"))
+            .collect::<String>()
+    } else {
+        String::new()
+    };
+    let out = TEMPLATE
+        .replace("{{WORKERS}}", &c.workers)
+        .replace("{{PREFIX}}", &prefix.display().to_string())
+        .replace("{{LOG_LEVEL}}", &c.log_level)
+        .replace("{{LOAD_MODULES}}", &modules)
+        .replace("{{LUA_DIR}}", &lua_dir.display().to_string())
+        .replace("{{MAX_BODY}}", &c.max_body_bytes.to_string())
+        .replace("{{BROKER_HOST}}", &lua_quote(&amqp.host))
+        .replace("{{BROKER_PORT}}", &c.stomp_port.to_string())
+        .replace("{{VHOST}}", &lua_quote(&amqp.vhost))
+        .replace("{{LOGIN}}", &lua_quote(&amqp.login))
+        .replace("{{PASSCODE}}", &lua_quote(&amqp.passcode))
+        .replace("{{TIMEOUT_MS}}", &c.timeout_ms.to_string())
+        .replace("{{LISTEN}}", &c.listen);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amqp_urls_give_stomp_settings() {
+        let a = parse_amqp("amqp://user:p%40ss@rabbit.local:5672/my%2Fvhost").unwrap();
+        assert_eq!(
+            (
+                a.host.as_str(),
+                a.vhost.as_str(),
+                a.login.as_str(),
+                a.passcode.as_str()
+            ),
+            ("rabbit.local", "my/vhost", "user", "p@ss")
+        );
+        let a = parse_amqp("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+        assert_eq!(a.vhost, "/");
+        let a = parse_amqp("amqp://h").unwrap();
+        assert_eq!(
+            (a.host.as_str(), a.vhost.as_str(), a.login.as_str()),
+            ("h", "/", "guest")
+        );
+        assert!(parse_amqp("http://x").is_err());
+    }
+}

@@ -1,0 +1,282 @@
+//! The production ingress: real nginx with the Lua module (`ingress-lua/`)
+//! in front of a real RabbitMQ with real Tron and Runner processes. Answers
+//! must match the embedded ingress's.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A request body and its content type.
+type Body<'a> = Option<(&'a str, Vec<u8>)>;
+
+async fn fetch(
+    http: &reqwest::Client,
+    method: &str,
+    url: &str,
+    body: Body<'_>,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut req = http.request(method.parse().unwrap(), url);
+    if let Some((ct, b)) = body {
+        req = req.header("content-type", ct).body(b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let mut headers: Vec<(String, String)> = r
+        .headers()
+        .iter()
+        .filter(|(k, _)| {
+            matches!(
+                k.as_str(),
+                "content-type" | "location" | "x-total-count" | "allow" | "set-cookie"
+            )
+        })
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+        .collect();
+    headers.sort();
+    (status, headers, r.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_answers_like_the_embedded_ingress() {
+    let p = start_processes(1, 2, 1, &[]).await;
+    let nginx = start_nginx(&p.broker, &[]).await;
+    let http = reqwest::Client::new();
+    let json = |v: Value| Some(("application/json", serde_json::to_vec(&v).unwrap()));
+    let cases: Vec<(&str, &str, Body)> = vec![
+        ("GET", "/hello/world", None),
+        ("GET", "/hello/", None),
+        ("GET", "/petshop/pets?tag=dog&limit=1", None),
+        ("GET", "/petshop/pets/3", None),
+        ("GET", "/petshop/pets/42", None),
+        (
+            "POST",
+            "/petshop/pets",
+            json(serde_json::json!({"name": "Ana", "tag": "cat"})),
+        ),
+        (
+            "POST",
+            "/petshop/pets",
+            json(serde_json::json!({"tag": "nameless"})),
+        ),
+        (
+            "POST",
+            "/petshop/pets",
+            Some(("application/json", b"{broken".to_vec())),
+        ),
+        (
+            "POST",
+            "/petshop/echo",
+            Some((
+                "text/plain; charset=utf-8",
+                "Grüße, 世界\n".as_bytes().to_vec(),
+            )),
+        ),
+        (
+            "POST",
+            "/petshop/echo",
+            Some(("application/octet-stream", (0..=255u8).collect())),
+        ),
+        ("DELETE", "/petshop/pets/1", None),
+        ("PATCH", "/hello/x", None),
+        ("GET", "/no/such/func", None),
+        ("GET", "/trouble/raise", None),
+    ];
+    for (method, path, body) in cases {
+        let a = fetch(
+            &http,
+            method,
+            &format!("{}{path}", p.bases[0]),
+            body.clone(),
+        )
+        .await;
+        let b = fetch(&http, method, &format!("{}{path}", nginx.base), body).await;
+        assert_eq!(a.0, b.0, "{method} {path}: status");
+        assert_eq!(a.1, b.1, "{method} {path}: headers");
+        let is_json =
+            a.1.iter()
+                .any(|(k, v)| k == "content-type" && v.contains("json"));
+        if a.0 < 400 && !is_json {
+            assert_eq!(a.2, b.2, "{method} {path}: body");
+        } else if a.0 < 400 {
+            // Lua tables have no key order: compare JSON as values.
+            let (ja, jb): (Value, Value) = (
+                serde_json::from_slice(&a.2).unwrap(),
+                serde_json::from_slice(&b.2).unwrap(),
+            );
+            assert_eq!(ja, jb, "{method} {path}: JSON body");
+        } else {
+            // Error bodies carry each request's own id; compare the rest.
+            let (mut ja, mut jb): (Value, Value) = (
+                serde_json::from_slice(&a.2).unwrap(),
+                serde_json::from_slice(&b.2).unwrap(),
+            );
+            ja.as_object_mut().unwrap().remove("request_id");
+            jb.as_object_mut().unwrap().remove("request_id");
+            if ja.get("error") == Some(&Value::String("no_route".into())) {
+                // The message names the Host, which differs by port.
+                ja.as_object_mut().unwrap().remove("message");
+                jb.as_object_mut().unwrap().remove("message");
+            }
+            assert_eq!(ja, jb, "{method} {path}: error body");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_round_trip_byte_exact_and_oversized_ones_get_413() {
+    let p = start_processes(1, 1, 0, &[]).await;
+    let nginx = start_nginx(&p.broker, &["--max-body-bytes", "12000000"]).await;
+    let http = reqwest::Client::new();
+    // 9 MiB of binary: far past client_body_buffer_size, so nginx spills it
+    // to a temp file that the ingress must read.
+    let big: Vec<u8> = (0..9 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let r = http
+        .post(format!("{}/petshop/echo", nginx.base))
+        .header("content-type", "application/octet-stream")
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), big.as_slice());
+
+    let text = "naïve café ".repeat(50_000);
+    let r = http
+        .post(format!("{}/petshop/echo", nginx.base))
+        .header("content-type", "text/plain")
+        .body(text.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), text);
+
+    let r = http
+        .post(format!("{}/petshop/echo", nginx.base))
+        .body(vec![0u8; 12_500_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "payload_too_large");
+    assert_eq!(body["request_id"], id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_server_timing_and_the_access_log() {
+    let p = start_processes(1, 1, 0, &[]).await;
+    let nginx = start_nginx(&p.broker, &[]).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("{}/petshop/inspect?x=1&x=2", nginx.base))
+        .header("x-request-id", "trace-me-123")
+        .header("x-rep", "a")
+        .header("x-rep", "b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "trace-me-123");
+    let timing = r.headers()["server-timing"].to_str().unwrap().to_owned();
+    assert!(
+        timing.starts_with("queue;dur=")
+            && timing.contains(", exec;dur=")
+            && timing.contains(", total;dur="),
+        "{timing}"
+    );
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(seen["id"], "trace-me-123");
+    assert_eq!(seen["headers"]["x-rep"], "a, b");
+    assert_eq!(seen["query"]["x"], serde_json::json!(["1", "2"]));
+
+    let r = http
+        .get(format!("{}/hello/x", nginx.base))
+        .header("x-request-id", "no spaces allowed")
+        .send()
+        .await
+        .unwrap();
+    let generated = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(generated.len(), 32);
+
+    // nginx writes the access log after the response: wait for the lines.
+    let until = Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = std::fs::read_to_string(nginx.prefix.path().join("logs/access.log")).unwrap();
+        if log.contains(&format!("request_id={generated}")) || Instant::now() > until {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(log.contains("request_id=trace-me-123"), "{log}");
+    assert!(log.contains(&format!("request_id={generated}")), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_requests_each_get_their_own_answer() {
+    let p = start_processes(2, 2, 0, &[]).await;
+    let nginx = start_nginx(&p.broker, &[]).await;
+    let http = reqwest::Client::new();
+    let calls = (0..300).map(|i| {
+        let http = http.clone();
+        let url = format!("{}/hello/c{i}", nginx.base);
+        async move {
+            let r = http
+                .get(url)
+                .header("x-request-id", format!("conc-{i}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.headers()["x-request-id"], format!("conc-{i}").as_str());
+            (i, r.text().await.unwrap())
+        }
+    });
+    for (i, text) in futures::future::join_all(calls).await {
+        assert_eq!(text, format!("Hello, c{i}!"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_runner_means_504_at_the_deadline() {
+    let mut p = start_processes(1, 1, 0, &[]).await;
+    let nginx = start_nginx(&p.broker, &["--timeout-ms", "1500"]).await;
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.get(format!("{}/hello/up", nginx.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let runner = p.procs.iter_mut().find(|x| x.name == "runner").unwrap();
+    runner.child.kill().unwrap();
+    runner.child.wait().unwrap();
+    let started = Instant::now();
+    let r = http
+        .get(format!("{}/hello/down", nginx.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "timeout");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // The Tron still answers what it can answer alone.
+    assert_eq!(
+        http.get(format!("{}/nowhere", nginx.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
