@@ -8,7 +8,9 @@
 //! (b) the full path over the same RabbitMQ: HTTP -> embedded ingress ->
 //!     request queue -> Tron -> Func queue -> Runner (hello, Lua) -> reply
 //!     queue -> ingress -> HTTP;
-//! (c) the full path on the embedded broker (`funcatron up`).
+//! (c) the full path on the embedded broker (`funcatron up`);
+//! (d) the full path over RabbitMQ through the production nginx + Lua
+//!     ingress instead of the embedded one (same Tron and Runner as (b)).
 //!
 //! Each at concurrency 1 and 64 (keep-alive HTTP/1.1 connections, one per
 //! concurrent caller), printing requests/s, p50 and p99, and the ratios.
@@ -53,6 +55,90 @@ struct Args {
     /// Bundles directory (the hello Func is called).
     #[arg(long, default_value = "func-bundles")]
     bundles: PathBuf,
+    /// Skip the nginx ingress measurement.
+    #[arg(long)]
+    no_nginx: bool,
+    /// RabbitMQ's STOMP port, for the nginx ingress.
+    #[arg(long, default_value_t = 61613)]
+    stomp_port: u16,
+}
+
+/// nginx with the Lua ingress, stopped (with its workers) on drop.
+struct Nginx {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    _prefix: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_nginx(amqp: &str, stomp_port: u16) -> Result<Nginx> {
+    let prefix = tempfile::tempdir()?;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let conf = funcatron_ingress::nginx::render(&funcatron_ingress::nginx::NginxConfig {
+        broker: amqp.to_owned(),
+        stomp_port,
+        listen: addr.to_string(),
+        prefix: prefix.path().to_owned(),
+        lua_dir: PathBuf::from("ingress-lua/lib"),
+        workers: "auto".into(),
+        timeout_ms: 30_000,
+        max_body_bytes: 10 * 1024 * 1024,
+        load_modules: true,
+        log_level: "error".into(),
+    })?;
+    let path = prefix.path().join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let child = std::process::Command::new("nginx")
+        .arg("-p")
+        .arg(prefix.path())
+        .arg("-c")
+        .arg(&path)
+        .args(["-g", "daemon off;"])
+        .spawn()
+        .context("starting nginx (apt-get install nginx libnginx-mod-http-lua lua-cjson)")?;
+    let nginx = Nginx {
+        child,
+        addr,
+        _prefix: prefix,
+    };
+    // Ready when every worker consumes its reply queue.
+    for _ in 0..400 {
+        if let Ok(stream) = tokio::net::TcpStream::connect(addr).await {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(io).await {
+                tokio::spawn(conn);
+                let req = hyper::Request::get(format!("http://{addr}/_funcatron/health"))
+                    .header("host", "localhost")
+                    .body(Empty::<Bytes>::new())?;
+                if let Ok(resp) = send.send_request(req).await {
+                    let body = resp.into_body().collect().await?.to_bytes();
+                    let text = String::from_utf8_lossy(&body);
+                    let count = |k: &str| {
+                        text.split(&format!("\"{k}\":"))
+                            .nth(1)
+                            .and_then(|r| r.split([',', '}']).next())
+                            .map(str::to_owned)
+                    };
+                    if count("workers_ready").is_some()
+                        && count("workers_ready") == count("workers")
+                    {
+                        return Ok(nginx);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("nginx never became ready")
 }
 
 #[derive(Clone, Copy)]
@@ -226,32 +312,34 @@ async fn raw_amqp(url: &str, concurrency: usize, total: usize, payload: Bytes) -
     result
 }
 
-/// One keep-alive HTTP/1.1 connection per caller.
-async fn http_callers(
-    addr: std::net::SocketAddr,
-    n: usize,
-) -> Result<Vec<Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>>>> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let stream = tokio::net::TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let io = hyper_util::rt::TokioIo::new(stream);
-        let (send, conn) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(conn);
-        out.push(Arc::new(tokio::sync::Mutex::new(send)));
-    }
-    Ok(out)
+type Conn = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(addr: std::net::SocketAddr) -> Result<Conn> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (send, conn) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(conn);
+    Ok(send)
 }
 
+/// Keep-alive HTTP/1.1 load: one connection per caller, reopened when the
+/// server closes it (nginx does after `keepalive_requests`).
 async fn http_load(addr: std::net::SocketAddr, concurrency: usize, total: usize) -> Result<Stats> {
-    let callers = Arc::new(http_callers(addr, concurrency).await?);
+    let mut conns = Vec::new();
+    for _ in 0..concurrency {
+        conns.push(Arc::new(tokio::sync::Mutex::new(connect(addr).await?)));
+    }
+    let conns = Arc::new(conns);
     let uri: hyper::Uri = format!("http://{addr}/hello/bench").parse()?;
     drive(concurrency, total, move |worker| {
-        let callers = Arc::clone(&callers);
+        let conns = Arc::clone(&conns);
         let uri = uri.clone();
         async move {
-            let mut send = callers[worker % callers.len()].lock().await;
-            send.ready().await?;
+            let mut send = conns[worker % conns.len()].lock().await;
+            if send.ready().await.is_err() {
+                *send = connect(addr).await?;
+            }
             let req = hyper::Request::get(uri)
                 .header("host", "localhost")
                 .body(Empty::<Bytes>::new())?;
@@ -364,6 +452,16 @@ async fn main() -> Result<()> {
         row("(b) full path over RabbitMQ, c=1", full1);
         let full64 = http_load(addr, 64, c64).await.context("full path c=64")?;
         row("(b) full path over RabbitMQ, c=64", full64);
+        let nginx = if args.no_nginx {
+            None
+        } else {
+            let n = start_nginx(&args.amqp, args.stomp_port).await?;
+            let n1 = http_load(n.addr, 1, c1).await.context("nginx c=1")?;
+            row("(d) full path, nginx + Lua ingress, c=1", n1);
+            let n64 = http_load(n.addr, 64, c64).await.context("nginx c=64")?;
+            row("(d) full path, nginx + Lua ingress, c=64", n64);
+            Some((n1, n64))
+        };
         stop.cancel();
 
         println!();
@@ -375,6 +473,20 @@ async fn main() -> Result<()> {
             "ratio full/raw throughput at c=64:  {:.2}   (target >= 0.50)",
             full64.rps / raw64.rps
         );
+        if let Some((n1, n64)) = nginx {
+            println!(
+                "nginx/embedded ingress throughput at c=64: {:.2} (target >= 1.00)",
+                n64.rps / full64.rps
+            );
+            println!(
+                "nginx/embedded ingress p50 at c=1:         {:.2}",
+                n1.p50_ms / full1.p50_ms
+            );
+            println!(
+                "nginx path/raw throughput at c=64:         {:.2}",
+                n64.rps / raw64.rps
+            );
+        }
     }
 
     let stop = CancellationToken::new();

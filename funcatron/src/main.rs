@@ -19,7 +19,7 @@ use funcatron_runner::RunnerOptions;
 use funcatron_tron::{RouteTable, TronOptions};
 use tokio_util::sync::CancellationToken;
 
-mod nginx;
+use funcatron_ingress::nginx;
 
 #[derive(Parser)]
 #[command(

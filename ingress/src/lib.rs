@@ -36,6 +36,8 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub mod nginx;
+
 /// The health endpoint, reserved on every host.
 pub const HEALTH_PATH: &str = "/_funcatron/health";
 

@@ -1,14 +1,50 @@
-//! `funcatron nginx-config`: render `ingress-lua/nginx.conf.template` for
-//! one broker and listen address, so operators get a working nginx ingress
-//! config with one command.
+//! The production ingress's configuration: render
+//! `ingress-lua/nginx.conf.template` for one broker and listen address
+//! (`funcatron nginx-config`), so operators get a working nginx + Lua
+//! ingress with one command.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use percent_encoding::percent_decode_str;
 
 /// The template, compiled in so the binary needs nothing beside it.
 pub const TEMPLATE: &str = include_str!("../../ingress-lua/nginx.conf.template");
+
+/// Why a config could not be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum NginxConfigError {
+    /// An option is unusable.
+    #[error("{0}")]
+    Invalid(String),
+    /// A directory could not be created or found.
+    #[error("{path}: {source}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, NginxConfigError>;
+
+fn invalid(m: impl Into<String>) -> NginxConfigError {
+    NginxConfigError::Invalid(m.into())
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> NginxConfigError + '_ {
+    move |source| NginxConfigError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn decode(s: &str) -> Result<String> {
+    percent_decode_str(s)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|e| invalid(format!("--broker: {e}")))
+}
 
 /// Debian's module files for `libnginx-mod-http-lua`; OpenResty needs none.
 const DEBIAN_MODULES: &[&str] = &[
@@ -49,11 +85,11 @@ struct Amqp {
 }
 
 fn parse_amqp(url: &str) -> Result<Amqp> {
-    let rest = url
-        .strip_prefix("amqp://")
-        .context("--broker must be an amqp:// URL (the nginx ingress talks to RabbitMQ)")?;
+    let rest = url.strip_prefix("amqp://").ok_or_else(|| {
+        invalid("--broker must be an amqp:// URL (the nginx ingress talks to RabbitMQ)")
+    })?;
     let (authority, vhost) = match rest.split_once('/') {
-        Some((a, v)) if !v.is_empty() => (a, percent_decode_str(v).decode_utf8()?.into_owned()),
+        Some((a, v)) if !v.is_empty() => (a, decode(v)?),
         Some((a, _)) => (a, "/".to_owned()),
         None => (rest, "/".to_owned()),
     };
@@ -69,8 +105,8 @@ fn parse_amqp(url: &str) -> Result<Amqp> {
     Ok(Amqp {
         host: host.to_owned(),
         vhost,
-        login: percent_decode_str(login).decode_utf8()?.into_owned(),
-        passcode: percent_decode_str(passcode).decode_utf8()?.into_owned(),
+        login: decode(login)?,
+        passcode: decode(passcode)?,
     })
 }
 
@@ -79,24 +115,22 @@ fn lua_quote(s: &str) -> String {
 }
 
 fn abs(p: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(p).ok();
-    p.canonicalize().with_context(|| format!("{}", p.display()))
+    std::fs::create_dir_all(p).map_err(io_err(p))?;
+    p.canonicalize().map_err(io_err(p))
 }
 
 /// Render the config and create the prefix's log directory.
 pub fn render(c: &NginxConfig) -> Result<String> {
     let amqp = parse_amqp(&c.broker)?;
     let prefix = abs(&c.prefix)?;
-    std::fs::create_dir_all(prefix.join("logs"))?;
-    let lua_dir = c
-        .lua_dir
-        .canonicalize()
-        .with_context(|| format!("--lua-dir {}: not found", c.lua_dir.display()))?;
+    let logs = prefix.join("logs");
+    std::fs::create_dir_all(&logs).map_err(io_err(&logs))?;
+    let lua_dir = c.lua_dir.canonicalize().map_err(io_err(&c.lua_dir))?;
     if !lua_dir.join("funcatron/ingress.lua").is_file() {
-        bail!(
+        return Err(invalid(format!(
             "--lua-dir {} does not hold funcatron/ingress.lua",
             lua_dir.display()
-        );
+        )));
     }
     let modules = if c.load_modules {
         DEBIAN_MODULES
@@ -126,6 +160,7 @@ pub fn render(c: &NginxConfig) -> Result<String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
