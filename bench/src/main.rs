@@ -58,9 +58,6 @@ struct Args {
     /// Skip the nginx ingress measurement.
     #[arg(long)]
     no_nginx: bool,
-    /// RabbitMQ's STOMP port, for the nginx ingress.
-    #[arg(long, default_value_t = 61613)]
-    stomp_port: u16,
 }
 
 /// nginx with the Lua ingress, stopped (with its workers) on drop.
@@ -80,12 +77,11 @@ impl Drop for Nginx {
     }
 }
 
-async fn start_nginx(amqp: &str, stomp_port: u16) -> Result<Nginx> {
+async fn start_nginx(amqp: &str) -> Result<Nginx> {
     let prefix = tempfile::tempdir()?;
     let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let conf = funcatron_ingress::nginx::render(&funcatron_ingress::nginx::NginxConfig {
         broker: amqp.to_owned(),
-        stomp_port,
         listen: addr.to_string(),
         prefix: prefix.path().to_owned(),
         lua_dir: PathBuf::from("ingress-lua/lib"),
@@ -455,7 +451,7 @@ async fn main() -> Result<()> {
         let nginx = if args.no_nginx {
             None
         } else {
-            let n = start_nginx(&args.amqp, args.stomp_port).await?;
+            let n = start_nginx(&args.amqp).await?;
             let n1 = http_load(n.addr, 1, c1).await.context("nginx c=1")?;
             row("(d) full path, nginx + Lua ingress, c=1", n1);
             let n64 = http_load(n.addr, 64, c64).await.context("nginx c=64")?;

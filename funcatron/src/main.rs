@@ -48,12 +48,9 @@ enum Command {
 
 #[derive(Args)]
 struct NginxArgs {
-    /// The cluster's RabbitMQ (host, vhost and credentials are used for STOMP).
+    /// The cluster's RabbitMQ, as an AMQP URL (nginx connects to it directly).
     #[arg(long, env = "FUNCATRON_BROKER")]
     broker: String,
-    /// RabbitMQ's STOMP port (enable the plugin: `rabbitmq-plugins enable rabbitmq_stomp`).
-    #[arg(long, env = "FUNCATRON_STOMP_PORT", default_value_t = 61613)]
-    stomp_port: u16,
     /// nginx `listen` value.
     #[arg(long, env = "FUNCATRON_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
@@ -236,7 +233,6 @@ async fn signal_shutdown(shutdown: CancellationToken) {
 fn nginx_config(a: NginxArgs) -> Result<()> {
     let text = nginx::render(&nginx::NginxConfig {
         broker: a.broker,
-        stomp_port: a.stomp_port,
         listen: a.listen,
         prefix: a.prefix,
         lua_dir: a.lua_dir,

@@ -54,11 +54,9 @@ const DEBIAN_MODULES: &[&str] = &[
 
 /// What goes into the config.
 pub struct NginxConfig {
-    /// The AMQP URL the rest of the cluster uses; host, vhost and credentials
-    /// are taken from it (the ingress speaks STOMP to the same broker).
+    /// The AMQP URL the rest of the cluster uses (host, port, vhost and
+    /// credentials); the Lua ingress speaks AMQP 0-9-1 to the same broker.
     pub broker: String,
-    /// RabbitMQ's STOMP port.
-    pub stomp_port: u16,
     /// nginx `listen` value.
     pub listen: String,
     /// Directory for logs, pid and temp files.
@@ -79,6 +77,7 @@ pub struct NginxConfig {
 
 struct Amqp {
     host: String,
+    port: u16,
     vhost: String,
     login: String,
     passcode: String,
@@ -97,13 +96,18 @@ fn parse_amqp(url: &str) -> Result<Amqp> {
         .rsplit_once('@')
         .unwrap_or(("guest:guest", authority));
     let (login, passcode) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-    let host = hostport
-        .rsplit_once(':')
-        .map(|(h, _)| h)
-        .unwrap_or(hostport);
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse()
+                .map_err(|_| invalid(format!("--broker: bad port {p:?}")))?,
+        ),
+        None => (hostport, 5672),
+    };
     let host = if host.is_empty() { "127.0.0.1" } else { host };
     Ok(Amqp {
         host: host.to_owned(),
+        port,
         vhost,
         login: decode(login)?,
         passcode: decode(passcode)?,
@@ -149,7 +153,7 @@ pub fn render(c: &NginxConfig) -> Result<String> {
         .replace("{{LUA_DIR}}", &lua_dir.display().to_string())
         .replace("{{MAX_BODY}}", &c.max_body_bytes.to_string())
         .replace("{{BROKER_HOST}}", &lua_quote(&amqp.host))
-        .replace("{{BROKER_PORT}}", &c.stomp_port.to_string())
+        .replace("{{BROKER_PORT}}", &amqp.port.to_string())
         .replace("{{VHOST}}", &lua_quote(&amqp.vhost))
         .replace("{{LOGIN}}", &lua_quote(&amqp.login))
         .replace("{{PASSCODE}}", &lua_quote(&amqp.passcode))
@@ -164,8 +168,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn amqp_urls_give_stomp_settings() {
-        let a = parse_amqp("amqp://user:p%40ss@rabbit.local:5672/my%2Fvhost").unwrap();
+    fn amqp_urls_give_the_lua_client_settings() {
+        let a = parse_amqp("amqp://user:p%40ss@rabbit.local:5673/my%2Fvhost").unwrap();
+        assert_eq!(a.port, 5673);
         assert_eq!(
             (
                 a.host.as_str(),

@@ -1,21 +1,22 @@
 -- The nginx ingress: each HTTP request becomes an envelope v1 on RabbitMQ's
--- request queue (STOMP SEND with a receipt, on pooled connections); each
--- nginx worker consumes its own long-lived reply queue in a background
--- timer and wakes the waiting request through an ngx.semaphore, matching
--- replies by request id. Late, duplicate or unknown replies are dropped.
+-- request queue (AMQP 0-9-1 publish with a publisher confirm, on pooled
+-- connections); each nginx worker consumes its own long-lived exclusive
+-- reply queue in a background timer and wakes the waiting request through
+-- an ngx.semaphore, matching replies by request id. Late, duplicate or
+-- unknown replies are dropped.
 --
 -- Every request gets exactly one answer: the Func's, or a JSON error
 -- (413 too large, 502 malformed reply, 503 broker unavailable or connection
 -- lost, 504 no answer before the deadline).
 local envelope = require "funcatron.envelope"
-local stomp = require "funcatron.stomp"
+local amqp = require "funcatron.amqp"
 local semaphore = require "ngx.semaphore"
 local cjson = require "cjson.safe"
 
 local M = {}
 
 local conf = {
-  host = "127.0.0.1", port = 61613, vhost = "/", login = "guest", passcode = "guest",
+  host = "127.0.0.1", port = 5672, vhost = "/", login = "guest", passcode = "guest",
   request_queue = "funcatron.requests", timeout_ms = 30000, pool_size = 32, backlog = 10000,
 }
 local waiting = {}       -- request id -> { sema, result, lost }
@@ -38,14 +39,14 @@ local function new_id()
     math.random(0, 0x7fffffff), math.random(0, 0x7fffffff))
 end
 
-local function stomp_opts(pool, wait_ms)
+local function amqp_opts(pool, wait_ms)
   return {
     host = conf.host, port = conf.port, vhost = conf.vhost, login = conf.login,
     passcode = conf.passcode, timeout_ms = 5000,
     -- Waiting for a free pooled connection counts against the connect timeout.
     connect_timeout_ms = wait_ms or 1000,
     pool = pool and ("funcatron:" .. conf.host .. ":" .. conf.port .. ":" .. conf.vhost) or nil,
-    pool_size = conf.pool_size, backlog = conf.backlog,
+    pool_size = conf.pool_size, backlog = conf.backlog, confirm = pool,
   }
 end
 
@@ -70,43 +71,33 @@ local function consume(premature)
   if premature then return end
   local backoff = 0.1
   while not ngx.worker.exiting() do
-    local conn, err = stomp.connect(stomp_opts(false))
+    local conn, err = amqp.connect(amqp_opts(false))
     if conn then
       local ok
-      ok, err = conn:send_frame("SUBSCRIBE", {
-        id = "replies", destination = "/queue/" .. reply_queue, ack = "auto",
-        durable = "false", ["auto-delete"] = "true", exclusive = "true",
-        receipt = "subscribed",
-      })
-      local f = ok and conn:read_frame()
-      if f and f.command == "RECEIPT" then
+      ok, err = conn:consume_exclusive(reply_queue)
+      if ok then
         consumer_up, backoff = true, 0.1
         ngx.shared.funcatron:set("up:" .. ngx.worker.id(), true)
         ngx.log(ngx.INFO, "funcatron: consuming replies on ", reply_queue)
-        conn.sock:settimeouts(1000, 5000, 1000)
+        -- Wake every second to notice a worker shutdown.
+        conn:settimeouts(1000, 5000, 1000)
         while not ngx.worker.exiting() do
-          f, err = conn:read_frame()
-          if f then
-            if f.command == "MESSAGE" then
-              local id = reply_id(f.body or "")
-              local w = id and waiting[id]
-              if w then
-                waiting[id] = nil
-                w.result = f.body
-                w.sema:post(1)
-              else
-                ngx.log(ngx.INFO, "funcatron: late or unknown reply dropped: ", tostring(id))
-              end
-            elseif f.command == "ERROR" then
-              err = "broker error: " .. tostring(f.headers.message)
-              break
+          local body
+          body, err = conn:next_message()
+          if body then
+            local id = reply_id(body)
+            local w = id and waiting[id]
+            if w then
+              waiting[id] = nil
+              w.result = body
+              w.sema:post(1)
+            else
+              ngx.log(ngx.INFO, "funcatron: late or unknown reply dropped: ", tostring(id))
             end
           elseif err ~= "timeout" then
             break
           end
         end
-      else
-        err = err or (f and ("subscribe refused: " .. tostring(f.headers.message))) or "subscribe failed"
       end
       conn:close()
     end
@@ -204,11 +195,11 @@ function M.handle()
 
   local w = { sema = semaphore.new() }
   waiting[id] = w
-  local conn, err = stomp.connect(stomp_opts(true, math.max(1000, math.min(timeout_ms, 10000))))
+  local conn, err = amqp.connect(amqp_opts(true, math.max(1000, math.min(timeout_ms, 10000))))
   if conn then
     local ok
-    ok, err = conn:send_confirmed("/amq/queue/" .. conf.request_queue, env, {
-      ["content-type"] = "application/json", expiration = tostring(timeout_ms), persistent = "false",
+    ok, err = conn:publish(conf.request_queue, env, {
+      content_type = "application/json", expiration = tostring(timeout_ms), persistent = false,
     })
     if ok then conn:setkeepalive(60000, conf.pool_size) else conn:close() end
     if not ok then conn = nil end
@@ -270,7 +261,7 @@ function M.health()
   end
   ngx.header["Content-Type"] = "application/json"
   if not consumer_up then ngx.status = 503 end
-  ngx.print(string.format('{"status":"%s","broker":"stomp","connected":%s,"workers_ready":%d,"workers":%d}',
+  ngx.print(string.format('{"status":"%s","broker":"amqp","connected":%s,"workers_ready":%d,"workers":%d}',
     consumer_up and "ok" or "broker_unavailable", tostring(consumer_up), ready, ngx.worker.count()))
 end
 
