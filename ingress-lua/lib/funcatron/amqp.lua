@@ -172,6 +172,12 @@ function M:publish(queue, body, props)
   end
 end
 
+--- Declare a durable, shared queue (idempotent).
+function M:declare_durable(queue)
+  self:send_method(1, 50, 10, u16(0) .. shortstr(queue) .. u8(2) .. u32(0)) -- durable
+  return self:expect(50, 11)
+end
+
 --- Declare an exclusive, auto-delete queue and consume it with auto-ack.
 function M:consume_exclusive(queue)
   self:send_method(1, 50, 10, u16(0) .. shortstr(queue) .. u8(4 + 8) .. u32(0)) -- exclusive, auto-delete

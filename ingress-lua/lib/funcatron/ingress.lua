@@ -73,8 +73,11 @@ local function consume(premature)
   while not ngx.worker.exiting() do
     local conn, err = amqp.connect(amqp_opts(false))
     if conn then
+      -- Declare the request queue as the embedded ingress does, so requests
+      -- wait for a Tron instead of bouncing when none has started yet.
       local ok
-      ok, err = conn:consume_exclusive(reply_queue)
+      ok, err = conn:declare_durable(conf.request_queue)
+      if ok then ok, err = conn:consume_exclusive(reply_queue) end
       if ok then
         consumer_up, backoff = true, 0.1
         ngx.shared.funcatron:set("up:" .. ngx.worker.id(), true)
