@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use funcatron_broker::{names, AmqpBroker, Broker, ConsumeOptions, Message, QueueKind};
+use funcatron_broker::{names, AmqpBroker, Broker, Message};
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,14 +62,7 @@ async fn separate_processes_give_the_same_answers() {
         assert_eq!(r.json::<Value>().await.unwrap()["error"], "func_timeout");
     }
     // Many requests in flight across both ingresses, each answered correctly.
-    let calls = (0..400).map(|i| {
-        let http = http.clone();
-        let url = format!("{}/hello/p{i}", p.bases[i % 2]);
-        async move { (i, http.get(url).send().await.unwrap().text().await.unwrap()) }
-    });
-    for (i, text) in futures::future::join_all(calls).await {
-        assert_eq!(text, format!("Hello, p{i}!"));
-    }
+    each_request_gets_its_own_answer(&p.bases, 400).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,33 +81,7 @@ async fn garbage_on_the_request_queue_is_dead_lettered_and_good_requests_succeed
         .unwrap();
     assert_eq!(r.text().await.unwrap(), "Hello, good!");
 
-    let mut dead = broker
-        .consume(
-            names::DEAD_LETTERS,
-            QueueKind::Work,
-            ConsumeOptions {
-                prefetch: 10,
-                auto_ack: false,
-            },
-        )
-        .await
-        .unwrap();
-    let mut reasons = Vec::new();
-    for _ in 0..2 {
-        let d = tokio::time::timeout(Duration::from_secs(15), dead.next())
-            .await
-            .expect("dead letter")
-            .unwrap();
-        assert_eq!(d.message.header(names::DEAD_SOURCE), Some(names::REQUESTS));
-        reasons.push(
-            d.message
-                .header(names::DEAD_REASON)
-                .unwrap_or_default()
-                .to_owned(),
-        );
-        d.ack().await.unwrap();
-    }
-    reasons.sort();
+    let reasons = dead_letter_reasons(&broker, 2).await;
     assert!(reasons[0].starts_with("malformed envelope"), "{reasons:?}");
     assert!(
         reasons[1].contains("unsupported envelope version \"9.1\""),

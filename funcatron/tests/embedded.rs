@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use funcatron_broker::{
-    names, AnyBroker, Broker, ConsumeOptions, EmbeddedBroker, Message, QueueKind,
-};
+use funcatron_broker::{names, AnyBroker, Broker, EmbeddedBroker, Message};
 use funcatron_ingress::IngressOptions;
 use funcatron_tron::{RouteTable, TronOptions};
 use serde_json::Value;
@@ -280,24 +278,7 @@ async fn misbehaving_funcs_get_clear_errors_and_others_keep_serving() {
 #[tokio::test]
 async fn concurrent_requests_each_get_their_own_answer() {
     let (c, _d) = cluster(IngressOptions::default()).await;
-    let http = reqwest::Client::new();
-    let calls = (0..300).map(|i| {
-        let http = http.clone();
-        let url = format!("{}/hello/n{i}", c.base);
-        async move {
-            let r = http
-                .get(url)
-                .header("x-request-id", format!("req-{i}"))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.headers()["x-request-id"], format!("req-{i}").as_str());
-            (i, r.text().await.unwrap())
-        }
-    });
-    for (i, text) in futures::future::join_all(calls).await {
-        assert_eq!(text, format!("Hello, n{i}!"));
-    }
+    each_request_gets_its_own_answer(std::slice::from_ref(&c.base), 300).await;
 }
 
 #[tokio::test]
@@ -318,28 +299,7 @@ async fn garbage_and_foreign_versions_are_dead_lettered_while_good_requests_succ
         .unwrap();
     assert_eq!(r.text().await.unwrap(), "Hello, still!");
 
-    let mut dead = c
-        .broker
-        .consume(
-            names::DEAD_LETTERS,
-            QueueKind::Work,
-            ConsumeOptions {
-                prefetch: 10,
-                auto_ack: false,
-            },
-        )
-        .await
-        .unwrap();
-    let mut reasons = Vec::new();
-    for _ in 0..3 {
-        let d = tokio::time::timeout(Duration::from_secs(10), dead.next())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(d.message.header(names::DEAD_SOURCE), Some(names::REQUESTS));
-        reasons.push(d.message.header(names::DEAD_REASON).unwrap().to_owned());
-        d.ack().await.unwrap();
-    }
+    let reasons = dead_letter_reasons(&c.broker, 3).await;
     assert!(
         reasons
             .iter()

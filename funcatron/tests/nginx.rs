@@ -221,24 +221,7 @@ async fn request_ids_server_timing_and_the_access_log() {
 async fn many_concurrent_requests_each_get_their_own_answer() {
     let p = start_processes(2, 2, 0, &[]).await;
     let nginx = start_nginx(&p.broker, &[]).await;
-    let http = reqwest::Client::new();
-    let calls = (0..300).map(|i| {
-        let http = http.clone();
-        let url = format!("{}/hello/c{i}", nginx.base);
-        async move {
-            let r = http
-                .get(url)
-                .header("x-request-id", format!("conc-{i}"))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.headers()["x-request-id"], format!("conc-{i}").as_str());
-            (i, r.text().await.unwrap())
-        }
-    });
-    for (i, text) in futures::future::join_all(calls).await {
-        assert_eq!(text, format!("Hello, c{i}!"));
-    }
+    each_request_gets_its_own_answer(std::slice::from_ref(&nginx.base), 300).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -274,32 +274,27 @@ async fn handle(
         );
     };
     let limit = s.options.max_body_bytes;
-    let too_large = format!("request body exceeds the limit of {limit} bytes");
+    let too_large = || {
+        let msg = format!("request body exceeds the limit of {limit} bytes");
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &id,
+            "payload_too_large",
+            &msg,
+            started,
+        )
+    };
     let declared = parts
         .headers
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &id,
-            "payload_too_large",
-            &too_large,
-            started,
-        );
+        return too_large();
     }
     let body = match Limited::new(body, limit).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &id,
-                "payload_too_large",
-                &too_large,
-                started,
-            );
-        }
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
         Err(e) => {
             return error(
                 StatusCode::BAD_REQUEST,

@@ -387,3 +387,60 @@ pub async fn start_nginx(broker: &str, extra: &[&str]) -> Nginx {
     }
     nginx
 }
+
+/// Send `n` hello requests at once, spread over `bases`, each with its own
+/// `X-Request-Id`, and check every one gets its own answer and id back.
+pub async fn each_request_gets_its_own_answer(bases: &[String], n: usize) {
+    let http = reqwest::Client::new();
+    let calls = (0..n).map(|i| {
+        let http = http.clone();
+        let url = format!("{}/hello/n{i}", bases[i % bases.len()]);
+        async move {
+            let r = http
+                .get(url)
+                .header("x-request-id", format!("req-{i}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.headers()["x-request-id"], format!("req-{i}").as_str());
+            (i, r.text().await.unwrap())
+        }
+    });
+    for (i, text) in futures::future::join_all(calls).await {
+        assert_eq!(text, format!("Hello, n{i}!"));
+    }
+}
+
+/// Take `n` messages off the dead-letter queue (acking them), check they came
+/// from the request queue, and return their reasons, sorted.
+pub async fn dead_letter_reasons(broker: &impl funcatron_broker::Broker, n: usize) -> Vec<String> {
+    use funcatron_broker::{names, ConsumeOptions, QueueKind};
+    let mut dead = broker
+        .consume(
+            names::DEAD_LETTERS,
+            QueueKind::Work,
+            ConsumeOptions {
+                prefetch: 10,
+                auto_ack: false,
+            },
+        )
+        .await
+        .unwrap();
+    let mut reasons = Vec::new();
+    for _ in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(15), dead.next())
+            .await
+            .expect("a dead letter")
+            .unwrap();
+        assert_eq!(d.message.header(names::DEAD_SOURCE), Some(names::REQUESTS));
+        reasons.push(
+            d.message
+                .header(names::DEAD_REASON)
+                .unwrap_or_default()
+                .to_owned(),
+        );
+        d.ack().await.unwrap();
+    }
+    reasons.sort();
+    reasons
+}
