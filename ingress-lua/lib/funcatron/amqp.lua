@@ -1,7 +1,8 @@
 -- A minimal AMQP 0-9-1 client over nginx cosockets, for RabbitMQ: the
--- handshake (PLAIN auth, no heartbeats), one channel, publishing with
--- publisher confirms (mandatory, so a missing queue is reported), and
--- consuming with auto-ack. Pure Lua arithmetic, no bit library, so it runs
+-- handshake (PLAIN auth, no heartbeats), channels, queue declarations,
+-- auto-ack consumers, and the frames of `mandatory` publishes; the caller
+-- reads frames and matches deliveries, confirms and returns itself, so many
+-- publishes can be in flight on one connection. Pure Lua arithmetic, no bit library, so it runs
 -- in LuaJIT and in Lua 5.4 alike.
 local M = {}
 local mt = { __index = M }
@@ -27,6 +28,7 @@ local function r_u64(s, i) return r_u32(s, i) * 4294967296 + r_u32(s, i + 4) end
 local function r_shortstr(s, i) local n = byte(s, i) return sub(s, i + 1, i + n), i + 1 + n end
 
 M._encode = { u8 = u8, u16 = u16, u32 = u32, u64 = u64 }
+M.r_u16, M.r_u64, M.r_shortstr, M.close_reason = r_u16, r_u64, r_shortstr, nil
 
 -- Read exactly n bytes. A read timeout with nothing read returns
 -- nil, "timeout" (the caller may idle); a timeout mid-frame keeps reading.
@@ -74,6 +76,7 @@ local function close_reason(payload)
   local text = r_shortstr(payload, 7)
   return code .. " " .. text
 end
+M.close_reason = close_reason
 
 --- Read frames until the method (class, method); returns its arguments.
 --- Connection.Close / Channel.Close become errors with the broker's reason.
@@ -91,19 +94,15 @@ function M:expect(class, method)
   end
 end
 
---- Connect, or reuse a pooled connection that is already open with its
---- channel (and confirm mode, when `confirm` is set).
---- opts: host, port, vhost, login, passcode, timeout_ms, connect_timeout_ms,
---- pool, pool_size, backlog, confirm
+--- Connect and open channel 1.
+--- opts: host, port, vhost, login, passcode, timeout_ms, connect_timeout_ms
 function M.connect(opts)
   local sock = ngx.socket.tcp()
   local t = opts.timeout_ms or 5000
   sock:settimeouts(opts.connect_timeout_ms or 1000, t, t)
-  local popts = opts.pool and { pool = opts.pool, pool_size = opts.pool_size, backlog = opts.backlog } or nil
-  local ok, err = sock:connect(opts.host, opts.port, popts)
+  local ok, err = sock:connect(opts.host, opts.port)
   if not ok then return nil, "connect " .. opts.host .. ":" .. opts.port .. ": " .. tostring(err) end
   local self = setmetatable({ sock = sock, frame_max = 131072 }, mt)
-  if (sock:getreusedtimes() or 0) > 0 then return self end
   local function fail(e) sock:close() return nil, "AMQP handshake: " .. tostring(e) end
   local _, serr = sock:send("AMQP\0\0\9\1")
   if serr then return fail(serr) end
@@ -119,57 +118,43 @@ function M.connect(opts)
   self:send_method(0, 10, 40, shortstr(opts.vhost) .. shortstr("") .. u8(0)) -- connection.open
   args, e = self:expect(10, 41)
   if not args then return fail(e) end
-  self:send_method(1, 20, 10, shortstr("")) -- channel.open
-  args, e = self:expect(20, 11)
+  args, e = self:open_channel(1, false)
   if not args then return fail(e) end
-  if opts.confirm then
-    self:send_method(1, 85, 10, u8(0)) -- confirm.select
-    args, e = self:expect(85, 11)
-    if not args then return fail(e) end
-  end
   return self
 end
 
---- Publish to a queue through the default exchange and wait for the
---- broker's confirm. props: content_type, expiration (ms string), persistent.
---- Returns true, or nil and a reason ("no_route: ..." when the queue is missing).
-function M:publish(queue, body, props)
+--- The frames of one `mandatory` publish to `queue` through the default
+--- exchange on `channel` (a string to send; nothing is awaited).
+function M:publish_frames(channel, queue, body, props)
   props = props or {}
-  local flags, p = 0, {}
+  local flags, p = 0x1000, {}
   if props.content_type then flags = flags + 0x8000 p[#p + 1] = shortstr(props.content_type) end
-  flags = flags + 0x1000
   p[#p + 1] = u8(props.persistent and 2 or 1)
   if props.expiration then flags = flags + 0x0100 p[#p + 1] = shortstr(props.expiration) end
   local header = u16(60) .. u16(0) .. u64(#body) .. u16(flags) .. concat(p)
   local out = {
-    method_frame(1, 60, 40, u16(0) .. shortstr("") .. shortstr(queue) .. u8(1)), -- mandatory
-    "\2" .. u16(1) .. u32(#header) .. header .. FRAME_END,
+    method_frame(channel, 60, 40, u16(0) .. shortstr("") .. shortstr(queue) .. u8(1)),
+    "\2" .. u16(channel) .. u32(#header) .. header .. FRAME_END,
   }
   local chunk = self.frame_max - 8
   for i = 1, #body, chunk do
     local part = sub(body, i, i + chunk - 1)
-    out[#out + 1] = "\3" .. u16(1) .. u32(#part) .. part .. FRAME_END
+    out[#out + 1] = "\3" .. u16(channel) .. u32(#part) .. part .. FRAME_END
   end
-  local _, err = self.sock:send(out)
-  if err then return nil, err end
-  local returned
-  while true do
-    local f, rerr = self:read_frame()
-    if not f then return nil, rerr end
-    if f.type == 1 then
-      local c, m = r_u16(f.payload, 1), r_u16(f.payload, 3)
-      if c == 60 and m == 80 then -- basic.ack
-        if returned then return nil, "no_route: " .. returned end
-        return true
-      elseif c == 60 and m == 120 then -- basic.nack
-        return nil, "the broker refused the message"
-      elseif c == 60 and m == 50 then -- basic.return (header and body follow)
-        returned = select(1, r_shortstr(f.payload, 7))
-      elseif (c == 10 and m == 50) or (c == 20 and m == 40) then
-        return nil, "broker closed: " .. close_reason(f.payload)
-      end
-    end
+  return concat(out)
+end
+
+--- Open another channel, optionally in confirm mode.
+function M:open_channel(channel, confirm)
+  self:send_method(channel, 20, 10, shortstr(""))
+  local args, err = self:expect(20, 11)
+  if not args then return nil, err end
+  if confirm then
+    self:send_method(channel, 85, 10, u8(0))
+    args, err = self:expect(85, 11)
+    if not args then return nil, err end
   end
+  return true
 end
 
 --- Declare a durable, shared queue (idempotent).
@@ -189,45 +174,7 @@ function M:consume_exclusive(queue)
   return true
 end
 
---- The next delivered message body; nil, "timeout" when idle.
-function M:next_message()
-  while true do
-    local f, err = self:read_frame()
-    if not f then return nil, err end
-    if f.type == 1 then
-      local c, m = r_u16(f.payload, 1), r_u16(f.payload, 3)
-      if c == 60 and m == 60 then -- basic.deliver: a header frame and body frames follow
-        -- (An idle timeout between these frames just means keep reading.)
-        local h
-        repeat
-          h, err = self:read_frame()
-          if not h and err ~= "timeout" then return nil, err end
-        until h and h.type == 2
-        local size = r_u64(h.payload, 5)
-        local parts, got = {}, 0
-        while got < size do
-          local b
-          b, err = self:read_frame()
-          if not b and err ~= "timeout" then return nil, err end
-          if b and b.type == 3 then
-            parts[#parts + 1] = b.payload
-            got = got + #b.payload
-          end
-        end
-        return concat(parts)
-      elseif (c == 10 and m == 50) or (c == 20 and m == 40) then
-        return nil, "broker closed: " .. close_reason(f.payload)
-      end
-    end
-  end
-end
-
 function M:settimeouts(c, s, r) return self.sock:settimeouts(c, s, r) end
-function M:setkeepalive(idle_ms, pool_size)
-  local ok, err = self.sock:setkeepalive(idle_ms, pool_size)
-  if not ok then ngx.log(ngx.WARN, "funcatron: AMQP connection not pooled: ", err) end
-  return ok, err
-end
 function M:close() return self.sock:close() end
 
 return M

@@ -1,9 +1,14 @@
 -- The nginx ingress: each HTTP request becomes an envelope v1 on RabbitMQ's
--- request queue (AMQP 0-9-1 publish with a publisher confirm, on pooled
--- connections); each nginx worker consumes its own long-lived exclusive
--- reply queue in a background timer and wakes the waiting request through
--- an ngx.semaphore, matching replies by request id. Late, duplicate or
--- unknown replies are dropped.
+-- request queue, and the answer comes back on this nginx worker's own
+-- long-lived exclusive reply queue.
+--
+-- Each worker holds one AMQP 0-9-1 connection, owned by a background timer:
+-- channel 1 consumes the reply queue, channel 2 publishes in confirm mode.
+-- Request handlers put their envelope in the worker's outbox and wait on an
+-- ngx.semaphore; a writer light thread sends everything queued in one write
+-- (publishes pipeline, as in the embedded ingress), and the reader matches
+-- replies to requests by request id and publisher nacks/returns to requests
+-- by delivery tag. Late, duplicate or unknown replies are dropped.
 --
 -- Every request gets exactly one answer: the Func's, or a JSON error
 -- (413 too large, 502 malformed reply, 503 broker unavailable or connection
@@ -17,11 +22,14 @@ local M = {}
 
 local conf = {
   host = "127.0.0.1", port = 5672, vhost = "/", login = "guest", passcode = "guest",
-  request_queue = "funcatron.requests", timeout_ms = 30000, pool_size = 32, backlog = 10000,
+  request_queue = "funcatron.requests", timeout_ms = 30000,
 }
-local waiting = {}       -- request id -> { sema, result, lost }
+local waiting = {}       -- request id -> { sema, result, failed = {code, message} }
 local reply_queue        -- this worker's reply queue
 local consumer_up = false
+local outbox, outbox_sema = {}, nil -- envelopes waiting for the writer
+local unconfirmed = {}   -- delivery tag -> request id, until the broker confirms
+local next_tag, confirmed_upto = 0, 0
 
 envelope.configure({
   json_decode = cjson.decode,
@@ -39,23 +47,27 @@ local function new_id()
     math.random(0, 0x7fffffff), math.random(0, 0x7fffffff))
 end
 
-local function amqp_opts(pool, wait_ms)
+local function amqp_opts()
   return {
     host = conf.host, port = conf.port, vhost = conf.vhost, login = conf.login,
-    passcode = conf.passcode, timeout_ms = 5000,
-    -- Waiting for a free pooled connection counts against the connect timeout.
-    connect_timeout_ms = wait_ms or 1000,
-    pool = pool and ("funcatron:" .. conf.host .. ":" .. conf.port .. ":" .. conf.vhost) or nil,
-    pool_size = conf.pool_size, backlog = conf.backlog, confirm = pool,
+    passcode = conf.passcode, timeout_ms = 5000, connect_timeout_ms = 1000,
   }
 end
 
-local function fail_all_waiting()
-  for id, w in pairs(waiting) do
-    w.lost = true
+local function fail(id, code, message)
+  local w = id and waiting[id]
+  if w then
     waiting[id] = nil
+    w.failed = { code, message }
     w.sema:post(1)
   end
+end
+
+local LOST = "the broker connection was lost while the request was in flight; its outcome is unknown"
+
+local function fail_all_waiting()
+  for id in pairs(waiting) do fail(id, "broker_connection_lost", LOST) end
+  outbox, unconfirmed, next_tag, confirmed_upto = {}, {}, 0, 0
 end
 
 -- Fast path for our own encoder, which writes version then id first; any
@@ -67,47 +79,122 @@ local function reply_id(body)
   return type(t) == "table" and t.id or nil
 end
 
-local function consume(premature)
+local PUBLISH_PROPS
+
+-- The writer light thread: send everything in the outbox in one write.
+local function write_loop(conn)
+  while true do
+    local ok, err = outbox_sema:wait(1)
+    if ngx.worker.exiting() then return end
+    if #outbox > 0 then
+      local batch = outbox
+      outbox = {}
+      local frames = {}
+      for i, item in ipairs(batch) do
+        next_tag = next_tag + 1
+        unconfirmed[next_tag] = item.id
+        frames[i] = conn:publish_frames(2, conf.request_queue, item.env, PUBLISH_PROPS)
+      end
+      local _, serr = conn.sock:send(frames)
+      if serr then return "send: " .. serr end
+    elseif not ok and err ~= "timeout" then
+      return err
+    end
+  end
+end
+
+-- Settle publisher confirms up to `tag` (or just `tag`): acked ones need
+-- nothing more (the reply will come); nacked ones fail their request.
+local function settle(tag, multiple, nacked)
+  local from = multiple and confirmed_upto + 1 or tag
+  for t = from, tag do
+    local id = unconfirmed[t]
+    unconfirmed[t] = nil
+    if nacked then fail(id, "broker_unavailable", "the broker refused the request") end
+  end
+  if multiple or tag == confirmed_upto + 1 then confirmed_upto = math.max(confirmed_upto, tag) end
+end
+
+-- The reader: deliveries on channel 1 are replies; on channel 2 come
+-- confirms and returns (a missing request queue).
+local function read_loop(conn)
+  local content = {} -- channel -> { kind, size, parts, got }
+  while not ngx.worker.exiting() do
+    local f, err = conn:read_frame()
+    if not f then
+      if err ~= "timeout" then return err end
+    elseif f.type == 1 then
+      local c, m = amqp.r_u16(f.payload, 1), amqp.r_u16(f.payload, 3)
+      if c == 60 and (m == 60 or m == 50) then -- deliver / return: content follows
+        content[f.channel] = { kind = m == 60 and "reply" or "returned", parts = {}, got = 0 }
+      elseif c == 60 and m == 80 then -- basic.ack
+        settle(amqp.r_u64(f.payload, 5), f.payload:byte(13) % 2 == 1, false)
+      elseif c == 60 and m == 120 then -- basic.nack
+        settle(amqp.r_u64(f.payload, 5), f.payload:byte(13) % 2 == 1, true)
+      elseif (c == 10 and m == 50) or (c == 20 and m == 40) then
+        return "broker closed: " .. amqp.close_reason(f.payload)
+      end
+    elseif f.type == 2 then
+      local st = content[f.channel]
+      if st then st.size = amqp.r_u64(f.payload, 5) end
+    elseif f.type == 3 then
+      local st = content[f.channel]
+      if st then
+        st.parts[#st.parts + 1] = f.payload
+        st.got = st.got + #f.payload
+      end
+    end
+    -- A complete message (an empty body completes with its header).
+    local st = f and content[f.channel]
+    if st and st.size and st.got >= st.size then
+      content[f.channel] = nil
+      local body = table.concat(st.parts)
+      local id = reply_id(body)
+      if st.kind == "reply" then
+        local w = id and waiting[id]
+        if w then
+          waiting[id] = nil
+          w.result = body
+          w.sema:post(1)
+        else
+          ngx.log(ngx.INFO, "funcatron: late or unknown reply dropped: ", tostring(id))
+        end
+      else
+        fail(id, "broker_unavailable", "the request queue " .. conf.request_queue .. " does not exist")
+      end
+    end
+  end
+end
+
+local function serve(premature)
   if premature then return end
+  PUBLISH_PROPS = { content_type = "application/json", expiration = tostring(conf.timeout_ms), persistent = false }
   local backoff = 0.1
   while not ngx.worker.exiting() do
-    local conn, err = amqp.connect(amqp_opts(false))
+    local conn, err = amqp.connect(amqp_opts())
     if conn then
       -- Declare the request queue as the embedded ingress does, so requests
       -- wait for a Tron instead of bouncing when none has started yet.
       local ok
       ok, err = conn:declare_durable(conf.request_queue)
       if ok then ok, err = conn:consume_exclusive(reply_queue) end
+      if ok then ok, err = conn:open_channel(2, true) end
       if ok then
         consumer_up, backoff = true, 0.1
         ngx.shared.funcatron:set("up:" .. ngx.worker.id(), true)
         ngx.log(ngx.INFO, "funcatron: consuming replies on ", reply_queue)
         -- Wake every second to notice a worker shutdown.
-        conn:settimeouts(1000, 5000, 1000)
-        while not ngx.worker.exiting() do
-          local body
-          body, err = conn:next_message()
-          if body then
-            local id = reply_id(body)
-            local w = id and waiting[id]
-            if w then
-              waiting[id] = nil
-              w.result = body
-              w.sema:post(1)
-            else
-              ngx.log(ngx.INFO, "funcatron: late or unknown reply dropped: ", tostring(id))
-            end
-          elseif err ~= "timeout" then
-            break
-          end
-        end
+        conn:settimeouts(1000, 10000, 1000)
+        local writer = ngx.thread.spawn(write_loop, conn)
+        err = read_loop(conn)
+        ngx.thread.kill(writer)
       end
       conn:close()
     end
     if consumer_up then
-      ngx.log(ngx.WARN, "funcatron: lost the reply consumer: ", tostring(err))
+      ngx.log(ngx.WARN, "funcatron: lost the broker connection: ", tostring(err))
     else
-      ngx.log(ngx.WARN, "funcatron: cannot consume replies: ", tostring(err))
+      ngx.log(ngx.WARN, "funcatron: cannot reach the broker: ", tostring(err))
     end
     consumer_up = false
     ngx.shared.funcatron:delete("up:" .. ngx.worker.id())
@@ -122,7 +209,8 @@ end
 function M.init_worker()
   math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
   reply_queue = string.format("funcatron.reply.nginx-%d-%s", ngx.worker.pid(), new_id():sub(1, 12))
-  local ok, err = ngx.timer.at(0, consume)
+  outbox_sema = semaphore.new()
+  local ok, err = ngx.timer.at(0, serve)
   if not ok then ngx.log(ngx.ERR, "funcatron: cannot start the reply consumer: ", err) end
 end
 
@@ -198,19 +286,9 @@ function M.handle()
 
   local w = { sema = semaphore.new() }
   waiting[id] = w
-  local conn, err = amqp.connect(amqp_opts(true, math.max(1000, math.min(timeout_ms, 10000))))
-  if conn then
-    local ok
-    ok, err = conn:publish(conf.request_queue, env, {
-      content_type = "application/json", expiration = tostring(timeout_ms), persistent = false,
-    })
-    if ok then conn:setkeepalive(60000, conf.pool_size) else conn:close() end
-    if not ok then conn = nil end
-  end
-  if not conn then
-    waiting[id] = nil
-    return answer_error(503, id, "broker_unavailable", "the request could not be queued: " .. tostring(err), started)
-  end
+  outbox[#outbox + 1] = { id = id, env = env }
+  env = nil
+  outbox_sema:post(1)
 
   ngx.update_time()
   local remaining = timeout_ms / 1000 - (ngx.now() - started)
@@ -219,9 +297,8 @@ function M.handle()
     waiting[id] = nil
     return answer_error(504, id, "timeout", string.format("no answer within %d ms", timeout_ms), started)
   end
-  if w.lost then
-    return answer_error(503, id, "broker_connection_lost",
-      "the broker connection was lost while the request was in flight; its outcome is unknown", started)
+  if w.failed then
+    return answer_error(503, id, w.failed[1], w.failed[2], started)
   end
   local resp, derr = envelope.decode_response(w.result)
   if not resp then
