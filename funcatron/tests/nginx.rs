@@ -273,15 +273,31 @@ async fn a_missing_request_queue_is_a_fast_503_from_both_ingresses() {
     let embedded = format!("http://{addr}");
     let http = reqwest::Client::new();
     let until = Instant::now() + Duration::from_secs(30);
-    while http.get(format!("{embedded}/_funcatron/health")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
-        assert!(Instant::now() < until, "embedded ingress never became ready");
+    while http
+        .get(format!("{embedded}/_funcatron/health"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(
+            Instant::now() < until,
+            "embedded ingress never became ready"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Someone deletes the request queue by hand: publishes are returned
     // (they are `mandatory`) and the client hears so at once.
     let vhost = p.broker.rsplit('/').next().unwrap();
-    let out = std::process::Command::new("rabbitmqctl").args(["delete_queue", "-p", vhost, "funcatron.requests"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["delete_queue", "-p", vhost, "funcatron.requests"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for base in [&nginx.base, &embedded] {
         let started = Instant::now();
         let r = http.get(format!("{base}/hello/x")).send().await.unwrap();

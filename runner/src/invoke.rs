@@ -43,6 +43,9 @@ pub enum Handled {
     },
     /// Not a request envelope we can read: dead-letter it.
     Undecodable(String),
+    /// The runtime could not take the job (shutting down): put the request
+    /// back for another Runner.
+    Requeue(String),
 }
 
 /// The view of a request a Func runtime gets.

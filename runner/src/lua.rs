@@ -106,14 +106,12 @@ impl Runtime for LuaRuntime {
             done,
         };
         if self.tx.send(task).await.is_err() {
-            return Handled::Undecodable("Lua runtime stopped".into());
+            return Handled::Requeue("the Lua runtime has stopped".into());
         }
-        match rx.await {
-            Ok(h) => h,
-            // The worker panicked mid-call: its thread lives on (see
-            // `worker`), but this request's answer is lost; say so.
-            Err(_) => Handled::Undecodable("Lua worker crashed while handling the request".into()),
-        }
+        // A worker answers even when the Func panics (see `worker`); no
+        // answer means its thread is gone, and the request goes back.
+        rx.await
+            .unwrap_or_else(|_| Handled::Requeue("a Lua worker thread ended".into()))
     }
 }
 

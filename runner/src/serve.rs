@@ -190,6 +190,10 @@ async fn handle(
                 let _ = delivery.ack().await;
             }
             Handled::Undecodable(why) => broker.dead_letter(queue, delivery, &why).await,
+            Handled::Requeue(why) => {
+                tracing::warn!(reason = %why, "requeueing the request");
+                let _ = delivery.nack(true).await;
+            }
         }
     }
     .instrument(span)
