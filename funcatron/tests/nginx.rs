@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use funcatron_broker::Broker;
 use serde_json::Value;
 
 /// A request body and its content type.
@@ -305,5 +306,118 @@ async fn a_missing_request_queue_is_a_fast_503_from_both_ingresses() {
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"], "broker_unavailable", "{base}: {body}");
         assert!(started.elapsed() < Duration::from_secs(5), "{base}");
+    }
+}
+
+/// The reply queues of a vhost, from the broker.
+fn reply_queues(vhost: &str) -> Vec<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-p",
+            vhost,
+            "--no-table-headers",
+            "--quiet",
+            "name",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|q| q.starts_with("funcatron.reply."))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_replies_are_502_and_late_replies_reach_no_one() {
+    // A Tron but no Runner: requests wait, and the test answers them itself.
+    let p = start_processes(1, 0, 0, &[]).await;
+    let nginx = start_nginx(&p.broker, &["--timeout-ms", "3000"]).await;
+    let addr = free_addr().to_string();
+    let _ingress = spawn(
+        "ingress",
+        &p.broker,
+        &["--listen", &addr, "--timeout-ms", "3000"],
+    );
+    let embedded = format!("http://{addr}");
+    let http = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    while http
+        .get(format!("{embedded}/_funcatron/health"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < until);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let vhost = p.broker.rsplit('/').next().unwrap().to_owned();
+    let broker = funcatron_broker::AmqpBroker::connect(&p.broker);
+    assert!(broker.wait_connected(Duration::from_secs(10)).await);
+    let queues = reply_queues(&vhost);
+    assert_eq!(
+        queues.len(),
+        3,
+        "two nginx workers and one embedded ingress: {queues:?}"
+    );
+
+    for (n, base) in [&nginx.base, &embedded].into_iter().enumerate() {
+        let id = format!("malformed-{n}");
+        let waiting = tokio::spawn({
+            let (http, url, id) = (http.clone(), format!("{base}/hello/x"), id.clone());
+            async move {
+                http.get(url)
+                    .header("x-request-id", id)
+                    .send()
+                    .await
+                    .unwrap()
+            }
+        });
+        // A reply with the waiting request's id but no usable status, sent to
+        // every reply queue: only the ingress that waits for it takes it.
+        let bad = format!(r#"{{"version":"1.0","id":"{id}","status":"two hundred"}}"#);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut answered = None;
+        while answered.is_none() && Instant::now() < deadline {
+            for q in &queues {
+                let _ = broker
+                    .publish(q, funcatron_broker::Message::new(bad.clone().into_bytes()))
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if waiting.is_finished() {
+                answered = Some(waiting.await.unwrap());
+                break;
+            }
+        }
+        let r = match answered {
+            Some(r) => r,
+            None => panic!("{base}: no answer to a malformed reply"),
+        };
+        assert_eq!(r.status(), 502, "{base}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "malformed_reply", "{base}: {body}");
+        assert_eq!(body["request_id"], id.as_str());
+
+        // A reply for a request that already got its answer is dropped: the
+        // next request with the same id waits for its own answer (504 here,
+        // as no Runner runs) instead of receiving the stale one.
+        let good = format!(r#"{{"version":"1.0","id":"{id}","status":200,"body":"stale"}}"#);
+        for q in &queues {
+            broker
+                .publish(q, funcatron_broker::Message::new(good.clone().into_bytes()))
+                .await
+                .unwrap();
+        }
+        let r = http
+            .get(format!("{base}/hello/y"))
+            .header("x-request-id", id.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 504, "{base}: a stale reply was delivered");
     }
 }
