@@ -269,24 +269,8 @@ async fn a_stopped_runner_means_504_at_the_deadline() {
 async fn a_missing_request_queue_is_a_fast_503_from_both_ingresses() {
     let p = start_processes(0, 0, 0, &[]).await;
     let nginx = start_nginx(&p.broker, &[]).await;
-    let addr = free_addr().to_string();
-    let _ingress = spawn("ingress", &p.broker, &["--listen", &addr]);
-    let embedded = format!("http://{addr}");
+    let (_ingress, embedded) = spawn_ingress(&p.broker, &[]).await;
     let http = reqwest::Client::new();
-    let until = Instant::now() + Duration::from_secs(30);
-    while http
-        .get(format!("{embedded}/_funcatron/health"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(
-            Instant::now() < until,
-            "embedded ingress never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     // Someone deletes the request queue by hand: publishes are returned
     // (they are `mandatory`) and the client hears so at once.
     let vhost = p.broker.rsplit('/').next().unwrap();
@@ -335,25 +319,8 @@ async fn malformed_replies_are_502_and_late_replies_reach_no_one() {
     // A Tron but no Runner: requests wait, and the test answers them itself.
     let p = start_processes(1, 0, 0, &[]).await;
     let nginx = start_nginx(&p.broker, &["--timeout-ms", "3000"]).await;
-    let addr = free_addr().to_string();
-    let _ingress = spawn(
-        "ingress",
-        &p.broker,
-        &["--listen", &addr, "--timeout-ms", "3000"],
-    );
-    let embedded = format!("http://{addr}");
+    let (_ingress, embedded) = spawn_ingress(&p.broker, &["--timeout-ms", "3000"]).await;
     let http = reqwest::Client::new();
-    let until = Instant::now() + Duration::from_secs(30);
-    while http
-        .get(format!("{embedded}/_funcatron/health"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < until);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let vhost = p.broker.rsplit('/').next().unwrap().to_owned();
     let broker = funcatron_broker::AmqpBroker::connect(&p.broker);
     assert!(broker.wait_connected(Duration::from_secs(10)).await);

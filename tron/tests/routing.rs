@@ -9,12 +9,11 @@ use funcatron_bundle::{parse_api, Bundle, RuntimeKind};
 use funcatron_tron::routes::Route;
 use funcatron_tron::{RouteError, RouteOutcome, RouteTable};
 
-fn bundle_from(name: &str, file: &Path) -> Bundle {
-    let text = std::fs::read_to_string(file).unwrap();
-    let api = parse_api(file, &text).unwrap();
+fn bundle_of(name: &str, file: &Path, doc: &str) -> Bundle {
+    let api = parse_api(file, doc).unwrap();
     Bundle {
         name: name.into(),
-        dir: file.parent().unwrap().into(),
+        dir: file.parent().unwrap_or(Path::new(".")).into(),
         spec_file: file.into(),
         host: api.host,
         base_path: api.base_path,
@@ -26,21 +25,12 @@ fn bundle_from(name: &str, file: &Path) -> Bundle {
     }
 }
 
+fn bundle_from(name: &str, file: &Path) -> Bundle {
+    bundle_of(name, file, &std::fs::read_to_string(file).unwrap())
+}
+
 fn bundle_text(name: &str, doc: &str) -> Bundle {
-    let file = PathBuf::from(format!("{name}.yaml"));
-    let api = parse_api(&file, doc).unwrap();
-    Bundle {
-        name: name.into(),
-        dir: ".".into(),
-        spec_file: file,
-        host: api.host,
-        base_path: api.base_path,
-        operations: api.operations,
-        runtime: RuntimeKind::Lua,
-        handler: "main.lua".into(),
-        timeout_ms: None,
-        memory_bytes: None,
-    }
+    bundle_of(name, &PathBuf::from(format!("{name}.yaml")), doc)
 }
 
 fn examples() -> PathBuf {

@@ -444,3 +444,14 @@ pub async fn dead_letter_reasons(broker: &impl funcatron_broker::Broker, n: usiz
     reasons.sort();
     reasons
 }
+
+/// A `funcatron ingress` process on a free port, ready (health 200).
+pub async fn spawn_ingress(broker: &str, extra: &[&str]) -> (Proc, String) {
+    let addr = free_addr().to_string();
+    let mut args = vec!["--listen", addr.as_str()];
+    args.extend_from_slice(extra);
+    let proc = spawn("ingress", broker, &args);
+    let base = format!("http://{addr}");
+    wait_ready(&format!("{base}/_funcatron/health")).await;
+    (proc, base)
+}
