@@ -264,8 +264,12 @@ impl AnyBroker {
     pub fn from_url(url: &str, embedded_capacity: usize) -> Result<Self, BrokerError> {
         if url == "embedded" || url.starts_with("memory:") {
             Ok(AnyBroker::Embedded(EmbeddedBroker::new(embedded_capacity)))
-        } else if url.starts_with("amqp://") || url.starts_with("amqps://") {
+        } else if url.starts_with("amqp://") {
             Ok(AnyBroker::Amqp(AmqpBroker::connect(url)))
+        } else if url.starts_with("amqps://") {
+            Err(BrokerError::Protocol(
+                "amqps:// (TLS) is not built into this release; use amqp:// (for example through a TLS tunnel)".into(),
+            ))
         } else {
             Err(BrokerError::Protocol(format!(
                 "unsupported broker URL {url:?}: use `embedded` or `amqp://user:pass@host:5672/%2f`"
