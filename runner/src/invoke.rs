@@ -107,39 +107,93 @@ impl InvokeError {
 }
 
 /// Decode `job`, run `invoke` unless the request has expired, and encode the
-/// response envelope.
+/// response envelope (for runtimes that call their Func synchronously).
 pub fn process(
     func: &str,
     job: &Job,
     max_time_ms: u64,
     invoke: impl FnOnce(&FuncRequest<'_>) -> Result<FuncResponse, InvokeError>,
 ) -> Handled {
-    let req = match Request::decode(&job.payload) {
+    let (req, body) = match decode(job) {
         Ok(r) => r,
-        Err(e) => return Handled::Undecodable(e.to_string()),
+        Err(h) => return h,
     };
-    let body = match req.body_bytes() {
-        Ok(b) => b,
-        Err(e) => return Handled::Undecodable(e.to_string()),
+    let Some(fr) = func_request(&req, &body, job, max_time_ms) else {
+        return expired(req);
     };
-    let now = now_ms();
-    let remaining = req.deadline_ms as f64 - now;
+    let started = Instant::now();
+    let result = invoke(&fr);
+    finish(func, job, &req, started, result)
+}
+
+/// The same for runtimes whose Func runs asynchronously (child processes).
+pub async fn process_async<F>(func: &str, job: &Job, max_time_ms: u64, invoke: F) -> Handled
+where
+    F: for<'a> AsyncFnOnce(&'a FuncRequest<'a>) -> Result<FuncResponse, InvokeError>,
+{
+    let (req, body) = match decode(job) {
+        Ok(r) => r,
+        Err(h) => return h,
+    };
+    let Some(fr) = func_request(&req, &body, job, max_time_ms) else {
+        return expired(req);
+    };
+    let started = Instant::now();
+    let result = invoke(&fr).await;
+    finish(func, job, &req, started, result)
+}
+
+fn decode(job: &Job) -> Result<(Request<'_>, Cow<'_, [u8]>), Handled> {
+    let req = Request::decode(&job.payload).map_err(|e| Handled::Undecodable(e.to_string()))?;
+    // Text bodies without escapes point into the payload; the rest is decoded.
+    let body = match (&req.body, req.body_base64) {
+        (Cow::Borrowed(text), false) => {
+            let text: &str = text;
+            Cow::Borrowed(text.as_bytes())
+        }
+        _ => Cow::Owned(
+            req.body_bytes()
+                .map_err(|e| Handled::Undecodable(e.to_string()))?
+                .into_owned(),
+        ),
+    };
+    Ok((req, body))
+}
+
+fn func_request<'a>(
+    req: &'a Request<'a>,
+    body: &'a [u8],
+    job: &'a Job,
+    max_time_ms: u64,
+) -> Option<FuncRequest<'a>> {
+    let remaining = req.deadline_ms as f64 - now_ms();
     if remaining <= 0.0 {
-        return Handled::Expired {
-            request_id: req.id.into_owned(),
-        };
+        return None;
     }
     let budget_ms = remaining.min(max_time_ms as f64);
-    let started = Instant::now();
-    let deadline = started + std::time::Duration::from_micros((budget_ms * 1000.0) as u64);
-    let fr = FuncRequest {
-        envelope: &req,
-        body: &body,
+    let deadline = Instant::now() + std::time::Duration::from_micros((budget_ms * 1000.0) as u64);
+    Some(FuncRequest {
+        envelope: req,
+        body,
         operation: &job.operation,
         params: &job.params,
         deadline,
-    };
-    let result = invoke(&fr);
+    })
+}
+
+fn expired(req: Request<'_>) -> Handled {
+    Handled::Expired {
+        request_id: req.id.into_owned(),
+    }
+}
+
+fn finish(
+    func: &str,
+    job: &Job,
+    req: &Request<'_>,
+    started: Instant,
+    result: Result<FuncResponse, InvokeError>,
+) -> Handled {
     let exec_ms = started.elapsed().as_secs_f64() * 1000.0;
     let timings = Timings {
         queue_ms: (job.picked_ms - req.sent_ms).max(0.0),
@@ -175,8 +229,8 @@ pub fn process(
     };
     metrics::counter!("runner_invocations_total", "func" => func.to_owned(), "status" => status_class(status)).increment(1);
     Handled::Reply {
-        request_id: req.id.into_owned(),
-        reply_to: req.reply_to.map(Cow::into_owned),
+        request_id: req.id.to_string(),
+        reply_to: req.reply_to.as_ref().map(|r| r.to_string()),
         status,
         response,
     }
