@@ -64,13 +64,24 @@ impl BundleError {
 pub enum RuntimeKind {
     /// Lua 5.4, in-process in the Runner.
     Lua,
+    /// Any executable, one process per invocation: the body on stdin, the
+    /// answer on stdout (OpenFaaS classic watchdog, tinyFaaS `binary`).
+    Exec,
 }
 
 impl RuntimeKind {
     fn parse(s: &str) -> Option<Self> {
         match s.to_ascii_lowercase().as_str() {
             "lua" | "lua5.4" | "lua54" => Some(RuntimeKind::Lua),
+            "exec" | "binary" => Some(RuntimeKind::Exec),
             _ => None,
+        }
+    }
+
+    fn default_handler(self) -> &'static str {
+        match self {
+            RuntimeKind::Lua => "main.lua",
+            RuntimeKind::Exec => "fn.sh",
         }
     }
 }
@@ -109,6 +120,9 @@ pub struct Bundle {
     pub timeout_ms: Option<u64>,
     /// Memory limit for the Func's state in bytes, if the bundle sets one.
     pub memory_bytes: Option<usize>,
+    /// Exec runtime: the command to run, argv, relative to the bundle
+    /// (default: `sh <handler>` for `.sh` handlers, else `./<handler>`).
+    pub command: Vec<String>,
 }
 
 /// `x-funcatron` in the document or `funcatron.yaml` beside it.
@@ -121,6 +135,7 @@ struct Manifest {
     spec: Option<String>,
     timeout_ms: Option<u64>,
     memory_mb: Option<usize>,
+    command: Option<Vec<String>>,
 }
 
 impl Manifest {
@@ -132,6 +147,7 @@ impl Manifest {
             spec: over.spec.or(self.spec),
             timeout_ms: over.timeout_ms.or(self.timeout_ms),
             memory_mb: over.memory_mb.or(self.memory_mb),
+            command: over.command.or(self.command),
         }
     }
 }
@@ -398,10 +414,12 @@ impl Bundle {
         let runtime = RuntimeKind::parse(&runtime_name).ok_or_else(|| {
             BundleError::invalid(
                 &source,
-                format!("field `runtime`: unknown runtime {runtime_name:?} (known: lua)"),
+                format!("field `runtime`: unknown runtime {runtime_name:?} (known: lua, exec)"),
             )
         })?;
-        let handler_name = m.handler.unwrap_or_else(|| "main.lua".to_owned());
+        let handler_name = m
+            .handler
+            .unwrap_or_else(|| runtime.default_handler().to_owned());
         let handler_path = inside(dir, &handler_name, &source, "handler")?;
         if !handler_path.is_file() {
             return Err(BundleError::invalid(
@@ -409,6 +427,17 @@ impl Bundle {
                 format!("field `handler`: {handler_name:?} does not exist in the bundle"),
             ));
         }
+        let command = match (runtime, m.command) {
+            (RuntimeKind::Exec, Some(c)) if c.is_empty() => {
+                return Err(BundleError::invalid(&source, "field `command`: empty"));
+            }
+            (RuntimeKind::Exec, Some(c)) => c,
+            (RuntimeKind::Exec, None) if handler_name.ends_with(".sh") => {
+                vec!["sh".to_owned(), handler_name.clone()]
+            }
+            (RuntimeKind::Exec, None) => vec![format!("./{handler_name}")],
+            (_, _) => Vec::new(),
+        };
         if api.operations.is_empty() {
             return Err(BundleError::invalid(
                 &spec_file,
@@ -426,6 +455,7 @@ impl Bundle {
             handler: PathBuf::from(handler_name),
             timeout_ms: m.timeout_ms,
             memory_bytes: m.memory_mb.map(|mb| mb * 1024 * 1024),
+            command,
         })
     }
 

@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use funcatron_broker::AnyBroker;
 use funcatron_bundle::Bundle;
 use funcatron_ingress::IngressOptions;
+use funcatron_runner::exec::ExecLimits;
 use funcatron_runner::lua::LuaLimits;
 use funcatron_runner::RunnerOptions;
 use funcatron_tron::{RouteTable, TronOptions};
@@ -119,6 +120,9 @@ struct RunnerOpts {
     /// Default memory limit of a Func's Lua state, in MiB.
     #[arg(long, env = "FUNCATRON_FUNC_MEMORY_MB", default_value_t = 64)]
     func_memory_mb: usize,
+    /// Default address-space limit of an exec Func's process, in MiB.
+    #[arg(long, env = "FUNCATRON_EXEC_MEMORY_MB", default_value_t = 1024)]
+    exec_memory_mb: usize,
 }
 
 #[derive(Args, Clone)]
@@ -295,6 +299,10 @@ async fn runner(
         lua_limits: LuaLimits {
             timeout: Duration::from_millis(o.func_timeout_ms),
             memory_bytes: o.func_memory_mb * 1024 * 1024,
+        },
+        exec_limits: ExecLimits {
+            timeout: Duration::from_millis(o.func_timeout_ms),
+            memory_bytes: o.exec_memory_mb * 1024 * 1024,
         },
         ..RunnerOptions::default()
     };

@@ -358,3 +358,102 @@ async fn no_runner_means_504_at_the_deadline_not_a_hang() {
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "timeout");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn exec_funcs_get_stdin_env_and_limits() {
+    let (c, _d) = cluster(IngressOptions::default()).await;
+    let http = reqwest::Client::new();
+    // Byte-exact both ways, no newline added.
+    let binary: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+    let r = http
+        .post(format!("{}/shell/echo", c.base))
+        .body(binary.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), binary.as_slice());
+    let r = http
+        .post(format!("{}/shell/echo", c.base))
+        .body("no newline")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(r.text().await.unwrap(), "no newline");
+    // The request in OpenFaaS-style environment variables.
+    let r = http
+        .get(format!("{}/shell/whoami/ann%20b?x=1", c.base))
+        .header("x-agent", "007")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.text().await.unwrap(),
+        "method=GET path=/shell/whoami/ann%20b query=x=1 name=ann b agent=007\n"
+    );
+    // Limits and failures.
+    let started = Instant::now();
+    let r = http
+        .get(format!("{}/trouble-exec/sleep", c.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "func_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "killed at its limit, not after `sleep 5`"
+    );
+    // The shell's child went with it (the whole process group is killed).
+    let until = Instant::now() + Duration::from_secs(3);
+    loop {
+        let alive = std::process::Command::new("pgrep")
+            .args(["-f", "sleep 5.123"])
+            .status()
+            .unwrap()
+            .success();
+        if !alive {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the Func's child process outlived the timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = http
+        .get(format!("{}/trouble-exec/fail", c.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "func_error");
+    assert!(
+        body["message"].as_str().unwrap().contains("disk on fire"),
+        "{body}"
+    );
+    // A 200 MiB buffer does not fit under the bundle's 64 MiB limit; 8 MiB does.
+    let r = http
+        .get(format!("{}/trouble-exec/hog", c.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("memory exhausted"),
+        "{body}"
+    );
+    let r = http
+        .get(format!("{}/trouble-exec/small", c.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "fits\n");
+}

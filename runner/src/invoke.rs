@@ -126,24 +126,9 @@ pub fn process(
     finish(func, job, &req, started, result)
 }
 
-/// The same for runtimes whose Func runs asynchronously (child processes).
-pub async fn process_async<F>(func: &str, job: &Job, max_time_ms: u64, invoke: F) -> Handled
-where
-    F: for<'a> AsyncFnOnce(&'a FuncRequest<'a>) -> Result<FuncResponse, InvokeError>,
-{
-    let (req, body) = match decode(job) {
-        Ok(r) => r,
-        Err(h) => return h,
-    };
-    let Some(fr) = func_request(&req, &body, job, max_time_ms) else {
-        return expired(req);
-    };
-    let started = Instant::now();
-    let result = invoke(&fr).await;
-    finish(func, job, &req, started, result)
-}
-
-fn decode(job: &Job) -> Result<(Request<'_>, Cow<'_, [u8]>), Handled> {
+/// Decode a job's envelope and body (step 1 of [`process`]; async runtimes
+/// run the three steps themselves).
+pub fn decode(job: &Job) -> Result<(Request<'_>, Cow<'_, [u8]>), Handled> {
     let req = Request::decode(&job.payload).map_err(|e| Handled::Undecodable(e.to_string()))?;
     // Text bodies without escapes point into the payload; the rest is decoded.
     let body = match (&req.body, req.body_base64) {
@@ -160,7 +145,8 @@ fn decode(job: &Job) -> Result<(Request<'_>, Cow<'_, [u8]>), Handled> {
     Ok((req, body))
 }
 
-fn func_request<'a>(
+/// Step 2: what the Func gets, or `None` when the deadline has passed.
+pub fn func_request<'a>(
     req: &'a Request<'a>,
     body: &'a [u8],
     job: &'a Job,
@@ -181,13 +167,15 @@ fn func_request<'a>(
     })
 }
 
-fn expired(req: Request<'_>) -> Handled {
+/// What an expired request produces.
+pub fn expired(req: Request<'_>) -> Handled {
     Handled::Expired {
         request_id: req.id.into_owned(),
     }
 }
 
-fn finish(
+/// Step 3: encode the response envelope (or the error) with timings.
+pub fn finish(
     func: &str,
     job: &Job,
     req: &Request<'_>,

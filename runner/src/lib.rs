@@ -2,11 +2,12 @@
 //!
 //! Tron -> `funcatron.func.<name>` -> **Runner** -> reply queue -> ingress.
 //! A Runner consumes the queue of every Func it serves, hands each request
-//! to the Func's runtime ([`runtime::Runtime`]; Lua in-process today, see
-//! [`lua`]), publishes the response envelope to the request's reply queue,
+//! to the Func's runtime ([`runtime::Runtime`]: Lua in-process, see [`lua`];
+//! any executable, one process per call, see [`exec`]), publishes the response envelope to the request's reply queue,
 //! and only then acknowledges the request. Messages it cannot decode go to
 //! the dead-letter queue; expired requests are skipped.
 
+pub mod exec;
 pub mod invoke;
 pub mod lua;
 pub mod runtime;

@@ -6,15 +6,32 @@ use std::sync::Arc;
 use funcatron_broker::{
     names, AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind,
 };
-use funcatron_bundle::Bundle;
+use funcatron_bundle::{Bundle, RuntimeKind};
 use funcatron_envelope::{headers, now_ms};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::exec::{ExecLimits, ExecRuntime};
 use crate::invoke::{Handled, Job};
 use crate::lua::{LuaLimits, LuaRuntime};
 use crate::runtime::Runtime;
+
+/// Every runtime this Runner serves, picked per Func by its bundle.
+struct Runtimes {
+    lua: LuaRuntime,
+    exec: ExecRuntime,
+    kinds: std::collections::HashMap<String, RuntimeKind>,
+}
+
+impl Runtime for Runtimes {
+    async fn invoke(&self, func: &str, job: Job) -> Handled {
+        match self.kinds.get(func) {
+            Some(RuntimeKind::Exec) => self.exec.invoke(func, job).await,
+            _ => self.lua.invoke(func, job).await,
+        }
+    }
+}
 
 /// Runner settings.
 #[derive(Debug, Clone)]
@@ -25,6 +42,8 @@ pub struct RunnerOptions {
     pub workers: usize,
     /// Default limits for Lua Funcs.
     pub lua_limits: LuaLimits,
+    /// Default limits for exec Funcs.
+    pub exec_limits: ExecLimits,
 }
 
 impl Default for RunnerOptions {
@@ -36,6 +55,10 @@ impl Default for RunnerOptions {
             prefetch: 64,
             workers,
             lua_limits: LuaLimits::default(),
+            exec_limits: ExecLimits {
+                timeout: std::time::Duration::from_secs(10),
+                memory_bytes: 1024 * 1024 * 1024,
+            },
         }
     }
 }
@@ -48,11 +71,18 @@ pub async fn run(
     options: RunnerOptions,
     shutdown: CancellationToken,
 ) -> Result<(), BrokerError> {
-    let (runtime, failures) = LuaRuntime::start(&bundles, options.workers, options.lua_limits);
+    let (lua, failures) = LuaRuntime::start(&bundles, options.workers, options.lua_limits);
     for (func, why) in &failures {
         tracing::error!(func, error = %why, "bundle failed to prepare; its requests get 500 with this reason");
     }
-    let runtime = Arc::new(runtime);
+    let runtime = Arc::new(Runtimes {
+        lua,
+        exec: ExecRuntime::new(&bundles, options.exec_limits),
+        kinds: bundles
+            .iter()
+            .map(|b| (b.name.clone(), b.runtime))
+            .collect(),
+    });
     let tracker = TaskTracker::new();
     for b in &bundles {
         let queue = names::func_queue(&b.name);
@@ -85,7 +115,7 @@ pub async fn run(
 
 async fn consume(
     broker: AnyBroker,
-    runtime: Arc<LuaRuntime>,
+    runtime: Arc<Runtimes>,
     func: Arc<str>,
     queue: String,
     mut sub: funcatron_broker::Subscription,

@@ -22,6 +22,7 @@ fn bundle_of(name: &str, file: &Path, doc: &str) -> Bundle {
         handler: "main.lua".into(),
         timeout_ms: None,
         memory_bytes: None,
+        command: Vec::new(),
     }
 }
 

@@ -33,7 +33,7 @@ pub fn write_bundle(root: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf 
 /// operations misbehave on purpose (loop forever, eat memory, raise).
 pub fn bundles_with_trouble() -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
-    for ex in ["hello", "petshop"] {
+    for ex in ["hello", "petshop", "shell"] {
         let src = repo().join("func-bundles").join(ex);
         let dst = root.path().join(ex);
         std::fs::create_dir_all(&dst).unwrap();
@@ -53,6 +53,20 @@ pub fn bundles_with_trouble() -> tempfile::TempDir {
             (
                 "main.lua",
                 "return {\n  spin = function() while true do end end,\n  eat = function() local t = {} for i = 1, 1e9 do t[i] = string.rep('x', 1024) .. i end end,\n  raise = function() error('the handler gave up') end,\n  ok = function() return 'still fine' end,\n}\n",
+            ),
+        ],
+    );
+    write_bundle(
+        root.path(),
+        "trouble-exec",
+        &[
+            (
+                "swagger.yaml",
+                "swagger: '2.0'\nbasePath: /trouble-exec\nx-funcatron: {runtime: exec, timeout_ms: 300, memory_mb: 64}\npaths:\n  /sleep:\n    get: {operationId: sleep}\n  /fail:\n    get: {operationId: fail}\n  /hog:\n    get: {operationId: hog}\n  /small:\n    get: {operationId: small}\n",
+            ),
+            (
+                "fn.sh",
+                "case \"$FUNCATRON_OPERATION\" in\n  sleep) sleep 5.123 ;;\n  fail) echo 'disk on fire' >&2; exit 3 ;;\n  hog) dd if=/dev/zero of=/dev/null bs=200M count=1 ;;\n  small) dd if=/dev/zero of=/dev/null bs=8M count=1 2>/dev/null && echo fits ;;\nesac\n",
             ),
         ],
     );

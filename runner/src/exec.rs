@@ -1,0 +1,214 @@
+//! The exec runtime: any executable as a Func, one process per invocation,
+//! as OpenFaaS's classic watchdog and tinyFaaS's `binary` runtime do.
+//!
+//! The request body goes to the process's stdin and its stdout, byte for
+//! byte, is the response body (200; `text/plain` when it is UTF-8, else
+//! `application/octet-stream`). The request is described in environment
+//! variables, OpenFaaS style: `Http_Method`, `Http_Path`, `Http_Query`, one
+//! `Http_<Header_Name>` per header, plus `FUNCATRON_OPERATION`,
+//! `FUNCATRON_REQUEST_ID` and `FUNCATRON_PARAM_<name>` per path parameter.
+//! The environment is otherwise empty but for `PATH`.
+//!
+//! Limits: the process runs in its own process group, killed as a whole at
+//! its time limit (504); its address space is capped with `prlimit --as`
+//! (util-linux); a non-zero exit is a 500 with the end of its stderr. Every stderr line goes to the Runner's log with the
+//! request id.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use funcatron_bundle::{Bundle, RuntimeKind};
+use tokio::io::AsyncWriteExt;
+
+use crate::invoke::{self, FuncRequest, FuncResponse, Handled, InvokeError, Job};
+use crate::runtime::Runtime;
+
+/// Limits for exec Funcs unless a bundle sets its own.
+#[derive(Debug, Clone, Copy)]
+pub struct ExecLimits {
+    /// Longest one invocation may run.
+    pub timeout: Duration,
+    /// Address-space limit of the process.
+    pub memory_bytes: usize,
+}
+
+struct ExecFunc {
+    dir: PathBuf,
+    argv: Vec<String>,
+    timeout: Duration,
+    memory_bytes: usize,
+}
+
+/// Runs exec Funcs.
+pub struct ExecRuntime {
+    funcs: HashMap<String, ExecFunc>,
+}
+
+/// `content-type` -> `Http_Content_Type`, as OpenFaaS's watchdog names them.
+fn env_name(header: &str) -> String {
+    let mut out = String::from("Http_");
+    for (i, part) in header.split('-').enumerate() {
+        if i > 0 {
+            out.push('_');
+        }
+        let mut chars = part.chars();
+        if let Some(first) = chars.next() {
+            out.extend(first.to_uppercase());
+            out.extend(chars.map(|c| c.to_ascii_lowercase()));
+        }
+    }
+    out
+}
+
+impl ExecRuntime {
+    /// The exec Funcs among `bundles`.
+    pub fn new(bundles: &[Bundle], limits: ExecLimits) -> Self {
+        let funcs = bundles
+            .iter()
+            .filter(|b| b.runtime == RuntimeKind::Exec)
+            .map(|b| {
+                (
+                    b.name.clone(),
+                    ExecFunc {
+                        dir: b.dir.clone(),
+                        argv: b.command.clone(),
+                        timeout: b
+                            .timeout_ms
+                            .map(Duration::from_millis)
+                            .unwrap_or(limits.timeout),
+                        memory_bytes: b.memory_bytes.unwrap_or(limits.memory_bytes),
+                    },
+                )
+            })
+            .collect();
+        ExecRuntime { funcs }
+    }
+}
+
+impl ExecFunc {
+    async fn run(&self, func: &str, req: &FuncRequest<'_>) -> Result<FuncResponse, InvokeError> {
+        let env = req.envelope;
+        let mut cmd = tokio::process::Command::new("prlimit");
+        cmd.arg(format!("--as={}", self.memory_bytes))
+            .arg("--")
+            .args(&self.argv)
+            .current_dir(&self.dir)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("Http_Method", env.method.as_ref())
+            .env("Http_Path", env.path.as_ref())
+            .env("Http_Query", env.query.as_ref())
+            .env("FUNCATRON_OPERATION", req.operation)
+            .env("FUNCATRON_REQUEST_ID", env.id.as_ref())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group, so a timeout kills what it started too.
+            .process_group(0)
+            .kill_on_drop(true);
+        for (k, v) in &env.headers {
+            cmd.env(env_name(k), v.as_ref());
+        }
+        for (k, v) in req.params {
+            cmd.env(format!("FUNCATRON_PARAM_{k}"), v);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| InvokeError::Broken(format!("cannot start {:?}: {e}", self.argv)))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let body = req.body.to_vec();
+            // A Func that never reads its stdin must not block us.
+            tokio::spawn(async move {
+                let _ = stdin.write_all(&body).await;
+            });
+        }
+        let pgid = child.id();
+        let left = req.deadline.saturating_duration_since(Instant::now());
+        let out = match tokio::time::timeout(left, child.wait_with_output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => {
+                return Err(InvokeError::Handler(format!(
+                    "waiting for the process: {e}"
+                )))
+            }
+            Err(_) => {
+                // Kill the whole group; dropping the child reaps the leader.
+                if let Some(pgid) = pgid {
+                    let _ = tokio::process::Command::new("kill")
+                        .args(["-KILL", "--", &format!("-{pgid}")])
+                        .status()
+                        .await;
+                }
+                return Err(InvokeError::Timeout(format!(
+                    "the process ran longer than {} ms and was killed",
+                    left.as_millis()
+                )));
+            }
+        };
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for line in stderr.lines() {
+            tracing::info!(func, request_id = %env.id, "{line}");
+        }
+        if !out.status.success() {
+            let tail: String = stderr
+                .chars()
+                .rev()
+                .take(500)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            return Err(InvokeError::Handler(format!(
+                "the process exited with {}: {}",
+                out.status,
+                tail.trim()
+            )));
+        }
+        let content_type = if std::str::from_utf8(&out.stdout).is_ok() {
+            "text/plain; charset=utf-8"
+        } else {
+            "application/octet-stream"
+        };
+        Ok(FuncResponse {
+            status: 200,
+            headers: vec![("content-type".into(), content_type.into())],
+            body: out.stdout,
+        })
+    }
+}
+
+impl Runtime for ExecRuntime {
+    async fn invoke(&self, func: &str, job: Job) -> Handled {
+        let Some(f) = self.funcs.get(func) else {
+            return invoke::process(func, &job, 0, |_| {
+                Err(InvokeError::Broken(
+                    "this Runner does not serve that Func".into(),
+                ))
+            });
+        };
+        let (req, body) = match invoke::decode(&job) {
+            Ok(r) => r,
+            Err(h) => return h,
+        };
+        let Some(fr) = invoke::func_request(&req, &body, &job, f.timeout.as_millis() as u64) else {
+            return invoke::expired(req);
+        };
+        let started = Instant::now();
+        let result = f.run(func, &fr).await;
+        invoke::finish(func, &job, &req, started, result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::env_name;
+
+    #[test]
+    fn header_names_become_openfaas_variables() {
+        assert_eq!(env_name("content-type"), "Http_Content_Type");
+        assert_eq!(env_name("x-forwarded-for"), "Http_X_Forwarded_For");
+        assert_eq!(env_name("accept"), "Http_Accept");
+    }
+}
