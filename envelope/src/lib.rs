@@ -96,6 +96,11 @@ pub struct Request<'a> {
     /// Queue the response goes to; absent means fire-and-forget.
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<Cow<'a, str>>,
+    /// Opaque per-attempt token the responder copies into the response, so
+    /// the requester can tell this attempt's answer from a late answer to an
+    /// earlier attempt that used the same request id.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub reply_key: Option<Cow<'a, str>>,
 }
 
 fn default_scheme() -> Cow<'static, str> {
@@ -130,6 +135,9 @@ pub struct RouteView<'a> {
     /// See [`Request::reply_to`].
     #[serde(borrow, default)]
     pub reply_to: Option<Cow<'a, str>>,
+    /// See [`Request::reply_key`].
+    #[serde(borrow, default)]
+    pub reply_key: Option<Cow<'a, str>>,
 }
 
 /// Time spent on the way, reported back so the ingress can emit `Server-Timing`.
@@ -176,6 +184,9 @@ pub struct Response<'a> {
     /// Where the time went.
     #[serde(default)]
     pub timings: Timings,
+    /// The request's `reply_key`, copied back.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub reply_key: Option<Cow<'a, str>>,
 }
 
 /// Encode bytes as an envelope body: borrowed text when UTF-8, else base64.
@@ -304,6 +315,7 @@ impl<'a> Response<'a> {
             body: Cow::Owned(error_body(id, code, message)),
             body_base64: false,
             timings: Timings::default(),
+            reply_key: None,
         }
     }
 }

@@ -62,7 +62,15 @@ fn lua_encodes_every_canonical_request_vector_identically() {
         let body = decoded.body_bytes().unwrap();
         let t = lua.create_table().unwrap();
         for f in [
-            "id", "method", "scheme", "host", "path", "query", "remote", "reply_to",
+            "id",
+            "method",
+            "scheme",
+            "host",
+            "path",
+            "query",
+            "remote",
+            "reply_to",
+            "reply_key",
         ] {
             if let Some(s) = env.get(f).and_then(Value::as_str) {
                 t.set(f, s).unwrap();
@@ -104,6 +112,11 @@ fn lua_decodes_every_response_vector() {
         let rust = Response::decode(text.as_bytes()).unwrap();
         assert_eq!(r.get::<u16>("status").unwrap(), rust.status, "{name}");
         assert_eq!(r.get::<String>("id").unwrap(), rust.id, "{name}");
+        assert_eq!(
+            r.get::<Option<String>>("reply_key").unwrap().as_deref(),
+            rust.reply_key.as_deref(),
+            "{name}"
+        );
         let body: mlua::LuaString = r.get("body").unwrap();
         assert_eq!(
             hex(&body.as_bytes()),

@@ -369,10 +369,14 @@ async fn malformed_replies_are_502_and_late_replies_reach_no_one() {
         assert_eq!(body["error"], "malformed_reply", "{base}: {body}");
         assert_eq!(body["request_id"], id.as_str());
 
-        // A reply for a request that already got its answer is dropped: the
-        // next request with the same id waits for its own answer (504 here,
-        // as no Runner runs) instead of receiving the stale one.
-        let good = format!(r#"{{"version":"1.0","id":"{id}","status":200,"body":"stale"}}"#);
+        // A late reply to an earlier attempt with the same id is dropped: the
+        // next request with that id waits for its own answer (504 here, as
+        // no Runner runs) instead of receiving the stale one, however the
+        // broker orders the two.
+        // (Our Runners copy each attempt's reply key; this one is another attempt's.)
+        let good = format!(
+            r#"{{"version":"1.0","id":"{id}","status":200,"body":"stale","reply_key":"an-earlier-attempt"}}"#
+        );
         for q in &queues {
             broker
                 .publish(q, funcatron_broker::Message::new(good.clone().into_bytes()))

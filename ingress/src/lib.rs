@@ -84,7 +84,8 @@ enum Waiting {
 struct Shared {
     broker: AnyBroker,
     reply_queue: String,
-    pending: DashMap<String, oneshot::Sender<Waiting>>,
+    /// Waiting requests: request id -> (this attempt's reply key, waker).
+    pending: DashMap<String, (String, oneshot::Sender<Waiting>)>,
     in_flight: Semaphore,
     options: IngressOptions,
 }
@@ -106,6 +107,8 @@ impl Drop for PendingGuard<'_> {
 struct ReplyId<'a> {
     #[serde(borrow)]
     id: Cow<'a, str>,
+    #[serde(borrow, default)]
+    reply_key: Option<Cow<'a, str>>,
 }
 
 /// Serve HTTP on `listener` until `shutdown`.
@@ -147,18 +150,25 @@ pub async fn run(
                 d = replies.next() => match d { Some(d) => d, None => return },
             };
             let payload = d.message.payload.clone();
-            let id = match serde_json::from_slice::<ReplyId>(&payload) {
-                Ok(r) => r.id.into_owned(),
+            let reply = match serde_json::from_slice::<ReplyId>(&payload) {
+                Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(error = %e, "undecodable message on the reply queue; dropped");
                     continue;
                 }
             };
-            match s.pending.remove(&id) {
-                Some((_, tx)) => {
-                    let _ = tx.send(Waiting::Reply(payload));
+            // Only this attempt's answer: a late reply to an earlier request
+            // with the same id carries another key. (A responder that does
+            // not know reply keys sends none; it is matched by id.)
+            let key = reply.reply_key.as_deref();
+            match s
+                .pending
+                .remove_if(reply.id.as_ref(), |_, (k, _)| key.is_none_or(|rk| rk == k))
+            {
+                Some((_, (_, tx))) => {
+                    let _ = tx.send(Waiting::Reply(payload.clone()));
                 }
-                None => tracing::debug!(request_id = %id, "late or duplicate reply dropped"),
+                None => tracing::debug!(request_id = %reply.id, "late or duplicate reply dropped"),
             }
             let _ = d.ack().await;
         }
@@ -176,7 +186,7 @@ pub async fn run(
             if !*up.borrow_and_update() {
                 let ids: Vec<String> = s.pending.iter().map(|e| e.key().clone()).collect();
                 for id in ids {
-                    if let Some((_, tx)) = s.pending.remove(&id) {
+                    if let Some((_, (_, tx))) = s.pending.remove(&id) {
                         let _ = tx.send(Waiting::BrokerLost);
                     }
                 }
@@ -307,14 +317,15 @@ async fn handle(
     };
 
     let (tx, rx) = oneshot::channel();
+    let reply_key = new_request_id();
     // A client-chosen id already waiting would steal that request's reply.
     match s.pending.entry(id.clone()) {
         Entry::Vacant(v) => {
-            v.insert(tx);
+            v.insert((reply_key.clone(), tx));
         }
         Entry::Occupied(_) => {
             id = new_request_id();
-            s.pending.insert(id.clone(), tx);
+            s.pending.insert(id.clone(), (reply_key.clone(), tx));
         }
     }
     let _guard = PendingGuard {
@@ -364,6 +375,7 @@ async fn handle(
             body,
             body_base64,
             reply_to: Some(Cow::Borrowed(&s.reply_queue)),
+            reply_key: Some(Cow::Borrowed(&reply_key)),
         }
         .encode()
     };

@@ -204,6 +204,7 @@ pub fn finish(
                 body,
                 body_base64,
                 timings,
+                reply_key: req.reply_key.clone(),
             };
             (r.status, r.encode())
         }
@@ -212,6 +213,7 @@ pub fn finish(
             tracing::warn!(request_id = %req.id, func, operation = %job.operation, error = %e, "Func failed");
             let mut r = Response::error(&req.id, status, code, &e.to_string());
             r.timings = timings;
+            r.reply_key = req.reply_key.clone();
             (status, r.encode())
         }
     };

@@ -178,6 +178,7 @@ async fn answer(
         return;
     };
     let mut resp = Response::error(&view.id, status, code, message);
+    resp.reply_key = view.reply_key.clone();
     if let Some(allow) = allow {
         resp.headers.push(("allow".into(), allow.into()));
     }

@@ -125,6 +125,7 @@ function M.encode_request(r)
   parts[#parts + 1] = ',"body":' .. str(body)
   if b64 then parts[#parts + 1] = ',"body_base64":true' end
   if r.reply_to then parts[#parts + 1] = ',"reply_to":' .. str(r.reply_to) end
+  if r.reply_key then parts[#parts + 1] = ',"reply_key":' .. str(r.reply_key) end
   parts[#parts + 1] = "}"
   return concat(parts)
 end
@@ -133,10 +134,12 @@ local function major(v)
   return tonumber((tostring(v or "")):match("^(%d+)"))
 end
 
---- Decode a response envelope. Returns { id, status, headers = {{n, v}...},
---- body (bytes), timings = { queue_ms, exec_ms } } or nil, reason.
+--- Decode a response envelope (JSON text, or a table already decoded from
+--- it). Returns { id, status, headers = {{n, v}...}, body (bytes),
+--- timings = { queue_ms, exec_ms }, reply_key } or nil, reason.
 function M.decode_response(text)
-  local ok, t = pcall(M.json_decode, text)
+  local ok, t = true, text
+  if type(text) ~= "table" then ok, t = pcall(M.json_decode, text) end
   if not ok or type(t) ~= "table" then return nil, "malformed envelope: not JSON" end
   if major(t.version) ~= M.MAJOR then
     if t.version ~= nil then
@@ -165,6 +168,7 @@ function M.decode_response(text)
   return {
     id = t.id, status = t.status, headers = headers, body = body,
     timings = { queue_ms = tonumber(tm.queue_ms) or 0, exec_ms = tonumber(tm.exec_ms) or 0 },
+    reply_key = type(t.reply_key) == "string" and t.reply_key or nil,
   }
 end
 

@@ -70,15 +70,6 @@ local function fail_all_waiting()
   outbox, unconfirmed, next_tag, confirmed_upto = {}, {}, 0, 0
 end
 
--- Fast path for our own encoder, which writes version then id first; any
--- other layout falls back to a full decode.
-local function reply_id(body)
-  local id = body:match('^{"version":"[^"]*","id":"([%w%-_%.:]*)"')
-  if id then return id end
-  local t = cjson.decode(body)
-  return type(t) == "table" and t.id or nil
-end
-
 local PUBLISH_PROPS
 
 -- The writer light thread: send everything in the outbox in one write.
@@ -148,16 +139,18 @@ local function read_loop(conn)
     local st = f and content[f.channel]
     if st and st.size and st.got >= st.size then
       content[f.channel] = nil
-      local body = table.concat(st.parts)
-      local id = reply_id(body)
+      local t = cjson.decode(table.concat(st.parts))
+      local id = type(t) == "table" and type(t.id) == "string" and t.id or nil
       if st.kind == "reply" then
+        -- Only this attempt's answer: a late reply to an earlier request
+        -- with the same id carries another key (none: matched by id).
         local w = id and waiting[id]
-        if w then
+        if w and (t.reply_key == nil or t.reply_key == w.key) then
           waiting[id] = nil
-          w.result = body
+          w.result = t
           w.sema:post(1)
         else
-          ngx.log(ngx.INFO, "funcatron: late or unknown reply dropped: ", tostring(id))
+          ngx.log(ngx.INFO, "funcatron: late, unknown or undecodable reply dropped: ", tostring(id))
         end
       else
         fail(id, "broker_unavailable", "the request queue " .. conf.request_queue .. " does not exist")
@@ -272,6 +265,7 @@ function M.handle()
   end
   local timeout_ms = conf.timeout_ms
   local sent_ms = started * 1000
+  local key = new_id()
   local var = ngx.var
   local query = var.args or ""
   local path = var.request_uri:match("^[^?]*")
@@ -280,11 +274,11 @@ function M.handle()
     method = ngx.req.get_method(), scheme = var.http_x_forwarded_proto == "https" and "https" or var.scheme,
     host = var.http_host or var.host, path = path, query = query,
     headers = headers_in_order(), remote = var.remote_addr .. ":" .. var.remote_port,
-    body = body, reply_to = reply_queue,
+    body = body, reply_to = reply_queue, reply_key = key,
   })
   body = nil
 
-  local w = { sema = semaphore.new() }
+  local w = { sema = semaphore.new(), key = key }
   waiting[id] = w
   outbox[#outbox + 1] = { id = id, env = env }
   env = nil
