@@ -31,6 +31,58 @@ async fn every_component_reconnects_after_a_broker_restart() {
         "Hello, before!"
     );
 
+    // On a second vhost a Tron runs but no Runner, so requests wait: park
+    // one in each ingress and make sure both sit in the Func queue.
+    let parked = start_processes(1, 0, 0, &[]).await;
+    let (_parked_ingress, parked_embedded) =
+        spawn_ingress(&parked.broker, &["--timeout-ms", "20000"]).await;
+    let parked_nginx = start_nginx(&parked.broker, &["--timeout-ms", "20000"]).await;
+    let parked_calls: Vec<_> = [parked_embedded.clone(), parked_nginx.base.clone()]
+        .into_iter()
+        .map(|b| {
+            let http = http.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let r = http.get(format!("{b}/hello/parked")).send().await.unwrap();
+                let status = r.status().as_u16();
+                (
+                    b,
+                    status,
+                    r.json::<Value>().await.unwrap(),
+                    started.elapsed(),
+                )
+            })
+        })
+        .collect();
+    let vhost = parked.broker.rsplit('/').next().unwrap().to_owned();
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args([
+                "list_queues",
+                "-p",
+                &vhost,
+                "--no-table-headers",
+                "--quiet",
+                "name",
+                "messages",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["funcatron.func.hello", "2"])
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the parked requests never reached the Func queue: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Stop the node; while it is down the ingress answers 503 quickly.
     let base2 = base.clone();
     let nginx2 = nginx_base.clone();
@@ -67,6 +119,17 @@ async fn every_component_reconnects_after_a_broker_restart() {
     let during = tokio::task::spawn_blocking(move || restart.join().unwrap())
         .await
         .unwrap();
+    // The parked requests learnt of the lost connection at once, not at
+    // their 20 s deadline.
+    for call in parked_calls {
+        let (base, status, body, took) = call.await.unwrap();
+        assert_eq!(status, 503, "{base}: {body}");
+        assert_eq!(body["error"], "broker_connection_lost", "{base}: {body}");
+        assert!(
+            took < Duration::from_secs(15),
+            "{base}: answered after {took:?}"
+        );
+    }
     for (status, body, took) in during {
         assert_eq!(status, 503, "{body}");
         assert!(
