@@ -5,15 +5,12 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use funcatron_broker::{names, AnyBroker, Broker, EmbeddedBroker, Message};
 use funcatron_ingress::IngressOptions;
-use funcatron_tron::{RouteTable, TronOptions};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
 fn embedded() -> AnyBroker {
     AnyBroker::Embedded(EmbeddedBroker::new(10_000))
@@ -315,35 +312,16 @@ async fn garbage_and_foreign_versions_are_dead_lettered_while_good_requests_succ
 
 #[tokio::test]
 async fn no_runner_means_504_at_the_deadline_not_a_hang() {
-    let broker = embedded();
     let dir = bundles_with_trouble();
-    let bundles = load(dir.path());
-    let shutdown = CancellationToken::new();
-    let _stop = shutdown.clone().drop_guard();
-    let routes = Arc::new(RouteTable::build(&bundles).unwrap());
-    tokio::spawn(funcatron_tron::run(
-        broker.clone(),
-        routes,
-        TronOptions::default(),
-        shutdown.clone(),
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let opts = IngressOptions {
         timeout: Duration::from_millis(400),
         ..IngressOptions::default()
     };
-    tokio::spawn(funcatron_ingress::run(
-        listener,
-        broker.clone(),
-        opts,
-        shutdown.clone(),
-    ));
+    let c = spawn_in_process(embedded(), load(dir.path()), opts, false).await;
     // Routing works without a Runner: a 404 proves the Tron is up.
-    let base = format!("http://{addr}");
     let mut ready = false;
     for _ in 0..200 {
-        if let Ok(r) = reqwest::get(format!("{base}/nowhere")).await {
+        if let Ok(r) = reqwest::get(format!("{}/nowhere", c.base)).await {
             if r.status() == 404 {
                 ready = true;
                 break;
@@ -353,7 +331,7 @@ async fn no_runner_means_504_at_the_deadline_not_a_hang() {
     }
     assert!(ready);
     let started = Instant::now();
-    let r = reqwest::get(format!("{base}/hello/x")).await.unwrap();
+    let r = reqwest::get(format!("{}/hello/x", c.base)).await.unwrap();
     assert_eq!(r.status(), 504);
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "timeout");
     assert!(started.elapsed() < Duration::from_secs(5));

@@ -73,26 +73,24 @@ impl LuaRuntime {
             .filter(|b| b.runtime == RuntimeKind::Lua)
             .cloned()
             .collect();
-        let failures = lua_bundles
-            .iter()
-            .filter_map(|b| {
-                LuaFunc::prepare(b, limits)
-                    .err()
-                    .map(|e| (b.name.clone(), e))
-            })
-            .collect();
         let workers = workers.max(1);
         let (tx, rx) = async_channel::bounded::<Task>(workers * 256);
+        // Worker 0 reports which bundles failed to prepare, so each bundle is
+        // prepared once per worker and no more.
+        let (ftx, frx) = std::sync::mpsc::channel();
         for i in 0..workers {
             let rx = rx.clone();
             let bundles = lua_bundles.clone();
+            let report = (i == 0).then(|| ftx.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("funcatron-lua-{i}"))
-                .spawn(move || worker(bundles, rx, limits));
+                .spawn(move || worker(bundles, rx, limits, report));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a Lua worker thread");
             }
         }
+        drop(ftx);
+        let failures = frx.recv().unwrap_or_default();
         (LuaRuntime { tx }, failures)
     }
 }
@@ -115,11 +113,23 @@ impl Runtime for LuaRuntime {
     }
 }
 
-fn worker(bundles: Vec<Bundle>, rx: async_channel::Receiver<Task>, limits: LuaLimits) {
+fn worker(
+    bundles: Vec<Bundle>,
+    rx: async_channel::Receiver<Task>,
+    limits: LuaLimits,
+    report: Option<std::sync::mpsc::Sender<Vec<(String, String)>>>,
+) {
     let funcs: HashMap<String, Result<LuaFunc, String>> = bundles
         .iter()
         .map(|b| (b.name.clone(), LuaFunc::prepare(b, limits)))
         .collect();
+    if let Some(report) = report {
+        let failures = funcs
+            .iter()
+            .filter_map(|(name, f)| f.as_ref().err().map(|e| (name.clone(), e.clone())))
+            .collect();
+        let _ = report.send(failures);
+    }
     while let Ok(task) = rx.recv_blocking() {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             match funcs.get(&*task.func) {

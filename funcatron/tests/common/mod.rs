@@ -98,6 +98,19 @@ pub async fn start_in_process(
     bundles: Vec<Bundle>,
     ingress: IngressOptions,
 ) -> InProcess {
+    let c = spawn_in_process(broker, bundles, ingress, true).await;
+    wait_ready(&format!("{}/hello/ready", c.base)).await;
+    c
+}
+
+/// Start the roles without waiting for them (and without a Runner when
+/// `with_runner` is false).
+pub async fn spawn_in_process(
+    broker: AnyBroker,
+    bundles: Vec<Bundle>,
+    ingress: IngressOptions,
+    with_runner: bool,
+) -> InProcess {
     let shutdown = CancellationToken::new();
     let routes = Arc::new(RouteTable::build(&bundles).unwrap());
     tokio::spawn(funcatron_tron::run(
@@ -106,16 +119,18 @@ pub async fn start_in_process(
         TronOptions::default(),
         shutdown.clone(),
     ));
-    let ropts = RunnerOptions {
-        workers: 2,
-        ..RunnerOptions::default()
-    };
-    tokio::spawn(funcatron_runner::run(
-        broker.clone(),
-        bundles,
-        ropts,
-        shutdown.clone(),
-    ));
+    if with_runner {
+        let ropts = RunnerOptions {
+            workers: 2,
+            ..RunnerOptions::default()
+        };
+        tokio::spawn(funcatron_runner::run(
+            broker.clone(),
+            bundles,
+            ropts,
+            shutdown.clone(),
+        ));
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(funcatron_ingress::run(
@@ -124,10 +139,8 @@ pub async fn start_in_process(
         ingress,
         shutdown.clone(),
     ));
-    let base = format!("http://{addr}");
-    wait_ready(&format!("{base}/hello/ready")).await;
     InProcess {
-        base,
+        base: format!("http://{addr}"),
         broker,
         shutdown,
     }

@@ -27,8 +27,8 @@ end
 local function r_u64(s, i) return r_u32(s, i) * 4294967296 + r_u32(s, i + 4) end
 local function r_shortstr(s, i) local n = byte(s, i) return sub(s, i + 1, i + n), i + 1 + n end
 
-M._encode = { u8 = u8, u16 = u16, u32 = u32, u64 = u64 }
-M.r_u16, M.r_u64, M.r_shortstr, M.close_reason = r_u16, r_u64, r_shortstr, nil
+-- Readers the caller needs to parse method frames itself.
+M.r_u16, M.r_u64 = r_u16, r_u64
 
 -- Read exactly n bytes. A read timeout with nothing read returns
 -- nil, "timeout" (the caller may idle); a timeout mid-frame keeps reading.
