@@ -9,7 +9,11 @@
 //!
 //! Every failure names the file and the field at fault.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub mod validate;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -67,6 +71,12 @@ pub enum RuntimeKind {
     /// Any executable, one process per invocation: the body on stdin, the
     /// answer on stdout (OpenFaaS classic watchdog, tinyFaaS `binary`).
     Exec,
+    /// Python 3 in long-lived worker processes.
+    Python,
+    /// JavaScript on Node.js in long-lived worker processes.
+    Node,
+    /// Java (compiled with the machine's `javac`) in long-lived JVMs.
+    Java,
 }
 
 impl RuntimeKind {
@@ -74,16 +84,56 @@ impl RuntimeKind {
         match s.to_ascii_lowercase().as_str() {
             "lua" | "lua5.4" | "lua54" => Some(RuntimeKind::Lua),
             "exec" | "binary" => Some(RuntimeKind::Exec),
+            "python" | "python3" => Some(RuntimeKind::Python),
+            "node" | "nodejs" | "javascript" | "js" => Some(RuntimeKind::Node),
+            "java" => Some(RuntimeKind::Java),
             _ => None,
         }
     }
 
-    fn default_handler(self) -> &'static str {
-        match self {
-            RuntimeKind::Lua => "main.lua",
-            RuntimeKind::Exec => "fn.sh",
+    fn default_handler(self, style: Style) -> &'static str {
+        match (self, style) {
+            (RuntimeKind::Lua, _) => "main.lua",
+            (RuntimeKind::Exec, _) => "fn.sh",
+            (RuntimeKind::Python, Style::TinyFaas) => "fn.py",
+            (RuntimeKind::Python, Style::Native) => "main.py",
+            (RuntimeKind::Node, Style::TinyFaas) => ".",
+            (RuntimeKind::Node, Style::Native) => "main.js",
+            (RuntimeKind::Java, _) => "src",
         }
     }
+
+    /// Whether the handler names a directory (Java sources, a Node package).
+    fn handler_is_dir(self, handler: &str) -> bool {
+        match self {
+            RuntimeKind::Java => true,
+            RuntimeKind::Node => !handler.ends_with(".js") && !handler.ends_with(".cjs"),
+            _ => false,
+        }
+    }
+
+    /// The name used in manifests and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Lua => "lua",
+            RuntimeKind::Exec => "exec",
+            RuntimeKind::Python => "python",
+            RuntimeKind::Node => "nodejs",
+            RuntimeKind::Java => "java",
+        }
+    }
+}
+
+/// How a Func is called: Funcatron's own contract, or a tinyFaaS function
+/// folder run unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Style {
+    /// One handler per `operationId`, called with a request object.
+    #[default]
+    Native,
+    /// tinyFaaS: Python `fn(body, headers)` / `fn(body)`; Node.js an
+    /// Express-style `(req, res)` module named `fn`; `fn.sh` on stdin/stdout.
+    TinyFaas,
 }
 
 /// One Swagger operation: what the Tron routes to and the Runner invokes.
@@ -123,6 +173,19 @@ pub struct Bundle {
     /// Exec runtime: the command to run, argv, relative to the bundle
     /// (default: `sh <handler>` for `.sh` handlers, else `./<handler>`).
     pub command: Vec<String>,
+    /// How the Func is called.
+    pub style: Style,
+    /// Environment variables declared in the bundle, passed to the Func.
+    pub env: BTreeMap<String, String>,
+    /// Names of secrets the Func needs; their values are supplied where the
+    /// Runner runs (see the Runner's `--secrets-dir`), never in the bundle.
+    pub secrets: Vec<String>,
+    /// Validate requests against the document before the Func runs.
+    pub validate: bool,
+    /// Worker processes per Runner (Python, Node.js, Java), if set.
+    pub concurrency: Option<usize>,
+    /// The parsed API document (`Null` for tinyFaaS folders without one).
+    pub doc: Arc<Value>,
 }
 
 /// `x-funcatron` in the document or `funcatron.yaml` beside it.
@@ -136,11 +199,21 @@ struct Manifest {
     timeout_ms: Option<u64>,
     memory_mb: Option<usize>,
     command: Option<Vec<String>>,
+    style: Option<String>,
+    env: Option<BTreeMap<String, String>>,
+    secrets: Option<Vec<String>>,
+    validate: Option<bool>,
+    concurrency: Option<usize>,
 }
 
 impl Manifest {
     fn overlay(self, over: Manifest) -> Manifest {
         Manifest {
+            style: over.style.or(self.style),
+            env: over.env.or(self.env),
+            secrets: over.secrets.or(self.secrets),
+            validate: over.validate.or(self.validate),
+            concurrency: over.concurrency.or(self.concurrency),
             name: over.name.or(self.name),
             runtime: over.runtime.or(self.runtime),
             handler: over.handler.or(self.handler),
@@ -355,11 +428,43 @@ fn split_server_url(url: &str) -> (Option<String>, String) {
     (normalise_host(Some(host)), normalise_base(base))
 }
 
+/// A tinyFaaS function folder (no API document): its runtime from the
+/// file it holds.
+fn detect_tinyfaas(dir: &Path) -> Option<RuntimeKind> {
+    if dir.join("fn.py").is_file() {
+        Some(RuntimeKind::Python)
+    } else if dir.join("package.json").is_file() {
+        Some(RuntimeKind::Node)
+    } else if dir.join("fn.sh").is_file() {
+        Some(RuntimeKind::Exec)
+    } else {
+        None
+    }
+}
+
+/// The route of a Func without an API document, as tinyFaaS and OpenFaaS
+/// give it: every method on `/<name>`, operation `fn`.
+fn synthesized_api(name: &str) -> ApiDoc {
+    ApiDoc {
+        host: None,
+        base_path: format!("/{name}"),
+        operations: METHODS
+            .iter()
+            .map(|m| Operation {
+                method: m.to_ascii_uppercase(),
+                path: "/".to_owned(),
+                operation_id: "fn".to_owned(),
+            })
+            .collect(),
+    }
+}
+
 impl Bundle {
     /// Load and validate the bundle in `dir`.
     pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
         let manifest_path = dir.join("funcatron.yaml");
-        let file_manifest = if manifest_path.is_file() {
+        let has_manifest = manifest_path.is_file();
+        let file_manifest = if has_manifest {
             let text = read(&manifest_path)?;
             serde_yaml_ng::from_str::<Manifest>(&text)
                 .map_err(|e| BundleError::invalid(&manifest_path, e.to_string()))?
@@ -367,29 +472,39 @@ impl Bundle {
             Manifest::default()
         };
         let spec_file = match &file_manifest.spec {
-            Some(s) => inside(dir, s, &manifest_path, "spec")?,
-            None => SPEC_FILES
-                .iter()
-                .map(|f| dir.join(f))
-                .find(|p| p.is_file())
-                .ok_or_else(|| {
-                    BundleError::invalid(
-                        dir,
-                        format!("no API document: expected one of {}", SPEC_FILES.join(", ")),
-                    )
-                })?,
+            Some(s) => Some(inside(dir, s, &manifest_path, "spec")?),
+            None => SPEC_FILES.iter().map(|f| dir.join(f)).find(|p| p.is_file()),
         };
-        let doc = parse_doc(&spec_file, &read(&spec_file)?)?;
-        let api = api_from_value(&spec_file, &doc)?;
-        let doc_manifest = match doc.get("x-funcatron") {
-            Some(v) => serde_json::from_value::<Manifest>(v.clone())
-                .map_err(|e| BundleError::invalid(&spec_file, format!("x-funcatron: {e}")))?,
-            None => Manifest::default(),
+        let detected = match &spec_file {
+            Some(_) => None,
+            None => detect_tinyfaas(dir),
         };
-        let (m, source) = if manifest_path.is_file() {
-            (doc_manifest.overlay(file_manifest), manifest_path.clone())
-        } else {
-            (doc_manifest, spec_file.clone())
+        if spec_file.is_none() && detected.is_none() && file_manifest.runtime.is_none() {
+            return Err(BundleError::invalid(
+                dir,
+                format!(
+                    "no API document: expected one of {} (or a tinyFaaS function folder: fn.py, package.json or fn.sh)",
+                    SPEC_FILES.join(", ")
+                ),
+            ));
+        }
+        let (doc, api, doc_manifest) = match &spec_file {
+            Some(f) => {
+                let doc = parse_doc(f, &read(f)?)?;
+                let api = api_from_value(f, &doc)?;
+                let m = match doc.get("x-funcatron") {
+                    Some(v) => serde_json::from_value::<Manifest>(v.clone())
+                        .map_err(|e| BundleError::invalid(f, format!("x-funcatron: {e}")))?,
+                    None => Manifest::default(),
+                };
+                (doc, Some(api), m)
+            }
+            None => (Value::Null, None, Manifest::default()),
+        };
+        let (m, source) = match (has_manifest, &spec_file) {
+            (true, _) => (doc_manifest.overlay(file_manifest), manifest_path.clone()),
+            (false, Some(f)) => (doc_manifest, f.clone()),
+            (false, None) => (doc_manifest, dir.to_owned()),
         };
         let name = match m.name {
             Some(n) => n,
@@ -405,23 +520,48 @@ impl Bundle {
                 format!("field `name`: {name:?} is not a valid Func name (letters, digits, - _ .)"),
             ));
         }
-        let runtime_name = m.runtime.ok_or_else(|| {
-            BundleError::invalid(
-                &source,
-                "field `runtime` is missing (x-funcatron.runtime or funcatron.yaml)",
-            )
-        })?;
-        let runtime = RuntimeKind::parse(&runtime_name).ok_or_else(|| {
-            BundleError::invalid(
-                &source,
-                format!("field `runtime`: unknown runtime {runtime_name:?} (known: lua, exec)"),
-            )
-        })?;
+        let runtime = match (m.runtime, detected) {
+            (Some(r), _) => RuntimeKind::parse(&r).ok_or_else(|| {
+                BundleError::invalid(
+                    &source,
+                    format!(
+                        "field `runtime`: unknown runtime {r:?} (known: lua, python, nodejs, java, exec)"
+                    ),
+                )
+            })?,
+            (None, Some(k)) => k,
+            (None, None) => {
+                return Err(BundleError::invalid(
+                    &source,
+                    "field `runtime` is missing (x-funcatron.runtime or funcatron.yaml)",
+                ))
+            }
+        };
+        let style = match m.style.as_deref() {
+            None if spec_file.is_none() => Style::TinyFaas,
+            None | Some("native") | Some("funcatron") => Style::Native,
+            Some("tinyfaas") => Style::TinyFaas,
+            Some(other) => {
+                return Err(BundleError::invalid(
+                    &source,
+                    format!("field `style`: unknown style {other:?} (known: native, tinyfaas)"),
+                ))
+            }
+        };
         let handler_name = m
             .handler
-            .unwrap_or_else(|| runtime.default_handler().to_owned());
-        let handler_path = inside(dir, &handler_name, &source, "handler")?;
-        if !handler_path.is_file() {
+            .unwrap_or_else(|| runtime.default_handler(style).to_owned());
+        let handler_path = if handler_name == "." {
+            dir.to_owned()
+        } else {
+            inside(dir, &handler_name, &source, "handler")?
+        };
+        let exists = if runtime.handler_is_dir(&handler_name) {
+            handler_path.is_dir()
+        } else {
+            handler_path.is_file()
+        };
+        if !exists {
             return Err(BundleError::invalid(
                 &source,
                 format!("field `handler`: {handler_name:?} does not exist in the bundle"),
@@ -438,16 +578,38 @@ impl Bundle {
             (RuntimeKind::Exec, None) => vec![format!("./{handler_name}")],
             (_, _) => Vec::new(),
         };
+        let env = m.env.unwrap_or_default();
+        let secrets = m.secrets.unwrap_or_default();
+        for key in env.keys().chain(secrets.iter()) {
+            if key.is_empty()
+                || key.starts_with("FUNCATRON_")
+                || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(BundleError::invalid(
+                    &source,
+                    format!(
+                        "field `env`/`secrets`: {key:?} is not a usable variable name (letters, digits, _; not FUNCATRON_*)"
+                    ),
+                ));
+            }
+        }
+        if m.concurrency == Some(0) {
+            return Err(BundleError::invalid(
+                &source,
+                "field `concurrency`: must be at least 1",
+            ));
+        }
+        let api = api.unwrap_or_else(|| synthesized_api(&name));
         if api.operations.is_empty() {
             return Err(BundleError::invalid(
-                &spec_file,
+                spec_file.as_deref().unwrap_or(dir),
                 "field `paths`: no operations",
             ));
         }
         Ok(Bundle {
             name,
             dir: dir.to_owned(),
-            spec_file,
+            spec_file: spec_file.unwrap_or_else(|| dir.to_owned()),
             host: api.host,
             base_path: api.base_path,
             operations: api.operations,
@@ -456,6 +618,12 @@ impl Bundle {
             timeout_ms: m.timeout_ms,
             memory_bytes: m.memory_mb.map(|mb| mb * 1024 * 1024),
             command,
+            style,
+            env,
+            secrets,
+            validate: m.validate.unwrap_or(true),
+            concurrency: m.concurrency,
+            doc: Arc::new(doc),
         })
     }
 
@@ -465,6 +633,7 @@ impl Bundle {
     pub fn load_all(root: &Path) -> (Vec<Bundle>, Vec<BundleError>) {
         if root.join("funcatron.yaml").is_file()
             || SPEC_FILES.iter().any(|f| root.join(f).is_file())
+            || detect_tinyfaas(root).is_some()
         {
             return match Bundle::load(root) {
                 Ok(b) => (vec![b], vec![]),

@@ -123,6 +123,20 @@ struct RunnerOpts {
     /// Default address-space limit of an exec Func's process, in MiB.
     #[arg(long, env = "FUNCATRON_EXEC_MEMORY_MB", default_value_t = 1024)]
     exec_memory_mb: usize,
+    /// Worker processes per Python, Node.js or Java Func (a bundle's
+    /// `concurrency` wins); default: one per CPU.
+    #[arg(long, env = "FUNCATRON_WORKER_PROCESSES")]
+    worker_processes: Option<usize>,
+    /// Default memory limit of a Python, Node.js or Java worker, in MiB.
+    #[arg(long, env = "FUNCATRON_WORKER_MEMORY_MB", default_value_t = 512)]
+    worker_memory_mb: usize,
+    /// Where Python environments and compiled Java are cached; default
+    /// `$XDG_CACHE_HOME/funcatron` or `~/.cache/funcatron`.
+    #[arg(long, env = "FUNCATRON_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Directory of secret values: `<dir>/<func>/<NAME>` or `<dir>/<NAME>`.
+    #[arg(long, env = "FUNCATRON_SECRETS_DIR")]
+    secrets_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -309,6 +323,15 @@ async fn runner(
     if let Some(w) = o.workers {
         opts.workers = w;
     }
+    opts.worker.timeout = Duration::from_millis(o.func_timeout_ms);
+    opts.worker.memory_bytes = o.worker_memory_mb * 1024 * 1024;
+    if let Some(n) = o.worker_processes {
+        opts.worker.concurrency = n.max(1);
+    }
+    if let Some(d) = &o.cache_dir {
+        opts.worker.cache_dir = d.clone();
+    }
+    opts.secrets_dir = o.secrets_dir.clone();
     funcatron_runner::run(broker, bundles, opts, shutdown).await?;
     Ok(())
 }

@@ -7,7 +7,8 @@
 //! variables, OpenFaaS style: `Http_Method`, `Http_Path`, `Http_Query`, one
 //! `Http_<Header_Name>` per header, plus `FUNCATRON_OPERATION`,
 //! `FUNCATRON_REQUEST_ID` and `FUNCATRON_PARAM_<name>` per path parameter.
-//! The environment is otherwise empty but for `PATH`.
+//! The environment is otherwise empty but for `PATH` and the bundle's
+//! declared `env` and `secrets`.
 //!
 //! Limits: the process runs in its own process group, killed as a whole at
 //! its time limit (504); its address space is capped with `prlimit --as`
@@ -39,6 +40,7 @@ struct ExecFunc {
     argv: Vec<String>,
     timeout: Duration,
     memory_bytes: usize,
+    env: std::collections::BTreeMap<String, String>,
 }
 
 /// Runs exec Funcs.
@@ -79,6 +81,7 @@ impl ExecRuntime {
                             .map(Duration::from_millis)
                             .unwrap_or(limits.timeout),
                         memory_bytes: b.memory_bytes.unwrap_or(limits.memory_bytes),
+                        env: b.env.clone(),
                     },
                 )
             })
@@ -97,6 +100,7 @@ impl ExecFunc {
             .current_dir(&self.dir)
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .envs(&self.env)
             .env("Http_Method", env.method.as_ref())
             .env("Http_Path", env.path.as_ref())
             .env("Http_Query", env.query.as_ref())
@@ -136,10 +140,7 @@ impl ExecFunc {
             Err(_) => {
                 // Kill the whole group; dropping the child reaps the leader.
                 if let Some(pgid) = pgid {
-                    let _ = tokio::process::Command::new("kill")
-                        .args(["-KILL", "--", &format!("-{pgid}")])
-                        .status()
-                        .await;
+                    crate::worker::kill_group(pgid).await;
                 }
                 return Err(InvokeError::Timeout(format!(
                     "the process ran longer than {} ms and was killed",
@@ -192,8 +193,9 @@ impl Runtime for ExecRuntime {
             Ok(r) => r,
             Err(h) => return h,
         };
-        let Some(fr) = invoke::func_request(&req, &body, &job, f.timeout.as_millis() as u64) else {
-            return invoke::expired(req);
+        let fr = match invoke::start(func, &req, &body, &job, f.timeout.as_millis() as u64) {
+            Ok(fr) => fr,
+            Err(h) => return h,
         };
         let started = Instant::now();
         let result = f.run(func, &fr).await;

@@ -6,7 +6,10 @@
 use std::borrow::Cow;
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
+use funcatron_bundle::validate::{Checks, Input};
 use funcatron_envelope::{encode_body, now_ms, Request, Response, Timings, VERSION};
 
 /// One request handed to a runtime.
@@ -20,6 +23,8 @@ pub struct Job {
     pub params: Vec<(String, String)>,
     /// When the Runner took the message off the queue (epoch ms).
     pub picked_ms: f64,
+    /// The operation's request checks from the API document, if any.
+    pub checks: Option<Arc<Checks>>,
 }
 
 /// What the runtime produced for one job.
@@ -91,6 +96,13 @@ pub enum InvokeError {
     /// The bundle could not be prepared.
     #[error("{0}")]
     Broken(String),
+    /// The request does not match the API document; the Func did not run.
+    #[error("the request does not match the API document: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+    /// The worker process died or broke the protocol while handling the
+    /// request; it has been replaced.
+    #[error("{0}")]
+    Crashed(String),
 }
 
 impl InvokeError {
@@ -102,6 +114,8 @@ impl InvokeError {
             InvokeError::Handler(_) => (500, "func_error"),
             InvokeError::BadRequest(_) => (400, "bad_request"),
             InvokeError::Broken(_) => (500, "func_broken"),
+            InvokeError::Invalid(_) => (400, "validation_failed"),
+            InvokeError::Crashed(_) => (500, "func_crashed"),
         }
     }
 }
@@ -118,8 +132,9 @@ pub fn process(
         Ok(r) => r,
         Err(h) => return h,
     };
-    let Some(fr) = func_request(&req, &body, job, max_time_ms) else {
-        return expired(req);
+    let fr = match start(func, &req, &body, job, max_time_ms) {
+        Ok(fr) => fr,
+        Err(h) => return h,
     };
     let started = Instant::now();
     let result = invoke(&fr);
@@ -145,33 +160,49 @@ pub fn decode(job: &Job) -> Result<(Request<'_>, Cow<'_, [u8]>), Handled> {
     Ok((req, body))
 }
 
-/// Step 2: what the Func gets, or `None` when the deadline has passed.
-pub fn func_request<'a>(
+/// Step 2: what the Func gets; or, without running it, nothing for a request
+/// whose deadline has passed and a 400 for one that fails its checks.
+pub fn start<'a>(
+    func: &str,
     req: &'a Request<'a>,
     body: &'a [u8],
     job: &'a Job,
     max_time_ms: u64,
-) -> Option<FuncRequest<'a>> {
+) -> Result<FuncRequest<'a>, Handled> {
     let remaining = req.deadline_ms as f64 - now_ms();
     if remaining <= 0.0 {
-        return None;
+        return Err(Handled::Expired {
+            request_id: req.id.to_string(),
+        });
+    }
+    if let Some(checks) = &job.checks {
+        let problems = checks.check(&Input {
+            params: &job.params,
+            query: &req.query,
+            headers: &req.headers,
+            body,
+        });
+        if !problems.is_empty() {
+            metrics::counter!("runner_invalid_requests_total", "func" => func.to_owned())
+                .increment(1);
+            return Err(finish(
+                func,
+                job,
+                req,
+                Instant::now(),
+                Err(InvokeError::Invalid(problems)),
+            ));
+        }
     }
     let budget_ms = remaining.min(max_time_ms as f64);
     let deadline = Instant::now() + std::time::Duration::from_micros((budget_ms * 1000.0) as u64);
-    Some(FuncRequest {
+    Ok(FuncRequest {
         envelope: req,
         body,
         operation: &job.operation,
         params: &job.params,
         deadline,
     })
-}
-
-/// What an expired request produces.
-pub fn expired(req: Request<'_>) -> Handled {
-    Handled::Expired {
-        request_id: req.id.into_owned(),
-    }
 }
 
 /// Step 3: encode the response envelope (or the error) with timings.
@@ -212,6 +243,17 @@ pub fn finish(
             let (status, code) = e.status_code();
             tracing::warn!(request_id = %req.id, func, operation = %job.operation, error = %e, "Func failed");
             let mut r = Response::error(&req.id, status, code, &e.to_string());
+            if let InvokeError::Invalid(problems) = &e {
+                r.body = std::borrow::Cow::Owned(
+                    serde_json::json!({
+                        "error": code,
+                        "message": "the request does not match the API document; the Func was not invoked",
+                        "problems": problems,
+                        "request_id": req.id,
+                    })
+                    .to_string(),
+                );
+            }
             r.timings = timings;
             r.reply_key = req.reply_key.clone();
             (status, r.encode())

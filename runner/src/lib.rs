@@ -3,6 +3,7 @@
 //! Tron -> `funcatron.func.<name>` -> **Runner** -> reply queue -> ingress.
 //! A Runner consumes the queue of every Func it serves, hands each request
 //! to the Func's runtime ([`runtime::Runtime`]: Lua in-process, see [`lua`];
+//! Python, Node.js and Java in warm worker processes, see [`worker`];
 //! any executable, one process per call, see [`exec`]), publishes the response envelope to the request's reply queue,
 //! and only then acknowledges the request. Messages it cannot decode go to
 //! the dead-letter queue; expired requests are skipped.
@@ -12,5 +13,6 @@ pub mod invoke;
 pub mod lua;
 pub mod runtime;
 pub mod serve;
+pub mod worker;
 
-pub use serve::{run, RunnerOptions};
+pub use serve::{default_cache_dir, resolve_env, run, RunnerOptions};

@@ -11,7 +11,8 @@
 //! runs under a time limit (an instruction-count hook checks the clock) and
 //! the state under a memory limit; breaking either answers 504 / 500.
 //! `print` goes to the Runner's log with the request id. A `json` table
-//! (`json.encode`, `json.decode`) is provided.
+//! (`json.encode`, `json.decode`) is provided, and `env` holds the bundle's
+//! declared environment variables and secrets.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -218,6 +219,10 @@ impl LuaFunc {
             .map_err(lua_err)?;
         }
         install_sandbox(&lua, &bundle.dir, &bundle.name).map_err(lua_err)?;
+        let env = lua
+            .create_table_from(bundle.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(lua_err)?;
+        lua.globals().raw_set("env", env).map_err(lua_err)?;
         lua.set_memory_limit(memory).map_err(lua_err)?;
 
         let path = bundle.dir.join(&bundle.handler);

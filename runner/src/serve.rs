@@ -12,25 +12,76 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use funcatron_bundle::validate::{self, Checks};
+
 use crate::exec::{ExecLimits, ExecRuntime};
-use crate::invoke::{Handled, Job};
+use crate::invoke::{self, Handled, InvokeError, Job};
 use crate::lua::{LuaLimits, LuaRuntime};
 use crate::runtime::Runtime;
+use crate::worker::{WorkerOptions, WorkerRuntime};
 
 /// Every runtime this Runner serves, picked per Func by its bundle.
 struct Runtimes {
     lua: LuaRuntime,
     exec: ExecRuntime,
-    kinds: std::collections::HashMap<String, RuntimeKind>,
+    workers: WorkerRuntime,
+    kinds: HashMap<String, RuntimeKind>,
+    /// Funcs that cannot run here, and why (a secret not supplied, a
+    /// document whose schemas do not compile).
+    broken: HashMap<String, String>,
+    /// Request checks per Func and operation.
+    checks: HashMap<String, HashMap<String, Arc<Checks>>>,
 }
 
 impl Runtime for Runtimes {
     async fn invoke(&self, func: &str, job: Job) -> Handled {
+        if let Some(why) = self.broken.get(func) {
+            return invoke::process(func, &job, 0, |_| Err(InvokeError::Broken(why.clone())));
+        }
         match self.kinds.get(func) {
             Some(RuntimeKind::Exec) => self.exec.invoke(func, job).await,
+            Some(RuntimeKind::Python | RuntimeKind::Node | RuntimeKind::Java) => {
+                self.workers.invoke(func, job).await
+            }
             _ => self.lua.invoke(func, job).await,
         }
     }
+}
+
+/// The values of a bundle's secrets: `<dir>/<func>/<NAME>`, else
+/// `<dir>/<NAME>` (one trailing newline dropped), merged into its `env`.
+pub fn resolve_env(
+    bundle: &Bundle,
+    secrets_dir: Option<&Path>,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut env = bundle.env.clone();
+    for name in &bundle.secrets {
+        let Some(dir) = secrets_dir else {
+            return Err(format!(
+                "secret `{name}` is not supplied: this Runner has no --secrets-dir"
+            ));
+        };
+        let candidates = [dir.join(&bundle.name).join(name), dir.join(name)];
+        let value = candidates
+            .iter()
+            .find_map(|p| std::fs::read_to_string(p).ok())
+            .ok_or_else(|| {
+                format!(
+                    "secret `{name}` is not supplied: expected {} or {}",
+                    candidates[0].display(),
+                    candidates[1].display()
+                )
+            })?;
+        let value = value.strip_suffix('\n').unwrap_or(&value);
+        env.insert(
+            name.clone(),
+            value.strip_suffix('\r').unwrap_or(value).to_owned(),
+        );
+    }
+    Ok(env)
 }
 
 /// Runner settings.
@@ -44,6 +95,22 @@ pub struct RunnerOptions {
     pub lua_limits: LuaLimits,
     /// Default limits for exec Funcs.
     pub exec_limits: ExecLimits,
+    /// Defaults for Python, Node.js and Java Funcs.
+    pub worker: WorkerOptions,
+    /// Where secret values are read from (see [`resolve_env`]).
+    pub secrets_dir: Option<PathBuf>,
+}
+
+/// Where caches go unless told: `$XDG_CACHE_HOME/funcatron`,
+/// `$HOME/.cache/funcatron`, else the temporary directory.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("funcatron");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h).join(".cache/funcatron");
+    }
+    std::env::temp_dir().join("funcatron-cache")
 }
 
 impl Default for RunnerOptions {
@@ -59,6 +126,14 @@ impl Default for RunnerOptions {
                 timeout: std::time::Duration::from_secs(10),
                 memory_bytes: 1024 * 1024 * 1024,
             },
+            worker: WorkerOptions {
+                timeout: std::time::Duration::from_secs(10),
+                memory_bytes: 512 * 1024 * 1024,
+                concurrency: workers,
+                cache_dir: default_cache_dir(),
+                start_timeout: std::time::Duration::from_secs(30),
+            },
+            secrets_dir: None,
         }
     }
 }
@@ -71,17 +146,44 @@ pub async fn run(
     options: RunnerOptions,
     shutdown: CancellationToken,
 ) -> Result<(), BrokerError> {
-    let (lua, failures) = LuaRuntime::start(&bundles, options.workers, options.lua_limits);
+    let mut broken = HashMap::new();
+    let mut checks = HashMap::new();
+    let mut runnable = Vec::with_capacity(bundles.len());
+    for b in &bundles {
+        let prepared = resolve_env(b, options.secrets_dir.as_deref()).and_then(|env| {
+            let c = validate::compile_bundle(b).map_err(|e| e.to_string())?;
+            Ok((env, c))
+        });
+        match prepared {
+            Ok((env, c)) => {
+                let mut b = b.clone();
+                b.env = env;
+                checks.insert(
+                    b.name.clone(),
+                    c.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+                );
+                runnable.push(b);
+            }
+            Err(why) => {
+                tracing::error!(func = %b.name, error = %why, "bundle cannot run; its requests get 500 with this reason");
+                broken.insert(b.name.clone(), why);
+            }
+        }
+    }
+    let (lua, failures) = LuaRuntime::start(&runnable, options.workers, options.lua_limits);
     for (func, why) in &failures {
         tracing::error!(func, error = %why, "bundle failed to prepare; its requests get 500 with this reason");
     }
     let runtime = Arc::new(Runtimes {
         lua,
-        exec: ExecRuntime::new(&bundles, options.exec_limits),
+        exec: ExecRuntime::new(&runnable, options.exec_limits),
+        workers: WorkerRuntime::start(&runnable, &options.worker),
         kinds: bundles
             .iter()
             .map(|b| (b.name.clone(), b.runtime))
             .collect(),
+        broken,
+        checks,
     });
     let tracker = TaskTracker::new();
     for b in &bundles {
@@ -131,7 +233,7 @@ async fn consume(
         let runtime = Arc::clone(&runtime);
         let func = Arc::clone(&func);
         let queue = queue.clone();
-        tracker.spawn(async move { handle(&broker, &*runtime, &func, &queue, delivery).await });
+        tracker.spawn(async move { handle(&broker, &runtime, &func, &queue, delivery).await });
     }
 }
 
@@ -155,7 +257,7 @@ fn path_params(delivery: &Delivery) -> Result<Vec<(String, String)>, String> {
 
 async fn handle(
     broker: &AnyBroker,
-    runtime: &impl Runtime,
+    runtime: &Runtimes,
     func: &str,
     queue: &str,
     delivery: Delivery,
@@ -182,11 +284,17 @@ async fn handle(
             return;
         }
     };
+    let checks = runtime
+        .checks
+        .get(func)
+        .and_then(|c| c.get(&operation))
+        .cloned();
     let job = Job {
         payload: delivery.message.payload.clone(),
         operation,
         params,
         picked_ms,
+        checks,
     };
     let span = tracing::debug_span!("runner.invoke", func, request_id = tracing::field::Empty);
     async {

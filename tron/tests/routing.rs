@@ -23,6 +23,12 @@ fn bundle_of(name: &str, file: &Path, doc: &str) -> Bundle {
         timeout_ms: None,
         memory_bytes: None,
         command: Vec::new(),
+        style: Default::default(),
+        env: Default::default(),
+        secrets: Vec::new(),
+        validate: true,
+        concurrency: None,
+        doc: Default::default(),
     }
 }
 

@@ -1,0 +1,190 @@
+// Funcatron's Node.js worker: loads one bundle once, then serves many
+// invocations from its Runner over a Unix socket (frame format:
+// runner/src/worker/frame.rs). Started by the Runner; not run by hand.
+'use strict';
+const net = require('net');
+const path = require('path');
+const { URLSearchParams } = require('url');
+
+const env = process.env;
+const bundle = env.FUNCATRON_BUNDLE;
+const handlerName = env.FUNCATRON_HANDLER;
+const tinyfaas = env.FUNCATRON_STYLE === 'tinyfaas';
+const operations = (env.FUNCATRON_OPERATIONS || '').split(',').filter(Boolean);
+
+function encode(items) {
+  const bufs = items.map((i) => (Buffer.isBuffer(i) ? i : Buffer.from(String(i), 'utf8')));
+  const head = Buffer.alloc(4 + 4 * bufs.length);
+  head.writeUInt32BE(bufs.length, 0);
+  const parts = [head.subarray(0, 4)];
+  bufs.forEach((b, n) => {
+    head.writeUInt32BE(b.length, 4 + 4 * n);
+    parts.push(head.subarray(4 + 4 * n, 8 + 4 * n), b);
+  });
+  return Buffer.concat(parts);
+}
+
+function parseQuery(qs) {
+  const out = {};
+  for (const [k, v] of new URLSearchParams(qs)) {
+    if (k in out) out[k] = [].concat(out[k], v);
+    else out[k] = v;
+  }
+  return out;
+}
+
+function request(items) {
+  const s = (i) => items[i].toString('utf8');
+  const headers = {};
+  const n = parseInt(s(10), 10);
+  for (let i = 11; i < 11 + 2 * n; i += 2) {
+    const k = items[i].toString('latin1');
+    const v = items[i + 1].toString('utf8');
+    headers[k] = k in headers ? `${headers[k]}, ${v}` : v;
+  }
+  const params = {};
+  for (let i = 11 + 2 * n; i + 1 < items.length; i += 2) params[s(i)] = s(i + 1);
+  const body = items[8];
+  return {
+    id: s(1), operation: s(2), method: s(3), scheme: s(4), host: s(5), path: s(6),
+    queryString: s(7), query: parseQuery(s(7)), headers, params, body,
+    get text() { return body.toString('utf8'); },
+    json() { return body.length ? JSON.parse(body.toString('utf8')) : null; },
+    get(name) { return headers[String(name).toLowerCase()]; },
+    header(name) { return headers[String(name).toLowerCase()]; },
+  };
+}
+
+function frameOf(status, headers, body, tinyMode) {
+  const h = {};
+  for (const [k, v] of Object.entries(headers || {})) h[k.toLowerCase()] = String(v);
+  let data;
+  if (body === undefined || body === null) {
+    data = Buffer.alloc(0);
+  } else if (Buffer.isBuffer(body) || body instanceof Uint8Array) {
+    data = Buffer.from(body);
+    if (!h['content-type']) h['content-type'] = 'application/octet-stream';
+  } else if (typeof body === 'string') {
+    data = Buffer.from(body, 'utf8');
+    if (!h['content-type']) h['content-type'] = tinyMode ? 'text/html; charset=utf-8' : 'text/plain; charset=utf-8';
+  } else {
+    data = Buffer.from(JSON.stringify(body), 'utf8');
+    if (!h['content-type']) h['content-type'] = 'application/json';
+  }
+  status = Number(status);
+  if (!Number.isInteger(status) || status < 100 || status > 599) throw new Error(`invalid HTTP status ${status}`);
+  const out = ['ok', String(status), data];
+  for (const [k, v] of Object.entries(h)) out.push(k, v);
+  return out;
+}
+
+// What a native handler returned -> frame: { status, headers, body } objects
+// (exactly those keys, status an integer) set the response; anything else is
+// the body.
+function fromValue(v) {
+  if (v && typeof v === 'object' && !Buffer.isBuffer(v) && Number.isInteger(v.status)
+      && Object.keys(v).every((k) => k === 'status' || k === 'headers' || k === 'body')) {
+    return frameOf(v.status, v.headers, v.body, false);
+  }
+  if (v === undefined || v === null) return ['ok', '204', Buffer.alloc(0)];
+  return frameOf(200, {}, v, false);
+}
+
+// Express-style (req, res): resolves when the handler sends.
+function express(fn, req) {
+  return new Promise((resolve, reject) => {
+    let status = 200;
+    const headers = {};
+    let done = false;
+    const finish = (body) => {
+      if (done) return;
+      done = true;
+      try { resolve(frameOf(status, headers, body, true)); } catch (e) { reject(e); }
+    };
+    const res = {
+      status(code) { status = code; return res; },
+      sendStatus(code) { status = code; finish(String(code)); return res; },
+      set(k, v) {
+        if (typeof k === 'object') Object.assign(headers, k); else headers[k] = v;
+        return res;
+      },
+      header(k, v) { return res.set(k, v); },
+      setHeader(k, v) { return res.set(k, v); },
+      type(t) { headers['content-type'] = t.includes('/') ? t : `application/${t}`; return res; },
+      send(body) { finish(typeof body === 'number' ? String(body) : body); return res; },
+      json(body) { headers['content-type'] = headers['content-type'] || 'application/json'; finish(JSON.stringify(body)); return res; },
+      end(body) { finish(body); return res; },
+    };
+    const expressReq = Object.assign({}, req, {
+      body: tinyfaas ? req.body.toString('utf8') : req.body,
+      rawBody: req.body,
+    });
+    try {
+      Promise.resolve(fn(expressReq, res)).catch(reject);
+    } catch (e) {
+      reject(e);
+    }
+  });
+}
+
+const sock = net.createConnection(env.FUNCATRON_SOCKET);
+const send = (items) => sock.write(encode(items));
+
+let handlers = {};
+let expressFn = null;
+sock.on('connect', () => {
+  try {
+    const mod = require(path.resolve(bundle, handlerName));
+    if (tinyfaas) {
+      expressFn = typeof mod === 'function' ? mod : mod && (mod.fn || mod.default);
+      if (typeof expressFn !== 'function') throw new Error(`${handlerName} exports no function`);
+    } else {
+      const missing = operations.filter((o) => typeof mod[o] !== 'function');
+      if (missing.length) throw new Error(`${handlerName} exports no function for operationId ${missing.join(', ')}`);
+      for (const o of operations) handlers[o] = mod[o];
+    }
+  } catch (e) {
+    sock.end(encode(['error', `${handlerName} failed to load: ${e && e.stack || e}`]), () => process.exit(1));
+    return;
+  }
+  send(['ready']);
+});
+
+async function serve(items) {
+  let frame;
+  try {
+    const req = request(items);
+    if (tinyfaas) {
+      frame = await express(expressFn, req);
+    } else {
+      const fn = handlers[req.operation];
+      frame = fn.length >= 2 ? await express(fn, req) : fromValue(await fn(req));
+    }
+  } catch (e) {
+    console.error(`request ${items[1]}: ${e && e.stack || e}`);
+    frame = ['error', `${e && e.name || 'Error'}: ${e && e.message || e}`];
+  }
+  send(frame);
+}
+
+let buf = Buffer.alloc(0);
+sock.on('data', (chunk) => {
+  buf = buf.length ? Buffer.concat([buf, chunk]) : chunk;
+  for (;;) {
+    if (buf.length < 4) return;
+    const count = buf.readUInt32BE(0);
+    let off = 4;
+    const items = [];
+    for (let i = 0; i < count; i++) {
+      if (buf.length < off + 4) return;
+      const n = buf.readUInt32BE(off);
+      if (buf.length < off + 4 + n) return;
+      items.push(buf.subarray(off + 4, off + 4 + n));
+      off += 4 + n;
+    }
+    buf = buf.subarray(off);
+    serve(items);
+  }
+});
+sock.on('close', () => process.exit(0));
+sock.on('error', (e) => { console.error(`worker socket: ${e}`); process.exit(1); });

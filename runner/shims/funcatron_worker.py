@@ -1,0 +1,186 @@
+"""Funcatron's Python worker: loads one bundle once, then serves many
+invocations from its Runner over a Unix socket (see runner/src/worker/frame.rs
+for the frame format). Started by the Runner; not meant to be run by hand.
+
+Funcs import nothing from here but may use `funcatron.Response`."""
+import inspect
+import importlib.util
+import json
+import os
+import socket
+import struct
+import sys
+import traceback
+import types
+from urllib.parse import parse_qs
+
+
+class Response:
+    """What a handler may return to set the status and headers."""
+
+    def __init__(self, body=None, status=200, headers=None):
+        self.body = body
+        self.status = status
+        self.headers = dict(headers or {})
+
+
+class Request:
+    """One HTTP request as the Func sees it."""
+
+    __slots__ = ("id", "operation", "method", "scheme", "host", "path",
+                 "query_string", "headers", "params", "body", "_query")
+
+    def __init__(self, items):
+        (self.id, self.operation, self.method, self.scheme, self.host,
+         self.path, self.query_string) = (i.decode("utf-8", "replace") for i in items[1:8])
+        self.body = items[8]
+        n = int(items[10])
+        h = {}
+        for i in range(11, 11 + 2 * n, 2):
+            k = items[i].decode("latin-1")
+            v = items[i + 1].decode("utf-8", "replace")
+            h[k] = h[k] + ", " + v if k in h else v
+        self.headers = h
+        rest = items[11 + 2 * n:]
+        self.params = {rest[i].decode(): rest[i + 1].decode("utf-8", "replace")
+                       for i in range(0, len(rest) - 1, 2)}
+        self._query = None
+
+    @property
+    def query(self):
+        """Query parameters: name -> value, or a list when repeated."""
+        if self._query is None:
+            q = parse_qs(self.query_string, keep_blank_values=True)
+            self._query = {k: v[0] if len(v) == 1 else v for k, v in q.items()}
+        return self._query
+
+    @property
+    def text(self):
+        return self.body.decode("utf-8", "replace")
+
+    def json(self):
+        return json.loads(self.body) if self.body else None
+
+
+def encode(items):
+    parts = [struct.pack(">I", len(items))]
+    for it in items:
+        parts.append(struct.pack(">I", len(it)))
+        parts.append(it)
+    return b"".join(parts)
+
+
+class Conn:
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.rf = self.sock.makefile("rb")
+
+    def read(self):
+        head = self.rf.read(4)
+        if len(head) < 4:
+            return None
+        (count,) = struct.unpack(">I", head)
+        items = []
+        for _ in range(count):
+            (n,) = struct.unpack(">I", self.rf.read(4))
+            items.append(self.rf.read(n))
+        return items
+
+    def send(self, items):
+        self.sock.sendall(encode(items))
+
+
+def b(s):
+    return s if isinstance(s, bytes) else str(s).encode("utf-8")
+
+
+def to_frame(value, tinyfaas):
+    """What a handler returned -> ["ok", status, body, headers...]."""
+    status, headers, body = 200, {}, value
+    if isinstance(value, Response):
+        status, headers, body = value.status, value.headers, value.body
+    elif isinstance(value, tuple) and 2 <= len(value) <= 3:
+        body, status = value[0], value[1]
+        headers = dict(value[2]) if len(value) == 3 else {}
+    headers = {str(k).lower(): str(v) for k, v in headers.items()}
+    if body is None:
+        data = b""
+        if tinyfaas:
+            headers.setdefault("content-type", "text/plain; charset=utf-8")
+        elif status == 200 and not isinstance(value, (Response, tuple)):
+            status = 204
+    elif isinstance(body, (bytes, bytearray, memoryview)):
+        data = bytes(body)
+        headers.setdefault("content-type", "application/octet-stream")
+    elif isinstance(body, str):
+        data = body.encode("utf-8")
+        headers.setdefault("content-type", "text/plain; charset=utf-8")
+    else:
+        data = json.dumps(body).encode("utf-8")
+        headers.setdefault("content-type", "application/json")
+    status = int(status)
+    if not 100 <= status <= 599:
+        raise ValueError(f"invalid HTTP status {status}")
+    out = [b"ok", str(status).encode(), data]
+    for k, v in headers.items():
+        out += [k.encode("latin-1"), v.encode("utf-8")]
+    return out
+
+
+def main():
+    conn = Conn(os.environ["FUNCATRON_SOCKET"])
+    bundle = os.environ["FUNCATRON_BUNDLE"]
+    handler = os.environ["FUNCATRON_HANDLER"]
+    tinyfaas = os.environ.get("FUNCATRON_STYLE") == "tinyfaas"
+    operations = [o for o in os.environ.get("FUNCATRON_OPERATIONS", "").split(",") if o]
+    mod = types.ModuleType("funcatron")
+    mod.Response, mod.Request = Response, Request
+    sys.modules["funcatron"] = mod
+    try:
+        os.chdir(bundle)
+        sys.path.insert(0, bundle)
+        spec = importlib.util.spec_from_file_location(
+            os.path.splitext(os.path.basename(handler))[0], os.path.join(bundle, handler))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if tinyfaas:
+            fn = getattr(module, "fn", None)
+            if not callable(fn):
+                raise LookupError(f"{handler} defines no function `fn`")
+            try:
+                arity = len(inspect.signature(fn).parameters)
+            except (TypeError, ValueError):
+                arity = 2
+            handlers = {}
+        else:
+            missing = [o for o in operations if not callable(getattr(module, o, None))]
+            if missing:
+                raise LookupError(
+                    f"{handler} has no function for operationId {', '.join(missing)}")
+            handlers = {o: getattr(module, o) for o in operations}
+    except BaseException:
+        conn.send([b"error", b(f"{handler} failed to load:\n" + traceback.format_exc(limit=-3))])
+        sys.exit(1)
+    conn.send([b"ready"])
+    while True:
+        items = conn.read()
+        if items is None:
+            return
+        try:
+            req = Request(items)
+            if tinyfaas:
+                text = req.body.decode("utf-8", "replace") if req.body else None
+                value = fn(text, req.headers) if arity >= 2 else fn(text)
+            else:
+                value = handlers[req.operation](req)
+            frame = to_frame(value, tinyfaas)
+        except Exception as e:
+            print(f"request {items[1].decode('utf-8', 'replace')}: " + traceback.format_exc(),
+                  file=sys.stderr, flush=True)
+            frame = [b"error", b(f"{type(e).__name__}: {e}")]
+        conn.send(frame)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,593 @@
+//! Worker-process runtimes: Python, Node.js and Java Funcs in long-lived
+//! processes.
+//!
+//! Tron -> Func queue -> **Runner -> worker process** -> reply. For each such
+//! Func a Runner keeps a pool of worker processes (the bundle's
+//! `concurrency`, else the Runner's `--worker-processes`). Each worker is a
+//! small shim (`runner/shims/`) that loads the bundle once, says `ready`,
+//! and then serves one request at a time over a Unix socket in the framed
+//! protocol of [`frame`]. The worker's stdout and stderr are free for the
+//! Func: every line goes to the Runner's log with the request id in flight,
+//! and nothing printed can corrupt the protocol.
+//!
+//! Preparing a bundle happens once, off the request path, before its
+//! workers start: Python bundles with a `requirements.txt` get a virtual
+//! environment (cached by the file's SHA-256), Java sources are compiled
+//! with `javac` (cached by the sources' SHA-256). A failure there is a
+//! bundle error: requests are answered 500 with its reason.
+//!
+//! Faults: a call that outlives its time limit kills the worker's process
+//! group (504); a worker that dies or breaks the protocol mid-call answers
+//! 500 `func_crashed`; either way a replacement starts at once. A worker
+//! that cannot start (exits on import, say) is retried with backoff, and
+//! while none is alive requests get 500 `func_broken` with its stderr.
+//!
+//! Memory limits: Python runs under `prlimit --as` (address space); Node.js
+//! under `--max-old-space-size` (the V8 heap: V8 reserves more address space
+//! than any sane `RLIMIT_AS`); Java under `-Xmx` (the JVM reserves address
+//! space the same way).
+
+pub mod frame;
+mod prepare;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use funcatron_bundle::{Bundle, RuntimeKind, Style};
+use tokio::io::{AsyncBufReadExt, BufStream};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::invoke::{self, FuncRequest, FuncResponse, Handled, InvokeError, Job};
+use crate::runtime::Runtime;
+
+pub use prepare::Launch;
+
+/// Settings for worker-process Funcs unless a bundle sets its own.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Longest one invocation may run.
+    pub timeout: Duration,
+    /// Memory limit per worker process.
+    pub memory_bytes: usize,
+    /// Worker processes per Func.
+    pub concurrency: usize,
+    /// Where virtual environments, compiled Java and the shims are kept.
+    pub cache_dir: PathBuf,
+    /// Longest a worker may take from start to `ready`.
+    pub start_timeout: Duration,
+}
+
+/// Kill a whole process group (the Func and anything it started).
+pub(crate) async fn kill_group(pgid: u32) {
+    let _ = tokio::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+}
+
+/// The request id a worker is serving, for its log lines.
+type Current = Arc<Mutex<String>>;
+
+struct Worker {
+    child: tokio::process::Child,
+    stream: BufStream<UnixStream>,
+    current: Current,
+}
+
+impl Worker {
+    fn pgid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    async fn kill(mut self) {
+        if let Some(pgid) = self.pgid() {
+            kill_group(pgid).await;
+        }
+        let _ = self.child.wait().await;
+    }
+}
+
+/// Why a call did not return the worker to the pool.
+enum CallError {
+    /// The Func raised; the worker is fine.
+    Handler(String),
+    /// The worker must be replaced.
+    Lost(InvokeError),
+}
+
+struct Pool {
+    func: String,
+    timeout: Duration,
+    idle_tx: async_channel::Sender<Worker>,
+    idle_rx: async_channel::Receiver<Worker>,
+    /// Ask the supervisor for one more worker.
+    respawn: tokio::sync::mpsc::UnboundedSender<()>,
+    /// Why no worker can start, while that is so.
+    broken: watch::Receiver<Option<String>>,
+    live: Arc<AtomicUsize>,
+}
+
+/// Runs Python, Node.js and Java Funcs.
+pub struct WorkerRuntime {
+    pools: HashMap<String, Arc<Pool>>,
+    /// Holds the sockets' directory for as long as the runtime lives.
+    _sockets: Option<tempfile::TempDir>,
+}
+
+impl WorkerRuntime {
+    /// Start a pool for every Python, Node.js and Java bundle. Preparing
+    /// and starting happen in the background; requests wait for the first
+    /// worker (within their deadline).
+    pub fn start(bundles: &[Bundle], options: &WorkerOptions) -> Self {
+        let ours: Vec<&Bundle> = bundles
+            .iter()
+            .filter(|b| {
+                matches!(
+                    b.runtime,
+                    RuntimeKind::Python | RuntimeKind::Node | RuntimeKind::Java
+                )
+            })
+            .collect();
+        if ours.is_empty() {
+            return WorkerRuntime {
+                pools: HashMap::new(),
+                _sockets: None,
+            };
+        }
+        let sockets = tempfile::Builder::new().prefix("funcatron-w").tempdir();
+        let sockets = match sockets {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a directory for worker sockets");
+                return WorkerRuntime {
+                    pools: HashMap::new(),
+                    _sockets: None,
+                };
+            }
+        };
+        let counter = Arc::new(AtomicU64::new(0));
+        let mut pools = HashMap::new();
+        for b in ours {
+            let (idle_tx, idle_rx) = async_channel::unbounded();
+            let (respawn, respawn_rx) = tokio::sync::mpsc::unbounded_channel();
+            let (broken_tx, broken) = watch::channel(None);
+            let live = Arc::new(AtomicUsize::new(0));
+            let pool = Arc::new(Pool {
+                func: b.name.clone(),
+                timeout: b
+                    .timeout_ms
+                    .map(Duration::from_millis)
+                    .unwrap_or(options.timeout),
+                idle_tx,
+                idle_rx,
+                respawn,
+                broken,
+                live: Arc::clone(&live),
+            });
+            let size = b.concurrency.unwrap_or(options.concurrency).max(1);
+            tokio::spawn(supervise(
+                b.clone(),
+                options.clone(),
+                sockets.path().to_owned(),
+                Arc::clone(&counter),
+                size,
+                Arc::downgrade(&pool),
+                respawn_rx,
+                broken_tx,
+            ));
+            pools.insert(b.name.clone(), pool);
+        }
+        WorkerRuntime {
+            pools,
+            _sockets: Some(sockets),
+        }
+    }
+}
+
+/// Prepare the bundle, then keep its pool at `size` workers until the pool
+/// is dropped.
+#[allow(clippy::too_many_arguments)]
+async fn supervise(
+    bundle: Bundle,
+    options: WorkerOptions,
+    sockets: PathBuf,
+    counter: Arc<AtomicU64>,
+    size: usize,
+    pool: std::sync::Weak<Pool>,
+    mut respawn: tokio::sync::mpsc::UnboundedReceiver<()>,
+    broken: watch::Sender<Option<String>>,
+) {
+    let func = bundle.name.clone();
+    let launch = match prepare::prepare(&bundle, &options).await {
+        Ok(l) => Arc::new(l),
+        Err(why) => {
+            tracing::error!(func, error = %why, "bundle failed to prepare; its requests get 500 with this reason");
+            let _ = broken.send(Some(why));
+            return;
+        }
+    };
+    let mut wanted = size;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        while wanted > 0 {
+            let Some(p) = pool.upgrade() else { return };
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            let socket = sockets.join(format!("w{n}.sock"));
+            match start_worker(&func, &launch, &socket, options.start_timeout).await {
+                Ok(w) => {
+                    p.live.fetch_add(1, Ordering::SeqCst);
+                    let _ = broken.send(None);
+                    let _ = p.idle_tx.send(w).await;
+                    wanted -= 1;
+                    backoff = Duration::from_millis(100);
+                }
+                Err(why) => {
+                    tracing::error!(func, error = %why, "worker failed to start; retrying");
+                    metrics::counter!("runner_worker_start_failures_total", "func" => func.clone())
+                        .increment(1);
+                    if p.live.load(Ordering::SeqCst) == 0 {
+                        let _ = broken.send(Some(why));
+                    }
+                    drop(p);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        match respawn.recv().await {
+            Some(()) => wanted += 1,
+            None => return,
+        }
+    }
+}
+
+/// Start one worker and wait for its `ready`.
+async fn start_worker(
+    func: &str,
+    launch: &Launch,
+    socket: &std::path::Path,
+    start_timeout: Duration,
+) -> Result<Worker, String> {
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket)
+        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    let mut cmd = tokio::process::Command::new(&launch.program);
+    cmd.args(&launch.args)
+        .current_dir(&launch.dir)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("LANG", "C.UTF-8")
+        .envs(&launch.env)
+        .env("FUNCATRON_SOCKET", socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", launch.program.display()))?;
+    let current: Current = Arc::new(Mutex::new(String::new()));
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let mut forwarders = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        forwarders.push(tokio::spawn(forward(
+            out,
+            func.to_owned(),
+            "stdout",
+            Arc::clone(&current),
+            None,
+        )));
+    }
+    if let Some(err) = child.stderr.take() {
+        forwarders.push(tokio::spawn(forward(
+            err,
+            func.to_owned(),
+            "stderr",
+            Arc::clone(&current),
+            Some(Arc::clone(&tail)),
+        )));
+    }
+    let stderr_tail = |tail: &Mutex<VecDeque<String>>| {
+        tail.lock()
+            .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
+    };
+    let accepted = tokio::select! {
+        a = listener.accept() => a.map(|(s, _)| s).map_err(|e| format!("accepting the worker: {e}")),
+        status = child.wait() => {
+            // Let the forwarders drain what it printed before it died.
+            for f in forwarders.drain(..) {
+                let _ = tokio::time::timeout(Duration::from_secs(1), f).await;
+            }
+            Err(format!(
+                "the worker exited ({}) before it was ready: {}",
+                status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                stderr_tail(&tail)
+            ))
+        }
+        _ = tokio::time::sleep(start_timeout) => Err(format!(
+            "the worker did not connect within {} ms", start_timeout.as_millis()
+        )),
+    };
+    let _ = std::fs::remove_file(socket);
+    let mut worker = match accepted {
+        Ok(stream) => Worker {
+            child,
+            stream: BufStream::new(stream),
+            current,
+        },
+        Err(e) => {
+            if let Some(pgid) = child.id() {
+                kill_group(pgid).await;
+            }
+            return Err(e);
+        }
+    };
+    let first = tokio::time::timeout(start_timeout, frame::read(&mut worker.stream)).await;
+    let outcome = match first {
+        Ok(Ok(items)) if items.first().map(Vec::as_slice) == Some(b"ready") => return Ok(worker),
+        Ok(Ok(items)) if items.first().map(Vec::as_slice) == Some(b"error") => Err(items
+            .get(1)
+            .map(|m| String::from_utf8_lossy(m).into_owned())
+            .unwrap_or_default()),
+        Ok(Ok(_)) => Err("the worker sent something other than `ready`".to_owned()),
+        Ok(Err(e)) => Err(format!("{e}: {}", stderr_tail(&tail))),
+        Err(_) => Err(format!(
+            "the worker did not load its bundle within {} ms",
+            start_timeout.as_millis()
+        )),
+    };
+    worker.kill().await;
+    outcome
+}
+
+/// Every line a worker prints goes to the log with the request in flight.
+async fn forward(
+    pipe: impl tokio::io::AsyncRead + Unpin,
+    func: String,
+    stream: &'static str,
+    current: Current,
+    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+) {
+    let mut lines = tokio::io::BufReader::new(pipe).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let id = current.lock().map(|c| c.clone()).unwrap_or_default();
+        tracing::info!(func, request_id = %id, stream, "{line}");
+        if let Some(tail) = &tail {
+            if let Ok(mut t) = tail.lock() {
+                if t.len() == 30 {
+                    t.pop_front();
+                }
+                t.push_back(line);
+            }
+        }
+    }
+}
+
+fn request_frame(req: &FuncRequest<'_>) -> Vec<u8> {
+    let env = req.envelope;
+    let budget = req
+        .deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis()
+        .to_string();
+    let n_headers = env.headers.len().to_string();
+    let mut items: Vec<&[u8]> = Vec::with_capacity(11 + 2 * (env.headers.len() + req.params.len()));
+    items.extend([
+        b"invoke".as_slice(),
+        env.id.as_bytes(),
+        req.operation.as_bytes(),
+        env.method.as_bytes(),
+        env.scheme.as_bytes(),
+        env.host.as_bytes(),
+        env.path.as_bytes(),
+        env.query.as_bytes(),
+        req.body,
+        budget.as_bytes(),
+        n_headers.as_bytes(),
+    ]);
+    for (k, v) in &env.headers {
+        items.push(k.as_bytes());
+        items.push(v.as_bytes());
+    }
+    for (k, v) in req.params {
+        items.push(k.as_bytes());
+        items.push(v.as_bytes());
+    }
+    frame::encode(items)
+}
+
+fn parse_reply(items: Vec<Vec<u8>>) -> Result<Result<FuncResponse, String>, String> {
+    let mut it = items.into_iter();
+    match it.next().as_deref() {
+        Some(b"ok") => {
+            let status = it
+                .next()
+                .and_then(|s| String::from_utf8(s).ok())
+                .and_then(|s| s.parse::<u16>().ok())
+                .filter(|s| (100..=599).contains(s))
+                .ok_or("`ok` without a valid status")?;
+            let body = it.next().ok_or("`ok` without a body")?;
+            let mut headers = Vec::new();
+            while let Some(k) = it.next() {
+                let v = it.next().ok_or("a header without a value")?;
+                let k = String::from_utf8(k).map_err(|_| "a header name that is not UTF-8")?;
+                headers.push((k, String::from_utf8_lossy(&v).into_owned()));
+            }
+            Ok(Ok(FuncResponse {
+                status,
+                headers,
+                body,
+            }))
+        }
+        Some(b"error") => Ok(Err(it
+            .next()
+            .map(|m| String::from_utf8_lossy(&m).into_owned())
+            .unwrap_or_default())),
+        _ => Err("a reply that is neither `ok` nor `error`".to_owned()),
+    }
+}
+
+impl Pool {
+    /// Wait for a free worker, or say why there will be none in time.
+    async fn take(&self, deadline: Instant) -> Result<Worker, InvokeError> {
+        let mut broken = self.broken.clone();
+        loop {
+            if let Ok(w) = self.idle_rx.try_recv() {
+                return Ok(w);
+            }
+            if self.live.load(Ordering::SeqCst) == 0 {
+                if let Some(why) = broken.borrow_and_update().clone() {
+                    return Err(InvokeError::Broken(format!(
+                        "no worker of this Func can start: {why}"
+                    )));
+                }
+            }
+            tokio::select! {
+                w = self.idle_rx.recv() => {
+                    return w.map_err(|_| InvokeError::Broken("the worker pool has stopped".into()));
+                }
+                _ = broken.changed() => continue,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    return Err(InvokeError::Timeout(
+                        "no worker of this Func became free before the deadline".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn call(&self, w: &mut Worker, req: &FuncRequest<'_>) -> Result<FuncResponse, CallError> {
+        if let Ok(mut c) = w.current.lock() {
+            c.clear();
+            c.push_str(&req.envelope.id);
+        }
+        let frame = request_frame(req);
+        let exchange = async {
+            frame::write(&mut w.stream, &frame).await?;
+            frame::read(&mut w.stream).await
+        };
+        let left = req.deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, exchange).await {
+            Err(_) => Err(CallError::Lost(InvokeError::Timeout(format!(
+                "the Func ran longer than {} ms; its worker was killed and replaced",
+                left.as_millis()
+            )))),
+            Ok(Err(frame::FrameError::Garbage(why))) => Err(CallError::Lost(InvokeError::Crashed(
+                format!("the worker broke the protocol ({why}); it was killed and replaced"),
+            ))),
+            Ok(Err(e)) => {
+                let status = tokio::time::timeout(Duration::from_millis(500), w.child.wait())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.to_string());
+                Err(CallError::Lost(InvokeError::Crashed(format!(
+                    "the worker process died while handling the request ({status}); it was replaced"
+                ))))
+            }
+            Ok(Ok(items)) => match parse_reply(items) {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(msg)) => Err(CallError::Handler(msg)),
+                Err(why) => Err(CallError::Lost(InvokeError::Crashed(format!(
+                    "the worker broke the protocol ({why}); it was killed and replaced"
+                )))),
+            },
+        }
+    }
+
+    async fn invoke(&self, req: &FuncRequest<'_>) -> Result<FuncResponse, InvokeError> {
+        let mut w = self.take(req.deadline).await?;
+        // `current` keeps this id after the call: lines the Func printed
+        // just before answering may reach the log after the answer.
+        let result = self.call(&mut w, req).await;
+        match result {
+            Ok(r) => {
+                let _ = self.idle_tx.send(w).await;
+                Ok(r)
+            }
+            Err(CallError::Handler(msg)) => {
+                let _ = self.idle_tx.send(w).await;
+                Err(InvokeError::Handler(msg))
+            }
+            Err(CallError::Lost(e)) => {
+                self.live.fetch_sub(1, Ordering::SeqCst);
+                metrics::counter!("runner_worker_restarts_total", "func" => self.func.clone())
+                    .increment(1);
+                tracing::warn!(func = %self.func, request_id = %req.envelope.id, error = %e, "replacing a worker");
+                tokio::spawn(w.kill());
+                let _ = self.respawn.send(());
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Runtime for WorkerRuntime {
+    async fn invoke(&self, func: &str, job: Job) -> Handled {
+        let Some(pool) = self.pools.get(func) else {
+            return invoke::process(func, &job, 0, |_| {
+                Err(InvokeError::Broken(
+                    "this Runner does not serve that Func".into(),
+                ))
+            });
+        };
+        let (req, body) = match invoke::decode(&job) {
+            Ok(r) => r,
+            Err(h) => return h,
+        };
+        let fr = match invoke::start(func, &req, &body, &job, pool.timeout.as_millis() as u64) {
+            Ok(fr) => fr,
+            Err(h) => return h,
+        };
+        let started = Instant::now();
+        let result = pool.invoke(&fr).await;
+        invoke::finish(func, &job, &req, started, result)
+    }
+}
+
+/// The environment a worker gets from its bundle: declared variables (with
+/// secrets already resolved into them) plus what the shim needs.
+fn shim_env(bundle: &Bundle) -> BTreeMap<String, String> {
+    let mut env = bundle.env.clone();
+    env.insert("FUNCATRON_FUNC".into(), bundle.name.clone());
+    env.insert(
+        "FUNCATRON_BUNDLE".into(),
+        bundle
+            .dir
+            .canonicalize()
+            .unwrap_or(bundle.dir.clone())
+            .display()
+            .to_string(),
+    );
+    env.insert(
+        "FUNCATRON_HANDLER".into(),
+        bundle.handler.display().to_string(),
+    );
+    env.insert(
+        "FUNCATRON_STYLE".into(),
+        match bundle.style {
+            Style::Native => "native",
+            Style::TinyFaas => "tinyfaas",
+        }
+        .into(),
+    );
+    let mut ops: Vec<&str> = bundle
+        .operations
+        .iter()
+        .map(|o| o.operation_id.as_str())
+        .collect();
+    ops.sort_unstable();
+    ops.dedup();
+    env.insert("FUNCATRON_OPERATIONS".into(), ops.join(","));
+    env
+}
