@@ -19,6 +19,31 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Copy the shipped example bundles `names` into `root`.
+pub fn copy_examples(root: &Path, names: &[&str]) {
+    fn copy_dir(src: &Path, dst: &Path) {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap() {
+            let p = e.unwrap().path();
+            let to = dst.join(p.file_name().unwrap());
+            if p.is_dir() {
+                copy_dir(&p, &to);
+            } else {
+                std::fs::copy(&p, to).unwrap();
+            }
+        }
+    }
+    for ex in names {
+        copy_dir(&repo().join("func-bundles").join(ex), &root.join(ex));
+    }
+}
+
+/// A cache directory for Python environments and compiled Java shared by
+/// the test runs of one build (so pip and javac run once, not per test).
+pub fn test_cache_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("funcatron-cache")
+}
+
 /// Write a bundle directory from (file name, contents) pairs.
 pub fn write_bundle(root: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
     let dir = root.join(name);
@@ -33,15 +58,7 @@ pub fn write_bundle(root: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf 
 /// operations misbehave on purpose (loop forever, eat memory, raise).
 pub fn bundles_with_trouble() -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
-    for ex in ["hello", "petshop", "shell"] {
-        let src = repo().join("func-bundles").join(ex);
-        let dst = root.path().join(ex);
-        std::fs::create_dir_all(&dst).unwrap();
-        for e in std::fs::read_dir(&src).unwrap() {
-            let p = e.unwrap().path();
-            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
-        }
-    }
+    copy_examples(root.path(), &["hello", "petshop", "shell"]);
     write_bundle(
         root.path(),
         "trouble",
@@ -111,6 +128,20 @@ pub async fn spawn_in_process(
     ingress: IngressOptions,
     with_runner: bool,
 ) -> InProcess {
+    let ropts = with_runner.then(|| RunnerOptions {
+        workers: 2,
+        ..RunnerOptions::default()
+    });
+    spawn_cluster(broker, bundles, ingress, ropts).await
+}
+
+/// Start the roles with these Runner options (no Runner for `None`).
+pub async fn spawn_cluster(
+    broker: AnyBroker,
+    bundles: Vec<Bundle>,
+    ingress: IngressOptions,
+    runner: Option<RunnerOptions>,
+) -> InProcess {
     let shutdown = CancellationToken::new();
     let routes = Arc::new(RouteTable::build(&bundles).unwrap());
     tokio::spawn(funcatron_tron::run(
@@ -119,11 +150,7 @@ pub async fn spawn_in_process(
         TronOptions::default(),
         shutdown.clone(),
     ));
-    if with_runner {
-        let ropts = RunnerOptions {
-            workers: 2,
-            ..RunnerOptions::default()
-        };
+    if let Some(ropts) = runner {
         tokio::spawn(funcatron_runner::run(
             broker.clone(),
             bundles,

@@ -372,10 +372,9 @@ async fn forward(
     }
 }
 
-fn request_frame(req: &FuncRequest<'_>) -> Vec<u8> {
+fn request_frame(req: &FuncRequest<'_>, deadline: Instant) -> Vec<u8> {
     let env = req.envelope;
-    let budget = req
-        .deadline
+    let budget = deadline
         .saturating_duration_since(Instant::now())
         .as_millis()
         .to_string();
@@ -457,25 +456,33 @@ impl Pool {
                 }
                 _ = broken.changed() => continue,
                 _ = tokio::time::sleep_until(deadline.into()) => {
-                    return Err(InvokeError::Timeout(
-                        "no worker of this Func became free before the deadline".into(),
-                    ));
+                    let why = if self.live.load(Ordering::SeqCst) == 0 {
+                        "no worker of this Func was ready before the request's deadline (still preparing or starting)"
+                    } else {
+                        "no worker of this Func became free before the request's deadline"
+                    };
+                    return Err(InvokeError::Timeout(why.into()));
                 }
             }
         }
     }
 
-    async fn call(&self, w: &mut Worker, req: &FuncRequest<'_>) -> Result<FuncResponse, CallError> {
+    async fn call(
+        &self,
+        w: &mut Worker,
+        req: &FuncRequest<'_>,
+        deadline: Instant,
+    ) -> Result<FuncResponse, CallError> {
         if let Ok(mut c) = w.current.lock() {
             c.clear();
             c.push_str(&req.envelope.id);
         }
-        let frame = request_frame(req);
+        let frame = request_frame(req, deadline);
         let exchange = async {
             frame::write(&mut w.stream, &frame).await?;
             frame::read(&mut w.stream).await
         };
-        let left = req.deadline.saturating_duration_since(Instant::now());
+        let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, exchange).await {
             Err(_) => Err(CallError::Lost(InvokeError::Timeout(format!(
                 "the Func ran longer than {} ms; its worker was killed and replaced",
@@ -505,11 +512,15 @@ impl Pool {
         }
     }
 
+    /// `req.deadline` is the request's own: waiting for a worker (while the
+    /// bundle prepares, say) may use all of it; the Func's time limit
+    /// starts when a worker takes the call.
     async fn invoke(&self, req: &FuncRequest<'_>) -> Result<FuncResponse, InvokeError> {
         let mut w = self.take(req.deadline).await?;
+        let deadline = req.deadline.min(Instant::now() + self.timeout);
         // `current` keeps this id after the call: lines the Func printed
         // just before answering may reach the log after the answer.
-        let result = self.call(&mut w, req).await;
+        let result = self.call(&mut w, req, deadline).await;
         match result {
             Ok(r) => {
                 let _ = self.idle_tx.send(w).await;
@@ -545,7 +556,7 @@ impl Runtime for WorkerRuntime {
             Ok(r) => r,
             Err(h) => return h,
         };
-        let fr = match invoke::start(func, &req, &body, &job, pool.timeout.as_millis() as u64) {
+        let fr = match invoke::start(func, &req, &body, &job, u64::MAX) {
             Ok(fr) => fr,
             Err(h) => return h,
         };
