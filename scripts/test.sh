@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite. Installs and starts what the tests need on a fresh
-# Debian machine (RabbitMQ, nginx with the Lua module, lua-cjson, all from
-# Debian's packages), then runs every test.
+# Debian machine (RabbitMQ, nginx with the Lua module, lua-cjson, and the
+# Func runtimes python3 + venv, Node.js, a JDK, all from Debian's packages),
+# then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,11 @@ command -v rabbitmq-server >/dev/null 2>&1 || need+=(rabbitmq-server)
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
 [ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || need+=(libnginx-mod-http-lua)
 [ -f /usr/lib/x86_64-linux-gnu/lua/5.1/cjson.so ] || dpkg -s lua-cjson >/dev/null 2>&1 || need+=(lua-cjson)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v javac >/dev/null 2>&1 || need+=(default-jdk-headless)
+command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]} from Debian's packages"
   as_root apt-get update -qq

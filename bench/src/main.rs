@@ -14,6 +14,9 @@
 //!
 //! Each at concurrency 1 and 64 (keep-alive HTTP/1.1 connections, one per
 //! concurrent caller), printing requests/s, p50 and p99, and the ratios.
+//!
+//! With `--runtimes`: warm worker processes (Python, Node.js, Java) against
+//! starting a process per request for the same code, see [`runtimes`].
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,7 +61,13 @@ struct Args {
     /// Skip the nginx ingress measurement.
     #[arg(long)]
     no_nginx: bool,
+    /// Measure the Func runtimes instead: warm Python, Node.js, Java (and
+    /// Lua) against starting a process per request, on the embedded path.
+    #[arg(long)]
+    runtimes: bool,
 }
+
+mod runtimes;
 
 /// nginx with the Lua ingress, stopped (with its workers) on drop.
 struct Nginx {
@@ -322,12 +331,23 @@ async fn connect(addr: std::net::SocketAddr) -> Result<Conn> {
 /// Keep-alive HTTP/1.1 load: one connection per caller, reopened when the
 /// server closes it (nginx does after `keepalive_requests`).
 async fn http_load(addr: std::net::SocketAddr, concurrency: usize, total: usize) -> Result<Stats> {
+    http_load_path(addr, "/hello/bench", b"Hello, bench!", concurrency, total).await
+}
+
+/// [`http_load`] on any path, checking each answer is 200 with `expect`.
+async fn http_load_path(
+    addr: std::net::SocketAddr,
+    path: &str,
+    expect: &'static [u8],
+    concurrency: usize,
+    total: usize,
+) -> Result<Stats> {
     let mut conns = Vec::new();
     for _ in 0..concurrency {
         conns.push(Arc::new(tokio::sync::Mutex::new(connect(addr).await?)));
     }
     let conns = Arc::new(conns);
-    let uri: hyper::Uri = format!("http://{addr}/hello/bench").parse()?;
+    let uri: hyper::Uri = format!("http://{addr}{path}").parse()?;
     drive(concurrency, total, move |worker| {
         let conns = Arc::clone(&conns);
         let uri = uri.clone();
@@ -343,8 +363,9 @@ async fn http_load(addr: std::net::SocketAddr, concurrency: usize, total: usize)
             let status = resp.status();
             let body = resp.into_body().collect().await?.to_bytes();
             anyhow::ensure!(
-                status == 200 && body.as_ref() == b"Hello, bench!",
-                "bad answer {status}"
+                status == 200 && body.as_ref() == expect,
+                "bad answer {status}: {}",
+                String::from_utf8_lossy(&body)
             );
             Ok(())
         }
@@ -361,6 +382,11 @@ async fn start_path(
 ) -> Result<std::net::SocketAddr> {
     let (list, errors) = funcatron_bundle::Bundle::load_all(bundles);
     anyhow::ensure!(errors.is_empty(), "bundles: {errors:?}");
+    // Only what is measured: hello (Lua) and the runtime benchmark's Funcs.
+    let list: Vec<_> = list
+        .into_iter()
+        .filter(|b| b.name == "hello" || b.name.starts_with("bench-"))
+        .collect();
     let routes = Arc::new(funcatron_tron::RouteTable::build(&list)?);
     let tron = make();
     let runner = make();
@@ -413,6 +439,9 @@ fn row(name: &str, s: Stats) {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if args.runtimes {
+        return runtimes::run().await;
+    }
     let c1 = (args.requests / 10).max(100);
     let c64 = args.requests;
     println!(

@@ -107,7 +107,15 @@ async fn hello_and_petshop_answer_through_the_whole_path() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"], "bad_request");
+    let v = r.json::<Value>().await.unwrap();
+    assert_eq!(v["error"], "validation_failed");
+    assert!(
+        v["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
+        "{v}"
+    );
 }
 
 #[tokio::test]

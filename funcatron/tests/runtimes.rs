@@ -591,3 +591,49 @@ async fn worker_runtimes_serve_through_rabbitmq_with_separate_processes() {
         .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["largest"], 7);
 }
+
+#[tokio::test]
+async fn lua_and_exec_funcs_get_their_env_and_secrets() {
+    let root = tempfile::tempdir().unwrap();
+    copy_examples(root.path(), &["hello"]);
+    write_bundle(
+        root.path(),
+        "lua-env",
+        &[
+            (
+                "swagger.yaml",
+                "swagger: '2.0'\nbasePath: /lua-env\nx-funcatron: {runtime: lua, env: {GREETING: Hej}, secrets: [TOKEN]}\npaths:\n  /:\n    get: {operationId: show}\n",
+            ),
+            ("main.lua", "return { show = function() return env.GREETING .. ' ' .. env.TOKEN end }\n"),
+        ],
+    );
+    write_bundle(
+        root.path(),
+        "exec-env",
+        &[
+            (
+                "swagger.yaml",
+                "swagger: '2.0'\nbasePath: /exec-env\nx-funcatron: {runtime: exec, env: {GREETING: Hoi}, secrets: [TOKEN]}\npaths:\n  /:\n    get: {operationId: show}\n",
+            ),
+            ("fn.sh", "printf '%s %s %s' \"$GREETING\" \"$TOKEN\" \"${HOME:-no-home}\"\n"),
+        ],
+    );
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(secrets.path().join("lua-env")).unwrap();
+    std::fs::write(secrets.path().join("lua-env/TOKEN"), "for-lua\n").unwrap();
+    std::fs::write(secrets.path().join("TOKEN"), "for-everyone").unwrap();
+    let c = embedded(root.path(), secrets.path()).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("{}/lua-env", c.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "Hej for-lua");
+    let r = http
+        .get(format!("{}/exec-env", c.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "Hoi for-everyone no-home");
+}
