@@ -387,7 +387,7 @@ async fn start_path(
         .into_iter()
         .filter(|b| b.name == "hello" || b.name.starts_with("bench-"))
         .collect();
-    let routes = Arc::new(funcatron_tron::RouteTable::build(&list)?);
+    let routes = funcatron_tron::fixed(funcatron_tron::RouteTable::build(&list)?);
     let tron = make();
     let runner = make();
     let ingress = make();

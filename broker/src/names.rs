@@ -5,9 +5,10 @@ pub const REQUESTS: &str = "funcatron.requests";
 /// Messages no one could decode or route, with the reason in a header.
 pub const DEAD_LETTERS: &str = "funcatron.dead";
 
-/// The queue a Func's Runners consume.
-pub fn func_queue(func: &str) -> String {
-    format!("funcatron.func.{func}")
+/// The queue of one version of a Func: its Runners consume it, the Trons
+/// route to the enabled version's queue.
+pub fn func_queue(func: &str, version: &str) -> String {
+    format!("funcatron.func.{func}.{version}")
 }
 
 /// An ingress instance's private reply queue.

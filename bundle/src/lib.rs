@@ -186,6 +186,78 @@ pub struct Bundle {
     pub concurrency: Option<usize>,
     /// The parsed API document (`Null` for tinyFaaS folders without one).
     pub doc: Arc<Value>,
+    /// Content version: the first 12 hex digits of the SHA-256 over the
+    /// bundle's files (see [`content_digest`]). Each version has its own
+    /// queue, so a switch never mixes versions.
+    pub version: String,
+}
+
+/// SHA-256 over a bundle directory's regular files, in path order: for each,
+/// its relative path, a NUL, its length (8 bytes, big-endian) and its bytes.
+/// Dot files and directories (`.git`, editor swap files) are left out, as
+/// `funcatron bundle build` leaves them out of archives.
+pub fn content_digest(dir: &Path) -> Result<[u8; 32], BundleError> {
+    use sha2::{Digest, Sha256};
+    let mut files = Vec::new();
+    bundle_files(dir, dir, &mut files)?;
+    let mut h = Sha256::new();
+    for (rel, path) in files {
+        let bytes = std::fs::read(&path).map_err(|source| BundleError::Io { path, source })?;
+        h.update(rel.as_bytes());
+        h.update([0]);
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(&bytes);
+    }
+    Ok(h.finalize().into())
+}
+
+/// The regular files of a bundle as (relative path with `/`, full path),
+/// sorted; dot entries skipped, symlinks refused.
+pub fn bundle_files(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<(String, PathBuf)>,
+) -> Result<(), BundleError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| BundleError::Io { path, source }
+    };
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(Result::ok)
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = e.path();
+        let ft = e.file_type().map_err(io(&path))?;
+        if ft.is_symlink() {
+            return Err(BundleError::invalid(
+                &path,
+                "symbolic links are not allowed in a bundle",
+            ));
+        } else if ft.is_dir() {
+            bundle_files(root, &path, out)?;
+        } else if ft.is_file() {
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join("/");
+            out.push((rel, path));
+        }
+    }
+    Ok(())
+}
+
+/// Hex of the first `n` bytes.
+pub fn hex_prefix(digest: &[u8], n: usize) -> String {
+    digest.iter().take(n).map(|b| format!("{b:02x}")).collect()
 }
 
 /// `x-funcatron` in the document or `funcatron.yaml` beside it.
@@ -204,6 +276,58 @@ struct Manifest {
     secrets: Option<Vec<String>>,
     validate: Option<bool>,
     concurrency: Option<usize>,
+    environments: Option<BTreeMap<String, Vec<Rewrite>>>,
+}
+
+/// One staging rewrite: in the document field at `field` (a JSON pointer
+/// such as `/servers/0/url`, or a top-level name such as `host`), replace
+/// every match of the regular expression `match` with `replace` (`$1`
+/// refers to groups).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    /// Where: a JSON pointer or a top-level field name.
+    pub field: String,
+    /// What: a regular expression.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// With what.
+    pub replace: String,
+}
+
+/// Apply `rules` to `doc`; a rule naming a field that is missing or not a
+/// string, or a bad expression, is an error naming the rule.
+fn rewrite(
+    doc: &mut Value,
+    rules: &[Rewrite],
+    spec: &Path,
+    source: &Path,
+    env: &str,
+) -> Result<(), BundleError> {
+    for (i, r) in rules.iter().enumerate() {
+        let at = format!("environments.{env}[{i}]");
+        let re = regex::Regex::new(&r.pattern)
+            .map_err(|e| BundleError::invalid(source, format!("{at}.match: {e}")))?;
+        let pointer = if r.field.starts_with('/') {
+            r.field.clone()
+        } else {
+            format!("/{}", r.field)
+        };
+        let target = doc.pointer_mut(&pointer).ok_or_else(|| {
+            BundleError::invalid(
+                spec,
+                format!("{at}: field `{}` is not in the document", r.field),
+            )
+        })?;
+        let Value::String(text) = target else {
+            return Err(BundleError::invalid(
+                spec,
+                format!("{at}: field `{}` is not a string", r.field),
+            ));
+        };
+        *text = re.replace_all(text, r.replace.as_str()).into_owned();
+    }
+    Ok(())
 }
 
 impl Manifest {
@@ -214,6 +338,7 @@ impl Manifest {
             secrets: over.secrets.or(self.secrets),
             validate: over.validate.or(self.validate),
             concurrency: over.concurrency.or(self.concurrency),
+            environments: over.environments.or(self.environments),
             name: over.name.or(self.name),
             runtime: over.runtime.or(self.runtime),
             handler: over.handler.or(self.handler),
@@ -460,8 +585,15 @@ fn synthesized_api(name: &str) -> ApiDoc {
 }
 
 impl Bundle {
-    /// Load and validate the bundle in `dir`.
+    /// Load and validate the bundle in `dir`, its document as written.
     pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
+        Bundle::load_in(dir, None)
+    }
+
+    /// Load the bundle in `dir` for a deployment environment: the
+    /// document's fields are rewritten by the bundle's `environments`
+    /// rules for `environment` (see [`Rewrite`]) before routes are read.
+    pub fn load_in(dir: &Path, environment: Option<&str>) -> Result<Bundle, BundleError> {
         let manifest_path = dir.join("funcatron.yaml");
         let has_manifest = manifest_path.is_file();
         let file_manifest = if has_manifest {
@@ -488,23 +620,34 @@ impl Bundle {
                 ),
             ));
         }
-        let (doc, api, doc_manifest) = match &spec_file {
+        let (doc, doc_manifest) = match &spec_file {
             Some(f) => {
                 let doc = parse_doc(f, &read(f)?)?;
-                let api = api_from_value(f, &doc)?;
                 let m = match doc.get("x-funcatron") {
                     Some(v) => serde_json::from_value::<Manifest>(v.clone())
                         .map_err(|e| BundleError::invalid(f, format!("x-funcatron: {e}")))?,
                     None => Manifest::default(),
                 };
-                (doc, Some(api), m)
+                (doc, m)
             }
-            None => (Value::Null, None, Manifest::default()),
+            None => (Value::Null, Manifest::default()),
         };
-        let (m, source) = match (has_manifest, &spec_file) {
+        let (mut m, source) = match (has_manifest, &spec_file) {
             (true, _) => (doc_manifest.overlay(file_manifest), manifest_path.clone()),
             (false, Some(f)) => (doc_manifest, f.clone()),
             (false, None) => (doc_manifest, dir.to_owned()),
+        };
+        let environments = m.environments.take().unwrap_or_default();
+        let mut doc = doc;
+        if let Some(env) = environment {
+            if let Some(rules) = environments.get(env) {
+                let f = spec_file.as_deref().unwrap_or(dir);
+                rewrite(&mut doc, rules, f, &source, env)?;
+            }
+        }
+        let api = match &spec_file {
+            Some(f) => Some(api_from_value(f, &doc)?),
+            None => None,
         };
         let name = match m.name {
             Some(n) => n,
@@ -624,6 +767,7 @@ impl Bundle {
             validate: m.validate.unwrap_or(true),
             concurrency: m.concurrency,
             doc: Arc::new(doc),
+            version: hex_prefix(&content_digest(dir)?, 6),
         })
     }
 
@@ -631,11 +775,16 @@ impl Bundle {
     /// or `root` itself when it is a bundle. A broken bundle does not stop
     /// the others: its error is returned beside them.
     pub fn load_all(root: &Path) -> (Vec<Bundle>, Vec<BundleError>) {
+        Bundle::load_all_in(root, None)
+    }
+
+    /// [`Bundle::load_all`] for a deployment environment (see [`Bundle::load_in`]).
+    pub fn load_all_in(root: &Path, environment: Option<&str>) -> (Vec<Bundle>, Vec<BundleError>) {
         if root.join("funcatron.yaml").is_file()
             || SPEC_FILES.iter().any(|f| root.join(f).is_file())
             || detect_tinyfaas(root).is_some()
         {
-            return match Bundle::load(root) {
+            return match Bundle::load_in(root, environment) {
                 Ok(b) => (vec![b], vec![]),
                 Err(e) => (vec![], vec![e]),
             };
@@ -661,7 +810,7 @@ impl Bundle {
         let mut ok = Vec::new();
         let mut errors = Vec::new();
         for d in dirs {
-            match Bundle::load(&d) {
+            match Bundle::load_in(&d, environment) {
                 Ok(b) => ok.push(b),
                 Err(e) => errors.push(e),
             }

@@ -5,8 +5,7 @@
 //! one role each against a shared broker (RabbitMQ), any number of each.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -21,6 +20,8 @@ use funcatron_tron::{RouteTable, TronOptions};
 use tokio_util::sync::CancellationToken;
 
 use funcatron_ingress::nginx;
+
+mod bundle_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +46,9 @@ enum Command {
     Ingress(IngressArgs),
     /// Print an nginx config for the production nginx + Lua ingress (`ingress-lua/`).
     NginxConfig(NginxArgs),
+    /// Work with bundles: show effective routes.
+    #[command(subcommand)]
+    Bundle(bundle_cmd::BundleCmd),
 }
 
 #[derive(Args)]
@@ -97,6 +101,10 @@ struct BundleArgs {
     /// Directory of Func bundles (each subdirectory one bundle), or one bundle directory.
     #[arg(long, env = "FUNCATRON_BUNDLES", default_value = "func-bundles")]
     bundles: PathBuf,
+    /// Deployment environment: bundles' `environments` rewrite rules for it
+    /// are applied to their documents (host, basePath, servers, ...).
+    #[arg(long, env = "FUNCATRON_ENVIRONMENT")]
+    environment: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -214,17 +222,18 @@ fn main() -> Result<()> {
             Command::Up(a) => up(a, shutdown).await,
             Command::Tron(a) => {
                 let broker = broker(&a.broker, false)?;
-                tron(broker, &a.bundles.bundles, &a.tron, shutdown).await
+                tron(broker, &a.bundles, &a.tron, shutdown).await
             }
             Command::Runner(a) => {
                 let broker = broker(&a.broker, false)?;
-                runner(broker, &a.bundles.bundles, &a.runner, shutdown).await
+                runner(broker, &a.bundles, &a.runner, shutdown).await
             }
             Command::Ingress(a) => {
                 let broker = broker(&a.broker, false)?;
                 ingress(broker, &a.ingress, shutdown).await
             }
             Command::NginxConfig(a) => nginx_config(a),
+            Command::Bundle(c) => bundle_cmd::run(c),
         }
     })
 }
@@ -275,8 +284,9 @@ fn broker(a: &BrokerArgs, embedded_ok: bool) -> Result<AnyBroker> {
     Ok(b)
 }
 
-fn load_bundles(dir: &Path) -> Vec<Bundle> {
-    let (bundles, errors) = Bundle::load_all(dir);
+fn load_bundles(a: &BundleArgs) -> Vec<Bundle> {
+    let dir = &a.bundles;
+    let (bundles, errors) = Bundle::load_all_in(dir, a.environment.as_deref());
     for e in &errors {
         tracing::error!(error = %e, "bundle rejected");
     }
@@ -288,7 +298,7 @@ fn load_bundles(dir: &Path) -> Vec<Bundle> {
 
 async fn tron(
     broker: AnyBroker,
-    dir: &Path,
+    dir: &BundleArgs,
     o: &TronOpts,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -297,13 +307,13 @@ async fn tron(
     let opts = TronOptions {
         prefetch: o.tron_prefetch,
     };
-    funcatron_tron::run(broker, Arc::new(routes), opts, shutdown).await?;
+    funcatron_tron::run(broker, funcatron_tron::fixed(routes), opts, shutdown).await?;
     Ok(())
 }
 
 async fn runner(
     broker: AnyBroker,
-    dir: &Path,
+    dir: &BundleArgs,
     o: &RunnerOpts,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -352,7 +362,7 @@ async fn ingress(broker: AnyBroker, o: &IngressOpts, shutdown: CancellationToken
 
 async fn up(a: UpArgs, shutdown: CancellationToken) -> Result<()> {
     let broker = broker(&a.broker, true)?;
-    let dir = a.bundles.bundles.clone();
+    let dir = a.bundles.clone();
     let t = tokio::spawn({
         let (b, s, o, d) = (
             broker.clone(),
@@ -375,7 +385,7 @@ async fn up(a: UpArgs, shutdown: CancellationToken) -> Result<()> {
         let (b, s, o) = (broker.clone(), shutdown.clone(), a.ingress.clone());
         async move { ingress(b, &o, s).await }
     });
-    tracing::info!(listen = %a.ingress.listen, broker = broker.kind(), bundles = %dir.display(), "funcatron up");
+    tracing::info!(listen = %a.ingress.listen, broker = broker.kind(), bundles = %dir.bundles.display(), "funcatron up");
     // If any role fails, stop the others and report it.
     let mut roles = tokio::task::JoinSet::new();
     roles.spawn(async move { t.await? });

@@ -1,6 +1,6 @@
 //! The Runner: the end of the request path.
 //!
-//! Tron -> `funcatron.func.<name>` -> **Runner** -> reply queue -> ingress.
+//! Tron -> `funcatron.func.<name>.<version>` -> **Runner** -> reply queue -> ingress.
 //! A Runner consumes the queue of every Func it serves, hands each request
 //! to the Func's runtime ([`runtime::Runtime`]: Lua in-process, see [`lua`];
 //! Python, Node.js and Java in warm worker processes, see [`worker`];
@@ -15,4 +15,4 @@ pub mod runtime;
 pub mod serve;
 pub mod worker;
 
-pub use serve::{default_cache_dir, resolve_env, run, RunnerOptions};
+pub use serve::{default_cache_dir, resolve_env, run, serve, RunnerOptions};

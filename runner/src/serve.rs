@@ -13,7 +13,10 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::path::{Path, PathBuf};
+use tokio::sync::watch;
 
 use funcatron_bundle::validate::{self, Checks};
 
@@ -146,31 +149,109 @@ pub async fn run(
     options: RunnerOptions,
     shutdown: CancellationToken,
 ) -> Result<(), BrokerError> {
-    let mut broken = HashMap::new();
-    let mut checks = HashMap::new();
-    let mut runnable = Vec::with_capacity(bundles.len());
-    for b in &bundles {
-        let prepared = resolve_env(b, options.secrets_dir.as_deref()).and_then(|env| {
-            let c = validate::compile_bundle(b).map_err(|e| e.to_string())?;
-            Ok((env, c))
-        });
-        match prepared {
-            Ok((env, c)) => {
-                let mut b = b.clone();
-                b.env = env;
-                checks.insert(
-                    b.name.clone(),
-                    c.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
-                );
-                runnable.push(b);
+    let (_keep, rx) = watch::channel(bundles);
+    serve(broker, rx, options, shutdown).await;
+    Ok(())
+}
+
+/// One version of one Func being served: its runtimes, its queue's
+/// consumer and the deliveries in flight.
+struct Serving {
+    name: String,
+    queue: String,
+    /// Stops the consumer (deliveries in flight finish).
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Serve whatever set of bundle versions `desired` holds, following its
+/// changes: a new version is prepared and consumed at once; a version no
+/// longer wanted keeps consuming until its queue is empty and nothing is in
+/// flight (requests routed to it before a switch finish on it), then its
+/// runtimes are dropped. Returns after `shutdown`, with everything in flight
+/// finished and acknowledged.
+pub async fn serve(
+    broker: AnyBroker,
+    mut desired: watch::Receiver<Vec<Bundle>>,
+    options: RunnerOptions,
+    shutdown: CancellationToken,
+) {
+    let mut active: HashMap<(String, String), Serving> = HashMap::new();
+    let retiring = TaskTracker::new();
+    let mut watching = true;
+    loop {
+        let want = desired.borrow_and_update().clone();
+        let keys: std::collections::HashSet<(String, String)> = want
+            .iter()
+            .map(|b| (b.name.clone(), b.version.clone()))
+            .collect();
+        for b in &want {
+            let key = (b.name.clone(), b.version.clone());
+            if !active.contains_key(&key) {
+                active.insert(key, start_version(&broker, b, &options).await);
             }
-            Err(why) => {
-                tracing::error!(func = %b.name, error = %why, "bundle cannot run; its requests get 500 with this reason");
-                broken.insert(b.name.clone(), why);
+        }
+        let gone: Vec<(String, String)> = active
+            .keys()
+            .filter(|k| !keys.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(s) = active.remove(&key) {
+                retiring.spawn(retire(broker.clone(), s, shutdown.clone()));
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = desired.changed(), if watching => {
+                if changed.is_err() {
+                    watching = false;
+                }
             }
         }
     }
-    let (lua, failures) = LuaRuntime::start(&runnable, options.workers, options.lua_limits);
+    for s in active.values() {
+        s.stop.cancel();
+        s.tasks.close();
+    }
+    for s in active.values() {
+        s.tasks.wait().await;
+    }
+    retiring.close();
+    retiring.wait().await;
+}
+
+/// Prepare one bundle version and start consuming its queue.
+async fn start_version(broker: &AnyBroker, b: &Bundle, options: &RunnerOptions) -> Serving {
+    let mut broken = HashMap::new();
+    let mut checks = HashMap::new();
+    let mut runnable = Vec::with_capacity(1);
+    let prepared = resolve_env(b, options.secrets_dir.as_deref()).and_then(|env| {
+        let c = validate::compile_bundle(b).map_err(|e| e.to_string())?;
+        Ok((env, c))
+    });
+    match prepared {
+        Ok((env, c)) => {
+            let mut b = b.clone();
+            b.env = env;
+            checks.insert(
+                b.name.clone(),
+                c.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+            );
+            runnable.push(b);
+        }
+        Err(why) => {
+            tracing::error!(func = %b.name, error = %why, "bundle cannot run; its requests get 500 with this reason");
+            broken.insert(b.name.clone(), why);
+        }
+    }
+    let has_lua = runnable.iter().any(|b| b.runtime == RuntimeKind::Lua);
+    let (lua, failures) = LuaRuntime::start(
+        &runnable,
+        if has_lua { options.workers } else { 1 },
+        options.lua_limits,
+    );
     for (func, why) in &failures {
         tracing::error!(func, error = %why, "bundle failed to prepare; its requests get 500 with this reason");
     }
@@ -178,43 +259,80 @@ pub async fn run(
         lua,
         exec: ExecRuntime::new(&runnable, options.exec_limits),
         workers: WorkerRuntime::start(&runnable, &options.worker),
-        kinds: bundles
-            .iter()
-            .map(|b| (b.name.clone(), b.runtime))
-            .collect(),
+        kinds: std::iter::once((b.name.clone(), b.runtime)).collect(),
         broken,
         checks,
     });
-    let tracker = TaskTracker::new();
-    for b in &bundles {
-        let queue = names::func_queue(&b.name);
-        let sub = broker
-            .consume(
-                &queue,
-                QueueKind::Work,
-                ConsumeOptions {
-                    prefetch: options.prefetch,
-                    auto_ack: false,
-                },
-            )
-            .await?;
-        tracing::info!(func = %b.name, queue, "serving Func");
-        tracker.spawn(consume(
-            broker.clone(),
-            Arc::clone(&runtime),
-            Arc::from(b.name.as_str()),
-            queue,
-            sub,
-            tracker.clone(),
-            shutdown.clone(),
-        ));
+    let queue = names::func_queue(&b.name, &b.version);
+    let tasks = TaskTracker::new();
+    let stop = CancellationToken::new();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    match broker
+        .consume(
+            &queue,
+            QueueKind::Work,
+            ConsumeOptions {
+                prefetch: options.prefetch,
+                auto_ack: false,
+            },
+        )
+        .await
+    {
+        Ok(sub) => {
+            tracing::info!(func = %b.name, version = %b.version, queue, "serving Func");
+            tasks.spawn(consume(
+                broker.clone(),
+                runtime,
+                Arc::from(b.name.as_str()),
+                queue.clone(),
+                sub,
+                tasks.clone(),
+                stop.clone(),
+                Arc::clone(&in_flight),
+            ));
+        }
+        Err(e) => {
+            tracing::error!(func = %b.name, queue, error = %e, "cannot consume the Func's queue")
+        }
     }
-    shutdown.cancelled().await;
-    tracker.close();
-    tracker.wait().await;
-    Ok(())
+    Serving {
+        name: b.name.clone(),
+        queue,
+        stop,
+        tasks,
+        in_flight,
+    }
 }
 
+/// Stop serving a version once nothing is left for it: its queue empty and
+/// no request in flight (at least a moment after it was retired, so
+/// requests routed just before a switch arrive), or at `shutdown`.
+async fn retire(broker: AnyBroker, s: Serving, shutdown: CancellationToken) {
+    let retired = std::time::Instant::now();
+    let grace = std::time::Duration::from_millis(500);
+    let limit = std::time::Duration::from_secs(120);
+    loop {
+        let idle = s.in_flight.load(Ordering::SeqCst) == 0
+            && broker
+                .depth(&s.queue)
+                .await
+                .map(|d| d.ready == 0)
+                .unwrap_or(true);
+        if (idle && retired.elapsed() >= grace) || retired.elapsed() >= limit {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+        }
+    }
+    tracing::info!(func = %s.name, queue = %s.queue, "retired a Func version");
+    s.stop.cancel();
+    s.tasks.close();
+    s.tasks.wait().await;
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn consume(
     broker: AnyBroker,
     runtime: Arc<Runtimes>,
@@ -222,18 +340,24 @@ async fn consume(
     queue: String,
     mut sub: funcatron_broker::Subscription,
     tracker: TaskTracker,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
+    in_flight: Arc<AtomicUsize>,
 ) {
     loop {
         let delivery = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             d = sub.next() => match d { Some(d) => d, None => break },
         };
+        in_flight.fetch_add(1, Ordering::SeqCst);
         let broker = broker.clone();
         let runtime = Arc::clone(&runtime);
         let func = Arc::clone(&func);
         let queue = queue.clone();
-        tracker.spawn(async move { handle(&broker, &runtime, &func, &queue, delivery).await });
+        let in_flight = Arc::clone(&in_flight);
+        tracker.spawn(async move {
+            handle(&broker, &runtime, &func, &queue, delivery).await;
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+        });
     }
 }
 

@@ -6,6 +6,7 @@ use funcatron_broker::{
     names, AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind,
 };
 use funcatron_envelope::{headers, now_ms, Response, RouteView};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -26,17 +27,32 @@ impl Default for TronOptions {
     }
 }
 
+/// A route table that never changes (bundles from a directory).
+pub fn fixed(routes: RouteTable) -> watch::Receiver<Arc<RouteTable>> {
+    watch::channel(Arc::new(routes)).1
+}
+
+/// Declare every Func queue of `routes`: do this before publishing a new
+/// table, so no request is routed to a queue that does not exist yet.
+pub async fn declare_routes(broker: &AnyBroker, routes: &RouteTable) {
+    for (func, queue) in routes.funcs() {
+        tracing::info!(func, queue, "routing to Func");
+        declare_when_connected(broker, queue).await;
+    }
+}
+
 /// Run a Tron until `shutdown` fires; in-flight dispatches finish first.
+/// Each request is routed by the table current when it arrives; a new
+/// table replaces the old one atomically (requests being dispatched keep
+/// the table they started with).
 pub async fn run(
     broker: AnyBroker,
-    routes: Arc<RouteTable>,
+    mut routes: watch::Receiver<Arc<RouteTable>>,
     options: TronOptions,
     shutdown: CancellationToken,
 ) -> Result<(), BrokerError> {
-    for (func, queue) in routes.funcs() {
-        tracing::info!(func, queue, "routing to Func");
-        declare_when_connected(&broker, queue).await;
-    }
+    let initial = Arc::clone(&routes.borrow_and_update());
+    declare_routes(&broker, &initial).await;
     declare_when_connected(&broker, names::DEAD_LETTERS).await;
     let mut sub = broker
         .consume(
@@ -49,13 +65,25 @@ pub async fn run(
         )
         .await?;
     let tracker = TaskTracker::new();
+    let mut current = initial;
+    let mut watching = true;
     loop {
         let delivery = tokio::select! {
             _ = shutdown.cancelled() => break,
+            changed = routes.changed(), if watching => {
+                match changed {
+                    Ok(()) => {
+                        current = Arc::clone(&routes.borrow_and_update());
+                        declare_routes(&broker, &current).await;
+                    }
+                    Err(_) => watching = false,
+                }
+                continue;
+            }
             d = sub.next() => match d { Some(d) => d, None => break },
         };
         let broker = broker.clone();
-        let routes = Arc::clone(&routes);
+        let routes = Arc::clone(&current);
         tracker.spawn(async move { dispatch(&broker, &routes, delivery).await });
     }
     drop(sub);

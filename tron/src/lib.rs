@@ -1,6 +1,6 @@
 //! The Tron: the dispatcher between the request firehose and the Func queues.
 //!
-//! ingress -> `funcatron.requests` -> **Tron** -> `funcatron.func.<name>` ->
+//! ingress -> `funcatron.requests` -> **Tron** -> `funcatron.func.<name>.<version>` ->
 //! Runner. A Tron decodes only the routing fields of each request envelope
 //! ([`funcatron_envelope::RouteView`]), finds the Func by host + basePath and
 //! the operation by path template + method ([`routes`]), and forwards the
@@ -12,5 +12,5 @@
 pub mod dispatch;
 pub mod routes;
 
-pub use dispatch::{run, TronOptions};
+pub use dispatch::{declare_routes, fixed, run, TronOptions};
 pub use routes::{RouteError, RouteOutcome, RouteTable};

@@ -182,7 +182,7 @@ impl RouteTable {
             paths.sort_by_key(|p| std::cmp::Reverse(p.literal_len));
             funcs.push(FuncRoutes {
                 func: Arc::from(b.name.as_str()),
-                queue: names::func_queue(&b.name),
+                queue: names::func_queue(&b.name, &b.version),
                 host: b.host.clone(),
                 base_path: b.base_path.clone(),
                 paths,

@@ -29,6 +29,7 @@ fn bundle_of(name: &str, file: &Path, doc: &str) -> Bundle {
         validate: true,
         concurrency: None,
         doc: Default::default(),
+        version: "v1".into(),
     }
 }
 
@@ -62,7 +63,7 @@ fn petstore_swagger2_routes_by_host_base_path_template_and_method() {
     let r = found(t.route("petstore.swagger.io", "GET", "/v2/pet/42"));
     assert_eq!(
         (r.func, r.operation_id, r.queue),
-        ("petstore2", "getPetById", "funcatron.func.petstore2")
+        ("petstore2", "getPetById", "funcatron.func.petstore2.v1")
     );
     assert_eq!(r.params, vec![("petId", "42".to_string())]);
     // Literal segments beat parameters.

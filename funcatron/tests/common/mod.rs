@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use funcatron_broker::AnyBroker;
@@ -143,7 +142,7 @@ pub async fn spawn_cluster(
     runner: Option<RunnerOptions>,
 ) -> InProcess {
     let shutdown = CancellationToken::new();
-    let routes = Arc::new(RouteTable::build(&bundles).unwrap());
+    let routes = funcatron_tron::fixed(RouteTable::build(&bundles).unwrap());
     tokio::spawn(funcatron_tron::run(
         broker.clone(),
         routes,

@@ -1,0 +1,71 @@
+//! `funcatron bundle ...`: work with bundles on the developer's machine.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use funcatron_bundle::Bundle;
+
+/// Bundle commands.
+#[derive(Subcommand)]
+pub enum BundleCmd {
+    /// Validate a bundle and print its effective routes (for an environment).
+    Show(ShowArgs),
+}
+
+/// `funcatron bundle show`.
+#[derive(Args)]
+pub struct ShowArgs {
+    /// The bundle directory.
+    dir: PathBuf,
+    /// Apply the bundle's rewrite rules for this environment first.
+    #[arg(long, env = "FUNCATRON_ENVIRONMENT")]
+    environment: Option<String>,
+}
+
+/// Run a bundle command.
+pub fn run(cmd: BundleCmd) -> Result<()> {
+    match cmd {
+        BundleCmd::Show(a) => {
+            print!("{}", show(&a.dir, a.environment.as_deref())?);
+            Ok(())
+        }
+    }
+}
+
+/// The effective routes of the bundle in `dir`, as printed.
+pub fn show(dir: &std::path::Path, environment: Option<&str>) -> Result<String> {
+    use std::fmt::Write;
+    let b = Bundle::load_in(dir, environment)?;
+    let host = b.host.as_deref().unwrap_or("*");
+    let mut out = String::new();
+    writeln!(
+        out,
+        "Func {} ({}, handler {}) from {}",
+        b.name,
+        b.runtime.as_str(),
+        b.handler.display(),
+        b.spec_file.display()
+    )?;
+    writeln!(
+        out,
+        "environment: {}",
+        environment.unwrap_or("(none: the document as written)")
+    )?;
+    writeln!(out, "host: {host}  basePath: {}", b.base_path)?;
+    for op in &b.operations {
+        let path = if b.base_path == "/" {
+            op.path.clone()
+        } else if op.path == "/" {
+            b.base_path.clone()
+        } else {
+            format!("{}{}", b.base_path, op.path)
+        };
+        writeln!(
+            out,
+            "{:<7} {host}{path}  ->  {}",
+            op.method, op.operation_id
+        )?;
+    }
+    Ok(out)
+}
