@@ -188,8 +188,8 @@ pub async fn serve(
             .collect();
         for b in &want {
             let key = (b.name.clone(), b.version.clone());
-            if !active.contains_key(&key) {
-                active.insert(key, start_version(&broker, b, &options).await);
+            if let std::collections::hash_map::Entry::Vacant(slot) = active.entry(key) {
+                slot.insert(start_version(&broker, b, &options).await);
             }
         }
         let gone: Vec<(String, String)> = active
