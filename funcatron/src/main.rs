@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use funcatron_ingress::nginx;
 
 mod bundle_cmd;
+mod dev;
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +50,23 @@ enum Command {
     /// Work with bundles: show effective routes.
     #[command(subcommand)]
     Bundle(bundle_cmd::BundleCmd),
+    /// Save and reload: serve the bundle(s) in DIR on the embedded broker,
+    /// switching to each saved version that loads.
+    Dev(DevArgs),
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// A bundle directory, or a directory of bundles.
+    dir: PathBuf,
+    /// Address to serve on.
+    #[arg(long, env = "FUNCATRON_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Deployment environment whose rewrite rules apply.
+    #[arg(long, env = "FUNCATRON_ENVIRONMENT")]
+    environment: Option<String>,
+    #[command(flatten)]
+    runner: RunnerOpts,
 }
 
 #[derive(Args)]
@@ -234,6 +252,10 @@ fn main() -> Result<()> {
             }
             Command::NginxConfig(a) => nginx_config(a),
             Command::Bundle(c) => bundle_cmd::run(c),
+            Command::Dev(a) => {
+                let opts = runner_options(&a.runner);
+                dev::run(a.dir, a.environment, a.listen, opts, shutdown).await
+            }
         }
     })
 }
@@ -311,13 +333,7 @@ async fn tron(
     Ok(())
 }
 
-async fn runner(
-    broker: AnyBroker,
-    dir: &BundleArgs,
-    o: &RunnerOpts,
-    shutdown: CancellationToken,
-) -> Result<()> {
-    let bundles = load_bundles(dir);
+fn runner_options(o: &RunnerOpts) -> RunnerOptions {
     let mut opts = RunnerOptions {
         prefetch: o.runner_prefetch,
         lua_limits: LuaLimits {
@@ -342,6 +358,17 @@ async fn runner(
         opts.worker.cache_dir = d.clone();
     }
     opts.secrets_dir = o.secrets_dir.clone();
+    opts
+}
+
+async fn runner(
+    broker: AnyBroker,
+    dir: &BundleArgs,
+    o: &RunnerOpts,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let bundles = load_bundles(dir);
+    let opts = runner_options(o);
     funcatron_runner::run(broker, bundles, opts, shutdown).await?;
     Ok(())
 }

@@ -118,6 +118,18 @@ pub async fn run(
     options: IngressOptions,
     shutdown: CancellationToken,
 ) -> Result<(), IngressError> {
+    run_with(listener, broker, options, Router::new(), shutdown).await
+}
+
+/// [`run`], serving `extra` routes beside the Funcs (the dev server's
+/// pages); every other path goes to the Funcs.
+pub async fn run_with(
+    listener: tokio::net::TcpListener,
+    broker: AnyBroker,
+    options: IngressOptions,
+    extra: Router,
+    shutdown: CancellationToken,
+) -> Result<(), IngressError> {
     let reply_queue = names::reply_queue(&options.instance);
     broker
         .declare(names::REQUESTS, QueueKind::Work)
@@ -197,6 +209,7 @@ pub async fn run(
         .route(HEALTH_PATH, get(health))
         .fallback(handle)
         .with_state(shared);
+    let app = extra.merge(app);
     tracing::info!(addr = ?listener.local_addr().ok(), "ingress listening");
     axum::serve(
         listener,

@@ -15,4 +15,4 @@ pub mod runtime;
 pub mod serve;
 pub mod worker;
 
-pub use serve::{default_cache_dir, resolve_env, run, serve, RunnerOptions};
+pub use serve::{check, default_cache_dir, resolve_env, run, serve, RunnerOptions};

@@ -141,6 +141,29 @@ impl Default for RunnerOptions {
     }
 }
 
+/// Check that `bundle` can run here without serving it: its secrets are
+/// supplied, its document's schemas compile, and its code loads (Lua:
+/// prepared; Python, Node.js, Java: prepared and one worker started). What
+/// `funcatron dev` runs before it switches to a saved version.
+pub async fn check(bundle: &Bundle, options: &RunnerOptions) -> Result<(), String> {
+    let env = resolve_env(bundle, options.secrets_dir.as_deref())?;
+    validate::compile_bundle(bundle).map_err(|e| e.to_string())?;
+    let mut b = bundle.clone();
+    b.env = env;
+    match b.runtime {
+        RuntimeKind::Lua => {
+            let limits = options.lua_limits;
+            tokio::task::spawn_blocking(move || crate::lua::LuaFunc::prepare(&b, limits).map(drop))
+                .await
+                .map_err(|e| e.to_string())?
+        }
+        RuntimeKind::Python | RuntimeKind::Node | RuntimeKind::Java => {
+            crate::worker::check(&b, &options.worker).await
+        }
+        RuntimeKind::Exec => Ok(()),
+    }
+}
+
 /// Serve `bundles` until `shutdown`: stop consuming, finish and acknowledge
 /// what is in flight, then return.
 pub async fn run(

@@ -191,6 +191,25 @@ impl WorkerRuntime {
     }
 }
 
+/// Prepare `bundle` and start one worker to see that it loads (then stop
+/// it): what `funcatron dev` does before it switches to a new version.
+pub async fn check(bundle: &Bundle, options: &WorkerOptions) -> Result<(), String> {
+    let launch = prepare::prepare(bundle, options).await?;
+    let dir = tempfile::Builder::new()
+        .prefix("funcatron-check")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let w = start_worker(
+        &bundle.name,
+        &launch,
+        &dir.path().join("w.sock"),
+        options.start_timeout,
+    )
+    .await?;
+    w.kill().await;
+    Ok(())
+}
+
 /// Prepare the bundle, then keep its pool at `size` workers until the pool
 /// is dropped.
 #[allow(clippy::too_many_arguments)]
