@@ -72,11 +72,28 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 fn declare_options(kind: QueueKind) -> QueueDeclareOptions {
     match kind {
         QueueKind::Work => QueueDeclareOptions::durable(),
-        QueueKind::Exclusive => QueueDeclareOptions::exclusive().auto_delete(),
+        QueueKind::Exclusive | QueueKind::Broadcast => {
+            QueueDeclareOptions::exclusive().auto_delete()
+        }
     }
 }
 
+async fn declare_exchange(channel: &Channel, topic: &str) -> Result<(), BrokerError> {
+    channel
+        .exchange_declare(
+            topic.into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| BrokerError::Protocol(format!("declaring exchange {topic}: {e}")))
+}
+
 async fn declare_on(channel: &Channel, queue: &str, kind: QueueKind) -> Result<(), BrokerError> {
+    if kind == QueueKind::Broadcast {
+        return declare_exchange(channel, queue).await;
+    }
     channel
         .queue_declare(queue.into(), declare_options(kind), FieldTable::default())
         .await
@@ -343,6 +360,43 @@ impl Broker for AmqpBroker {
         })
     }
 
+    async fn broadcast(&self, topic: &str, message: Message) -> Result<(), BrokerError> {
+        let live = self.live()?;
+        declare_exchange(&live.publisher, topic).await?;
+        let confirm = live
+            .publisher
+            .basic_publish(
+                topic.into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &message.payload,
+                BasicProperties::default(),
+            )
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(unavailable)?;
+        if confirm.is_nack() {
+            return Err(BrokerError::Nacked(topic.to_owned()));
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, topic: &str) -> Result<Subscription, BrokerError> {
+        Ok(Subscription {
+            inner: SubInner::Amqp(Box::new(AmqpSubscription {
+                current: self.inner.current.subscribe(),
+                queue: topic.to_owned(),
+                kind: QueueKind::Broadcast,
+                options: ConsumeOptions {
+                    prefetch: 0,
+                    auto_ack: true,
+                },
+                active: None,
+            })),
+        })
+    }
+
     fn connected(&self) -> watch::Receiver<bool> {
         self.inner.up.subscribe()
     }
@@ -457,6 +511,28 @@ async fn open_consumer(
         .await
         .map_err(unavailable)?;
     declare_on(&channel, queue, kind).await?;
+    // A broadcast topic: consume a private queue bound to its exchange.
+    let bound;
+    let queue = if kind == QueueKind::Broadcast {
+        let q = channel
+            .queue_declare("".into(), declare_options(kind), FieldTable::default())
+            .await
+            .map_err(|e| BrokerError::Protocol(format!("declaring a queue for {queue}: {e}")))?;
+        bound = q.name().to_string();
+        channel
+            .queue_bind(
+                bound.as_str().into(),
+                queue.into(),
+                "".into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| BrokerError::Protocol(format!("binding to {queue}: {e}")))?;
+        bound.as_str()
+    } else {
+        queue
+    };
     if !options.auto_ack {
         channel
             .basic_qos(options.prefetch, BasicQosOptions::default())

@@ -24,6 +24,8 @@ pub struct EmbeddedBroker {
     /// Bound of every queue; a full queue makes publishers wait.
     capacity: usize,
     connected: watch::Sender<bool>,
+    /// Broadcast topics: one channel per subscriber.
+    topics: Arc<DashMap<String, Vec<async_channel::Sender<Message>>>>,
 }
 
 struct Queue {
@@ -41,6 +43,7 @@ impl EmbeddedBroker {
             queues: Arc::new(DashMap::new()),
             capacity: capacity.max(1),
             connected: watch::Sender::new(true),
+            topics: Arc::new(DashMap::new()),
         }
     }
 
@@ -74,6 +77,22 @@ impl EmbeddedBroker {
 }
 
 impl Broker for EmbeddedBroker {
+    async fn broadcast(&self, topic: &str, message: Message) -> Result<(), BrokerError> {
+        if let Some(mut subs) = self.topics.get_mut(topic) {
+            // Gone subscribers are dropped here.
+            subs.retain(|tx| tx.try_send(message.clone()).is_ok());
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, topic: &str) -> Result<Subscription, BrokerError> {
+        let (tx, rx) = async_channel::unbounded();
+        self.topics.entry(topic.to_owned()).or_default().push(tx);
+        Ok(Subscription {
+            inner: SubInner::Topic(rx),
+        })
+    }
+
     async fn declare(&self, queue: &str, _kind: QueueKind) -> Result<(), BrokerError> {
         self.get_or_create(queue);
         Ok(())

@@ -95,6 +95,10 @@ pub enum QueueKind {
     /// One consumer's private queue (an ingress's replies): removed when its
     /// owner's connection goes away.
     Exclusive,
+    /// A broadcast topic (the name is a fanout exchange): each subscriber
+    /// gets its own private queue bound to it, and every message published
+    /// while it is subscribed.
+    Broadcast,
 }
 
 /// How to consume.
@@ -202,6 +206,7 @@ pub struct Subscription {
 
 enum SubInner {
     Embedded(embedded::Receiver),
+    Topic(async_channel::Receiver<Message>),
     Amqp(Box<amqp::AmqpSubscription>),
 }
 
@@ -210,6 +215,12 @@ impl Subscription {
     pub async fn next(&mut self) -> Option<Delivery> {
         match &mut self.inner {
             SubInner::Embedded(r) => r.next().await,
+            SubInner::Topic(r) => r.recv().await.ok().map(|message| Delivery {
+                message,
+                redelivered: false,
+                acker: Acker::None,
+                settled: false,
+            }),
             SubInner::Amqp(s) => s.next().await,
         }
     }
@@ -243,6 +254,20 @@ pub trait Broker: Clone + Send + Sync + 'static {
 
     /// How deep a queue is.
     fn depth(&self, queue: &str) -> impl Future<Output = Result<QueueDepth, BrokerError>> + Send;
+
+    /// Publish to every current subscriber of a broadcast topic (none is
+    /// fine; later subscribers do not see it).
+    fn broadcast(
+        &self,
+        topic: &str,
+        message: Message,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Subscribe to a broadcast topic; deliveries need no acknowledgement.
+    fn subscribe(
+        &self,
+        topic: &str,
+    ) -> impl Future<Output = Result<Subscription, BrokerError>> + Send;
 
     /// Whether the broker is reachable now, as a watch: `false` while
     /// reconnecting. Waiting requesters use it to answer 503 at once.
@@ -342,6 +367,20 @@ impl Broker for AnyBroker {
         match self {
             AnyBroker::Embedded(b) => b.depth(queue).await,
             AnyBroker::Amqp(b) => b.depth(queue).await,
+        }
+    }
+
+    async fn broadcast(&self, topic: &str, message: Message) -> Result<(), BrokerError> {
+        match self {
+            AnyBroker::Embedded(b) => b.broadcast(topic, message).await,
+            AnyBroker::Amqp(b) => b.broadcast(topic, message).await,
+        }
+    }
+
+    async fn subscribe(&self, topic: &str) -> Result<Subscription, BrokerError> {
+        match self {
+            AnyBroker::Embedded(b) => b.subscribe(topic).await,
+            AnyBroker::Amqp(b) => b.subscribe(topic).await,
         }
     }
 

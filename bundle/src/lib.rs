@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub mod archive;
+pub mod state;
 pub mod validate;
 
 use serde::Deserialize;

@@ -11,6 +11,32 @@ use funcatron_bundle::Bundle;
 pub enum BundleCmd {
     /// Validate a bundle and print its effective routes (for an environment).
     Show(ShowArgs),
+    /// Validate a bundle directory and pack it into an archive (prints its SHA-256).
+    Build(BuildArgs),
+    /// Upload an archive (or a directory, built first) to a Tron.
+    Push(PushArgs),
+}
+
+/// `funcatron bundle build`.
+#[derive(Args)]
+pub struct BuildArgs {
+    /// The bundle directory.
+    dir: PathBuf,
+    /// Archive to write (default `<name>-<sha12>.tar.gz`).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+}
+
+/// `funcatron bundle push`.
+#[derive(Args)]
+pub struct PushArgs {
+    /// An archive from `bundle build`, or a bundle directory.
+    path: PathBuf,
+    /// Enable it at once.
+    #[arg(long)]
+    enable: bool,
+    #[command(flatten)]
+    remote: crate::client::Remote,
 }
 
 /// `funcatron bundle show`.
@@ -24,10 +50,30 @@ pub struct ShowArgs {
 }
 
 /// Run a bundle command.
-pub fn run(cmd: BundleCmd) -> Result<()> {
+pub async fn run(cmd: BundleCmd) -> Result<()> {
     match cmd {
         BundleCmd::Show(a) => {
             print!("{}", show(&a.dir, a.environment.as_deref())?);
+            Ok(())
+        }
+        BundleCmd::Build(a) => {
+            let (sha, path, name) = crate::client::build(&a.dir, a.output.as_deref())?;
+            println!("{name} {sha} {}", path.display());
+            Ok(())
+        }
+        BundleCmd::Push(a) => {
+            let v = crate::client::push(&a.remote, &a.path, a.enable).await?;
+            println!(
+                "{} {} {}{}",
+                v["name"].as_str().unwrap_or_default(),
+                v["sha"].as_str().unwrap_or_default(),
+                if v["enabled"] == true {
+                    "enabled"
+                } else {
+                    "uploaded"
+                },
+                ""
+            );
             Ok(())
         }
     }

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use funcatron_ingress::nginx;
 
 mod bundle_cmd;
+mod client;
 mod dev;
 
 #[derive(Parser)]
@@ -50,6 +52,11 @@ enum Command {
     /// Work with bundles: show effective routes.
     #[command(subcommand)]
     Bundle(bundle_cmd::BundleCmd),
+    /// Manage Funcs on a Tron: list, show, history, enable, disable, rollback.
+    #[command(subcommand)]
+    Func(client::FuncCmd),
+    /// Call a Func through a Tron's management API.
+    Invoke(client::InvokeArgs),
     /// Save and reload: serve the bundle(s) in DIR on the embedded broker,
     /// switching to each saved version that loads.
     Dev(DevArgs),
@@ -130,6 +137,66 @@ struct TronOpts {
     /// Requests one Tron dispatches concurrently (AMQP prefetch on the request queue).
     #[arg(long, env = "FUNCATRON_TRON_PREFETCH", default_value_t = 256)]
     tron_prefetch: u16,
+    /// Bundle store directory: turns on the registry and its management API
+    /// (uploaded bundles, enabled versions; survives restarts).
+    #[arg(long, env = "FUNCATRON_STORE")]
+    store: Option<PathBuf>,
+    /// Address the management API listens on (with --store).
+    #[arg(long, env = "FUNCATRON_MGMT_LISTEN", default_value = "127.0.0.1:9090")]
+    mgmt_listen: SocketAddr,
+    /// The management API's URL as other Trons and Runners reach it
+    /// (default: http://<mgmt-listen>).
+    #[arg(long, env = "FUNCATRON_ADVERTISE")]
+    advertise: Option<String>,
+    /// Management token (default: --token-file, else <store>/token,
+    /// generated and printed once at first start).
+    #[arg(long, env = "FUNCATRON_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the management token.
+    #[arg(long, env = "FUNCATRON_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Largest bundle archive accepted, in bytes.
+    #[arg(long, env = "FUNCATRON_MAX_UPLOAD_BYTES", default_value_t = 64 * 1024 * 1024)]
+    max_upload_bytes: usize,
+}
+
+/// The management token: given, from a file, or generated once into the store.
+fn management_token(o: &TronOpts, store: &std::path::Path) -> Result<String> {
+    if let Some(t) = &o.token {
+        return Ok(t.trim().to_owned());
+    }
+    if let Some(f) = &o.token_file {
+        return Ok(std::fs::read_to_string(f)
+            .with_context(|| format!("reading {}", f.display()))?
+            .trim()
+            .to_owned());
+    }
+    let path = store.join("token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        return Ok(t.trim().to_owned());
+    }
+    let token = format!(
+        "{}{}",
+        funcatron_envelope::new_request_id(),
+        funcatron_envelope::new_request_id()
+    );
+    std::fs::create_dir_all(store)?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        f.write_all(token.as_bytes())?;
+    }
+    eprintln!(
+        "funcatron: management token (printed once; kept in {}): {token}",
+        path.display()
+    );
+    Ok(token)
 }
 
 #[derive(Args, Clone)]
@@ -251,7 +318,20 @@ fn main() -> Result<()> {
                 ingress(broker, &a.ingress, shutdown).await
             }
             Command::NginxConfig(a) => nginx_config(a),
-            Command::Bundle(c) => bundle_cmd::run(c),
+            Command::Bundle(c) => bundle_cmd::run(c).await,
+            Command::Func(c) => {
+                print!("{}", client::func(c).await?);
+                Ok(())
+            }
+            Command::Invoke(a) => {
+                use std::io::Write;
+                let (out, ok) = client::invoke(a).await?;
+                std::io::stdout().write_all(&out)?;
+                if !ok {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
             Command::Dev(a) => {
                 let opts = runner_options(&a.runner);
                 dev::run(a.dir, a.environment, a.listen, opts, shutdown).await
@@ -325,11 +405,55 @@ async fn tron(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let bundles = load_bundles(dir);
-    let routes = RouteTable::build(&bundles)?;
     let opts = TronOptions {
         prefetch: o.tron_prefetch,
     };
-    funcatron_tron::run(broker, funcatron_tron::fixed(routes), opts, shutdown).await?;
+    let Some(store) = &o.store else {
+        let routes = RouteTable::build(&bundles)?;
+        funcatron_tron::run(broker, funcatron_tron::fixed(routes), opts, shutdown).await?;
+        return Ok(());
+    };
+    let token = management_token(o, store)?;
+    let lua_check: funcatron_tron::registry::Check = Arc::new(|b: &Bundle| {
+        if b.runtime == funcatron_bundle::RuntimeKind::Lua {
+            funcatron_runner::lua::LuaFunc::prepare(b, LuaLimits::default()).map(drop)
+        } else {
+            Ok(())
+        }
+    });
+    let (registry, routes, _bundles) = funcatron_tron::registry::Registry::open(
+        funcatron_tron::registry::RegistryOptions {
+            store: store.clone(),
+            environment: dir.environment.clone(),
+            static_bundles: bundles,
+            advertise: o
+                .advertise
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", o.mgmt_listen)),
+            limits: Default::default(),
+            check: Some(lua_check),
+        },
+        broker.clone(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("opening the bundle store {}: {e}", store.display()))?;
+    tokio::spawn(Arc::clone(&registry).follow(shutdown.clone()));
+    let listener = tokio::net::TcpListener::bind(o.mgmt_listen)
+        .await
+        .with_context(|| format!("binding the management API to {}", o.mgmt_listen))?;
+    let invoker =
+        funcatron_ingress::app(broker.clone(), IngressOptions::default(), shutdown.clone())
+            .await
+            .context("starting the management API's invoke path")?;
+    let api = funcatron_tron::mgmt::router(registry, token, o.max_upload_bytes, Some(invoker));
+    tracing::info!(listen = %o.mgmt_listen, store = %store.display(), "management API listening");
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, api)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
+    funcatron_tron::run(broker, routes, opts, shutdown).await?;
     Ok(())
 }
 
@@ -369,7 +493,19 @@ async fn runner(
 ) -> Result<()> {
     let bundles = load_bundles(dir);
     let opts = runner_options(o);
-    funcatron_runner::run(broker, bundles, opts, shutdown).await?;
+    // Static bundles now; registry-enabled ones as the control topic says.
+    let (desired, rx) = tokio::sync::watch::channel(bundles.clone());
+    tokio::spawn(funcatron_runner::follow::follow(
+        broker.clone(),
+        funcatron_runner::follow::FollowOptions {
+            static_bundles: bundles,
+            cache_dir: opts.worker.cache_dir.clone(),
+            environment: dir.environment.clone(),
+        },
+        desired,
+        shutdown.clone(),
+    ));
+    funcatron_runner::serve(broker, rx, opts, shutdown).await;
     Ok(())
 }
 

@@ -130,6 +130,26 @@ pub async fn run_with(
     extra: Router,
     shutdown: CancellationToken,
 ) -> Result<(), IngressError> {
+    let app = extra.merge(app(broker, options, shutdown.clone()).await?);
+    tracing::info!(addr = ?listener.local_addr().ok(), "ingress listening");
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await?;
+    Ok(())
+}
+
+/// The ingress as a router, without a listener: its reply queue consumed
+/// until `shutdown`. Requests need a `ConnectInfo<SocketAddr>` extension
+/// (the server adds it; callers of the router directly insert one). The
+/// Tron's `invoke` call uses this.
+pub async fn app(
+    broker: AnyBroker,
+    options: IngressOptions,
+    shutdown: CancellationToken,
+) -> Result<Router, IngressError> {
     let reply_queue = names::reply_queue(&options.instance);
     broker
         .declare(names::REQUESTS, QueueKind::Work)
@@ -205,19 +225,10 @@ pub async fn run_with(
             }
         }
     });
-    let app = Router::new()
+    Ok(Router::new()
         .route(HEALTH_PATH, get(health))
         .fallback(handle)
-        .with_state(shared);
-    let app = extra.merge(app);
-    tracing::info!(addr = ?listener.local_addr().ok(), "ingress listening");
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await?;
-    Ok(())
+        .with_state(shared))
 }
 
 fn deferred(e: BrokerError) -> Result<(), BrokerError> {

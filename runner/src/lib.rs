@@ -9,6 +9,7 @@
 //! the dead-letter queue; expired requests are skipped.
 
 pub mod exec;
+pub mod follow;
 pub mod invoke;
 pub mod lua;
 pub mod runtime;

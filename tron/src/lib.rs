@@ -10,6 +10,8 @@
 //! Any number of Trons may consume the same request queue.
 
 pub mod dispatch;
+pub mod mgmt;
+pub mod registry;
 pub mod routes;
 
 pub use dispatch::{declare_routes, fixed, run, TronOptions};

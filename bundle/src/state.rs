@@ -1,0 +1,149 @@
+//! The registry's state: which version of each Func is enabled, with what
+//! settings, and what was uploaded and enabled before.
+//!
+//! Trons keep it (persisted in their store) and broadcast it on the
+//! broker's control topic; Runners follow it. A state replaces another when
+//! its `(revision, origin)` is greater, so every Tron and Runner converges
+//! on the same one.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Bundle;
+
+/// The broadcast topic for control messages.
+pub const CONTROL_TOPIC: &str = "funcatron.control";
+
+/// Settings given to a Func when it is enabled; they override the bundle's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FuncSettings {
+    /// Environment variables (merged over the bundle's `env`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Secret names (added to the bundle's); values come from each Runner.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    /// Worker processes per Runner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
+    /// Per-invocation time limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Memory limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<usize>,
+    /// Fewest Runners (for the autoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_runners: Option<u32>,
+    /// Most Runners (for the autoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_runners: Option<u32>,
+}
+
+impl FuncSettings {
+    /// `bundle` with these settings applied.
+    pub fn apply(&self, bundle: &Bundle) -> Bundle {
+        let mut b = bundle.clone();
+        b.env.extend(self.env.clone());
+        for s in &self.secrets {
+            if !b.secrets.contains(s) {
+                b.secrets.push(s.clone());
+            }
+        }
+        if self.concurrency.is_some() {
+            b.concurrency = self.concurrency;
+        }
+        if self.timeout_ms.is_some() {
+            b.timeout_ms = self.timeout_ms;
+        }
+        if let Some(mb) = self.memory_mb {
+            b.memory_bytes = Some(mb * 1024 * 1024);
+        }
+        b
+    }
+}
+
+/// An uploaded version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Upload {
+    /// SHA-256 of the archive.
+    pub sha: String,
+    /// The bundle's content version (its queue suffix).
+    pub version: String,
+    /// When (Unix ms).
+    pub at_ms: u64,
+    /// Archive size.
+    pub bytes: u64,
+}
+
+/// One enable/disable/rollback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// When (Unix ms).
+    pub at_ms: u64,
+    /// `enable`, `disable` or `rollback`.
+    pub action: String,
+    /// The version enabled (none for `disable`).
+    pub sha: Option<String>,
+}
+
+/// One Func in the registry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FuncState {
+    /// The enabled version (archive SHA-256), if any.
+    pub enabled: Option<String>,
+    /// Settings of the enabled version.
+    #[serde(default)]
+    pub settings: FuncSettings,
+    /// Every uploaded version, oldest first.
+    #[serde(default)]
+    pub uploads: Vec<Upload>,
+    /// Enables, disables and rollbacks, oldest first.
+    #[serde(default)]
+    pub history: Vec<Event>,
+}
+
+/// The whole registry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Bumped on every change.
+    pub revision: u64,
+    /// The Tron that made this revision.
+    pub origin: String,
+    /// By Func name.
+    pub funcs: BTreeMap<String, FuncState>,
+}
+
+impl ClusterState {
+    /// Does `other` replace this state?
+    pub fn older_than(&self, other: &ClusterState) -> bool {
+        (other.revision, other.origin.as_str()) > (self.revision, self.origin.as_str())
+    }
+
+    /// Enabled (name, sha, settings), by name.
+    pub fn enabled(&self) -> impl Iterator<Item = (&str, &str, &FuncSettings)> {
+        self.funcs.iter().filter_map(|(n, f)| {
+            f.enabled
+                .as_deref()
+                .map(|sha| (n.as_str(), sha, &f.settings))
+        })
+    }
+}
+
+/// A message on the control topic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Control {
+    /// The sender's state; `fetch` is where its bundle archives can be
+    /// downloaded (`{fetch}/v1/bundles/{sha}`).
+    State {
+        /// The state.
+        state: ClusterState,
+        /// The sender's management API base URL.
+        fetch: String,
+    },
+    /// A newcomer asks every Tron to broadcast its state.
+    Hello,
+}

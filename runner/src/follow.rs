@@ -1,0 +1,131 @@
+//! Following the registry: the Runner side of the control topic.
+//!
+//! Tron registry -> control topic -> **Runner (here)** -> the set of bundle
+//! versions [`crate::serve`] serves. The Runner asks for the current state
+//! when it starts (`hello`), adopts every newer state, fetches the archives
+//! of enabled versions it lacks by SHA-256 from the announcing Tron's
+//! management API, verifies and caches them (`<cache>/bundles/<sha>/`), and
+//! switches its desired set: static bundles plus the enabled ones with
+//! their settings.
+
+use std::path::PathBuf;
+
+use funcatron_broker::{AnyBroker, Broker, Message};
+use funcatron_bundle::archive::{self, Limits};
+use funcatron_bundle::state::{ClusterState, Control, CONTROL_TOPIC};
+use funcatron_bundle::Bundle;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// What the follower needs.
+pub struct FollowOptions {
+    /// Bundles from a directory, always served.
+    pub static_bundles: Vec<Bundle>,
+    /// Where fetched bundles are cached.
+    pub cache_dir: PathBuf,
+    /// Deployment environment for staging rewrites.
+    pub environment: Option<String>,
+}
+
+async fn fetch(http: &reqwest::Client, base: &str, sha: &str) -> Result<Vec<u8>, String> {
+    let url = format!("{}/v1/bundles/{sha}", base.trim_end_matches('/'));
+    let bytes = http
+        .get(&url)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| format!("{url}: {e}"))?
+        .bytes()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if archive::sha256_hex(&bytes) != sha {
+        return Err(format!("{url}: the archive's SHA-256 does not match"));
+    }
+    Ok(bytes.to_vec())
+}
+
+/// The bundles `state` enables, fetched and loaded.
+async fn load(
+    http: &reqwest::Client,
+    options: &FollowOptions,
+    state: &ClusterState,
+    fetch_from: &str,
+) -> Result<Vec<Bundle>, String> {
+    let root = options.cache_dir.join("bundles");
+    let mut list = options.static_bundles.clone();
+    for (name, sha, settings) in state.enabled() {
+        let dir = root.join(sha);
+        let bundle_dir = match std::fs::read_dir(&dir)
+            .ok()
+            .and_then(|mut d| d.find_map(|e| e.ok().map(|e| e.path()).filter(|p| p.is_dir())))
+        {
+            Some(d) => d,
+            None => {
+                let bytes = fetch(http, fetch_from, sha).await?;
+                archive::unpack_into(&bytes, &root, name, Limits::default())
+                    .map_err(|e| format!("bundle {sha}: {e}"))?
+                    .1
+            }
+        };
+        let b = Bundle::load_in(&bundle_dir, options.environment.as_deref())
+            .map_err(|e| e.to_string())?;
+        list.push(settings.apply(&b));
+    }
+    Ok(list)
+}
+
+/// Follow the control topic until `shutdown`, keeping `desired` current.
+pub async fn follow(
+    broker: AnyBroker,
+    options: FollowOptions,
+    desired: watch::Sender<Vec<Bundle>>,
+    shutdown: CancellationToken,
+) {
+    let mut sub = match broker.subscribe(CONTROL_TOPIC).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot follow the control topic; serving static bundles only");
+            return;
+        }
+    };
+    let http = reqwest::Client::new();
+    let mut current = ClusterState::default();
+    let hello = serde_json::to_vec(&Control::Hello).unwrap_or_default();
+    // The control topic is not stored: ask until a Tron answers (and again
+    // after each reconnect the subscription goes through).
+    let mut asked = 0u32;
+    let mut ask = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        let d = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ask.tick(), if current.revision == 0 && asked < 20 => {
+                asked += 1;
+                let _ = broker.broadcast(CONTROL_TOPIC, Message::new(hello.clone())).await;
+                continue;
+            }
+            d = sub.next() => match d { Some(d) => d, None => return },
+        };
+        let Ok(Control::State { state, fetch }) =
+            serde_json::from_slice::<Control>(&d.message.payload)
+        else {
+            continue;
+        };
+        if !current.older_than(&state) {
+            continue;
+        }
+        match load(&http, &options, &state, &fetch).await {
+            Ok(list) => {
+                tracing::info!(
+                    revision = state.revision,
+                    funcs = list.len(),
+                    "following the registry state"
+                );
+                desired.send_replace(list);
+                current = state;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot adopt the registry state; keeping the current one")
+            }
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! The bundle registry: the Tron's store of uploaded bundles and the
+//! cluster state of which version of each Func is enabled.
+//!
+//! management API / control topic -> **registry** -> route table (this Tron)
+//! and the state broadcast to every Tron and Runner.
+//!
+//! The store is a directory: `blobs/<sha>.tar.gz` (archives, by SHA-256),
+//! `bundles/<sha>/<name>/` (unpacked), `state.json`; every write goes to a
+//! scratch file or directory and is renamed into place, so a crash never
+//! leaves half a bundle or half a state. On start the Tron loads its state
+//! and routes as they were.
+//!
+//! Several Trons share changes through the broker's control topic
+//! ([`CONTROL_TOPIC`]): every change is broadcast as the whole state with a
+//! revision; a Tron or Runner adopts a state newer than its own and fetches
+//! the archives it lacks by SHA from the sender's management API. The
+//! broker is already what every component shares, so no extra shared store
+//! (database, NFS) is needed; a newcomer says `hello` and the Trons answer
+//! with their state.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use funcatron_broker::{AnyBroker, Broker, Message};
+use funcatron_bundle::archive::{self, Limits};
+use funcatron_bundle::state::{ClusterState, Control, Event, FuncSettings, Upload, CONTROL_TOPIC};
+use funcatron_bundle::Bundle;
+use tokio::sync::{watch, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use crate::routes::RouteTable;
+
+/// A registry operation failed; `status` is the HTTP status to answer.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct RegistryError {
+    /// HTTP status.
+    pub status: u16,
+    /// Short machine-readable code.
+    pub code: &'static str,
+    /// What went wrong, naming the file and field where there is one.
+    pub message: String,
+}
+
+impl RegistryError {
+    fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        RegistryError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Extra checks a bundle must pass before it is stored (the binary plugs in
+/// the Runner's code check for Lua bundles).
+pub type Check = Arc<dyn Fn(&Bundle) -> Result<(), String> + Send + Sync>;
+
+/// Registry settings.
+pub struct RegistryOptions {
+    /// The store directory.
+    pub store: PathBuf,
+    /// Deployment environment for staging rewrites.
+    pub environment: Option<String>,
+    /// Bundles loaded from a directory at start (not managed by the API).
+    pub static_bundles: Vec<Bundle>,
+    /// This Tron's management API base URL, as other hosts reach it.
+    pub advertise: String,
+    /// Archive limits.
+    pub limits: Limits,
+    /// Extra checks at upload.
+    pub check: Option<Check>,
+}
+
+/// The registry of one Tron.
+pub struct Registry {
+    options: RegistryOptions,
+    id: String,
+    broker: AnyBroker,
+    state: Mutex<ClusterState>,
+    loaded: Mutex<HashMap<String, Bundle>>,
+    routes: watch::Sender<Arc<RouteTable>>,
+    bundles: watch::Sender<Vec<Bundle>>,
+    http: reqwest::Client,
+}
+
+fn now_ms() -> u64 {
+    funcatron_envelope::now_ms() as u64
+}
+
+fn io_err(what: &Path, e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::new(500, "store_failed", format!("{}: {e}", what.display()))
+}
+
+/// Write `bytes` to `path` atomically (scratch file, then rename).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
+    let dir = path.parent().ok_or_else(|| io_err(path, "no parent"))?;
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| io_err(dir, e))?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(|e| io_err(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| io_err(path, e))?;
+    tmp.persist(path).map_err(|e| io_err(path, e))?;
+    Ok(())
+}
+
+impl Registry {
+    /// Open (or create) the store, load the saved state and apply it.
+    /// Returns the registry and the watches the Tron (routes) and an
+    /// in-process Runner (bundles) follow.
+    pub async fn open(
+        options: RegistryOptions,
+        broker: AnyBroker,
+    ) -> Result<
+        (
+            Arc<Registry>,
+            watch::Receiver<Arc<RouteTable>>,
+            watch::Receiver<Vec<Bundle>>,
+        ),
+        RegistryError,
+    > {
+        std::fs::create_dir_all(options.store.join("blobs"))
+            .map_err(|e| io_err(&options.store, e))?;
+        let state_path = options.store.join("state.json");
+        let state = match std::fs::read(&state_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                RegistryError::new(
+                    500,
+                    "store_failed",
+                    format!("{}: {e}", state_path.display()),
+                )
+            })?,
+            Err(_) => ClusterState::default(),
+        };
+        let (routes_tx, routes_rx) = watch::channel(Arc::new(RouteTable::default()));
+        let (bundles_tx, bundles_rx) = watch::channel(Vec::new());
+        let r = Arc::new(Registry {
+            options,
+            id: funcatron_envelope::new_request_id()[..12].to_owned(),
+            broker,
+            state: Mutex::new(state),
+            loaded: Mutex::new(HashMap::new()),
+            routes: routes_tx,
+            bundles: bundles_tx,
+            http: reqwest::Client::new(),
+        });
+        let state = r.state.lock().await.clone();
+        r.apply(&state).await?;
+        Ok((r, routes_rx, bundles_rx))
+    }
+
+    /// The current state.
+    pub async fn state(&self) -> ClusterState {
+        self.state.lock().await.clone()
+    }
+
+    /// The bundle serving `func` now (enabled in the registry, or static).
+    pub async fn serving(&self, func: &str) -> Option<Bundle> {
+        let st = self.state().await;
+        if let Some(sha) = st.funcs.get(func).and_then(|f| f.enabled.clone()) {
+            return self.bundle(&sha).await.ok();
+        }
+        self.options
+            .static_bundles
+            .iter()
+            .find(|b| b.name == func)
+            .cloned()
+    }
+
+    /// Where archives are kept.
+    pub fn blob_path(&self, sha: &str) -> Option<PathBuf> {
+        let valid = sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit());
+        valid.then(|| {
+            self.options
+                .store
+                .join("blobs")
+                .join(format!("{sha}.tar.gz"))
+        })
+    }
+
+    /// The bundle stored under `sha`, loaded (for this Tron's environment).
+    pub async fn bundle(&self, sha: &str) -> Result<Bundle, RegistryError> {
+        if let Some(b) = self.loaded.lock().await.get(sha) {
+            return Ok(b.clone());
+        }
+        let path = self
+            .blob_path(sha)
+            .filter(|p| p.is_file())
+            .ok_or_else(|| RegistryError::new(404, "no_bundle", format!("no bundle {sha}")))?;
+        let bytes = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
+        let (_, dir) = archive::unpack_into(
+            &bytes,
+            &self.options.store.join("bundles"),
+            "bundle",
+            self.options.limits,
+        )
+        .map_err(|e| RegistryError::new(500, "store_failed", e.to_string()))?;
+        let b = Bundle::load_in(&dir, self.options.environment.as_deref())
+            .map_err(|e| RegistryError::new(500, "store_failed", e.to_string()))?;
+        self.loaded.lock().await.insert(sha.to_owned(), b.clone());
+        Ok(b)
+    }
+
+    /// Validate and store an archive. `name` names bundles that do not name
+    /// themselves.
+    pub async fn store(&self, bytes: &[u8], name: &str) -> Result<(String, Bundle), RegistryError> {
+        let bad = |m: String| RegistryError::new(422, "invalid_bundle", m);
+        let (sha, dir) = archive::unpack_into(
+            bytes,
+            &self.options.store.join("bundles"),
+            name,
+            self.options.limits,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        let loaded = Bundle::load_in(&dir, self.options.environment.as_deref())
+            .and_then(|b| funcatron_bundle::validate::compile_bundle(&b).map(|_| b))
+            .map_err(|e| e.to_string())
+            .and_then(|b| match &self.options.check {
+                Some(check) => check(&b).map(|()| b),
+                None => Ok(b),
+            });
+        let bundle = match loaded {
+            Ok(b) => b,
+            Err(why) => {
+                // Keep nothing of a bundle that is refused.
+                let _ = std::fs::remove_dir_all(self.options.store.join("bundles").join(&sha));
+                return Err(bad(why));
+            }
+        };
+        let blob = self.blob_path(&sha).ok_or_else(|| bad("bad sha".into()))?;
+        if !blob.is_file() {
+            write_atomic(&blob, bytes)?;
+        }
+        self.loaded.lock().await.insert(sha.clone(), bundle.clone());
+        Ok((sha, bundle))
+    }
+
+    /// Store an upload and record it under its Func; enable it if asked.
+    pub async fn upload(
+        &self,
+        bytes: &[u8],
+        name: &str,
+        enable: Option<FuncSettings>,
+    ) -> Result<(String, Bundle), RegistryError> {
+        let (sha, bundle) = self.store(bytes, name).await?;
+        {
+            let mut st = self.state.lock().await;
+            let mut next = st.clone();
+            let f = next.funcs.entry(bundle.name.clone()).or_default();
+            if !f.uploads.iter().any(|u| u.sha == sha) {
+                f.uploads.push(Upload {
+                    sha: sha.clone(),
+                    version: bundle.version.clone(),
+                    at_ms: now_ms(),
+                    bytes: bytes.len() as u64,
+                });
+                self.commit(&mut st, next).await?;
+            }
+        }
+        if let Some(settings) = enable {
+            self.enable(&bundle.name, Some(&sha), Some(settings), "enable")
+                .await?;
+        }
+        Ok((sha, bundle))
+    }
+
+    /// Enable a version of a Func (`sha` `None`: the latest upload). The
+    /// route table switches atomically; Runners switch as they learn it.
+    pub async fn enable(
+        &self,
+        func: &str,
+        sha: Option<&str>,
+        settings: Option<FuncSettings>,
+        action: &str,
+    ) -> Result<ClusterState, RegistryError> {
+        let mut st = self.state.lock().await;
+        let mut next = st.clone();
+        let f = next.funcs.get_mut(func).ok_or_else(|| {
+            RegistryError::new(404, "no_func", format!("no Func named {func} was uploaded"))
+        })?;
+        let sha = match sha {
+            Some(s) => s.to_owned(),
+            None => f
+                .uploads
+                .last()
+                .map(|u| u.sha.clone())
+                .ok_or_else(|| RegistryError::new(404, "no_bundle", "nothing uploaded"))?,
+        };
+        if !f.uploads.iter().any(|u| u.sha == sha) {
+            return Err(RegistryError::new(
+                404,
+                "no_bundle",
+                format!("{func} has no uploaded version {sha}"),
+            ));
+        }
+        f.enabled = Some(sha.clone());
+        if let Some(s) = settings {
+            f.settings = s;
+        }
+        f.history.push(Event {
+            at_ms: now_ms(),
+            action: action.to_owned(),
+            sha: Some(sha),
+        });
+        self.commit(&mut st, next.clone()).await?;
+        Ok(next)
+    }
+
+    /// Stop routing to a Func.
+    pub async fn disable(&self, func: &str) -> Result<ClusterState, RegistryError> {
+        let mut st = self.state.lock().await;
+        let mut next = st.clone();
+        let f = next
+            .funcs
+            .get_mut(func)
+            .ok_or_else(|| RegistryError::new(404, "no_func", format!("no Func named {func}")))?;
+        f.enabled = None;
+        f.history.push(Event {
+            at_ms: now_ms(),
+            action: "disable".into(),
+            sha: None,
+        });
+        self.commit(&mut st, next.clone()).await?;
+        Ok(next)
+    }
+
+    /// Enable the version that was enabled before the current one.
+    pub async fn rollback(&self, func: &str) -> Result<ClusterState, RegistryError> {
+        let previous = {
+            let st = self.state.lock().await;
+            let f = st.funcs.get(func).ok_or_else(|| {
+                RegistryError::new(404, "no_func", format!("no Func named {func}"))
+            })?;
+            let current = f.enabled.clone();
+            f.history
+                .iter()
+                .rev()
+                .filter_map(|e| e.sha.clone())
+                .find(|s| Some(s) != current.as_ref())
+                .ok_or_else(|| {
+                    RegistryError::new(
+                        409,
+                        "no_previous",
+                        format!("{func} has no earlier version to roll back to"),
+                    )
+                })?
+        };
+        self.enable(func, Some(&previous), None, "rollback").await
+    }
+
+    /// Make `next` the state: check it routes, save it, apply it, tell the
+    /// others. On any failure nothing changes.
+    async fn commit(
+        &self,
+        st: &mut ClusterState,
+        mut next: ClusterState,
+    ) -> Result<(), RegistryError> {
+        next.revision = st.revision + 1;
+        next.origin = self.id.clone();
+        self.apply(&next).await?;
+        self.save(&next)?;
+        *st = next.clone();
+        self.announce(&next).await;
+        Ok(())
+    }
+
+    fn save(&self, state: &ClusterState) -> Result<(), RegistryError> {
+        let bytes = serde_json::to_vec_pretty(state)
+            .map_err(|e| RegistryError::new(500, "store_failed", e.to_string()))?;
+        write_atomic(&self.options.store.join("state.json"), &bytes)
+    }
+
+    /// The bundles `state` enables (plus the static ones), with settings.
+    async fn desired(&self, state: &ClusterState) -> Result<Vec<Bundle>, RegistryError> {
+        let mut list = self.options.static_bundles.clone();
+        for (name, sha, settings) in state.enabled() {
+            let b = self.bundle(sha).await?;
+            if b.name != name {
+                return Err(RegistryError::new(
+                    422,
+                    "invalid_bundle",
+                    format!("bundle {sha} is named {}, not {name}", b.name),
+                ));
+            }
+            list.push(settings.apply(&b));
+        }
+        Ok(list)
+    }
+
+    /// Switch this Tron's routes (and the in-process Runner) to `state`.
+    async fn apply(&self, state: &ClusterState) -> Result<(), RegistryError> {
+        let list = self.desired(state).await?;
+        let table = RouteTable::build(&list)
+            .map_err(|e| RegistryError::new(409, "route_conflict", e.to_string()))?;
+        self.bundles.send_replace(list);
+        crate::dispatch::declare_routes(&self.broker, &table).await;
+        self.routes.send_replace(Arc::new(table));
+        Ok(())
+    }
+
+    async fn announce(&self, state: &ClusterState) {
+        let msg = Control::State {
+            state: state.clone(),
+            fetch: self.options.advertise.clone(),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&msg) {
+            if let Err(e) = self
+                .broker
+                .broadcast(CONTROL_TOPIC, Message::new(bytes))
+                .await
+            {
+                tracing::warn!(error = %e, "could not broadcast the registry state");
+            }
+        }
+    }
+
+    /// Fetch an archive from a peer's management API and store it.
+    async fn fetch(&self, base: &str, sha: &str, name: &str) -> Result<(), RegistryError> {
+        if self.blob_path(sha).is_some_and(|p| p.is_file()) {
+            return Ok(());
+        }
+        let url = format!("{}/v1/bundles/{sha}", base.trim_end_matches('/'));
+        let bytes = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| RegistryError::new(502, "fetch_failed", format!("{url}: {e}")))?
+            .bytes()
+            .await
+            .map_err(|e| RegistryError::new(502, "fetch_failed", format!("{url}: {e}")))?;
+        if archive::sha256_hex(&bytes) != sha {
+            return Err(RegistryError::new(
+                502,
+                "fetch_failed",
+                format!("{url}: SHA-256 mismatch"),
+            ));
+        }
+        self.store(&bytes, name).await.map(drop)
+    }
+
+    /// Follow the control topic until `shutdown`: adopt newer states from
+    /// other Trons, answer newcomers.
+    pub async fn follow(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut sub = match self.broker.subscribe(CONTROL_TOPIC).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot follow the control topic");
+                return;
+            }
+        };
+        self.hello().await;
+        loop {
+            let d = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                d = sub.next() => match d { Some(d) => d, None => return },
+            };
+            match serde_json::from_slice::<Control>(&d.message.payload) {
+                Ok(Control::Hello) => {
+                    let st = self.state().await;
+                    if st.revision > 0 {
+                        self.announce(&st).await;
+                    }
+                }
+                Ok(Control::State { state, fetch }) => self.adopt(state, &fetch).await,
+                Err(e) => tracing::warn!(error = %e, "undecodable control message ignored"),
+            }
+        }
+    }
+
+    /// Ask the others for their state (and tell them ours).
+    async fn hello(&self) {
+        if let Ok(bytes) = serde_json::to_vec(&Control::Hello) {
+            let _ = self
+                .broker
+                .broadcast(CONTROL_TOPIC, Message::new(bytes))
+                .await;
+        }
+        let st = self.state().await;
+        if st.revision > 0 {
+            self.announce(&st).await;
+        }
+    }
+
+    async fn adopt(&self, state: ClusterState, fetch: &str) {
+        if !self.state.lock().await.older_than(&state) {
+            return;
+        }
+        for (name, sha, _) in state.enabled() {
+            if let Err(e) = self.fetch(fetch, sha, name).await {
+                tracing::error!(func = name, sha, error = %e, "cannot fetch an enabled bundle; keeping the current state");
+                return;
+            }
+        }
+        let mut st = self.state.lock().await;
+        if !st.older_than(&state) {
+            return;
+        }
+        match self.apply(&state).await {
+            Ok(()) => {
+                if let Err(e) = self.save(&state) {
+                    tracing::error!(error = %e, "cannot save the adopted state");
+                }
+                tracing::info!(revision = state.revision, origin = %state.origin, "adopted the registry state of another Tron");
+                *st = state;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot apply another Tron's state"),
+        }
+    }
+}
