@@ -64,15 +64,14 @@ pub async fn run(cmd: BundleCmd) -> Result<()> {
         BundleCmd::Push(a) => {
             let v = crate::client::push(&a.remote, &a.path, a.enable).await?;
             println!(
-                "{} {} {}{}",
+                "{} {} {}",
                 v["name"].as_str().unwrap_or_default(),
                 v["sha"].as_str().unwrap_or_default(),
                 if v["enabled"] == true {
                     "enabled"
                 } else {
                     "uploaded"
-                },
-                ""
+                }
             );
             Ok(())
         }
