@@ -252,8 +252,8 @@ async fn enable(
     let req: EnableBody = if body.is_empty() {
         EnableBody::default()
     } else {
-        match serde_json::from_slice(&body) {
-            Ok(b) => b,
+        match serde_json::from_slice::<Option<EnableBody>>(&body) {
+            Ok(b) => b.unwrap_or_default(),
             Err(e) => return error(400, "bad_request", &format!("request body: {e}")),
         }
     };
@@ -329,8 +329,8 @@ async fn invoke(
     let req: InvokeBody = if body.is_empty() {
         InvokeBody::default()
     } else {
-        match serde_json::from_slice(&body) {
-            Ok(b) => b,
+        match serde_json::from_slice::<Option<InvokeBody>>(&body) {
+            Ok(b) => b.unwrap_or_default(),
             Err(e) => return error(400, "bad_request", &format!("request body: {e}")),
         }
     };

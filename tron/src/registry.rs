@@ -487,10 +487,13 @@ impl Registry {
         if !self.state.lock().await.older_than(&state) {
             return;
         }
-        for (name, sha, _) in state.enabled() {
-            if let Err(e) = self.fetch(fetch, sha, name).await {
-                tracing::error!(func = name, sha, error = %e, "cannot fetch an enabled bundle; keeping the current state");
-                return;
+        // Every uploaded version, so any Tron can enable or roll back to any.
+        for (name, f) in &state.funcs {
+            for u in &f.uploads {
+                if let Err(e) = self.fetch(fetch, &u.sha, name).await {
+                    tracing::error!(func = %name, sha = %u.sha, error = %e, "cannot fetch a bundle; keeping the current state");
+                    return;
+                }
             }
         }
         let mut st = self.state.lock().await;
