@@ -25,6 +25,7 @@ pub const OPENAPI: &str = include_str!("../mgmt-openapi.yaml");
 struct Api {
     registry: Arc<Registry>,
     token: String,
+    max_upload: usize,
     /// An in-process ingress for `invoke`.
     ingress: Option<Router>,
 }
@@ -79,6 +80,7 @@ pub fn router(
     let api = Arc::new(Api {
         registry,
         token,
+        max_upload,
         ingress,
     });
     Router::new()
@@ -86,7 +88,7 @@ pub fn router(
         .route("/v1/health", get(|| async { Json(json!({"ok": true})) }))
         .route(
             "/v1/bundles",
-            post(upload).layer(DefaultBodyLimit::max(max_upload)),
+            post(upload).layer(DefaultBodyLimit::disable()),
         )
         .route("/v1/bundles/{sha}", get(download))
         .route("/v1/state", get(state))
@@ -98,7 +100,7 @@ pub fn router(
         .route("/v1/funcs/{name}/rollback", post(rollback))
         .route(
             "/v1/funcs/{name}/invoke",
-            post(invoke).layer(DefaultBodyLimit::max(max_upload)),
+            post(invoke).layer(DefaultBodyLimit::disable()),
         )
         .fallback(|| async { error(404, "not_found", "no such management API path") })
         .with_state(api)
@@ -117,15 +119,32 @@ struct UploadQuery {
     enable: bool,
 }
 
+/// The body, or a JSON 413 when it is larger than the upload limit.
+async fn limited(api: &Api, body: axum::body::Body) -> Result<Bytes, Response> {
+    axum::body::to_bytes(body, api.max_upload)
+        .await
+        .map_err(|_| {
+            error(
+                413,
+                "too_large",
+                &format!("larger than the upload limit of {} bytes", api.max_upload),
+            )
+        })
+}
+
 async fn upload(
     State(api): Shared,
     headers: HeaderMap,
     Query(q): Query<UploadQuery>,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Response {
     if let Some(r) = unauthorized(&api, &headers) {
         return r;
     }
+    let body = match limited(&api, body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let name = q.name.as_deref().unwrap_or("bundle");
     let enable = q.enable.then(FuncSettings::default);
     match api.registry.upload(&body, name, enable).await {
@@ -318,11 +337,15 @@ async fn invoke(
     State(api): Shared,
     headers: HeaderMap,
     Path(name): Path<String>,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Response {
     if let Some(r) = unauthorized(&api, &headers) {
         return r;
     }
+    let body = match limited(&api, body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let Some(ingress) = api.ingress.clone() else {
         return error(503, "no_ingress", "this Tron cannot invoke Funcs");
     };
