@@ -17,6 +17,8 @@
 //!
 //! With `--runtimes`: warm worker processes (Python, Node.js, Java) against
 //! starting a process per request for the same code, see [`runtimes`].
+//! With `--switch`: time to the first answer of a new version after
+//! `bundle push --enable` and after a save in dev mode, see [`switch`].
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,9 +67,14 @@ struct Args {
     /// Lua) against starting a process per request, on the embedded path.
     #[arg(long)]
     runtimes: bool,
+    /// Measure version switches instead: `bundle push --enable` and a dev
+    /// mode save to the first new answer (needs `cargo build --release`).
+    #[arg(long)]
+    switch: bool,
 }
 
 mod runtimes;
+mod switch;
 
 /// nginx with the Lua ingress, stopped (with its workers) on drop.
 struct Nginx {
@@ -441,6 +448,9 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     if args.runtimes {
         return runtimes::run().await;
+    }
+    if args.switch {
+        return switch::run().await;
     }
     let c1 = (args.requests / 10).max(100);
     let c64 = args.requests;
