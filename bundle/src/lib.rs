@@ -201,7 +201,7 @@ pub struct Bundle {
 pub fn content_digest(dir: &Path) -> Result<[u8; 32], BundleError> {
     use sha2::{Digest, Sha256};
     let mut files = Vec::new();
-    bundle_files(dir, dir, &mut files)?;
+    walk(dir, dir, &mut files, false)?;
     let mut h = Sha256::new();
     for (rel, path) in files {
         let bytes = std::fs::read(&path).map_err(|source| BundleError::Io { path, source })?;
@@ -214,11 +214,23 @@ pub fn content_digest(dir: &Path) -> Result<[u8; 32], BundleError> {
 }
 
 /// The regular files of a bundle as (relative path with `/`, full path),
-/// sorted; dot entries skipped, symlinks refused.
+/// sorted; dot entries skipped, symlinks refused (what goes into an archive).
 pub fn bundle_files(
     root: &Path,
     dir: &Path,
     out: &mut Vec<(String, PathBuf)>,
+) -> Result<(), BundleError> {
+    walk(root, dir, out, true)
+}
+
+/// [`bundle_files`]; `refuse_links` false skips symbolic links instead (a
+/// local directory's version: the Lua sandbox still refuses links that
+/// leave the bundle).
+fn walk(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<(String, PathBuf)>,
+    refuse_links: bool,
 ) -> Result<(), BundleError> {
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -237,12 +249,14 @@ pub fn bundle_files(
         let path = e.path();
         let ft = e.file_type().map_err(io(&path))?;
         if ft.is_symlink() {
-            return Err(BundleError::invalid(
-                &path,
-                "symbolic links are not allowed in a bundle",
-            ));
+            if refuse_links {
+                return Err(BundleError::invalid(
+                    &path,
+                    "symbolic links are not allowed in a bundle",
+                ));
+            }
         } else if ft.is_dir() {
-            bundle_files(root, &path, out)?;
+            walk(root, &path, out, refuse_links)?;
         } else if ft.is_file() {
             let rel = path
                 .strip_prefix(root)
