@@ -26,12 +26,12 @@ impl Drop for Kill {
 
 fn funcatron() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .context("no directory")?
-        .join("funcatron");
+    let bin = exe.parent().context("no directory")?.join("funcatron");
     if !bin.is_file() {
-        bail!("{} not found: run `cargo build --release` first", bin.display());
+        bail!(
+            "{} not found: run `cargo build --release` first",
+            bin.display()
+        );
     }
     Ok(bin)
 }
@@ -104,7 +104,13 @@ pub async fn run() -> Result<()> {
             .spawn()?,
     );
     let mgmt_url = format!("http://{mgmt}");
-    until(&http, &format!("{mgmt_url}/v1/health"), "{\"ok\":true}", Instant::now()).await?;
+    until(
+        &http,
+        &format!("{mgmt_url}/v1/health"),
+        "{\"ok\":true}",
+        Instant::now(),
+    )
+    .await?;
     let mut push = Vec::new();
     for i in 0..10 {
         let greeting = format!("Push{i}");

@@ -9,3 +9,6 @@ pub const FUNC: &str = "x-funcatron-func";
 pub const OPERATION: &str = "x-funcatron-operation";
 /// Path parameters extracted by the Tron, as a JSON object of strings.
 pub const PATH_PARAMS: &str = "x-funcatron-path-params";
+/// When the Tron forwarded the request (Unix ms, with a fraction): splits
+/// the time before the Runner into dispatch and queue wait.
+pub const DISPATCHED_MS: &str = "x-funcatron-dispatched-ms";

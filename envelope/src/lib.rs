@@ -143,7 +143,12 @@ pub struct RouteView<'a> {
 /// Time spent on the way, reported back so the ingress can emit `Server-Timing`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
-    /// From the ingress enqueueing the request to the Runner picking it up.
+    /// From the ingress enqueueing the request to the Tron forwarding it
+    /// (0 when the Tron did not say).
+    #[serde(default)]
+    pub dispatch_ms: f64,
+    /// Waiting in the Func's queue: from the Tron forwarding the request
+    /// (or the ingress enqueueing it) to a Runner picking it up.
     #[serde(default)]
     pub queue_ms: f64,
     /// Inside the Func.
@@ -155,8 +160,8 @@ impl Timings {
     /// The `Server-Timing` header value, given the ingress's own total.
     pub fn server_timing(&self, total_ms: f64) -> String {
         format!(
-            "queue;dur={:.3}, exec;dur={:.3}, total;dur={:.3}",
-            self.queue_ms, self.exec_ms, total_ms
+            "dispatch;dur={:.3}, queue;dur={:.3}, exec;dur={:.3}, total;dur={:.3}",
+            self.dispatch_ms, self.queue_ms, self.exec_ms, total_ms
         )
     }
 }

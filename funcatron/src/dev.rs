@@ -159,6 +159,7 @@ pub async fn run(
     environment: Option<String>,
     listen: std::net::SocketAddr,
     runner: RunnerOptions,
+    extra: Router,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let root = root
@@ -202,7 +203,8 @@ pub async fn run(
             &format!("{DEV_PREFIX}/{{func}}/openapi.json"),
             get(func_doc),
         )
-        .with_state(Arc::clone(&dev.state));
+        .with_state(Arc::clone(&dev.state))
+        .merge(extra);
     let ingress = tokio::spawn(funcatron_ingress::run_with(
         listener,
         broker.clone(),

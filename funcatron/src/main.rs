@@ -122,6 +122,62 @@ struct BrokerArgs {
 }
 
 #[derive(Args, Clone)]
+struct MetricsArgs {
+    /// Serve Prometheus metrics at http://<addr>/metrics (the ingress also
+    /// serves them at /_funcatron/metrics, the management API at /metrics).
+    #[arg(long, env = "FUNCATRON_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+/// The process's Prometheus recorder (every role in it reports to it).
+static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+    std::sync::OnceLock::new();
+
+fn install_metrics() {
+    let built = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0, 30.0,
+        ])
+        .and_then(|b| b.install_recorder());
+    match built {
+        Ok(h) => {
+            let _ = METRICS.set(h);
+        }
+        Err(e) => tracing::warn!(error = %e, "metrics are off"),
+    }
+}
+
+/// Routes serving the metrics at `path`.
+fn metrics_routes(path: &str) -> axum::Router {
+    axum::Router::new().route(
+        path,
+        axum::routing::get(|| async {
+            (
+                [("content-type", "text/plain; version=0.0.4")],
+                METRICS.get().map(|h| h.render()).unwrap_or_default(),
+            )
+        }),
+    )
+}
+
+async fn serve_metrics(m: &MetricsArgs, shutdown: &CancellationToken) -> Result<()> {
+    let Some(addr) = m.metrics_listen else {
+        return Ok(());
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, metrics_routes("/metrics"))
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
+    Ok(())
+}
+
+#[derive(Args, Clone)]
 struct BundleArgs {
     /// Directory of Func bundles (each subdirectory one bundle), or one bundle directory.
     #[arg(long, env = "FUNCATRON_BUNDLES", default_value = "func-bundles")]
@@ -253,6 +309,8 @@ struct UpArgs {
     #[command(flatten)]
     broker: BrokerArgs,
     #[command(flatten)]
+    metrics: MetricsArgs,
+    #[command(flatten)]
     bundles: BundleArgs,
     #[command(flatten)]
     ingress: IngressOpts,
@@ -267,6 +325,8 @@ struct TronArgs {
     #[command(flatten)]
     broker: BrokerArgs,
     #[command(flatten)]
+    metrics: MetricsArgs,
+    #[command(flatten)]
     bundles: BundleArgs,
     #[command(flatten)]
     tron: TronOpts,
@@ -277,6 +337,8 @@ struct RunnerArgs {
     #[command(flatten)]
     broker: BrokerArgs,
     #[command(flatten)]
+    metrics: MetricsArgs,
+    #[command(flatten)]
     bundles: BundleArgs,
     #[command(flatten)]
     runner: RunnerOpts,
@@ -286,6 +348,8 @@ struct RunnerArgs {
 struct IngressArgs {
     #[command(flatten)]
     broker: BrokerArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
     #[command(flatten)]
     ingress: IngressOpts,
 }
@@ -299,21 +363,28 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    install_metrics();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(signal_shutdown(shutdown.clone()));
         match cli.command {
-            Command::Up(a) => up(a, shutdown).await,
+            Command::Up(a) => {
+                serve_metrics(&a.metrics, &shutdown).await?;
+                up(a, shutdown).await
+            }
             Command::Tron(a) => {
+                serve_metrics(&a.metrics, &shutdown).await?;
                 let broker = broker(&a.broker, false)?;
                 tron(broker, &a.bundles, &a.tron, shutdown).await
             }
             Command::Runner(a) => {
+                serve_metrics(&a.metrics, &shutdown).await?;
                 let broker = broker(&a.broker, false)?;
                 runner(broker, &a.bundles, &a.runner, shutdown).await
             }
             Command::Ingress(a) => {
+                serve_metrics(&a.metrics, &shutdown).await?;
                 let broker = broker(&a.broker, false)?;
                 ingress(broker, &a.ingress, shutdown).await
             }
@@ -334,7 +405,8 @@ fn main() -> Result<()> {
             }
             Command::Dev(a) => {
                 let opts = runner_options(&a.runner);
-                dev::run(a.dir, a.environment, a.listen, opts, shutdown).await
+                let extra = metrics_routes("/_funcatron/metrics");
+                dev::run(a.dir, a.environment, a.listen, opts, extra, shutdown).await
             }
         }
     })
@@ -445,7 +517,8 @@ async fn tron(
         funcatron_ingress::app(broker.clone(), IngressOptions::default(), shutdown.clone())
             .await
             .context("starting the management API's invoke path")?;
-    let api = funcatron_tron::mgmt::router(registry, token, o.max_upload_bytes, Some(invoker));
+    let api = funcatron_tron::mgmt::router(registry, token, o.max_upload_bytes, Some(invoker))
+        .merge(metrics_routes("/metrics"));
     tracing::info!(listen = %o.mgmt_listen, store = %store.display(), "management API listening");
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -519,7 +592,14 @@ async fn ingress(broker: AnyBroker, o: &IngressOpts, shutdown: CancellationToken
         max_in_flight: o.max_in_flight,
         ..IngressOptions::default()
     };
-    funcatron_ingress::run(listener, broker, opts, shutdown).await?;
+    funcatron_ingress::run_with(
+        listener,
+        broker,
+        opts,
+        metrics_routes("/_funcatron/metrics"),
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 

@@ -37,7 +37,8 @@ async fn hello_and_petshop_answer_through_the_whole_path() {
     assert_eq!(id.len(), 32, "a generated id is returned");
     let timing = r.headers()["server-timing"].to_str().unwrap().to_owned();
     assert!(
-        timing.starts_with("queue;dur=")
+        timing.starts_with("dispatch;dur=")
+            && timing.contains(", queue;dur=")
             && timing.contains("exec;dur=")
             && timing.contains("total;dur="),
         "{timing}"

@@ -186,7 +186,8 @@ async fn request_ids_server_timing_and_the_access_log() {
     assert_eq!(r.headers()["x-request-id"], "trace-me-123");
     let timing = r.headers()["server-timing"].to_str().unwrap().to_owned();
     assert!(
-        timing.starts_with("queue;dur=")
+        timing.starts_with("dispatch;dur=")
+            && timing.contains(", queue;dur=")
             && timing.contains(", exec;dur=")
             && timing.contains(", total;dur="),
         "{timing}"

@@ -275,6 +275,7 @@ fn error(
 ) -> HttpResponse {
     metrics::counter!("ingress_requests_total", "status" => status.as_str().to_owned())
         .increment(1);
+    metrics::histogram!("ingress_request_duration_seconds").record(started.elapsed().as_secs_f64());
     let mut r = json_response(status, error_body(id, code, message), Some(id));
     let total = started.elapsed().as_secs_f64() * 1000.0;
     if let Ok(v) = HeaderValue::from_str(&format!("total;dur={total:.3}")) {
@@ -504,6 +505,7 @@ fn respond(payload: &Bytes, id: &str, started: Instant) -> HttpResponse {
     };
     metrics::counter!("ingress_requests_total", "status" => status.as_str().to_owned())
         .increment(1);
+    metrics::histogram!("ingress_request_duration_seconds").record(started.elapsed().as_secs_f64());
     let mut r = HttpResponse::new(Body::from(body));
     *r.status_mut() = status;
     let h = r.headers_mut();

@@ -23,6 +23,8 @@ pub struct Job {
     pub params: Vec<(String, String)>,
     /// When the Runner took the message off the queue (epoch ms).
     pub picked_ms: f64,
+    /// When the Tron forwarded it (epoch ms), if it said.
+    pub dispatched_ms: Option<f64>,
     /// The operation's request checks from the API document, if any.
     pub checks: Option<Arc<Checks>>,
 }
@@ -214,10 +216,19 @@ pub fn finish(
     result: Result<FuncResponse, InvokeError>,
 ) -> Handled {
     let exec_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let (dispatch_ms, queue_ms) = match job.dispatched_ms {
+        Some(d) => ((d - req.sent_ms).max(0.0), (job.picked_ms - d).max(0.0)),
+        None => (0.0, (job.picked_ms - req.sent_ms).max(0.0)),
+    };
     let timings = Timings {
-        queue_ms: (job.picked_ms - req.sent_ms).max(0.0),
+        dispatch_ms,
+        queue_ms,
         exec_ms,
     };
+    metrics::histogram!("runner_queue_wait_seconds", "func" => func.to_owned())
+        .record(queue_ms / 1000.0);
+    metrics::histogram!("runner_dispatch_seconds", "func" => func.to_owned())
+        .record(dispatch_ms / 1000.0);
     metrics::histogram!("runner_invocation_duration_seconds", "func" => func.to_owned())
         .record(exec_ms / 1000.0);
     let (status, response) = match result {

@@ -384,6 +384,11 @@ async fn consume(
     }
 }
 
+async fn dead_letter(broker: &AnyBroker, queue: &str, delivery: Delivery, why: &str) {
+    metrics::counter!("runner_dead_lettered_total").increment(1);
+    broker.dead_letter(queue, delivery, why).await;
+}
+
 fn path_params(delivery: &Delivery) -> Result<Vec<(String, String)>, String> {
     let Some(raw) = delivery.message.header(headers::PATH_PARAMS) else {
         return Ok(Vec::new());
@@ -415,19 +420,19 @@ async fn handle(
         .header(headers::OPERATION)
         .map(str::to_owned)
     else {
-        broker
-            .dead_letter(
-                queue,
-                delivery,
-                "no operation header: the message did not come through a Tron",
-            )
-            .await;
+        dead_letter(
+            broker,
+            queue,
+            delivery,
+            "no operation header: the message did not come through a Tron",
+        )
+        .await;
         return;
     };
     let params = match path_params(&delivery) {
         Ok(p) => p,
         Err(why) => {
-            broker.dead_letter(queue, delivery, &why).await;
+            dead_letter(broker, queue, delivery, &why).await;
             return;
         }
     };
@@ -436,11 +441,16 @@ async fn handle(
         .get(func)
         .and_then(|c| c.get(&operation))
         .cloned();
+    let dispatched_ms = delivery
+        .message
+        .header(headers::DISPATCHED_MS)
+        .and_then(|v| v.parse::<f64>().ok());
     let job = Job {
         payload: delivery.message.payload.clone(),
         operation,
         params,
         picked_ms,
+        dispatched_ms,
         checks,
     };
     let span = tracing::debug_span!("runner.invoke", func, request_id = tracing::field::Empty);
@@ -474,7 +484,7 @@ async fn handle(
                 metrics::counter!("runner_expired_total").increment(1);
                 let _ = delivery.ack().await;
             }
-            Handled::Undecodable(why) => broker.dead_letter(queue, delivery, &why).await,
+            Handled::Undecodable(why) => dead_letter(broker, queue, delivery, &why).await,
             Handled::Requeue(why) => {
                 tracing::warn!(reason = %why, "requeueing the request");
                 let _ = delivery.nack(true).await;

@@ -56,6 +56,7 @@ fn job(op: &str, body: &[u8], content_type: &str) -> Job {
         operation: op.into(),
         params: vec![],
         picked_ms: now_ms(),
+        dispatched_ms: None,
         checks: None,
     }
 }

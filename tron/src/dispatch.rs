@@ -67,6 +67,11 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let mut current = initial;
     let mut watching = true;
+    tokio::spawn(observe_depths(
+        broker.clone(),
+        routes.clone(),
+        shutdown.clone(),
+    ));
     loop {
         let delivery = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -92,6 +97,31 @@ pub async fn run(
     Ok(())
 }
 
+/// Every second, each routed Func's queue depth and consumer count as
+/// gauges (`tron_queue_ready_messages`, `tron_queue_consumers`, by Func).
+async fn observe_depths(
+    broker: AnyBroker,
+    routes: watch::Receiver<Arc<RouteTable>>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let table = Arc::clone(&routes.borrow());
+        for (func, queue) in table.funcs() {
+            if let Ok(d) = broker.depth(queue).await {
+                metrics::gauge!("tron_queue_ready_messages", "func" => func.to_owned())
+                    .set(d.ready as f64);
+                metrics::gauge!("tron_queue_consumers", "func" => func.to_owned())
+                    .set(d.consumers as f64);
+            }
+        }
+    }
+}
+
 /// Declare now, or remember the queue so the adapter declares it on connect.
 async fn declare_when_connected(broker: &AnyBroker, queue: &str) {
     if let Err(e) = broker.declare(queue, QueueKind::Work).await {
@@ -111,8 +141,12 @@ async fn dispatch(broker: &AnyBroker, routes: &RouteTable, delivery: Delivery) {
             return;
         }
     };
-    let span =
-        tracing::debug_span!("tron.dispatch", request_id = %view.id, func = tracing::field::Empty);
+    let span = tracing::debug_span!(
+        "tron.dispatch",
+        request_id = %view.id,
+        func = tracing::field::Empty,
+        version = tracing::field::Empty
+    );
     async {
         let now = now_ms();
         if (view.deadline_ms as f64) <= now {
@@ -126,8 +160,13 @@ async fn dispatch(broker: &AnyBroker, routes: &RouteTable, delivery: Delivery) {
         match routes.route(&view.host, &view.method, &view.path) {
             RouteOutcome::Found(route) => {
                 tracing::Span::current().record("func", route.func);
-                let mut hdrs = Vec::with_capacity(3);
+                tracing::Span::current().record("version", route.version);
+                let mut hdrs = Vec::with_capacity(4);
                 hdrs.push((headers::FUNC.to_owned(), route.func.to_owned()));
+                hdrs.push((
+                    headers::DISPATCHED_MS.to_owned(),
+                    format!("{:.3}", now_ms()),
+                ));
                 hdrs.push((headers::OPERATION.to_owned(), route.operation_id.to_owned()));
                 if !route.params.is_empty() {
                     let obj: serde_json::Map<String, serde_json::Value> = route
@@ -150,6 +189,10 @@ async fn dispatch(broker: &AnyBroker, routes: &RouteTable, delivery: Delivery) {
                     Ok(()) => {
                         metrics::counter!("tron_requests_total", "outcome" => "forwarded")
                             .increment(1);
+                        metrics::counter!("tron_dispatched_total", "func" => route.func.to_owned())
+                            .increment(1);
+                        metrics::histogram!("tron_dispatch_duration_seconds")
+                            .record((now_ms() - now) / 1000.0);
                         let _ = delivery.ack().await;
                     }
                     Err(BrokerError::NoRoute(q)) => {

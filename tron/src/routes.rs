@@ -52,6 +52,8 @@ pub struct Route<'t> {
     pub func: &'t str,
     /// Its queue.
     pub queue: &'t str,
+    /// The bundle version the queue belongs to.
+    pub version: &'t str,
     /// The operation to invoke.
     pub operation_id: &'t str,
     /// Path parameters, percent-decoded.
@@ -62,6 +64,7 @@ pub struct Route<'t> {
 struct FuncRoutes {
     func: Arc<str>,
     queue: String,
+    version: String,
     host: Option<String>,
     base_path: String,
     paths: Vec<PathRoute>,
@@ -183,6 +186,7 @@ impl RouteTable {
             funcs.push(FuncRoutes {
                 func: Arc::from(b.name.as_str()),
                 queue: names::func_queue(&b.name, &b.version),
+                version: b.version.clone(),
                 host: b.host.clone(),
                 base_path: b.base_path.clone(),
                 paths,
@@ -239,6 +243,7 @@ impl RouteTable {
                 return RouteOutcome::Found(Route {
                     func: &f.func,
                     queue: &f.queue,
+                    version: &f.version,
                     operation_id: op,
                     params,
                 });

@@ -136,7 +136,7 @@ end
 
 --- Decode a response envelope (JSON text, or a table already decoded from
 --- it). Returns { id, status, headers = {{n, v}...}, body (bytes),
---- timings = { queue_ms, exec_ms }, reply_key } or nil, reason.
+--- timings = { dispatch_ms, queue_ms, exec_ms }, reply_key } or nil, reason.
 function M.decode_response(text)
   local ok, t = true, text
   if type(text) ~= "table" then ok, t = pcall(M.json_decode, text) end
@@ -167,15 +167,15 @@ function M.decode_response(text)
   local tm = type(t.timings) == "table" and t.timings or {}
   return {
     id = t.id, status = t.status, headers = headers, body = body,
-    timings = { queue_ms = tonumber(tm.queue_ms) or 0, exec_ms = tonumber(tm.exec_ms) or 0 },
+    timings = { dispatch_ms = tonumber(tm.dispatch_ms) or 0, queue_ms = tonumber(tm.queue_ms) or 0, exec_ms = tonumber(tm.exec_ms) or 0 },
     reply_key = type(t.reply_key) == "string" and t.reply_key or nil,
   }
 end
 
 --- The Server-Timing header value for a decoded response's timings.
 function M.server_timing(timings, total_ms)
-  return format("queue;dur=%.3f, exec;dur=%.3f, total;dur=%.3f",
-    timings.queue_ms or 0, timings.exec_ms or 0, total_ms)
+  return format("dispatch;dur=%.3f, queue;dur=%.3f, exec;dur=%.3f, total;dur=%.3f",
+    timings.dispatch_ms or 0, timings.queue_ms or 0, timings.exec_ms or 0, total_ms)
 end
 
 --- Is a client-supplied X-Request-Id safe to adopt?
