@@ -105,6 +105,49 @@ pub struct FuncState {
     pub history: Vec<Event>,
 }
 
+/// A capture of a Func's request/response pairs, while it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capture {
+    /// Names this capture (records carry it).
+    pub id: String,
+    /// Fraction of requests captured, 0 to 1.
+    pub sample: f64,
+    /// Stop at this time (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<u64>,
+    /// Stop after this many pairs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u64>,
+    /// Header names (lower-case) whose values are replaced by `[redacted]`
+    /// at capture time, in requests and responses.
+    pub redact: Vec<String>,
+}
+
+/// Header names redacted unless a capture says otherwise.
+pub const DEFAULT_REDACT: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+];
+
+/// A Func's log level on every Runner, for a while.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogLevel {
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    pub level: String,
+    /// Back to the default at this time (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<u64>,
+}
+
+/// The broadcast topic captured pairs travel on (every Tron with a store
+/// writes them).
+pub const CAPTURE_TOPIC: &str = "funcatron.capture";
+/// The broadcast topic Func log lines travel on.
+pub const LOGS_TOPIC: &str = "funcatron.logs";
+
 /// The whole registry.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterState {
@@ -114,6 +157,12 @@ pub struct ClusterState {
     pub origin: String,
     /// By Func name.
     pub funcs: BTreeMap<String, FuncState>,
+    /// Captures running, by Func name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub captures: BTreeMap<String, Capture>,
+    /// Log levels set, by Func name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub log_levels: BTreeMap<String, LogLevel>,
 }
 
 impl ClusterState {

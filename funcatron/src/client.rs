@@ -29,7 +29,17 @@ pub struct Remote {
 }
 
 impl Remote {
-    fn url(&self, path: &str) -> String {
+    /// A POST with the token when there is one.
+    pub fn post_public(
+        &self,
+        http: &reqwest::Client,
+        path: &str,
+    ) -> Result<reqwest::RequestBuilder> {
+        self.post(http, path)
+    }
+
+    /// The URL of an API path.
+    pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.tron.trim_end_matches('/'))
     }
 
@@ -145,6 +155,8 @@ pub enum FuncCmd {
     Disable(Named),
     /// Enable the version that was enabled before the current one.
     Rollback(Named),
+    /// Set a Func's log level on every Runner at once, without a restart.
+    LogLevel(LevelArgs),
 }
 
 /// No arguments but the remote.
@@ -302,6 +314,7 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
             .await?;
             Ok(format!("disabled {}\n", a.name))
         }
+        FuncCmd::LogLevel(a) => log_level(a).await,
         FuncCmd::Rollback(a) => {
             let v = answer(
                 a.remote
@@ -387,4 +400,216 @@ pub async fn invoke(a: InvokeArgs) -> Result<(Vec<u8>, bool)> {
     }
     out.extend_from_slice(&r.bytes().await?);
     Ok((out, ok))
+}
+
+/// `funcatron capture ...`.
+#[derive(Subcommand)]
+pub enum CaptureCmd {
+    /// Start recording a Func's request/response pairs.
+    Start(CaptureStart),
+    /// Stop recording.
+    Stop(Named),
+    /// Write the recorded pairs as JSON Lines.
+    Export(CaptureExport),
+}
+
+/// `capture start`.
+#[derive(Args)]
+pub struct CaptureStart {
+    /// The Func.
+    name: String,
+    /// Fraction of requests recorded (0 < s <= 1).
+    #[arg(long, default_value_t = 1.0)]
+    sample: f64,
+    /// Stop after this many pairs.
+    #[arg(long)]
+    max: Option<u64>,
+    /// Stop after this long (`30s`, `10m`, `2h`).
+    #[arg(long = "for", value_parser = parse_duration)]
+    for_: Option<std::time::Duration>,
+    /// More header names to redact (Authorization, Proxy-Authorization,
+    /// Cookie, Set-Cookie and X-Api-Key always are).
+    #[arg(long)]
+    redact: Vec<String>,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+/// `capture export`.
+#[derive(Args)]
+pub struct CaptureExport {
+    /// The Func.
+    name: String,
+    /// File to write (default: standard output).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s}: expected e.g. 30s, 10m, 2h"))?;
+    let secs = match unit {
+        "ms" => return Ok(std::time::Duration::from_millis(n)),
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s}: unit must be ms, s, m or h")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+/// Run a capture command; returns what to print.
+pub async fn capture(cmd: CaptureCmd) -> Result<Vec<u8>> {
+    let http = reqwest::Client::new();
+    match cmd {
+        CaptureCmd::Start(a) => {
+            let mut body = json!({"sample": a.sample, "redact": a.redact});
+            if let Some(m) = a.max {
+                body["max"] = json!(m);
+            }
+            if let Some(d) = a.for_ {
+                body["for_ms"] = json!(d.as_millis() as u64);
+            }
+            let v = answer(
+                a.remote
+                    .post(&http, &format!("/v1/funcs/{}/capture", a.name))?
+                    .json(&body)
+                    .send()
+                    .await?,
+            )
+            .await?;
+            Ok(format!(
+                "capturing {} (capture {}, sample {})\n",
+                a.name,
+                v["capture"]["id"].as_str().unwrap_or_default(),
+                a.sample
+            )
+            .into_bytes())
+        }
+        CaptureCmd::Stop(a) => {
+            answer(
+                a.remote
+                    .post(&http, &format!("/v1/funcs/{}/capture/stop", a.name))?
+                    .send()
+                    .await?,
+            )
+            .await?;
+            Ok(format!("stopped capturing {}\n", a.name).into_bytes())
+        }
+        CaptureCmd::Export(a) => {
+            let r = http
+                .get(a.remote.url(&format!("/v1/captures/{}", a.name)))
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                answer(r).await?;
+                bail!("export failed");
+            }
+            let bytes = r.bytes().await?;
+            match &a.output {
+                Some(p) => {
+                    std::fs::write(p, &bytes)
+                        .with_context(|| format!("writing {}", p.display()))?;
+                    Ok(format!(
+                        "{} pairs written to {}\n",
+                        bytes.iter().filter(|b| **b == b'\n').count(),
+                        p.display()
+                    )
+                    .into_bytes())
+                }
+                None => Ok(bytes.to_vec()),
+            }
+        }
+    }
+}
+
+/// `funcatron logs`.
+#[derive(Args)]
+pub struct LogsArgs {
+    /// The Func.
+    name: String,
+    /// Only lines about this request.
+    #[arg(long)]
+    request_id: Option<String>,
+    /// Keep printing new lines.
+    #[arg(short, long)]
+    follow: bool,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+/// Print a Func's log lines from its Runners (through a Tron).
+pub async fn logs(a: LogsArgs) -> Result<()> {
+    use futures::StreamExt;
+    use std::io::Write;
+    let mut url = format!("/v1/funcs/{}/logs?follow={}", a.name, a.follow);
+    if let Some(id) = &a.request_id {
+        url.push_str(&format!("&request_id={id}"));
+    }
+    let r = reqwest::Client::new()
+        .get(a.remote.url(&url))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        answer(r).await?;
+        bail!("logs failed");
+    }
+    let mut stream = r.bytes_stream();
+    let mut pending = Vec::new();
+    let mut out = std::io::stdout();
+    while let Some(chunk) = stream.next().await {
+        pending.extend_from_slice(&chunk?);
+        while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=i).collect();
+            if let Ok(v) = serde_json::from_slice::<Value>(&line) {
+                writeln!(
+                    out,
+                    "{} {} {} [{}] {}",
+                    v["at_ms"],
+                    v["runner"].as_str().unwrap_or("-"),
+                    v["request_id"].as_str().unwrap_or("-"),
+                    v["stream"].as_str().unwrap_or("-"),
+                    v["message"].as_str().unwrap_or_default()
+                )?;
+                out.flush()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `func log-level`.
+#[derive(Args)]
+pub struct LevelArgs {
+    /// The Func.
+    name: String,
+    /// error, warn, info, debug, trace, or default (reset).
+    level: String,
+    /// Reset after this long (`30s`, `10m`).
+    #[arg(long = "for", value_parser = parse_duration)]
+    for_: Option<std::time::Duration>,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+/// Set a Func's log level on every Runner.
+pub async fn log_level(a: LevelArgs) -> Result<String> {
+    let http = reqwest::Client::new();
+    let mut body = json!({"level": a.level});
+    if let Some(d) = a.for_ {
+        body["for_ms"] = json!(d.as_millis() as u64);
+    }
+    answer(
+        a.remote
+            .post(&http, &format!("/v1/funcs/{}/log-level", a.name))?
+            .json(&body)
+            .send()
+            .await?,
+    )
+    .await?;
+    Ok(format!("{} logs at {} on every Runner\n", a.name, a.level))
 }

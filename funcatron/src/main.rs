@@ -25,6 +25,7 @@ use funcatron_ingress::nginx;
 mod bundle_cmd;
 mod client;
 mod dev;
+mod replay;
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +58,14 @@ enum Command {
     Func(client::FuncCmd),
     /// Call a Func through a Tron's management API.
     Invoke(client::InvokeArgs),
+    /// Record a Func's request/response pairs: start, stop, export.
+    #[command(subcommand)]
+    Capture(client::CaptureCmd),
+    /// Replay captured requests against a Funcatron (or any HTTP endpoint)
+    /// and compare the answers with the recorded ones.
+    Replay(replay::ReplayArgs),
+    /// Show a Func's log lines from its Runners.
+    Logs(client::LogsArgs),
     /// Save and reload: serve the bundle(s) in DIR on the embedded broker,
     /// switching to each saved version that loads.
     Dev(DevArgs),
@@ -127,6 +136,42 @@ struct MetricsArgs {
     /// serves them at /_funcatron/metrics, the management API at /metrics).
     #[arg(long, env = "FUNCATRON_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+}
+
+/// Logging to stderr with `RUST_LOG` (default `info`), plus per-Func levels
+/// set through the registry (`funcatron func log-level`), applied by
+/// reloading the filter with span-field directives.
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::EnvFilter;
+    let base = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let filter = EnvFilter::try_new(&base).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (layer, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(layer)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .init();
+    funcatron_runner::observe::on_log_levels(Box::new(move |levels| {
+        let mut directives = base.clone();
+        for (func, level) in levels {
+            directives.push_str(&format!(
+                ",[runner.invoke{{func={func}}}]={level},[tron.dispatch{{func={func}}}]={level}"
+            ));
+        }
+        match EnvFilter::try_new(&directives) {
+            Ok(f) => {
+                if handle.reload(f).is_ok() {
+                    tracing::info!(directives, "log levels changed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot apply the Func log levels"),
+        }
+    }));
 }
 
 /// The process's Prometheus recorder (every role in it reports to it).
@@ -355,13 +400,7 @@ struct IngressArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let cli = Cli::parse();
     install_metrics();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -392,6 +431,19 @@ fn main() -> Result<()> {
             Command::Bundle(c) => bundle_cmd::run(c).await,
             Command::Func(c) => {
                 print!("{}", client::func(c).await?);
+                Ok(())
+            }
+            Command::Capture(c) => {
+                use std::io::Write;
+                std::io::stdout().write_all(&client::capture(c).await?)?;
+                Ok(())
+            }
+            Command::Logs(a) => client::logs(a).await,
+            Command::Replay(a) => {
+                let differ = replay::run(a).await?;
+                if differ {
+                    std::process::exit(1);
+                }
                 Ok(())
             }
             Command::Invoke(a) => {
@@ -510,6 +562,7 @@ async fn tron(
     .await
     .map_err(|e| anyhow::anyhow!("opening the bundle store {}: {e}", store.display()))?;
     tokio::spawn(Arc::clone(&registry).follow(shutdown.clone()));
+    tokio::spawn(Arc::clone(&registry).collect(shutdown.clone()));
     let listener = tokio::net::TcpListener::bind(o.mgmt_listen)
         .await
         .with_context(|| format!("binding the management API to {}", o.mgmt_listen))?;

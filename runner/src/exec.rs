@@ -41,6 +41,7 @@ struct ExecFunc {
     timeout: Duration,
     memory_bytes: usize,
     env: std::collections::BTreeMap<String, String>,
+    version: String,
 }
 
 /// Runs exec Funcs.
@@ -82,6 +83,7 @@ impl ExecRuntime {
                             .unwrap_or(limits.timeout),
                         memory_bytes: b.memory_bytes.unwrap_or(limits.memory_bytes),
                         env: b.env.clone(),
+                        version: b.version.clone(),
                     },
                 )
             })
@@ -151,6 +153,7 @@ impl ExecFunc {
         let stderr = String::from_utf8_lossy(&out.stderr);
         for line in stderr.lines() {
             tracing::info!(func, request_id = %env.id, "{line}");
+            crate::observe::func_log(func, &self.version, &env.id, "stderr", line);
         }
         if !out.status.success() {
             let tail: String = stderr

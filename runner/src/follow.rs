@@ -95,9 +95,15 @@ pub async fn follow(
     // after each reconnect the subscription goes through).
     let mut asked = 0u32;
     let mut ask = tokio::time::interval(std::time::Duration::from_millis(500));
+    // Timed log levels end on their own: look again every second.
+    let mut expire = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         let d = tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = expire.tick(), if !current.log_levels.is_empty() => {
+                crate::observe::apply(&current.captures, &current.log_levels);
+                continue;
+            }
             _ = ask.tick(), if current.revision == 0 && asked < 20 => {
                 asked += 1;
                 let _ = broker.broadcast(CONTROL_TOPIC, Message::new(hello.clone())).await;
@@ -121,6 +127,7 @@ pub async fn follow(
                     "following the registry state"
                 );
                 desired.send_replace(list);
+                crate::observe::apply(&state.captures, &state.log_levels);
                 current = state;
             }
             Err(e) => {

@@ -253,6 +253,13 @@ pub fn finish(
         Err(e) => {
             let (status, code) = e.status_code();
             tracing::warn!(request_id = %req.id, func, operation = %job.operation, error = %e, "Func failed");
+            crate::observe::func_log(
+                func,
+                "",
+                &req.id,
+                "error",
+                &format!("{} {}: {e}", status, job.operation),
+            );
             let mut r = Response::error(&req.id, status, code, &e.to_string());
             if let InvokeError::Invalid(problems) = &e {
                 r.body = std::borrow::Cow::Owned(

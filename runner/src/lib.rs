@@ -12,6 +12,7 @@ pub mod exec;
 pub mod follow;
 pub mod invoke;
 pub mod lua;
+pub mod observe;
 pub mod runtime;
 pub mod serve;
 pub mod worker;

@@ -218,7 +218,7 @@ impl LuaFunc {
             )
             .map_err(lua_err)?;
         }
-        install_sandbox(&lua, &bundle.dir, &bundle.name).map_err(lua_err)?;
+        install_sandbox(&lua, &bundle.dir, &bundle.name, &bundle.version).map_err(lua_err)?;
         let env = lua
             .create_table_from(bundle.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(lua_err)?;
@@ -472,7 +472,7 @@ fn is_response_table(t: &Table) -> Result<bool, mlua::Error> {
     Ok(true)
 }
 
-fn install_sandbox(lua: &Lua, dir: &Path, func: &str) -> mlua::Result<()> {
+fn install_sandbox(lua: &Lua, dir: &Path, func: &str, version: &str) -> mlua::Result<()> {
     let g = lua.globals();
     for name in ["load", "loadfile", "dofile", "require", "collectgarbage"] {
         g.raw_set(name, Value::Nil)?;
@@ -483,6 +483,7 @@ fn install_sandbox(lua: &Lua, dir: &Path, func: &str) -> mlua::Result<()> {
         s.raw_set("dump", Value::Nil)?;
     }
     let func_name = func.to_owned();
+    let version = version.to_owned();
     g.raw_set(
         "print",
         lua.create_function(move |lua, args: mlua::Variadic<Value>| {
@@ -500,7 +501,8 @@ fn install_sandbox(lua: &Lua, dir: &Path, func: &str) -> mlua::Result<()> {
                 .app_data_ref::<RequestId>()
                 .map(|r| r.0.clone())
                 .unwrap_or_default();
-            tracing::info!(func = %func_name, request_id = %id, "{line}");
+            tracing::info!(func = %func_name, version = %version, request_id = %id, "{line}");
+            crate::observe::func_log(&func_name, &version, &id, "print", &line);
             Ok(())
         })?,
     )?;

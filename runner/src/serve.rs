@@ -200,6 +200,7 @@ pub async fn serve(
     options: RunnerOptions,
     shutdown: CancellationToken,
 ) {
+    crate::observe::start(&broker);
     let mut active: HashMap<(String, String), Serving> = HashMap::new();
     let retiring = TaskTracker::new();
     let mut watching = true;
@@ -307,6 +308,7 @@ async fn start_version(broker: &AnyBroker, b: &Bundle, options: &RunnerOptions) 
                 broker.clone(),
                 runtime,
                 Arc::from(b.name.as_str()),
+                Arc::from(b.version.as_str()),
                 queue.clone(),
                 sub,
                 tasks.clone(),
@@ -360,6 +362,7 @@ async fn consume(
     broker: AnyBroker,
     runtime: Arc<Runtimes>,
     func: Arc<str>,
+    version: Arc<str>,
     queue: String,
     mut sub: funcatron_broker::Subscription,
     tracker: TaskTracker,
@@ -375,10 +378,11 @@ async fn consume(
         let broker = broker.clone();
         let runtime = Arc::clone(&runtime);
         let func = Arc::clone(&func);
+        let version = Arc::clone(&version);
         let queue = queue.clone();
         let in_flight = Arc::clone(&in_flight);
         tracker.spawn(async move {
-            handle(&broker, &runtime, &func, &queue, delivery).await;
+            handle(&broker, &runtime, &func, &version, &queue, delivery).await;
             in_flight.fetch_sub(1, Ordering::SeqCst);
         });
     }
@@ -411,6 +415,7 @@ async fn handle(
     broker: &AnyBroker,
     runtime: &Runtimes,
     func: &str,
+    version: &str,
     queue: &str,
     delivery: Delivery,
 ) {
@@ -445,6 +450,7 @@ async fn handle(
         .message
         .header(headers::DISPATCHED_MS)
         .and_then(|v| v.parse::<f64>().ok());
+    let delivery_payload = delivery.message.payload.clone();
     let job = Job {
         payload: delivery.message.payload.clone(),
         operation,
@@ -453,7 +459,12 @@ async fn handle(
         dispatched_ms,
         checks,
     };
-    let span = tracing::debug_span!("runner.invoke", func, request_id = tracing::field::Empty);
+    let span = tracing::debug_span!(
+        "runner.invoke",
+        func,
+        version,
+        request_id = tracing::field::Empty
+    );
     async {
         match runtime.invoke(func, job).await {
             Handled::Reply {
@@ -468,10 +479,15 @@ async fn handle(
                     let _ = delivery.ack().await;
                     return;
                 };
-                match broker.publish(&reply_to, Message::new(response)).await {
+                let response = bytes::Bytes::from(response);
+                match broker
+                    .publish(&reply_to, Message::new(response.clone()))
+                    .await
+                {
                     // NoRoute: the ingress that asked is gone; the work is done.
                     Ok(()) | Err(BrokerError::NoRoute(_)) => {
                         let _ = delivery.ack().await;
+                        crate::observe::maybe_capture(func, version, &delivery_payload, &response);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "reply not published; requeueing the request");

@@ -98,6 +98,11 @@ pub fn router(
         .route("/v1/funcs/{name}/enable", post(enable))
         .route("/v1/funcs/{name}/disable", post(disable))
         .route("/v1/funcs/{name}/rollback", post(rollback))
+        .route("/v1/funcs/{name}/capture", post(capture_start))
+        .route("/v1/funcs/{name}/capture/stop", post(capture_stop))
+        .route("/v1/captures/{name}", get(capture_export))
+        .route("/v1/funcs/{name}/log-level", post(log_level))
+        .route("/v1/funcs/{name}/logs", get(logs))
         .route(
             "/v1/funcs/{name}/invoke",
             post(invoke).layer(DefaultBodyLimit::disable()),
@@ -120,15 +125,15 @@ struct UploadQuery {
 }
 
 /// The body, or a JSON 413 when it is larger than the upload limit.
-async fn limited(api: &Api, body: axum::body::Body) -> Result<Bytes, Response> {
+async fn limited(api: &Api, body: axum::body::Body) -> Result<Bytes, Box<Response>> {
     axum::body::to_bytes(body, api.max_upload)
         .await
         .map_err(|_| {
-            error(
+            Box::new(error(
                 413,
                 "too_large",
                 &format!("larger than the upload limit of {} bytes", api.max_upload),
-            )
+            ))
         })
 }
 
@@ -143,7 +148,7 @@ async fn upload(
     }
     let body = match limited(&api, body).await {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let name = q.name.as_deref().unwrap_or("bundle");
     let enable = q.enable.then(FuncSettings::default);
@@ -344,7 +349,7 @@ async fn invoke(
     }
     let body = match limited(&api, body).await {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(ingress) = api.ingress.clone() else {
         return error(503, "no_ingress", "this Tron cannot invoke Funcs");
@@ -394,4 +399,182 @@ async fn invoke(
         Ok(r) => r.into_response(),
         Err(e) => match e {},
     }
+}
+
+fn json_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, Box<Response>> {
+    if body.is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_slice::<Option<T>>(body)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| Box::new(error(400, "bad_request", &format!("request body: {e}"))))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CaptureBody {
+    /// Fraction sampled (default 1).
+    sample: Option<f64>,
+    /// Stop after this many pairs.
+    max: Option<u64>,
+    /// Stop after this long.
+    for_ms: Option<u64>,
+    /// Header names to redact besides the default ones.
+    #[serde(default)]
+    redact: Vec<String>,
+}
+
+async fn capture_start(
+    State(api): Shared,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = unauthorized(&api, &headers) {
+        return r;
+    }
+    let req: CaptureBody = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let mut redact: Vec<String> = funcatron_bundle::state::DEFAULT_REDACT
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    redact.extend(req.redact.iter().map(|h| h.to_ascii_lowercase()));
+    let capture = funcatron_bundle::state::Capture {
+        id: funcatron_envelope::new_request_id()[..12].to_owned(),
+        sample: req.sample.unwrap_or(1.0),
+        until_ms: req
+            .for_ms
+            .map(|ms| funcatron_envelope::now_ms() as u64 + ms),
+        max: req.max,
+        redact,
+    };
+    match api.registry.capture_start(&name, capture).await {
+        Ok(st) => {
+            Json(json!({"name": name, "capture": st.captures.get(&name), "revision": st.revision}))
+                .into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn capture_stop(
+    State(api): Shared,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if let Some(r) = unauthorized(&api, &headers) {
+        return r;
+    }
+    match api.registry.capture_stop(&name).await {
+        Ok(st) => {
+            Json(json!({"name": name, "capturing": false, "revision": st.revision})).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn capture_export(State(api): Shared, Path(name): Path<String>) -> Response {
+    let Some(path) = api.registry.capture_path(&name) else {
+        return error(400, "bad_request", "not a Func name");
+    };
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "application/x-ndjson")], bytes).into_response(),
+        Err(_) => error(
+            404,
+            "no_capture",
+            &format!("nothing was captured for {name}"),
+        ),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LevelBody {
+    /// `error` ... `trace`, or `default` to reset.
+    level: String,
+    /// Reset after this long.
+    for_ms: Option<u64>,
+}
+
+async fn log_level(
+    State(api): Shared,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = unauthorized(&api, &headers) {
+        return r;
+    }
+    let req: LevelBody = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let level = (req.level != "default").then(|| funcatron_bundle::state::LogLevel {
+        level: req.level.clone(),
+        until_ms: req
+            .for_ms
+            .map(|ms| funcatron_envelope::now_ms() as u64 + ms),
+    });
+    match api.registry.set_log_level(&name, level).await {
+        Ok(st) => Json(
+            json!({"name": name, "log_level": st.log_levels.get(&name), "revision": st.revision}),
+        )
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    request_id: Option<String>,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// A Func's recent log lines from every Runner (JSON Lines), then, with
+/// `follow`, new ones as they come.
+async fn logs(
+    State(api): Shared,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Response {
+    let keep = move |line: &str| -> bool {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            return false;
+        };
+        v["func"] == name.as_str()
+            && q.request_id
+                .as_deref()
+                .is_none_or(|id| v["request_id"] == id)
+    };
+    let (recent, rx) = api.registry.logs();
+    let mut head = String::new();
+    for l in recent.iter().filter(|l| keep(l)) {
+        head.push_str(l);
+        head.push('\n');
+    }
+    let ndjson = [(header::CONTENT_TYPE, "application/x-ndjson")];
+    if !q.follow {
+        return (ndjson, head).into_response();
+    }
+    let first = futures::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(head)) });
+    let live = futures::stream::unfold((rx, keep), |(mut rx, keep)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(line) if keep(&line) => {
+                    return Some((Ok(Bytes::from(format!("{line}\n"))), (rx, keep)))
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    });
+    (
+        ndjson,
+        axum::body::Body::from_stream(futures::StreamExt::chain(first, live)),
+    )
+        .into_response()
 }

@@ -24,7 +24,10 @@ use std::sync::Arc;
 
 use funcatron_broker::{AnyBroker, Broker, Message};
 use funcatron_bundle::archive::{self, Limits};
-use funcatron_bundle::state::{ClusterState, Control, Event, FuncSettings, Upload, CONTROL_TOPIC};
+use funcatron_bundle::state::{
+    Capture, ClusterState, Control, Event, FuncSettings, LogLevel, Upload, CAPTURE_TOPIC,
+    CONTROL_TOPIC, LOGS_TOPIC,
+};
 use funcatron_bundle::Bundle;
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
@@ -75,6 +78,14 @@ pub struct RegistryOptions {
 
 /// The registry of one Tron.
 pub struct Registry {
+    /// Recent Func log lines (JSON), newest last, and live ones.
+    logs: std::sync::Mutex<std::collections::VecDeque<Arc<str>>>,
+    live_logs: tokio::sync::broadcast::Sender<Arc<str>>,
+    /// Pairs written per capture id.
+    captured: std::sync::Mutex<HashMap<String, u64>>,
+    /// Every capture this Tron has seen (id -> max): pairs still in flight
+    /// when a capture stops are written too.
+    known_captures: std::sync::Mutex<HashMap<String, Option<u64>>>,
     options: RegistryOptions,
     id: String,
     broker: AnyBroker,
@@ -135,6 +146,10 @@ impl Registry {
         let (routes_tx, routes_rx) = watch::channel(Arc::new(RouteTable::default()));
         let (bundles_tx, bundles_rx) = watch::channel(Vec::new());
         let r = Arc::new(Registry {
+            logs: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            live_logs: tokio::sync::broadcast::channel(1024).0,
+            captured: std::sync::Mutex::new(HashMap::new()),
+            known_captures: std::sync::Mutex::new(HashMap::new()),
             options,
             id: funcatron_envelope::new_request_id()[..12].to_owned(),
             broker,
@@ -324,6 +339,187 @@ impl Registry {
         Ok(next)
     }
 
+    /// Start capturing `func`'s request/response pairs.
+    pub async fn capture_start(
+        &self,
+        func: &str,
+        capture: Capture,
+    ) -> Result<ClusterState, RegistryError> {
+        if !(0.0..=1.0).contains(&capture.sample) || capture.sample == 0.0 {
+            return Err(RegistryError::new(
+                400,
+                "bad_request",
+                "sample must be in (0, 1]",
+            ));
+        }
+        let mut st = self.state.lock().await;
+        let mut next = st.clone();
+        next.captures.insert(func.to_owned(), capture);
+        self.commit(&mut st, next.clone()).await?;
+        Ok(next)
+    }
+
+    /// Stop capturing `func`.
+    pub async fn capture_stop(&self, func: &str) -> Result<ClusterState, RegistryError> {
+        let mut st = self.state.lock().await;
+        if !st.captures.contains_key(func) {
+            return Ok(st.clone());
+        }
+        let mut next = st.clone();
+        next.captures.remove(func);
+        self.commit(&mut st, next.clone()).await?;
+        Ok(next)
+    }
+
+    /// Set (or, with `None`, reset) `func`'s log level on every Runner.
+    pub async fn set_log_level(
+        &self,
+        func: &str,
+        level: Option<LogLevel>,
+    ) -> Result<ClusterState, RegistryError> {
+        if let Some(l) = &level {
+            if !["error", "warn", "info", "debug", "trace"].contains(&l.level.as_str()) {
+                return Err(RegistryError::new(
+                    400,
+                    "bad_request",
+                    format!(
+                        "unknown log level {:?} (error, warn, info, debug, trace)",
+                        l.level
+                    ),
+                ));
+            }
+        }
+        let mut st = self.state.lock().await;
+        let mut next = st.clone();
+        match level {
+            Some(l) => next.log_levels.insert(func.to_owned(), l),
+            None => next.log_levels.remove(func),
+        };
+        self.commit(&mut st, next.clone()).await?;
+        Ok(next)
+    }
+
+    /// The capture file of `func` (JSON Lines).
+    pub fn capture_path(&self, func: &str) -> Option<PathBuf> {
+        funcatron_bundle::valid_name(func).then(|| {
+            self.options
+                .store
+                .join("captures")
+                .join(format!("{func}.jsonl"))
+        })
+    }
+
+    /// Append a captured pair to its Func's file, up to the capture's max.
+    async fn write_capture(&self, bytes: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+            return;
+        };
+        let (Some(func), Some(id)) = (v["func"].as_str(), v["capture"].as_str()) else {
+            return;
+        };
+        let max = match self
+            .known_captures
+            .lock()
+            .ok()
+            .and_then(|k| k.get(id).copied())
+        {
+            Some(max) => max,
+            None => return, // not a capture this Tron started or adopted
+        };
+        let n = {
+            let Ok(mut counts) = self.captured.lock() else {
+                return;
+            };
+            let n = counts.entry(id.to_owned()).or_insert(0);
+            if max.is_some_and(|m| *n >= m) {
+                return;
+            }
+            *n += 1;
+            *n
+        };
+        let Some(path) = self.capture_path(func) else {
+            return;
+        };
+        let line = [bytes, b"\n"].concat();
+        let written = (|| -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            std::io::Write::write_all(&mut f, &line)
+        })();
+        if let Err(e) = written {
+            tracing::error!(func, error = %e, "cannot write a captured pair");
+        }
+        let still_running = self
+            .state
+            .lock()
+            .await
+            .captures
+            .get(func)
+            .is_some_and(|c| c.id == id);
+        if still_running && max.is_some_and(|m| n >= m) {
+            if let Err(e) = self.capture_stop(func).await {
+                tracing::warn!(func, error = %e, "cannot stop a finished capture");
+            }
+        }
+    }
+
+    fn remember_log(&self, bytes: &[u8]) {
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            return;
+        };
+        let line: Arc<str> = Arc::from(text);
+        if let Ok(mut logs) = self.logs.lock() {
+            if logs.len() >= 5000 {
+                logs.pop_front();
+            }
+            logs.push_back(Arc::clone(&line));
+        }
+        let _ = self.live_logs.send(line);
+    }
+
+    /// Recent log lines (JSON) and a receiver of new ones.
+    pub fn logs(&self) -> (Vec<Arc<str>>, tokio::sync::broadcast::Receiver<Arc<str>>) {
+        let rx = self.live_logs.subscribe();
+        let recent = self
+            .logs
+            .lock()
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default();
+        (recent, rx)
+    }
+
+    /// Collect captured pairs and Func log lines until `shutdown`.
+    pub async fn collect(self: Arc<Self>, shutdown: CancellationToken) {
+        let (mut captures, mut logs) = match (
+            self.broker.subscribe(CAPTURE_TOPIC).await,
+            self.broker.subscribe(LOGS_TOPIC).await,
+        ) {
+            (Ok(c), Ok(l)) => (c, l),
+            _ => {
+                tracing::error!("cannot subscribe to the capture and log topics");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                d = captures.next() => match d {
+                    Some(d) => self.write_capture(&d.message.payload).await,
+                    None => return,
+                },
+                d = logs.next() => match d {
+                    Some(d) => self.remember_log(&d.message.payload),
+                    None => return,
+                },
+            }
+        }
+    }
+
     /// Enable the version that was enabled before the current one.
     pub async fn rollback(&self, func: &str) -> Result<ClusterState, RegistryError> {
         let previous = {
@@ -389,6 +585,11 @@ impl Registry {
 
     /// Switch this Tron's routes (and the in-process Runner) to `state`.
     async fn apply(&self, state: &ClusterState) -> Result<(), RegistryError> {
+        if let Ok(mut known) = self.known_captures.lock() {
+            for c in state.captures.values() {
+                known.insert(c.id.clone(), c.max);
+            }
+        }
         let list = self.desired(state).await?;
         let table = RouteTable::build(&list)
             .map_err(|e| RegistryError::new(409, "route_conflict", e.to_string()))?;

@@ -295,11 +295,17 @@ async fn start_worker(
         .map_err(|e| format!("cannot start {}: {e}", launch.program.display()))?;
     let current: Current = Arc::new(Mutex::new(String::new()));
     let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let version = launch
+        .env
+        .get("FUNCATRON_VERSION")
+        .cloned()
+        .unwrap_or_default();
     let mut forwarders = Vec::new();
     if let Some(out) = child.stdout.take() {
         forwarders.push(tokio::spawn(forward(
             out,
             func.to_owned(),
+            version.clone(),
             "stdout",
             Arc::clone(&current),
             None,
@@ -309,6 +315,7 @@ async fn start_worker(
         forwarders.push(tokio::spawn(forward(
             err,
             func.to_owned(),
+            version.clone(),
             "stderr",
             Arc::clone(&current),
             Some(Arc::clone(&tail)),
@@ -372,6 +379,7 @@ async fn start_worker(
 async fn forward(
     pipe: impl tokio::io::AsyncRead + Unpin,
     func: String,
+    version: String,
     stream: &'static str,
     current: Current,
     tail: Option<Arc<Mutex<VecDeque<String>>>>,
@@ -379,7 +387,8 @@ async fn forward(
     let mut lines = tokio::io::BufReader::new(pipe).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let id = current.lock().map(|c| c.clone()).unwrap_or_default();
-        tracing::info!(func, request_id = %id, stream, "{line}");
+        tracing::info!(func, version, request_id = %id, stream, "{line}");
+        crate::observe::func_log(&func, &version, &id, stream, &line);
         if let Some(tail) = &tail {
             if let Ok(mut t) = tail.lock() {
                 if t.len() == 30 {
@@ -590,6 +599,7 @@ impl Runtime for WorkerRuntime {
 fn shim_env(bundle: &Bundle) -> BTreeMap<String, String> {
     let mut env = bundle.env.clone();
     env.insert("FUNCATRON_FUNC".into(), bundle.name.clone());
+    env.insert("FUNCATRON_VERSION".into(), bundle.version.clone());
     env.insert(
         "FUNCATRON_BUNDLE".into(),
         bundle
