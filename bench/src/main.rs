@@ -19,6 +19,7 @@
 //! starting a process per request for the same code, see [`runtimes`].
 //! With `--switch`: time to the first answer of a new version after
 //! `bundle push --enable` and after a save in dev mode, see [`switch`].
+//! With `--capture`: throughput with capture off and on, see [`switch::capture`].
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,6 +72,10 @@ struct Args {
     /// mode save to the first new answer (needs `cargo build --release`).
     #[arg(long)]
     switch: bool,
+    /// Measure the cost of capture instead: full-path throughput with
+    /// capture off and capturing 100% of one Func (needs `cargo build --release`).
+    #[arg(long)]
+    capture: bool,
 }
 
 mod runtimes;
@@ -451,6 +456,9 @@ async fn main() -> Result<()> {
     }
     if args.switch {
         return switch::run().await;
+    }
+    if args.capture {
+        return switch::capture(args.requests).await;
     }
     let c1 = (args.requests / 10).max(100);
     let c64 = args.requests;

@@ -172,3 +172,88 @@ pub async fn run() -> Result<()> {
     summary("funcatron dev: save -> first new answer", save, 300);
     Ok(())
 }
+
+/// `--capture`: full-path throughput (embedded, c=64, hello) with capture
+/// off and with 100% of hello's traffic captured, in one run.
+pub async fn capture(requests: usize) -> Result<()> {
+    let bin = funcatron()?;
+    let tmp = tempfile::tempdir()?;
+    let http = reqwest::Client::new();
+    let token = "bench-token";
+    let bundles = tmp.path().join("bundles");
+    hello(&bundles.join("hello"), "Hello")?;
+    let (addr, mgmt) = (free()?, free()?);
+    let _up = Kill(
+        Command::new(&bin)
+            .args(["up", "--listen", &addr, "--mgmt-listen", &mgmt, "--bundles"])
+            .arg(&bundles)
+            .arg("--store")
+            .arg(tmp.path().join("store"))
+            .env("FUNCATRON_TOKEN", token)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let url = format!("http://{addr}/hello/bench");
+    until(&http, &url, "Hello, bench!", Instant::now()).await?;
+    let sock: std::net::SocketAddr = addr.parse()?;
+    let expect: &'static [u8] = b"Hello, bench!";
+    // Warm up (connections, Lua states, allocator) before measuring.
+    crate::http_load_path(sock, "/hello/bench", expect, 64, requests / 2).await?;
+    let off = crate::http_load_path(sock, "/hello/bench", expect, 64, requests).await?;
+    let r = http
+        .post(format!("http://{mgmt}/v1/funcs/hello/capture"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"sample": 1.0}))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        r.status().is_success(),
+        "capture start: {}",
+        r.text().await?
+    );
+    // Ready when a request is captured.
+    let metrics = format!("http://{addr}/_funcatron/metrics");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        http.get(&url).send().await?;
+        if http
+            .get(&metrics)
+            .send()
+            .await?
+            .text()
+            .await?
+            .contains("runner_captured_total")
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the capture never started");
+        }
+    }
+    let on = crate::http_load_path(sock, "/hello/bench", expect, 64, requests).await?;
+    let text = http.get(&metrics).send().await?.text().await?;
+    let captured: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("runner_captured_total{func=\"hello\"}")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0);
+    println!(
+        "machine: {} CPUs; embedded path, hello, c=64, {requests} requests each",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    crate::row("capture off", off);
+    crate::row("capture 100% of hello", on);
+    println!(
+        "pairs captured: {captured:.0}; throughput cost of capture: {:.1}% (target < 15%)",
+        (1.0 - on.rps / off.rps) * 100.0
+    );
+    Ok(())
+}

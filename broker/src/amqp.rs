@@ -363,6 +363,10 @@ impl Broker for AmqpBroker {
     async fn broadcast(&self, topic: &str, message: Message) -> Result<(), BrokerError> {
         let live = self.live()?;
         declare_exchange(&live.publisher, topic).await?;
+        let mut props = BasicProperties::default();
+        if !message.headers.is_empty() {
+            props = props.with_headers(to_field_table(&message.headers));
+        }
         let confirm = live
             .publisher
             .basic_publish(
@@ -370,7 +374,7 @@ impl Broker for AmqpBroker {
                 "".into(),
                 BasicPublishOptions::default(),
                 &message.payload,
-                BasicProperties::default(),
+                props,
             )
             .await
             .map_err(unavailable)?

@@ -15,11 +15,25 @@ use std::sync::{OnceLock, RwLock};
 use bytes::Bytes;
 use funcatron_broker::{AnyBroker, Broker, Message};
 use funcatron_bundle::state::{Capture, LogLevel, CAPTURE_TOPIC, LOGS_TOPIC};
-use serde_json::{json, Value};
+use serde_json::json;
+
+/// What the publishing task sends.
+enum Outgoing {
+    /// A log line, ready.
+    Log(Vec<u8>),
+    /// A pair to turn into a capture record.
+    Capture {
+        capture: Capture,
+        func: String,
+        version: String,
+        request: Bytes,
+        response: Bytes,
+    },
+}
 
 /// The publisher, process-wide (one Runner per process).
 struct Observe {
-    tx: tokio::sync::mpsc::Sender<(&'static str, Vec<u8>)>,
+    tx: tokio::sync::mpsc::Sender<Outgoing>,
     runner: String,
 }
 
@@ -44,7 +58,7 @@ pub fn start(broker: &AnyBroker) {
     if OBSERVE.get().is_some() {
         return;
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(&'static str, Vec<u8>)>(4096);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Outgoing>(4096);
     let o = Observe {
         tx,
         runner: format!(
@@ -58,8 +72,29 @@ pub fn start(broker: &AnyBroker) {
     }
     let broker = broker.clone();
     tokio::spawn(async move {
-        while let Some((topic, bytes)) = rx.recv().await {
-            let _ = broker.broadcast(topic, Message::new(bytes)).await;
+        while let Some(out) = rx.recv().await {
+            let msg = match out {
+                Outgoing::Log(bytes) => (LOGS_TOPIC, Message::new(bytes)),
+                Outgoing::Capture {
+                    capture,
+                    func,
+                    version,
+                    request,
+                    response,
+                } => {
+                    let Some(bytes) = record(&capture, &func, &version, &request, &response) else {
+                        continue;
+                    };
+                    let mut m = Message::new(bytes);
+                    // The writer files it without parsing it.
+                    m.headers = vec![
+                        ("x-funcatron-func".into(), func),
+                        ("x-funcatron-capture".into(), capture.id),
+                    ];
+                    (CAPTURE_TOPIC, m)
+                }
+            };
+            let _ = broker.broadcast(msg.0, msg.1).await;
         }
     });
 }
@@ -91,10 +126,10 @@ pub fn apply(
     }
 }
 
-fn send(topic: &'static str, bytes: Vec<u8>) {
+fn send_log(bytes: Vec<u8>) {
     if let Some(o) = OBSERVE.get() {
-        if o.tx.try_send((topic, bytes)).is_err() {
-            metrics::counter!("runner_observe_dropped_total", "topic" => topic).increment(1);
+        if o.tx.try_send(Outgoing::Log(bytes)).is_err() {
+            metrics::counter!("runner_observe_dropped_total", "topic" => LOGS_TOPIC).increment(1);
         }
     }
 }
@@ -111,31 +146,59 @@ pub fn func_log(func: &str, version: &str, request_id: &str, stream: &str, line:
         "stream": stream,
         "message": line,
     });
-    send(LOGS_TOPIC, v.to_string().into_bytes());
+    send_log(v.to_string().into_bytes());
 }
 
-fn redact_headers(v: &mut Value, redact: &[String]) {
-    if let Some(list) = v.get_mut("headers").and_then(Value::as_array_mut) {
-        for pair in list {
-            if let Some(p) = pair.as_array_mut() {
-                let hit = p
-                    .first()
-                    .and_then(Value::as_str)
-                    .is_some_and(|k| redact.iter().any(|r| r.eq_ignore_ascii_case(k)));
-                if hit && p.len() == 2 {
-                    p[1] = Value::String("[redacted]".into());
-                }
-            }
+fn redact(headers: &mut [funcatron_envelope::Header<'_>], redact: &[String]) {
+    for (k, v) in headers.iter_mut() {
+        if redact.iter().any(|r| r.eq_ignore_ascii_case(k)) {
+            *v = std::borrow::Cow::Borrowed("[redacted]");
         }
     }
 }
 
+/// The capture record for one pair (typed, borrowing decode; no JSON tree).
+fn record(
+    capture: &Capture,
+    func: &str,
+    version: &str,
+    request: &[u8],
+    response: &[u8],
+) -> Option<Vec<u8>> {
+    let mut req = funcatron_envelope::Request::decode(request).ok()?;
+    let mut resp = funcatron_envelope::Response::decode(response).ok()?;
+    redact(&mut req.headers, &capture.redact);
+    redact(&mut resp.headers, &capture.redact);
+    // Fields that only matter on the wire.
+    req.reply_to = None;
+    req.reply_key = None;
+    resp.reply_key = None;
+    let mut out = Vec::with_capacity(request.len() + response.len() + 160);
+    out.extend_from_slice(br#"{"schema":"funcatron.capture/1","capture":"#);
+    serde_json::to_writer(&mut out, &capture.id).ok()?;
+    out.extend_from_slice(br#","func":"#);
+    serde_json::to_writer(&mut out, func).ok()?;
+    out.extend_from_slice(br#","version":"#);
+    serde_json::to_writer(&mut out, version).ok()?;
+    out.extend_from_slice(
+        format!(
+            r#","at_ms":{},"request":"#,
+            funcatron_envelope::now_ms() as u64
+        )
+        .as_bytes(),
+    );
+    serde_json::to_writer(&mut out, &req).ok()?;
+    out.extend_from_slice(br#","response":"#);
+    serde_json::to_writer(&mut out, &resp).ok()?;
+    out.push(b'}');
+    Some(out)
+}
+
 /// After a reply is published: capture the pair if a capture for `func`
-/// is running and this request is sampled.
-pub fn maybe_capture(func: &str, version: &str, request: &Bytes, response: &[u8]) {
-    if OBSERVE.get().is_none() {
-        return;
-    }
+/// is running and this request is sampled. The record is built by the
+/// publishing task, off the request's path.
+pub fn maybe_capture(func: &str, version: &str, request: &Bytes, response: &Bytes) {
+    let Some(o) = OBSERVE.get() else { return };
     let capture = match CAPTURES.read() {
         Ok(c) => match c.get(func) {
             Some(c) => c.clone(),
@@ -147,32 +210,15 @@ pub fn maybe_capture(func: &str, version: &str, request: &Bytes, response: &[u8]
     if capture.until_ms.is_some_and(|u| u <= now) || rand::random::<f64>() >= capture.sample {
         return;
     }
-    let (Ok(mut req), Ok(mut resp)) = (
-        serde_json::from_slice::<Value>(request),
-        serde_json::from_slice::<Value>(response),
-    ) else {
-        return;
-    };
-    redact_headers(&mut req, &capture.redact);
-    redact_headers(&mut resp, &capture.redact);
-    // Fields that only matter on the wire.
-    if let Some(m) = req.as_object_mut() {
-        for k in ["reply_to", "reply_key", "deadline_ms"] {
-            m.remove(k);
-        }
-    }
-    if let Some(m) = resp.as_object_mut() {
-        m.remove("reply_key");
-    }
-    let record = json!({
-        "schema": "funcatron.capture/1",
-        "capture": capture.id,
-        "func": func,
-        "version": version,
-        "at_ms": now,
-        "request": req,
-        "response": resp,
-    });
     metrics::counter!("runner_captured_total", "func" => func.to_owned()).increment(1);
-    send(CAPTURE_TOPIC, record.to_string().into_bytes());
+    let job = Outgoing::Capture {
+        capture,
+        func: func.to_owned(),
+        version: version.to_owned(),
+        request: request.clone(),
+        response: response.clone(),
+    };
+    if o.tx.try_send(job).is_err() {
+        metrics::counter!("runner_observe_dropped_total", "topic" => CAPTURE_TOPIC).increment(1);
+    }
 }

@@ -86,6 +86,8 @@ pub struct Registry {
     /// Every capture this Tron has seen (id -> max): pairs still in flight
     /// when a capture stops are written too.
     known_captures: std::sync::Mutex<HashMap<String, Option<u64>>>,
+    /// Capture files kept open for appending, by Func.
+    capture_files: std::sync::Mutex<HashMap<String, std::fs::File>>,
     options: RegistryOptions,
     id: String,
     broker: AnyBroker,
@@ -150,6 +152,7 @@ impl Registry {
             live_logs: tokio::sync::broadcast::channel(1024).0,
             captured: std::sync::Mutex::new(HashMap::new()),
             known_captures: std::sync::Mutex::new(HashMap::new()),
+            capture_files: std::sync::Mutex::new(HashMap::new()),
             options,
             id: funcatron_envelope::new_request_id()[..12].to_owned(),
             broker,
@@ -410,11 +413,13 @@ impl Registry {
     }
 
     /// Append a captured pair to its Func's file, up to the capture's max.
-    async fn write_capture(&self, bytes: &[u8]) {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
-            return;
-        };
-        let (Some(func), Some(id)) = (v["func"].as_str(), v["capture"].as_str()) else {
+    /// The Func and capture come in message headers: the record is written
+    /// as it arrived, through a file kept open.
+    async fn write_capture(&self, msg: &Message) {
+        let (Some(func), Some(id)) = (
+            msg.header("x-funcatron-func"),
+            msg.header("x-funcatron-capture"),
+        ) else {
             return;
         };
         let max = match self
@@ -440,16 +445,32 @@ impl Registry {
         let Some(path) = self.capture_path(func) else {
             return;
         };
-        let line = [bytes, b"\n"].concat();
         let written = (|| -> std::io::Result<()> {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
+            let mut files = self
+                .capture_files
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?;
+            if !path.is_file() {
+                files.remove(func);
             }
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)?;
-            std::io::Write::write_all(&mut f, &line)
+            let file = match files.entry(func.to_owned()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                    e.insert(
+                        std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(&path)?,
+                    )
+                }
+            };
+            let mut line = Vec::with_capacity(msg.payload.len() + 1);
+            line.extend_from_slice(&msg.payload);
+            line.push(b'\n');
+            std::io::Write::write_all(file, &line)
         })();
         if let Err(e) = written {
             tracing::error!(func, error = %e, "cannot write a captured pair");
@@ -509,7 +530,7 @@ impl Registry {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 d = captures.next() => match d {
-                    Some(d) => self.write_capture(&d.message.payload).await,
+                    Some(d) => self.write_capture(&d.message).await,
                     None => return,
                 },
                 d = logs.next() => match d {
