@@ -580,3 +580,77 @@ async fn two_trons_over_rabbitmq_see_each_others_changes() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_request_routed_to_the_old_version_finishes_on_it() {
+    let root = tempfile::tempdir().unwrap();
+    let store = root.path().join("store");
+    let empty = root.path().join("none");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (addr, mgmt_addr) = (free_addr().to_string(), free_addr().to_string());
+    let (base, mgmt) = (format!("http://{addr}"), format!("http://{mgmt_addr}"));
+    let _up = start(
+        "up",
+        &store,
+        &addr,
+        &mgmt_addr,
+        &["--bundles", empty.to_str().unwrap()],
+        &root.path().join("up.log"),
+    );
+    wait_ready(&format!("{mgmt}/v1/health")).await;
+    let version = |answer: &str| {
+        let dir = root.path().join(format!("slow-{answer}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("swagger.yaml"),
+            "swagger: '2.0'\nbasePath: /slow\nx-funcatron: {runtime: lua, name: slow}\npaths:\n  /:\n    get: {operationId: slow}\n  /fast:\n    get: {operationId: fast}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("main.lua"),
+            format!("return {{\n  slow = function() local x = 0 for i = 1, 1.5e8 do x = x + i end return '{answer}' end,\n  fast = function() return '{answer}' end,\n}}\n"),
+        )
+        .unwrap();
+        archive::build(&dir).unwrap().1
+    };
+    let (s, _) = upload(&mgmt, version("A"), "enable=true").await;
+    assert_eq!(s, 201);
+    eventually("A answers", || async {
+        text(&format!("{base}/slow/fast")).await.1 == "A"
+    })
+    .await;
+    let metrics = format!("{base}/_funcatron/metrics");
+    let dispatched = |m: &str| {
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix("tron_dispatched_total{func=\"slow\"}")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    let before = dispatched(&text(&metrics).await.1);
+    // A slow call, routed to A's queue before the switch...
+    let slow = tokio::spawn(text(format!("{base}/slow").leak()));
+    eventually("the slow call is routed to A", || async {
+        dispatched(&text(&metrics).await.1) > before
+    })
+    .await;
+    // ...then B is enabled while A is still working on it.
+    let (s, _) = upload(&mgmt, version("B"), "enable=true").await;
+    assert_eq!(s, 201);
+    eventually("B answers new calls", || async {
+        text(&format!("{base}/slow/fast")).await.1 == "B"
+    })
+    .await;
+    assert!(
+        !slow.is_finished(),
+        "the slow call must still be running on A"
+    );
+    assert_eq!(
+        slow.await.unwrap(),
+        (200, "A".to_owned()),
+        "the in-flight call finished on A"
+    );
+}
