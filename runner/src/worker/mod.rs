@@ -327,6 +327,9 @@ async fn start_worker(
             .unwrap_or_default()
     };
     let accepted = tokio::select! {
+        // A worker that could not load connects, says why and exits: take
+        // its connection (and its reason) before noticing the exit.
+        biased;
         a = listener.accept() => a.map(|(s, _)| s).map_err(|e| format!("accepting the worker: {e}")),
         status = child.wait() => {
             // Let the forwarders drain what it printed before it died.
