@@ -196,3 +196,28 @@ pub enum Control {
     /// A newcomer asks every Tron to broadcast its state.
     Hello,
 }
+
+/// The broadcast topic Runners report their load on, every second.
+pub const STATS_TOPIC: &str = "funcatron.stats";
+
+/// One Func on one Runner: cumulative counters (rates come from deltas).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FuncLoad {
+    /// Requests being handled now.
+    pub in_flight: u64,
+    /// Requests handled since the Runner started.
+    pub served: u64,
+    /// Milliseconds spent handling them.
+    pub busy_ms: f64,
+}
+
+/// A Runner's heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunnerStats {
+    /// Which Runner.
+    pub runner: String,
+    /// When (Unix ms).
+    pub at_ms: u64,
+    /// By Func.
+    pub funcs: BTreeMap<String, FuncLoad>,
+}

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 /// Where the management API is and how to authenticate.
 #[derive(Args, Clone)]
+#[command(about = "Per Func: queue depth, arrival rate, service time, Runners")]
 pub struct Remote {
     /// The Tron's management API.
     #[arg(
@@ -612,4 +613,34 @@ pub async fn log_level(a: LevelArgs) -> Result<String> {
     )
     .await?;
     Ok(format!("{} logs at {} on every Runner\n", a.name, a.level))
+}
+
+/// Per Func: queue depth, arrival rate, service time, in flight, Runners.
+pub async fn status(remote: &Remote) -> Result<String> {
+    let v = answer(
+        reqwest::Client::new()
+            .get(remote.url("/v1/status"))
+            .send()
+            .await?,
+    )
+    .await?;
+    let mut out = String::from(
+        "FUNC                 READY  CONSUMERS  ARRIVAL/S  SERVICE_MS  IN_FLIGHT  SERVED  RUNNERS\n",
+    );
+    for (name, f) in v["funcs"].as_object().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<20} {:>5}  {:>9}  {:>9.1}  {:>10}  {:>9}  {:>6}  {:>7}\n",
+            name,
+            f["ready"],
+            f["consumers"],
+            f["arrival_per_s"].as_f64().unwrap_or(0.0),
+            f["service_ms"]
+                .as_f64()
+                .map_or("-".to_owned(), |s| format!("{s:.2}")),
+            f["in_flight"],
+            f["served"],
+            f["runners"],
+        ));
+    }
+    Ok(out)
 }

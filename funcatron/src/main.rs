@@ -66,6 +66,8 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// Show a Func's log lines from its Runners.
     Logs(client::LogsArgs),
+    /// Per Func: queue depth, arrival rate, service time, Runners.
+    Status(client::Remote),
     /// Save and reload: serve the bundle(s) in DIR on the embedded broker,
     /// switching to each saved version that loads.
     Dev(DevArgs),
@@ -439,6 +441,10 @@ fn main() -> Result<()> {
                 Ok(())
             }
             Command::Logs(a) => client::logs(a).await,
+            Command::Status(r) => {
+                print!("{}", client::status(&r).await?);
+                Ok(())
+            }
             Command::Replay(a) => {
                 let differ = replay::run(a).await?;
                 if differ {

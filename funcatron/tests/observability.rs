@@ -514,3 +514,38 @@ async fn log_levels_change_on_every_runner_and_logs_follow_a_request() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn status_reports_load_per_func_from_runner_heartbeats() {
+    let root = tempfile::tempdir().unwrap();
+    let (_up, base, mgmt, _log) = registry_up(root.path()).await;
+    let v1 = hello_dir(root.path(), "Hello");
+    let (code, out) = cli(&["bundle", "push", v1.to_str().unwrap(), "--enable"], &mgmt);
+    assert_eq!(code, 0, "{out}");
+    eventually("hello answers", || async {
+        get(&format!("{base}/hello/x")).await == "Hello, x!"
+    })
+    .await;
+    let http = reqwest::Client::new();
+    for i in 0..50 {
+        http.get(format!("{base}/hello/st{i}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    // Heartbeats come every second: wait for one that counts them all.
+    eventually("status counts the requests", || async {
+        let v: Value = serde_json::from_str(&get(&format!("{mgmt}/v1/status")).await).unwrap();
+        let f = &v["funcs"]["hello"];
+        f["served"].as_u64().unwrap_or(0) >= 51
+            && f["runners"] == 1
+            && f["consumers"] == 1
+            && f["ready"] == 0
+            && f["in_flight"] == 0
+            && f["service_ms"].as_f64().is_some_and(|s| s > 0.0)
+    })
+    .await;
+    let (code, out) = cli(&["status"], &mgmt);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.lines().any(|l| l.starts_with("hello ")), "{out}");
+}

@@ -14,7 +14,9 @@ use std::sync::{OnceLock, RwLock};
 
 use bytes::Bytes;
 use funcatron_broker::{AnyBroker, Broker, Message};
-use funcatron_bundle::state::{Capture, LogLevel, CAPTURE_TOPIC, LOGS_TOPIC};
+use funcatron_bundle::state::{
+    Capture, FuncLoad, LogLevel, RunnerStats, CAPTURE_TOPIC, LOGS_TOPIC, STATS_TOPIC,
+};
 use serde_json::json;
 
 /// What the publishing task sends.
@@ -43,6 +45,27 @@ static OBSERVE: OnceLock<Observe> = OnceLock::new();
 static CAPTURES: std::sync::LazyLock<RwLock<HashMap<String, Capture>>> =
     std::sync::LazyLock::new(RwLock::default);
 
+/// Per-Func load on this Runner, reported every second on `funcatron.stats`.
+static LOAD: std::sync::LazyLock<std::sync::Mutex<HashMap<String, FuncLoad>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// A request for `func` starts.
+pub fn began(func: &str) {
+    if let Ok(mut l) = LOAD.lock() {
+        l.entry(func.to_owned()).or_default().in_flight += 1;
+    }
+}
+
+/// A request for `func` ended after `ms`.
+pub fn ended(func: &str, ms: f64) {
+    if let Ok(mut l) = LOAD.lock() {
+        let e = l.entry(func.to_owned()).or_default();
+        e.in_flight = e.in_flight.saturating_sub(1);
+        e.served += 1;
+        e.busy_ms += ms;
+    }
+}
+
 /// Called with the per-Func log levels whenever they change (the binary
 /// reloads its log filter).
 pub type LevelHook = Box<dyn Fn(&HashMap<String, String>) + Send + Sync>;
@@ -70,6 +93,25 @@ pub fn start(broker: &AnyBroker) {
     if OBSERVE.set(o).is_err() {
         return;
     }
+    let heartbeat = broker.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(o) = OBSERVE.get() else { continue };
+            let stats = RunnerStats {
+                runner: o.runner.clone(),
+                at_ms: funcatron_envelope::now_ms() as u64,
+                funcs: LOAD
+                    .lock()
+                    .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                    .unwrap_or_default(),
+            };
+            if let Ok(bytes) = serde_json::to_vec(&stats) {
+                let _ = heartbeat.broadcast(STATS_TOPIC, Message::new(bytes)).await;
+            }
+        }
+    });
     let broker = broker.clone();
     tokio::spawn(async move {
         while let Some(out) = rx.recv().await {

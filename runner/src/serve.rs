@@ -382,7 +382,10 @@ async fn consume(
         let queue = queue.clone();
         let in_flight = Arc::clone(&in_flight);
         tracker.spawn(async move {
+            let started = std::time::Instant::now();
+            crate::observe::began(&func);
             handle(&broker, &runtime, &func, &version, &queue, delivery).await;
+            crate::observe::ended(&func, started.elapsed().as_secs_f64() * 1000.0);
             in_flight.fetch_sub(1, Ordering::SeqCst);
         });
     }

@@ -13,6 +13,11 @@ use tracing::Instrument;
 
 use crate::routes::{RouteOutcome, RouteTable};
 
+/// Requests forwarded per Func since start (the autoscaler's arrival rate).
+pub static DISPATCHED: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, u64>>,
+> = std::sync::LazyLock::new(Default::default);
+
 /// Tron settings.
 #[derive(Debug, Clone)]
 pub struct TronOptions {
@@ -191,6 +196,9 @@ async fn dispatch(broker: &AnyBroker, routes: &RouteTable, delivery: Delivery) {
                             .increment(1);
                         metrics::counter!("tron_dispatched_total", "func" => route.func.to_owned())
                             .increment(1);
+                        if let Ok(mut d) = DISPATCHED.lock() {
+                            *d.entry(route.func.to_owned()).or_default() += 1;
+                        }
                         metrics::histogram!("tron_dispatch_duration_seconds")
                             .record((now_ms() - now) / 1000.0);
                         let _ = delivery.ack().await;

@@ -92,6 +92,7 @@ pub fn router(
         )
         .route("/v1/bundles/{sha}", get(download))
         .route("/v1/state", get(state))
+        .route("/v1/status", get(status))
         .route("/v1/funcs", get(list))
         .route("/v1/funcs/{name}", get(show))
         .route("/v1/funcs/{name}/history", get(history))
@@ -189,6 +190,10 @@ async fn download(State(api): Shared, Path(sha): Path<String>) -> Response {
         },
         None => error(404, "no_bundle", &format!("no bundle {sha}")),
     }
+}
+
+async fn status(State(api): Shared) -> Response {
+    Json(api.registry.status().await).into_response()
 }
 
 async fn state(State(api): Shared) -> Response {

@@ -25,8 +25,8 @@ use std::sync::Arc;
 use funcatron_broker::{AnyBroker, Broker, Message};
 use funcatron_bundle::archive::{self, Limits};
 use funcatron_bundle::state::{
-    Capture, ClusterState, Control, Event, FuncSettings, LogLevel, Upload, CAPTURE_TOPIC,
-    CONTROL_TOPIC, LOGS_TOPIC,
+    Capture, ClusterState, Control, Event, FuncSettings, LogLevel, RunnerStats, Upload,
+    CAPTURE_TOPIC, CONTROL_TOPIC, LOGS_TOPIC, STATS_TOPIC,
 };
 use funcatron_bundle::Bundle;
 use tokio::sync::{watch, Mutex};
@@ -76,6 +76,16 @@ pub struct RegistryOptions {
     pub check: Option<Check>,
 }
 
+/// A Runner's last heartbeat: when, what, and the one before.
+type Heard = (std::time::Instant, RunnerStats, Option<RunnerStats>);
+
+/// When dispatch counts were sampled, the counts, and the rates they gave.
+type Rates = (
+    std::time::Instant,
+    HashMap<String, u64>,
+    HashMap<String, f64>,
+);
+
 /// The registry of one Tron.
 pub struct Registry {
     /// Recent Func log lines (JSON), newest last, and live ones.
@@ -86,6 +96,11 @@ pub struct Registry {
     /// Every capture this Tron has seen (id -> max): pairs still in flight
     /// when a capture stops are written too.
     known_captures: std::sync::Mutex<HashMap<String, Option<u64>>>,
+    /// Each Runner's last two heartbeats and when the last one came.
+    runners: std::sync::Mutex<HashMap<String, Heard>>,
+    /// Arrival rate per Func (requests/s over the last second) and the
+    /// dispatch counts it was computed from.
+    rates: std::sync::Mutex<Rates>,
     /// Capture files kept open for appending, by Func.
     capture_files: std::sync::Mutex<HashMap<String, std::fs::File>>,
     options: RegistryOptions,
@@ -153,6 +168,12 @@ impl Registry {
             captured: std::sync::Mutex::new(HashMap::new()),
             known_captures: std::sync::Mutex::new(HashMap::new()),
             capture_files: std::sync::Mutex::new(HashMap::new()),
+            runners: std::sync::Mutex::new(HashMap::new()),
+            rates: std::sync::Mutex::new((
+                std::time::Instant::now(),
+                HashMap::new(),
+                HashMap::new(),
+            )),
             options,
             id: funcatron_envelope::new_request_id()[..12].to_owned(),
             broker,
@@ -514,21 +535,110 @@ impl Registry {
         (recent, rx)
     }
 
-    /// Collect captured pairs and Func log lines until `shutdown`.
+    fn heartbeat(&self, bytes: &[u8]) {
+        let Ok(stats) = serde_json::from_slice::<RunnerStats>(bytes) else {
+            return;
+        };
+        if let Ok(mut r) = self.runners.lock() {
+            let previous = r.remove(&stats.runner).map(|(_, last, _)| last);
+            r.insert(
+                stats.runner.clone(),
+                (std::time::Instant::now(), stats, previous),
+            );
+        }
+    }
+
+    fn sample_rates(&self) {
+        let now_counts = crate::dispatch::DISPATCHED
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default();
+        if let Ok(mut r) = self.rates.lock() {
+            let dt = r.0.elapsed().as_secs_f64().max(0.001);
+            let rates = now_counts
+                .iter()
+                .map(|(f, n)| {
+                    (
+                        f.clone(),
+                        (n - r.1.get(f).copied().unwrap_or(0)) as f64 / dt,
+                    )
+                })
+                .collect();
+            *r = (std::time::Instant::now(), now_counts, rates);
+        }
+    }
+
+    /// Per Func: queue depth, arrival rate, service time, requests in
+    /// flight and Runners serving it (heard from in the last 3 s).
+    pub async fn status(&self) -> serde_json::Value {
+        let table = Arc::clone(&self.routes.borrow());
+        let rates = self.rates.lock().map(|r| r.2.clone()).unwrap_or_default();
+        let runners: Vec<(RunnerStats, Option<RunnerStats>)> = self
+            .runners
+            .lock()
+            .map(|r| {
+                r.values()
+                    .filter(|(seen, _, _)| seen.elapsed() < std::time::Duration::from_secs(3))
+                    .map(|(_, s, p)| (s.clone(), p.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut out = serde_json::Map::new();
+        for (func, queue) in table.funcs() {
+            let depth = self.broker.depth(queue).await.ok();
+            let (mut n, mut in_flight, mut served, mut d_busy, mut d_served) = (0, 0, 0, 0.0, 0u64);
+            for (s, prev) in &runners {
+                let Some(l) = s.funcs.get(func) else { continue };
+                n += 1;
+                in_flight += l.in_flight;
+                served += l.served;
+                let p = prev.as_ref().and_then(|p| p.funcs.get(func));
+                let (pb, ps) = p.map_or((0.0, 0), |p| (p.busy_ms, p.served));
+                if l.served > ps {
+                    d_busy += l.busy_ms - pb;
+                    d_served += l.served - ps;
+                }
+            }
+            out.insert(
+                func.to_owned(),
+                serde_json::json!({
+                    "queue": queue,
+                    "ready": depth.map(|d| d.ready),
+                    "consumers": depth.map(|d| d.consumers),
+                    "arrival_per_s": rates.get(func).copied().unwrap_or(0.0),
+                    "service_ms": if d_served > 0 { Some(d_busy / d_served as f64) } else { None },
+                    "in_flight": in_flight,
+                    "served": served,
+                    "runners": n,
+                }),
+            );
+        }
+        serde_json::json!({"funcs": out})
+    }
+
+    /// Collect captured pairs, Func log lines and Runner heartbeats until
+    /// `shutdown`.
     pub async fn collect(self: Arc<Self>, shutdown: CancellationToken) {
-        let (mut captures, mut logs) = match (
+        let (mut captures, mut logs, mut stats) = match (
             self.broker.subscribe(CAPTURE_TOPIC).await,
             self.broker.subscribe(LOGS_TOPIC).await,
+            self.broker.subscribe(STATS_TOPIC).await,
         ) {
-            (Ok(c), Ok(l)) => (c, l),
+            (Ok(c), Ok(l), Ok(s)) => (c, l, s),
             _ => {
-                tracing::error!("cannot subscribe to the capture and log topics");
+                tracing::error!("cannot subscribe to the capture, log and stats topics");
                 return;
             }
         };
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = tick.tick() => self.sample_rates(),
+                d = stats.next() => match d {
+                    Some(d) => self.heartbeat(&d.message.payload),
+                    None => return,
+                },
                 d = captures.next() => match d {
                     Some(d) => self.write_capture(&d.message).await,
                     None => return,
