@@ -54,6 +54,29 @@ fn hello(dir: &Path, greeting: &str) -> Result<()> {
     Ok(())
 }
 
+/// `funcatron up --store` serving `bundles`, with a known token.
+fn up(
+    bin: &Path,
+    addr: &str,
+    mgmt: &str,
+    bundles: &Path,
+    store: &Path,
+    token: &str,
+) -> Result<Kill> {
+    Ok(Kill(
+        Command::new(bin)
+            .args(["up", "--listen", addr, "--mgmt-listen", mgmt, "--bundles"])
+            .arg(bundles)
+            .arg("--store")
+            .arg(store)
+            .env("FUNCATRON_TOKEN", token)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    ))
+}
+
 /// Poll `url` (1 ms apart) until it answers `want`; the time it took.
 async fn until(http: &reqwest::Client, url: &str, want: &str, from: Instant) -> Result<Duration> {
     let deadline = from + Duration::from_secs(30);
@@ -91,18 +114,7 @@ pub async fn run() -> Result<()> {
     let (addr, mgmt) = (free()?, free()?);
     let empty = tmp.path().join("empty");
     std::fs::create_dir_all(&empty)?;
-    let _up = Kill(
-        Command::new(&bin)
-            .args(["up", "--listen", &addr, "--mgmt-listen", &mgmt, "--bundles"])
-            .arg(&empty)
-            .arg("--store")
-            .arg(tmp.path().join("store"))
-            .env("FUNCATRON_TOKEN", token)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+    let _up = up(&bin, &addr, &mgmt, &empty, &tmp.path().join("store"), token)?;
     let mgmt_url = format!("http://{mgmt}");
     until(
         &http,
@@ -183,18 +195,14 @@ pub async fn capture(requests: usize) -> Result<()> {
     let bundles = tmp.path().join("bundles");
     hello(&bundles.join("hello"), "Hello")?;
     let (addr, mgmt) = (free()?, free()?);
-    let _up = Kill(
-        Command::new(&bin)
-            .args(["up", "--listen", &addr, "--mgmt-listen", &mgmt, "--bundles"])
-            .arg(&bundles)
-            .arg("--store")
-            .arg(tmp.path().join("store"))
-            .env("FUNCATRON_TOKEN", token)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+    let _up = up(
+        &bin,
+        &addr,
+        &mgmt,
+        &bundles,
+        &tmp.path().join("store"),
+        token,
+    )?;
     let url = format!("http://{addr}/hello/bench");
     until(&http, &url, "Hello, bench!", Instant::now()).await?;
     let sock: std::net::SocketAddr = addr.parse()?;

@@ -30,15 +30,6 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// A POST with the token when there is one.
-    pub fn post_public(
-        &self,
-        http: &reqwest::Client,
-        path: &str,
-    ) -> Result<reqwest::RequestBuilder> {
-        self.post(http, path)
-    }
-
     /// The URL of an API path.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.tron.trim_end_matches('/'))
@@ -59,7 +50,8 @@ impl Remote {
         }
     }
 
-    fn post(&self, http: &reqwest::Client, path: &str) -> Result<reqwest::RequestBuilder> {
+    /// A POST with the token when there is one.
+    pub fn post(&self, http: &reqwest::Client, path: &str) -> Result<reqwest::RequestBuilder> {
         let mut rb = http.post(self.url(path));
         if let Some(t) = self.token()? {
             rb = rb.bearer_auth(t);

@@ -159,7 +159,7 @@ async fn send(http: &reqwest::Client, target: &Target, p: &Pair) -> Result<Answe
                 .map(|(k, v)| (k.clone(), Value::String(v.clone())))
                 .collect();
             remote
-                .post_public(http, &format!("/v1/funcs/{name}/invoke"))?
+                .post(http, &format!("/v1/funcs/{name}/invoke"))?
                 .json(&serde_json::json!({
                     "method": p.method,
                     "path": if rel.is_empty() { "/" } else { rel },

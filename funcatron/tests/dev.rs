@@ -5,37 +5,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Poll until `f` holds (bounded), for changes made by another process.
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let until = Instant::now() + Duration::from_secs(20);
-    while !f().await {
-        assert!(Instant::now() < until, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn body(url: &str) -> (u16, String) {
-    match reqwest::get(url).await {
-        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-        Err(e) => (0, e.to_string()),
-    }
-}
-
-fn log_has(log: &Path, needle: &str) -> bool {
-    std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle))
-}
 
 #[tokio::test]
 async fn saves_go_live_broken_saves_keep_the_last_good_version() {
@@ -54,24 +27,18 @@ async fn saves_go_live_broken_saves_keep_the_last_good_version() {
     );
     let addr = free_addr();
     let log = root.path().join("dev.log");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let child = Command::new(env!("CARGO_BIN_EXE_funcatron"))
-        .arg("dev")
-        .arg(root.path())
-        .args(["--listen", &addr.to_string()])
-        .args(["--cache-dir", test_cache_dir().to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let _guard = Kill(child);
+    let _dev = funcatron_logged(
+        &[
+            "dev",
+            root.path().to_str().unwrap(),
+            "--listen",
+            &addr.to_string(),
+            "--cache-dir",
+            test_cache_dir().to_str().unwrap(),
+        ],
+        "",
+        &log,
+    );
     let base = format!("http://{addr}");
     wait_ready(&format!("{base}/hello/ready")).await;
     wait_ready(&format!("{base}/py")).await;
@@ -103,10 +70,10 @@ async fn saves_go_live_broken_saves_keep_the_last_good_version() {
 
     let hello = root.path().join("hello/main.lua");
     let original = std::fs::read_to_string(&hello).unwrap();
-    assert_eq!(body(&format!("{base}/hello/you")).await.1, "Hello, you!");
+    assert_eq!(text(&format!("{base}/hello/you")).await.1, "Hello, you!");
     std::fs::write(&hello, original.replace("Hello, ", "Howdy, ")).unwrap();
     eventually("the saved Lua answers", || async {
-        body(&format!("{base}/hello/you")).await.1 == "Howdy, you!"
+        text(&format!("{base}/hello/you")).await.1 == "Howdy, you!"
     })
     .await;
 
@@ -116,7 +83,7 @@ async fn saves_go_live_broken_saves_keep_the_last_good_version() {
         log_has(&log, "unexpected symbol")
     })
     .await;
-    assert_eq!(body(&format!("{base}/hello/you")).await.1, "Howdy, you!");
+    assert_eq!(text(&format!("{base}/hello/you")).await.1, "Howdy, you!");
 
     // A broken document, likewise.
     let spec = root.path().join("hello/swagger.yaml");
@@ -126,7 +93,7 @@ async fn saves_go_live_broken_saves_keep_the_last_good_version() {
         log_has(&log, "not valid YAML")
     })
     .await;
-    assert_eq!(body(&format!("{base}/hello/you")).await.1, "Howdy, you!");
+    assert_eq!(text(&format!("{base}/hello/you")).await.1, "Howdy, you!");
 
     stop.store(true, Ordering::Relaxed);
     let failures = load.await.unwrap();
@@ -143,20 +110,20 @@ async fn saves_go_live_broken_saves_keep_the_last_good_version() {
     std::fs::write(&spec, doc.replace("basePath: /hello", "basePath: /greet")).unwrap();
     std::fs::write(&hello, original.replace("Hello, ", "Hey, ")).unwrap();
     eventually("the fixed bundle answers on its new basePath", || async {
-        body(&format!("{base}/greet/you")).await == (200, "Hey, you!".into())
+        text(&format!("{base}/greet/you")).await == (200, "Hey, you!".into())
     })
     .await;
-    assert_eq!(body(&format!("{base}/hello/you")).await.0, 404);
+    assert_eq!(text(&format!("{base}/hello/you")).await.0, 404);
     std::fs::write(&spec, doc).unwrap();
     eventually("back on /hello", || async {
-        body(&format!("{base}/hello/you")).await.1 == "Hey, you!"
+        text(&format!("{base}/hello/you")).await.1 == "Hey, you!"
     })
     .await;
 
     // Python: a save is a new warm worker; a syntax error is kept out.
     std::fs::write(py.join("main.py"), "def hi(req):\n    return 'py two'\n").unwrap();
     eventually("the saved Python answers", || async {
-        body(&format!("{base}/py")).await.1 == "py two"
+        text(&format!("{base}/py")).await.1 == "py two"
     })
     .await;
     std::fs::write(py.join("main.py"), "def hi(req:\n").unwrap();
@@ -164,20 +131,20 @@ async fn saves_go_live_broken_saves_keep_the_last_good_version() {
         log_has(&log, "SyntaxError")
     })
     .await;
-    assert_eq!(body(&format!("{base}/py")).await.1, "py two");
+    assert_eq!(text(&format!("{base}/py")).await.1, "py two");
 
     // The document and the interactive page.
-    let (s, text) = body(&format!("{base}/_funcatron/dev/hello/openapi.json")).await;
+    let (s, doc) = text(&format!("{base}/_funcatron/dev/hello/openapi.json")).await;
     assert_eq!(s, 200);
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
     assert_eq!(v["basePath"], "/hello");
-    let (s, page) = body(&format!("{base}/_funcatron/dev/hello/")).await;
+    let (s, page) = text(&format!("{base}/_funcatron/dev/hello/")).await;
     assert_eq!(s, 200);
     assert!(
         page.contains("helloName") && page.contains("data-template=\"/hello/{name}\""),
         "{page}"
     );
-    let (_, index) = body(&format!("{base}/_funcatron/dev/")).await;
+    let (_, index) = text(&format!("{base}/_funcatron/dev/")).await;
     assert!(
         index.contains("Broken save") && index.contains("SyntaxError"),
         "{index}"

@@ -6,40 +6,15 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::*;
 use serde_json::Value;
 
 const TOKEN: &str = "observe-token-123";
 
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn funcatron(args: &[&str], log: &Path) -> Kill {
-    Kill(
-        Command::new(env!("CARGO_BIN_EXE_funcatron"))
-            .args(args)
-            .env("FUNCATRON_TOKEN", TOKEN)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(log)
-                    .unwrap(),
-            )
-            .spawn()
-            .unwrap(),
-    )
+fn funcatron(args: &[&str], log: &Path) -> Proc {
+    funcatron_logged(args, TOKEN, log)
 }
 
 fn cli(args: &[&str], mgmt: &str) -> (i32, String) {
@@ -60,20 +35,8 @@ fn cli(args: &[&str], mgmt: &str) -> (i32, String) {
     )
 }
 
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let until = Instant::now() + Duration::from_secs(30);
-    while !f().await {
-        assert!(Instant::now() < until, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 async fn get(url: &str) -> String {
-    reqwest::get(url).await.unwrap().text().await.unwrap()
+    text(url).await.1
 }
 
 /// The value of one sample line `name{labels} value` (0 when absent).
@@ -82,10 +45,6 @@ fn sample(metrics: &str, series: &str) -> f64 {
         .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
-}
-
-fn log_has(log: &Path, needle: &str) -> bool {
-    std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle))
 }
 
 #[tokio::test]
@@ -207,7 +166,7 @@ async fn metrics_count_known_traffic_and_cover_the_dashboard() {
 }
 
 /// `up --store` with no static bundles; hello pushed and enabled.
-async fn registry_up(root: &Path) -> (Kill, String, String, std::path::PathBuf) {
+async fn registry_up(root: &Path) -> (Proc, String, String, std::path::PathBuf) {
     let empty = root.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     let (addr, mgmt) = (free_addr().to_string(), free_addr().to_string());
@@ -420,7 +379,7 @@ async fn log_levels_change_on_every_runner_and_logs_follow_a_request() {
         &tron_log,
     );
     let logs = [root.path().join("r1.log"), root.path().join("r2.log")];
-    let _runners: Vec<Kill> = logs
+    let _runners: Vec<Proc> = logs
         .iter()
         .map(|l| {
             funcatron(

@@ -8,10 +8,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use common::*;
 use funcatron_bundle::archive;
@@ -19,40 +18,15 @@ use serde_json::Value;
 
 const TOKEN: &str = "test-token-0123456789";
 
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `funcatron <role> --store ...` with a known token; stderr to `log`.
-fn start(role: &str, store: &Path, listen: &str, mgmt: &str, extra: &[&str], log: &Path) -> Kill {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_funcatron"));
-    cmd.arg(role)
-        .arg("--store")
-        .arg(store)
-        .args(["--mgmt-listen", mgmt]);
+fn start(role: &str, store: &Path, listen: &str, mgmt: &str, extra: &[&str], log: &Path) -> Proc {
+    let store = store.to_str().unwrap();
+    let mut args = vec![role, "--store", store, "--mgmt-listen", mgmt];
     if role == "up" {
-        cmd.args(["--listen", listen]);
+        args.extend(["--listen", listen]);
     }
-    Kill(
-        cmd.args(extra)
-            .env("FUNCATRON_TOKEN", TOKEN)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(log)
-                    .unwrap(),
-            )
-            .spawn()
-            .unwrap(),
-    )
+    args.extend_from_slice(extra);
+    funcatron_logged(&args, TOKEN, log)
 }
 
 /// A hello bundle that greets with `greeting`, packed.
@@ -70,25 +44,6 @@ fn hello_archive(root: &Path, greeting: &str) -> (String, Vec<u8>) {
     .unwrap();
     let (_, bytes) = archive::build(&dir).unwrap();
     (archive::sha256_hex(&bytes), bytes)
-}
-
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let until = Instant::now() + Duration::from_secs(30);
-    while !f().await {
-        assert!(Instant::now() < until, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-async fn text(url: &str) -> (u16, String) {
-    match reqwest::get(url).await {
-        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-        Err(e) => (0, e.to_string()),
-    }
 }
 
 async fn upload(mgmt: &str, bytes: Vec<u8>, query: &str) -> (u16, Value) {

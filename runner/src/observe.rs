@@ -10,7 +10,8 @@
 //! task (dropped, and counted, when the broker cannot keep up).
 
 use std::collections::HashMap;
-use std::sync::{OnceLock, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 
 use bytes::Bytes;
 use funcatron_broker::{AnyBroker, Broker, Message};
@@ -45,25 +46,62 @@ static OBSERVE: OnceLock<Observe> = OnceLock::new();
 static CAPTURES: std::sync::LazyLock<RwLock<HashMap<String, Capture>>> =
     std::sync::LazyLock::new(RwLock::default);
 
-/// Per-Func load on this Runner, reported every second on `funcatron.stats`.
-static LOAD: std::sync::LazyLock<std::sync::Mutex<HashMap<String, FuncLoad>>> =
-    std::sync::LazyLock::new(Default::default);
+/// The load of one Func version on this Runner: counted with atomics on
+/// the request path, summed per Func by the heartbeat.
+#[derive(Debug, Default)]
+pub struct Load {
+    in_flight: AtomicU64,
+    served: AtomicU64,
+    busy_us: AtomicU64,
+}
 
-/// A request for `func` starts.
-pub fn began(func: &str) {
-    if let Ok(mut l) = LOAD.lock() {
-        l.entry(func.to_owned()).or_default().in_flight += 1;
+impl Load {
+    /// A request starts.
+    pub fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request ended after `took`.
+    pub fn end(&self, took: std::time::Duration) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.served.fetch_add(1, Ordering::Relaxed);
+        self.busy_us
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Requests being handled now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 }
 
-/// A request for `func` ended after `ms`.
-pub fn ended(func: &str, ms: f64) {
-    if let Ok(mut l) = LOAD.lock() {
-        let e = l.entry(func.to_owned()).or_default();
-        e.in_flight = e.in_flight.saturating_sub(1);
-        e.served += 1;
-        e.busy_ms += ms;
+/// Every live version's load, by Func, for the heartbeat.
+type Loads = std::sync::Mutex<Vec<(String, Weak<Load>)>>;
+static LOADS: std::sync::LazyLock<Loads> = std::sync::LazyLock::new(Default::default);
+
+/// A new counter for a version of `func`, reported until it is dropped.
+pub fn load_for(func: &str) -> Arc<Load> {
+    let load = Arc::new(Load::default());
+    if let Ok(mut l) = LOADS.lock() {
+        l.push((func.to_owned(), Arc::downgrade(&load)));
     }
+    load
+}
+
+/// Per Func, the sum over its live versions.
+fn load_snapshot() -> std::collections::BTreeMap<String, FuncLoad> {
+    let mut out = std::collections::BTreeMap::<String, FuncLoad>::new();
+    if let Ok(mut loads) = LOADS.lock() {
+        loads.retain(|(_, w)| w.strong_count() > 0);
+        for (func, w) in loads.iter() {
+            let Some(l) = w.upgrade() else { continue };
+            let e = out.entry(func.clone()).or_default();
+            e.in_flight += l.in_flight();
+            e.served += l.served.load(Ordering::Relaxed);
+            e.busy_ms += l.busy_us.load(Ordering::Relaxed) as f64 / 1000.0;
+        }
+    }
+    out
 }
 
 /// Called with the per-Func log levels whenever they change (the binary
@@ -102,10 +140,7 @@ pub fn start(broker: &AnyBroker) {
             let stats = RunnerStats {
                 runner: o.runner.clone(),
                 at_ms: funcatron_envelope::now_ms() as u64,
-                funcs: LOAD
-                    .lock()
-                    .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                    .unwrap_or_default(),
+                funcs: load_snapshot(),
             };
             if let Ok(bytes) = serde_json::to_vec(&stats) {
                 let _ = heartbeat.broadcast(STATS_TOPIC, Message::new(bytes)).await;

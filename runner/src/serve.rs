@@ -13,7 +13,6 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use std::path::{Path, PathBuf};
 use tokio::sync::watch;
@@ -185,7 +184,7 @@ struct Serving {
     /// Stops the consumer (deliveries in flight finish).
     stop: CancellationToken,
     tasks: TaskTracker,
-    in_flight: Arc<AtomicUsize>,
+    load: Arc<crate::observe::Load>,
 }
 
 /// Serve whatever set of bundle versions `desired` holds, following its
@@ -290,7 +289,7 @@ async fn start_version(broker: &AnyBroker, b: &Bundle, options: &RunnerOptions) 
     let queue = names::func_queue(&b.name, &b.version);
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    let load = crate::observe::load_for(&b.name);
     match broker
         .consume(
             &queue,
@@ -313,7 +312,7 @@ async fn start_version(broker: &AnyBroker, b: &Bundle, options: &RunnerOptions) 
                 sub,
                 tasks.clone(),
                 stop.clone(),
-                Arc::clone(&in_flight),
+                Arc::clone(&load),
             ));
         }
         Err(e) => {
@@ -325,7 +324,7 @@ async fn start_version(broker: &AnyBroker, b: &Bundle, options: &RunnerOptions) 
         queue,
         stop,
         tasks,
-        in_flight,
+        load,
     }
 }
 
@@ -337,7 +336,7 @@ async fn retire(broker: AnyBroker, s: Serving, shutdown: CancellationToken) {
     let grace = std::time::Duration::from_millis(500);
     let limit = std::time::Duration::from_secs(120);
     loop {
-        let idle = s.in_flight.load(Ordering::SeqCst) == 0
+        let idle = s.load.in_flight() == 0
             && broker
                 .depth(&s.queue)
                 .await
@@ -367,26 +366,24 @@ async fn consume(
     mut sub: funcatron_broker::Subscription,
     tracker: TaskTracker,
     stop: CancellationToken,
-    in_flight: Arc<AtomicUsize>,
+    load: Arc<crate::observe::Load>,
 ) {
     loop {
         let delivery = tokio::select! {
             _ = stop.cancelled() => break,
             d = sub.next() => match d { Some(d) => d, None => break },
         };
-        in_flight.fetch_add(1, Ordering::SeqCst);
+        load.begin();
         let broker = broker.clone();
         let runtime = Arc::clone(&runtime);
         let func = Arc::clone(&func);
         let version = Arc::clone(&version);
         let queue = queue.clone();
-        let in_flight = Arc::clone(&in_flight);
+        let load = Arc::clone(&load);
         tracker.spawn(async move {
             let started = std::time::Instant::now();
-            crate::observe::began(&func);
             handle(&broker, &runtime, &func, &version, &queue, delivery).await;
-            crate::observe::ended(&func, started.elapsed().as_secs_f64() * 1000.0);
-            in_flight.fetch_sub(1, Ordering::SeqCst);
+            load.end(started.elapsed());
         });
     }
 }

@@ -197,7 +197,13 @@ async fn dispatch(broker: &AnyBroker, routes: &RouteTable, delivery: Delivery) {
                         metrics::counter!("tron_dispatched_total", "func" => route.func.to_owned())
                             .increment(1);
                         if let Ok(mut d) = DISPATCHED.lock() {
-                            *d.entry(route.func.to_owned()).or_default() += 1;
+                            // Allocate the key only for a Func's first request.
+                            match d.get_mut(route.func) {
+                                Some(n) => *n += 1,
+                                None => {
+                                    d.insert(route.func.to_owned(), 1);
+                                }
+                            }
                         }
                         metrics::histogram!("tron_dispatch_duration_seconds")
                             .record((now_ms() - now) / 1000.0);

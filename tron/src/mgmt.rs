@@ -278,13 +278,9 @@ async fn enable(
     if let Some(r) = unauthorized(&api, &headers) {
         return r;
     }
-    let req: EnableBody = if body.is_empty() {
-        EnableBody::default()
-    } else {
-        match serde_json::from_slice::<Option<EnableBody>>(&body) {
-            Ok(b) => b.unwrap_or_default(),
-            Err(e) => return error(400, "bad_request", &format!("request body: {e}")),
-        }
+    let req: EnableBody = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return *r,
     };
     let settings = Some(req.settings.unwrap_or_default());
     match api
@@ -359,13 +355,9 @@ async fn invoke(
     let Some(ingress) = api.ingress.clone() else {
         return error(503, "no_ingress", "this Tron cannot invoke Funcs");
     };
-    let req: InvokeBody = if body.is_empty() {
-        InvokeBody::default()
-    } else {
-        match serde_json::from_slice::<Option<InvokeBody>>(&body) {
-            Ok(b) => b.unwrap_or_default(),
-            Err(e) => return error(400, "bad_request", &format!("request body: {e}")),
-        }
+    let req: InvokeBody = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return *r,
     };
     let Some(b) = api.registry.serving(&name).await else {
         return error(404, "no_func", &format!("no Func named {name} is enabled"));

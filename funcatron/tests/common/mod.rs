@@ -508,3 +508,52 @@ pub async fn spawn_ingress(broker: &str, extra: &[&str]) -> (Proc, String) {
     wait_ready(&format!("{base}/_funcatron/health")).await;
     (proc, base)
 }
+
+/// `funcatron ARGS` with `FUNCATRON_TOKEN=token` and `RUST_LOG=info`, its
+/// stderr appended to `log`; killed when dropped.
+pub fn funcatron_logged(args: &[&str], token: &str, log: &Path) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_funcatron"))
+        .args(args)
+        .env("FUNCATRON_TOKEN", token)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap();
+    Proc {
+        child,
+        name: args.first().copied().unwrap_or_default().into(),
+    }
+}
+
+/// Poll until `f` holds (bounded by 30 s), for changes another process makes.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + Duration::from_secs(30);
+    while !f().await {
+        assert!(Instant::now() < until, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// GET `url`: (status, body), or (0, the error).
+pub async fn text(url: &str) -> (u16, String) {
+    match reqwest::get(url).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// Does the file `log` contain `needle` yet?
+pub fn log_has(log: &Path, needle: &str) -> bool {
+    std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle))
+}
