@@ -330,6 +330,7 @@ impl Broker for AmqpBroker {
                 kind,
                 options,
                 active: None,
+                cancelled: false,
             })),
         })
     }
@@ -397,6 +398,7 @@ impl Broker for AmqpBroker {
                     auto_ack: true,
                 },
                 active: None,
+                cancelled: false,
             })),
         })
     }
@@ -417,11 +419,37 @@ pub(crate) struct AmqpSubscription {
     options: ConsumeOptions,
     /// The channel and consumer on the current connection, with its generation.
     active: Option<(Channel, lapin::Consumer, u64)>,
+    /// Cancelled: hand out what was already delivered, then end; never
+    /// subscribe again.
+    cancelled: bool,
 }
 
 impl AmqpSubscription {
+    /// Ask RabbitMQ to stop delivering; the channel stays open so the
+    /// deliveries already received can be acknowledged on it.
+    pub(crate) async fn cancel(&mut self) {
+        self.cancelled = true;
+        if let Some((channel, consumer, _)) = &self.active {
+            if let Err(e) = channel
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await
+            {
+                tracing::warn!(queue = %self.queue, error = %e, "cancelling the consumer failed");
+            }
+        }
+    }
+
     pub(crate) async fn next(&mut self) -> Option<Delivery> {
         loop {
+            if self.cancelled {
+                // After basic.cancel the consumer yields what it had
+                // buffered, then ends; a lost connection ends it too.
+                let (_, consumer, _) = self.active.as_mut()?;
+                return match tokio::time::timeout(Duration::from_secs(5), consumer.next()).await {
+                    Ok(Some(Ok(d))) => Some(self.delivery(d)),
+                    _ => None,
+                };
+            }
             let Some((_, consumer, generation)) = &mut self.active else {
                 let live = loop {
                     let cur = self.current.borrow_and_update().clone();
@@ -459,29 +487,33 @@ impl AmqpSubscription {
                 }
             };
             match next {
-                Some(Ok(d)) => {
-                    return Some(Delivery {
-                        message: Message {
-                            headers: from_field_table(d.properties.headers().as_ref()),
-                            payload: Bytes::from(d.data),
-                            ttl_ms: None,
-                            persistent: d.properties.delivery_mode() == &Some(2),
-                        },
-                        redelivered: d.redelivered,
-                        acker: if self.options.auto_ack {
-                            Acker::None
-                        } else {
-                            Acker::Amqp(d.acker)
-                        },
-                        settled: false,
-                    })
-                }
+                Some(Ok(d)) => return Some(self.delivery(d)),
                 Some(Err(e)) => {
                     tracing::warn!(queue = %self.queue, error = %e, "consumer failed; resubscribing");
                     self.active = None;
                 }
                 None => self.active = None,
             }
+        }
+    }
+}
+
+impl AmqpSubscription {
+    fn delivery(&self, d: lapin::message::Delivery) -> Delivery {
+        Delivery {
+            message: Message {
+                headers: from_field_table(d.properties.headers().as_ref()),
+                payload: Bytes::from(d.data),
+                ttl_ms: None,
+                persistent: d.properties.delivery_mode() == &Some(2),
+            },
+            redelivered: d.redelivered,
+            acker: if self.options.auto_ack {
+                Acker::None
+            } else {
+                Acker::Amqp(d.acker)
+            },
+            settled: false,
         }
     }
 }

@@ -119,6 +119,7 @@ impl Broker for EmbeddedBroker {
             inner: SubInner::Embedded(Receiver {
                 queue: q,
                 auto_ack: options.auto_ack,
+                cancelled: false,
             }),
         })
     }
@@ -143,10 +144,19 @@ impl Broker for EmbeddedBroker {
 pub(crate) struct Receiver {
     queue: Arc<Queue>,
     auto_ack: bool,
+    cancelled: bool,
 }
 
 impl Receiver {
+    /// Take no more messages (nothing is held on the consumer's side).
+    pub(crate) fn cancel(&mut self) {
+        self.cancelled = true;
+    }
+
     pub(crate) async fn next(&mut self) -> Option<Delivery> {
+        if self.cancelled {
+            return None;
+        }
         let message = self.queue.rx.recv().await.ok()?;
         let acker = if self.auto_ack {
             DeliveryAcker::None

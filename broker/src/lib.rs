@@ -224,6 +224,21 @@ impl Subscription {
             SubInner::Amqp(s) => s.next().await,
         }
     }
+
+    /// Stop receiving new deliveries but keep the subscription open, so
+    /// deliveries already received can still be acknowledged: after this,
+    /// [`Subscription::next`] yields what the broker had already sent
+    /// (AMQP prefetch) and then `None`. How a Runner scales in without
+    /// any message being redelivered.
+    pub async fn cancel(&mut self) {
+        match &mut self.inner {
+            SubInner::Embedded(r) => r.cancel(),
+            SubInner::Topic(r) => {
+                r.close();
+            }
+            SubInner::Amqp(s) => s.cancel().await,
+        }
+    }
 }
 
 /// The broker seam. Adapters: [`EmbeddedBroker`], [`AmqpBroker`].

@@ -40,6 +40,13 @@ pub struct FuncSettings {
     /// Most Runners (for the autoscaler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_runners: Option<u32>,
+    /// Requests one Runner should handle at once (for the autoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_concurrency: Option<f64>,
+    /// How long demand must stay lower before Runners are removed, in
+    /// milliseconds (for the autoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down_delay_ms: Option<u64>,
 }
 
 impl FuncSettings {

@@ -197,6 +197,13 @@ pub struct EnableArgs {
     /// Most Runners (autoscaler).
     #[arg(long)]
     max_runners: Option<u32>,
+    /// Requests one Runner should handle at once (autoscaler).
+    #[arg(long)]
+    target_concurrency: Option<f64>,
+    /// How long demand must stay lower before Runners are removed, in
+    /// milliseconds (autoscaler).
+    #[arg(long)]
+    scale_down_delay_ms: Option<u64>,
     #[command(flatten)]
     remote: Remote,
 }
@@ -274,10 +281,14 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
                 ("memory_mb", a.memory_mb.map(|n| n as u64)),
                 ("min_runners", a.min_runners.map(u64::from)),
                 ("max_runners", a.max_runners.map(u64::from)),
+                ("scale_down_delay_ms", a.scale_down_delay_ms),
             ] {
                 if let Some(v) = v {
                     settings[k] = json!(v);
                 }
+            }
+            if let Some(t) = a.target_concurrency {
+                settings["target_concurrency"] = json!(t);
             }
             let mut body = json!({"settings": settings});
             if let Some(sha) = &a.sha {

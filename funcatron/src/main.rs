@@ -25,7 +25,9 @@ use funcatron_ingress::nginx;
 mod bundle_cmd;
 mod client;
 mod dev;
+mod local;
 mod replay;
+mod scale;
 
 #[derive(Parser)]
 #[command(
@@ -261,6 +263,8 @@ struct TronOpts {
     /// Largest bundle archive accepted, in bytes.
     #[arg(long, env = "FUNCATRON_MAX_UPLOAD_BYTES", default_value_t = 64 * 1024 * 1024)]
     max_upload_bytes: usize,
+    #[command(flatten)]
+    scale: scale::ScaleOpts,
 }
 
 /// The management token: given, from a file, or generated once into the store.
@@ -333,6 +337,10 @@ struct RunnerOpts {
     /// Directory of secret values: `<dir>/<func>/<NAME>` or `<dir>/<NAME>`.
     #[arg(long, env = "FUNCATRON_SECRETS_DIR")]
     secrets_dir: Option<PathBuf>,
+    /// Serve only this Func (repeat for more; default: every Func). The
+    /// autoscaler starts Runners with one `--func` each.
+    #[arg(long = "func", env = "FUNCATRON_FUNCS", value_delimiter = ',')]
+    funcs: Vec<String>,
 }
 
 #[derive(Args, Clone)]
@@ -417,7 +425,9 @@ fn main() -> Result<()> {
             Command::Tron(a) => {
                 serve_metrics(&a.metrics, &shutdown).await?;
                 let broker = broker(&a.broker, false)?;
-                tron(broker, &a.bundles, &a.tron, shutdown).await
+                let substrate =
+                    scale::substrate(&a.tron.scale, &a.broker.broker, &a.bundles, false)?;
+                tron(broker, &a.bundles, &a.tron, substrate, shutdown).await
             }
             Command::Runner(a) => {
                 serve_metrics(&a.metrics, &shutdown).await?;
@@ -532,6 +542,7 @@ async fn tron(
     broker: AnyBroker,
     dir: &BundleArgs,
     o: &TronOpts,
+    substrate: Option<Arc<dyn funcatron_tron::autoscale::Substrate>>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let bundles = load_bundles(dir);
@@ -539,8 +550,10 @@ async fn tron(
         prefetch: o.tron_prefetch,
     };
     let Some(store) = &o.store else {
-        let routes = RouteTable::build(&bundles)?;
-        funcatron_tron::run(broker, funcatron_tron::fixed(routes), opts, shutdown).await?;
+        let routes = funcatron_tron::fixed(RouteTable::build(&bundles)?);
+        let scaler = scale::start(&o.scale, substrate, &broker, &routes, None, &shutdown);
+        funcatron_tron::run(broker, routes, opts, shutdown).await?;
+        scale::finish(scaler).await;
         return Ok(());
     };
     let token = management_token(o, store)?;
@@ -576,6 +589,14 @@ async fn tron(
         funcatron_ingress::app(broker.clone(), IngressOptions::default(), shutdown.clone())
             .await
             .context("starting the management API's invoke path")?;
+    let scaler = scale::start(
+        &o.scale,
+        substrate,
+        &broker,
+        &routes,
+        Some(Arc::clone(&registry)),
+        &shutdown,
+    );
     let api = funcatron_tron::mgmt::router(registry, token, o.max_upload_bytes, Some(invoker))
         .merge(metrics_routes("/metrics"));
     tracing::info!(listen = %o.mgmt_listen, store = %store.display(), "management API listening");
@@ -586,6 +607,7 @@ async fn tron(
             .await
     });
     funcatron_tron::run(broker, routes, opts, shutdown).await?;
+    scale::finish(scaler).await;
     Ok(())
 }
 
@@ -617,27 +639,41 @@ fn runner_options(o: &RunnerOpts) -> RunnerOptions {
     opts
 }
 
+/// The bundles a Runner serves: the static ones now, registry-enabled
+/// ones as the control topic says (only `o.funcs` if given).
+fn desired_bundles(
+    broker: &AnyBroker,
+    dir: &BundleArgs,
+    o: &RunnerOpts,
+    shutdown: &CancellationToken,
+) -> tokio::sync::watch::Receiver<Vec<Bundle>> {
+    let mut bundles = load_bundles(dir);
+    if !o.funcs.is_empty() {
+        bundles.retain(|b| o.funcs.contains(&b.name));
+    }
+    let (desired, rx) = tokio::sync::watch::channel(bundles.clone());
+    tokio::spawn(funcatron_runner::follow::follow(
+        broker.clone(),
+        funcatron_runner::follow::FollowOptions {
+            static_bundles: bundles,
+            cache_dir: runner_options(o).worker.cache_dir,
+            environment: dir.environment.clone(),
+            only: o.funcs.clone(),
+        },
+        desired,
+        shutdown.clone(),
+    ));
+    rx
+}
+
 async fn runner(
     broker: AnyBroker,
     dir: &BundleArgs,
     o: &RunnerOpts,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let bundles = load_bundles(dir);
-    let opts = runner_options(o);
-    // Static bundles now; registry-enabled ones as the control topic says.
-    let (desired, rx) = tokio::sync::watch::channel(bundles.clone());
-    tokio::spawn(funcatron_runner::follow::follow(
-        broker.clone(),
-        funcatron_runner::follow::FollowOptions {
-            static_bundles: bundles,
-            cache_dir: opts.worker.cache_dir.clone(),
-            environment: dir.environment.clone(),
-        },
-        desired,
-        shutdown.clone(),
-    ));
-    funcatron_runner::serve(broker, rx, opts, shutdown).await;
+    let rx = desired_bundles(&broker, dir, o, &shutdown);
+    funcatron_runner::serve(broker, rx, runner_options(o), shutdown).await;
     Ok(())
 }
 
@@ -665,6 +701,23 @@ async fn ingress(broker: AnyBroker, o: &IngressOpts, shutdown: CancellationToken
 async fn up(a: UpArgs, shutdown: CancellationToken) -> Result<()> {
     let broker = broker(&a.broker, true)?;
     let dir = a.bundles.clone();
+    // `up` scales its Runners itself unless told `--substrate none`: on
+    // the embedded broker as tasks of this process, else as the substrate
+    // says (child processes by default).
+    let substrate: Option<Arc<dyn funcatron_tron::autoscale::Substrate>> =
+        if matches!(broker, AnyBroker::Embedded(_))
+            && a.tron.scale.substrate.as_deref().unwrap_or("process") == "process"
+        {
+            let rx = desired_bundles(&broker, &dir, &a.runner, &shutdown);
+            Some(Arc::new(local::LocalSubstrate::new(
+                broker.clone(),
+                rx,
+                runner_options(&a.runner),
+            )))
+        } else {
+            scale::substrate(&a.tron.scale, &a.broker.broker, &dir, true)?
+        };
+    let own_runner = substrate.is_none();
     let t = tokio::spawn({
         let (b, s, o, d) = (
             broker.clone(),
@@ -672,7 +725,7 @@ async fn up(a: UpArgs, shutdown: CancellationToken) -> Result<()> {
             a.tron.clone(),
             dir.clone(),
         );
-        async move { tron(b, &d, &o, s).await }
+        async move { tron(b, &d, &o, substrate, s).await }
     });
     let r = tokio::spawn({
         let (b, s, o, d) = (
@@ -681,7 +734,13 @@ async fn up(a: UpArgs, shutdown: CancellationToken) -> Result<()> {
             a.runner.clone(),
             dir.clone(),
         );
-        async move { runner(b, &d, &o, s).await }
+        async move {
+            if own_runner {
+                runner(b, &d, &o, s).await
+            } else {
+                Ok(())
+            }
+        }
     });
     let i = tokio::spawn({
         let (b, s, o) = (broker.clone(), shutdown.clone(), a.ingress.clone());

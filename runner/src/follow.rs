@@ -25,6 +25,16 @@ pub struct FollowOptions {
     pub cache_dir: PathBuf,
     /// Deployment environment for staging rewrites.
     pub environment: Option<String>,
+    /// Serve only these Funcs (empty: every Func). How a substrate starts
+    /// a Runner for one Func.
+    pub only: Vec<String>,
+}
+
+impl FollowOptions {
+    /// Is `func` one of the Funcs this Runner serves?
+    pub fn wants(&self, func: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|f| f == func)
+    }
 }
 
 async fn fetch(http: &reqwest::Client, base: &str, sha: &str) -> Result<Vec<u8>, String> {
@@ -54,6 +64,9 @@ async fn load(
     let root = options.cache_dir.join("bundles");
     let mut list = options.static_bundles.clone();
     for (name, sha, settings) in state.enabled() {
+        if !options.wants(name) {
+            continue;
+        }
         let dir = root.join(sha);
         let bundle_dir = match std::fs::read_dir(&dir)
             .ok()

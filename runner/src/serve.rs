@@ -310,7 +310,6 @@ async fn start_version(broker: &AnyBroker, b: &Bundle, options: &RunnerOptions) 
                 Arc::from(b.version.as_str()),
                 queue.clone(),
                 sub,
-                tasks.clone(),
                 stop.clone(),
                 Arc::clone(&load),
             ));
@@ -356,6 +355,10 @@ async fn retire(broker: AnyBroker, s: Serving, shutdown: CancellationToken) {
     s.tasks.wait().await;
 }
 
+/// Consume one Func queue until `stop`. On `stop` the consumer is
+/// cancelled, what the broker had already delivered (prefetch) is handled
+/// too, and the subscription stays open until every delivery is
+/// acknowledged: scale-in and shutdown make the broker redeliver nothing.
 #[allow(clippy::too_many_arguments)]
 async fn consume(
     broker: AnyBroker,
@@ -364,13 +367,18 @@ async fn consume(
     version: Arc<str>,
     queue: String,
     mut sub: funcatron_broker::Subscription,
-    tracker: TaskTracker,
     stop: CancellationToken,
     load: Arc<crate::observe::Load>,
 ) {
+    let in_flight = TaskTracker::new();
+    let mut stopping = false;
     loop {
         let delivery = tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                sub.cancel().await;
+                continue;
+            }
             d = sub.next() => match d { Some(d) => d, None => break },
         };
         load.begin();
@@ -380,12 +388,15 @@ async fn consume(
         let version = Arc::clone(&version);
         let queue = queue.clone();
         let load = Arc::clone(&load);
-        tracker.spawn(async move {
+        in_flight.spawn(async move {
             let started = std::time::Instant::now();
             handle(&broker, &runtime, &func, &version, &queue, delivery).await;
             load.end(started.elapsed());
         });
     }
+    in_flight.close();
+    in_flight.wait().await;
+    drop(sub);
 }
 
 async fn dead_letter(broker: &AnyBroker, queue: &str, delivery: Delivery, why: &str) {

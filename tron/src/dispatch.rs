@@ -205,6 +205,7 @@ async fn dispatch(broker: &AnyBroker, routes: &RouteTable, delivery: Delivery) {
                                 }
                             }
                         }
+                        crate::autoscale::wake_if_cold(route.func);
                         metrics::histogram!("tron_dispatch_duration_seconds")
                             .record((now_ms() - now) / 1000.0);
                         let _ = delivery.ack().await;

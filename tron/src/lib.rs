@@ -8,7 +8,11 @@
 //! answers 404/405 itself, dead-letters what it cannot decode, and
 //! acknowledges a request only after its forward (or answer) is confirmed.
 //! Any number of Trons may consume the same request queue.
+//!
+//! A Tron also keeps the bundle registry ([`registry`], [`mgmt`]) and may
+//! run the [`autoscale`]r, which starts and stops Runners per Func.
 
+pub mod autoscale;
 pub mod dispatch;
 pub mod mgmt;
 pub mod registry;

@@ -111,6 +111,9 @@ pub struct Registry {
     routes: watch::Sender<Arc<RouteTable>>,
     bundles: watch::Sender<Vec<Bundle>>,
     http: reqwest::Client,
+    /// The autoscaler running beside this registry, if any (its view
+    /// joins `status`).
+    autoscaler: std::sync::OnceLock<crate::autoscale::Shared>,
 }
 
 fn now_ms() -> u64 {
@@ -182,6 +185,7 @@ impl Registry {
             routes: routes_tx,
             bundles: bundles_tx,
             http: reqwest::Client::new(),
+            autoscaler: std::sync::OnceLock::new(),
         });
         let state = r.state.lock().await.clone();
         r.apply(&state).await?;
@@ -568,8 +572,15 @@ impl Registry {
         }
     }
 
+    /// Show `autoscaler`'s decisions in [`Registry::status`].
+    pub fn attach_autoscaler(&self, autoscaler: crate::autoscale::Shared) {
+        let _ = self.autoscaler.set(autoscaler);
+    }
+
     /// Per Func: queue depth, arrival rate, service time, requests in
-    /// flight and Runners serving it (heard from in the last 3 s).
+    /// flight and Runners serving it (heard from in the last 3 s), and,
+    /// with an autoscaler, its signals, desired and running Runners and
+    /// last decisions.
     pub async fn status(&self) -> serde_json::Value {
         let table = Arc::clone(&self.routes.borrow());
         let rates = self.rates.lock().map(|r| r.2.clone()).unwrap_or_default();
@@ -583,6 +594,11 @@ impl Registry {
                     .collect()
             })
             .unwrap_or_default();
+        let scaling = self
+            .autoscaler
+            .get()
+            .map(|a| a.status())
+            .unwrap_or(serde_json::Value::Null);
         let mut out = serde_json::Map::new();
         for (func, queue) in table.funcs() {
             let depth = self.broker.depth(queue).await.ok();
@@ -610,10 +626,11 @@ impl Registry {
                     "in_flight": in_flight,
                     "served": served,
                     "runners": n,
+                    "scaling": scaling["funcs"].get(func),
                 }),
             );
         }
-        serde_json::json!({"funcs": out})
+        serde_json::json!({"funcs": out, "autoscaler": scaling.get("substrate").map(|_| &scaling)})
     }
 
     /// Collect captured pairs, Func log lines and Runner heartbeats until

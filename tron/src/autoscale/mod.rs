@@ -1,0 +1,456 @@
+//! The autoscaler, run by a Tron: reads each Func's signals, decides how
+//! many Runners it needs ([`policy`]) and tells the [`substrate`] where
+//! Runners run.
+//!
+//! Signals, per Func, every tick (200 ms by default):
+//! - queue depth from the broker (ready; unacknowledged where the broker
+//!   reports it, else what Runners report in flight),
+//! - arrival rate from this Tron's dispatch counts ([`crate::dispatch`]),
+//! - service time and in-flight requests from Runner heartbeats on the
+//!   `funcatron.stats` topic (Runner liveness too),
+//! - the substrate's own count of requested and running Runners.
+//!
+//! A request for a Func with no Runner wakes the loop at once
+//! ([`wake_if_cold`], called by the dispatcher), so scale from zero does
+//! not wait for the next tick. A Runner that died is replaced: the
+//! substrate's count falls below the target and the loop scales again.
+
+pub mod policy;
+pub mod substrate;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use funcatron_broker::{AnyBroker, Broker};
+use funcatron_bundle::state::{FuncSettings, RunnerStats, STATS_TOPIC};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::Registry;
+use crate::routes::RouteTable;
+pub use policy::{Hysteresis, ScaleParams, Signals};
+pub use substrate::{BoxFut, Observed, ProcessSubstrate, RunnerCommand, ScaleError, Substrate};
+
+/// Funcs whose target is zero Runners: a request for one wakes the loop.
+static COLD: std::sync::LazyLock<RwLock<HashSet<String>>> =
+    std::sync::LazyLock::new(RwLock::default);
+/// Is any Func cold? (The dispatcher's fast path: one atomic load.)
+static ANY_COLD: AtomicBool = AtomicBool::new(false);
+/// Wakes the loop.
+static WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Called by the dispatcher after forwarding a request to `func`: if the
+/// Func has no Runner, reconcile now rather than at the next tick.
+pub fn wake_if_cold(func: &str) {
+    if !ANY_COLD.load(Ordering::Relaxed) {
+        return;
+    }
+    if COLD.read().map(|c| c.contains(func)).unwrap_or(false) {
+        WAKE.notify_one();
+    }
+}
+
+/// Autoscaler settings.
+#[derive(Debug, Clone)]
+pub struct AutoscalerOptions {
+    /// Parameters for Funcs that set none of their own.
+    pub defaults: ScaleParams,
+    /// How often signals are read and decisions made.
+    pub tick: Duration,
+}
+
+impl Default for AutoscalerOptions {
+    fn default() -> Self {
+        AutoscalerOptions {
+            defaults: ScaleParams::default(),
+            tick: Duration::from_millis(200),
+        }
+    }
+}
+
+/// One scaling decision, kept for `funcatron status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Decision {
+    /// When (Unix ms).
+    pub at_ms: u64,
+    /// Runners before.
+    pub from: u32,
+    /// Runners after.
+    pub to: u32,
+    /// Why.
+    pub reason: String,
+}
+
+/// What `status` shows of one Func.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct View {
+    queue: String,
+    ready: u64,
+    unacked: u64,
+    unacked_source: &'static str,
+    consumers: u64,
+    arrival_per_s: f64,
+    service_ms: Option<f64>,
+    in_flight: u64,
+    runners_heard: u32,
+    desired: u32,
+    target: u32,
+    requested: u32,
+    running: u32,
+    min: u32,
+    max: u32,
+    target_concurrency: f64,
+    last_reason: String,
+    decisions: VecDeque<Decision>,
+    error: Option<String>,
+}
+
+/// Decisions kept per Func.
+const KEPT: usize = 20;
+
+/// Per Func state the loop keeps between ticks.
+struct FuncScale {
+    hysteresis: Hysteresis,
+    /// Dispatch counts sampled in the last seconds, oldest first.
+    counts: VecDeque<(Instant, u64)>,
+    service_ms: Option<f64>,
+}
+
+/// A Runner's last two heartbeats and when the last one came.
+type Heard = (Instant, RunnerStats, Option<RunnerStats>);
+
+/// The autoscaler of one Tron.
+pub struct Autoscaler {
+    substrate: Arc<dyn Substrate>,
+    options: AutoscalerOptions,
+    broker: AnyBroker,
+    routes: watch::Receiver<Arc<RouteTable>>,
+    registry: Option<Arc<Registry>>,
+    views: Mutex<BTreeMap<String, View>>,
+    heard: Mutex<HashMap<String, Heard>>,
+}
+
+/// Shared handle.
+pub type Shared = Arc<Autoscaler>;
+
+fn now_ms() -> u64 {
+    funcatron_envelope::now_ms() as u64
+}
+
+impl Autoscaler {
+    /// An autoscaler for the Funcs of `routes` on `substrate`; per-Func
+    /// settings come from `registry` when there is one.
+    pub fn new(
+        substrate: Arc<dyn Substrate>,
+        options: AutoscalerOptions,
+        broker: AnyBroker,
+        routes: watch::Receiver<Arc<RouteTable>>,
+        registry: Option<Arc<Registry>>,
+    ) -> Shared {
+        Arc::new(Autoscaler {
+            substrate,
+            options,
+            broker,
+            routes,
+            registry,
+            views: Mutex::default(),
+            heard: Mutex::default(),
+        })
+    }
+
+    /// The substrate's name.
+    pub fn substrate(&self) -> &'static str {
+        self.substrate.kind()
+    }
+
+    /// Per Func: signals, desired/target/actual Runners and the last
+    /// decisions with their reasons.
+    pub fn status(&self) -> serde_json::Value {
+        let views = self.views.lock().map(|v| v.clone()).unwrap_or_default();
+        json!({
+            "substrate": self.substrate.kind(),
+            "tick_ms": self.options.tick.as_millis() as u64,
+            "funcs": views,
+        })
+    }
+
+    fn params(&self, settings: Option<&FuncSettings>) -> ScaleParams {
+        let mut p = self.options.defaults;
+        if let Some(s) = settings {
+            if let Some(n) = s.min_runners {
+                p.min = n;
+            }
+            if let Some(n) = s.max_runners {
+                p.max = n;
+            }
+            if let Some(t) = s.target_concurrency {
+                p.target_concurrency = t;
+            }
+            if let Some(d) = s.scale_down_delay_ms {
+                p.scale_down_delay = Duration::from_millis(d);
+            }
+        }
+        p
+    }
+
+    fn heartbeat(&self, bytes: &[u8]) {
+        let Ok(stats) = serde_json::from_slice::<RunnerStats>(bytes) else {
+            metrics::counter!("autoscaler_bad_heartbeats_total").increment(1);
+            return;
+        };
+        if let Ok(mut h) = self.heard.lock() {
+            let previous = h.remove(&stats.runner).map(|(_, last, _)| last);
+            h.insert(stats.runner.clone(), (Instant::now(), stats, previous));
+        }
+    }
+
+    /// Sum of fresh heartbeats for `func`: (Runners heard, in flight,
+    /// busy ms and requests served since the previous heartbeats).
+    fn heard_for(&self, func: &str) -> (u32, u64, f64, u64) {
+        let (mut n, mut in_flight, mut d_busy, mut d_served) = (0, 0, 0.0, 0);
+        if let Ok(mut h) = self.heard.lock() {
+            h.retain(|_, (seen, _, _)| seen.elapsed() < Duration::from_secs(10));
+            for (seen, s, prev) in h.values() {
+                if seen.elapsed() >= Duration::from_secs(3) {
+                    continue;
+                }
+                let Some(l) = s.funcs.get(func) else { continue };
+                n += 1;
+                in_flight += l.in_flight;
+                let p = prev.as_ref().and_then(|p| p.funcs.get(func));
+                let (pb, ps) = p.map_or((0.0, 0), |p| (p.busy_ms, p.served));
+                if l.served > ps {
+                    d_busy += l.busy_ms - pb;
+                    d_served += l.served - ps;
+                }
+            }
+        }
+        (n, in_flight, d_busy, d_served)
+    }
+
+    /// Run until `shutdown`, then let the substrate stop what it started.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut stats = match self.broker.subscribe(STATS_TOPIC).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot hear Runner heartbeats; scaling on queue depth and arrivals only");
+                None
+            }
+        };
+        let mut funcs: HashMap<String, FuncScale> = HashMap::new();
+        let mut settings: BTreeMap<String, FuncSettings> = BTreeMap::new();
+        let mut settings_read = Instant::now() - Duration::from_secs(10);
+        let mut tick = tokio::time::interval(self.options.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tracing::info!(substrate = self.substrate.kind(), "autoscaler running");
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+                _ = WAKE.notified() => {
+                    metrics::counter!("autoscaler_wakeups_total").increment(1);
+                }
+                d = async {
+                    match stats.as_mut() {
+                        Some(s) => s.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    match d {
+                        Some(d) => self.heartbeat(&d.message.payload),
+                        None => stats = None,
+                    }
+                    continue;
+                }
+            }
+            if let Some(r) = &self.registry {
+                if settings_read.elapsed() >= Duration::from_secs(1) {
+                    settings = r
+                        .state()
+                        .await
+                        .funcs
+                        .into_iter()
+                        .map(|(n, f)| (n, f.settings))
+                        .collect();
+                    settings_read = Instant::now();
+                }
+            }
+            let table = Arc::clone(&self.routes.borrow());
+            let live: Vec<(String, String)> = table
+                .funcs()
+                .map(|(f, q)| (f.to_owned(), q.to_owned()))
+                .collect();
+            for (func, queue) in &live {
+                let p = self.params(settings.get(func));
+                self.reconcile(&mut funcs, func, queue, &p).await;
+            }
+            // Funcs no longer routed: scale them to nothing.
+            let gone: Vec<String> = funcs
+                .keys()
+                .filter(|f| !live.iter().any(|(l, _)| l == *f))
+                .cloned()
+                .collect();
+            for func in gone {
+                funcs.remove(&func);
+                if let Err(e) = self.substrate.scale(&func, 0).await {
+                    tracing::warn!(func, error = %e, "cannot stop the Runners of a removed Func");
+                }
+                if let Ok(mut v) = self.views.lock() {
+                    v.remove(&func);
+                }
+            }
+            let cold: HashSet<String> = funcs
+                .iter()
+                .filter(|(_, s)| s.hysteresis.target == 0)
+                .map(|(f, _)| f.clone())
+                .collect();
+            ANY_COLD.store(!cold.is_empty(), Ordering::Relaxed);
+            if let Ok(mut c) = COLD.write() {
+                *c = cold;
+            }
+        }
+        ANY_COLD.store(false, Ordering::Relaxed);
+        self.substrate.shutdown().await;
+    }
+
+    async fn reconcile(
+        &self,
+        funcs: &mut HashMap<String, FuncScale>,
+        func: &str,
+        queue: &str,
+        p: &ScaleParams,
+    ) {
+        let observed = self.substrate.observe(func).await;
+        let now = Instant::now();
+        let state = match funcs.get_mut(func) {
+            Some(s) => s,
+            None => {
+                let start = observed.as_ref().map(|o| o.requested).unwrap_or(0);
+                funcs.entry(func.to_owned()).or_insert(FuncScale {
+                    hysteresis: Hysteresis::new(start),
+                    counts: VecDeque::new(),
+                    service_ms: None,
+                })
+            }
+        };
+        // Arrival rate over the last second of dispatch counts.
+        let count = crate::dispatch::DISPATCHED
+            .lock()
+            .ok()
+            .and_then(|d| d.get(func).copied())
+            .unwrap_or(0);
+        state.counts.push_back((now, count));
+        while state
+            .counts
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(1))
+            && state.counts.len() > 2
+        {
+            state.counts.pop_front();
+        }
+        let arrival_per_s = match (state.counts.front(), state.counts.back()) {
+            (Some((t0, c0)), Some((t1, c1))) if t1 > t0 => {
+                let dt = t1.duration_since(*t0).as_secs_f64().max(0.05);
+                (c1 - c0) as f64 / dt
+            }
+            _ => 0.0,
+        };
+        let (heard, in_flight, d_busy, d_served) = self.heard_for(func);
+        if d_served > 0 {
+            let m = d_busy / d_served as f64;
+            state.service_ms = Some(state.service_ms.map_or(m, |s| 0.5 * s + 0.5 * m));
+        }
+        let depth = self.broker.depth(queue).await.ok();
+        let (unacked, unacked_source) = match depth.and_then(|d| d.unacked) {
+            Some(u) => (u, "broker"),
+            None => (in_flight, "runners"),
+        };
+        let signals = Signals {
+            ready: depth.map_or(0, |d| d.ready),
+            unacked,
+            arrival_per_s,
+            service_ms: state.service_ms,
+            in_flight,
+        };
+        let before = state.hysteresis.target;
+        let eval = state.hysteresis.evaluate(p, &signals, now);
+        let mut error = None;
+        let (requested, running) = match &observed {
+            Ok(o) => (o.requested, o.running),
+            Err(e) => {
+                error = Some(e.to_string());
+                (0, 0)
+            }
+        };
+        // Scale when the target moved, or when the substrate runs another
+        // count than the target (a Runner died, someone scaled by hand).
+        if eval.target != before || (observed.is_ok() && requested != eval.target) {
+            let started = Instant::now();
+            match self.substrate.scale(func, eval.target).await {
+                Ok(()) => {
+                    metrics::histogram!("autoscaler_scale_call_seconds", "substrate" => self.substrate.kind())
+                        .record(started.elapsed().as_secs_f64());
+                }
+                Err(e) => {
+                    metrics::counter!("autoscaler_scale_errors_total", "func" => func.to_owned())
+                        .increment(1);
+                    tracing::warn!(func, error = %e, "scaling failed; retrying at the next tick");
+                    error = Some(e.to_string());
+                }
+            }
+        }
+        let decided = eval.target != before;
+        if decided {
+            let direction = if eval.target > before { "up" } else { "down" };
+            metrics::counter!("autoscaler_decisions_total", "func" => func.to_owned(), "direction" => direction)
+                .increment(1);
+            tracing::info!(func, from = before, to = eval.target, reason = %eval.reason, "scaling decision");
+        }
+        let f = func.to_owned();
+        metrics::gauge!("autoscaler_queue_ready", "func" => f.clone()).set(signals.ready as f64);
+        metrics::gauge!("autoscaler_queue_unacked", "func" => f.clone()).set(unacked as f64);
+        metrics::gauge!("autoscaler_arrival_per_second", "func" => f.clone()).set(arrival_per_s);
+        metrics::gauge!("autoscaler_service_seconds", "func" => f.clone())
+            .set(state.service_ms.unwrap_or(0.0) / 1000.0);
+        metrics::gauge!("autoscaler_in_flight", "func" => f.clone()).set(in_flight as f64);
+        metrics::gauge!("autoscaler_runners_heard", "func" => f.clone()).set(f64::from(heard));
+        metrics::gauge!("autoscaler_desired_runners", "func" => f.clone())
+            .set(f64::from(eval.target));
+        metrics::gauge!("autoscaler_running_runners", "func" => f).set(f64::from(running));
+        if let Ok(mut views) = self.views.lock() {
+            let v = views.entry(func.to_owned()).or_default();
+            if decided {
+                v.decisions.push_back(Decision {
+                    at_ms: now_ms(),
+                    from: before,
+                    to: eval.target,
+                    reason: eval.reason.clone(),
+                });
+                while v.decisions.len() > KEPT {
+                    v.decisions.pop_front();
+                }
+            }
+            v.queue = queue.to_owned();
+            v.ready = signals.ready;
+            v.unacked = unacked;
+            v.unacked_source = unacked_source;
+            v.consumers = depth.map_or(0, |d| d.consumers);
+            v.arrival_per_s = arrival_per_s;
+            v.service_ms = state.service_ms;
+            v.in_flight = in_flight;
+            v.runners_heard = heard;
+            v.desired = eval.desired;
+            v.target = eval.target;
+            v.requested = requested;
+            v.running = running;
+            v.min = p.min;
+            v.max = p.max;
+            v.target_concurrency = p.target_concurrency;
+            v.last_reason = eval.reason;
+            v.error = error;
+        }
+    }
+}
