@@ -627,14 +627,32 @@ pub async fn status(remote: &Remote) -> Result<String> {
             .await?,
     )
     .await?;
-    let mut out = String::from(
-        "FUNC                 READY  CONSUMERS  ARRIVAL/S  SERVICE_MS  IN_FLIGHT  SERVED  RUNNERS\n",
-    );
-    for (name, f) in v["funcs"].as_object().into_iter().flatten() {
+    let mut out = String::new();
+    if let Some(a) = v["autoscaler"].as_object() {
         out.push_str(&format!(
-            "{:<20} {:>5}  {:>9}  {:>9.1}  {:>10}  {:>9}  {:>6}  {:>7}\n",
+            "autoscaler: substrate {}, every {} ms\n",
+            a.get("substrate").and_then(|s| s.as_str()).unwrap_or("?"),
+            a.get("tick_ms").map(|t| t.to_string()).unwrap_or_default()
+        ));
+    }
+    out.push_str(
+        "FUNC                 READY  UNACKED  CONSUMERS  ARRIVAL/S  SERVICE_MS  IN_FLIGHT  SERVED  RUNNERS  DESIRED  RUNNING\n",
+    );
+    let dash = |x: &Value| {
+        if x.is_null() {
+            "-".to_owned()
+        } else {
+            x.to_string()
+        }
+    };
+    let mut decisions = String::new();
+    for (name, f) in v["funcs"].as_object().into_iter().flatten() {
+        let sc = &f["scaling"];
+        out.push_str(&format!(
+            "{:<20} {:>5}  {:>7}  {:>9}  {:>9.1}  {:>10}  {:>9}  {:>6}  {:>7}  {:>7}  {:>7}\n",
             name,
             f["ready"],
+            dash(&sc["unacked"]),
             f["consumers"],
             f["arrival_per_s"].as_f64().unwrap_or(0.0),
             f["service_ms"]
@@ -643,7 +661,31 @@ pub async fn status(remote: &Remote) -> Result<String> {
             f["in_flight"],
             f["served"],
             f["runners"],
+            dash(&sc["target"]),
+            dash(&sc["running"]),
         ));
+        for d in sc["decisions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .rev()
+            .take(5)
+        {
+            decisions.push_str(&format!(
+                "  {name}: {} -> {} at {}: {}\n",
+                d["from"],
+                d["to"],
+                d["at_ms"],
+                d["reason"].as_str().unwrap_or_default()
+            ));
+        }
+        if let Some(e) = sc["error"].as_str() {
+            decisions.push_str(&format!("  {name}: substrate error: {e}\n"));
+        }
+    }
+    if !decisions.is_empty() {
+        out.push_str("last scaling decisions (newest first):\n");
+        out.push_str(&decisions);
     }
     Ok(out)
 }

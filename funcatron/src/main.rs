@@ -430,6 +430,7 @@ fn main() -> Result<()> {
                 tron(broker, &a.bundles, &a.tron, substrate, shutdown).await
             }
             Command::Runner(a) => {
+                exit_with_parent();
                 serve_metrics(&a.metrics, &shutdown).await?;
                 let broker = broker(&a.broker, false)?;
                 runner(broker, &a.bundles, &a.runner, shutdown).await
@@ -478,6 +479,26 @@ fn main() -> Result<()> {
             }
         }
     })
+}
+
+/// A Runner started by the `process` substrate (which sets
+/// `FUNCATRON_PARENT_PID`) is asked to stop (SIGTERM: finish, then exit)
+/// when its Tron dies, even by SIGKILL, so no Runner is left orphaned.
+fn exit_with_parent() {
+    let Some(parent) = std::env::var("FUNCATRON_PARENT_PID")
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return;
+    };
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM) {
+        tracing::warn!(error = %e, "cannot follow the Tron's exit");
+    }
+    // The Tron may have died before the line above.
+    if nix::unistd::getppid().as_raw() != parent {
+        tracing::warn!("the Tron that started this Runner is gone; exiting");
+        std::process::exit(0);
+    }
 }
 
 async fn signal_shutdown(shutdown: CancellationToken) {

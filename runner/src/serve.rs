@@ -431,6 +431,12 @@ async fn handle(
     delivery: Delivery,
 ) {
     let picked_ms = now_ms();
+    if delivery.redelivered {
+        // Another Runner took it and died (or a connection broke) before
+        // acknowledging; it runs again here.
+        metrics::counter!("runner_redelivered_total").increment(1);
+        tracing::info!(func, "handling a redelivered request");
+    }
     let Some(operation) = delivery
         .message
         .header(headers::OPERATION)

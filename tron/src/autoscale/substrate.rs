@@ -180,6 +180,7 @@ impl Substrate for ProcessSubstrate {
                     let child = tokio::process::Command::new(&self.command.program)
                         .args(self.command.argv(func))
                         .stdin(std::process::Stdio::null())
+                        .env("FUNCATRON_PARENT_PID", std::process::id().to_string())
                         .kill_on_drop(true)
                         .spawn()
                         .map_err(|e| {
