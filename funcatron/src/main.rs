@@ -426,7 +426,7 @@ fn main() -> Result<()> {
                 serve_metrics(&a.metrics, &shutdown).await?;
                 let broker = broker(&a.broker, false)?;
                 let substrate =
-                    scale::substrate(&a.tron.scale, &a.broker.broker, &a.bundles, false)?;
+                    scale::substrate(&a.tron.scale, &a.broker.broker, &a.bundles, false).await?;
                 tron(broker, &a.bundles, &a.tron, substrate, shutdown).await
             }
             Command::Runner(a) => {
@@ -736,7 +736,7 @@ async fn up(a: UpArgs, shutdown: CancellationToken) -> Result<()> {
                 runner_options(&a.runner),
             )))
         } else {
-            scale::substrate(&a.tron.scale, &a.broker.broker, &dir, true)?
+            scale::substrate(&a.tron.scale, &a.broker.broker, &dir, true).await?
         };
     let own_runner = substrate.is_none();
     let t = tokio::spawn({

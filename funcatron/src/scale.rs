@@ -7,6 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use funcatron_broker::AnyBroker;
+use funcatron_tron::autoscale::docker::{ContainerTemplate, DockerSubstrate, SwarmSubstrate};
+use funcatron_tron::autoscale::kubernetes::KubernetesSubstrate;
+use funcatron_tron::autoscale::marathon::MarathonSubstrate;
 use funcatron_tron::autoscale::{
     Autoscaler, AutoscalerOptions, ProcessSubstrate, RunnerCommand, ScaleParams, Shared, Substrate,
 };
@@ -141,7 +144,7 @@ impl ScaleOpts {
 
 /// The substrate the flags choose (`None`: no autoscaler). `up` defaults
 /// to `process`, `tron` to `none`.
-pub fn substrate(
+pub async fn substrate(
     o: &ScaleOpts,
     broker_url: &str,
     bundles: &BundleArgs,
@@ -161,10 +164,48 @@ pub fn substrate(
                 args,
             })))
         }
+        "docker" | "swarm" => {
+            let template = ContainerTemplate {
+                image: o.runner_image.clone(),
+                network: o.docker_network.clone(),
+                binds: o.docker_binds.clone(),
+                command: RunnerCommand {
+                    program: PathBuf::from("funcatron"),
+                    args,
+                },
+                cluster: cluster_id(broker_url),
+            };
+            if kind == "docker" {
+                Some(Arc::new(DockerSubstrate::connect(template).await?))
+            } else {
+                Some(Arc::new(SwarmSubstrate::connect(template).await?))
+            }
+        }
+        "kubernetes" => Some(Arc::new(
+            KubernetesSubstrate::connect(
+                o.kubernetes_api.as_deref(),
+                &o.kubernetes_namespace,
+                &o.kubernetes_deployment,
+            )
+            .await?,
+        )),
+        "marathon" => {
+            let url = o
+                .marathon_url
+                .as_deref()
+                .context("--substrate marathon needs --marathon-url")?;
+            Some(Arc::new(MarathonSubstrate::new(url, &o.marathon_app)))
+        }
         other => bail!(
             "unknown substrate {other:?}: use none, process, docker, swarm, kubernetes or marathon"
         ),
     })
+}
+
+/// Names the Runners of one cluster (every Tron on the same broker
+/// agrees): the first 12 hex digits of the broker URL's SHA-256.
+pub fn cluster_id(broker_url: &str) -> String {
+    funcatron_bundle::archive::sha256_hex(broker_url.as_bytes())[..12].to_owned()
 }
 
 /// Start the autoscaler on `substrate`, if there is one.

@@ -15,6 +15,9 @@
 //! not wait for the next tick. A Runner that died is replaced: the
 //! substrate's count falls below the target and the loop scales again.
 
+pub mod docker;
+pub mod kubernetes;
+pub mod marathon;
 pub mod policy;
 pub mod substrate;
 
