@@ -294,11 +294,11 @@ async fn step_load_scales_up_to_the_bound_and_back_to_zero() {
     // The metrics carry the signals and decisions.
     let (_, metrics) = text(&format!("{}/metrics", s.mgmt)).await;
     for m in [
-        "autoscaler_desired_runners{func=\"slow\"}",
-        "autoscaler_queue_ready{func=\"slow\"}",
-        "autoscaler_arrival_per_second{func=\"slow\"}",
-        "autoscaler_decisions_total{func=\"slow\",direction=\"up\"}",
-        "autoscaler_decisions_total{func=\"slow\",direction=\"down\"}",
+        "tron_autoscaler_desired_runners{func=\"slow\"}",
+        "tron_autoscaler_queue_ready{func=\"slow\"}",
+        "tron_autoscaler_arrival_per_second{func=\"slow\"}",
+        "tron_autoscaler_decisions_total{func=\"slow\",direction=\"up\"}",
+        "tron_autoscaler_decisions_total{func=\"slow\",direction=\"down\"}",
     ] {
         assert!(metrics.contains(m), "{m} missing");
     }

@@ -210,6 +210,23 @@ impl Substrate for DockerSubstrate {
     }
 }
 
+/// A `HOST:CONTAINER[:ro]` bind as a Swarm mount.
+fn bind_mount(bind: &str) -> bollard::models::Mount {
+    let mut parts = bind.splitn(3, ':');
+    let source = parts.next().unwrap_or_default().to_owned();
+    let target = parts.next().unwrap_or(&source).to_owned();
+    let read_only = parts
+        .next()
+        .is_some_and(|o| o.split(',').any(|f| f == "ro"));
+    bollard::models::Mount {
+        source: Some(source),
+        target: Some(target),
+        typ: Some(bollard::models::MountType::BIND),
+        read_only: Some(read_only),
+        ..bollard::models::Mount::default()
+    }
+}
+
 /// Runners as the tasks of one Swarm service per Func.
 pub struct SwarmSubstrate {
     docker: Docker,
@@ -246,7 +263,8 @@ impl SwarmSubstrate {
                     labels: Some(t.labels(func)),
                     stop_grace_period: Some(GRACE_S * 1_000_000_000),
                     init: Some(true),
-                    mounts: None,
+                    mounts: (!t.binds.is_empty())
+                        .then(|| t.binds.iter().map(|b| bind_mount(b)).collect()),
                     ..TaskSpecContainerSpec::default()
                 }),
                 networks: Some(vec![NetworkAttachmentConfig {

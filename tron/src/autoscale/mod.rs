@@ -201,7 +201,7 @@ impl Autoscaler {
 
     fn heartbeat(&self, bytes: &[u8]) {
         let Ok(stats) = serde_json::from_slice::<RunnerStats>(bytes) else {
-            metrics::counter!("autoscaler_bad_heartbeats_total").increment(1);
+            metrics::counter!("tron_autoscaler_bad_heartbeats_total").increment(1);
             return;
         };
         if let Ok(mut h) = self.heard.lock() {
@@ -254,7 +254,7 @@ impl Autoscaler {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
                 _ = WAKE.notified() => {
-                    metrics::counter!("autoscaler_wakeups_total").increment(1);
+                    metrics::counter!("tron_autoscaler_wakeups_total").increment(1);
                 }
                 d = async {
                     match stats.as_mut() {
@@ -394,11 +394,11 @@ impl Autoscaler {
             let started = Instant::now();
             match self.substrate.scale(func, eval.target).await {
                 Ok(()) => {
-                    metrics::histogram!("autoscaler_scale_call_seconds", "substrate" => self.substrate.kind())
+                    metrics::histogram!("tron_autoscaler_scale_call_seconds", "substrate" => self.substrate.kind())
                         .record(started.elapsed().as_secs_f64());
                 }
                 Err(e) => {
-                    metrics::counter!("autoscaler_scale_errors_total", "func" => func.to_owned())
+                    metrics::counter!("tron_autoscaler_scale_errors_total", "func" => func.to_owned())
                         .increment(1);
                     tracing::warn!(func, error = %e, "scaling failed; retrying at the next tick");
                     error = Some(e.to_string());
@@ -408,21 +408,23 @@ impl Autoscaler {
         let decided = eval.target != before;
         if decided {
             let direction = if eval.target > before { "up" } else { "down" };
-            metrics::counter!("autoscaler_decisions_total", "func" => func.to_owned(), "direction" => direction)
+            metrics::counter!("tron_autoscaler_decisions_total", "func" => func.to_owned(), "direction" => direction)
                 .increment(1);
             tracing::info!(func, from = before, to = eval.target, reason = %eval.reason, "scaling decision");
         }
         let f = func.to_owned();
-        metrics::gauge!("autoscaler_queue_ready", "func" => f.clone()).set(signals.ready as f64);
-        metrics::gauge!("autoscaler_queue_unacked", "func" => f.clone()).set(unacked as f64);
-        metrics::gauge!("autoscaler_arrival_per_second", "func" => f.clone()).set(arrival_per_s);
-        metrics::gauge!("autoscaler_service_seconds", "func" => f.clone())
+        metrics::gauge!("tron_autoscaler_queue_ready", "func" => f.clone())
+            .set(signals.ready as f64);
+        metrics::gauge!("tron_autoscaler_queue_unacked", "func" => f.clone()).set(unacked as f64);
+        metrics::gauge!("tron_autoscaler_arrival_per_second", "func" => f.clone())
+            .set(arrival_per_s);
+        metrics::gauge!("tron_autoscaler_service_seconds", "func" => f.clone())
             .set(state.service_ms.unwrap_or(0.0) / 1000.0);
-        metrics::gauge!("autoscaler_in_flight", "func" => f.clone()).set(in_flight as f64);
-        metrics::gauge!("autoscaler_runners_heard", "func" => f.clone()).set(f64::from(heard));
-        metrics::gauge!("autoscaler_desired_runners", "func" => f.clone())
+        metrics::gauge!("tron_autoscaler_in_flight", "func" => f.clone()).set(in_flight as f64);
+        metrics::gauge!("tron_autoscaler_runners_heard", "func" => f.clone()).set(f64::from(heard));
+        metrics::gauge!("tron_autoscaler_desired_runners", "func" => f.clone())
             .set(f64::from(eval.target));
-        metrics::gauge!("autoscaler_running_runners", "func" => f).set(f64::from(running));
+        metrics::gauge!("tron_autoscaler_running_runners", "func" => f).set(f64::from(running));
         if let Ok(mut views) = self.views.lock() {
             let v = views.entry(func.to_owned()).or_default();
             if decided {
