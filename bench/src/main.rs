@@ -76,8 +76,15 @@ struct Args {
     /// capture off and capturing 100% of one Func (needs `cargo build --release`).
     #[arg(long)]
     capture: bool,
+    /// Measure the autoscaler instead, on RabbitMQ (`--amqp`) with the
+    /// process substrate: zero Runners to the first answer (Lua, Python),
+    /// and a load step's time to the first scale decision and until the
+    /// backlog is drained (needs `cargo build --release`).
+    #[arg(long)]
+    autoscale: bool,
 }
 
+mod autoscale;
 mod runtimes;
 mod switch;
 
@@ -453,6 +460,9 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     if args.runtimes {
         return runtimes::run().await;
+    }
+    if args.autoscale {
+        return autoscale::run(&args.amqp).await;
     }
     if args.switch {
         return switch::run().await;

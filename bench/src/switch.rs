@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-struct Kill(Child);
+pub(crate) struct Kill(pub(crate) Child);
 
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -24,7 +24,7 @@ impl Drop for Kill {
     }
 }
 
-fn funcatron() -> Result<PathBuf> {
+pub(crate) fn funcatron() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.parent().context("no directory")?.join("funcatron");
     if !bin.is_file() {
@@ -36,7 +36,7 @@ fn funcatron() -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn free() -> Result<String> {
+pub(crate) fn free() -> Result<String> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .to_string())
@@ -78,7 +78,12 @@ fn up(
 }
 
 /// Poll `url` (1 ms apart) until it answers `want`; the time it took.
-async fn until(http: &reqwest::Client, url: &str, want: &str, from: Instant) -> Result<Duration> {
+pub(crate) async fn until(
+    http: &reqwest::Client,
+    url: &str,
+    want: &str,
+    from: Instant,
+) -> Result<Duration> {
     let deadline = from + Duration::from_secs(30);
     loop {
         if let Ok(r) = http.get(url).send().await {

@@ -57,7 +57,7 @@ paths:
 }
 
 struct Scaled {
-    _up: Proc,
+    up: Proc,
     base: String,
     mgmt: String,
     log: PathBuf,
@@ -99,7 +99,7 @@ async fn scaled_up(extra: &[&str]) -> Scaled {
     wait_ready(&format!("{mgmt}/v1/health")).await;
     wait_ready(&format!("{base}/_funcatron/health")).await;
     Scaled {
-        _up: up,
+        up,
         base,
         mgmt,
         log,
@@ -124,10 +124,16 @@ impl Scaled {
         .await;
     }
 
-    /// Process ids of this instance's Runners for `func`.
+    /// Process ids of this instance's Runners for `func` (children of
+    /// `up`, not the Runners' own short-lived forks for exec Funcs).
     fn runner_pids(&self, func: &str) -> Vec<i32> {
         let out = std::process::Command::new("pgrep")
-            .args(["-f", &format!("{}.*--func {func}$", self.broker)])
+            .args([
+                "-P",
+                &self.up.child.id().to_string(),
+                "-f",
+                &format!("{}.*--func {func}$", self.broker),
+            ])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)
