@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite. Installs and starts what the tests need on a fresh
 # Debian machine (RabbitMQ, nginx with the Lua module, lua-cjson, and the
-# Func runtimes python3 + venv, Node.js, a JDK, all from Debian's packages),
-# then runs every test.
+# Func runtimes python3 + venv, Node.js, a JDK, all from Debian's packages,
+# and a Docker engine for the docker/swarm substrate tests), then runs every
+# test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,8 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v javac >/dev/null 2>&1 || need+=(default-jdk-headless)
 command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
+command -v pgrep >/dev/null 2>&1 || need+=(procps)
+command -v docker >/dev/null 2>&1 || need+=(docker.io)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]} from Debian's packages"
   as_root apt-get update -qq
@@ -36,6 +39,17 @@ if ! as_root rabbitmqctl await_startup --timeout 5 >/dev/null 2>&1; then
   as_root rabbitmqctl await_startup --timeout 10 >/dev/null
 fi
 echo "== RabbitMQ is up"
+
+if ! docker info >/dev/null 2>&1; then
+  echo "== starting the Docker engine"
+  as_root sh -c 'dockerd >/var/log/dockerd.log 2>&1 &'
+  for _ in $(seq 1 120); do
+    docker info >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  docker info >/dev/null
+fi
+echo "== Docker is up"
 
 # One build, every test (the broker-restart test is its own binary, and cargo
 # runs test binaries one after another, so it never disturbs the others).

@@ -30,8 +30,8 @@ async fn serve(app: Router) -> String {
     format!("http://{addr}")
 }
 
-/// `funcatron up` on a fresh vhost serving `hello` from `bundles`, with
-/// the given substrate flags; the ingress answers in at most 1.5 s.
+/// `funcatron up` on a fresh vhost serving `bundles`, with the given
+/// substrate flags (and `--min-runners 0` unless they set it).
 async fn up_with(bundles: &Path, log: &Path, broker: &str, extra: &[&str]) -> (Proc, String) {
     let addr = free_addr().to_string();
     let mgmt = free_addr().to_string();
@@ -45,11 +45,12 @@ async fn up_with(bundles: &Path, log: &Path, broker: &str, extra: &[&str]) -> (P
         &mgmt,
         "--bundles",
         bundles.to_str().unwrap(),
-        "--min-runners",
-        "0",
         "--scale-down-delay-ms",
         "300",
     ];
+    if !extra.contains(&"--min-runners") {
+        args.extend_from_slice(&["--min-runners", "0"]);
+    }
     args.extend_from_slice(extra);
     let p = funcatron_logged(&args, "substrate-token", log);
     let base = format!("http://{addr}");
@@ -169,13 +170,10 @@ async fn patch_scale(
     )
 }
 
-#[tokio::test]
-async fn kubernetes_deployment_scale_subresource_is_patched_up_and_down() {
+/// A fake API server holding one Deployment at zero replicas; its URL.
+async fn fake_kubernetes(deployment: &str) -> (Kube, String) {
     let kube: Kube = Default::default();
-    kube.lock()
-        .unwrap()
-        .replicas
-        .insert("funcatron-runner-hello".into(), 0);
+    kube.lock().unwrap().replicas.insert(deployment.into(), 0);
     let api = serve(
         Router::new()
             .route(
@@ -185,6 +183,12 @@ async fn kubernetes_deployment_scale_subresource_is_patched_up_and_down() {
             .with_state(kube.clone()),
     )
     .await;
+    (kube, api)
+}
+
+#[tokio::test]
+async fn kubernetes_deployment_scale_subresource_is_patched_up_and_down() {
+    let (kube, api) = fake_kubernetes("funcatron-runner-hello").await;
     let root = tempfile::tempdir().unwrap();
     let broker = fresh_vhost();
     let (_up, base) = up_with(
@@ -221,6 +225,41 @@ async fn kubernetes_deployment_scale_subresource_is_patched_up_and_down() {
             && c.patches.last().unwrap().2 == json!({"spec": {"replicas": 0}})
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_shared_kubernetes_deployment_runs_the_sum_of_what_funcs_need() {
+    let (kube, api) = fake_kubernetes("funcatron-runners").await;
+    let root = tempfile::tempdir().unwrap();
+    let bundles = root.path().join("bundles");
+    copy_examples(&bundles, &["hello", "petshop"]);
+    let (_up, _) = up_with(
+        &bundles,
+        &root.path().join("up.log"),
+        &fresh_vhost(),
+        &[
+            "--substrate",
+            "kubernetes",
+            "--kubernetes-api",
+            &api,
+            "--kubernetes-deployment",
+            "funcatron-runners",
+            "--min-runners",
+            "2",
+        ],
+    )
+    .await;
+    // Two Funcs, at least two Runners each: one Deployment of four.
+    eventually("the shared Deployment runs 4", || async {
+        kube.lock().unwrap().replicas["funcatron-runners"] == 4
+    })
+    .await;
+    assert!(kube
+        .lock()
+        .unwrap()
+        .patches
+        .iter()
+        .all(|(_, _, p)| p["spec"]["replicas"].as_i64().unwrap() <= 4));
 }
 
 // ------------------------------------------------------------------ Marathon

@@ -4,6 +4,10 @@
 //! a JSON merge patch of `spec.replicas`). Kubernetes stops a removed Pod
 //! with SIGTERM and its grace period, so the Runner drains before it exits
 //! (`deploy/kubernetes/` sets `terminationGracePeriodSeconds`).
+//!
+//! With a Deployment name without `{func}`, one Deployment is shared by
+//! every Func (its Runners serve all of them) and runs the sum of what
+//! each Func needs.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
@@ -15,6 +19,9 @@ pub struct KubernetesSubstrate {
     api: Api<Deployment>,
     /// Deployment name, `{func}` replaced by the Func's name.
     deployment: String,
+    /// One Deployment shared by every Func (its Runners serve them all):
+    /// what each Func asked for; the Deployment runs their sum.
+    shared: Option<std::sync::Mutex<std::collections::BTreeMap<String, u32>>>,
 }
 
 fn err(e: impl std::fmt::Display) -> ScaleError {
@@ -37,6 +44,7 @@ impl KubernetesSubstrate {
         Ok(KubernetesSubstrate {
             api: Api::namespaced(client, namespace),
             deployment: deployment.to_owned(),
+            shared: (!deployment.contains("{func}")).then(Default::default),
         })
     }
 
@@ -58,8 +66,15 @@ impl Substrate for KubernetesSubstrate {
                 .get_scale(&name)
                 .await
                 .map_err(|e| err(format!("deployment {name}: {e}")))?;
-            let requested = scale.spec.and_then(|s| s.replicas).unwrap_or(0).max(0) as u32;
+            let mut requested = scale.spec.and_then(|s| s.replicas).unwrap_or(0).max(0) as u32;
             let running = scale.status.map(|s| s.replicas).unwrap_or(0).max(0) as u32;
+            if let Some(wants) = &self.shared {
+                // This Func's share, as long as the Deployment runs the sum.
+                let wants = wants.lock().map_err(|_| err("lock poisoned"))?;
+                if wants.values().sum::<u32>() == requested {
+                    requested = wants.get(func).copied().unwrap_or(0);
+                }
+            }
             Ok(Observed { requested, running })
         })
     }
@@ -67,12 +82,20 @@ impl Substrate for KubernetesSubstrate {
     fn scale<'a>(&'a self, func: &'a str, runners: u32) -> BoxFut<'a, Result<(), ScaleError>> {
         Box::pin(async move {
             let name = self.name(func);
-            let patch = serde_json::json!({"spec": {"replicas": runners}});
+            let replicas = match &self.shared {
+                Some(wants) => {
+                    let mut wants = wants.lock().map_err(|_| err("lock poisoned"))?;
+                    wants.insert(func.to_owned(), runners);
+                    wants.values().sum::<u32>()
+                }
+                None => runners,
+            };
+            let patch = serde_json::json!({"spec": {"replicas": replicas}});
             self.api
                 .patch_scale(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map_err(|e| err(format!("deployment {name}: {e}")))?;
-            tracing::info!(func, deployment = %name, replicas = runners, "scaled the Runner Deployment");
+            tracing::info!(func, deployment = %name, replicas, "scaled the Runner Deployment");
             Ok(())
         })
     }
