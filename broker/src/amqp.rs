@@ -160,8 +160,8 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
                     .map(|d| d.iter().map(|(q, k)| (q.clone(), *k)).collect())
                     .unwrap_or_default();
                 let mut redeclared = true;
-                for (q, k) in queues {
-                    if let Err(e) = declare_on(&publisher, &q, k).await {
+                for (q, k) in &queues {
+                    if let Err(e) = declare_on(&publisher, q, *k).await {
                         tracing::warn!(queue = %q, error = %e, "redeclare after reconnect failed");
                         redeclared = false;
                     }
@@ -179,7 +179,25 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
                 });
                 strong.current.send_replace(Some(Arc::clone(&live)));
                 strong.up.send_replace(true);
+                // A queue recorded after the snapshot above, by a `declare`
+                // that found no live connection yet, is declared now (later
+                // ones find the connection live themselves).
+                let later: Vec<(String, QueueKind)> = strong
+                    .declared
+                    .lock()
+                    .map(|d| {
+                        d.iter()
+                            .filter(|(q, _)| !queues.iter().any(|(s, _)| s == *q))
+                            .map(|(q, k)| (q.clone(), *k))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 drop(strong);
+                for (q, k) in later {
+                    if let Err(e) = declare_on(&live.publisher, &q, k).await {
+                        tracing::warn!(queue = %q, error = %e, "declare after connecting failed");
+                    }
+                }
                 tracing::info!(generation, "connected to RabbitMQ");
                 backoff = Duration::from_millis(100);
                 wait_for_loss(&live, events, &stop).await;
