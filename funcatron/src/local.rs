@@ -15,6 +15,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// `func`'s bundles (its versions) among `list`.
+fn only(list: &[Bundle], func: &str) -> Vec<Bundle> {
+    list.iter().filter(|b| b.name == func).cloned().collect()
+}
+
 /// One in-process Runner: its stop signal and its task.
 type Local = (CancellationToken, tokio::task::JoinHandle<()>);
 
@@ -46,22 +51,13 @@ impl LocalSubstrate {
     fn start(&self, func: &str) -> Local {
         let stop = CancellationToken::new();
         let mut all = self.bundles.clone();
-        let only = |list: &[Bundle]| -> Vec<Bundle> {
-            list.iter().filter(|b| b.name == func).cloned().collect()
-        };
-        let (tx, rx) = watch::channel(only(&all.borrow_and_update()));
+        let (tx, rx) = watch::channel(only(&all.borrow_and_update(), func));
         let (broker, options, token) = (self.broker.clone(), self.options.clone(), stop.clone());
         let func = func.to_owned();
         let task = tokio::spawn(async move {
             let follow = async {
                 while all.changed().await.is_ok() {
-                    let next: Vec<Bundle> = all
-                        .borrow_and_update()
-                        .iter()
-                        .filter(|b| b.name == func)
-                        .cloned()
-                        .collect();
-                    tx.send_replace(next);
+                    tx.send_replace(only(&all.borrow_and_update(), &func));
                 }
                 std::future::pending::<()>().await;
             };

@@ -142,6 +142,19 @@ impl Scaled {
             .collect()
     }
 
+    /// Every request in `ids` ran exactly once (nothing redelivered).
+    fn assert_each_ran_once(&self, ids: &[String]) {
+        let ledger = self.ledger();
+        for id in ids {
+            assert_eq!(
+                ledger.get(id),
+                Some(&1),
+                "request {id} ran {:?} times",
+                ledger.get(id)
+            );
+        }
+    }
+
     /// How often each request id ran.
     fn ledger(&self) -> HashMap<String, usize> {
         let mut m = HashMap::new();
@@ -266,15 +279,7 @@ async fn step_load_scales_up_to_the_bound_and_back_to_zero() {
     })
     .await;
     // Every request ran exactly once: scale-in redelivered nothing.
-    let ledger = s.ledger();
-    for id in &ids {
-        assert_eq!(
-            ledger.get(id),
-            Some(&1),
-            "request {id} ran {:?} times",
-            ledger.get(id)
-        );
-    }
+    s.assert_each_ran_once(&ids);
     let sc = s.scaling("slow").await;
     let decisions = sc["decisions"].as_array().unwrap();
     assert!(
@@ -398,17 +403,29 @@ async fn scale_in_under_load_fails_nothing_and_redelivers_nothing() {
     })
     .await;
     ids.extend(light.finish().await);
-    let ledger = s.ledger();
-    for id in &ids {
-        assert_eq!(
-            ledger.get(id),
-            Some(&1),
-            "request {id} ran {:?} times",
-            ledger.get(id)
-        );
-    }
+    s.assert_each_ran_once(&ids);
     assert!(
         !log_has(&s.log, "handling a redelivered request"),
         "a Runner saw a redelivery"
     );
+}
+
+#[tokio::test]
+async fn runners_stop_when_their_tron_is_killed() {
+    let mut s = scaled_up(&[]).await;
+    s.wait_runners("hello", 1).await;
+    assert_eq!(s.runner_pids("hello").len(), 1);
+    let pattern = format!("{}.*--func ", s.broker);
+    let alive = || {
+        std::process::Command::new("pgrep")
+            .args(["-f", &pattern])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(alive());
+    s.up.child.kill().unwrap();
+    s.up.child.wait().unwrap();
+    eventually("the orphaned Runners exited", || async { !alive() }).await;
 }

@@ -209,8 +209,8 @@ async fn kubernetes_deployment_scale_subresource_is_patched_up_and_down() {
     .await;
     // No Pod will come (there is no kubelet): the request waits in the
     // queue and times out, but it has asked for a Runner at once.
-    let (code, _) = text(&format!("{base}/hello/k8s")).await;
-    assert_eq!(code, 504);
+    let (code, body) = text(&format!("{base}/hello/k8s")).await;
+    assert_eq!(code, 504, "{body}");
     {
         let c = kube.lock().unwrap();
         let (name, ct, body) = c.patches.first().expect("a scale PATCH").clone();
@@ -344,8 +344,8 @@ async fn marathon_app_instances_are_put_up_and_down() {
         ],
     )
     .await;
-    let (code, _) = text(&format!("{base}/hello/mesos")).await;
-    assert_eq!(code, 504);
+    let (code, body) = text(&format!("{base}/hello/mesos")).await;
+    assert_eq!(code, 504, "{body}");
     {
         let m = mara.lock().unwrap();
         let (id, body) = m.puts.first().expect("a PUT").clone();
@@ -425,6 +425,34 @@ fn runner_image() -> &'static str {
     TAG
 }
 
+/// `up` on the `kind` substrate (`docker` or `swarm`), Runners from
+/// `image` with the bundles mounted at the same path.
+async fn up_on_docker(
+    root: &tempfile::TempDir,
+    bundles: &Path,
+    broker: &str,
+    kind: &str,
+    image: &str,
+) -> (Proc, String) {
+    let bind = format!("{0}:{0}:ro", bundles.display());
+    up_with(
+        bundles,
+        &root.path().join("up.log"),
+        broker,
+        &[
+            "--substrate",
+            kind,
+            "--runner-image",
+            image,
+            "--docker-bind",
+            &bind,
+            "--timeout-ms",
+            "30000",
+        ],
+    )
+    .await
+}
+
 /// Container ids (running) with the Func label `hello` of `cluster`.
 fn hello_containers(cluster: &str) -> Vec<String> {
     docker(&[
@@ -451,23 +479,7 @@ async fn docker_containers_start_on_demand_answer_and_stop_when_idle() {
     let bundles = hello_bundles(root.path());
     let broker = fresh_vhost();
     let cluster = cluster_of(&broker);
-    let bind = format!("{0}:{0}:ro", bundles.display());
-    let (_up, base) = up_with(
-        &bundles,
-        &root.path().join("up.log"),
-        &broker,
-        &[
-            "--substrate",
-            "docker",
-            "--runner-image",
-            image,
-            "--docker-bind",
-            &bind,
-            "--timeout-ms",
-            "30000",
-        ],
-    )
-    .await;
+    let (_up, base) = up_on_docker(&root, &bundles, &broker, "docker", image).await;
     assert!(hello_containers(&cluster).is_empty());
     // From zero: a container starts and the request is answered by it.
     let (code, body) = text(&format!("{base}/hello/docker")).await;
@@ -505,23 +517,7 @@ async fn swarm_service_replicas_follow_demand() {
         }
     }
     let _cleanup = Remove(service.clone());
-    let bind = format!("{0}:{0}:ro", bundles.display());
-    let (_up, base) = up_with(
-        &bundles,
-        &root.path().join("up.log"),
-        &broker,
-        &[
-            "--substrate",
-            "swarm",
-            "--runner-image",
-            image,
-            "--docker-bind",
-            &bind,
-            "--timeout-ms",
-            "30000",
-        ],
-    )
-    .await;
+    let (_up, base) = up_on_docker(&root, &bundles, &broker, "swarm", image).await;
     let (code, body) = text(&format!("{base}/hello/swarm")).await;
     assert_eq!((code, body.as_str()), (200, "Hello, swarm!"));
     let replicas = || {

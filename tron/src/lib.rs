@@ -14,6 +14,7 @@
 
 pub mod autoscale;
 pub mod dispatch;
+pub mod heartbeats;
 pub mod mgmt;
 pub mod registry;
 pub mod routes;

@@ -25,8 +25,8 @@ use std::sync::Arc;
 use funcatron_broker::{AnyBroker, Broker, Message};
 use funcatron_bundle::archive::{self, Limits};
 use funcatron_bundle::state::{
-    Capture, ClusterState, Control, Event, FuncSettings, LogLevel, RunnerStats, Upload,
-    CAPTURE_TOPIC, CONTROL_TOPIC, LOGS_TOPIC, STATS_TOPIC,
+    Capture, ClusterState, Control, Event, FuncSettings, LogLevel, Upload, CAPTURE_TOPIC,
+    CONTROL_TOPIC, LOGS_TOPIC, STATS_TOPIC,
 };
 use funcatron_bundle::Bundle;
 use tokio::sync::{watch, Mutex};
@@ -76,9 +76,6 @@ pub struct RegistryOptions {
     pub check: Option<Check>,
 }
 
-/// A Runner's last heartbeat: when, what, and the one before.
-type Heard = (std::time::Instant, RunnerStats, Option<RunnerStats>);
-
 /// When dispatch counts were sampled, the counts, and the rates they gave.
 type Rates = (
     std::time::Instant,
@@ -97,7 +94,7 @@ pub struct Registry {
     /// when a capture stops are written too.
     known_captures: std::sync::Mutex<HashMap<String, Option<u64>>>,
     /// Each Runner's last two heartbeats and when the last one came.
-    runners: std::sync::Mutex<HashMap<String, Heard>>,
+    runners: crate::heartbeats::Heartbeats,
     /// Arrival rate per Func (requests/s over the last second) and the
     /// dispatch counts it was computed from.
     rates: std::sync::Mutex<Rates>,
@@ -171,7 +168,7 @@ impl Registry {
             captured: std::sync::Mutex::new(HashMap::new()),
             known_captures: std::sync::Mutex::new(HashMap::new()),
             capture_files: std::sync::Mutex::new(HashMap::new()),
-            runners: std::sync::Mutex::new(HashMap::new()),
+            runners: Default::default(),
             rates: std::sync::Mutex::new((
                 std::time::Instant::now(),
                 HashMap::new(),
@@ -539,19 +536,6 @@ impl Registry {
         (recent, rx)
     }
 
-    fn heartbeat(&self, bytes: &[u8]) {
-        let Ok(stats) = serde_json::from_slice::<RunnerStats>(bytes) else {
-            return;
-        };
-        if let Ok(mut r) = self.runners.lock() {
-            let previous = r.remove(&stats.runner).map(|(_, last, _)| last);
-            r.insert(
-                stats.runner.clone(),
-                (std::time::Instant::now(), stats, previous),
-            );
-        }
-    }
-
     fn sample_rates(&self) {
         let now_counts = crate::dispatch::DISPATCHED
             .lock()
@@ -584,16 +568,6 @@ impl Registry {
     pub async fn status(&self) -> serde_json::Value {
         let table = Arc::clone(&self.routes.borrow());
         let rates = self.rates.lock().map(|r| r.2.clone()).unwrap_or_default();
-        let runners: Vec<(RunnerStats, Option<RunnerStats>)> = self
-            .runners
-            .lock()
-            .map(|r| {
-                r.values()
-                    .filter(|(seen, _, _)| seen.elapsed() < std::time::Duration::from_secs(3))
-                    .map(|(_, s, p)| (s.clone(), p.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
         let scaling = self
             .autoscaler
             .get()
@@ -602,19 +576,7 @@ impl Registry {
         let mut out = serde_json::Map::new();
         for (func, queue) in table.funcs() {
             let depth = self.broker.depth(queue).await.ok();
-            let (mut n, mut in_flight, mut served, mut d_busy, mut d_served) = (0, 0, 0, 0.0, 0u64);
-            for (s, prev) in &runners {
-                let Some(l) = s.funcs.get(func) else { continue };
-                n += 1;
-                in_flight += l.in_flight;
-                served += l.served;
-                let p = prev.as_ref().and_then(|p| p.funcs.get(func));
-                let (pb, ps) = p.map_or((0.0, 0), |p| (p.busy_ms, p.served));
-                if l.served > ps {
-                    d_busy += l.busy_ms - pb;
-                    d_served += l.served - ps;
-                }
-            }
+            let heard = self.runners.sum(func);
             out.insert(
                 func.to_owned(),
                 serde_json::json!({
@@ -622,10 +584,10 @@ impl Registry {
                     "ready": depth.map(|d| d.ready),
                     "consumers": depth.map(|d| d.consumers),
                     "arrival_per_s": rates.get(func).copied().unwrap_or(0.0),
-                    "service_ms": if d_served > 0 { Some(d_busy / d_served as f64) } else { None },
-                    "in_flight": in_flight,
-                    "served": served,
-                    "runners": n,
+                    "service_ms": heard.service_ms(),
+                    "in_flight": heard.in_flight,
+                    "served": heard.served,
+                    "runners": heard.runners,
                     "scaling": scaling["funcs"].get(func),
                 }),
             );
@@ -653,7 +615,9 @@ impl Registry {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => self.sample_rates(),
                 d = stats.next() => match d {
-                    Some(d) => self.heartbeat(&d.message.payload),
+                    Some(d) => {
+                        self.runners.record(&d.message.payload);
+                    }
                     None => return,
                 },
                 d = captures.next() => match d {

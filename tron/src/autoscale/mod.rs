@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use funcatron_broker::{AnyBroker, Broker};
-use funcatron_bundle::state::{FuncSettings, RunnerStats, STATS_TOPIC};
+use funcatron_bundle::state::{FuncSettings, STATS_TOPIC};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -122,9 +122,6 @@ struct FuncScale {
     service_ms: Option<f64>,
 }
 
-/// A Runner's last two heartbeats and when the last one came.
-type Heard = (Instant, RunnerStats, Option<RunnerStats>);
-
 /// The autoscaler of one Tron.
 pub struct Autoscaler {
     substrate: Arc<dyn Substrate>,
@@ -133,7 +130,7 @@ pub struct Autoscaler {
     routes: watch::Receiver<Arc<RouteTable>>,
     registry: Option<Arc<Registry>>,
     views: Mutex<BTreeMap<String, View>>,
-    heard: Mutex<HashMap<String, Heard>>,
+    heard: crate::heartbeats::Heartbeats,
 }
 
 /// Shared handle.
@@ -160,7 +157,7 @@ impl Autoscaler {
             routes,
             registry,
             views: Mutex::default(),
-            heard: Mutex::default(),
+            heard: Default::default(),
         })
     }
 
@@ -199,41 +196,6 @@ impl Autoscaler {
         p
     }
 
-    fn heartbeat(&self, bytes: &[u8]) {
-        let Ok(stats) = serde_json::from_slice::<RunnerStats>(bytes) else {
-            metrics::counter!("tron_autoscaler_bad_heartbeats_total").increment(1);
-            return;
-        };
-        if let Ok(mut h) = self.heard.lock() {
-            let previous = h.remove(&stats.runner).map(|(_, last, _)| last);
-            h.insert(stats.runner.clone(), (Instant::now(), stats, previous));
-        }
-    }
-
-    /// Sum of fresh heartbeats for `func`: (Runners heard, in flight,
-    /// busy ms and requests served since the previous heartbeats).
-    fn heard_for(&self, func: &str) -> (u32, u64, f64, u64) {
-        let (mut n, mut in_flight, mut d_busy, mut d_served) = (0, 0, 0.0, 0);
-        if let Ok(mut h) = self.heard.lock() {
-            h.retain(|_, (seen, _, _)| seen.elapsed() < Duration::from_secs(10));
-            for (seen, s, prev) in h.values() {
-                if seen.elapsed() >= Duration::from_secs(3) {
-                    continue;
-                }
-                let Some(l) = s.funcs.get(func) else { continue };
-                n += 1;
-                in_flight += l.in_flight;
-                let p = prev.as_ref().and_then(|p| p.funcs.get(func));
-                let (pb, ps) = p.map_or((0.0, 0), |p| (p.busy_ms, p.served));
-                if l.served > ps {
-                    d_busy += l.busy_ms - pb;
-                    d_served += l.served - ps;
-                }
-            }
-        }
-        (n, in_flight, d_busy, d_served)
-    }
-
     /// Run until `shutdown`, then let the substrate stop what it started.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut stats = match self.broker.subscribe(STATS_TOPIC).await {
@@ -263,7 +225,11 @@ impl Autoscaler {
                     }
                 } => {
                     match d {
-                        Some(d) => self.heartbeat(&d.message.payload),
+                        Some(d) => {
+                            if !self.heard.record(&d.message.payload) {
+                                metrics::counter!("tron_autoscaler_bad_heartbeats_total").increment(1);
+                            }
+                        }
                         None => stats = None,
                     }
                     continue;
@@ -361,9 +327,9 @@ impl Autoscaler {
             }
             _ => 0.0,
         };
-        let (heard, in_flight, d_busy, d_served) = self.heard_for(func);
-        if d_served > 0 {
-            let m = d_busy / d_served as f64;
+        let heard = self.heard.sum(func);
+        let in_flight = heard.in_flight;
+        if let Some(m) = heard.service_ms() {
             state.service_ms = Some(state.service_ms.map_or(m, |s| 0.5 * s + 0.5 * m));
         }
         let depth = self.broker.depth(queue).await.ok();
@@ -421,7 +387,8 @@ impl Autoscaler {
         metrics::gauge!("tron_autoscaler_service_seconds", "func" => f.clone())
             .set(state.service_ms.unwrap_or(0.0) / 1000.0);
         metrics::gauge!("tron_autoscaler_in_flight", "func" => f.clone()).set(in_flight as f64);
-        metrics::gauge!("tron_autoscaler_runners_heard", "func" => f.clone()).set(f64::from(heard));
+        metrics::gauge!("tron_autoscaler_runners_heard", "func" => f.clone())
+            .set(f64::from(heard.runners));
         metrics::gauge!("tron_autoscaler_desired_runners", "func" => f.clone())
             .set(f64::from(eval.target));
         metrics::gauge!("tron_autoscaler_running_runners", "func" => f).set(f64::from(running));
@@ -446,7 +413,7 @@ impl Autoscaler {
             v.arrival_per_s = arrival_per_s;
             v.service_ms = state.service_ms;
             v.in_flight = in_flight;
-            v.runners_heard = heard;
+            v.runners_heard = heard.runners;
             v.desired = eval.desired;
             v.target = eval.target;
             v.requested = requested;
