@@ -9,6 +9,12 @@
 //! runs its own task with its own channel and prefetch, and resubscribes on
 //! every new connection. Messages carry an AMQP `expiration` from their TTL
 //! and are published `mandatory`, so a missing queue is reported, not lost.
+//!
+//! The URI may carry a `connection_name` query parameter
+//! (`amqp://host/%2f?connection_name=tron-1`): RabbitMQ then shows that name
+//! for the connection (the `connection_name` client property, in the
+//! management UI and `rabbitmqctl list_connections client_properties`), so
+//! an operator, or a test, can tell one process's connection from another.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -221,8 +227,27 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
     }
 }
 
+/// The `connection_name` query parameter of an AMQP URI, percent-decoded
+/// (lapin ignores query parameters it does not know).
+fn connection_name(uri: &str) -> Option<String> {
+    let (_, query) = uri.split_once('?')?;
+    let raw = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("connection_name="))?;
+    let raw = raw.replace('+', " ");
+    Some(
+        percent_encoding::percent_decode_str(&raw)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
+}
+
 async fn establish(uri: &str) -> Result<(Connection, Channel), lapin::Error> {
-    let connection = Connection::connect(uri, ConnectionProperties::default()).await?;
+    let mut properties = ConnectionProperties::default();
+    if let Some(name) = connection_name(uri) {
+        properties = properties.with_connection_name(LongString::from(name));
+    }
+    let connection = Connection::connect(uri, properties).await?;
     let publisher = connection.create_channel().await?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())
@@ -238,11 +263,19 @@ async fn wait_for_loss(
 ) {
     // Errors arrive as events; the status poll catches anything that does not
     // (a closed publisher channel, for one).
+    let usable = || live.connection.status().connected() && live.publisher.status().connected();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             ev = events.next() => match ev {
+                // lapin reports channel-level errors here too (the broker
+                // closing the throwaway channel of a `depth` of a missing
+                // queue, a subscription's failed declare): those leave the
+                // connection up and must not tear it down.
+                Some(lapin::Event::Error(e)) if usable() => {
+                    tracing::debug!(error = %e, "RabbitMQ channel error; the connection is fine");
+                }
                 Some(lapin::Event::Error(e)) => {
                     tracing::warn!(error = %e, "RabbitMQ connection error");
                     return;
@@ -251,7 +284,7 @@ async fn wait_for_loss(
                 None => return,
             },
             _ = tick.tick() => {
-                if !live.connection.status().connected() || !live.publisher.status().connected() {
+                if !usable() {
                     return;
                 }
             }
@@ -607,4 +640,23 @@ async fn open_consumer(
         .await
         .map_err(unavailable)?;
     Ok((channel, consumer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_name;
+
+    #[test]
+    fn connection_name_comes_from_the_uri_query() {
+        assert_eq!(connection_name("amqp://h:5672/%2f"), None);
+        assert_eq!(connection_name("amqp://h/%2f?heartbeat=10"), None);
+        assert_eq!(
+            connection_name("amqp://h/%2f?heartbeat=10&connection_name=tron%2D1+a").as_deref(),
+            Some("tron-1 a")
+        );
+        assert_eq!(
+            connection_name("amqp://h/%2f?connection_name=x%zz").as_deref(),
+            Some("x%zz")
+        );
+    }
 }

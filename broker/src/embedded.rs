@@ -4,7 +4,8 @@
 //! Each queue is a bounded MPMC channel: publishers wait for room
 //! (backpressure) and competing consumers share the work. Unacknowledged
 //! deliveries are counted for [`QueueDepth::unacked`]; a nack with requeue,
-//! or a delivery dropped unsettled, goes back on the queue.
+//! or a delivery dropped unsettled, goes back on the queue (at its tail)
+//! and is delivered again with [`Delivery::redelivered`] set.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,10 +31,17 @@ pub struct EmbeddedBroker {
 
 struct Queue {
     name: String,
-    tx: async_channel::Sender<Message>,
-    rx: async_channel::Receiver<Message>,
+    tx: async_channel::Sender<Queued>,
+    rx: async_channel::Receiver<Queued>,
     unacked: AtomicU64,
     consumers: AtomicU64,
+}
+
+/// A message waiting in an embedded queue.
+struct Queued {
+    message: Message,
+    /// It was delivered before and went back unacknowledged.
+    redelivered: bool,
 }
 
 impl EmbeddedBroker {
@@ -102,9 +110,12 @@ impl Broker for EmbeddedBroker {
         let q = self
             .queue(queue)
             .ok_or_else(|| BrokerError::NoRoute(queue.to_owned()))?;
-        q.tx.send(message)
-            .await
-            .map_err(|_| BrokerError::NoRoute(queue.to_owned()))
+        q.tx.send(Queued {
+            message,
+            redelivered: false,
+        })
+        .await
+        .map_err(|_| BrokerError::NoRoute(queue.to_owned()))
     }
 
     async fn consume(
@@ -157,7 +168,10 @@ impl Receiver {
         if self.cancelled {
             return None;
         }
-        let message = self.queue.rx.recv().await.ok()?;
+        let Queued {
+            message,
+            redelivered,
+        } = self.queue.rx.recv().await.ok()?;
         let acker = if self.auto_ack {
             DeliveryAcker::None
         } else {
@@ -168,7 +182,7 @@ impl Receiver {
         };
         Some(Delivery {
             message,
-            redelivered: false,
+            redelivered,
             acker,
             settled: false,
         })
@@ -194,12 +208,16 @@ impl Acker {
     pub(crate) fn requeue(&self, message: Message) {
         // Requeueing must not block (it runs in Drop); a full queue gets the
         // message back from a task as soon as there is room.
-        match self.queue.tx.try_send(message) {
+        let queued = Queued {
+            message,
+            redelivered: true,
+        };
+        match self.queue.tx.try_send(queued) {
             Ok(()) => {}
-            Err(async_channel::TrySendError::Full(message)) => {
+            Err(async_channel::TrySendError::Full(queued)) => {
                 let tx = self.queue.tx.clone();
                 tokio::spawn(async move {
-                    let _ = tx.send(message).await;
+                    let _ = tx.send(queued).await;
                 });
             }
             Err(async_channel::TrySendError::Closed(_)) => {
