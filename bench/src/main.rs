@@ -406,7 +406,7 @@ async fn start_path(
         .into_iter()
         .filter(|b| b.name == "hello" || b.name.starts_with("bench-"))
         .collect();
-    let routes = funcatron_tron::fixed(funcatron_tron::RouteTable::build(&list)?);
+    funcatron_tron::RouteTable::build(&list)?;
     let tron = make();
     let runner = make();
     let ingress = make();
@@ -418,18 +418,16 @@ async fn start_path(
             );
         }
     }
-    tokio::spawn(funcatron_tron::run(
-        tron,
-        routes,
-        Default::default(),
-        stop.clone(),
-    ));
-    tokio::spawn(funcatron_runner::run(
-        runner,
-        list,
-        Default::default(),
-        stop.clone(),
-    ));
+    tokio::spawn(
+        funcatron_tron::TronNode::new(tron)
+            .bundles(list.clone())
+            .run(stop.clone()),
+    );
+    tokio::spawn(
+        funcatron_runner::RunnerNode::new(runner)
+            .bundles(list)
+            .run(stop.clone()),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(funcatron_ingress::run(

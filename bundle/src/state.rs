@@ -152,6 +152,9 @@ pub struct LogLevel {
 /// The broadcast topic captured pairs travel on (every Tron with a store
 /// writes them).
 pub const CAPTURE_TOPIC: &str = "funcatron.capture";
+/// Header on a capture record: the capture it belongs to (the Func is in
+/// `x-funcatron-func`), so a Tron files it without parsing it.
+pub const CAPTURE_HEADER: &str = "x-funcatron-capture";
 /// The broadcast topic Func log lines travel on.
 pub const LOGS_TOPIC: &str = "funcatron.logs";
 

@@ -22,8 +22,9 @@ use axum::Router;
 use funcatron_broker::{AnyBroker, EmbeddedBroker};
 use funcatron_bundle::{Bundle, SPEC_FILES};
 use funcatron_ingress::IngressOptions;
-use funcatron_runner::RunnerOptions;
-use funcatron_tron::{RouteTable, TronOptions};
+use funcatron_runner::follow::Desired;
+use funcatron_runner::{RunnerNode, RunnerOptions};
+use funcatron_tron::{RouteTable, TronNode};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -47,7 +48,7 @@ pub struct Dev {
     broker: AnyBroker,
     runner: RunnerOptions,
     routes: watch::Sender<Arc<RouteTable>>,
-    bundles: watch::Sender<Vec<Bundle>>,
+    bundles: watch::Sender<Desired>,
     state: Arc<RwLock<DevState>>,
 }
 
@@ -112,12 +113,12 @@ impl Dev {
             good.insert(dir.clone(), loaded);
         }
         let list: Vec<Bundle> = good.values().cloned().collect();
-        if !changed.is_empty() || good.len() != self.bundles.borrow().len() {
+        if !changed.is_empty() || good.len() != self.bundles.borrow().bundles.len() {
             match RouteTable::build(&list) {
                 Ok(table) => {
                     // The Runner first: it consumes the new versions' queues;
                     // then the Tron, once those queues exist.
-                    self.bundles.send_replace(list);
+                    self.bundles.send_replace(Desired::from(list));
                     funcatron_tron::declare_routes(&self.broker, &table).await;
                     self.routes.send_replace(Arc::new(table));
                     let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
@@ -167,7 +168,7 @@ pub async fn run(
         .with_context(|| format!("{}: no such directory", root.display()))?;
     let broker = AnyBroker::Embedded(EmbeddedBroker::new(10_000));
     let (routes_tx, routes_rx) = watch::channel(Arc::new(RouteTable::default()));
-    let (bundles_tx, bundles_rx) = watch::channel(Vec::new());
+    let (bundles_tx, bundles_rx) = watch::channel(Desired::default());
     let dev = Arc::new(Dev {
         root: root.clone(),
         environment,
@@ -180,16 +181,18 @@ pub async fn run(
     dev.reload().await;
 
     let mut roles = tokio::task::JoinSet::new();
-    roles.spawn(funcatron_tron::run(
-        broker.clone(),
-        routes_rx,
-        TronOptions::default(),
-        shutdown.clone(),
-    ));
+    roles.spawn(
+        TronNode::new(broker.clone())
+            .routes(routes_rx)
+            .run(shutdown.clone()),
+    );
     roles.spawn({
-        let (b, s) = (broker.clone(), shutdown.clone());
+        let node = RunnerNode::new(broker.clone())
+            .options(runner)
+            .desired(bundles_rx);
+        let s = shutdown.clone();
         async move {
-            funcatron_runner::serve(b, bundles_rx, runner, s).await;
+            node.run(s).await;
             Ok(())
         }
     });

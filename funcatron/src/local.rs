@@ -8,16 +8,27 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use funcatron_broker::AnyBroker;
-use funcatron_bundle::Bundle;
-use funcatron_runner::RunnerOptions;
+use funcatron_runner::follow::Desired;
+use funcatron_runner::observe::LevelHook;
+use funcatron_runner::{RunnerNode, RunnerOptions};
 use funcatron_tron::autoscale::{BoxFut, Observed, ScaleError, Substrate};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// `func`'s bundles (its versions) among `list`.
-fn only(list: &[Bundle], func: &str) -> Vec<Bundle> {
-    list.iter().filter(|b| b.name == func).cloned().collect()
+/// What the Runner of `func` serves: its bundles (its versions) among
+/// `all`, and the captures and log levels.
+fn only(all: &Desired, func: &str) -> Desired {
+    Desired {
+        bundles: all
+            .bundles
+            .iter()
+            .filter(|b| b.name == func)
+            .cloned()
+            .collect(),
+        captures: all.captures.clone(),
+        log_levels: all.log_levels.clone(),
+    }
 }
 
 /// One in-process Runner: its stop signal and its task.
@@ -26,8 +37,9 @@ type Local = (CancellationToken, tokio::task::JoinHandle<()>);
 /// Runners as tasks of this process.
 pub struct LocalSubstrate {
     broker: AnyBroker,
-    bundles: watch::Receiver<Vec<Bundle>>,
+    bundles: watch::Receiver<Desired>,
     options: RunnerOptions,
+    levels: LevelHook,
     runners: Mutex<HashMap<String, Vec<Local>>>,
     stopping: TaskTracker,
 }
@@ -36,13 +48,15 @@ impl LocalSubstrate {
     /// Runners serving, per Func, its bundles from `bundles`.
     pub fn new(
         broker: AnyBroker,
-        bundles: watch::Receiver<Vec<Bundle>>,
+        bundles: watch::Receiver<Desired>,
         options: RunnerOptions,
+        levels: LevelHook,
     ) -> Self {
         LocalSubstrate {
             broker,
             bundles,
             options,
+            levels,
             runners: Mutex::default(),
             stopping: TaskTracker::new(),
         }
@@ -52,7 +66,11 @@ impl LocalSubstrate {
         let stop = CancellationToken::new();
         let mut all = self.bundles.clone();
         let (tx, rx) = watch::channel(only(&all.borrow_and_update(), func));
-        let (broker, options, token) = (self.broker.clone(), self.options.clone(), stop.clone());
+        let node = RunnerNode::new(self.broker.clone())
+            .options(self.options.clone())
+            .log_levels(std::sync::Arc::clone(&self.levels))
+            .desired(rx);
+        let token = stop.clone();
         let func = func.to_owned();
         let task = tokio::spawn(async move {
             let follow = async {
@@ -62,7 +80,7 @@ impl LocalSubstrate {
                 std::future::pending::<()>().await;
             };
             tokio::select! {
-                _ = funcatron_runner::serve(broker, rx, options, token) => {}
+                _ = node.run(token) => {}
                 _ = follow => {}
             }
         });

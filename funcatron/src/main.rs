@@ -15,9 +15,12 @@ use funcatron_broker::AnyBroker;
 use funcatron_bundle::Bundle;
 use funcatron_ingress::IngressOptions;
 use funcatron_runner::exec::ExecLimits;
+use funcatron_runner::follow::FollowOptions;
 use funcatron_runner::lua::LuaLimits;
-use funcatron_runner::RunnerOptions;
-use funcatron_tron::{RouteTable, TronOptions};
+use funcatron_runner::node::spawn_follower;
+use funcatron_runner::observe::LevelHook;
+use funcatron_runner::{RunnerNode, RunnerOptions};
+use funcatron_tron::{Management, TronNode, TronOptions};
 use tokio_util::sync::CancellationToken;
 
 use funcatron_ingress::nginx;
@@ -145,7 +148,7 @@ struct MetricsArgs {
 /// Logging to stderr with `RUST_LOG` (default `info`), plus per-Func levels
 /// set through the registry (`funcatron func log-level`), applied by
 /// reloading the filter with span-field directives.
-fn init_logging() {
+fn init_logging() -> LevelHook {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::EnvFilter;
@@ -160,7 +163,7 @@ fn init_logging() {
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
         .init();
-    funcatron_runner::observe::on_log_levels(Box::new(move |levels| {
+    Arc::new(move |levels| {
         let mut directives = base.clone();
         for (func, level) in levels {
             directives.push_str(&format!(
@@ -175,7 +178,7 @@ fn init_logging() {
             }
             Err(e) => tracing::warn!(error = %e, "cannot apply the Func log levels"),
         }
-    }));
+    })
 }
 
 /// The process's Prometheus recorder (every role in it reports to it).
@@ -410,7 +413,7 @@ struct IngressArgs {
 }
 
 fn main() -> Result<()> {
-    init_logging();
+    let levels = init_logging();
     let cli = Cli::parse();
     install_metrics();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -420,7 +423,7 @@ fn main() -> Result<()> {
         match cli.command {
             Command::Up(a) => {
                 serve_metrics(&a.metrics, &shutdown).await?;
-                up(a, shutdown).await
+                up(a, levels, shutdown).await
             }
             Command::Tron(a) => {
                 serve_metrics(&a.metrics, &shutdown).await?;
@@ -433,7 +436,7 @@ fn main() -> Result<()> {
                 exit_with_parent();
                 serve_metrics(&a.metrics, &shutdown).await?;
                 let broker = broker(&a.broker, false)?;
-                runner(broker, &a.bundles, &a.runner, shutdown).await
+                runner(broker, &a.bundles, &a.runner, levels, shutdown).await
             }
             Command::Ingress(a) => {
                 serve_metrics(&a.metrics, &shutdown).await?;
@@ -566,69 +569,45 @@ async fn tron(
     substrate: Option<Arc<dyn funcatron_tron::autoscale::Substrate>>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let bundles = load_bundles(dir);
-    let opts = TronOptions {
-        prefetch: o.tron_prefetch,
-    };
-    let Some(store) = &o.store else {
-        let routes = funcatron_tron::fixed(RouteTable::build(&bundles)?);
-        let scaler = scale::start(&o.scale, substrate, &broker, &routes, None, &shutdown);
-        funcatron_tron::run(broker, routes, opts, shutdown).await?;
-        scale::finish(scaler).await;
-        return Ok(());
-    };
-    let token = management_token(o, store)?;
-    let lua_check: funcatron_tron::registry::Check = Arc::new(|b: &Bundle| {
-        if b.runtime == funcatron_bundle::RuntimeKind::Lua {
-            funcatron_runner::lua::LuaFunc::prepare(b, LuaLimits::default()).map(drop)
-        } else {
-            Ok(())
-        }
-    });
-    let (registry, routes, _bundles) = funcatron_tron::registry::Registry::open(
-        funcatron_tron::registry::RegistryOptions {
-            store: store.clone(),
-            environment: dir.environment.clone(),
-            static_bundles: bundles,
-            advertise: o
-                .advertise
-                .clone()
-                .unwrap_or_else(|| format!("http://{}", o.mgmt_listen)),
-            limits: Default::default(),
-            check: Some(lua_check),
-        },
-        broker.clone(),
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("opening the bundle store {}: {e}", store.display()))?;
-    tokio::spawn(Arc::clone(&registry).follow(shutdown.clone()));
-    tokio::spawn(Arc::clone(&registry).collect(shutdown.clone()));
-    let listener = tokio::net::TcpListener::bind(o.mgmt_listen)
-        .await
-        .with_context(|| format!("binding the management API to {}", o.mgmt_listen))?;
-    let invoker =
-        funcatron_ingress::app(broker.clone(), IngressOptions::default(), shutdown.clone())
+    let mut node = TronNode::new(broker)
+        .options(TronOptions {
+            prefetch: o.tron_prefetch,
+        })
+        .bundles(load_bundles(dir));
+    if let Some(substrate) = substrate {
+        node = node.autoscaler(substrate, o.scale.options());
+    }
+    if let Some(store) = &o.store {
+        let token = management_token(o, store)?;
+        let lua_check: funcatron_tron::registry::Check = Arc::new(|b: &Bundle| {
+            if b.runtime == funcatron_bundle::RuntimeKind::Lua {
+                funcatron_runner::lua::LuaFunc::prepare(b, LuaLimits::default()).map(drop)
+            } else {
+                Ok(())
+            }
+        });
+        let listener = tokio::net::TcpListener::bind(o.mgmt_listen)
             .await
-            .context("starting the management API's invoke path")?;
-    let scaler = scale::start(
-        &o.scale,
-        substrate,
-        &broker,
-        &routes,
-        Some(Arc::clone(&registry)),
-        &shutdown,
-    );
-    let api = funcatron_tron::mgmt::router(registry, token, o.max_upload_bytes, Some(invoker))
-        .merge(metrics_routes("/metrics"));
-    tracing::info!(listen = %o.mgmt_listen, store = %store.display(), "management API listening");
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, api)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    });
-    funcatron_tron::run(broker, routes, opts, shutdown).await?;
-    scale::finish(scaler).await;
+            .with_context(|| format!("binding the management API to {}", o.mgmt_listen))?;
+        node = node.management(Management {
+            registry: funcatron_tron::registry::RegistryOptions {
+                store: store.clone(),
+                environment: dir.environment.clone(),
+                static_bundles: Vec::new(),
+                advertise: o
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{}", o.mgmt_listen)),
+                limits: Default::default(),
+                check: Some(lua_check),
+            },
+            listener,
+            token,
+            max_upload_bytes: o.max_upload_bytes,
+            extra: metrics_routes("/metrics"),
+        });
+    }
+    node.run(shutdown).await?;
     Ok(())
 }
 
@@ -660,41 +639,30 @@ fn runner_options(o: &RunnerOpts) -> RunnerOptions {
     opts
 }
 
-/// The bundles a Runner serves: the static ones now, registry-enabled
-/// ones as the control topic says (only `o.funcs` if given).
-fn desired_bundles(
-    broker: &AnyBroker,
-    dir: &BundleArgs,
-    o: &RunnerOpts,
-    shutdown: &CancellationToken,
-) -> tokio::sync::watch::Receiver<Vec<Bundle>> {
-    let mut bundles = load_bundles(dir);
-    if !o.funcs.is_empty() {
-        bundles.retain(|b| o.funcs.contains(&b.name));
+/// What a Runner follows: the static bundles of `dir` plus what the
+/// registry enables (only `o.funcs` if given).
+fn follow_options(dir: &BundleArgs, o: &RunnerOpts) -> FollowOptions {
+    FollowOptions {
+        static_bundles: load_bundles(dir),
+        cache_dir: runner_options(o).worker.cache_dir,
+        environment: dir.environment.clone(),
+        only: o.funcs.clone(),
     }
-    let (desired, rx) = tokio::sync::watch::channel(bundles.clone());
-    tokio::spawn(funcatron_runner::follow::follow(
-        broker.clone(),
-        funcatron_runner::follow::FollowOptions {
-            static_bundles: bundles,
-            cache_dir: runner_options(o).worker.cache_dir,
-            environment: dir.environment.clone(),
-            only: o.funcs.clone(),
-        },
-        desired,
-        shutdown.clone(),
-    ));
-    rx
 }
 
 async fn runner(
     broker: AnyBroker,
     dir: &BundleArgs,
     o: &RunnerOpts,
+    levels: LevelHook,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let rx = desired_bundles(&broker, dir, o, &shutdown);
-    funcatron_runner::serve(broker, rx, runner_options(o), shutdown).await;
+    RunnerNode::new(broker)
+        .options(runner_options(o))
+        .follow(follow_options(dir, o))
+        .log_levels(levels)
+        .run(shutdown)
+        .await;
     Ok(())
 }
 
@@ -719,7 +687,7 @@ async fn ingress(broker: AnyBroker, o: &IngressOpts, shutdown: CancellationToken
     Ok(())
 }
 
-async fn up(a: UpArgs, shutdown: CancellationToken) -> Result<()> {
+async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result<()> {
     let broker = broker(&a.broker, true)?;
     let dir = a.bundles.clone();
     // `up` scales its Runners itself unless told `--substrate none`: on
@@ -729,11 +697,12 @@ async fn up(a: UpArgs, shutdown: CancellationToken) -> Result<()> {
         if matches!(broker, AnyBroker::Embedded(_))
             && a.tron.scale.substrate.as_deref().unwrap_or("process") == "process"
         {
-            let rx = desired_bundles(&broker, &dir, &a.runner, &shutdown);
+            let rx = spawn_follower(&broker, follow_options(&dir, &a.runner), &shutdown);
             Some(Arc::new(local::LocalSubstrate::new(
                 broker.clone(),
                 rx,
                 runner_options(&a.runner),
+                Arc::clone(&levels),
             )))
         } else {
             scale::substrate(&a.tron.scale, &a.broker.broker, &dir, true).await?
@@ -757,7 +726,7 @@ async fn up(a: UpArgs, shutdown: CancellationToken) -> Result<()> {
         );
         async move {
             if own_runner {
-                runner(b, &d, &o, s).await
+                runner(b, &d, &o, levels, s).await
             } else {
                 Ok(())
             }

@@ -6,17 +6,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use funcatron_broker::AnyBroker;
 use funcatron_tron::autoscale::docker::{ContainerTemplate, DockerSubstrate, SwarmSubstrate};
 use funcatron_tron::autoscale::kubernetes::KubernetesSubstrate;
 use funcatron_tron::autoscale::marathon::MarathonSubstrate;
 use funcatron_tron::autoscale::{
-    Autoscaler, AutoscalerOptions, ProcessSubstrate, RunnerCommand, ScaleParams, Shared, Substrate,
+    AutoscalerOptions, ProcessSubstrate, RunnerCommand, ScaleParams, Substrate,
 };
-use funcatron_tron::registry::Registry;
-use funcatron_tron::RouteTable;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use crate::BundleArgs;
 
@@ -99,7 +94,7 @@ pub struct ScaleOpts {
 }
 
 impl ScaleOpts {
-    fn options(&self) -> AutoscalerOptions {
+    pub fn options(&self) -> AutoscalerOptions {
         AutoscalerOptions {
             defaults: ScaleParams {
                 min: self.min_runners,
@@ -206,34 +201,4 @@ pub async fn substrate(
 /// agrees): the first 12 hex digits of the broker URL's SHA-256.
 pub fn cluster_id(broker_url: &str) -> String {
     funcatron_bundle::archive::sha256_hex(broker_url.as_bytes())[..12].to_owned()
-}
-
-/// Start the autoscaler on `substrate`, if there is one.
-pub fn start(
-    o: &ScaleOpts,
-    substrate: Option<Arc<dyn Substrate>>,
-    broker: &AnyBroker,
-    routes: &watch::Receiver<Arc<RouteTable>>,
-    registry: Option<Arc<Registry>>,
-    shutdown: &CancellationToken,
-) -> Option<tokio::task::JoinHandle<()>> {
-    let substrate = substrate?;
-    let scaler: Shared = Autoscaler::new(
-        substrate,
-        o.options(),
-        broker.clone(),
-        routes.clone(),
-        registry.clone(),
-    );
-    if let Some(r) = registry {
-        r.attach_autoscaler(Arc::clone(&scaler));
-    }
-    Some(tokio::spawn(scaler.run(shutdown.clone())))
-}
-
-/// Wait for the autoscaler to stop what it started.
-pub async fn finish(task: Option<tokio::task::JoinHandle<()>>) {
-    if let Some(t) = task {
-        let _ = t.await;
-    }
 }

@@ -24,6 +24,7 @@ use funcatron_bundle::{Bundle, RuntimeKind};
 use tokio::io::AsyncWriteExt;
 
 use crate::invoke::{self, FuncRequest, FuncResponse, Handled, InvokeError, Job};
+use crate::observe::Observer;
 use crate::runtime::Runtime;
 
 /// Limits for exec Funcs unless a bundle sets its own.
@@ -47,6 +48,8 @@ struct ExecFunc {
 /// Runs exec Funcs.
 pub struct ExecRuntime {
     funcs: HashMap<String, ExecFunc>,
+    /// Where the processes' stderr lines go (with the request id).
+    observer: Observer,
 }
 
 /// `content-type` -> `Http_Content_Type`, as OpenFaaS's watchdog names them.
@@ -67,7 +70,7 @@ fn env_name(header: &str) -> String {
 
 impl ExecRuntime {
     /// The exec Funcs among `bundles`.
-    pub fn new(bundles: &[Bundle], limits: ExecLimits) -> Self {
+    pub fn new(bundles: &[Bundle], limits: ExecLimits, observer: &Observer) -> Self {
         let funcs = bundles
             .iter()
             .filter(|b| b.runtime == RuntimeKind::Exec)
@@ -88,12 +91,20 @@ impl ExecRuntime {
                 )
             })
             .collect();
-        ExecRuntime { funcs }
+        ExecRuntime {
+            funcs,
+            observer: observer.clone(),
+        }
     }
 }
 
 impl ExecFunc {
-    async fn run(&self, func: &str, req: &FuncRequest<'_>) -> Result<FuncResponse, InvokeError> {
+    async fn run(
+        &self,
+        func: &str,
+        req: &FuncRequest<'_>,
+        observer: &Observer,
+    ) -> Result<FuncResponse, InvokeError> {
         let env = req.envelope;
         let mut cmd = tokio::process::Command::new("prlimit");
         cmd.arg(format!("--as={}", self.memory_bytes))
@@ -153,7 +164,7 @@ impl ExecFunc {
         let stderr = String::from_utf8_lossy(&out.stderr);
         for line in stderr.lines() {
             tracing::info!(func, request_id = %env.id, "{line}");
-            crate::observe::func_log(func, &self.version, &env.id, "stderr", line);
+            observer.func_log(func, &self.version, &env.id, "stderr", line);
         }
         if !out.status.success() {
             let tail: String = stderr
@@ -201,7 +212,7 @@ impl Runtime for ExecRuntime {
             Err(h) => return h,
         };
         let started = Instant::now();
-        let result = f.run(func, &fr).await;
+        let result = f.run(func, &fr, &self.observer).await;
         invoke::finish(func, &job, &req, started, result)
     }
 }

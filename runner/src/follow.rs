@@ -5,17 +5,39 @@
 //! when it starts (`hello`), adopts every newer state, fetches the archives
 //! of enabled versions it lacks by SHA-256 from the announcing Tron's
 //! management API, verifies and caches them (`<cache>/bundles/<sha>/`), and
-//! switches its desired set: static bundles plus the enabled ones with
-//! their settings.
+//! switches its desired set ([`Desired`]): static bundles plus the enabled
+//! ones with their settings, and the captures and log levels that each
+//! Runner following it applies to its own observer.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use funcatron_broker::{AnyBroker, Broker, Message};
 use funcatron_bundle::archive::{self, Limits};
-use funcatron_bundle::state::{ClusterState, Control, CONTROL_TOPIC};
+use funcatron_bundle::state::{Capture, ClusterState, Control, LogLevel, CONTROL_TOPIC};
 use funcatron_bundle::Bundle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// What a Runner should serve and report, as the registry says.
+#[derive(Debug, Clone, Default)]
+pub struct Desired {
+    /// The bundle versions to serve.
+    pub bundles: Vec<Bundle>,
+    /// Captures running, by Func.
+    pub captures: BTreeMap<String, Capture>,
+    /// Per-Func log levels.
+    pub log_levels: BTreeMap<String, LogLevel>,
+}
+
+impl From<Vec<Bundle>> for Desired {
+    fn from(bundles: Vec<Bundle>) -> Self {
+        Desired {
+            bundles,
+            ..Desired::default()
+        }
+    }
+}
 
 /// What the follower needs.
 pub struct FollowOptions {
@@ -62,7 +84,12 @@ async fn load(
     fetch_from: &str,
 ) -> Result<Vec<Bundle>, String> {
     let root = options.cache_dir.join("bundles");
-    let mut list = options.static_bundles.clone();
+    let mut list: Vec<Bundle> = options
+        .static_bundles
+        .iter()
+        .filter(|b| options.wants(&b.name))
+        .cloned()
+        .collect();
     for (name, sha, settings) in state.enabled() {
         if !options.wants(name) {
             continue;
@@ -91,7 +118,7 @@ async fn load(
 pub async fn follow(
     broker: AnyBroker,
     options: FollowOptions,
-    desired: watch::Sender<Vec<Bundle>>,
+    desired: watch::Sender<Desired>,
     shutdown: CancellationToken,
 ) {
     let mut sub = match broker.subscribe(CONTROL_TOPIC).await {
@@ -108,15 +135,9 @@ pub async fn follow(
     // after each reconnect the subscription goes through).
     let mut asked = 0u32;
     let mut ask = tokio::time::interval(std::time::Duration::from_millis(500));
-    // Timed log levels end on their own: look again every second.
-    let mut expire = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         let d = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = expire.tick(), if !current.log_levels.is_empty() => {
-                crate::observe::apply(&current.captures, &current.log_levels);
-                continue;
-            }
             _ = ask.tick(), if current.revision == 0 && asked < 20 => {
                 asked += 1;
                 let _ = broker.broadcast(CONTROL_TOPIC, Message::new(hello.clone())).await;
@@ -139,8 +160,11 @@ pub async fn follow(
                     funcs = list.len(),
                     "following the registry state"
                 );
-                desired.send_replace(list);
-                crate::observe::apply(&state.captures, &state.log_levels);
+                desired.send_replace(Desired {
+                    bundles: list,
+                    captures: state.captures.clone(),
+                    log_levels: state.log_levels.clone(),
+                });
                 current = state;
             }
             Err(e) => {

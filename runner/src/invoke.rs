@@ -27,6 +27,8 @@ pub struct Job {
     pub dispatched_ms: Option<f64>,
     /// The operation's request checks from the API document, if any.
     pub checks: Option<Arc<Checks>>,
+    /// The Runner's observer: failures are reported to `funcatron logs`.
+    pub observer: crate::observe::Observer,
 }
 
 /// What the runtime produced for one job.
@@ -253,7 +255,7 @@ pub fn finish(
         Err(e) => {
             let (status, code) = e.status_code();
             tracing::warn!(request_id = %req.id, func, operation = %job.operation, error = %e, "Func failed");
-            crate::observe::func_log(
+            job.observer.func_log(
                 func,
                 "",
                 &req.id,

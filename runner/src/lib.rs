@@ -12,9 +12,11 @@ pub mod exec;
 pub mod follow;
 pub mod invoke;
 pub mod lua;
+pub mod node;
 pub mod observe;
 pub mod runtime;
 pub mod serve;
 pub mod worker;
 
-pub use serve::{check, default_cache_dir, resolve_env, run, serve, RunnerOptions};
+pub use node::RunnerNode;
+pub use serve::{check, default_cache_dir, resolve_env, RunnerOptions};

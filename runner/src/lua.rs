@@ -25,6 +25,7 @@ use funcatron_bundle::{Bundle, RuntimeKind};
 use mlua::{Function, HookTriggers, Lua, LuaOptions, LuaSerdeExt, StdLib, Table, Value, VmState};
 
 use crate::invoke::{process, FuncRequest, FuncResponse, Handled, InvokeError, Job};
+use crate::observe::Observer;
 use crate::runtime::Runtime;
 
 /// Limits applied to every Lua Func unless its bundle sets its own.
@@ -68,6 +69,7 @@ impl LuaRuntime {
         bundles: &[Bundle],
         workers: usize,
         limits: LuaLimits,
+        observer: &Observer,
     ) -> (Self, Vec<(String, String)>) {
         let lua_bundles: Vec<Bundle> = bundles
             .iter()
@@ -83,9 +85,10 @@ impl LuaRuntime {
             let rx = rx.clone();
             let bundles = lua_bundles.clone();
             let report = (i == 0).then(|| ftx.clone());
+            let observer = observer.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("funcatron-lua-{i}"))
-                .spawn(move || worker(bundles, rx, limits, report));
+                .spawn(move || worker(bundles, rx, limits, &observer, report));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a Lua worker thread");
             }
@@ -118,11 +121,17 @@ fn worker(
     bundles: Vec<Bundle>,
     rx: async_channel::Receiver<Task>,
     limits: LuaLimits,
+    observer: &Observer,
     report: Option<std::sync::mpsc::Sender<Vec<(String, String)>>>,
 ) {
     let funcs: HashMap<String, Result<LuaFunc, String>> = bundles
         .iter()
-        .map(|b| (b.name.clone(), LuaFunc::prepare(b, limits)))
+        .map(|b| {
+            (
+                b.name.clone(),
+                LuaFunc::prepare_observed(b, limits, observer),
+            )
+        })
         .collect();
     if let Some(report) = report {
         let failures = funcs
@@ -194,6 +203,15 @@ impl LuaFunc {
     /// Build the sandboxed state, load the handler file and resolve one
     /// function per `operationId`.
     pub fn prepare(bundle: &Bundle, limits: LuaLimits) -> Result<LuaFunc, String> {
+        Self::prepare_observed(bundle, limits, &Observer::detached())
+    }
+
+    /// [`LuaFunc::prepare`], with `print` reported through `observer`.
+    pub fn prepare_observed(
+        bundle: &Bundle,
+        limits: LuaLimits,
+        observer: &Observer,
+    ) -> Result<LuaFunc, String> {
         let libs = StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE;
         let lua = Lua::new_with(libs, LuaOptions::default()).map_err(lua_err)?;
         let timeout = bundle
@@ -218,7 +236,7 @@ impl LuaFunc {
             )
             .map_err(lua_err)?;
         }
-        install_sandbox(&lua, &bundle.dir, &bundle.name, &bundle.version).map_err(lua_err)?;
+        install_sandbox(&lua, bundle, observer.clone()).map_err(lua_err)?;
         let env = lua
             .create_table_from(bundle.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(lua_err)?;
@@ -472,7 +490,8 @@ fn is_response_table(t: &Table) -> Result<bool, mlua::Error> {
     Ok(true)
 }
 
-fn install_sandbox(lua: &Lua, dir: &Path, func: &str, version: &str) -> mlua::Result<()> {
+fn install_sandbox(lua: &Lua, bundle: &Bundle, observer: Observer) -> mlua::Result<()> {
+    let (dir, func, version) = (&bundle.dir, &bundle.name, &bundle.version);
     let g = lua.globals();
     for name in ["load", "loadfile", "dofile", "require", "collectgarbage"] {
         g.raw_set(name, Value::Nil)?;
@@ -502,7 +521,7 @@ fn install_sandbox(lua: &Lua, dir: &Path, func: &str, version: &str) -> mlua::Re
                 .map(|r| r.0.clone())
                 .unwrap_or_default();
             tracing::info!(func = %func_name, version = %version, request_id = %id, "{line}");
-            crate::observe::func_log(&func_name, &version, &id, "print", &line);
+            observer.func_log(&func_name, &version, &id, "print", &line);
             Ok(())
         })?,
     )?;

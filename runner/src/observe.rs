@@ -9,16 +9,19 @@
 //! captures and log lines go through a bounded channel to one publishing
 //! task (dropped, and counted, when the broker cannot keep up).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use bytes::Bytes;
 use funcatron_broker::{AnyBroker, Broker, Message};
 use funcatron_bundle::state::{
-    Capture, FuncLoad, LogLevel, RunnerStats, CAPTURE_TOPIC, LOGS_TOPIC, STATS_TOPIC,
+    Capture, FuncLoad, LogLevel, RunnerStats, CAPTURE_HEADER, CAPTURE_TOPIC, LOGS_TOPIC,
+    STATS_TOPIC,
 };
+use funcatron_envelope::headers;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 /// What the publishing task sends.
 enum Outgoing {
@@ -33,18 +36,6 @@ enum Outgoing {
         response: Bytes,
     },
 }
-
-/// The publisher, process-wide (one Runner per process).
-struct Observe {
-    tx: tokio::sync::mpsc::Sender<Outgoing>,
-    runner: String,
-}
-
-static OBSERVE: OnceLock<Observe> = OnceLock::new();
-
-/// Captures running, by Func (set by the follower, which may start first).
-static CAPTURES: std::sync::LazyLock<RwLock<HashMap<String, Capture>>> =
-    std::sync::LazyLock::new(RwLock::default);
 
 /// The load of one Func version on this Runner: counted with atomics on
 /// the request path, summed per Func by the heartbeat.
@@ -76,22 +67,131 @@ impl Load {
 }
 
 /// Every live version's load, by Func, for the heartbeat.
-type Loads = std::sync::Mutex<Vec<(String, Weak<Load>)>>;
-static LOADS: std::sync::LazyLock<Loads> = std::sync::LazyLock::new(Default::default);
+type Loads = Vec<(String, Weak<Load>)>;
 
-/// A new counter for a version of `func`, reported until it is dropped.
-pub fn load_for(func: &str) -> Arc<Load> {
-    let load = Arc::new(Load::default());
-    if let Ok(mut l) = LOADS.lock() {
-        l.push((func.to_owned(), Arc::downgrade(&load)));
-    }
-    load
+/// Called with the per-Func log levels whenever they change (the binary
+/// reloads its log filter).
+pub type LevelHook = Arc<dyn Fn(&HashMap<String, String>) + Send + Sync>;
+
+/// What one Runner reports beside its answers: its heartbeats, the lines
+/// its Funcs print, the pairs its captures sample. Each Runner has its
+/// own (two Runners in one process report under their own ids); a cheap
+/// handle to clone into runtimes.
+#[derive(Clone)]
+pub struct Observer {
+    inner: Arc<Inner>,
 }
 
-/// Per Func, the sum over its live versions.
-fn load_snapshot() -> std::collections::BTreeMap<String, FuncLoad> {
-    let mut out = std::collections::BTreeMap::<String, FuncLoad>::new();
-    if let Ok(mut loads) = LOADS.lock() {
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observer")
+            .field("id", &self.inner.id)
+            .field("publishing", &self.inner.tx.is_some())
+            .finish()
+    }
+}
+
+struct Inner {
+    /// This Runner's id in heartbeats and log lines.
+    id: String,
+    /// To the publishing task; `None` for a detached observer.
+    tx: Option<tokio::sync::mpsc::Sender<Outgoing>>,
+    /// Captures running, by Func.
+    captures: RwLock<HashMap<String, Capture>>,
+    /// Every live version's load.
+    loads: Mutex<Loads>,
+    /// Applies per-Func log levels, if the binary gave one.
+    levels: Option<LevelHook>,
+}
+
+/// Log and count a poisoned lock instead of skipping it silently; the
+/// data behind it is still used.
+fn poisoned<T>(what: &'static str, e: std::sync::PoisonError<T>) -> T {
+    tracing::error!(
+        lock = what,
+        "a lock was poisoned by a panic; using its data"
+    );
+    metrics::counter!("runner_poisoned_locks_total", "lock" => what).increment(1);
+    e.into_inner()
+}
+
+/// A Runner id unique in the cluster: host, process and a random part
+/// (several Runners may share a process).
+pub fn new_runner_id() -> String {
+    format!(
+        "{}-{}-{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "runner".into()),
+        std::process::id(),
+        &funcatron_envelope::new_request_id()[..6]
+    )
+}
+
+impl Observer {
+    /// An observer that publishes heartbeats (every second), log lines and
+    /// captures on `broker` under `id` until it and its clones are dropped
+    /// or `shutdown` fires.
+    pub fn start(
+        broker: &AnyBroker,
+        id: String,
+        levels: Option<LevelHook>,
+        shutdown: &CancellationToken,
+    ) -> Observer {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Outgoing>(4096);
+        let o = Observer::with(id, Some(tx), levels);
+        tokio::spawn(heartbeat(
+            broker.clone(),
+            Arc::downgrade(&o.inner),
+            shutdown.clone(),
+        ));
+        tokio::spawn(publish(broker.clone(), rx));
+        o
+    }
+
+    /// An observer that publishes nothing (checks, tests).
+    pub fn detached() -> Observer {
+        Observer::with(new_runner_id(), None, None)
+    }
+
+    fn with(
+        id: String,
+        tx: Option<tokio::sync::mpsc::Sender<Outgoing>>,
+        levels: Option<LevelHook>,
+    ) -> Observer {
+        Observer {
+            inner: Arc::new(Inner {
+                id,
+                tx,
+                captures: RwLock::default(),
+                loads: Mutex::default(),
+                levels,
+            }),
+        }
+    }
+
+    /// This Runner's id.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// A new counter for a version of `func`, reported until it is dropped.
+    pub fn load_for(&self, func: &str) -> Arc<Load> {
+        let load = Arc::new(Load::default());
+        self.inner
+            .loads
+            .lock()
+            .unwrap_or_else(|e| poisoned("observe.loads", e))
+            .push((func.to_owned(), Arc::downgrade(&load)));
+        load
+    }
+
+    /// Per Func, the sum over its live versions.
+    pub fn load_snapshot(&self) -> BTreeMap<String, FuncLoad> {
+        let mut out = BTreeMap::<String, FuncLoad>::new();
+        let mut loads = self
+            .inner
+            .loads
+            .lock()
+            .unwrap_or_else(|e| poisoned("observe.loads", e));
         loads.retain(|(_, w)| w.strong_count() > 0);
         for (func, w) in loads.iter() {
             let Some(l) = w.upgrade() else { continue };
@@ -100,130 +200,148 @@ fn load_snapshot() -> std::collections::BTreeMap<String, FuncLoad> {
             e.served += l.served.load(Ordering::Relaxed);
             e.busy_ms += l.busy_us.load(Ordering::Relaxed) as f64 / 1000.0;
         }
+        out
     }
-    out
-}
 
-/// Called with the per-Func log levels whenever they change (the binary
-/// reloads its log filter).
-pub type LevelHook = Box<dyn Fn(&HashMap<String, String>) + Send + Sync>;
-static LEVEL_HOOK: OnceLock<LevelHook> = OnceLock::new();
-
-/// Install the hook that applies per-Func log levels.
-pub fn on_log_levels(hook: LevelHook) {
-    let _ = LEVEL_HOOK.set(hook);
-}
-
-/// Start publishing captures and log lines on `broker` (once per process).
-pub fn start(broker: &AnyBroker) {
-    if OBSERVE.get().is_some() {
-        return;
-    }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Outgoing>(4096);
-    let o = Observe {
-        tx,
-        runner: format!(
-            "{}-{}",
-            std::env::var("HOSTNAME").unwrap_or_else(|_| "runner".into()),
-            std::process::id()
-        ),
-    };
-    if OBSERVE.set(o).is_err() {
-        return;
-    }
-    let heartbeat = broker.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            let Some(o) = OBSERVE.get() else { continue };
-            let stats = RunnerStats {
-                runner: o.runner.clone(),
-                at_ms: funcatron_envelope::now_ms() as u64,
-                funcs: load_snapshot(),
-            };
-            if let Ok(bytes) = serde_json::to_vec(&stats) {
-                let _ = heartbeat.broadcast(STATS_TOPIC, Message::new(bytes)).await;
-            }
-        }
-    });
-    let broker = broker.clone();
-    tokio::spawn(async move {
-        while let Some(out) = rx.recv().await {
-            let msg = match out {
-                Outgoing::Log(bytes) => (LOGS_TOPIC, Message::new(bytes)),
-                Outgoing::Capture {
-                    capture,
-                    func,
-                    version,
-                    request,
-                    response,
-                } => {
-                    let Some(bytes) = record(&capture, &func, &version, &request, &response) else {
-                        continue;
-                    };
-                    let mut m = Message::new(bytes);
-                    // The writer files it without parsing it.
-                    m.headers = vec![
-                        ("x-funcatron-func".into(), func),
-                        ("x-funcatron-capture".into(), capture.id),
-                    ];
-                    (CAPTURE_TOPIC, m)
-                }
-            };
-            let _ = broker.broadcast(msg.0, msg.1).await;
-        }
-    });
-}
-
-/// Apply the captures and log levels of a registry state.
-pub fn apply(
-    captures: &std::collections::BTreeMap<String, Capture>,
-    levels: &std::collections::BTreeMap<String, LogLevel>,
-) {
-    let now = funcatron_envelope::now_ms() as u64;
-    tracing::debug!(
-        captures = captures.len(),
-        levels = levels.len(),
-        "observe settings"
-    );
-    if let Ok(mut c) = CAPTURES.write() {
-        *c = captures
+    /// Apply the captures and log levels of a registry state.
+    pub fn apply(&self, captures: &BTreeMap<String, Capture>, levels: &BTreeMap<String, LogLevel>) {
+        let now = funcatron_envelope::now_ms() as u64;
+        tracing::debug!(
+            captures = captures.len(),
+            levels = levels.len(),
+            "observe settings"
+        );
+        *self
+            .inner
+            .captures
+            .write()
+            .unwrap_or_else(|e| poisoned("observe.captures", e)) = captures
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        let active: HashMap<String, String> = levels
+            .iter()
+            .filter(|(_, l)| l.until_ms.is_none_or(|u| u > now))
+            .map(|(f, l)| (f.clone(), l.level.clone()))
+            .collect();
+        if let Some(hook) = &self.inner.levels {
+            hook(&active);
+        }
     }
-    let active: HashMap<String, String> = levels
-        .iter()
-        .filter(|(_, l)| l.until_ms.is_none_or(|u| u > now))
-        .map(|(f, l)| (f.clone(), l.level.clone()))
-        .collect();
-    if let Some(hook) = LEVEL_HOOK.get() {
-        hook(&active);
+
+    fn send(&self, out: Outgoing, topic: &'static str) {
+        let Some(tx) = &self.inner.tx else { return };
+        if tx.try_send(out).is_err() {
+            metrics::counter!("runner_observe_dropped_total", "topic" => topic).increment(1);
+        }
+    }
+
+    /// A line a Func printed (or a failure about it), for `funcatron logs`.
+    pub fn func_log(&self, func: &str, version: &str, request_id: &str, stream: &str, line: &str) {
+        if self.inner.tx.is_none() {
+            return;
+        }
+        let v = json!({
+            "at_ms": funcatron_envelope::now_ms() as u64,
+            "func": func,
+            "version": version,
+            "request_id": request_id,
+            "runner": self.inner.id,
+            "stream": stream,
+            "message": line,
+        });
+        self.send(Outgoing::Log(v.to_string().into_bytes()), LOGS_TOPIC);
+    }
+
+    /// After a reply is published: capture the pair if a capture for
+    /// `func` is running and this request is sampled. The record is built
+    /// by the publishing task, off the request's path.
+    pub fn maybe_capture(&self, func: &str, version: &str, request: &Bytes, response: &Bytes) {
+        if self.inner.tx.is_none() {
+            return;
+        }
+        let capture = match self
+            .inner
+            .captures
+            .read()
+            .unwrap_or_else(|e| poisoned("observe.captures", e))
+            .get(func)
+        {
+            Some(c) => c.clone(),
+            None => return,
+        };
+        let now = funcatron_envelope::now_ms() as u64;
+        if capture.until_ms.is_some_and(|u| u <= now) || rand::random::<f64>() >= capture.sample {
+            return;
+        }
+        metrics::counter!("runner_captured_total", "func" => func.to_owned()).increment(1);
+        let job = Outgoing::Capture {
+            capture,
+            func: func.to_owned(),
+            version: version.to_owned(),
+            request: request.clone(),
+            response: response.clone(),
+        };
+        self.send(job, CAPTURE_TOPIC);
     }
 }
 
-fn send_log(bytes: Vec<u8>) {
-    if let Some(o) = OBSERVE.get() {
-        if o.tx.try_send(Outgoing::Log(bytes)).is_err() {
-            metrics::counter!("runner_observe_dropped_total", "topic" => LOGS_TOPIC).increment(1);
+/// Broadcast the Runner's heartbeat every second while it lives.
+async fn heartbeat(broker: AnyBroker, inner: Weak<Inner>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let o = Observer { inner };
+        let stats = RunnerStats {
+            runner: o.inner.id.clone(),
+            at_ms: funcatron_envelope::now_ms() as u64,
+            funcs: o.load_snapshot(),
+        };
+        drop(o);
+        match serde_json::to_vec(&stats) {
+            Ok(bytes) => {
+                if let Err(e) = broker.broadcast(STATS_TOPIC, Message::new(bytes)).await {
+                    tracing::debug!(error = %e, "heartbeat not sent");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode a heartbeat"),
         }
     }
 }
 
-/// A line a Func printed (or a failure about it), for `funcatron logs`.
-pub fn func_log(func: &str, version: &str, request_id: &str, stream: &str, line: &str) {
-    let Some(o) = OBSERVE.get() else { return };
-    let v = json!({
-        "at_ms": funcatron_envelope::now_ms() as u64,
-        "func": func,
-        "version": version,
-        "request_id": request_id,
-        "runner": o.runner,
-        "stream": stream,
-        "message": line,
-    });
-    send_log(v.to_string().into_bytes());
+/// Publish log lines and capture records until every sender is dropped.
+async fn publish(broker: AnyBroker, mut rx: tokio::sync::mpsc::Receiver<Outgoing>) {
+    while let Some(out) = rx.recv().await {
+        let msg = match out {
+            Outgoing::Log(bytes) => (LOGS_TOPIC, Message::new(bytes)),
+            Outgoing::Capture {
+                capture,
+                func,
+                version,
+                request,
+                response,
+            } => {
+                let Some(bytes) = record(&capture, &func, &version, &request, &response) else {
+                    continue;
+                };
+                let mut m = Message::new(bytes);
+                // The writer files it without parsing it.
+                m.headers = vec![
+                    (headers::FUNC.into(), func),
+                    (CAPTURE_HEADER.into(), capture.id),
+                ];
+                (CAPTURE_TOPIC, m)
+            }
+        };
+        if let Err(e) = broker.broadcast(msg.0, msg.1).await {
+            metrics::counter!("runner_observe_dropped_total", "topic" => msg.0).increment(1);
+            tracing::debug!(error = %e, topic = msg.0, "not published");
+        }
+    }
 }
 
 fn redact(headers: &mut [funcatron_envelope::Header<'_>], redact: &[String]) {
@@ -269,33 +387,4 @@ fn record(
     serde_json::to_writer(&mut out, &resp).ok()?;
     out.push(b'}');
     Some(out)
-}
-
-/// After a reply is published: capture the pair if a capture for `func`
-/// is running and this request is sampled. The record is built by the
-/// publishing task, off the request's path.
-pub fn maybe_capture(func: &str, version: &str, request: &Bytes, response: &Bytes) {
-    let Some(o) = OBSERVE.get() else { return };
-    let capture = match CAPTURES.read() {
-        Ok(c) => match c.get(func) {
-            Some(c) => c.clone(),
-            None => return,
-        },
-        Err(_) => return,
-    };
-    let now = funcatron_envelope::now_ms() as u64;
-    if capture.until_ms.is_some_and(|u| u <= now) || rand::random::<f64>() >= capture.sample {
-        return;
-    }
-    metrics::counter!("runner_captured_total", "func" => func.to_owned()).increment(1);
-    let job = Outgoing::Capture {
-        capture,
-        func: func.to_owned(),
-        version: version.to_owned(),
-        request: request.clone(),
-        response: response.clone(),
-    };
-    if o.tx.try_send(job).is_err() {
-        metrics::counter!("runner_observe_dropped_total", "topic" => CAPTURE_TOPIC).increment(1);
-    }
 }

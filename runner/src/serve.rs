@@ -20,8 +20,10 @@ use tokio::sync::watch;
 use funcatron_bundle::validate::{self, Checks};
 
 use crate::exec::{ExecLimits, ExecRuntime};
+use crate::follow::Desired;
 use crate::invoke::{self, Handled, InvokeError, Job};
 use crate::lua::{LuaLimits, LuaRuntime};
+use crate::observe::{Load, Observer};
 use crate::runtime::Runtime;
 use crate::worker::{WorkerOptions, WorkerRuntime};
 
@@ -163,19 +165,6 @@ pub async fn check(bundle: &Bundle, options: &RunnerOptions) -> Result<(), Strin
     }
 }
 
-/// Serve `bundles` until `shutdown`: stop consuming, finish and acknowledge
-/// what is in flight, then return.
-pub async fn run(
-    broker: AnyBroker,
-    bundles: Vec<Bundle>,
-    options: RunnerOptions,
-    shutdown: CancellationToken,
-) -> Result<(), BrokerError> {
-    let (_keep, rx) = watch::channel(bundles);
-    serve(broker, rx, options, shutdown).await;
-    Ok(())
-}
-
 /// One version of one Func being served: its runtimes, its queue's
 /// consumer and the deliveries in flight.
 struct Serving {
@@ -184,7 +173,7 @@ struct Serving {
     /// Stops the consumer (deliveries in flight finish).
     stop: CancellationToken,
     tasks: TaskTracker,
-    load: Arc<crate::observe::Load>,
+    load: Arc<Load>,
 }
 
 /// Serve whatever set of bundle versions `desired` holds, following its
@@ -193,26 +182,30 @@ struct Serving {
 /// flight (requests routed to it before a switch finish on it), then its
 /// runtimes are dropped. Returns after `shutdown`, with everything in flight
 /// finished and acknowledged.
-pub async fn serve(
+pub(crate) async fn serve(
     broker: AnyBroker,
-    mut desired: watch::Receiver<Vec<Bundle>>,
+    mut desired: watch::Receiver<Desired>,
     options: RunnerOptions,
+    observer: Observer,
     shutdown: CancellationToken,
 ) {
-    crate::observe::start(&broker);
     let mut active: HashMap<(String, String), Serving> = HashMap::new();
     let retiring = TaskTracker::new();
     let mut watching = true;
+    // Timed log levels end on their own: look again every second.
+    let mut expire = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         let want = desired.borrow_and_update().clone();
+        observer.apply(&want.captures, &want.log_levels);
         let keys: std::collections::HashSet<(String, String)> = want
+            .bundles
             .iter()
             .map(|b| (b.name.clone(), b.version.clone()))
             .collect();
-        for b in &want {
+        for b in &want.bundles {
             let key = (b.name.clone(), b.version.clone());
             if let std::collections::hash_map::Entry::Vacant(slot) = active.entry(key) {
-                slot.insert(start_version(&broker, b, &options).await);
+                slot.insert(start_version(&broker, b, &options, &observer).await);
             }
         }
         let gone: Vec<(String, String)> = active
@@ -225,13 +218,23 @@ pub async fn serve(
                 retiring.spawn(retire(broker.clone(), s, shutdown.clone()));
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            changed = desired.changed(), if watching => {
-                if changed.is_err() {
-                    watching = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = expire.tick(), if !want.log_levels.is_empty() => {
+                    observer.apply(&want.captures, &want.log_levels);
+                    continue;
+                }
+                changed = desired.changed(), if watching => {
+                    if changed.is_err() {
+                        watching = false;
+                    }
                 }
             }
+            break;
+        }
+        if shutdown.is_cancelled() {
+            break;
         }
     }
     for s in active.values() {
@@ -246,7 +249,12 @@ pub async fn serve(
 }
 
 /// Prepare one bundle version and start consuming its queue.
-async fn start_version(broker: &AnyBroker, b: &Bundle, options: &RunnerOptions) -> Serving {
+async fn start_version(
+    broker: &AnyBroker,
+    b: &Bundle,
+    options: &RunnerOptions,
+    observer: &Observer,
+) -> Serving {
     let mut broken = HashMap::new();
     let mut checks = HashMap::new();
     let mut runnable = Vec::with_capacity(1);
@@ -274,14 +282,15 @@ async fn start_version(broker: &AnyBroker, b: &Bundle, options: &RunnerOptions) 
         &runnable,
         if has_lua { options.workers } else { 1 },
         options.lua_limits,
+        observer,
     );
     for (func, why) in &failures {
         tracing::error!(func, error = %why, "bundle failed to prepare; its requests get 500 with this reason");
     }
     let runtime = Arc::new(Runtimes {
         lua,
-        exec: ExecRuntime::new(&runnable, options.exec_limits),
-        workers: WorkerRuntime::start(&runnable, &options.worker),
+        exec: ExecRuntime::new(&runnable, options.exec_limits, observer),
+        workers: WorkerRuntime::start(&runnable, &options.worker, observer),
         kinds: std::iter::once((b.name.clone(), b.runtime)).collect(),
         broken,
         checks,
@@ -289,7 +298,7 @@ async fn start_version(broker: &AnyBroker, b: &Bundle, options: &RunnerOptions) 
     let queue = names::func_queue(&b.name, &b.version);
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
-    let load = crate::observe::load_for(&b.name);
+    let load = observer.load_for(&b.name);
     match broker
         .consume(
             &queue,
@@ -305,6 +314,7 @@ async fn start_version(broker: &AnyBroker, b: &Bundle, options: &RunnerOptions) 
             tracing::info!(func = %b.name, version = %b.version, queue, "serving Func");
             tasks.spawn(consume(
                 broker.clone(),
+                observer.clone(),
                 runtime,
                 Arc::from(b.name.as_str()),
                 Arc::from(b.version.as_str()),
@@ -362,13 +372,14 @@ async fn retire(broker: AnyBroker, s: Serving, shutdown: CancellationToken) {
 #[allow(clippy::too_many_arguments)]
 async fn consume(
     broker: AnyBroker,
+    observer: Observer,
     runtime: Arc<Runtimes>,
     func: Arc<str>,
     version: Arc<str>,
     queue: String,
     mut sub: funcatron_broker::Subscription,
     stop: CancellationToken,
-    load: Arc<crate::observe::Load>,
+    load: Arc<Load>,
 ) {
     let in_flight = TaskTracker::new();
     let mut stopping = false;
@@ -383,6 +394,7 @@ async fn consume(
         };
         load.begin();
         let broker = broker.clone();
+        let observer = observer.clone();
         let runtime = Arc::clone(&runtime);
         let func = Arc::clone(&func);
         let version = Arc::clone(&version);
@@ -390,7 +402,10 @@ async fn consume(
         let load = Arc::clone(&load);
         in_flight.spawn(async move {
             let started = std::time::Instant::now();
-            handle(&broker, &runtime, &func, &version, &queue, delivery).await;
+            handle(
+                &broker, &observer, &runtime, &func, &version, &queue, delivery,
+            )
+            .await;
             load.end(started.elapsed());
         });
     }
@@ -424,6 +439,7 @@ fn path_params(delivery: &Delivery) -> Result<Vec<(String, String)>, String> {
 
 async fn handle(
     broker: &AnyBroker,
+    observer: &Observer,
     runtime: &Runtimes,
     func: &str,
     version: &str,
@@ -475,6 +491,7 @@ async fn handle(
         picked_ms,
         dispatched_ms,
         checks,
+        observer: observer.clone(),
     };
     let span = tracing::debug_span!(
         "runner.invoke",
@@ -504,7 +521,7 @@ async fn handle(
                     // NoRoute: the ingress that asked is gone; the work is done.
                     Ok(()) | Err(BrokerError::NoRoute(_)) => {
                         let _ = delivery.ack().await;
-                        crate::observe::maybe_capture(func, version, &delivery_payload, &response);
+                        observer.maybe_capture(func, version, &delivery_payload, &response);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "reply not published; requeueing the request");

@@ -58,6 +58,7 @@ fn job(op: &str, body: &[u8], content_type: &str) -> Job {
         picked_ms: now_ms(),
         dispatched_ms: None,
         checks: None,
+        observer: funcatron_runner::observe::Observer::detached(),
     }
 }
 

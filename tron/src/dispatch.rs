@@ -11,12 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::context::TronContext;
+use crate::demand::Demand;
 use crate::routes::{RouteOutcome, RouteTable};
-
-/// Requests forwarded per Func since start (the autoscaler's arrival rate).
-pub static DISPATCHED: std::sync::LazyLock<
-    std::sync::Mutex<std::collections::HashMap<String, u64>>,
-> = std::sync::LazyLock::new(Default::default);
 
 /// Tron settings.
 #[derive(Debug, Clone)]
@@ -51,11 +48,12 @@ pub async fn declare_routes(broker: &AnyBroker, routes: &RouteTable) {
 /// table replaces the old one atomically (requests being dispatched keep
 /// the table they started with).
 pub async fn run(
-    broker: AnyBroker,
+    ctx: TronContext,
     mut routes: watch::Receiver<Arc<RouteTable>>,
     options: TronOptions,
     shutdown: CancellationToken,
 ) -> Result<(), BrokerError> {
+    let broker = ctx.broker.clone();
     let initial = Arc::clone(&routes.borrow_and_update());
     declare_routes(&broker, &initial).await;
     declare_when_connected(&broker, names::DEAD_LETTERS).await;
@@ -92,9 +90,9 @@ pub async fn run(
             }
             d = sub.next() => match d { Some(d) => d, None => break },
         };
-        let broker = broker.clone();
+        let ctx = ctx.clone();
         let routes = Arc::clone(&current);
-        tracker.spawn(async move { dispatch(&broker, &routes, delivery).await });
+        tracker.spawn(async move { dispatch(&ctx.broker, &ctx.demand, &routes, delivery).await });
     }
     drop(sub);
     tracker.close();
@@ -134,7 +132,7 @@ async fn declare_when_connected(broker: &AnyBroker, queue: &str) {
     }
 }
 
-async fn dispatch(broker: &AnyBroker, routes: &RouteTable, delivery: Delivery) {
+async fn dispatch(broker: &AnyBroker, demand: &Demand, routes: &RouteTable, delivery: Delivery) {
     let payload = delivery.message.payload.clone();
     let view = match RouteView::decode(&payload) {
         Ok(v) => v,
@@ -196,16 +194,7 @@ async fn dispatch(broker: &AnyBroker, routes: &RouteTable, delivery: Delivery) {
                             .increment(1);
                         metrics::counter!("tron_dispatched_total", "func" => route.func.to_owned())
                             .increment(1);
-                        if let Ok(mut d) = DISPATCHED.lock() {
-                            // Allocate the key only for a Func's first request.
-                            match d.get_mut(route.func) {
-                                Some(n) => *n += 1,
-                                None => {
-                                    d.insert(route.func.to_owned(), 1);
-                                }
-                            }
-                        }
-                        crate::autoscale::wake_if_cold(route.func);
+                        demand.dispatched(route.func);
                         metrics::histogram!("tron_dispatch_duration_seconds")
                             .record((now_ms() - now) / 1000.0);
                         let _ = delivery.ack().await;

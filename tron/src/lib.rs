@@ -13,11 +13,16 @@
 //! run the [`autoscale`]r, which starts and stops Runners per Func.
 
 pub mod autoscale;
+pub mod context;
+pub mod demand;
 pub mod dispatch;
 pub mod heartbeats;
 pub mod mgmt;
+pub mod node;
 pub mod registry;
 pub mod routes;
 
-pub use dispatch::{declare_routes, fixed, run, TronOptions};
+pub use context::TronContext;
+pub use dispatch::{declare_routes, TronOptions};
+pub use node::{Management, NodeError, TronNode};
 pub use routes::{RouteError, RouteOutcome, RouteTable};

@@ -25,13 +25,14 @@ use std::sync::Arc;
 use funcatron_broker::{AnyBroker, Broker, Message};
 use funcatron_bundle::archive::{self, Limits};
 use funcatron_bundle::state::{
-    Capture, ClusterState, Control, Event, FuncSettings, LogLevel, Upload, CAPTURE_TOPIC,
-    CONTROL_TOPIC, LOGS_TOPIC, STATS_TOPIC,
+    Capture, ClusterState, Control, Event, FuncSettings, LogLevel, Upload, CAPTURE_HEADER,
+    CAPTURE_TOPIC, CONTROL_TOPIC, LOGS_TOPIC,
 };
 use funcatron_bundle::Bundle;
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
+use crate::context::TronContext;
 use crate::routes::RouteTable;
 
 /// A registry operation failed; `status` is the HTTP status to answer.
@@ -76,13 +77,6 @@ pub struct RegistryOptions {
     pub check: Option<Check>,
 }
 
-/// When dispatch counts were sampled, the counts, and the rates they gave.
-type Rates = (
-    std::time::Instant,
-    HashMap<String, u64>,
-    HashMap<String, f64>,
-);
-
 /// The registry of one Tron.
 pub struct Registry {
     /// Recent Func log lines (JSON), newest last, and live ones.
@@ -93,11 +87,8 @@ pub struct Registry {
     /// Every capture this Tron has seen (id -> max): pairs still in flight
     /// when a capture stops are written too.
     known_captures: std::sync::Mutex<HashMap<String, Option<u64>>>,
-    /// Each Runner's last two heartbeats and when the last one came.
-    runners: crate::heartbeats::Heartbeats,
-    /// Arrival rate per Func (requests/s over the last second) and the
-    /// dispatch counts it was computed from.
-    rates: std::sync::Mutex<Rates>,
+    /// The Tron's demand (arrival rates) and Runner heartbeats, for status.
+    ctx: TronContext,
     /// Capture files kept open for appending, by Func.
     capture_files: std::sync::Mutex<HashMap<String, std::fs::File>>,
     options: RegistryOptions,
@@ -106,7 +97,6 @@ pub struct Registry {
     state: Mutex<ClusterState>,
     loaded: Mutex<HashMap<String, Bundle>>,
     routes: watch::Sender<Arc<RouteTable>>,
-    bundles: watch::Sender<Vec<Bundle>>,
     http: reqwest::Client,
     /// The autoscaler running beside this registry, if any (its view
     /// joins `status`).
@@ -134,19 +124,11 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
 
 impl Registry {
     /// Open (or create) the store, load the saved state and apply it.
-    /// Returns the registry and the watches the Tron (routes) and an
-    /// in-process Runner (bundles) follow.
+    /// Returns the registry and the route table watch its Tron follows.
     pub async fn open(
         options: RegistryOptions,
-        broker: AnyBroker,
-    ) -> Result<
-        (
-            Arc<Registry>,
-            watch::Receiver<Arc<RouteTable>>,
-            watch::Receiver<Vec<Bundle>>,
-        ),
-        RegistryError,
-    > {
+        ctx: TronContext,
+    ) -> Result<(Arc<Registry>, watch::Receiver<Arc<RouteTable>>), RegistryError> {
         std::fs::create_dir_all(options.store.join("blobs"))
             .map_err(|e| io_err(&options.store, e))?;
         let state_path = options.store.join("state.json");
@@ -161,32 +143,25 @@ impl Registry {
             Err(_) => ClusterState::default(),
         };
         let (routes_tx, routes_rx) = watch::channel(Arc::new(RouteTable::default()));
-        let (bundles_tx, bundles_rx) = watch::channel(Vec::new());
         let r = Arc::new(Registry {
             logs: std::sync::Mutex::new(std::collections::VecDeque::new()),
             live_logs: tokio::sync::broadcast::channel(1024).0,
             captured: std::sync::Mutex::new(HashMap::new()),
             known_captures: std::sync::Mutex::new(HashMap::new()),
             capture_files: std::sync::Mutex::new(HashMap::new()),
-            runners: Default::default(),
-            rates: std::sync::Mutex::new((
-                std::time::Instant::now(),
-                HashMap::new(),
-                HashMap::new(),
-            )),
+            broker: ctx.broker.clone(),
+            ctx,
             options,
             id: funcatron_envelope::new_request_id()[..12].to_owned(),
-            broker,
             state: Mutex::new(state),
             loaded: Mutex::new(HashMap::new()),
             routes: routes_tx,
-            bundles: bundles_tx,
             http: reqwest::Client::new(),
             autoscaler: std::sync::OnceLock::new(),
         });
         let state = r.state.lock().await.clone();
         r.apply(&state).await?;
-        Ok((r, routes_rx, bundles_rx))
+        Ok((r, routes_rx))
     }
 
     /// The current state.
@@ -439,8 +414,8 @@ impl Registry {
     /// as it arrived, through a file kept open.
     async fn write_capture(&self, msg: &Message) {
         let (Some(func), Some(id)) = (
-            msg.header("x-funcatron-func"),
-            msg.header("x-funcatron-capture"),
+            msg.header(funcatron_envelope::headers::FUNC),
+            msg.header(CAPTURE_HEADER),
         ) else {
             return;
         };
@@ -536,26 +511,6 @@ impl Registry {
         (recent, rx)
     }
 
-    fn sample_rates(&self) {
-        let now_counts = crate::dispatch::DISPATCHED
-            .lock()
-            .map(|d| d.clone())
-            .unwrap_or_default();
-        if let Ok(mut r) = self.rates.lock() {
-            let dt = r.0.elapsed().as_secs_f64().max(0.001);
-            let rates = now_counts
-                .iter()
-                .map(|(f, n)| {
-                    (
-                        f.clone(),
-                        (n - r.1.get(f).copied().unwrap_or(0)) as f64 / dt,
-                    )
-                })
-                .collect();
-            *r = (std::time::Instant::now(), now_counts, rates);
-        }
-    }
-
     /// Show `autoscaler`'s decisions in [`Registry::status`].
     pub fn attach_autoscaler(&self, autoscaler: crate::autoscale::Shared) {
         let _ = self.autoscaler.set(autoscaler);
@@ -567,7 +522,6 @@ impl Registry {
     /// last decisions.
     pub async fn status(&self) -> serde_json::Value {
         let table = Arc::clone(&self.routes.borrow());
-        let rates = self.rates.lock().map(|r| r.2.clone()).unwrap_or_default();
         let scaling = self
             .autoscaler
             .get()
@@ -576,14 +530,14 @@ impl Registry {
         let mut out = serde_json::Map::new();
         for (func, queue) in table.funcs() {
             let depth = self.broker.depth(queue).await.ok();
-            let heard = self.runners.sum(func);
+            let heard = self.ctx.heartbeats.sum(func);
             out.insert(
                 func.to_owned(),
                 serde_json::json!({
                     "queue": queue,
                     "ready": depth.map(|d| d.ready),
                     "consumers": depth.map(|d| d.consumers),
-                    "arrival_per_s": rates.get(func).copied().unwrap_or(0.0),
+                    "arrival_per_s": self.ctx.demand.arrival_per_s(func),
                     "service_ms": heard.service_ms(),
                     "in_flight": heard.in_flight,
                     "served": heard.served,
@@ -595,31 +549,21 @@ impl Registry {
         serde_json::json!({"funcs": out, "autoscaler": scaling.get("substrate").map(|_| &scaling)})
     }
 
-    /// Collect captured pairs, Func log lines and Runner heartbeats until
-    /// `shutdown`.
+    /// Collect captured pairs and Func log lines until `shutdown`.
     pub async fn collect(self: Arc<Self>, shutdown: CancellationToken) {
-        let (mut captures, mut logs, mut stats) = match (
+        let (mut captures, mut logs) = match (
             self.broker.subscribe(CAPTURE_TOPIC).await,
             self.broker.subscribe(LOGS_TOPIC).await,
-            self.broker.subscribe(STATS_TOPIC).await,
         ) {
-            (Ok(c), Ok(l), Ok(s)) => (c, l, s),
+            (Ok(c), Ok(l)) => (c, l),
             _ => {
-                tracing::error!("cannot subscribe to the capture, log and stats topics");
+                tracing::error!("cannot subscribe to the capture and log topics");
                 return;
             }
         };
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tick.tick() => self.sample_rates(),
-                d = stats.next() => match d {
-                    Some(d) => {
-                        self.runners.record(&d.message.payload);
-                    }
-                    None => return,
-                },
                 d = captures.next() => match d {
                     Some(d) => self.write_capture(&d.message).await,
                     None => return,
@@ -695,7 +639,7 @@ impl Registry {
         Ok(list)
     }
 
-    /// Switch this Tron's routes (and the in-process Runner) to `state`.
+    /// Switch this Tron's routes to `state`.
     async fn apply(&self, state: &ClusterState) -> Result<(), RegistryError> {
         if let Ok(mut known) = self.known_captures.lock() {
             for c in state.captures.values() {
@@ -705,7 +649,6 @@ impl Registry {
         let list = self.desired(state).await?;
         let table = RouteTable::build(&list)
             .map_err(|e| RegistryError::new(409, "route_conflict", e.to_string()))?;
-        self.bundles.send_replace(list);
         crate::dispatch::declare_routes(&self.broker, &table).await;
         self.routes.send_replace(Arc::new(table));
         Ok(())

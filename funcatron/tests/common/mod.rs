@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use funcatron_broker::AnyBroker;
 use funcatron_bundle::Bundle;
 use funcatron_ingress::IngressOptions;
-use funcatron_runner::RunnerOptions;
-use funcatron_tron::{RouteTable, TronOptions};
+use funcatron_runner::{RunnerNode, RunnerOptions};
+use funcatron_tron::{RouteTable, TronNode};
 use tokio_util::sync::CancellationToken;
 
 pub fn repo() -> PathBuf {
@@ -142,20 +142,19 @@ pub async fn spawn_cluster(
     runner: Option<RunnerOptions>,
 ) -> InProcess {
     let shutdown = CancellationToken::new();
-    let routes = funcatron_tron::fixed(RouteTable::build(&bundles).unwrap());
-    tokio::spawn(funcatron_tron::run(
-        broker.clone(),
-        routes,
-        TronOptions::default(),
-        shutdown.clone(),
-    ));
+    RouteTable::build(&bundles).expect("the bundles route");
+    tokio::spawn(
+        TronNode::new(broker.clone())
+            .bundles(bundles.clone())
+            .run(shutdown.clone()),
+    );
     if let Some(ropts) = runner {
-        tokio::spawn(funcatron_runner::run(
-            broker.clone(),
-            bundles,
-            ropts,
-            shutdown.clone(),
-        ));
+        tokio::spawn(
+            RunnerNode::new(broker.clone())
+                .options(ropts)
+                .bundles(bundles)
+                .run(shutdown.clone()),
+        );
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

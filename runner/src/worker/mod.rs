@@ -43,6 +43,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use crate::invoke::{self, FuncRequest, FuncResponse, Handled, InvokeError, Job};
+use crate::observe::Observer;
 use crate::runtime::Runtime;
 
 pub use prepare::Launch;
@@ -125,7 +126,7 @@ impl WorkerRuntime {
     /// Start a pool for every Python, Node.js and Java bundle. Preparing
     /// and starting happen in the background; requests wait for the first
     /// worker (within their deadline).
-    pub fn start(bundles: &[Bundle], options: &WorkerOptions) -> Self {
+    pub fn start(bundles: &[Bundle], options: &WorkerOptions, observer: &Observer) -> Self {
         let ours: Vec<&Bundle> = bundles
             .iter()
             .filter(|b| {
@@ -175,6 +176,7 @@ impl WorkerRuntime {
             tokio::spawn(supervise(
                 b.clone(),
                 options.clone(),
+                observer.clone(),
                 sockets.path().to_owned(),
                 Arc::clone(&counter),
                 size,
@@ -201,6 +203,7 @@ pub async fn check(bundle: &Bundle, options: &WorkerOptions) -> Result<(), Strin
         .map_err(|e| e.to_string())?;
     let w = start_worker(
         &bundle.name,
+        &Observer::detached(),
         &launch,
         &dir.path().join("w.sock"),
         options.start_timeout,
@@ -216,6 +219,7 @@ pub async fn check(bundle: &Bundle, options: &WorkerOptions) -> Result<(), Strin
 async fn supervise(
     bundle: Bundle,
     options: WorkerOptions,
+    observer: Observer,
     sockets: PathBuf,
     counter: Arc<AtomicU64>,
     size: usize,
@@ -239,7 +243,7 @@ async fn supervise(
             let Some(p) = pool.upgrade() else { return };
             let n = counter.fetch_add(1, Ordering::Relaxed);
             let socket = sockets.join(format!("w{n}.sock"));
-            match start_worker(&func, &launch, &socket, options.start_timeout).await {
+            match start_worker(&func, &observer, &launch, &socket, options.start_timeout).await {
                 Ok(w) => {
                     p.live.fetch_add(1, Ordering::SeqCst);
                     let _ = broken.send(None);
@@ -270,6 +274,7 @@ async fn supervise(
 /// Start one worker and wait for its `ready`.
 async fn start_worker(
     func: &str,
+    observer: &Observer,
     launch: &Launch,
     socket: &std::path::Path,
     start_timeout: Duration,
@@ -304,6 +309,7 @@ async fn start_worker(
     if let Some(out) = child.stdout.take() {
         forwarders.push(tokio::spawn(forward(
             out,
+            observer.clone(),
             func.to_owned(),
             version.clone(),
             "stdout",
@@ -314,6 +320,7 @@ async fn start_worker(
     if let Some(err) = child.stderr.take() {
         forwarders.push(tokio::spawn(forward(
             err,
+            observer.clone(),
             func.to_owned(),
             version.clone(),
             "stderr",
@@ -381,6 +388,7 @@ async fn start_worker(
 /// Every line a worker prints goes to the log with the request in flight.
 async fn forward(
     pipe: impl tokio::io::AsyncRead + Unpin,
+    observer: Observer,
     func: String,
     version: String,
     stream: &'static str,
@@ -391,7 +399,7 @@ async fn forward(
     while let Ok(Some(line)) = lines.next_line().await {
         let id = current.lock().map(|c| c.clone()).unwrap_or_default();
         tracing::info!(func, version, request_id = %id, stream, "{line}");
-        crate::observe::func_log(&func, &version, &id, stream, &line);
+        observer.func_log(&func, &version, &id, stream, &line);
         if let Some(tail) = &tail {
             if let Ok(mut t) = tail.lock() {
                 if t.len() == 30 {

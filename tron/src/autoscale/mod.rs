@@ -5,13 +5,13 @@
 //! Signals, per Func, every tick (200 ms by default):
 //! - queue depth from the broker (ready; unacknowledged where the broker
 //!   reports it, else what Runners report in flight),
-//! - arrival rate from this Tron's dispatch counts ([`crate::dispatch`]),
+//! - arrival rate from this Tron's dispatch counts ([`crate::demand`]),
 //! - service time and in-flight requests from Runner heartbeats on the
 //!   `funcatron.stats` topic (Runner liveness too),
 //! - the substrate's own count of requested and running Runners.
 //!
 //! A request for a Func with no Runner wakes the loop at once
-//! ([`wake_if_cold`], called by the dispatcher), so scale from zero does
+//! ([`Demand::dispatched`](crate::demand::Demand::dispatched)), so scale from zero does
 //! not wait for the next tick. A Runner that died is replaced: the
 //! substrate's count falls below the target and the loop scales again.
 
@@ -22,39 +22,20 @@ pub mod policy;
 pub mod substrate;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use funcatron_broker::{AnyBroker, Broker};
-use funcatron_bundle::state::{FuncSettings, STATS_TOPIC};
+use funcatron_broker::Broker;
+use funcatron_bundle::state::FuncSettings;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::context::TronContext;
 use crate::registry::Registry;
 use crate::routes::RouteTable;
 pub use policy::{Hysteresis, ScaleParams, Signals};
 pub use substrate::{BoxFut, Observed, ProcessSubstrate, RunnerCommand, ScaleError, Substrate};
-
-/// Funcs whose target is zero Runners: a request for one wakes the loop.
-static COLD: std::sync::LazyLock<RwLock<HashSet<String>>> =
-    std::sync::LazyLock::new(RwLock::default);
-/// Is any Func cold? (The dispatcher's fast path: one atomic load.)
-static ANY_COLD: AtomicBool = AtomicBool::new(false);
-/// Wakes the loop.
-static WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
-
-/// Called by the dispatcher after forwarding a request to `func`: if the
-/// Func has no Runner, reconcile now rather than at the next tick.
-pub fn wake_if_cold(func: &str) {
-    if !ANY_COLD.load(Ordering::Relaxed) {
-        return;
-    }
-    if COLD.read().map(|c| c.contains(func)).unwrap_or(false) {
-        WAKE.notify_one();
-    }
-}
 
 /// Autoscaler settings.
 #[derive(Debug, Clone)]
@@ -117,8 +98,6 @@ const KEPT: usize = 20;
 /// Per Func state the loop keeps between ticks.
 struct FuncScale {
     hysteresis: Hysteresis,
-    /// Dispatch counts sampled in the last seconds, oldest first.
-    counts: VecDeque<(Instant, u64)>,
     service_ms: Option<f64>,
 }
 
@@ -126,11 +105,11 @@ struct FuncScale {
 pub struct Autoscaler {
     substrate: Arc<dyn Substrate>,
     options: AutoscalerOptions,
-    broker: AnyBroker,
+    /// The Tron's broker, demand and heartbeats.
+    ctx: TronContext,
     routes: watch::Receiver<Arc<RouteTable>>,
     registry: Option<Arc<Registry>>,
     views: Mutex<BTreeMap<String, View>>,
-    heard: crate::heartbeats::Heartbeats,
 }
 
 /// Shared handle.
@@ -141,23 +120,23 @@ fn now_ms() -> u64 {
 }
 
 impl Autoscaler {
-    /// An autoscaler for the Funcs of `routes` on `substrate`; per-Func
-    /// settings come from `registry` when there is one.
+    /// An autoscaler for the Funcs of `routes` on `substrate`, reading the
+    /// signals of the Tron `ctx` belongs to; per-Func settings come from
+    /// `registry` when there is one.
     pub fn new(
         substrate: Arc<dyn Substrate>,
         options: AutoscalerOptions,
-        broker: AnyBroker,
+        ctx: TronContext,
         routes: watch::Receiver<Arc<RouteTable>>,
         registry: Option<Arc<Registry>>,
     ) -> Shared {
         Arc::new(Autoscaler {
             substrate,
             options,
-            broker,
+            ctx,
             routes,
             registry,
             views: Mutex::default(),
-            heard: Default::default(),
         })
     }
 
@@ -198,13 +177,6 @@ impl Autoscaler {
 
     /// Run until `shutdown`, then let the substrate stop what it started.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut stats = match self.broker.subscribe(STATS_TOPIC).await {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot hear Runner heartbeats; scaling on queue depth and arrivals only");
-                None
-            }
-        };
         let mut funcs: HashMap<String, FuncScale> = HashMap::new();
         let mut settings: BTreeMap<String, FuncSettings> = BTreeMap::new();
         let mut settings_read = Instant::now() - Duration::from_secs(10);
@@ -215,24 +187,8 @@ impl Autoscaler {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
-                _ = WAKE.notified() => {
+                _ = self.ctx.demand.woken() => {
                     metrics::counter!("tron_autoscaler_wakeups_total").increment(1);
-                }
-                d = async {
-                    match stats.as_mut() {
-                        Some(s) => s.next().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    match d {
-                        Some(d) => {
-                            if !self.heard.record(&d.message.payload) {
-                                metrics::counter!("tron_autoscaler_bad_heartbeats_total").increment(1);
-                            }
-                        }
-                        None => stats = None,
-                    }
-                    continue;
                 }
             }
             if let Some(r) = &self.registry {
@@ -276,12 +232,9 @@ impl Autoscaler {
                 .filter(|(_, s)| s.hysteresis.target == 0)
                 .map(|(f, _)| f.clone())
                 .collect();
-            ANY_COLD.store(!cold.is_empty(), Ordering::Relaxed);
-            if let Ok(mut c) = COLD.write() {
-                *c = cold;
-            }
+            self.ctx.demand.set_cold(cold);
         }
-        ANY_COLD.store(false, Ordering::Relaxed);
+        self.ctx.demand.set_cold(HashSet::new());
         self.substrate.shutdown().await;
     }
 
@@ -300,39 +253,17 @@ impl Autoscaler {
                 let start = observed.as_ref().map(|o| o.requested).unwrap_or(0);
                 funcs.entry(func.to_owned()).or_insert(FuncScale {
                     hysteresis: Hysteresis::new(start),
-                    counts: VecDeque::new(),
                     service_ms: None,
                 })
             }
         };
-        // Arrival rate over the last second of dispatch counts.
-        let count = crate::dispatch::DISPATCHED
-            .lock()
-            .ok()
-            .and_then(|d| d.get(func).copied())
-            .unwrap_or(0);
-        state.counts.push_back((now, count));
-        while state
-            .counts
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(1))
-            && state.counts.len() > 2
-        {
-            state.counts.pop_front();
-        }
-        let arrival_per_s = match (state.counts.front(), state.counts.back()) {
-            (Some((t0, c0)), Some((t1, c1))) if t1 > t0 => {
-                let dt = t1.duration_since(*t0).as_secs_f64().max(0.05);
-                (c1 - c0) as f64 / dt
-            }
-            _ => 0.0,
-        };
-        let heard = self.heard.sum(func);
+        let arrival_per_s = self.ctx.demand.arrival_per_s(func);
+        let heard = self.ctx.heartbeats.sum(func);
         let in_flight = heard.in_flight;
         if let Some(m) = heard.service_ms() {
             state.service_ms = Some(state.service_ms.map_or(m, |s| 0.5 * s + 0.5 * m));
         }
-        let depth = self.broker.depth(queue).await.ok();
+        let depth = self.ctx.broker.depth(queue).await.ok();
         let (unacked, unacked_source) = match depth.and_then(|d| d.unacked) {
             Some(u) => (u, "broker"),
             None => (in_flight, "runners"),

@@ -1,0 +1,206 @@
+//! One Tron node, composed in one place: `funcatron tron`, `funcatron up`,
+//! `funcatron dev`, the benchmarks and the tests all build a Tron here.
+//!
+//! A node is its [`TronContext`] (broker, demand, heartbeats) plus what
+//! it was asked to run: the dispatcher always; with a store, the
+//! [`Registry`] (its follower and collector) and the management API on a
+//! listener it is given; with a substrate, the [`Autoscaler`].
+//! [`TronNode::run`] runs them until `shutdown`, then lets in-flight
+//! dispatches finish and the autoscaler stop what it started.
+
+use std::sync::Arc;
+
+use axum::Router;
+use funcatron_broker::{AnyBroker, BrokerError};
+use funcatron_bundle::Bundle;
+use funcatron_ingress::IngressOptions;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::autoscale::{Autoscaler, AutoscalerOptions, Substrate};
+use crate::context::TronContext;
+use crate::dispatch::{self, TronOptions};
+use crate::registry::{Registry, RegistryError, RegistryOptions};
+use crate::routes::{RouteError, RouteTable};
+
+/// Why a Tron node could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The static bundles claim the same route.
+    #[error(transparent)]
+    Routes(#[from] RouteError),
+    /// The bundle store could not be opened.
+    #[error("opening the bundle store {store}: {source}")]
+    Store {
+        /// The store directory.
+        store: String,
+        /// Why.
+        source: RegistryError,
+    },
+    /// The broker refused to let the dispatcher consume.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The management API's invoke path could not start.
+    #[error("starting the management API's invoke path: {0}")]
+    Invoke(String),
+}
+
+/// The registry and its management API.
+pub struct Management {
+    /// The registry's settings (store, advertise URL, checks, ...).
+    pub registry: RegistryOptions,
+    /// Where the management API listens (bound by the caller, so tests
+    /// bind port 0).
+    pub listener: TcpListener,
+    /// The bearer token mutating calls need.
+    pub token: String,
+    /// Largest bundle archive accepted, in bytes.
+    pub max_upload_bytes: usize,
+    /// Routes served beside the API (for example `/metrics`).
+    pub extra: Router,
+}
+
+/// A Tron, to configure and [`run`](TronNode::run).
+pub struct TronNode {
+    ctx: TronContext,
+    options: TronOptions,
+    bundles: Vec<Bundle>,
+    management: Option<Management>,
+    scaler: Option<(Arc<dyn Substrate>, AutoscalerOptions)>,
+    routes: Option<watch::Receiver<Arc<RouteTable>>>,
+}
+
+impl TronNode {
+    /// A Tron on `broker` with default options and no bundles.
+    pub fn new(broker: AnyBroker) -> Self {
+        TronNode {
+            ctx: TronContext::new(broker),
+            options: TronOptions::default(),
+            bundles: Vec::new(),
+            management: None,
+            scaler: None,
+            routes: None,
+        }
+    }
+
+    /// The dispatcher's options.
+    pub fn options(mut self, options: TronOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Route these bundles (with a registry: besides the enabled ones).
+    pub fn bundles(mut self, bundles: Vec<Bundle>) -> Self {
+        self.bundles = bundles;
+        self
+    }
+
+    /// Route whatever this watch holds instead (`funcatron dev` switches
+    /// tables itself); ignored with a registry.
+    pub fn routes(mut self, routes: watch::Receiver<Arc<RouteTable>>) -> Self {
+        self.routes = Some(routes);
+        self
+    }
+
+    /// Keep a registry in a store and serve the management API.
+    pub fn management(mut self, management: Management) -> Self {
+        self.management = Some(management);
+        self
+    }
+
+    /// Scale Runners on `substrate`.
+    pub fn autoscaler(mut self, substrate: Arc<dyn Substrate>, options: AutoscalerOptions) -> Self {
+        self.scaler = Some((substrate, options));
+        self
+    }
+
+    /// This node's context (its demand and heartbeats), for tests and
+    /// benchmarks that look inside.
+    pub fn context(&self) -> &TronContext {
+        &self.ctx
+    }
+
+    /// Run until `shutdown`; in-flight dispatches finish first and the
+    /// autoscaler stops the Runners it started.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), NodeError> {
+        let TronNode {
+            ctx,
+            options,
+            bundles,
+            management,
+            scaler,
+            routes,
+        } = self;
+        ctx.start(&shutdown);
+        let (routes, registry) = match management {
+            Some(m) => {
+                let (registry, routes) = serve_management(&ctx, bundles, m, &shutdown).await?;
+                (routes, Some(registry))
+            }
+            None => match routes {
+                Some(r) => (r, None),
+                None => (dispatch::fixed(RouteTable::build(&bundles)?), None),
+            },
+        };
+        let scaling = scaler.map(|(substrate, o)| {
+            let a = Autoscaler::new(substrate, o, ctx.clone(), routes.clone(), registry.clone());
+            if let Some(r) = &registry {
+                r.attach_autoscaler(Arc::clone(&a));
+            }
+            tokio::spawn(a.run(shutdown.clone()))
+        });
+        let result = dispatch::run(ctx, routes, options, shutdown).await;
+        if let Some(t) = scaling {
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "the autoscaler ended abnormally");
+            }
+        }
+        Ok(result?)
+    }
+}
+
+/// Open the registry, follow the control topic, collect captures and
+/// logs, and serve the management API on its listener.
+async fn serve_management(
+    ctx: &TronContext,
+    bundles: Vec<Bundle>,
+    m: Management,
+    shutdown: &CancellationToken,
+) -> Result<(Arc<Registry>, watch::Receiver<Arc<RouteTable>>), NodeError> {
+    let store = m.registry.store.display().to_string();
+    let mut options = m.registry;
+    options.static_bundles.extend(bundles);
+    let (registry, routes) = Registry::open(options, ctx.clone())
+        .await
+        .map_err(|source| NodeError::Store { store, source })?;
+    tokio::spawn(Arc::clone(&registry).follow(shutdown.clone()));
+    tokio::spawn(Arc::clone(&registry).collect(shutdown.clone()));
+    let invoker = funcatron_ingress::app(
+        ctx.broker.clone(),
+        IngressOptions::default(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| NodeError::Invoke(e.to_string()))?;
+    let api = crate::mgmt::router(
+        Arc::clone(&registry),
+        m.token,
+        m.max_upload_bytes,
+        Some(invoker),
+    )
+    .merge(m.extra);
+    if let Ok(addr) = m.listener.local_addr() {
+        tracing::info!(listen = %addr, "management API listening");
+    }
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(m.listener, api)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "the management API stopped");
+        }
+    });
+    Ok((registry, routes))
+}
