@@ -16,7 +16,8 @@ use tokio::sync::watch;
 
 pub mod amqp;
 pub mod embedded;
-pub mod names;
+
+use funcatron_control::{headers, names};
 
 pub use amqp::AmqpBroker;
 pub use embedded::EmbeddedBroker;
@@ -59,7 +60,7 @@ impl BrokerError {
 pub struct Message {
     /// The envelope bytes, shared rather than copied between hops.
     pub payload: Bytes,
-    /// String headers (see `funcatron_envelope::headers`).
+    /// String headers (see `funcatron_control::headers`).
     pub headers: Vec<(String, String)>,
     /// Drop the message if not consumed within this many milliseconds
     /// (derived from the request deadline so no one works on stale requests).
@@ -324,10 +325,10 @@ impl AnyBroker {
         let mut message = delivery.message.clone();
         message
             .headers
-            .push((names::DEAD_REASON.into(), reason.into()));
+            .push((headers::DEAD_REASON.into(), reason.into()));
         message
             .headers
-            .push((names::DEAD_SOURCE.into(), source.into()));
+            .push((headers::DEAD_SOURCE.into(), source.into()));
         message.ttl_ms = None;
         message.persistent = true;
         match self.publish(names::DEAD_LETTERS, message).await {

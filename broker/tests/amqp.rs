@@ -27,11 +27,12 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use funcatron_broker::names::{DEAD_LETTERS, DEAD_REASON, DEAD_SOURCE};
 use funcatron_broker::{
     AmqpBroker, AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind,
     Subscription,
 };
+use funcatron_control::headers::{DEAD_REASON, DEAD_SOURCE};
+use funcatron_control::names::DEAD_LETTERS;
 use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -20,11 +20,12 @@ use std::future::Future;
 use std::pin::pin;
 use std::time::Duration;
 
-use funcatron_broker::names::{DEAD_LETTERS, DEAD_REASON, DEAD_SOURCE};
 use funcatron_broker::{
     AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, EmbeddedBroker, Message, QueueDepth,
     QueueKind, Subscription,
 };
+use funcatron_control::headers::{DEAD_REASON, DEAD_SOURCE};
+use funcatron_control::names::DEAD_LETTERS;
 
 const MANUAL: ConsumeOptions = ConsumeOptions {
     prefetch: 10,

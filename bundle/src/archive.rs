@@ -10,8 +10,6 @@
 use std::io::Read;
 use std::path::{Component, Path};
 
-use sha2::{Digest, Sha256};
-
 use crate::{bundle_files, Bundle, BundleError};
 
 /// Limits on what an archive may unpack to.
@@ -59,7 +57,7 @@ pub enum ArchiveError {
 
 /// Hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    crate::hex_prefix(&Sha256::digest(bytes), 32)
+    funcatron_control::fetch::sha256_hex(bytes)
 }
 
 /// Validate the bundle in `dir` and pack it; returns the bundle and the

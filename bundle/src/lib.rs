@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub mod archive;
-pub mod state;
 pub mod validate;
 
 use serde::Deserialize;
@@ -601,6 +600,28 @@ fn synthesized_api(name: &str) -> ApiDoc {
 }
 
 impl Bundle {
+    /// This bundle with the settings it was enabled with applied (they
+    /// override the bundle's own).
+    pub fn with_settings(&self, settings: &funcatron_control::state::FuncSettings) -> Bundle {
+        let mut b = self.clone();
+        b.env.extend(settings.env.clone());
+        for s in &settings.secrets {
+            if !b.secrets.contains(s) {
+                b.secrets.push(s.clone());
+            }
+        }
+        if settings.concurrency.is_some() {
+            b.concurrency = settings.concurrency;
+        }
+        if settings.timeout_ms.is_some() {
+            b.timeout_ms = settings.timeout_ms;
+        }
+        if let Some(mb) = settings.memory_mb {
+            b.memory_bytes = Some(mb * 1024 * 1024);
+        }
+        b
+    }
+
     /// Load and validate the bundle in `dir`, its document as written.
     pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
         Bundle::load_in(dir, None)

@@ -19,8 +19,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-pub mod headers;
-
 /// The envelope version this build writes.
 pub const VERSION: &str = "1.0";
 /// The major version this build reads; any other major is dead-lettered.

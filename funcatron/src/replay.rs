@@ -83,7 +83,7 @@ fn headers_of(v: &Value) -> Vec<(String, String)> {
 
 fn parse(line: &str, n: usize) -> Result<Pair> {
     let v: Value = serde_json::from_str(line).with_context(|| format!("line {n}: not JSON"))?;
-    if v["schema"] != "funcatron.capture/1" {
+    if v["schema"] != funcatron_control::state::CAPTURE_SCHEMA {
         bail!("line {n}: not a funcatron.capture/1 record");
     }
     let (req, resp) = (&v["request"], &v["response"]);

@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use funcatron_broker::{names, AmqpBroker, Broker, Message};
+use funcatron_broker::{AmqpBroker, Broker, Message};
+use funcatron_control::names;
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use funcatron_broker::{AnyBroker, Broker, EmbeddedBroker};
-use funcatron_bundle::state::{RunnerStats, LOGS_TOPIC, STATS_TOPIC};
+use funcatron_control::names::{LOGS_TOPIC, STATS_TOPIC};
+use funcatron_control::state::RunnerStats;
 use funcatron_ingress::IngressOptions;
 use funcatron_runner::{RunnerNode, RunnerOptions};
 use funcatron_tron::TronNode;

@@ -8,7 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use funcatron_broker::{names, AnyBroker, Broker, EmbeddedBroker, Message};
+use funcatron_broker::{AnyBroker, Broker, EmbeddedBroker, Message};
+use funcatron_control::names;
 use funcatron_ingress::IngressOptions;
 use serde_json::Value;
 

@@ -26,7 +26,8 @@ use axum::Router;
 use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use funcatron_broker::{names, AnyBroker, Broker, BrokerError, ConsumeOptions, Message, QueueKind};
+use funcatron_broker::{AnyBroker, Broker, BrokerError, ConsumeOptions, Message, QueueKind};
+use funcatron_control::names;
 use funcatron_envelope::{
     encode_body, error_body, new_request_id, now_ms, sane_request_id, Request, Response, VERSION,
 };

@@ -14,8 +14,9 @@ use std::path::PathBuf;
 
 use funcatron_broker::{AnyBroker, Broker, Message};
 use funcatron_bundle::archive::{self, Limits};
-use funcatron_bundle::state::{Capture, ClusterState, Control, LogLevel, CONTROL_TOPIC};
 use funcatron_bundle::Bundle;
+use funcatron_control::names::CONTROL_TOPIC;
+use funcatron_control::state::{Capture, ClusterState, Control, LogLevel};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -59,23 +60,6 @@ impl FollowOptions {
     }
 }
 
-async fn fetch(http: &reqwest::Client, base: &str, sha: &str) -> Result<Vec<u8>, String> {
-    let url = format!("{}/v1/bundles/{sha}", base.trim_end_matches('/'));
-    let bytes = http
-        .get(&url)
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .map_err(|e| format!("{url}: {e}"))?
-        .bytes()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    if archive::sha256_hex(&bytes) != sha {
-        return Err(format!("{url}: the archive's SHA-256 does not match"));
-    }
-    Ok(bytes.to_vec())
-}
-
 /// The bundles `state` enables, fetched and loaded.
 async fn load(
     http: &reqwest::Client,
@@ -101,7 +85,9 @@ async fn load(
         {
             Some(d) => d,
             None => {
-                let bytes = fetch(http, fetch_from, sha).await?;
+                let bytes = funcatron_control::fetch::fetch_archive(http, fetch_from, sha)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 archive::unpack_into(&bytes, &root, name, Limits::default())
                     .map_err(|e| format!("bundle {sha}: {e}"))?
                     .1
@@ -109,7 +95,7 @@ async fn load(
         };
         let b = Bundle::load_in(&bundle_dir, options.environment.as_deref())
             .map_err(|e| e.to_string())?;
-        list.push(settings.apply(&b));
+        list.push(b.with_settings(settings));
     }
     Ok(list)
 }

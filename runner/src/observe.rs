@@ -15,11 +15,9 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use bytes::Bytes;
 use funcatron_broker::{AnyBroker, Broker, Message};
-use funcatron_bundle::state::{
-    Capture, FuncLoad, LogLevel, RunnerStats, CAPTURE_HEADER, CAPTURE_TOPIC, LOGS_TOPIC,
-    STATS_TOPIC,
-};
-use funcatron_envelope::headers;
+use funcatron_control::headers;
+use funcatron_control::names::{CAPTURE_TOPIC, LOGS_TOPIC, STATS_TOPIC};
+use funcatron_control::state::{Capture, FuncLoad, LogLevel, RunnerStats};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -332,7 +330,7 @@ async fn publish(broker: AnyBroker, mut rx: tokio::sync::mpsc::Receiver<Outgoing
                 // The writer files it without parsing it.
                 m.headers = vec![
                     (headers::FUNC.into(), func),
-                    (CAPTURE_HEADER.into(), capture.id),
+                    (headers::CAPTURE.into(), capture.id),
                 ];
                 (CAPTURE_TOPIC, m)
             }
@@ -369,7 +367,9 @@ fn record(
     req.reply_key = None;
     resp.reply_key = None;
     let mut out = Vec::with_capacity(request.len() + response.len() + 160);
-    out.extend_from_slice(br#"{"schema":"funcatron.capture/1","capture":"#);
+    out.extend_from_slice(br#"{"schema":"#);
+    serde_json::to_writer(&mut out, funcatron_control::state::CAPTURE_SCHEMA).ok()?;
+    out.extend_from_slice(br#","capture":"#);
     serde_json::to_writer(&mut out, &capture.id).ok()?;
     out.extend_from_slice(br#","func":"#);
     serde_json::to_writer(&mut out, func).ok()?;

@@ -4,10 +4,12 @@
 use std::sync::Arc;
 
 use funcatron_broker::{
-    names, AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind,
+    AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind,
 };
 use funcatron_bundle::{Bundle, RuntimeKind};
-use funcatron_envelope::{headers, now_ms};
+use funcatron_control::headers;
+use funcatron_control::names;
+use funcatron_envelope::now_ms;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use funcatron_broker::{AnyBroker, Broker};
-use funcatron_bundle::state::STATS_TOPIC;
+use funcatron_control::names::STATS_TOPIC;
 use tokio_util::sync::CancellationToken;
 
 use crate::demand::Demand;

@@ -3,9 +3,11 @@
 use std::sync::Arc;
 
 use funcatron_broker::{
-    names, AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind,
+    AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind,
 };
-use funcatron_envelope::{headers, now_ms, Response, RouteView};
+use funcatron_control::headers;
+use funcatron_control::names;
+use funcatron_envelope::{now_ms, Response, RouteView};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

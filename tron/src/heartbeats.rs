@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use funcatron_bundle::state::RunnerStats;
+use funcatron_control::state::RunnerStats;
 
 /// A Runner counts while heard from within this.
 const FRESH: Duration = Duration::from_secs(3);

@@ -13,7 +13,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use funcatron_bundle::state::FuncSettings;
+use funcatron_control::state::FuncSettings;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -434,12 +434,12 @@ async fn capture_start(
         Ok(b) => b,
         Err(r) => return *r,
     };
-    let mut redact: Vec<String> = funcatron_bundle::state::DEFAULT_REDACT
+    let mut redact: Vec<String> = funcatron_control::state::DEFAULT_REDACT
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
     redact.extend(req.redact.iter().map(|h| h.to_ascii_lowercase()));
-    let capture = funcatron_bundle::state::Capture {
+    let capture = funcatron_control::state::Capture {
         id: funcatron_envelope::new_request_id()[..12].to_owned(),
         sample: req.sample.unwrap_or(1.0),
         until_ms: req
@@ -509,7 +509,7 @@ async fn log_level(
         Ok(b) => b,
         Err(r) => return *r,
     };
-    let level = (req.level != "default").then(|| funcatron_bundle::state::LogLevel {
+    let level = (req.level != "default").then(|| funcatron_control::state::LogLevel {
         level: req.level.clone(),
         until_ms: req
             .for_ms

@@ -24,11 +24,12 @@ use std::sync::Arc;
 
 use funcatron_broker::{AnyBroker, Broker, Message};
 use funcatron_bundle::archive::{self, Limits};
-use funcatron_bundle::state::{
-    Capture, ClusterState, Control, Event, FuncSettings, LogLevel, Upload, CAPTURE_HEADER,
-    CAPTURE_TOPIC, CONTROL_TOPIC, LOGS_TOPIC,
-};
 use funcatron_bundle::Bundle;
+use funcatron_control::headers;
+use funcatron_control::names::{CAPTURE_TOPIC, CONTROL_TOPIC, LOGS_TOPIC};
+use funcatron_control::state::{
+    Capture, ClusterState, Control, Event, FuncSettings, LogLevel, Upload,
+};
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
@@ -413,10 +414,8 @@ impl Registry {
     /// The Func and capture come in message headers: the record is written
     /// as it arrived, through a file kept open.
     async fn write_capture(&self, msg: &Message) {
-        let (Some(func), Some(id)) = (
-            msg.header(funcatron_envelope::headers::FUNC),
-            msg.header(CAPTURE_HEADER),
-        ) else {
+        let (Some(func), Some(id)) = (msg.header(headers::FUNC), msg.header(headers::CAPTURE))
+        else {
             return;
         };
         let max = match self
@@ -634,7 +633,7 @@ impl Registry {
                     format!("bundle {sha} is named {}, not {name}", b.name),
                 ));
             }
-            list.push(settings.apply(&b));
+            list.push(b.with_settings(settings));
         }
         Ok(list)
     }
@@ -675,24 +674,9 @@ impl Registry {
         if self.blob_path(sha).is_some_and(|p| p.is_file()) {
             return Ok(());
         }
-        let url = format!("{}/v1/bundles/{sha}", base.trim_end_matches('/'));
-        let bytes = self
-            .http
-            .get(&url)
-            .send()
+        let bytes = funcatron_control::fetch::fetch_archive(&self.http, base, sha)
             .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| RegistryError::new(502, "fetch_failed", format!("{url}: {e}")))?
-            .bytes()
-            .await
-            .map_err(|e| RegistryError::new(502, "fetch_failed", format!("{url}: {e}")))?;
-        if archive::sha256_hex(&bytes) != sha {
-            return Err(RegistryError::new(
-                502,
-                "fetch_failed",
-                format!("{url}: SHA-256 mismatch"),
-            ));
-        }
+            .map_err(|e| RegistryError::new(502, "fetch_failed", e.to_string()))?;
         self.store(&bytes, name).await.map(drop)
     }
 

@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use funcatron_broker::names;
 use funcatron_bundle::Bundle;
+use funcatron_control::names;
 use percent_encoding::percent_decode_str;
 use regex::Regex;
 

@@ -466,7 +466,8 @@ pub async fn each_request_gets_its_own_answer(bases: &[String], n: usize) {
 /// Take `n` messages off the dead-letter queue (acking them), check they came
 /// from the request queue, and return their reasons, sorted.
 pub async fn dead_letter_reasons(broker: &impl funcatron_broker::Broker, n: usize) -> Vec<String> {
-    use funcatron_broker::{names, ConsumeOptions, QueueKind};
+    use funcatron_broker::{ConsumeOptions, QueueKind};
+    use funcatron_control::{headers, names};
     let mut dead = broker
         .consume(
             names::DEAD_LETTERS,
@@ -484,10 +485,13 @@ pub async fn dead_letter_reasons(broker: &impl funcatron_broker::Broker, n: usiz
             .await
             .expect("a dead letter")
             .unwrap();
-        assert_eq!(d.message.header(names::DEAD_SOURCE), Some(names::REQUESTS));
+        assert_eq!(
+            d.message.header(headers::DEAD_SOURCE),
+            Some(names::REQUESTS)
+        );
         reasons.push(
             d.message
-                .header(names::DEAD_REASON)
+                .header(headers::DEAD_REASON)
                 .unwrap_or_default()
                 .to_owned(),
         );

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use funcatron_broker::Broker;
-use funcatron_bundle::state::FuncSettings;
+use funcatron_control::state::FuncSettings;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

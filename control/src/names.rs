@@ -1,4 +1,4 @@
-//! Queue names every component agrees on.
+//! Queue and topic names every component agrees on.
 
 /// The request firehose: ingresses publish, Trons consume.
 pub const REQUESTS: &str = "funcatron.requests";
@@ -16,7 +16,13 @@ pub fn reply_queue(instance: &str) -> String {
     format!("funcatron.reply.{instance}")
 }
 
-/// Header on a dead-lettered message: why it was dead-lettered.
-pub const DEAD_REASON: &str = "x-funcatron-dead-reason";
-/// Header on a dead-lettered message: the queue it came from.
-pub const DEAD_SOURCE: &str = "x-funcatron-dead-source";
+/// The broadcast topic of registry states and hellos ([`crate::state::Control`]).
+pub const CONTROL_TOPIC: &str = "funcatron.control";
+/// The broadcast topic Runners report their load on, every second
+/// ([`crate::state::RunnerStats`]).
+pub const STATS_TOPIC: &str = "funcatron.stats";
+/// The broadcast topic Func log lines travel on.
+pub const LOGS_TOPIC: &str = "funcatron.logs";
+/// The broadcast topic captured pairs travel on (every Tron with a store
+/// writes them).
+pub const CAPTURE_TOPIC: &str = "funcatron.capture";

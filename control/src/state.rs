@@ -10,12 +10,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Bundle;
-
-/// The broadcast topic for control messages.
-pub const CONTROL_TOPIC: &str = "funcatron.control";
-
-/// Settings given to a Func when it is enabled; they override the bundle's.
+/// Settings given to a Func when it is enabled; they override the bundle's
+/// (`funcatron_bundle::Bundle::with_settings`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FuncSettings {
@@ -47,29 +43,6 @@ pub struct FuncSettings {
     /// milliseconds (for the autoscaler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_down_delay_ms: Option<u64>,
-}
-
-impl FuncSettings {
-    /// `bundle` with these settings applied.
-    pub fn apply(&self, bundle: &Bundle) -> Bundle {
-        let mut b = bundle.clone();
-        b.env.extend(self.env.clone());
-        for s in &self.secrets {
-            if !b.secrets.contains(s) {
-                b.secrets.push(s.clone());
-            }
-        }
-        if self.concurrency.is_some() {
-            b.concurrency = self.concurrency;
-        }
-        if self.timeout_ms.is_some() {
-            b.timeout_ms = self.timeout_ms;
-        }
-        if let Some(mb) = self.memory_mb {
-            b.memory_bytes = Some(mb * 1024 * 1024);
-        }
-        b
-    }
 }
 
 /// An uploaded version.
@@ -130,6 +103,10 @@ pub struct Capture {
     pub redact: Vec<String>,
 }
 
+/// The `schema` of a capture record (one JSON line per request/response
+/// pair in a capture file; `funcatron replay` reads them).
+pub const CAPTURE_SCHEMA: &str = "funcatron.capture/1";
+
 /// Header names redacted unless a capture says otherwise.
 pub const DEFAULT_REDACT: &[&str] = &[
     "authorization",
@@ -148,15 +125,6 @@ pub struct LogLevel {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until_ms: Option<u64>,
 }
-
-/// The broadcast topic captured pairs travel on (every Tron with a store
-/// writes them).
-pub const CAPTURE_TOPIC: &str = "funcatron.capture";
-/// Header on a capture record: the capture it belongs to (the Func is in
-/// `x-funcatron-func`), so a Tron files it without parsing it.
-pub const CAPTURE_HEADER: &str = "x-funcatron-capture";
-/// The broadcast topic Func log lines travel on.
-pub const LOGS_TOPIC: &str = "funcatron.logs";
 
 /// The whole registry.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -206,9 +174,6 @@ pub enum Control {
     /// A newcomer asks every Tron to broadcast its state.
     Hello,
 }
-
-/// The broadcast topic Runners report their load on, every second.
-pub const STATS_TOPIC: &str = "funcatron.stats";
 
 /// One Func on one Runner: cumulative counters (rates come from deltas).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -12,3 +12,10 @@ pub const PATH_PARAMS: &str = "x-funcatron-path-params";
 /// When the Tron forwarded the request (Unix ms, with a fraction): splits
 /// the time before the Runner into dispatch and queue wait.
 pub const DISPATCHED_MS: &str = "x-funcatron-dispatched-ms";
+/// Header on a capture record: the capture it belongs to (the Func is in
+/// [`FUNC`]), so a Tron files it without parsing it.
+pub const CAPTURE: &str = "x-funcatron-capture";
+/// Header on a dead-lettered message: why it was dead-lettered.
+pub const DEAD_REASON: &str = "x-funcatron-dead-reason";
+/// Header on a dead-lettered message: the queue it came from.
+pub const DEAD_SOURCE: &str = "x-funcatron-dead-source";

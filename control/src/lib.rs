@@ -1,0 +1,20 @@
+//! The control protocol: what every Funcatron component agrees on beside
+//! the request envelope (`funcatron-envelope`).
+//!
+//! - [`names`]: the queues of the request path (requests, Func queues,
+//!   reply queues, dead letters) and the broadcast topics of the control
+//!   plane (control, stats, logs, capture);
+//! - [`headers`]: the message headers set beside the envelope body;
+//! - [`state`]: the registry's cluster state, the messages on the control
+//!   topic and the Runners' heartbeats;
+//! - [`fetch`]: fetching a bundle archive by SHA-256 from a Tron's
+//!   management API and verifying it (Trons adopting a peer's state and
+//!   Runners following the registry both use it).
+//!
+//! Nothing here talks to a broker: the broker seam (`funcatron-broker`)
+//! carries these names and bytes.
+
+pub mod fetch;
+pub mod headers;
+pub mod names;
+pub mod state;
