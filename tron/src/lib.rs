@@ -21,6 +21,8 @@ pub mod mgmt;
 pub mod node;
 pub mod registry;
 pub mod routes;
+pub mod status;
+pub mod telemetry;
 
 pub use context::TronContext;
 pub use dispatch::{declare_routes, TronOptions};

@@ -1,0 +1,450 @@
+//! The bundle registry: the cluster state of which version of each Func
+//! is enabled, and the state machine that changes it.
+//!
+//! management API / control topic -> **registry** -> route table (this Tron)
+//! and the state broadcast to every Tron and Runner.
+//!
+//! Split by responsibility: [`store`] keeps archives and the saved state
+//! (atomic writes; on start the Tron loads its state and routes as they
+//! were); [`replicate`] shares changes with the other Trons over the
+//! control topic; [`crate::telemetry`] keeps Func log lines and capture
+//! files; [`crate::status`] assembles the status view. This module holds
+//! the state machine (upload, enable, disable, rollback, captures, log
+//! levels): each change is checked to route, saved, applied to this
+//! Tron's route table and broadcast, or nothing changes.
+
+pub mod replicate;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use funcatron_broker::{AnyBroker, Broker};
+use funcatron_bundle::archive::Limits;
+use funcatron_bundle::Bundle;
+use funcatron_control::names::{CAPTURE_TOPIC, LOGS_TOPIC};
+use funcatron_control::state::{Capture, ClusterState, Event, FuncSettings, LogLevel, Upload};
+use tokio::sync::{watch, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use crate::context::TronContext;
+use crate::routes::RouteTable;
+use crate::telemetry::Telemetry;
+use store::Store;
+
+/// A registry operation failed; `status` is the HTTP status to answer.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct RegistryError {
+    /// HTTP status.
+    pub status: u16,
+    /// Short machine-readable code.
+    pub code: &'static str,
+    /// What went wrong, naming the file and field where there is one.
+    pub message: String,
+}
+
+impl RegistryError {
+    fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        RegistryError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Extra checks a bundle must pass before it is stored (the binary plugs in
+/// the Runner's code check for Lua bundles).
+pub type Check = Arc<dyn Fn(&Bundle) -> Result<(), String> + Send + Sync>;
+
+/// Registry settings.
+pub struct RegistryOptions {
+    /// The store directory.
+    pub store: PathBuf,
+    /// Deployment environment for staging rewrites.
+    pub environment: Option<String>,
+    /// Bundles loaded from a directory at start (not managed by the API).
+    pub static_bundles: Vec<Bundle>,
+    /// This Tron's management API base URL, as other hosts reach it.
+    pub advertise: String,
+    /// Archive limits.
+    pub limits: Limits,
+    /// Extra checks at upload.
+    pub check: Option<Check>,
+}
+
+/// The registry of one Tron.
+pub struct Registry {
+    /// Archives and the saved state.
+    store: Store,
+    /// Func log lines and capture files.
+    telemetry: Telemetry,
+    /// The Tron's demand (arrival rates) and Runner heartbeats, for status.
+    ctx: TronContext,
+    options: RegistryOptions,
+    /// This Tron's id as the origin of the revisions it makes.
+    id: String,
+    broker: AnyBroker,
+    /// The state; held while a change is checked, saved and applied.
+    state: Mutex<ClusterState>,
+    /// The route table this Tron dispatches with.
+    routes: watch::Sender<Arc<RouteTable>>,
+    /// Fetches archives from peers.
+    http: reqwest::Client,
+    /// The autoscaler running beside this registry, if any (its view
+    /// joins `status`).
+    autoscaler: std::sync::OnceLock<crate::autoscale::Shared>,
+}
+
+fn now_ms() -> u64 {
+    funcatron_envelope::now_ms() as u64
+}
+
+impl Registry {
+    /// Open (or create) the store, load the saved state and apply it.
+    /// Returns the registry and the route table watch its Tron follows.
+    pub async fn open(
+        options: RegistryOptions,
+        ctx: TronContext,
+    ) -> Result<(Arc<Registry>, watch::Receiver<Arc<RouteTable>>), RegistryError> {
+        let store = Store::open(
+            options.store.clone(),
+            options.environment.clone(),
+            options.limits,
+        )?;
+        let state = store.load_state()?;
+        let (routes_tx, routes_rx) = watch::channel(Arc::new(RouteTable::default()));
+        let r = Arc::new(Registry {
+            telemetry: Telemetry::new(store.dir()),
+            store,
+            broker: ctx.broker.clone(),
+            ctx,
+            options,
+            id: funcatron_envelope::new_request_id()[..12].to_owned(),
+            state: Mutex::new(state),
+            routes: routes_tx,
+            http: reqwest::Client::new(),
+            autoscaler: std::sync::OnceLock::new(),
+        });
+        let state = r.state.lock().await.clone();
+        r.apply(&state).await?;
+        Ok((r, routes_rx))
+    }
+
+    /// The current state.
+    pub async fn state(&self) -> ClusterState {
+        self.state.lock().await.clone()
+    }
+
+    /// The bundle serving `func` now (enabled in the registry, or static).
+    pub async fn serving(&self, func: &str) -> Option<Bundle> {
+        let st = self.state().await;
+        if let Some(sha) = st.funcs.get(func).and_then(|f| f.enabled.clone()) {
+            return self.bundle(&sha).await.ok();
+        }
+        self.options
+            .static_bundles
+            .iter()
+            .find(|b| b.name == func)
+            .cloned()
+    }
+
+    /// Store an upload and record it under its Func; enable it if asked.
+    pub async fn upload(
+        &self,
+        bytes: &[u8],
+        name: &str,
+        enable: Option<FuncSettings>,
+    ) -> Result<(String, Bundle), RegistryError> {
+        let (sha, bundle) = self
+            .store
+            .put(bytes, name, self.options.check.as_ref())
+            .await?;
+        {
+            let mut st = self.state.lock().await;
+            let mut next = st.clone();
+            let f = next.funcs.entry(bundle.name.clone()).or_default();
+            if !f.uploads.iter().any(|u| u.sha == sha) {
+                f.uploads.push(Upload {
+                    sha: sha.clone(),
+                    version: bundle.version.clone(),
+                    at_ms: now_ms(),
+                    bytes: bytes.len() as u64,
+                });
+                self.commit(&mut st, next).await?;
+            }
+        }
+        if let Some(settings) = enable {
+            self.enable(&bundle.name, Some(&sha), Some(settings), "enable")
+                .await?;
+        }
+        Ok((sha, bundle))
+    }
+
+    /// Enable a version of a Func (`sha` `None`: the latest upload). The
+    /// route table switches atomically; Runners switch as they learn it.
+    pub async fn enable(
+        &self,
+        func: &str,
+        sha: Option<&str>,
+        settings: Option<FuncSettings>,
+        action: &str,
+    ) -> Result<ClusterState, RegistryError> {
+        let mut st = self.state.lock().await;
+        let mut next = st.clone();
+        let f = next.funcs.get_mut(func).ok_or_else(|| {
+            RegistryError::new(404, "no_func", format!("no Func named {func} was uploaded"))
+        })?;
+        let sha = match sha {
+            Some(s) => s.to_owned(),
+            None => f
+                .uploads
+                .last()
+                .map(|u| u.sha.clone())
+                .ok_or_else(|| RegistryError::new(404, "no_bundle", "nothing uploaded"))?,
+        };
+        if !f.uploads.iter().any(|u| u.sha == sha) {
+            return Err(RegistryError::new(
+                404,
+                "no_bundle",
+                format!("{func} has no uploaded version {sha}"),
+            ));
+        }
+        f.enabled = Some(sha.clone());
+        if let Some(s) = settings {
+            f.settings = s;
+        }
+        f.history.push(Event {
+            at_ms: now_ms(),
+            action: action.to_owned(),
+            sha: Some(sha),
+        });
+        self.commit(&mut st, next.clone()).await?;
+        Ok(next)
+    }
+
+    /// Stop routing to a Func.
+    pub async fn disable(&self, func: &str) -> Result<ClusterState, RegistryError> {
+        let mut st = self.state.lock().await;
+        let mut next = st.clone();
+        let f = next
+            .funcs
+            .get_mut(func)
+            .ok_or_else(|| RegistryError::new(404, "no_func", format!("no Func named {func}")))?;
+        f.enabled = None;
+        f.history.push(Event {
+            at_ms: now_ms(),
+            action: "disable".into(),
+            sha: None,
+        });
+        self.commit(&mut st, next.clone()).await?;
+        Ok(next)
+    }
+
+    /// Start capturing `func`'s request/response pairs.
+    pub async fn capture_start(
+        &self,
+        func: &str,
+        capture: Capture,
+    ) -> Result<ClusterState, RegistryError> {
+        if !(0.0..=1.0).contains(&capture.sample) || capture.sample == 0.0 {
+            return Err(RegistryError::new(
+                400,
+                "bad_request",
+                "sample must be in (0, 1]",
+            ));
+        }
+        let mut st = self.state.lock().await;
+        let mut next = st.clone();
+        next.captures.insert(func.to_owned(), capture);
+        self.commit(&mut st, next.clone()).await?;
+        Ok(next)
+    }
+
+    /// Stop capturing `func`.
+    pub async fn capture_stop(&self, func: &str) -> Result<ClusterState, RegistryError> {
+        let mut st = self.state.lock().await;
+        if !st.captures.contains_key(func) {
+            return Ok(st.clone());
+        }
+        let mut next = st.clone();
+        next.captures.remove(func);
+        self.commit(&mut st, next.clone()).await?;
+        Ok(next)
+    }
+
+    /// Set (or, with `None`, reset) `func`'s log level on every Runner.
+    pub async fn set_log_level(
+        &self,
+        func: &str,
+        level: Option<LogLevel>,
+    ) -> Result<ClusterState, RegistryError> {
+        if let Some(l) = &level {
+            if !["error", "warn", "info", "debug", "trace"].contains(&l.level.as_str()) {
+                return Err(RegistryError::new(
+                    400,
+                    "bad_request",
+                    format!(
+                        "unknown log level {:?} (error, warn, info, debug, trace)",
+                        l.level
+                    ),
+                ));
+            }
+        }
+        let mut st = self.state.lock().await;
+        let mut next = st.clone();
+        match level {
+            Some(l) => next.log_levels.insert(func.to_owned(), l),
+            None => next.log_levels.remove(func),
+        };
+        self.commit(&mut st, next.clone()).await?;
+        Ok(next)
+    }
+
+    /// Where the archive `sha` is kept.
+    pub fn blob_path(&self, sha: &str) -> Option<PathBuf> {
+        self.store.blob_path(sha)
+    }
+
+    /// The bundle stored under `sha`, loaded.
+    pub async fn bundle(&self, sha: &str) -> Result<Bundle, RegistryError> {
+        self.store.bundle(sha).await
+    }
+
+    /// The capture file of `func` (JSON Lines).
+    pub fn capture_path(&self, func: &str) -> Option<PathBuf> {
+        self.telemetry.capture_path(func)
+    }
+
+    /// Recent log lines (JSON) and a receiver of new ones.
+    pub fn logs(&self) -> (Vec<Arc<str>>, tokio::sync::broadcast::Receiver<Arc<str>>) {
+        self.telemetry.logs()
+    }
+
+    /// The status view ([`crate::status`]) of this Tron's routes.
+    pub async fn status(&self) -> serde_json::Value {
+        let table = Arc::clone(&self.routes.borrow());
+        crate::status::status(&self.ctx, &table, self.autoscaler.get().map(|a| &**a)).await
+    }
+
+    /// Stop a capture that reached its maximum (unless it was replaced).
+    async fn capture_finished(&self, func: &str, id: &str) {
+        let still_running = self
+            .state
+            .lock()
+            .await
+            .captures
+            .get(func)
+            .is_some_and(|c| c.id == id);
+        if still_running {
+            if let Err(e) = self.capture_stop(func).await {
+                tracing::warn!(func, error = %e, "cannot stop a finished capture");
+            }
+        }
+    }
+
+    /// Show `autoscaler`'s decisions in [`Registry::status`].
+    pub fn attach_autoscaler(&self, autoscaler: crate::autoscale::Shared) {
+        let _ = self.autoscaler.set(autoscaler);
+    }
+
+    /// Collect captured pairs and Func log lines until `shutdown`.
+    pub async fn collect(self: Arc<Self>, shutdown: CancellationToken) {
+        let (mut captures, mut logs) = match (
+            self.broker.subscribe(CAPTURE_TOPIC).await,
+            self.broker.subscribe(LOGS_TOPIC).await,
+        ) {
+            (Ok(c), Ok(l)) => (c, l),
+            _ => {
+                tracing::error!("cannot subscribe to the capture and log topics");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                d = captures.next() => match d {
+                    Some(d) => {
+                        if let Some((func, id)) = self.telemetry.write_capture(&d.message) {
+                            self.capture_finished(&func, &id).await;
+                        }
+                    }
+                    None => return,
+                },
+                d = logs.next() => match d {
+                    Some(d) => self.telemetry.remember_log(&d.message.payload),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// Enable the version that was enabled before the current one.
+    pub async fn rollback(&self, func: &str) -> Result<ClusterState, RegistryError> {
+        let previous = {
+            let st = self.state.lock().await;
+            let f = st.funcs.get(func).ok_or_else(|| {
+                RegistryError::new(404, "no_func", format!("no Func named {func}"))
+            })?;
+            let current = f.enabled.clone();
+            f.history
+                .iter()
+                .rev()
+                .filter_map(|e| e.sha.clone())
+                .find(|s| Some(s) != current.as_ref())
+                .ok_or_else(|| {
+                    RegistryError::new(
+                        409,
+                        "no_previous",
+                        format!("{func} has no earlier version to roll back to"),
+                    )
+                })?
+        };
+        self.enable(func, Some(&previous), None, "rollback").await
+    }
+
+    /// Make `next` the state: check it routes, save it, apply it, tell the
+    /// others. On any failure nothing changes.
+    async fn commit(
+        &self,
+        st: &mut ClusterState,
+        mut next: ClusterState,
+    ) -> Result<(), RegistryError> {
+        next.revision = st.revision + 1;
+        next.origin = self.id.clone();
+        self.apply(&next).await?;
+        self.store.save_state(&next)?;
+        *st = next.clone();
+        self.announce(&next).await;
+        Ok(())
+    }
+
+    /// The bundles `state` enables (plus the static ones), with settings.
+    async fn desired(&self, state: &ClusterState) -> Result<Vec<Bundle>, RegistryError> {
+        let mut list = self.options.static_bundles.clone();
+        for (name, sha, settings) in state.enabled() {
+            let b = self.bundle(sha).await?;
+            if b.name != name {
+                return Err(RegistryError::new(
+                    422,
+                    "invalid_bundle",
+                    format!("bundle {sha} is named {}, not {name}", b.name),
+                ));
+            }
+            list.push(b.with_settings(settings));
+        }
+        Ok(list)
+    }
+
+    /// Switch this Tron's routes to `state`.
+    async fn apply(&self, state: &ClusterState) -> Result<(), RegistryError> {
+        self.telemetry.know(&state.captures);
+        let list = self.desired(state).await?;
+        let table = RouteTable::build(&list)
+            .map_err(|e| RegistryError::new(409, "route_conflict", e.to_string()))?;
+        crate::dispatch::declare_routes(&self.broker, &table).await;
+        self.routes.send_replace(Arc::new(table));
+        Ok(())
+    }
+}

@@ -1,0 +1,123 @@
+//! Replication: how the Trons of a cluster share the registry through the
+//! broker's control topic.
+//!
+//! Every change is broadcast as the whole state with a revision
+//! ([`Control::State`]); a Tron adopts a state newer than its own and
+//! fetches the archives it lacks by SHA-256 from the sender's management
+//! API ([`funcatron_control::fetch`], the same code Runners use); a
+//! newcomer says [`Control::Hello`] and the Trons answer with their state.
+//! The broker is already what every component shares, so no extra shared
+//! store (database, NFS) is needed.
+
+use std::sync::Arc;
+
+use funcatron_broker::{Broker, Message};
+use funcatron_control::names::CONTROL_TOPIC;
+use funcatron_control::state::{ClusterState, Control};
+use tokio_util::sync::CancellationToken;
+
+use super::{Registry, RegistryError};
+
+impl Registry {
+    pub(super) async fn announce(&self, state: &ClusterState) {
+        let msg = Control::State {
+            state: state.clone(),
+            fetch: self.options.advertise.clone(),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&msg) {
+            if let Err(e) = self
+                .broker
+                .broadcast(CONTROL_TOPIC, Message::new(bytes))
+                .await
+            {
+                tracing::warn!(error = %e, "could not broadcast the registry state");
+            }
+        }
+    }
+
+    /// Fetch an archive from a peer's management API and store it.
+    async fn fetch(&self, base: &str, sha: &str, name: &str) -> Result<(), RegistryError> {
+        if self.store.blob_path(sha).is_some_and(|p| p.is_file()) {
+            return Ok(());
+        }
+        let bytes = funcatron_control::fetch::fetch_archive(&self.http, base, sha)
+            .await
+            .map_err(|e| RegistryError::new(502, "fetch_failed", e.to_string()))?;
+        self.store
+            .put(&bytes, name, self.options.check.as_ref())
+            .await
+            .map(drop)
+    }
+
+    /// Follow the control topic until `shutdown`: adopt newer states from
+    /// other Trons, answer newcomers.
+    pub async fn follow(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut sub = match self.broker.subscribe(CONTROL_TOPIC).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot follow the control topic");
+                return;
+            }
+        };
+        self.hello().await;
+        loop {
+            let d = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                d = sub.next() => match d { Some(d) => d, None => return },
+            };
+            match serde_json::from_slice::<Control>(&d.message.payload) {
+                Ok(Control::Hello) => {
+                    let st = self.state().await;
+                    if st.revision > 0 {
+                        self.announce(&st).await;
+                    }
+                }
+                Ok(Control::State { state, fetch }) => self.adopt(state, &fetch).await,
+                Err(e) => tracing::warn!(error = %e, "undecodable control message ignored"),
+            }
+        }
+    }
+
+    /// Ask the others for their state (and tell them ours).
+    async fn hello(&self) {
+        if let Ok(bytes) = serde_json::to_vec(&Control::Hello) {
+            let _ = self
+                .broker
+                .broadcast(CONTROL_TOPIC, Message::new(bytes))
+                .await;
+        }
+        let st = self.state().await;
+        if st.revision > 0 {
+            self.announce(&st).await;
+        }
+    }
+
+    async fn adopt(&self, state: ClusterState, fetch: &str) {
+        if !self.state.lock().await.older_than(&state) {
+            return;
+        }
+        // Every uploaded version, so any Tron can enable or roll back to any.
+        for (name, f) in &state.funcs {
+            for u in &f.uploads {
+                if let Err(e) = self.fetch(fetch, &u.sha, name).await {
+                    tracing::error!(func = %name, sha = %u.sha, error = %e, "cannot fetch a bundle; keeping the current state");
+                    return;
+                }
+            }
+        }
+        let mut st = self.state.lock().await;
+        if !st.older_than(&state) {
+            return;
+        }
+        match self.apply(&state).await {
+            Ok(()) => {
+                if let Err(e) = self.store.save_state(&state) {
+                    tracing::error!(error = %e, "cannot save the adopted state");
+                }
+                tracing::info!(revision = state.revision, origin = %state.origin, "adopted the registry state of another Tron");
+                *st = state;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot apply another Tron's state"),
+        }
+    }
+}

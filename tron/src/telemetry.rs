@@ -1,0 +1,171 @@
+//! Telemetry a Tron with a store keeps: recent Func log lines (for
+//! `funcatron logs`) and capture files.
+//!
+//! Runner -> `funcatron.logs` / `funcatron.capture` topics -> **Tron
+//! (here)** -> the log ring and live followers, and one JSON Lines file per
+//! Func under `<store>/captures/`. The registry's collector feeds it and
+//! stops a capture that reached its maximum.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use funcatron_broker::Message;
+use funcatron_control::headers;
+use funcatron_control::state::Capture;
+
+/// Log lines kept for `funcatron logs`.
+const KEPT_LINES: usize = 5000;
+
+/// The log ring and capture files of one Tron.
+pub struct Telemetry {
+    /// The store directory (capture files go under `captures/`).
+    store: PathBuf,
+    /// Recent Func log lines (JSON), newest last.
+    logs: Mutex<VecDeque<Arc<str>>>,
+    /// New log lines, for followers.
+    live_logs: tokio::sync::broadcast::Sender<Arc<str>>,
+    /// Pairs written per capture id.
+    captured: Mutex<HashMap<String, u64>>,
+    /// Every capture this Tron has seen (id -> max): pairs still in flight
+    /// when a capture stops are written too.
+    known_captures: Mutex<HashMap<String, Option<u64>>>,
+    /// Capture files kept open for appending, by Func.
+    capture_files: Mutex<HashMap<String, std::fs::File>>,
+}
+
+/// Log and count a poisoned lock instead of skipping it silently; the
+/// data behind it is still used.
+fn poisoned<T>(what: &'static str, e: std::sync::PoisonError<T>) -> T {
+    tracing::error!(
+        lock = what,
+        "a lock was poisoned by a panic; using its data"
+    );
+    metrics::counter!("tron_poisoned_locks_total", "lock" => what).increment(1);
+    e.into_inner()
+}
+
+impl Telemetry {
+    /// Telemetry kept in the store at `store`.
+    pub fn new(store: &Path) -> Self {
+        Telemetry {
+            store: store.to_owned(),
+            logs: Mutex::new(VecDeque::new()),
+            live_logs: tokio::sync::broadcast::channel(1024).0,
+            captured: Mutex::default(),
+            known_captures: Mutex::default(),
+            capture_files: Mutex::default(),
+        }
+    }
+
+    /// Remember the captures of a state (so their pairs are written).
+    pub fn know(&self, captures: &BTreeMap<String, Capture>) {
+        let mut known = self
+            .known_captures
+            .lock()
+            .unwrap_or_else(|e| poisoned("telemetry.known_captures", e));
+        for c in captures.values() {
+            known.insert(c.id.clone(), c.max);
+        }
+    }
+
+    /// The capture file of `func` (JSON Lines).
+    pub fn capture_path(&self, func: &str) -> Option<PathBuf> {
+        funcatron_bundle::valid_name(func)
+            .then(|| self.store.join("captures").join(format!("{func}.jsonl")))
+    }
+
+    /// Append a captured pair to its Func's file, up to the capture's max.
+    /// The Func and capture come in message headers: the record is written
+    /// as it arrived, through a file kept open. Returns the Func and
+    /// capture id when this pair was the capture's last.
+    pub fn write_capture(&self, msg: &Message) -> Option<(String, String)> {
+        let (func, id) = (msg.header(headers::FUNC)?, msg.header(headers::CAPTURE)?);
+        // Not a capture this Tron started or adopted: nothing.
+        let max = *self
+            .known_captures
+            .lock()
+            .unwrap_or_else(|e| poisoned("telemetry.known_captures", e))
+            .get(id)?;
+        let n = {
+            let mut counts = self
+                .captured
+                .lock()
+                .unwrap_or_else(|e| poisoned("telemetry.captured", e));
+            let n = counts.entry(id.to_owned()).or_insert(0);
+            if max.is_some_and(|m| *n >= m) {
+                return None;
+            }
+            *n += 1;
+            *n
+        };
+        let path = self.capture_path(func)?;
+        if let Err(e) = self.append(func, &path, &msg.payload) {
+            tracing::error!(func, error = %e, "cannot write a captured pair");
+        }
+        max.is_some_and(|m| n >= m)
+            .then(|| (func.to_owned(), id.to_owned()))
+    }
+
+    fn append(&self, func: &str, path: &Path, record: &[u8]) -> std::io::Result<()> {
+        let mut files = self
+            .capture_files
+            .lock()
+            .unwrap_or_else(|e| poisoned("telemetry.capture_files", e));
+        if !path.is_file() {
+            files.remove(func);
+        }
+        let file = match files.entry(func.to_owned()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                e.insert(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)?,
+                )
+            }
+        };
+        let mut line = Vec::with_capacity(record.len() + 1);
+        line.extend_from_slice(record);
+        line.push(b'\n');
+        std::io::Write::write_all(file, &line)
+    }
+
+    /// Keep a log line (JSON text) and pass it to followers.
+    pub fn remember_log(&self, bytes: &[u8]) {
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            metrics::counter!("tron_bad_log_lines_total").increment(1);
+            return;
+        };
+        let line: Arc<str> = Arc::from(text);
+        {
+            let mut logs = self
+                .logs
+                .lock()
+                .unwrap_or_else(|e| poisoned("telemetry.logs", e));
+            if logs.len() >= KEPT_LINES {
+                logs.pop_front();
+            }
+            logs.push_back(Arc::clone(&line));
+        }
+        // No follower is listening: nothing to do.
+        let _ = self.live_logs.send(line);
+    }
+
+    /// Recent log lines (JSON) and a receiver of new ones.
+    pub fn logs(&self) -> (Vec<Arc<str>>, tokio::sync::broadcast::Receiver<Arc<str>>) {
+        let rx = self.live_logs.subscribe();
+        let recent = self
+            .logs
+            .lock()
+            .unwrap_or_else(|e| poisoned("telemetry.logs", e))
+            .iter()
+            .cloned()
+            .collect();
+        (recent, rx)
+    }
+}
