@@ -65,13 +65,9 @@ pub async fn run(cmd: BundleCmd) -> Result<()> {
             let v = crate::client::push(&a.remote, &a.path, a.enable).await?;
             println!(
                 "{} {} {}",
-                v["name"].as_str().unwrap_or_default(),
-                v["sha"].as_str().unwrap_or_default(),
-                if v["enabled"] == true {
-                    "enabled"
-                } else {
-                    "uploaded"
-                }
+                v.name,
+                v.sha,
+                if v.enabled { "enabled" } else { "uploaded" }
             );
             Ok(())
         }

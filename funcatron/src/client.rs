@@ -8,7 +8,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use funcatron_bundle::archive;
-use serde_json::{json, Value};
+use funcatron_control::state::FuncSettings;
+use funcatron_tron::mgmt::api::{
+    ApiError, CaptureRequest, CaptureStarted, CaptureStopped, EnableRequest, Enabled, FuncDetail,
+    FuncHistory, FuncList, InvokeRequest, LogLevelRequest, LogLevelSet, LogLine, Routes, Status,
+    Uploaded,
+};
+use serde::de::DeserializeOwned;
 
 /// Where the management API is and how to authenticate.
 #[derive(Args, Clone)]
@@ -60,16 +66,26 @@ impl Remote {
     }
 }
 
-/// Answer JSON, or an error with the API's message.
-async fn answer(r: reqwest::Response) -> Result<Value> {
+/// The answer's body as `T`, or an error with the API's message.
+async fn answer<T: DeserializeOwned>(r: reqwest::Response) -> Result<T> {
     let status = r.status();
+    let url = r.url().path().to_owned();
     let text = r.text().await?;
-    let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
     if !status.is_success() {
-        let msg = v["message"].as_str().unwrap_or(&text);
-        bail!("{status}: {msg}");
+        match serde_json::from_str::<ApiError>(&text) {
+            Ok(e) => bail!("{status}: {}", e.message),
+            Err(_) => bail!("{status}: {text}"),
+        }
     }
-    Ok(v)
+    serde_json::from_str(&text).with_context(|| format!("reading the answer of {url}: {text}"))
+}
+
+/// An error with the API's message, for an answer that was not a 2xx.
+async fn failed(r: reqwest::Response) -> anyhow::Error {
+    match answer::<serde::de::IgnoredAny>(r).await {
+        Ok(_) => anyhow::anyhow!("unexpected answer"),
+        Err(e) => e,
+    }
 }
 
 /// Build an archive of `dir`; returns (sha, path written).
@@ -85,7 +101,7 @@ pub fn build(dir: &Path, out: Option<&Path>) -> Result<(String, PathBuf, String)
 }
 
 /// Upload an archive (or a directory, built first) with a progress bar.
-pub async fn push(remote: &Remote, path: &Path, enable: bool) -> Result<Value> {
+pub async fn push(remote: &Remote, path: &Path, enable: bool) -> Result<Uploaded> {
     let (bytes, name) = if path.is_dir() {
         let (bundle, bytes) = archive::build(path)?;
         (bytes, bundle.name)
@@ -211,51 +227,52 @@ pub struct EnableArgs {
 /// Run a `func` command; returns what to print.
 pub async fn func(cmd: FuncCmd) -> Result<String> {
     let http = reqwest::Client::new();
-    let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
     match cmd {
         FuncCmd::List(a) => {
-            let v = answer(http.get(a.remote.url("/v1/funcs")).send().await?).await?;
+            let v: FuncList = answer(http.get(a.remote.url("/v1/funcs")).send().await?).await?;
             let mut out = String::from("NAME                 ENABLED       RUNTIME  ROUTES\n");
-            for f in v["funcs"].as_array().into_iter().flatten() {
-                let enabled = f["enabled"]
-                    .as_str()
+            for f in &v.funcs {
+                let enabled = f
+                    .enabled
+                    .as_deref()
                     .map(|s| &s[..12.min(s.len())])
                     .unwrap_or("-");
-                let routes = &f["routes"];
+                let (runtime, host, base_path) = match &f.routes {
+                    Some(Routes::Effective(r)) => {
+                        (r.runtime.as_str(), r.host.as_str(), r.base_path.as_str())
+                    }
+                    _ => ("-", "", ""),
+                };
                 out.push_str(&format!(
                     "{:<20} {:<13} {:<8} {}{}\n",
-                    f["name"].as_str().unwrap_or_default(),
-                    enabled,
-                    routes["runtime"].as_str().unwrap_or("-"),
-                    routes["host"].as_str().unwrap_or(""),
-                    routes["basePath"].as_str().unwrap_or(""),
+                    f.name, enabled, runtime, host, base_path,
                 ));
             }
             Ok(out)
         }
         FuncCmd::Show(a) => {
-            let v = answer(
+            let v: FuncDetail = answer(
                 http.get(a.remote.url(&format!("/v1/funcs/{}", a.name)))
                     .send()
                     .await?,
             )
             .await?;
-            Ok(pretty(&v))
+            Ok(serde_json::to_string_pretty(&v)?)
         }
         FuncCmd::History(a) => {
-            let v = answer(
+            let v: FuncHistory = answer(
                 http.get(a.remote.url(&format!("/v1/funcs/{}/history", a.name)))
                     .send()
                     .await?,
             )
             .await?;
             let mut out = String::new();
-            for e in v["history"].as_array().into_iter().flatten() {
+            for e in &v.history {
                 out.push_str(&format!(
                     "{} {:<8} {}\n",
-                    e["at_ms"],
-                    e["action"].as_str().unwrap_or_default(),
-                    e["sha"].as_str().unwrap_or("-")
+                    e.at_ms,
+                    e.action,
+                    e.sha.as_deref().unwrap_or("-")
                 ));
             }
             Ok(out)
@@ -268,33 +285,21 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
                     .with_context(|| format!("--env {kv}: expected KEY=VALUE"))?;
                 env.insert(k.to_owned(), v.to_owned());
             }
-            let mut settings = json!({});
-            if !env.is_empty() {
-                settings["env"] = json!(env);
-            }
-            if !a.secrets.is_empty() {
-                settings["secrets"] = json!(a.secrets);
-            }
-            for (k, v) in [
-                ("concurrency", a.concurrency.map(|n| n as u64)),
-                ("timeout_ms", a.timeout_ms),
-                ("memory_mb", a.memory_mb.map(|n| n as u64)),
-                ("min_runners", a.min_runners.map(u64::from)),
-                ("max_runners", a.max_runners.map(u64::from)),
-                ("scale_down_delay_ms", a.scale_down_delay_ms),
-            ] {
-                if let Some(v) = v {
-                    settings[k] = json!(v);
-                }
-            }
-            if let Some(t) = a.target_concurrency {
-                settings["target_concurrency"] = json!(t);
-            }
-            let mut body = json!({"settings": settings});
-            if let Some(sha) = &a.sha {
-                body["sha"] = json!(sha);
-            }
-            let v = answer(
+            let body = EnableRequest {
+                sha: a.sha.clone(),
+                settings: Some(FuncSettings {
+                    env,
+                    secrets: a.secrets.clone(),
+                    concurrency: a.concurrency,
+                    timeout_ms: a.timeout_ms,
+                    memory_mb: a.memory_mb,
+                    min_runners: a.min_runners,
+                    max_runners: a.max_runners,
+                    target_concurrency: a.target_concurrency,
+                    scale_down_delay_ms: a.scale_down_delay_ms,
+                }),
+            };
+            let v: Enabled = answer(
                 a.remote
                     .post(&http, &format!("/v1/funcs/{}/enable", a.name))?
                     .json(&body)
@@ -305,11 +310,11 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
             Ok(format!(
                 "enabled {} {}\n",
                 a.name,
-                v["enabled"].as_str().unwrap_or_default()
+                v.enabled.unwrap_or_default()
             ))
         }
         FuncCmd::Disable(a) => {
-            answer(
+            answer::<Enabled>(
                 a.remote
                     .post(&http, &format!("/v1/funcs/{}/disable", a.name))?
                     .send()
@@ -320,7 +325,7 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
         }
         FuncCmd::LogLevel(a) => log_level(a).await,
         FuncCmd::Rollback(a) => {
-            let v = answer(
+            let v: Enabled = answer(
                 a.remote
                     .post(&http, &format!("/v1/funcs/{}/rollback", a.name))?
                     .send()
@@ -330,7 +335,7 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
             Ok(format!(
                 "rolled back {} to {}\n",
                 a.name,
-                v["enabled"].as_str().unwrap_or_default()
+                v.enabled.unwrap_or_default()
             ))
         }
     }
@@ -383,13 +388,13 @@ pub async fn invoke(a: InvokeArgs) -> Result<(Vec<u8>, bool)> {
     let r = a
         .remote
         .post(&http, &format!("/v1/funcs/{}/invoke", a.name))?
-        .json(&json!({
-            "method": a.method,
-            "path": a.path,
-            "query": a.query,
-            "headers": headers,
-            "body": body,
-        }))
+        .json(&InvokeRequest {
+            method: Some(a.method.clone()),
+            path: Some(a.path.clone()),
+            query: a.query.clone(),
+            headers,
+            body,
+        })
         .send()
         .await
         .with_context(|| format!("calling {}", a.remote.tron))?;
@@ -471,14 +476,13 @@ pub async fn capture(cmd: CaptureCmd) -> Result<Vec<u8>> {
     let http = reqwest::Client::new();
     match cmd {
         CaptureCmd::Start(a) => {
-            let mut body = json!({"sample": a.sample, "redact": a.redact});
-            if let Some(m) = a.max {
-                body["max"] = json!(m);
-            }
-            if let Some(d) = a.for_ {
-                body["for_ms"] = json!(d.as_millis() as u64);
-            }
-            let v = answer(
+            let body = CaptureRequest {
+                sample: Some(a.sample),
+                max: a.max,
+                for_ms: a.for_.map(|d| d.as_millis() as u64),
+                redact: a.redact.clone(),
+            };
+            let v: CaptureStarted = answer(
                 a.remote
                     .post(&http, &format!("/v1/funcs/{}/capture", a.name))?
                     .json(&body)
@@ -489,13 +493,13 @@ pub async fn capture(cmd: CaptureCmd) -> Result<Vec<u8>> {
             Ok(format!(
                 "capturing {} (capture {}, sample {})\n",
                 a.name,
-                v["capture"]["id"].as_str().unwrap_or_default(),
+                v.capture.map(|c| c.id).unwrap_or_default(),
                 a.sample
             )
             .into_bytes())
         }
         CaptureCmd::Stop(a) => {
-            answer(
+            answer::<CaptureStopped>(
                 a.remote
                     .post(&http, &format!("/v1/funcs/{}/capture/stop", a.name))?
                     .send()
@@ -510,8 +514,7 @@ pub async fn capture(cmd: CaptureCmd) -> Result<Vec<u8>> {
                 .send()
                 .await?;
             if !r.status().is_success() {
-                answer(r).await?;
-                bail!("export failed");
+                return Err(failed(r).await);
             }
             let bytes = r.bytes().await?;
             match &a.output {
@@ -559,8 +562,7 @@ pub async fn logs(a: LogsArgs) -> Result<()> {
         .send()
         .await?;
     if !r.status().is_success() {
-        answer(r).await?;
-        bail!("logs failed");
+        return Err(failed(r).await);
     }
     let mut stream = r.bytes_stream();
     let mut pending = Vec::new();
@@ -569,15 +571,15 @@ pub async fn logs(a: LogsArgs) -> Result<()> {
         pending.extend_from_slice(&chunk?);
         while let Some(i) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=i).collect();
-            if let Ok(v) = serde_json::from_slice::<Value>(&line) {
+            if let Ok(v) = serde_json::from_slice::<LogLine>(&line) {
                 writeln!(
                     out,
                     "{} {} {} [{}] {}",
-                    v["at_ms"],
-                    v["runner"].as_str().unwrap_or("-"),
-                    v["request_id"].as_str().unwrap_or("-"),
-                    v["stream"].as_str().unwrap_or("-"),
-                    v["message"].as_str().unwrap_or_default()
+                    v.at_ms.map_or("null".to_owned(), |t| t.to_string()),
+                    v.runner.as_deref().unwrap_or("-"),
+                    v.request_id.as_deref().unwrap_or("-"),
+                    v.stream.as_deref().unwrap_or("-"),
+                    v.message
                 )?;
                 out.flush()?;
             }
@@ -603,11 +605,11 @@ pub struct LevelArgs {
 /// Set a Func's log level on every Runner.
 pub async fn log_level(a: LevelArgs) -> Result<String> {
     let http = reqwest::Client::new();
-    let mut body = json!({"level": a.level});
-    if let Some(d) = a.for_ {
-        body["for_ms"] = json!(d.as_millis() as u64);
-    }
-    answer(
+    let body = LogLevelRequest {
+        level: a.level.clone(),
+        for_ms: a.for_.map(|d| d.as_millis() as u64),
+    };
+    answer::<LogLevelSet>(
         a.remote
             .post(&http, &format!("/v1/funcs/{}/log-level", a.name))?
             .json(&body)
@@ -620,66 +622,61 @@ pub async fn log_level(a: LevelArgs) -> Result<String> {
 
 /// Per Func: queue depth, arrival rate, service time, in flight, Runners.
 pub async fn status(remote: &Remote) -> Result<String> {
-    let v = answer(
+    let v: Status = answer(
         reqwest::Client::new()
             .get(remote.url("/v1/status"))
             .send()
             .await?,
     )
     .await?;
+    Ok(status_table(&v))
+}
+
+/// `funcatron status`'s table (and the last scaling decisions).
+fn status_table(v: &Status) -> String {
+    fn or_null<T: ToString>(x: Option<T>) -> String {
+        x.map_or("null".to_owned(), |x| x.to_string())
+    }
+    fn or_dash<T: ToString>(x: Option<T>) -> String {
+        x.map_or("-".to_owned(), |x| x.to_string())
+    }
     let mut out = String::new();
-    if let Some(a) = v["autoscaler"].as_object() {
+    if let Some(a) = &v.autoscaler {
         out.push_str(&format!(
             "autoscaler: substrate {}, every {} ms\n",
-            a.get("substrate").and_then(|s| s.as_str()).unwrap_or("?"),
-            a.get("tick_ms").map(|t| t.to_string()).unwrap_or_default()
+            a.substrate, a.tick_ms
         ));
     }
     out.push_str(
         "FUNC                 READY  UNACKED  CONSUMERS  ARRIVAL/S  SERVICE_MS  IN_FLIGHT  SERVED  RUNNERS  DESIRED  RUNNING\n",
     );
-    let dash = |x: &Value| {
-        if x.is_null() {
-            "-".to_owned()
-        } else {
-            x.to_string()
-        }
-    };
     let mut decisions = String::new();
-    for (name, f) in v["funcs"].as_object().into_iter().flatten() {
-        let sc = &f["scaling"];
+    for (name, f) in &v.funcs {
+        let sc = f.scaling.as_ref();
         out.push_str(&format!(
             "{:<20} {:>5}  {:>7}  {:>9}  {:>9.1}  {:>10}  {:>9}  {:>6}  {:>7}  {:>7}  {:>7}\n",
             name,
-            f["ready"],
-            dash(&sc["unacked"]),
-            f["consumers"],
-            f["arrival_per_s"].as_f64().unwrap_or(0.0),
-            f["service_ms"]
-                .as_f64()
-                .map_or("-".to_owned(), |s| format!("{s:.2}")),
-            f["in_flight"],
-            f["served"],
-            f["runners"],
-            dash(&sc["target"]),
-            dash(&sc["running"]),
+            or_null(f.ready),
+            or_dash(sc.map(|s| s.unacked)),
+            or_null(f.consumers),
+            f.arrival_per_s,
+            f.service_ms.map_or("-".to_owned(), |s| format!("{s:.2}")),
+            f.in_flight,
+            f.served,
+            f.runners,
+            or_dash(sc.map(|s| s.target)),
+            or_dash(sc.map(|s| s.running)),
         ));
-        for d in sc["decisions"]
-            .as_array()
+        for d in sc
             .into_iter()
-            .flatten()
-            .rev()
-            .take(5)
+            .flat_map(|s| s.decisions.iter().rev().take(5))
         {
             decisions.push_str(&format!(
                 "  {name}: {} -> {} at {}: {}\n",
-                d["from"],
-                d["to"],
-                d["at_ms"],
-                d["reason"].as_str().unwrap_or_default()
+                d.from, d.to, d.at_ms, d.reason
             ));
         }
-        if let Some(e) = sc["error"].as_str() {
+        if let Some(e) = sc.and_then(|s| s.error.as_deref()) {
             decisions.push_str(&format!("  {name}: substrate error: {e}\n"));
         }
     }
@@ -687,5 +684,5 @@ pub async fn status(remote: &Remote) -> Result<String> {
         out.push_str("last scaling decisions (newest first):\n");
         out.push_str(&decisions);
     }
-    Ok(out)
+    out
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use clap::Args;
+use funcatron_tron::mgmt::api::{FuncDetail, InvokeRequest, Routes};
 use serde_json::Value;
 
 /// `funcatron replay`.
@@ -152,21 +153,21 @@ async fn send(http: &reqwest::Client, target: &Target, p: &Pair) -> Result<Answe
                 .strip_prefix(base_path.as_str())
                 .filter(|_| base_path != "/")
                 .unwrap_or(&p.path);
-            let headers: serde_json::Map<String, Value> = p
+            let headers = p
                 .headers
                 .iter()
                 .filter(|(k, v)| resendable(k, v))
-                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             remote
                 .post(http, &format!("/v1/funcs/{name}/invoke"))?
-                .json(&serde_json::json!({
-                    "method": p.method,
-                    "path": if rel.is_empty() { "/" } else { rel },
-                    "query": p.query,
-                    "headers": headers,
-                    "body": String::from_utf8_lossy(&p.body),
-                }))
+                .json(&InvokeRequest {
+                    method: Some(p.method.clone()),
+                    path: Some(if rel.is_empty() { "/" } else { rel }.to_owned()),
+                    query: Some(p.query.clone()),
+                    headers,
+                    body: Some(String::from_utf8_lossy(&p.body).into_owned()),
+                })
                 .send()
                 .await?
         }
@@ -294,16 +295,22 @@ pub async fn run(a: ReplayArgs) -> Result<bool> {
     let target = if a.target.starts_with("http://") || a.target.starts_with("https://") {
         Target::Http(a.target.clone())
     } else {
-        let v: Value = http
+        // A Func that is not there keeps `/`: its requests answer 404.
+        let v: Option<FuncDetail> = http
             .get(a.remote.url(&format!("/v1/funcs/{}", a.target)))
             .send()
             .await?
             .json()
-            .await?;
+            .await
+            .ok();
+        let base_path = match v.and_then(|v| v.routes) {
+            Some(Routes::Effective(r)) => r.base_path,
+            _ => "/".to_owned(),
+        };
         Target::Func {
             remote: a.remote.clone(),
             name: a.target.clone(),
-            base_path: v["routes"]["basePath"].as_str().unwrap_or("/").to_owned(),
+            base_path,
         }
     };
     let target = Arc::new(target);

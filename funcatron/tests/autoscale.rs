@@ -302,6 +302,16 @@ async fn step_load_scales_up_to_the_bound_and_back_to_zero() {
     let out = String::from_utf8_lossy(&out.stdout);
     assert!(out.contains("autoscaler: substrate process"), "{out}");
     assert!(out.contains("slow: 0 -> "), "{out}");
+    // The answer is exactly what the management API's shared types say.
+    let (_, body) = text(&format!("{}/v1/status", s.mgmt)).await;
+    let raw: Value = serde_json::from_str(&body).unwrap();
+    let typed: funcatron_tron::mgmt::api::Status = serde_json::from_value(raw.clone()).unwrap();
+    assert!(typed.autoscaler.is_some() && typed.funcs["slow"].scaling.is_some());
+    assert_eq!(
+        serde_json::to_value(&typed).unwrap(),
+        raw,
+        "api::Status misses a field"
+    );
     // The metrics carry the signals and decisions.
     let (_, metrics) = text(&format!("{}/metrics", s.mgmt)).await;
     for m in [

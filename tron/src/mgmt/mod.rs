@@ -1,0 +1,756 @@
+//! The management API: HTTP on the Tron, beside the request path.
+//!
+//! CLI / operators -> **management API** -> [`Registry`]. Its request and
+//! response bodies are the types in [`api`]; its OpenAPI document is
+//! generated from them and the handlers ([`openapi`]) and served at
+//! `/v1/openapi.yaml` (and `/v1/openapi.json`). Reads are open (bind the API
+//! to an internal address); every mutating call needs `Authorization: Bearer
+//! <token>`, checked by one layer on those routes ([`require_token`]).
+//! Errors are JSON: `{"error": code, "message": ...}` ([`api::ApiError`]).
+
+pub mod api;
+
+use std::sync::{Arc, LazyLock};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json, Router};
+use funcatron_control::state::FuncSettings;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
+use utoipa_axum::routes;
+
+use crate::registry::{Registry, RegistryError};
+use api::{
+    ApiError, CaptureRequest, CaptureStarted, CaptureStopped, EffectiveRoutes, EnableRequest,
+    Enabled, FuncDetail, FuncHistory, FuncList, FuncSummary, Health, InvokeRequest,
+    LogLevelRequest, LogLevelSet, LogsQuery, RouteOperation, Routes, RoutesUnavailable,
+    UploadQuery, Uploaded,
+};
+
+/// The name of the bearer-token security scheme in the document.
+pub const TOKEN_SCHEME: &str = "token";
+
+struct Api {
+    registry: Arc<Registry>,
+    token: String,
+    max_upload: usize,
+    /// An in-process ingress for `invoke`.
+    ingress: Option<Router>,
+}
+
+type Shared = State<Arc<Api>>;
+
+fn error(status: u16, code: &str, message: &str) -> Response {
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        Json(ApiError {
+            error: code.to_owned(),
+            message: message.to_owned(),
+        }),
+    )
+        .into_response()
+}
+
+impl IntoResponse for RegistryError {
+    fn into_response(self) -> Response {
+        error(self.status, self.code, &self.message)
+    }
+}
+
+/// Does the call carry the Tron's token?
+fn authorized(api: &Api, headers: &HeaderMap) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compare without an early exit on the first differing byte.
+    given.is_some_and(|g| {
+        g.len() == api.token.len()
+            && g.bytes()
+                .zip(api.token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    })
+}
+
+/// The auth layer on every route that needs the token (those the document
+/// marks with the `token` security scheme, see [`guarded`]): a 401
+/// `unauthorized` unless the call carries `Authorization: Bearer <token>`.
+async fn require_token(
+    Extension(api): Extension<Arc<Api>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !authorized(&api, request.headers()) {
+        return error(
+            401,
+            "unauthorized",
+            "this call needs `Authorization: Bearer <token>` with the Tron's management token",
+        );
+    }
+    next.run(request).await
+}
+
+/// The document's top: info, servers, the security scheme, and the
+/// schemas no handler names.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Funcatron management API",
+        version = "1",
+        description = "Upload, enable, disable and roll back Func bundles on a Tron. Reads are \
+            open (bind the API to an internal address); every POST needs \
+            `Authorization: Bearer <token>` (the token a Tron prints at its first start, or \
+            FUNCATRON_TOKEN / --token-file). Errors are JSON: {\"error\": code, \"message\": text}. \
+            This document is generated from the server's types (tron/src/mgmt/api.rs)."
+    ),
+    servers((url = "/")),
+    components(schemas(api::LogLine)),
+    modifiers(&TokenScheme)
+)]
+struct ApiDoc;
+
+struct TokenScheme;
+
+impl utoipa::Modify for TokenScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            TOKEN_SCHEME,
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Routes open to every caller.
+fn open_routes() -> OpenApiRouter<Arc<Api>> {
+    OpenApiRouter::new()
+        .routes(routes!(openapi_yaml))
+        .routes(routes!(openapi_json))
+        .routes(routes!(health))
+        .routes(routes!(download))
+        .routes(routes!(state))
+        .routes(routes!(status))
+        .routes(routes!(list))
+        .routes(routes!(show))
+        .routes(routes!(history))
+        .routes(routes!(capture_export))
+        .routes(routes!(logs))
+}
+
+/// `routes` behind the token: [`require_token`] on their methods only (any
+/// other method still answers 405).
+fn guarded(routes: UtoipaMethodRouter<Arc<Api>>) -> UtoipaMethodRouter<Arc<Api>> {
+    let (schemas, paths, methods) = routes;
+    (
+        schemas,
+        paths,
+        methods.route_layer(axum::middleware::from_fn(require_token)),
+    )
+}
+
+/// Routes that need the token.
+fn token_routes() -> OpenApiRouter<Arc<Api>> {
+    let unlimited = OpenApiRouter::new()
+        .routes(guarded(routes!(upload)))
+        .routes(guarded(routes!(invoke)))
+        .layer(DefaultBodyLimit::disable());
+    OpenApiRouter::new()
+        .routes(guarded(routes!(enable)))
+        .routes(guarded(routes!(disable)))
+        .routes(guarded(routes!(rollback)))
+        .routes(guarded(routes!(capture_start)))
+        .routes(guarded(routes!(capture_stop)))
+        .routes(guarded(routes!(log_level)))
+        .merge(unlimited)
+}
+
+/// The API's OpenAPI document, generated from the routes, their handlers'
+/// `#[utoipa::path]` and the types in [`api`].
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    OpenApiRouter::<Arc<Api>>::with_openapi(ApiDoc::openapi())
+        .merge(open_routes())
+        .merge(token_routes())
+        .into_openapi()
+}
+
+static DOCUMENT: LazyLock<(String, String)> = LazyLock::new(|| {
+    let doc = openapi();
+    (
+        doc.to_yaml().unwrap_or_else(|e| format!("# {e}\n")),
+        doc.to_pretty_json().unwrap_or_else(|e| format!("\"{e}\"")),
+    )
+});
+
+/// The document as served at `/v1/openapi.yaml`.
+pub fn openapi_yaml_text() -> &'static str {
+    &DOCUMENT.0
+}
+
+/// The management API routes. `max_upload` limits archive uploads;
+/// `ingress` (see `funcatron_ingress::app`) serves `invoke`.
+pub fn router(
+    registry: Arc<Registry>,
+    token: String,
+    max_upload: usize,
+    ingress: Option<Router>,
+) -> Router {
+    let api = Arc::new(Api {
+        registry,
+        token,
+        max_upload,
+        ingress,
+    });
+    let (routes, _) = open_routes().merge(token_routes()).split_for_parts();
+    routes
+        .fallback(|| async { error(404, "not_found", "no such management API path") })
+        .layer(Extension(Arc::clone(&api)))
+        .with_state(api)
+}
+
+/// This document, as YAML.
+#[utoipa::path(get, path = "/v1/openapi.yaml", operation_id = "openapi",
+    responses((status = 200, description = "this document", content_type = "application/yaml", body = String)))]
+async fn openapi_yaml() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/yaml")],
+        openapi_yaml_text(),
+    )
+        .into_response()
+}
+
+/// This document, as JSON.
+#[utoipa::path(get, path = "/v1/openapi.json", operation_id = "openapiJson",
+    responses((status = 200, description = "this document", content_type = "application/json", body = Object)))]
+async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        DOCUMENT.1.as_str(),
+    )
+        .into_response()
+}
+
+/// Is the API up?
+#[utoipa::path(get, path = "/v1/health", operation_id = "health",
+    responses((status = 200, description = "the API is up", body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health { ok: true })
+}
+
+/// The body, or a JSON 413 when it is larger than the upload limit.
+async fn limited(api: &Api, body: axum::body::Body) -> Result<Bytes, Box<Response>> {
+    axum::body::to_bytes(body, api.max_upload)
+        .await
+        .map_err(|_| {
+            Box::new(error(
+                413,
+                "too_large",
+                &format!("larger than the upload limit of {} bytes", api.max_upload),
+            ))
+        })
+}
+
+fn operations(b: &funcatron_bundle::Bundle) -> Vec<RouteOperation> {
+    b.operations
+        .iter()
+        .map(|o| RouteOperation {
+            method: o.method.clone(),
+            path: o.path.clone(),
+            operation_id: o.operation_id.clone(),
+        })
+        .collect()
+}
+
+/// Upload a bundle archive (from `funcatron bundle build`).
+#[utoipa::path(post, path = "/v1/bundles", operation_id = "uploadBundle",
+    security(("token" = [])),
+    params(UploadQuery),
+    request_body(content = inline(String), content_type = "application/gzip", description = "the .tar.gz"),
+    responses(
+        (status = 201, description = "stored (validated): its SHA-256, name, version and routes", body = Uploaded),
+        (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 409, description = "conflict", body = ApiError),
+        (status = 413, description = "larger than the upload limit", body = ApiError),
+        (status = 422, description = "not a valid bundle", body = ApiError),
+    ))]
+async fn upload(
+    State(api): Shared,
+    Query(q): Query<UploadQuery>,
+    body: axum::body::Body,
+) -> Response {
+    let body = match limited(&api, body).await {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let name = q.name.as_deref().unwrap_or("bundle");
+    let enable = q.enable.then(FuncSettings::default);
+    match api.registry.upload(&body, name, enable).await {
+        Ok((sha, b)) => {
+            let enabled = api
+                .registry
+                .state()
+                .await
+                .funcs
+                .get(&b.name)
+                .and_then(|f| f.enabled.clone())
+                == Some(sha.clone());
+            (
+                StatusCode::CREATED,
+                Json(Uploaded {
+                    sha,
+                    name: b.name.clone(),
+                    version: b.version.clone(),
+                    runtime: b.runtime.as_str().to_owned(),
+                    host: b.host.clone(),
+                    base_path: b.base_path.clone(),
+                    operations: operations(&b),
+                    enabled,
+                }),
+            )
+                .into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The archive with this SHA-256 (Trons and Runners fetch bundles here).
+#[utoipa::path(get, path = "/v1/bundles/{sha}", operation_id = "downloadBundle",
+    params(("sha" = String, Path, pattern = "^[0-9a-f]{64}$", description = "the archive's SHA-256")),
+    responses(
+        (status = 200, description = "the archive", content_type = "application/gzip", body = inline(String)),
+        (status = 404, description = "no such bundle", body = ApiError),
+    ))]
+async fn download(State(api): Shared, Path(sha): Path<String>) -> Response {
+    match api.registry.blob_path(&sha).filter(|p| p.is_file()) {
+        Some(p) => match tokio::fs::read(&p).await {
+            Ok(bytes) => ([(header::CONTENT_TYPE, "application/gzip")], bytes).into_response(),
+            Err(e) => error(500, "store_failed", &e.to_string()),
+        },
+        None => error(404, "no_bundle", &format!("no bundle {sha}")),
+    }
+}
+
+/// Per Func: queue depth, consumers, arrival rate, service time, requests
+/// in flight, Runners heard from; with an autoscaler, `scaling` holds its
+/// signals, the desired, target, requested and running Runners, the bounds,
+/// the last reason and decisions, and `autoscaler` names the substrate.
+#[utoipa::path(get, path = "/v1/status", operation_id = "status",
+    responses((status = 200, description = "load and scaling per Func", body = api::Status)))]
+async fn status(State(api): Shared) -> Response {
+    // The registry builds this body; `api::Status` describes it.
+    Json(api.registry.status().await).into_response()
+}
+
+/// The whole registry state (revision, every Func's uploads, enabled
+/// version, settings, history).
+#[utoipa::path(get, path = "/v1/state", operation_id = "state",
+    responses((status = 200, description = "the state", body = api::ClusterStateSchema)))]
+async fn state(State(api): Shared) -> Json<api::State> {
+    Json(api.registry.state().await)
+}
+
+async fn routes_of(api: &Api, sha: &str) -> Routes {
+    match api.registry.bundle(sha).await {
+        Ok(b) => Routes::Effective(EffectiveRoutes {
+            runtime: b.runtime.as_str().to_owned(),
+            version: b.version.clone(),
+            host: b.host.as_deref().unwrap_or("*").to_owned(),
+            base_path: b.base_path.clone(),
+            operations: operations(&b),
+        }),
+        Err(e) => Routes::Unavailable(RoutesUnavailable { error: e.message }),
+    }
+}
+
+/// Every Func, its enabled version and routes.
+#[utoipa::path(get, path = "/v1/funcs", operation_id = "listFuncs",
+    responses((status = 200, description = "every Func, its enabled version and routes", body = FuncList)))]
+async fn list(State(api): Shared) -> Json<FuncList> {
+    let st = api.registry.state().await;
+    let mut funcs = Vec::new();
+    for (name, f) in &st.funcs {
+        let routes = match &f.enabled {
+            Some(sha) => Some(routes_of(&api, sha).await),
+            None => None,
+        };
+        funcs.push(FuncSummary {
+            name: name.clone(),
+            enabled: f.enabled.clone(),
+            uploads: f.uploads.len(),
+            routes,
+        });
+    }
+    Json(FuncList {
+        revision: st.revision,
+        funcs,
+    })
+}
+
+/// One Func: its settings, uploads and effective routes.
+#[utoipa::path(get, path = "/v1/funcs/{name}", operation_id = "showFunc",
+    params(("name" = String, Path, description = "the Func")),
+    responses(
+        (status = 200, description = "the Func, its settings, uploads and effective routes", body = FuncDetail),
+        (status = 404, description = "no such Func", body = ApiError),
+    ))]
+async fn show(State(api): Shared, Path(name): Path<String>) -> Response {
+    let st = api.registry.state().await;
+    let Some(f) = st.funcs.get(&name) else {
+        return error(404, "no_func", &format!("no Func named {name}"));
+    };
+    let routes = match &f.enabled {
+        Some(sha) => Some(routes_of(&api, sha).await),
+        None => None,
+    };
+    Json(FuncDetail {
+        name,
+        enabled: f.enabled.clone(),
+        settings: f.settings.clone(),
+        uploads: f.uploads.clone(),
+        routes,
+    })
+    .into_response()
+}
+
+/// Uploads and enable/disable/rollback events.
+#[utoipa::path(get, path = "/v1/funcs/{name}/history", operation_id = "funcHistory",
+    params(("name" = String, Path, description = "the Func")),
+    responses(
+        (status = 200, description = "uploads and enable/disable/rollback events", body = FuncHistory),
+        (status = 404, description = "no such Func", body = ApiError),
+    ))]
+async fn history(State(api): Shared, Path(name): Path<String>) -> Response {
+    let st = api.registry.state().await;
+    match st.funcs.get(&name) {
+        Some(f) => Json(FuncHistory {
+            name,
+            history: f.history.clone(),
+            uploads: f.uploads.clone(),
+        })
+        .into_response(),
+        None => error(404, "no_func", &format!("no Func named {name}")),
+    }
+}
+
+/// Route to a version (default the latest upload) with settings; atomic on
+/// every Tron.
+#[utoipa::path(post, path = "/v1/funcs/{name}/enable", operation_id = "enableFunc",
+    security(("token" = [])),
+    params(("name" = String, Path, description = "the Func")),
+    request_body(content = EnableRequest, description = "optional"),
+    responses(
+        (status = 200, description = "enabled", body = Enabled),
+        (status = 400, description = "a malformed body", body = ApiError),
+        (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 404, description = "no such Func or version", body = ApiError),
+        (status = 409, description = "its host + basePath is taken", body = ApiError),
+    ))]
+async fn enable(State(api): Shared, Path(name): Path<String>, body: Bytes) -> Response {
+    let req: EnableRequest = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let settings = Some(req.settings.unwrap_or_default());
+    match api
+        .registry
+        .enable(&name, req.sha.as_deref(), settings, "enable")
+        .await
+    {
+        Ok(st) => Json(Enabled {
+            enabled: st.funcs.get(&name).and_then(|f| f.enabled.clone()),
+            name,
+            revision: st.revision,
+        })
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Stop routing to a Func; its routes answer 404.
+#[utoipa::path(post, path = "/v1/funcs/{name}/disable", operation_id = "disableFunc",
+    security(("token" = [])),
+    params(("name" = String, Path, description = "the Func")),
+    responses(
+        (status = 200, description = "disabled; its routes answer 404", body = Enabled),
+        (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 404, description = "no such Func", body = ApiError),
+    ))]
+async fn disable(State(api): Shared, Path(name): Path<String>) -> Response {
+    match api.registry.disable(&name).await {
+        Ok(st) => Json(Enabled {
+            name,
+            enabled: None,
+            revision: st.revision,
+        })
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Enable the version enabled before the current one.
+#[utoipa::path(post, path = "/v1/funcs/{name}/rollback", operation_id = "rollbackFunc",
+    security(("token" = [])),
+    params(("name" = String, Path, description = "the Func")),
+    responses(
+        (status = 200, description = "rolled back", body = Enabled),
+        (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 404, description = "no such Func", body = ApiError),
+        (status = 409, description = "nothing to roll back to", body = ApiError),
+    ))]
+async fn rollback(State(api): Shared, Path(name): Path<String>) -> Response {
+    match api.registry.rollback(&name).await {
+        Ok(st) => Json(Enabled {
+            enabled: st.funcs.get(&name).and_then(|f| f.enabled.clone()),
+            name,
+            revision: st.revision,
+        })
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Call a Func through the request path (an in-process ingress on this
+/// Tron), answering with exactly what the Func answered.
+#[utoipa::path(post, path = "/v1/funcs/{name}/invoke", operation_id = "invokeFunc",
+    security(("token" = [])),
+    params(("name" = String, Path, description = "the Func")),
+    request_body(content = InvokeRequest, description = "the request to make; optional"),
+    responses(
+        (status = "default", description = "the Func's answer, as is"),
+        (status = 400, description = "a malformed body", body = ApiError),
+        (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 404, description = "no such Func is enabled", body = ApiError),
+        (status = 413, description = "larger than the upload limit", body = ApiError),
+        (status = 503, description = "this Tron cannot invoke Funcs", body = ApiError),
+    ))]
+async fn invoke(State(api): Shared, Path(name): Path<String>, body: axum::body::Body) -> Response {
+    let body = match limited(&api, body).await {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let Some(ingress) = api.ingress.clone() else {
+        return error(503, "no_ingress", "this Tron cannot invoke Funcs");
+    };
+    let req: InvokeRequest = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let Some(b) = api.registry.serving(&name).await else {
+        return error(404, "no_func", &format!("no Func named {name} is enabled"));
+    };
+    let rel = req.path.unwrap_or_else(|| "/".into());
+    let mut path = if b.base_path == "/" {
+        rel.clone()
+    } else if rel == "/" || rel.is_empty() {
+        b.base_path.clone()
+    } else {
+        format!("{}/{}", b.base_path, rel.trim_start_matches('/'))
+    };
+    if let Some(q) = req.query.filter(|q| !q.is_empty()) {
+        path = format!("{path}?{q}");
+    }
+    let mut builder = axum::http::Request::builder()
+        .method(req.method.as_deref().unwrap_or("GET"))
+        .uri(&path)
+        .header(header::HOST, b.host.as_deref().unwrap_or("localhost"));
+    for (k, v) in &req.headers {
+        builder = builder.header(k, v);
+    }
+    let Ok(mut http) = builder.body(axum::body::Body::from(req.body.unwrap_or_default())) else {
+        return error(
+            400,
+            "bad_request",
+            "method, path or headers are not valid HTTP",
+        );
+    };
+    http.extensions_mut()
+        .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+            [127, 0, 0, 1],
+            0,
+        ))));
+    match tower::ServiceExt::oneshot(ingress, http).await {
+        Ok(r) => r.into_response(),
+        Err(e) => match e {},
+    }
+}
+
+fn json_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, Box<Response>> {
+    if body.is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_slice::<Option<T>>(body)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| Box::new(error(400, "bad_request", &format!("request body: {e}"))))
+}
+
+/// Start recording a Func's request/response pairs.
+#[utoipa::path(post, path = "/v1/funcs/{name}/capture", operation_id = "captureStart",
+    security(("token" = [])),
+    params(("name" = String, Path, description = "the Func")),
+    request_body(content = CaptureRequest, description = "optional"),
+    responses(
+        (status = 200, description = "capturing", body = CaptureStarted),
+        (status = 400, description = "a malformed body", body = ApiError),
+        (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 404, description = "no such Func", body = ApiError),
+    ))]
+async fn capture_start(State(api): Shared, Path(name): Path<String>, body: Bytes) -> Response {
+    let req: CaptureRequest = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let mut redact: Vec<String> = funcatron_control::state::DEFAULT_REDACT
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    redact.extend(req.redact.iter().map(|h| h.to_ascii_lowercase()));
+    let capture = funcatron_control::state::Capture {
+        id: funcatron_envelope::new_request_id()[..12].to_owned(),
+        sample: req.sample.unwrap_or(1.0),
+        until_ms: req
+            .for_ms
+            .map(|ms| funcatron_envelope::now_ms() as u64 + ms),
+        max: req.max,
+        redact,
+    };
+    match api.registry.capture_start(&name, capture).await {
+        Ok(st) => Json(CaptureStarted {
+            capture: st.captures.get(&name).cloned(),
+            name,
+            revision: st.revision,
+        })
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Stop recording.
+#[utoipa::path(post, path = "/v1/funcs/{name}/capture/stop", operation_id = "captureStop",
+    security(("token" = [])),
+    params(("name" = String, Path, description = "the Func")),
+    responses(
+        (status = 200, description = "stopped", body = CaptureStopped),
+        (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 404, description = "no such Func", body = ApiError),
+    ))]
+async fn capture_stop(State(api): Shared, Path(name): Path<String>) -> Response {
+    match api.registry.capture_stop(&name).await {
+        Ok(st) => Json(CaptureStopped {
+            name,
+            capturing: false,
+            revision: st.revision,
+        })
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The recorded pairs, as JSON Lines.
+#[utoipa::path(get, path = "/v1/captures/{name}", operation_id = "captureExport",
+    params(("name" = String, Path, description = "the Func")),
+    responses(
+        (status = 200, description = "one request/response pair a line", content_type = "application/x-ndjson", body = String),
+        (status = 400, description = "not a Func name", body = ApiError),
+        (status = 404, description = "nothing was captured", body = ApiError),
+    ))]
+async fn capture_export(State(api): Shared, Path(name): Path<String>) -> Response {
+    let Some(path) = api.registry.capture_path(&name) else {
+        return error(400, "bad_request", "not a Func name");
+    };
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "application/x-ndjson")], bytes).into_response(),
+        Err(_) => error(
+            404,
+            "no_capture",
+            &format!("nothing was captured for {name}"),
+        ),
+    }
+}
+
+/// Set a Func's log level on every Runner at once, without a restart.
+#[utoipa::path(post, path = "/v1/funcs/{name}/log-level", operation_id = "setLogLevel",
+    security(("token" = [])),
+    params(("name" = String, Path, description = "the Func")),
+    request_body(content = LogLevelRequest),
+    responses(
+        (status = 200, description = "set", body = LogLevelSet),
+        (status = 400, description = "a malformed body", body = ApiError),
+        (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 404, description = "no such Func", body = ApiError),
+    ))]
+async fn log_level(State(api): Shared, Path(name): Path<String>, body: Bytes) -> Response {
+    let req: LogLevelRequest = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let level = (req.level != "default").then(|| funcatron_control::state::LogLevel {
+        level: req.level.clone(),
+        until_ms: req
+            .for_ms
+            .map(|ms| funcatron_envelope::now_ms() as u64 + ms),
+    });
+    match api.registry.set_log_level(&name, level).await {
+        Ok(st) => Json(LogLevelSet {
+            log_level: st.log_levels.get(&name).cloned(),
+            name,
+            revision: st.revision,
+        })
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A Func's recent log lines from every Runner (JSON Lines, each a
+/// `LogLine`), then, with `follow`, new ones as they come.
+#[utoipa::path(get, path = "/v1/funcs/{name}/logs", operation_id = "funcLogs",
+    params(("name" = String, Path, description = "the Func"), LogsQuery),
+    responses(
+        (status = 200, description = "one `LogLine` a line", content_type = "application/x-ndjson", body = String),
+    ))]
+async fn logs(
+    State(api): Shared,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Response {
+    let keep = move |line: &str| -> bool {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            return false;
+        };
+        v["func"] == name.as_str()
+            && q.request_id
+                .as_deref()
+                .is_none_or(|id| v["request_id"] == id)
+    };
+    let (recent, rx) = api.registry.logs();
+    let mut head = String::new();
+    for l in recent.iter().filter(|l| keep(l)) {
+        head.push_str(l);
+        head.push('\n');
+    }
+    let ndjson = [(header::CONTENT_TYPE, "application/x-ndjson")];
+    if !q.follow {
+        return (ndjson, head).into_response();
+    }
+    let first = futures::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(head)) });
+    let live = futures::stream::unfold((rx, keep), |(mut rx, keep)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(line) if keep(&line) => {
+                    return Some((Ok(Bytes::from(format!("{line}\n"))), (rx, keep)))
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    });
+    (
+        ndjson,
+        axum::body::Body::from_stream(futures::StreamExt::chain(first, live)),
+    )
+        .into_response()
+}
