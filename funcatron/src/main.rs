@@ -7,20 +7,20 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use funcatron_broker::AnyBroker;
 use funcatron_bundle::Bundle;
-use funcatron_ingress::IngressOptions;
-use funcatron_runner::exec::ExecLimits;
+use funcatron_ingress::args::IngressArgs as IngressFlags;
+use funcatron_runner::args::RunnerArgs as RunnerFlags;
 use funcatron_runner::follow::FollowOptions;
 use funcatron_runner::lua::LuaLimits;
 use funcatron_runner::node::spawn_follower;
 use funcatron_runner::observe::LevelHook;
-use funcatron_runner::{RunnerNode, RunnerOptions};
-use funcatron_tron::{Management, TronNode, TronOptions};
+use funcatron_runner::RunnerNode;
+use funcatron_tron::args::TronArgs as TronFlags;
+use funcatron_tron::{Management, TronNode};
 use tokio_util::sync::CancellationToken;
 
 use funcatron_ingress::nginx;
@@ -83,13 +83,13 @@ struct DevArgs {
     /// A bundle directory, or a directory of bundles.
     dir: PathBuf,
     /// Address to serve on.
-    #[arg(long, env = "FUNCATRON_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "FUNCATRON_LISTEN", default_value = funcatron_ingress::args::DEFAULT_LISTEN)]
     listen: SocketAddr,
     /// Deployment environment whose rewrite rules apply.
     #[arg(long, env = "FUNCATRON_ENVIRONMENT")]
     environment: Option<String>,
     #[command(flatten)]
-    runner: RunnerOpts,
+    runner: RunnerFlags,
 }
 
 #[derive(Args)]
@@ -98,7 +98,7 @@ struct NginxArgs {
     #[arg(long, env = "FUNCATRON_BROKER")]
     broker: String,
     /// nginx `listen` value.
-    #[arg(long, env = "FUNCATRON_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "FUNCATRON_LISTEN", default_value = funcatron_ingress::args::DEFAULT_LISTEN)]
     listen: String,
     /// Directory for nginx's logs, pid and temp files (created).
     #[arg(long, default_value = "nginx-run")]
@@ -110,10 +110,10 @@ struct NginxArgs {
     #[arg(long, default_value = "auto")]
     workers: String,
     /// How long a request waits for its answer before 504, in milliseconds.
-    #[arg(long, env = "FUNCATRON_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(long, env = "FUNCATRON_TIMEOUT_MS", default_value_t = funcatron_ingress::args::DEFAULT_TIMEOUT_MS)]
     timeout_ms: u64,
     /// Largest request body accepted, in bytes; larger ones get 413.
-    #[arg(long, env = "FUNCATRON_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
+    #[arg(long, env = "FUNCATRON_MAX_BODY_BYTES", default_value_t = funcatron_ingress::args::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
     /// Do not emit `load_module` lines (OpenResty, or modules compiled in).
     #[arg(long)]
@@ -240,38 +240,8 @@ struct BundleArgs {
     environment: Option<String>,
 }
 
-#[derive(Args, Clone)]
-struct TronOpts {
-    /// Requests one Tron dispatches concurrently (AMQP prefetch on the request queue).
-    #[arg(long, env = "FUNCATRON_TRON_PREFETCH", default_value_t = 256)]
-    tron_prefetch: u16,
-    /// Bundle store directory: turns on the registry and its management API
-    /// (uploaded bundles, enabled versions; survives restarts).
-    #[arg(long, env = "FUNCATRON_STORE")]
-    store: Option<PathBuf>,
-    /// Address the management API listens on (with --store).
-    #[arg(long, env = "FUNCATRON_MGMT_LISTEN", default_value = "127.0.0.1:9090")]
-    mgmt_listen: SocketAddr,
-    /// The management API's URL as other Trons and Runners reach it
-    /// (default: http://<mgmt-listen>).
-    #[arg(long, env = "FUNCATRON_ADVERTISE")]
-    advertise: Option<String>,
-    /// Management token (default: --token-file, else <store>/token,
-    /// generated and printed once at first start).
-    #[arg(long, env = "FUNCATRON_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// File holding the management token.
-    #[arg(long, env = "FUNCATRON_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
-    /// Largest bundle archive accepted, in bytes.
-    #[arg(long, env = "FUNCATRON_MAX_UPLOAD_BYTES", default_value_t = 64 * 1024 * 1024)]
-    max_upload_bytes: usize,
-    #[command(flatten)]
-    scale: scale::ScaleOpts,
-}
-
 /// The management token: given, from a file, or generated once into the store.
-fn management_token(o: &TronOpts, store: &std::path::Path) -> Result<String> {
+fn management_token(o: &TronFlags, store: &std::path::Path) -> Result<String> {
     if let Some(t) = &o.token {
         return Ok(t.trim().to_owned());
     }
@@ -309,59 +279,6 @@ fn management_token(o: &TronOpts, store: &std::path::Path) -> Result<String> {
     Ok(token)
 }
 
-#[derive(Args, Clone)]
-struct RunnerOpts {
-    /// Requests held per Func queue (AMQP prefetch).
-    #[arg(long, env = "FUNCATRON_RUNNER_PREFETCH", default_value_t = 64)]
-    runner_prefetch: u16,
-    /// Lua worker threads; default: one per CPU.
-    #[arg(long, env = "FUNCATRON_WORKERS")]
-    workers: Option<usize>,
-    /// Default time limit of one Func invocation, in milliseconds.
-    #[arg(long, env = "FUNCATRON_FUNC_TIMEOUT_MS", default_value_t = 10_000)]
-    func_timeout_ms: u64,
-    /// Default memory limit of a Func's Lua state, in MiB.
-    #[arg(long, env = "FUNCATRON_FUNC_MEMORY_MB", default_value_t = 64)]
-    func_memory_mb: usize,
-    /// Default address-space limit of an exec Func's process, in MiB.
-    #[arg(long, env = "FUNCATRON_EXEC_MEMORY_MB", default_value_t = 1024)]
-    exec_memory_mb: usize,
-    /// Worker processes per Python, Node.js or Java Func (a bundle's
-    /// `concurrency` wins); default: one per CPU.
-    #[arg(long, env = "FUNCATRON_WORKER_PROCESSES")]
-    worker_processes: Option<usize>,
-    /// Default memory limit of a Python, Node.js or Java worker, in MiB.
-    #[arg(long, env = "FUNCATRON_WORKER_MEMORY_MB", default_value_t = 512)]
-    worker_memory_mb: usize,
-    /// Where Python environments and compiled Java are cached; default
-    /// `$XDG_CACHE_HOME/funcatron` or `~/.cache/funcatron`.
-    #[arg(long, env = "FUNCATRON_CACHE_DIR")]
-    cache_dir: Option<PathBuf>,
-    /// Directory of secret values: `<dir>/<func>/<NAME>` or `<dir>/<NAME>`.
-    #[arg(long, env = "FUNCATRON_SECRETS_DIR")]
-    secrets_dir: Option<PathBuf>,
-    /// Serve only this Func (repeat for more; default: every Func). The
-    /// autoscaler starts Runners with one `--func` each.
-    #[arg(long = "func", env = "FUNCATRON_FUNCS", value_delimiter = ',')]
-    funcs: Vec<String>,
-}
-
-#[derive(Args, Clone)]
-struct IngressOpts {
-    /// Address the HTTP ingress listens on.
-    #[arg(long, env = "FUNCATRON_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    /// Largest request body accepted, in bytes; larger ones get 413.
-    #[arg(long, env = "FUNCATRON_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
-    max_body_bytes: usize,
-    /// How long a request waits for its answer before 504, in milliseconds.
-    #[arg(long, env = "FUNCATRON_TIMEOUT_MS", default_value_t = 30_000)]
-    timeout_ms: u64,
-    /// Most requests waiting at once; more get 429.
-    #[arg(long, env = "FUNCATRON_MAX_IN_FLIGHT", default_value_t = 10_000)]
-    max_in_flight: usize,
-}
-
 #[derive(Args)]
 struct UpArgs {
     #[command(flatten)]
@@ -371,11 +288,11 @@ struct UpArgs {
     #[command(flatten)]
     bundles: BundleArgs,
     #[command(flatten)]
-    ingress: IngressOpts,
+    ingress: IngressFlags,
     #[command(flatten)]
-    tron: TronOpts,
+    tron: TronFlags,
     #[command(flatten)]
-    runner: RunnerOpts,
+    runner: RunnerFlags,
 }
 
 #[derive(Args)]
@@ -387,7 +304,7 @@ struct TronArgs {
     #[command(flatten)]
     bundles: BundleArgs,
     #[command(flatten)]
-    tron: TronOpts,
+    tron: TronFlags,
 }
 
 #[derive(Args)]
@@ -399,7 +316,7 @@ struct RunnerArgs {
     #[command(flatten)]
     bundles: BundleArgs,
     #[command(flatten)]
-    runner: RunnerOpts,
+    runner: RunnerFlags,
 }
 
 #[derive(Args)]
@@ -409,7 +326,7 @@ struct IngressArgs {
     #[command(flatten)]
     metrics: MetricsArgs,
     #[command(flatten)]
-    ingress: IngressOpts,
+    ingress: IngressFlags,
 }
 
 fn main() -> Result<()> {
@@ -476,7 +393,7 @@ fn main() -> Result<()> {
                 Ok(())
             }
             Command::Dev(a) => {
-                let opts = runner_options(&a.runner);
+                let opts = a.runner.options();
                 let extra = metrics_routes("/_funcatron/metrics");
                 dev::run(a.dir, a.environment, a.listen, opts, extra, shutdown).await
             }
@@ -565,14 +482,12 @@ fn load_bundles(a: &BundleArgs) -> Vec<Bundle> {
 async fn tron(
     broker: AnyBroker,
     dir: &BundleArgs,
-    o: &TronOpts,
+    o: &TronFlags,
     substrate: Option<Arc<dyn funcatron_tron::autoscale::Substrate>>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let mut node = TronNode::new(broker)
-        .options(TronOptions {
-            prefetch: o.tron_prefetch,
-        })
+        .options(o.options())
         .bundles(load_bundles(dir));
     if let Some(substrate) = substrate {
         node = node.autoscaler(substrate, o.scale.options());
@@ -594,10 +509,7 @@ async fn tron(
                 store: store.clone(),
                 environment: dir.environment.clone(),
                 static_bundles: Vec::new(),
-                advertise: o
-                    .advertise
-                    .clone()
-                    .unwrap_or_else(|| format!("http://{}", o.mgmt_listen)),
+                advertise: o.advertise(),
                 limits: Default::default(),
                 check: Some(lua_check),
             },
@@ -611,40 +523,12 @@ async fn tron(
     Ok(())
 }
 
-fn runner_options(o: &RunnerOpts) -> RunnerOptions {
-    let mut opts = RunnerOptions {
-        prefetch: o.runner_prefetch,
-        lua_limits: LuaLimits {
-            timeout: Duration::from_millis(o.func_timeout_ms),
-            memory_bytes: o.func_memory_mb * 1024 * 1024,
-        },
-        exec_limits: ExecLimits {
-            timeout: Duration::from_millis(o.func_timeout_ms),
-            memory_bytes: o.exec_memory_mb * 1024 * 1024,
-        },
-        ..RunnerOptions::default()
-    };
-    if let Some(w) = o.workers {
-        opts.workers = w;
-    }
-    opts.worker.timeout = Duration::from_millis(o.func_timeout_ms);
-    opts.worker.memory_bytes = o.worker_memory_mb * 1024 * 1024;
-    if let Some(n) = o.worker_processes {
-        opts.worker.concurrency = n.max(1);
-    }
-    if let Some(d) = &o.cache_dir {
-        opts.worker.cache_dir = d.clone();
-    }
-    opts.secrets_dir = o.secrets_dir.clone();
-    opts
-}
-
 /// What a Runner follows: the static bundles of `dir` plus what the
 /// registry enables (only `o.funcs` if given).
-fn follow_options(dir: &BundleArgs, o: &RunnerOpts) -> FollowOptions {
+fn follow_options(dir: &BundleArgs, o: &RunnerFlags) -> FollowOptions {
     FollowOptions {
         static_bundles: load_bundles(dir),
-        cache_dir: runner_options(o).worker.cache_dir,
+        cache_dir: o.options().worker.cache_dir,
         environment: dir.environment.clone(),
         only: o.funcs.clone(),
     }
@@ -653,12 +537,12 @@ fn follow_options(dir: &BundleArgs, o: &RunnerOpts) -> FollowOptions {
 async fn runner(
     broker: AnyBroker,
     dir: &BundleArgs,
-    o: &RunnerOpts,
+    o: &RunnerFlags,
     levels: LevelHook,
     shutdown: CancellationToken,
 ) -> Result<()> {
     RunnerNode::new(broker)
-        .options(runner_options(o))
+        .options(o.options())
         .follow(follow_options(dir, o))
         .log_levels(levels)
         .run(shutdown)
@@ -666,20 +550,14 @@ async fn runner(
     Ok(())
 }
 
-async fn ingress(broker: AnyBroker, o: &IngressOpts, shutdown: CancellationToken) -> Result<()> {
+async fn ingress(broker: AnyBroker, o: &IngressFlags, shutdown: CancellationToken) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(o.listen)
         .await
         .with_context(|| format!("binding {}", o.listen))?;
-    let opts = IngressOptions {
-        max_body_bytes: o.max_body_bytes,
-        timeout: Duration::from_millis(o.timeout_ms),
-        max_in_flight: o.max_in_flight,
-        ..IngressOptions::default()
-    };
     funcatron_ingress::run_with(
         listener,
         broker,
-        opts,
+        o.options(),
         metrics_routes("/_funcatron/metrics"),
         shutdown,
     )
@@ -701,7 +579,7 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
             Some(Arc::new(local::LocalSubstrate::new(
                 broker.clone(),
                 rx,
-                runner_options(&a.runner),
+                a.runner.options(),
                 Arc::clone(&levels),
             )))
         } else {

@@ -37,6 +37,7 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub mod args;
 pub mod nginx;
 
 /// The health endpoint, reserved on every host.
@@ -58,9 +59,9 @@ pub struct IngressOptions {
 impl Default for IngressOptions {
     fn default() -> Self {
         IngressOptions {
-            max_body_bytes: 10 * 1024 * 1024,
-            timeout: Duration::from_secs(30),
-            max_in_flight: 10_000,
+            max_body_bytes: args::DEFAULT_MAX_BODY_BYTES,
+            timeout: Duration::from_millis(args::DEFAULT_TIMEOUT_MS),
+            max_in_flight: args::DEFAULT_MAX_IN_FLIGHT,
             instance: format!("ingress-{}", &new_request_id()[..12]),
         }
     }

@@ -8,6 +8,7 @@
 //! and only then acknowledges the request. Messages it cannot decode go to
 //! the dead-letter queue; expired requests are skipped.
 
+pub mod args;
 pub mod exec;
 pub mod follow;
 pub mod invoke;

@@ -37,15 +37,6 @@ pub struct LuaLimits {
     pub memory_bytes: usize,
 }
 
-impl Default for LuaLimits {
-    fn default() -> Self {
-        LuaLimits {
-            timeout: Duration::from_secs(10),
-            memory_bytes: 64 * 1024 * 1024,
-        }
-    }
-}
-
 /// Instructions between two clock checks: frequent enough to stop a runaway
 /// loop within a millisecond or so, rare enough to cost nothing measurable.
 const HOOK_EVERY: u32 = 10_000;

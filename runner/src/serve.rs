@@ -119,31 +119,6 @@ pub fn default_cache_dir() -> PathBuf {
     std::env::temp_dir().join("funcatron-cache")
 }
 
-impl Default for RunnerOptions {
-    fn default() -> Self {
-        let workers = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2);
-        RunnerOptions {
-            prefetch: 64,
-            workers,
-            lua_limits: LuaLimits::default(),
-            exec_limits: ExecLimits {
-                timeout: std::time::Duration::from_secs(10),
-                memory_bytes: 1024 * 1024 * 1024,
-            },
-            worker: WorkerOptions {
-                timeout: std::time::Duration::from_secs(10),
-                memory_bytes: 512 * 1024 * 1024,
-                concurrency: workers,
-                cache_dir: default_cache_dir(),
-                start_timeout: std::time::Duration::from_secs(30),
-            },
-            secrets_dir: None,
-        }
-    }
-}
-
 /// Check that `bundle` can run here without serving it: its secrets are
 /// supplied, its document's schemas compile, and its code loads (Lua:
 /// prepared; Python, Node.js, Java: prepared and one worker started). What

@@ -25,9 +25,14 @@ pub struct TronOptions {
     pub prefetch: u16,
 }
 
+/// Default requests one Tron dispatches concurrently.
+pub const DEFAULT_PREFETCH: u16 = 256;
+
 impl Default for TronOptions {
     fn default() -> Self {
-        TronOptions { prefetch: 256 }
+        TronOptions {
+            prefetch: DEFAULT_PREFETCH,
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 //! A Tron also keeps the bundle registry ([`registry`], [`mgmt`]) and may
 //! run the [`autoscale`]r, which starts and stops Runners per Func.
 
+pub mod args;
 pub mod autoscale;
 pub mod context;
 pub mod demand;

@@ -15,6 +15,7 @@
 //! not wait for the next tick. A Runner that died is replaced: the
 //! substrate's count falls below the target and the loop scales again.
 
+pub mod args;
 pub mod docker;
 pub mod kubernetes;
 pub mod marathon;
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::context::TronContext;
 use crate::registry::Registry;
 use crate::routes::RouteTable;
+pub use args::ScaleArgs;
 pub use policy::{Hysteresis, ScaleParams, Signals};
 pub use substrate::{BoxFut, Observed, ProcessSubstrate, RunnerCommand, ScaleError, Substrate};
 
@@ -46,11 +48,14 @@ pub struct AutoscalerOptions {
     pub tick: Duration,
 }
 
+/// Default tick, in milliseconds.
+pub const DEFAULT_TICK_MS: u64 = 200;
+
 impl Default for AutoscalerOptions {
     fn default() -> Self {
         AutoscalerOptions {
             defaults: ScaleParams::default(),
-            tick: Duration::from_millis(200),
+            tick: Duration::from_millis(DEFAULT_TICK_MS),
         }
     }
 }

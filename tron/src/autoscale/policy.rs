@@ -38,16 +38,31 @@ pub struct ScaleParams {
     pub default_service_ms: f64,
 }
 
+/// Default fewest Runners per Func.
+pub const DEFAULT_MIN_RUNNERS: u32 = 1;
+/// Default most Runners per Func.
+pub const DEFAULT_MAX_RUNNERS: u32 = 10;
+/// Default requests one Runner should handle at once.
+pub const DEFAULT_TARGET_CONCURRENCY: f64 = 16.0;
+/// Default scale-down delay, in milliseconds.
+pub const DEFAULT_SCALE_DOWN_DELAY_MS: u64 = 30_000;
+/// Default backlog drain time, in milliseconds.
+pub const DEFAULT_DRAIN_MS: u64 = 2_000;
+/// Default tolerance on scale-up.
+pub const DEFAULT_TOLERANCE: f64 = 0.1;
+/// Default service time before Runners report one, in milliseconds.
+pub const DEFAULT_SERVICE_MS: f64 = 50.0;
+
 impl Default for ScaleParams {
     fn default() -> Self {
         ScaleParams {
-            min: 1,
-            max: 10,
-            target_concurrency: 16.0,
-            scale_down_delay: Duration::from_secs(30),
-            drain: Duration::from_secs(2),
-            tolerance: 0.1,
-            default_service_ms: 50.0,
+            min: DEFAULT_MIN_RUNNERS,
+            max: DEFAULT_MAX_RUNNERS,
+            target_concurrency: DEFAULT_TARGET_CONCURRENCY,
+            scale_down_delay: Duration::from_millis(DEFAULT_SCALE_DOWN_DELAY_MS),
+            drain: Duration::from_millis(DEFAULT_DRAIN_MS),
+            tolerance: DEFAULT_TOLERANCE,
+            default_service_ms: DEFAULT_SERVICE_MS,
         }
     }
 }

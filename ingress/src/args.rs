@@ -1,0 +1,46 @@
+//! The ingress's command-line options (flattened into `funcatron ingress`
+//! and `funcatron up`); each default is defined once, here, and also
+//! gives [`IngressOptions::default`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::IngressOptions;
+
+/// Default address the HTTP ingress listens on.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default largest request body, in bytes.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+/// Default request deadline, in milliseconds.
+pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+/// Default most requests waiting at once.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
+
+/// Ingress flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct IngressArgs {
+    /// Address the HTTP ingress listens on.
+    #[arg(long, env = "FUNCATRON_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "FUNCATRON_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// How long a request waits for its answer before 504, in milliseconds.
+    #[arg(long, env = "FUNCATRON_TIMEOUT_MS", default_value_t = DEFAULT_TIMEOUT_MS)]
+    pub timeout_ms: u64,
+    /// Most requests waiting at once; more get 429.
+    #[arg(long, env = "FUNCATRON_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
+    pub max_in_flight: usize,
+}
+
+impl IngressArgs {
+    /// The ingress options these flags give.
+    pub fn options(&self) -> IngressOptions {
+        IngressOptions {
+            max_body_bytes: self.max_body_bytes,
+            timeout: Duration::from_millis(self.timeout_ms),
+            max_in_flight: self.max_in_flight,
+            ..IngressOptions::default()
+        }
+    }
+}

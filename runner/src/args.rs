@@ -1,0 +1,125 @@
+//! The Runner's command-line options (flattened into `funcatron runner`,
+//! `up` and `dev`); each default is defined once, here, and also gives
+//! [`RunnerOptions::default`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::exec::ExecLimits;
+use crate::lua::LuaLimits;
+use crate::serve::{default_cache_dir, RunnerOptions};
+
+/// Default requests held per Func queue.
+pub const DEFAULT_PREFETCH: u16 = 64;
+/// Default time limit of one invocation, in milliseconds.
+pub const DEFAULT_FUNC_TIMEOUT_MS: u64 = 10_000;
+/// Default memory limit of a Lua Func's state, in MiB.
+pub const DEFAULT_FUNC_MEMORY_MB: usize = 64;
+/// Default address-space limit of an exec Func's process, in MiB.
+pub const DEFAULT_EXEC_MEMORY_MB: usize = 1024;
+/// Default memory limit of a Python, Node.js or Java worker, in MiB.
+pub const DEFAULT_WORKER_MEMORY_MB: usize = 512;
+/// How long a worker process may take to start and connect.
+pub const WORKER_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+const MIB: usize = 1024 * 1024;
+
+/// One per CPU (the default of Lua threads and worker processes).
+pub fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+/// Runner flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunnerArgs {
+    /// Requests held per Func queue (AMQP prefetch).
+    #[arg(long, env = "FUNCATRON_RUNNER_PREFETCH", default_value_t = DEFAULT_PREFETCH)]
+    pub runner_prefetch: u16,
+    /// Lua worker threads; default: one per CPU.
+    #[arg(long, env = "FUNCATRON_WORKERS")]
+    pub workers: Option<usize>,
+    /// Default time limit of one Func invocation, in milliseconds.
+    #[arg(long, env = "FUNCATRON_FUNC_TIMEOUT_MS", default_value_t = DEFAULT_FUNC_TIMEOUT_MS)]
+    pub func_timeout_ms: u64,
+    /// Default memory limit of a Func's Lua state, in MiB.
+    #[arg(long, env = "FUNCATRON_FUNC_MEMORY_MB", default_value_t = DEFAULT_FUNC_MEMORY_MB)]
+    pub func_memory_mb: usize,
+    /// Default address-space limit of an exec Func's process, in MiB.
+    #[arg(long, env = "FUNCATRON_EXEC_MEMORY_MB", default_value_t = DEFAULT_EXEC_MEMORY_MB)]
+    pub exec_memory_mb: usize,
+    /// Worker processes per Python, Node.js or Java Func (a bundle's
+    /// `concurrency` wins); default: one per CPU.
+    #[arg(long, env = "FUNCATRON_WORKER_PROCESSES")]
+    pub worker_processes: Option<usize>,
+    /// Default memory limit of a Python, Node.js or Java worker, in MiB.
+    #[arg(long, env = "FUNCATRON_WORKER_MEMORY_MB", default_value_t = DEFAULT_WORKER_MEMORY_MB)]
+    pub worker_memory_mb: usize,
+    /// Where Python environments and compiled Java are cached; default
+    /// `$XDG_CACHE_HOME/funcatron` or `~/.cache/funcatron`.
+    #[arg(long, env = "FUNCATRON_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Directory of secret values: `<dir>/<func>/<NAME>` or `<dir>/<NAME>`.
+    #[arg(long, env = "FUNCATRON_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    /// Serve only this Func (repeat for more; default: every Func). The
+    /// autoscaler starts Runners with one `--func` each.
+    #[arg(long = "func", env = "FUNCATRON_FUNCS", value_delimiter = ',')]
+    pub funcs: Vec<String>,
+}
+
+impl RunnerArgs {
+    /// The Runner options these flags give.
+    pub fn options(&self) -> RunnerOptions {
+        let timeout = Duration::from_millis(self.func_timeout_ms);
+        let workers = self.workers.unwrap_or_else(cpus).max(1);
+        RunnerOptions {
+            prefetch: self.runner_prefetch,
+            workers,
+            lua_limits: LuaLimits {
+                timeout,
+                memory_bytes: self.func_memory_mb * MIB,
+            },
+            exec_limits: ExecLimits {
+                timeout,
+                memory_bytes: self.exec_memory_mb * MIB,
+            },
+            worker: crate::worker::WorkerOptions {
+                timeout,
+                memory_bytes: self.worker_memory_mb * MIB,
+                concurrency: self.worker_processes.unwrap_or_else(cpus).max(1),
+                cache_dir: self.cache_dir.clone().unwrap_or_else(default_cache_dir),
+                start_timeout: WORKER_START_TIMEOUT,
+            },
+            secrets_dir: self.secrets_dir.clone(),
+        }
+    }
+}
+
+impl Default for RunnerOptions {
+    fn default() -> Self {
+        RunnerArgs {
+            runner_prefetch: DEFAULT_PREFETCH,
+            workers: None,
+            func_timeout_ms: DEFAULT_FUNC_TIMEOUT_MS,
+            func_memory_mb: DEFAULT_FUNC_MEMORY_MB,
+            exec_memory_mb: DEFAULT_EXEC_MEMORY_MB,
+            worker_processes: None,
+            worker_memory_mb: DEFAULT_WORKER_MEMORY_MB,
+            cache_dir: None,
+            secrets_dir: None,
+            funcs: Vec::new(),
+        }
+        .options()
+    }
+}
+
+impl Default for LuaLimits {
+    fn default() -> Self {
+        LuaLimits {
+            timeout: Duration::from_millis(DEFAULT_FUNC_TIMEOUT_MS),
+            memory_bytes: DEFAULT_FUNC_MEMORY_MB * MIB,
+        }
+    }
+}
