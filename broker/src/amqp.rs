@@ -16,6 +16,7 @@
 //! management UI and `rabbitmqctl list_connections client_properties`), so
 //! an operator, or a test, can tell one process's connection from another.
 
+use funcatron_control::sync::poisoned;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -163,8 +164,10 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
                 let queues: Vec<(String, QueueKind)> = strong
                     .declared
                     .lock()
-                    .map(|d| d.iter().map(|(q, k)| (q.clone(), *k)).collect())
-                    .unwrap_or_default();
+                    .unwrap_or_else(|e| poisoned("amqp.declared", e))
+                    .iter()
+                    .map(|(q, k)| (q.clone(), *k))
+                    .collect();
                 let mut redeclared = true;
                 for (q, k) in &queues {
                     if let Err(e) = declare_on(&publisher, q, *k).await {
@@ -191,13 +194,11 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
                 let later: Vec<(String, QueueKind)> = strong
                     .declared
                     .lock()
-                    .map(|d| {
-                        d.iter()
-                            .filter(|(q, _)| !queues.iter().any(|(s, _)| s == *q))
-                            .map(|(q, k)| (q.clone(), *k))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                    .unwrap_or_else(|e| poisoned("amqp.declared", e))
+                    .iter()
+                    .filter(|(q, _)| !queues.iter().any(|(s, _)| s == *q))
+                    .map(|(q, k)| (q.clone(), *k))
+                    .collect();
                 drop(strong);
                 for (q, k) in later {
                     if let Err(e) = declare_on(&live.publisher, &q, k).await {
@@ -323,7 +324,12 @@ fn from_field_table(table: Option<&FieldTable>) -> Vec<(String, String)> {
 
 impl Broker for AmqpBroker {
     async fn declare(&self, queue: &str, kind: QueueKind) -> Result<(), BrokerError> {
-        if let Ok(mut d) = self.inner.declared.lock() {
+        {
+            let mut d = self
+                .inner
+                .declared
+                .lock()
+                .unwrap_or_else(|e| poisoned("amqp.declared", e));
             d.insert(queue.to_owned(), kind);
         }
         let live = self.live()?;
@@ -371,7 +377,12 @@ impl Broker for AmqpBroker {
         kind: QueueKind,
         options: ConsumeOptions,
     ) -> Result<Subscription, BrokerError> {
-        if let Ok(mut d) = self.inner.declared.lock() {
+        {
+            let mut d = self
+                .inner
+                .declared
+                .lock()
+                .unwrap_or_else(|e| poisoned("amqp.declared", e));
             d.insert(queue.to_owned(), kind);
         }
         Ok(Subscription {

@@ -140,11 +140,24 @@ enum Acker {
     Amqp(lapin::Acker),
 }
 
+/// A failed ack or nack is logged and counted here, once for every
+/// caller (`broker_settle_failures_total{op}`); the broker redelivers the
+/// message (ack) or keeps it unacknowledged until the channel closes
+/// (nack), so nothing is lost, but it must not pass unseen.
+fn settled(op: &'static str, result: Result<(), BrokerError>) -> Result<(), BrokerError> {
+    if let Err(e) = &result {
+        tracing::warn!(op, error = %e, "settling a delivery failed; the broker will redeliver it");
+        metrics::counter!("broker_settle_failures_total", "op" => op).increment(1);
+    }
+    result
+}
+
 impl Delivery {
-    /// Acknowledge: the message's outcome is safely published.
+    /// Acknowledge: the message's outcome is safely published. A failure
+    /// is logged and counted.
     pub async fn ack(mut self) -> Result<(), BrokerError> {
         self.settled = true;
-        match &self.acker {
+        let result = match &self.acker {
             Acker::None => Ok(()),
             Acker::Embedded(a) => {
                 a.settle();
@@ -155,13 +168,15 @@ impl Delivery {
                 .await
                 .map(drop)
                 .map_err(|e| BrokerError::Unavailable(e.to_string())),
-        }
+        };
+        settled("ack", result)
     }
 
-    /// Negative acknowledgement; `requeue` puts it back for another consumer.
+    /// Negative acknowledgement; `requeue` puts it back for another
+    /// consumer. A failure is logged and counted.
     pub async fn nack(mut self, requeue: bool) -> Result<(), BrokerError> {
         self.settled = true;
-        match &self.acker {
+        let result = match &self.acker {
             Acker::None => Ok(()),
             Acker::Embedded(a) => {
                 a.settle();
@@ -178,7 +193,8 @@ impl Delivery {
                 .await
                 .map(drop)
                 .map_err(|e| BrokerError::Unavailable(e.to_string())),
-        }
+        };
+        settled("nack", result)
     }
 }
 

@@ -103,23 +103,74 @@ fn is_json_type(content_type: &str) -> bool {
     base == "application/json" || base.ends_with("+json")
 }
 
+/// Why a schema in the document cannot be used.
+#[derive(Debug, thiserror::Error)]
+enum SchemaError {
+    /// A `$ref` that points outside the document.
+    #[error("`$ref: {0}`: only references within the document are supported")]
+    External(String),
+    /// A `$ref` to nothing.
+    #[error("`$ref: {0}` does not resolve")]
+    Unresolved(String),
+    /// `$ref`s that refer on and on.
+    #[error("`$ref` chain too long")]
+    Chain,
+    /// A schema that is not a mapping.
+    #[error("a schema must be a mapping")]
+    NotMapping,
+    /// The JSON Schema compiler refused it.
+    #[error("{0}")]
+    Compile(String),
+    /// A parameter without a name.
+    #[error("{0}: a parameter has no `name`")]
+    NoName(String),
+    /// Where in the document a schema failed.
+    #[error("{at}: {source}")]
+    At {
+        /// The operation and part (`GET /pets: body`).
+        at: String,
+        /// Why.
+        source: Box<SchemaError>,
+    },
+}
+
+impl SchemaError {
+    fn at(at: String) -> impl FnOnce(SchemaError) -> SchemaError {
+        move |e| SchemaError::At {
+            at,
+            source: Box::new(e),
+        }
+    }
+}
+
+/// A query, header or path value that is not of its declared type.
+#[derive(Debug, thiserror::Error)]
+enum CoerceError {
+    #[error("{0:?} is not an integer")]
+    Integer(String),
+    #[error("{0:?} is not a number")]
+    Number(String),
+    #[error("{0:?} is not a boolean (true or false)")]
+    Boolean(String),
+}
+
 /// Follow a local `$ref` (`#/a/b`) within `doc`.
-fn resolve<'d>(doc: &'d Value, v: &'d Value) -> Result<&'d Value, String> {
+fn resolve<'d>(doc: &'d Value, v: &'d Value) -> Result<&'d Value, SchemaError> {
     let mut v = v;
     for _ in 0..16 {
         match v.get("$ref").and_then(Value::as_str) {
             None => return Ok(v),
             Some(r) => {
-                let pointer = r.strip_prefix('#').ok_or_else(|| {
-                    format!("`$ref: {r}`: only references within the document are supported")
-                })?;
+                let pointer = r
+                    .strip_prefix('#')
+                    .ok_or_else(|| SchemaError::External(r.to_owned()))?;
                 v = doc
                     .pointer(pointer)
-                    .ok_or_else(|| format!("`$ref: {r}` does not resolve"))?;
+                    .ok_or_else(|| SchemaError::Unresolved(r.to_owned()))?;
             }
         }
     }
-    Err("`$ref` chain too long".to_owned())
+    Err(SchemaError::Chain)
 }
 
 /// OpenAPI 3.0 `nullable: true` as JSON Schema (`type: [T, "null"]`).
@@ -140,10 +191,10 @@ fn nullable_to_type(v: &mut Value) {
 
 /// Compile `schema` with the document's definitions beside it, so `$ref`s
 /// into them resolve.
-fn compile(doc: &Value, schema: &Value) -> Result<jsonschema::Validator, String> {
+fn compile(doc: &Value, schema: &Value) -> Result<jsonschema::Validator, SchemaError> {
     let mut root = match schema {
         Value::Object(m) => m.clone(),
-        _ => return Err("a schema must be a mapping".to_owned()),
+        _ => return Err(SchemaError::NotMapping),
     };
     for key in ["definitions", "components", "parameters"] {
         if let Some(v) = doc.get(key) {
@@ -155,7 +206,7 @@ fn compile(doc: &Value, schema: &Value) -> Result<jsonschema::Validator, String>
     jsonschema::draft4::options()
         .should_validate_formats(false)
         .build(&root)
-        .map_err(|e| e.to_string())
+        .map_err(|e| SchemaError::Compile(e.to_string()))
 }
 
 const PARAM_SCHEMA_KEYS: &[&str] = &[
@@ -176,12 +227,12 @@ const PARAM_SCHEMA_KEYS: &[&str] = &[
     "multipleOf",
 ];
 
-fn param_rule(doc: &Value, p: &Value, where_: &str) -> Result<Option<ParamRule>, String> {
+fn param_rule(doc: &Value, p: &Value, where_: &str) -> Result<Option<ParamRule>, SchemaError> {
     let p = resolve(doc, p)?;
     let name = p
         .get("name")
         .and_then(Value::as_str)
-        .ok_or_else(|| format!("{where_}: a parameter has no `name`"))?;
+        .ok_or_else(|| SchemaError::NoName(where_.to_owned()))?;
     let location = match p.get("in").and_then(Value::as_str) {
         Some("path") => Location::Path,
         Some("query") => Location::Query,
@@ -235,7 +286,10 @@ fn param_rule(doc: &Value, p: &Value, where_: &str) -> Result<Option<ParamRule>,
     };
     let has_constraints = schema.as_object().is_some_and(|m| !m.is_empty());
     let schema = if has_constraints {
-        Some(compile(doc, &schema).map_err(|e| format!("{where_}: parameter `{name}`: {e}"))?)
+        Some(
+            compile(doc, &schema)
+                .map_err(SchemaError::at(format!("{where_}: parameter `{name}`")))?,
+        )
     } else {
         None
     };
@@ -250,14 +304,16 @@ fn param_rule(doc: &Value, p: &Value, where_: &str) -> Result<Option<ParamRule>,
     }))
 }
 
-fn body_rule(doc: &Value, op: &Value, where_: &str) -> Result<Option<BodyRule>, String> {
+fn body_rule(doc: &Value, op: &Value, where_: &str) -> Result<Option<BodyRule>, SchemaError> {
     // Swagger 2: an `in: body` parameter.
     if let Some(params) = op.get("parameters").and_then(Value::as_array) {
         for p in params {
             let p = resolve(doc, p)?;
             if p.get("in").and_then(Value::as_str) == Some("body") {
                 let schema = match p.get("schema") {
-                    Some(s) => Some(compile(doc, s).map_err(|e| format!("{where_}: body: {e}"))?),
+                    Some(s) => {
+                        Some(compile(doc, s).map_err(SchemaError::at(format!("{where_}: body")))?)
+                    }
                     None => None,
                 };
                 return Ok(Some(BodyRule {
@@ -276,7 +332,9 @@ fn body_rule(doc: &Value, op: &Value, where_: &str) -> Result<Option<BodyRule>, 
     let content = rb.get("content").and_then(Value::as_object);
     let json = content.and_then(|c| c.iter().find(|(k, _)| is_json_type(k)));
     let schema = match json.and_then(|(_, media)| media.get("schema")) {
-        Some(s) => Some(compile(doc, s).map_err(|e| format!("{where_}: requestBody: {e}"))?),
+        Some(s) => {
+            Some(compile(doc, s).map_err(SchemaError::at(format!("{where_}: requestBody")))?)
+        }
         None => None,
     };
     Ok(Some(BodyRule {
@@ -297,7 +355,7 @@ pub fn compile_bundle(bundle: &Bundle) -> Result<HashMap<String, Checks>, Bundle
     let Some(paths) = doc.get("paths").and_then(Value::as_object) else {
         return Ok(out);
     };
-    let err = |m: String| BundleError::invalid(&bundle.spec_file, m);
+    let err = |e: SchemaError| BundleError::invalid(&bundle.spec_file, e.to_string());
     for (template, item) in paths {
         if template.starts_with("x-") {
             continue;
@@ -343,24 +401,24 @@ pub fn compile_bundle(bundle: &Bundle) -> Result<HashMap<String, Checks>, Bundle
 }
 
 /// A string from the wire as the JSON value its declared type says.
-fn coerce(raw: &str, ty: Option<&str>) -> Result<Value, String> {
+fn coerce(raw: &str, ty: Option<&str>) -> Result<Value, CoerceError> {
     match ty {
         Some("integer") => raw
             .trim()
             .parse::<i64>()
             .map(Value::from)
-            .map_err(|_| format!("{raw:?} is not an integer")),
+            .map_err(|_| CoerceError::Integer(raw.to_owned())),
         Some("number") => raw
             .trim()
             .parse::<f64>()
             .ok()
             .and_then(serde_json::Number::from_f64)
             .map(Value::Number)
-            .ok_or_else(|| format!("{raw:?} is not a number")),
+            .ok_or_else(|| CoerceError::Number(raw.to_owned())),
         Some("boolean") => match raw {
             "true" => Ok(Value::Bool(true)),
             "false" => Ok(Value::Bool(false)),
-            _ => Err(format!("{raw:?} is not a boolean (true or false)")),
+            _ => Err(CoerceError::Boolean(raw.to_owned())),
         },
         _ => Ok(Value::String(raw.to_owned())),
     }

@@ -9,7 +9,8 @@
 //!   topic and the Runners' heartbeats;
 //! - [`fetch`]: fetching a bundle archive by SHA-256 from a Tron's
 //!   management API and verifying it (Trons adopting a peer's state and
-//!   Runners following the registry both use it).
+//!   Runners following the registry both use it);
+//! - [`sync`]: the one lock idiom (a poisoned lock is logged and counted).
 //!
 //! Nothing here talks to a broker: the broker seam (`funcatron-broker`)
 //! carries these names and bytes.
@@ -18,3 +19,4 @@ pub mod fetch;
 pub mod headers;
 pub mod names;
 pub mod state;
+pub mod sync;

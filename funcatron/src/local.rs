@@ -4,6 +4,7 @@
 //! stopped (gracefully: consumer cancelled, in-flight work finished and
 //! acknowledged) exactly as the autoscaler asks.
 
+use funcatron_control::sync::poisoned;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -98,7 +99,7 @@ impl Substrate for LocalSubstrate {
             let mut runners = self
                 .runners
                 .lock()
-                .map_err(|_| ScaleError::new("process", "lock poisoned"))?;
+                .unwrap_or_else(|e| poisoned("local.runners", e));
             let list = runners.entry(func.to_owned()).or_default();
             list.retain(|(_, t)| !t.is_finished());
             let n = list.len() as u32;
@@ -114,7 +115,7 @@ impl Substrate for LocalSubstrate {
             let mut runners = self
                 .runners
                 .lock()
-                .map_err(|_| ScaleError::new("process", "lock poisoned"))?;
+                .unwrap_or_else(|e| poisoned("local.runners", e));
             let list = runners.entry(func.to_owned()).or_default();
             while (list.len() as u32) < n {
                 list.push(self.start(func));

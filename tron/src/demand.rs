@@ -10,6 +10,7 @@
 //! [`SAMPLE_EVERY`]). One `Demand` belongs to one Tron: two Trons in one
 //! process keep separate counts.
 
+use funcatron_control::sync::poisoned;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -40,17 +41,6 @@ pub struct Demand {
     wake: Notify,
     /// Samples of `dispatched` the arrival rates come from.
     samples: Mutex<Samples>,
-}
-
-/// Log (once per call site) and count a poisoned lock instead of
-/// skipping it silently; the data behind it is still used.
-fn poisoned<T>(what: &'static str, e: std::sync::PoisonError<T>) -> T {
-    tracing::error!(
-        lock = what,
-        "a lock was poisoned by a panic; using its data"
-    );
-    metrics::counter!("tron_poisoned_locks_total", "lock" => what).increment(1);
-    e.into_inner()
 }
 
 impl Demand {

@@ -3,6 +3,7 @@
 //! status` shows and what the autoscaler reads its service time, in-flight
 //! count and Runner liveness from.
 
+use funcatron_control::sync::poisoned;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -52,18 +53,23 @@ impl Heartbeats {
         let Ok(stats) = serde_json::from_slice::<RunnerStats>(bytes) else {
             return false;
         };
-        if let Ok(mut h) = self.heard.lock() {
-            h.retain(|_, (seen, _, _)| seen.elapsed() < FORGET);
-            let previous = h.remove(&stats.runner).map(|(_, last, _)| last);
-            h.insert(stats.runner.clone(), (Instant::now(), stats, previous));
-        }
+        let mut h = self
+            .heard
+            .lock()
+            .unwrap_or_else(|e| poisoned("heartbeats", e));
+        h.retain(|_, (seen, _, _)| seen.elapsed() < FORGET);
+        let previous = h.remove(&stats.runner).map(|(_, last, _)| last);
+        h.insert(stats.runner.clone(), (Instant::now(), stats, previous));
         true
     }
 
     /// `func` summed over the Runners heard from lately.
     pub fn sum(&self, func: &str) -> FuncHeard {
         let mut out = FuncHeard::default();
-        let Ok(h) = self.heard.lock() else { return out };
+        let h = self
+            .heard
+            .lock()
+            .unwrap_or_else(|e| poisoned("heartbeats", e));
         for (seen, s, prev) in h.values() {
             if seen.elapsed() >= FRESH {
                 continue;

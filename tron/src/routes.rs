@@ -30,7 +30,7 @@ pub enum RouteError {
         /// The template.
         template: String,
         /// What is wrong.
-        message: String,
+        message: TemplateError,
     },
 }
 
@@ -86,7 +86,21 @@ pub struct RouteTable {
     funcs: Vec<FuncRoutes>,
 }
 
-fn compile(template: &str) -> Result<(Regex, Vec<String>, usize), String> {
+/// Why a path template does not compile.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// `{` without `}`.
+    #[error("unclosed `{{` in path template")]
+    Unclosed,
+    /// `{}` or `{a{b}`.
+    #[error("bad parameter name {0:?}")]
+    BadName(String),
+    /// The regular expression built from it.
+    #[error(transparent)]
+    Regex(#[from] regex::Error),
+}
+
+fn compile(template: &str) -> Result<(Regex, Vec<String>, usize), TemplateError> {
     let mut pattern = String::from("^");
     let mut names = Vec::new();
     let mut literal_len = 0;
@@ -95,13 +109,10 @@ fn compile(template: &str) -> Result<(Regex, Vec<String>, usize), String> {
         let lit = &rest[..open];
         literal_len += lit.len();
         pattern.push_str(&regex::escape(lit));
-        let close = rest[open..]
-            .find('}')
-            .ok_or_else(|| "unclosed `{` in path template".to_owned())?
-            + open;
+        let close = rest[open..].find('}').ok_or(TemplateError::Unclosed)? + open;
         let name = &rest[open + 1..close];
         if name.is_empty() || name.contains('{') {
-            return Err(format!("bad parameter name {name:?}"));
+            return Err(TemplateError::BadName(name.to_owned()));
         }
         names.push(name.to_owned());
         pattern.push_str("([^/]+)");
@@ -110,7 +121,7 @@ fn compile(template: &str) -> Result<(Regex, Vec<String>, usize), String> {
     literal_len += rest.len();
     pattern.push_str(&regex::escape(rest));
     pattern.push('$');
-    let regex = Regex::new(&pattern).map_err(|e| e.to_string())?;
+    let regex = Regex::new(&pattern)?;
     Ok((regex, names, literal_len))
 }
 

@@ -6,6 +6,7 @@
 //! Func under `<store>/captures/`. The registry's collector feeds it and
 //! stops a capture that reached its maximum.
 
+use funcatron_control::sync::poisoned;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -32,17 +33,6 @@ pub struct Telemetry {
     known_captures: Mutex<HashMap<String, Option<u64>>>,
     /// Capture files kept open for appending, by Func.
     capture_files: Mutex<HashMap<String, std::fs::File>>,
-}
-
-/// Log and count a poisoned lock instead of skipping it silently; the
-/// data behind it is still used.
-fn poisoned<T>(what: &'static str, e: std::sync::PoisonError<T>) -> T {
-    tracing::error!(
-        lock = what,
-        "a lock was poisoned by a panic; using its data"
-    );
-    metrics::counter!("tron_poisoned_locks_total", "lock" => what).increment(1);
-    e.into_inner()
 }
 
 impl Telemetry {

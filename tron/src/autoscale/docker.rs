@@ -8,6 +8,7 @@
 //! Func whose `Replicas` the autoscaler sets; Swarm stops removed tasks
 //! the same way (`StopGracePeriod`).
 
+use funcatron_control::sync::poisoned;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
@@ -116,7 +117,11 @@ impl DockerSubstrate {
             .await
             .map_err(err("docker"))?;
         list.sort_by_key(|c| std::cmp::Reverse(c.created.unwrap_or(0)));
-        let stopping = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
+        let stopping = self
+            .stopping
+            .lock()
+            .unwrap_or_else(|e| poisoned("docker.stopping", e))
+            .clone();
         Ok(list
             .into_iter()
             .filter_map(|c| c.id)
@@ -181,27 +186,35 @@ impl Substrate for DockerSubstrate {
             }
             if have > runners {
                 for id in running.into_iter().take((have - runners) as usize) {
-                    if let Ok(mut s) = self.stopping.lock() {
-                        s.insert(id.clone());
-                    }
+                    self.stopping
+                        .lock()
+                        .unwrap_or_else(|e| poisoned("docker.stopping", e))
+                        .insert(id.clone());
                     let (docker, stopping) = (self.docker.clone(), self.stopping.clone());
                     tracing::info!(func, container = %id, "stopping a Runner container");
                     tokio::spawn(async move {
-                        let _ = docker
+                        if let Err(e) = docker
                             .stop_container(
                                 &id,
                                 Some(StopContainerOptionsBuilder::new().t(GRACE_S as i32).build()),
                             )
-                            .await;
-                        let _ = docker
+                            .await
+                        {
+                            tracing::warn!(container = %id, error = %e, "cannot stop a Runner container");
+                        }
+                        if let Err(e) = docker
                             .remove_container(
                                 &id,
                                 Some(RemoveContainerOptionsBuilder::new().force(true).build()),
                             )
-                            .await;
-                        if let Ok(mut s) = stopping.lock() {
-                            s.remove(&id);
+                            .await
+                        {
+                            tracing::warn!(container = %id, error = %e, "cannot remove a Runner container");
                         }
+                        stopping
+                            .lock()
+                            .unwrap_or_else(|e| poisoned("docker.stopping", e))
+                            .remove(&id);
                     });
                 }
             }

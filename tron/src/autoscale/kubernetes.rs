@@ -9,6 +9,7 @@
 //! every Func (its Runners serve all of them) and runs the sum of what
 //! each Func needs.
 
+use funcatron_control::sync::poisoned;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
 
@@ -70,7 +71,9 @@ impl Substrate for KubernetesSubstrate {
             let running = scale.status.map(|s| s.replicas).unwrap_or(0).max(0) as u32;
             if let Some(wants) = &self.shared {
                 // This Func's share, as long as the Deployment runs the sum.
-                let wants = wants.lock().map_err(|_| err("lock poisoned"))?;
+                let wants = wants
+                    .lock()
+                    .unwrap_or_else(|e| poisoned("kubernetes.wants", e));
                 if wants.values().sum::<u32>() == requested {
                     requested = wants.get(func).copied().unwrap_or(0);
                 }
@@ -84,7 +87,9 @@ impl Substrate for KubernetesSubstrate {
             let name = self.name(func);
             let replicas = match &self.shared {
                 Some(wants) => {
-                    let mut wants = wants.lock().map_err(|_| err("lock poisoned"))?;
+                    let mut wants = wants
+                        .lock()
+                        .unwrap_or_else(|e| poisoned("kubernetes.wants", e));
                     wants.insert(func.to_owned(), runners);
                     wants.values().sum::<u32>()
                 }

@@ -22,6 +22,7 @@ pub mod marathon;
 pub mod policy;
 pub mod substrate;
 
+use funcatron_control::sync::poisoned;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -153,7 +154,11 @@ impl Autoscaler {
     /// Per Func: signals, desired/target/actual Runners and the last
     /// decisions with their reasons.
     pub fn status(&self) -> serde_json::Value {
-        let views = self.views.lock().map(|v| v.clone()).unwrap_or_default();
+        let views = self
+            .views
+            .lock()
+            .unwrap_or_else(|e| poisoned("autoscaler.views", e))
+            .clone();
         json!({
             "substrate": self.substrate.kind(),
             "tick_ms": self.options.tick.as_millis() as u64,
@@ -228,9 +233,10 @@ impl Autoscaler {
                 if let Err(e) = self.substrate.scale(&func, 0).await {
                     tracing::warn!(func, error = %e, "cannot stop the Runners of a removed Func");
                 }
-                if let Ok(mut v) = self.views.lock() {
-                    v.remove(&func);
-                }
+                self.views
+                    .lock()
+                    .unwrap_or_else(|e| poisoned("autoscaler.views", e))
+                    .remove(&func);
             }
             let cold: HashSet<String> = funcs
                 .iter()
@@ -328,7 +334,11 @@ impl Autoscaler {
         metrics::gauge!("tron_autoscaler_desired_runners", "func" => f.clone())
             .set(f64::from(eval.target));
         metrics::gauge!("tron_autoscaler_running_runners", "func" => f).set(f64::from(running));
-        if let Ok(mut views) = self.views.lock() {
+        {
+            let mut views = self
+                .views
+                .lock()
+                .unwrap_or_else(|e| poisoned("autoscaler.views", e));
             let v = views.entry(func.to_owned()).or_default();
             if decided {
                 v.decisions.push_back(Decision {

@@ -8,6 +8,7 @@
 //! Runner cancels its consumer, finishes and acknowledges what it holds,
 //! then exits, so scale-in makes the broker redeliver nothing.
 
+use funcatron_control::sync::poisoned;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -148,7 +149,7 @@ impl Substrate for ProcessSubstrate {
             let mut children = self
                 .children
                 .lock()
-                .map_err(|_| ScaleError::new("process", "lock poisoned"))?;
+                .unwrap_or_else(|e| poisoned("process.runners", e));
             let list = children.entry(func.to_owned()).or_default();
             // Reap Runners that exited (crashed, killed): they no longer count.
             list.retain_mut(|c| match c.try_wait() {
@@ -174,7 +175,7 @@ impl Substrate for ProcessSubstrate {
                 let mut children = self
                     .children
                     .lock()
-                    .map_err(|_| ScaleError::new("process", "lock poisoned"))?;
+                    .unwrap_or_else(|e| poisoned("process.runners", e));
                 let list = children.entry(func.to_owned()).or_default();
                 while (list.len() as u32) < runners {
                     let child = tokio::process::Command::new(&self.command.program)

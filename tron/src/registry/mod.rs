@@ -56,7 +56,10 @@ impl RegistryError {
 
 /// Extra checks a bundle must pass before it is stored (the binary plugs in
 /// the Runner's code check for Lua bundles).
-pub type Check = Arc<dyn Fn(&Bundle) -> Result<(), String> + Send + Sync>;
+pub type Check = Arc<dyn Fn(&Bundle) -> Result<(), CheckError> + Send + Sync>;
+
+/// Why a bundle failed a [`Check`].
+pub type CheckError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Registry settings.
 pub struct RegistryOptions {

@@ -120,7 +120,7 @@ impl Store {
             .and_then(|b| funcatron_bundle::validate::compile_bundle(&b).map(|_| b))
             .map_err(|e| e.to_string())
             .and_then(|b| match check {
-                Some(check) => check(&b).map(|()| b),
+                Some(check) => check(&b).map(|()| b).map_err(|e| e.to_string()),
                 None => Ok(b),
             });
         let bundle = match loaded {
