@@ -9,6 +9,8 @@
 //! `lapin`, with publisher confirms and reconnection). Components hold an
 //! [`AnyBroker`], the closed enum chosen from configuration.
 
+#![warn(clippy::too_many_lines)]
+
 use std::future::Future;
 
 use bytes::Bytes;

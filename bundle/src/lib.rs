@@ -9,6 +9,8 @@
 //!
 //! Every failure names the file and the field at fault.
 
+#![warn(clippy::too_many_lines)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -627,19 +629,24 @@ impl Bundle {
         Bundle::load_in(dir, None)
     }
 
+    /// The manifest in `funcatron.yaml` (empty without one), whether there
+    /// is one, and its path.
+    fn file_manifest(dir: &Path) -> Result<(Manifest, bool, PathBuf), BundleError> {
+        let path = dir.join("funcatron.yaml");
+        if !path.is_file() {
+            return Ok((Manifest::default(), false, path));
+        }
+        let text = read(&path)?;
+        let m = serde_yaml_ng::from_str::<Manifest>(&text)
+            .map_err(|e| BundleError::invalid(&path, e.to_string()))?;
+        Ok((m, true, path))
+    }
+
     /// Load the bundle in `dir` for a deployment environment: the
     /// document's fields are rewritten by the bundle's `environments`
     /// rules for `environment` (see [`Rewrite`]) before routes are read.
     pub fn load_in(dir: &Path, environment: Option<&str>) -> Result<Bundle, BundleError> {
-        let manifest_path = dir.join("funcatron.yaml");
-        let has_manifest = manifest_path.is_file();
-        let file_manifest = if has_manifest {
-            let text = read(&manifest_path)?;
-            serde_yaml_ng::from_str::<Manifest>(&text)
-                .map_err(|e| BundleError::invalid(&manifest_path, e.to_string()))?
-        } else {
-            Manifest::default()
-        };
+        let (file_manifest, has_manifest, manifest_path) = Bundle::file_manifest(dir)?;
         let spec_file = match &file_manifest.spec {
             Some(s) => Some(inside(dir, s, &manifest_path, "spec")?),
             None => SPEC_FILES.iter().map(|f| dir.join(f)).find(|p| p.is_file()),
@@ -658,15 +665,7 @@ impl Bundle {
             ));
         }
         let (doc, doc_manifest) = match &spec_file {
-            Some(f) => {
-                let doc = parse_doc(f, &read(f)?)?;
-                let m = match doc.get("x-funcatron") {
-                    Some(v) => serde_json::from_value::<Manifest>(v.clone())
-                        .map_err(|e| BundleError::invalid(f, format!("x-funcatron: {e}")))?,
-                    None => Manifest::default(),
-                };
-                (doc, m)
-            }
+            Some(f) => read_document(f)?,
             None => (Value::Null, Manifest::default()),
         };
         let (mut m, source) = match (has_manifest, &spec_file) {
@@ -700,79 +699,17 @@ impl Bundle {
                 format!("field `name`: {name:?} is not a valid Func name (letters, digits, - _ .)"),
             ));
         }
-        let runtime = match (m.runtime, detected) {
-            (Some(r), _) => RuntimeKind::parse(&r).ok_or_else(|| {
-                BundleError::invalid(
-                    &source,
-                    format!(
-                        "field `runtime`: unknown runtime {r:?} (known: lua, python, nodejs, java, exec)"
-                    ),
-                )
-            })?,
-            (None, Some(k)) => k,
-            (None, None) => {
-                return Err(BundleError::invalid(
-                    &source,
-                    "field `runtime` is missing (x-funcatron.runtime or funcatron.yaml)",
-                ))
-            }
-        };
-        let style = match m.style.as_deref() {
-            None if spec_file.is_none() => Style::TinyFaas,
-            None | Some("native") | Some("funcatron") => Style::Native,
-            Some("tinyfaas") => Style::TinyFaas,
-            Some(other) => {
-                return Err(BundleError::invalid(
-                    &source,
-                    format!("field `style`: unknown style {other:?} (known: native, tinyfaas)"),
-                ))
-            }
-        };
+        let runtime = runtime_of(m.runtime.take(), detected, &source)?;
+        let style = style_of(m.style.as_deref(), spec_file.is_some(), &source)?;
         let handler_name = m
             .handler
+            .take()
             .unwrap_or_else(|| runtime.default_handler(style).to_owned());
-        let handler_path = if handler_name == "." {
-            dir.to_owned()
-        } else {
-            inside(dir, &handler_name, &source, "handler")?
-        };
-        let exists = if runtime.handler_is_dir(&handler_name) {
-            handler_path.is_dir()
-        } else {
-            handler_path.is_file()
-        };
-        if !exists {
-            return Err(BundleError::invalid(
-                &source,
-                format!("field `handler`: {handler_name:?} does not exist in the bundle"),
-            ));
-        }
-        let command = match (runtime, m.command) {
-            (RuntimeKind::Exec, Some(c)) if c.is_empty() => {
-                return Err(BundleError::invalid(&source, "field `command`: empty"));
-            }
-            (RuntimeKind::Exec, Some(c)) => c,
-            (RuntimeKind::Exec, None) if handler_name.ends_with(".sh") => {
-                vec!["sh".to_owned(), handler_name.clone()]
-            }
-            (RuntimeKind::Exec, None) => vec![format!("./{handler_name}")],
-            (_, _) => Vec::new(),
-        };
-        let env = m.env.unwrap_or_default();
-        let secrets = m.secrets.unwrap_or_default();
-        for key in env.keys().chain(secrets.iter()) {
-            if key.is_empty()
-                || key.starts_with("FUNCATRON_")
-                || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            {
-                return Err(BundleError::invalid(
-                    &source,
-                    format!(
-                        "field `env`/`secrets`: {key:?} is not a usable variable name (letters, digits, _; not FUNCATRON_*)"
-                    ),
-                ));
-            }
-        }
+        check_handler(dir, runtime, &handler_name, &source)?;
+        let command = exec_command(runtime, m.command.take(), &handler_name, &source)?;
+        let env = m.env.take().unwrap_or_default();
+        let secrets = m.secrets.take().unwrap_or_default();
+        check_env_names(&env, &secrets, &source)?;
         if m.concurrency == Some(0) {
             return Err(BundleError::invalid(
                 &source,
@@ -869,6 +806,121 @@ fn inside(dir: &Path, rel: &str, source: &Path, field: &str) -> Result<PathBuf, 
         ));
     }
     Ok(dir.join(p))
+}
+
+/// The API document in `f` and the `x-funcatron` manifest inside it.
+fn read_document(f: &Path) -> Result<(Value, Manifest), BundleError> {
+    let doc = parse_doc(f, &read(f)?)?;
+    let m = match doc.get("x-funcatron") {
+        Some(v) => serde_json::from_value::<Manifest>(v.clone())
+            .map_err(|e| BundleError::invalid(f, format!("x-funcatron: {e}")))?,
+        None => Manifest::default(),
+    };
+    Ok((doc, m))
+}
+
+/// The runtime a manifest names, or the one a tinyFaaS folder implies.
+fn runtime_of(
+    named: Option<String>,
+    detected: Option<RuntimeKind>,
+    source: &Path,
+) -> Result<RuntimeKind, BundleError> {
+    match (named, detected) {
+        (Some(r), _) => RuntimeKind::parse(&r).ok_or_else(|| {
+            BundleError::invalid(
+                source,
+                format!(
+                    "field `runtime`: unknown runtime {r:?} (known: lua, python, nodejs, java, exec)"
+                ),
+            )
+        }),
+        (None, Some(k)) => Ok(k),
+        (None, None) => Err(BundleError::invalid(
+            source,
+            "field `runtime` is missing (x-funcatron.runtime or funcatron.yaml)",
+        )),
+    }
+}
+
+/// The calling style a manifest names (tinyFaaS without a document).
+fn style_of(named: Option<&str>, has_spec: bool, source: &Path) -> Result<Style, BundleError> {
+    match named {
+        None if !has_spec => Ok(Style::TinyFaas),
+        None | Some("native") | Some("funcatron") => Ok(Style::Native),
+        Some("tinyfaas") => Ok(Style::TinyFaas),
+        Some(other) => Err(BundleError::invalid(
+            source,
+            format!("field `style`: unknown style {other:?} (known: native, tinyfaas)"),
+        )),
+    }
+}
+
+/// The handler file (or directory) exists inside the bundle.
+fn check_handler(
+    dir: &Path,
+    runtime: RuntimeKind,
+    handler_name: &str,
+    source: &Path,
+) -> Result<(), BundleError> {
+    let handler_path = if handler_name == "." {
+        dir.to_owned()
+    } else {
+        inside(dir, handler_name, source, "handler")?
+    };
+    let exists = if runtime.handler_is_dir(handler_name) {
+        handler_path.is_dir()
+    } else {
+        handler_path.is_file()
+    };
+    if !exists {
+        return Err(BundleError::invalid(
+            source,
+            format!("field `handler`: {handler_name:?} does not exist in the bundle"),
+        ));
+    }
+    Ok(())
+}
+
+/// What an exec Func runs: its `command`, else its handler.
+fn exec_command(
+    runtime: RuntimeKind,
+    command: Option<Vec<String>>,
+    handler_name: &str,
+    source: &Path,
+) -> Result<Vec<String>, BundleError> {
+    Ok(match (runtime, command) {
+        (RuntimeKind::Exec, Some(c)) if c.is_empty() => {
+            return Err(BundleError::invalid(source, "field `command`: empty"));
+        }
+        (RuntimeKind::Exec, Some(c)) => c,
+        (RuntimeKind::Exec, None) if handler_name.ends_with(".sh") => {
+            vec!["sh".to_owned(), handler_name.to_owned()]
+        }
+        (RuntimeKind::Exec, None) => vec![format!("./{handler_name}")],
+        (_, _) => Vec::new(),
+    })
+}
+
+/// `env` and `secrets` names are usable variable names.
+fn check_env_names(
+    env: &BTreeMap<String, String>,
+    secrets: &[String],
+    source: &Path,
+) -> Result<(), BundleError> {
+    for key in env.keys().chain(secrets.iter()) {
+        if key.is_empty()
+            || key.starts_with("FUNCATRON_")
+            || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(BundleError::invalid(
+                source,
+                format!(
+                    "field `env`/`secrets`: {key:?} is not a usable variable name (letters, digits, _; not FUNCATRON_*)"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

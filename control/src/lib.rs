@@ -15,6 +15,8 @@
 //! Nothing here talks to a broker: the broker seam (`funcatron-broker`)
 //! carries these names and bytes.
 
+#![warn(clippy::too_many_lines)]
+
 pub mod fetch;
 pub mod headers;
 pub mod names;

@@ -13,6 +13,8 @@
 //! straight from the HTTP request it holds and the Tron decodes without
 //! copying strings that carry no JSON escapes.
 
+#![warn(clippy::too_many_lines)]
+
 use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 

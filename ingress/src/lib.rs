@@ -12,6 +12,8 @@
 //! Production deployments put nginx with `ingress-lua/` in this role; both
 //! speak the same envelope (`docs/wire.md`).
 
+#![warn(clippy::too_many_lines)]
+
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -293,6 +295,88 @@ fn request_id(headers: &HeaderMap) -> String {
     }
 }
 
+/// Read the body, up to `limit` bytes (413 past it, without reading it
+/// when `content-length` says so).
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    id: &str,
+    started: Instant,
+) -> Result<bytes::Bytes, HttpResponse> {
+    let too_large = || {
+        let msg = format!("request body exceeds the limit of {limit} bytes");
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            id,
+            "payload_too_large",
+            &msg,
+            started,
+        )
+    };
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            id,
+            "bad_request",
+            &format!("could not read the request body: {e}"),
+            started,
+        )),
+    }
+}
+
+/// The envelope fields the HTTP request gives, borrowed from it (the
+/// caller sets id, times, body and reply fields).
+fn envelope_of(parts: &axum::http::request::Parts, remote: SocketAddr) -> Request<'_> {
+    let host = parts
+        .headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or_default();
+    let scheme = parts
+        .headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .filter(|p| matches!(*p, "http" | "https"))
+        .unwrap_or("http");
+    Request {
+        version: Cow::Borrowed(VERSION),
+        id: Cow::Borrowed(""),
+        deadline_ms: 0,
+        sent_ms: 0.0,
+        method: Cow::Borrowed(parts.method.as_str()),
+        scheme: Cow::Borrowed(scheme),
+        host: Cow::Borrowed(host),
+        path: Cow::Borrowed(parts.uri.path()),
+        query: Cow::Borrowed(parts.uri.query().unwrap_or("")),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    Cow::Borrowed(k.as_str()),
+                    String::from_utf8_lossy(v.as_bytes()),
+                )
+            })
+            .collect(),
+        remote: Some(Cow::Owned(remote.to_string())),
+        body: Cow::Borrowed(""),
+        body_base64: false,
+        reply_to: None,
+        reply_key: None,
+    }
+}
+
 async fn handle(
     State(s): State<Arc<Shared>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
@@ -310,37 +394,9 @@ async fn handle(
             started,
         );
     };
-    let limit = s.options.max_body_bytes;
-    let too_large = || {
-        let msg = format!("request body exceeds the limit of {limit} bytes");
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &id,
-            "payload_too_large",
-            &msg,
-            started,
-        )
-    };
-    let declared = parts
-        .headers
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return too_large();
-    }
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                &id,
-                "bad_request",
-                &format!("could not read the request body: {e}"),
-                started,
-            );
-        }
+    let body = match read_body(&parts.headers, body, s.options.max_body_bytes, &id, started).await {
+        Ok(b) => b,
+        Err(answer) => return answer,
     };
 
     let (tx, rx) = oneshot::channel();
@@ -364,45 +420,16 @@ async fn handle(
     let sent_ms = now_ms();
     let deadline_ms = (sent_ms + timeout.as_millis() as f64) as u64;
     let payload = {
-        let host = parts
-            .headers
-            .get("host")
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
-            .unwrap_or_default();
-        let scheme = parts
-            .headers
-            .get("x-forwarded-proto")
-            .and_then(|v| v.to_str().ok())
-            .filter(|p| matches!(*p, "http" | "https"))
-            .unwrap_or("http");
         let (body, body_base64) = encode_body(&body);
-        let remote = remote.to_string();
         Request {
-            version: Cow::Borrowed(VERSION),
             id: Cow::Borrowed(&id),
             deadline_ms,
             sent_ms,
-            method: Cow::Borrowed(parts.method.as_str()),
-            scheme: Cow::Borrowed(scheme),
-            host: Cow::Borrowed(host),
-            path: Cow::Borrowed(parts.uri.path()),
-            query: Cow::Borrowed(parts.uri.query().unwrap_or("")),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        Cow::Borrowed(k.as_str()),
-                        String::from_utf8_lossy(v.as_bytes()),
-                    )
-                })
-                .collect(),
-            remote: Some(Cow::Owned(remote)),
             body,
             body_base64,
             reply_to: Some(Cow::Borrowed(&s.reply_queue)),
             reply_key: Some(Cow::Borrowed(&reply_key)),
+            ..envelope_of(&parts, remote)
         }
         .encode()
     };

@@ -12,6 +12,8 @@
 //! A Tron also keeps the bundle registry ([`registry`], [`mgmt`]) and may
 //! run the [`autoscale`]r, which starts and stops Runners per Func.
 
+#![warn(clippy::too_many_lines)]
+
 pub mod args;
 pub mod autoscale;
 pub mod context;
