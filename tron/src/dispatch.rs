@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::context::TronContext;
 use crate::demand::Demand;
-use crate::routes::{RouteOutcome, RouteTable};
+use crate::routes::{Route, RouteOutcome, RouteTable};
 
 /// Tron settings.
 #[derive(Debug, Clone)]
@@ -171,51 +171,7 @@ async fn dispatch(broker: &AnyBroker, demand: &Demand, routes: &RouteTable, deli
             RouteOutcome::Found(route) => {
                 tracing::Span::current().record("func", route.func);
                 tracing::Span::current().record("version", route.version);
-                let mut hdrs = Vec::with_capacity(4);
-                hdrs.push((headers::FUNC.to_owned(), route.func.to_owned()));
-                hdrs.push((
-                    headers::DISPATCHED_MS.to_owned(),
-                    format!("{:.3}", now_ms()),
-                ));
-                hdrs.push((headers::OPERATION.to_owned(), route.operation_id.to_owned()));
-                if !route.params.is_empty() {
-                    let obj: serde_json::Map<String, serde_json::Value> = route
-                        .params
-                        .into_iter()
-                        .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
-                        .collect();
-                    hdrs.push((
-                        headers::PATH_PARAMS.to_owned(),
-                        serde_json::Value::Object(obj).to_string(),
-                    ));
-                }
-                let forward = Message {
-                    payload: payload.clone(),
-                    headers: hdrs,
-                    ttl_ms: Some(ttl_ms),
-                    persistent: delivery.message.persistent,
-                };
-                match broker.publish(route.queue, forward).await {
-                    Ok(()) => {
-                        metrics::counter!("tron_requests_total", "outcome" => "forwarded")
-                            .increment(1);
-                        metrics::counter!("tron_dispatched_total", "func" => route.func.to_owned())
-                            .increment(1);
-                        demand.dispatched(route.func);
-                        metrics::histogram!("tron_dispatch_duration_seconds")
-                            .record((now_ms() - now) / 1000.0);
-                        let _ = delivery.ack().await;
-                    }
-                    Err(BrokerError::NoRoute(q)) => {
-                        // The Func queue vanished (deleted by hand?): say so.
-                        let msg = format!("the queue {q} of Func {} does not exist", route.func);
-                        answer(broker, &view, delivery, 503, "func_unavailable", &msg, None).await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "forward failed; requeueing");
-                        let _ = delivery.nack(true).await;
-                    }
-                }
+                forward(broker, demand, &view, route, delivery, now, ttl_ms).await;
             }
             RouteOutcome::NotFound => {
                 let msg = format!("no Func serves {} {}{}", view.method, view.host, view.path);
@@ -242,6 +198,62 @@ async fn dispatch(broker: &AnyBroker, demand: &Demand, routes: &RouteTable, deli
     }
     .instrument(span)
     .await
+}
+
+/// Forward a routed request to its Func queue with the routing outcome in
+/// headers; acknowledge once the forward is confirmed.
+async fn forward(
+    broker: &AnyBroker,
+    demand: &Demand,
+    view: &RouteView<'_>,
+    route: Route<'_>,
+    delivery: Delivery,
+    now: f64,
+    ttl_ms: u64,
+) {
+    let mut hdrs = Vec::with_capacity(4);
+    hdrs.push((headers::FUNC.to_owned(), route.func.to_owned()));
+    hdrs.push((
+        headers::DISPATCHED_MS.to_owned(),
+        format!("{:.3}", now_ms()),
+    ));
+    hdrs.push((headers::OPERATION.to_owned(), route.operation_id.to_owned()));
+    if !route.params.is_empty() {
+        let obj: serde_json::Map<String, serde_json::Value> = route
+            .params
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
+            .collect();
+        hdrs.push((
+            headers::PATH_PARAMS.to_owned(),
+            serde_json::Value::Object(obj).to_string(),
+        ));
+    }
+    let forward = Message {
+        payload: delivery.message.payload.clone(),
+        headers: hdrs,
+        ttl_ms: Some(ttl_ms),
+        persistent: delivery.message.persistent,
+    };
+    match broker.publish(route.queue, forward).await {
+        Ok(()) => {
+            metrics::counter!("tron_requests_total", "outcome" => "forwarded").increment(1);
+            metrics::counter!("tron_dispatched_total", "func" => route.func.to_owned())
+                .increment(1);
+            demand.dispatched(route.func);
+            metrics::histogram!("tron_dispatch_duration_seconds").record((now_ms() - now) / 1000.0);
+            let _ = delivery.ack().await;
+        }
+        Err(BrokerError::NoRoute(q)) => {
+            // The Func queue vanished (deleted by hand?): say so.
+            let msg = format!("the queue {q} of Func {} does not exist", route.func);
+            answer(broker, view, delivery, 503, "func_unavailable", &msg, None).await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "forward failed; requeueing");
+            let _ = delivery.nack(true).await;
+        }
+    }
 }
 
 /// The Tron answers a request itself (404, 405, 503).

@@ -125,6 +125,30 @@ fn now_ms() -> u64 {
     funcatron_envelope::now_ms() as u64
 }
 
+/// The autoscaler's gauges for one Func.
+fn record_gauges(
+    func: &str,
+    signals: &Signals,
+    service_ms: Option<f64>,
+    runners_heard: u32,
+    desired: u32,
+    running: u32,
+) {
+    let f = func.to_owned();
+    metrics::gauge!("tron_autoscaler_queue_ready", "func" => f.clone()).set(signals.ready as f64);
+    metrics::gauge!("tron_autoscaler_queue_unacked", "func" => f.clone())
+        .set(signals.unacked as f64);
+    metrics::gauge!("tron_autoscaler_arrival_per_second", "func" => f.clone())
+        .set(signals.arrival_per_s);
+    metrics::gauge!("tron_autoscaler_service_seconds", "func" => f.clone())
+        .set(service_ms.unwrap_or(0.0) / 1000.0);
+    metrics::gauge!("tron_autoscaler_in_flight", "func" => f.clone()).set(signals.in_flight as f64);
+    metrics::gauge!("tron_autoscaler_runners_heard", "func" => f.clone())
+        .set(f64::from(runners_heard));
+    metrics::gauge!("tron_autoscaler_desired_runners", "func" => f.clone()).set(f64::from(desired));
+    metrics::gauge!("tron_autoscaler_running_runners", "func" => f).set(f64::from(running));
+}
+
 impl Autoscaler {
     /// An autoscaler for the Funcs of `routes` on `substrate`, reading the
     /// signals of the Tron `ctx` belongs to; per-Func settings come from
@@ -249,6 +273,24 @@ impl Autoscaler {
         self.substrate.shutdown().await;
     }
 
+    /// Ask the substrate for `target` Runners of `func`.
+    async fn scale(&self, func: &str, target: u32) -> Result<(), ScaleError> {
+        let started = Instant::now();
+        match self.substrate.scale(func, target).await {
+            Ok(()) => {
+                metrics::histogram!("tron_autoscaler_scale_call_seconds", "substrate" => self.substrate.kind())
+                    .record(started.elapsed().as_secs_f64());
+                Ok(())
+            }
+            Err(e) => {
+                metrics::counter!("tron_autoscaler_scale_errors_total", "func" => func.to_owned())
+                    .increment(1);
+                tracing::warn!(func, error = %e, "scaling failed; retrying at the next tick");
+                Err(e)
+            }
+        }
+    }
+
     async fn reconcile(
         &self,
         funcs: &mut HashMap<String, FuncScale>,
@@ -299,18 +341,8 @@ impl Autoscaler {
         // Scale when the target moved, or when the substrate runs another
         // count than the target (a Runner died, someone scaled by hand).
         if eval.target != before || (observed.is_ok() && requested != eval.target) {
-            let started = Instant::now();
-            match self.substrate.scale(func, eval.target).await {
-                Ok(()) => {
-                    metrics::histogram!("tron_autoscaler_scale_call_seconds", "substrate" => self.substrate.kind())
-                        .record(started.elapsed().as_secs_f64());
-                }
-                Err(e) => {
-                    metrics::counter!("tron_autoscaler_scale_errors_total", "func" => func.to_owned())
-                        .increment(1);
-                    tracing::warn!(func, error = %e, "scaling failed; retrying at the next tick");
-                    error = Some(e.to_string());
-                }
+            if let Err(e) = self.scale(func, eval.target).await {
+                error = Some(e.to_string());
             }
         }
         let decided = eval.target != before;
@@ -320,20 +352,14 @@ impl Autoscaler {
                 .increment(1);
             tracing::info!(func, from = before, to = eval.target, reason = %eval.reason, "scaling decision");
         }
-        let f = func.to_owned();
-        metrics::gauge!("tron_autoscaler_queue_ready", "func" => f.clone())
-            .set(signals.ready as f64);
-        metrics::gauge!("tron_autoscaler_queue_unacked", "func" => f.clone()).set(unacked as f64);
-        metrics::gauge!("tron_autoscaler_arrival_per_second", "func" => f.clone())
-            .set(arrival_per_s);
-        metrics::gauge!("tron_autoscaler_service_seconds", "func" => f.clone())
-            .set(state.service_ms.unwrap_or(0.0) / 1000.0);
-        metrics::gauge!("tron_autoscaler_in_flight", "func" => f.clone()).set(in_flight as f64);
-        metrics::gauge!("tron_autoscaler_runners_heard", "func" => f.clone())
-            .set(f64::from(heard.runners));
-        metrics::gauge!("tron_autoscaler_desired_runners", "func" => f.clone())
-            .set(f64::from(eval.target));
-        metrics::gauge!("tron_autoscaler_running_runners", "func" => f).set(f64::from(running));
+        record_gauges(
+            func,
+            &signals,
+            state.service_ms,
+            heard.runners,
+            eval.target,
+            running,
+        );
         {
             let mut views = self
                 .views
