@@ -144,7 +144,8 @@ impl TronNode {
             },
         };
         let scaling = scaler.map(|(substrate, o)| {
-            let a = Autoscaler::new(substrate, o, ctx.clone(), routes.clone(), registry.clone());
+            let settings = registry.as_ref().map(|r| r.settings());
+            let a = Autoscaler::new(substrate, o, ctx.clone(), routes.clone(), settings);
             if let Some(r) = &registry {
                 r.attach_autoscaler(Arc::clone(&a));
             }

@@ -34,11 +34,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::TronContext;
-use crate::registry::Registry;
 use crate::routes::RouteTable;
 pub use args::ScaleArgs;
 pub use policy::{Hysteresis, ScaleParams, Signals};
 pub use substrate::{BoxFut, Observed, ProcessSubstrate, RunnerCommand, ScaleError, Substrate};
+
+/// The settings each enabled Func was given, by Func.
+pub type FuncSettingsMap = Arc<BTreeMap<String, FuncSettings>>;
 
 /// Autoscaler settings.
 #[derive(Debug, Clone)]
@@ -114,7 +116,8 @@ pub struct Autoscaler {
     /// The Tron's broker, demand and heartbeats.
     ctx: TronContext,
     routes: watch::Receiver<Arc<RouteTable>>,
-    registry: Option<Arc<Registry>>,
+    /// Per-Func settings from the registry, when there is one.
+    settings: Option<watch::Receiver<FuncSettingsMap>>,
     views: Mutex<BTreeMap<String, View>>,
 }
 
@@ -152,20 +155,20 @@ fn record_gauges(
 impl Autoscaler {
     /// An autoscaler for the Funcs of `routes` on `substrate`, reading the
     /// signals of the Tron `ctx` belongs to; per-Func settings come from
-    /// `registry` when there is one.
+    /// the registry's `settings` watch when there is one.
     pub fn new(
         substrate: Arc<dyn Substrate>,
         options: AutoscalerOptions,
         ctx: TronContext,
         routes: watch::Receiver<Arc<RouteTable>>,
-        registry: Option<Arc<Registry>>,
+        settings: Option<watch::Receiver<FuncSettingsMap>>,
     ) -> Shared {
         Arc::new(Autoscaler {
             substrate,
             options,
             ctx,
             routes,
-            registry,
+            settings,
             views: Mutex::default(),
         })
     }
@@ -212,8 +215,6 @@ impl Autoscaler {
     /// Run until `shutdown`, then let the substrate stop what it started.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut funcs: HashMap<String, FuncScale> = HashMap::new();
-        let mut settings: BTreeMap<String, FuncSettings> = BTreeMap::new();
-        let mut settings_read = Instant::now() - Duration::from_secs(10);
         let mut tick = tokio::time::interval(self.options.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(substrate = self.substrate.kind(), "autoscaler running");
@@ -225,18 +226,11 @@ impl Autoscaler {
                     metrics::counter!("tron_autoscaler_wakeups_total").increment(1);
                 }
             }
-            if let Some(r) = &self.registry {
-                if settings_read.elapsed() >= Duration::from_secs(1) {
-                    settings = r
-                        .state()
-                        .await
-                        .funcs
-                        .into_iter()
-                        .map(|(n, f)| (n, f.settings))
-                        .collect();
-                    settings_read = Instant::now();
-                }
-            }
+            let settings = self
+                .settings
+                .as_ref()
+                .map(|s| Arc::clone(&s.borrow()))
+                .unwrap_or_default();
             let table = Arc::clone(&self.routes.borrow());
             let live: Vec<(String, String)> = table
                 .funcs()

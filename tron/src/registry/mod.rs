@@ -27,6 +27,7 @@ use funcatron_control::state::{Capture, ClusterState, Event, FuncSettings, LogLe
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
+use crate::autoscale::FuncSettingsMap;
 use crate::context::TronContext;
 use crate::routes::RouteTable;
 use crate::telemetry::Telemetry;
@@ -93,6 +94,8 @@ pub struct Registry {
     state: Mutex<ClusterState>,
     /// The route table this Tron dispatches with.
     routes: watch::Sender<Arc<RouteTable>>,
+    /// Each Func's settings, for the autoscaler.
+    settings: watch::Sender<FuncSettingsMap>,
     /// Fetches archives from peers.
     http: reqwest::Client,
     /// The autoscaler running beside this registry, if any (its view
@@ -127,6 +130,7 @@ impl Registry {
             id: funcatron_envelope::new_request_id()[..12].to_owned(),
             state: Mutex::new(state),
             routes: routes_tx,
+            settings: watch::channel(FuncSettingsMap::default()).0,
             http: reqwest::Client::new(),
             autoscaler: std::sync::OnceLock::new(),
         });
@@ -347,6 +351,11 @@ impl Registry {
         }
     }
 
+    /// Each Func's settings as they change (what the autoscaler reads).
+    pub fn settings(&self) -> watch::Receiver<FuncSettingsMap> {
+        self.settings.subscribe()
+    }
+
     /// Show `autoscaler`'s decisions in [`Registry::status`].
     pub fn attach_autoscaler(&self, autoscaler: crate::autoscale::Shared) {
         let _ = self.autoscaler.set(autoscaler);
@@ -448,6 +457,13 @@ impl Registry {
             .map_err(|e| RegistryError::new(409, "route_conflict", e.to_string()))?;
         crate::dispatch::declare_routes(&self.broker, &table).await;
         self.routes.send_replace(Arc::new(table));
+        self.settings.send_replace(Arc::new(
+            state
+                .funcs
+                .iter()
+                .map(|(n, f)| (n.clone(), f.settings.clone()))
+                .collect(),
+        ));
         Ok(())
     }
 }
