@@ -142,3 +142,89 @@ async fn two_trons_and_three_runners_in_one_process_keep_their_own_state() {
     }
     shutdown.cancel();
 }
+
+/// The Tron node with its registry and management API on port 0, a Runner
+/// node following the registry and an ingress, all in this process: a
+/// bundle pushed through the API is served, and the Tron's status shows
+/// the requests it dispatched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tron_node_with_its_management_api_runs_in_process() {
+    let root = tempfile::tempdir().unwrap();
+    lua_bundle(root.path(), "pushed");
+    let store = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let broker = AnyBroker::Embedded(EmbeddedBroker::new(10_000));
+    let shutdown = CancellationToken::new();
+
+    let mgmt = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", mgmt.local_addr().unwrap());
+    let tron = TronNode::new(broker.clone()).management(funcatron_tron::Management {
+        registry: funcatron_tron::registry::RegistryOptions {
+            store: store.path().to_owned(),
+            environment: None,
+            static_bundles: Vec::new(),
+            advertise: api.clone(),
+            limits: Default::default(),
+            check: None,
+        },
+        listener: mgmt,
+        token: "secret".into(),
+        max_upload_bytes: 1 << 20,
+        extra: axum::Router::new(),
+    });
+    let demand = std::sync::Arc::clone(&tron.context().demand);
+    tokio::spawn(tron.run(shutdown.clone()));
+    tokio::spawn(
+        RunnerNode::new(broker.clone())
+            .follow(funcatron_runner::follow::FollowOptions {
+                static_bundles: Vec::new(),
+                cache_dir: cache.path().to_owned(),
+                environment: None,
+                only: Vec::new(),
+            })
+            .run(shutdown.clone()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(funcatron_ingress::run(
+        listener,
+        broker.clone(),
+        IngressOptions::default(),
+        shutdown.clone(),
+    ));
+    wait_ready(&format!("{api}/v1/health")).await;
+
+    let (_, archive) = funcatron_bundle::archive::build(&root.path().join("pushed")).unwrap();
+    let http = reqwest::Client::new();
+    let up = |token: &'static str| {
+        http.post(format!("{api}/v1/bundles?name=pushed&enable=true"))
+            .bearer_auth(token)
+            .header("content-type", "application/gzip")
+            .body(archive.clone())
+            .send()
+    };
+    assert_eq!(up("wrong").await.unwrap().status(), 401);
+    assert_eq!(up("secret").await.unwrap().status(), 201);
+
+    // The Runner fetches the enabled version from the Tron and serves it.
+    eventually("the pushed Func answers", || async {
+        text(&format!("{base}/pushed/hi")).await == (200, "ok".to_owned())
+    })
+    .await;
+    assert!(demand.count("pushed") >= 1);
+    let status: serde_json::Value = http
+        .get(format!("{api}/v1/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        status["funcs"]["pushed"]["queue"]
+            .as_str()
+            .is_some_and(|q| q.starts_with("funcatron.func.pushed.")),
+        "{status}"
+    );
+    shutdown.cancel();
+}
