@@ -581,7 +581,9 @@ async fn tron(
         let token = management_token(o, store)?;
         let lua_check: funcatron_tron::registry::Check = Arc::new(|b: &Bundle| {
             if b.runtime == funcatron_bundle::RuntimeKind::Lua {
-                funcatron_runner::lua::LuaFunc::prepare(b, LuaLimits::default()).map(drop)
+                funcatron_runner::lua::LuaFunc::prepare(b, LuaLimits::default())
+                    .map(drop)
+                    .map_err(|e| e.to_string())
             } else {
                 Ok(())
             }

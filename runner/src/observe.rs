@@ -105,8 +105,9 @@ struct Inner {
 }
 
 /// Log and count a poisoned lock instead of skipping it silently; the
-/// data behind it is still used.
-fn poisoned<T>(what: &'static str, e: std::sync::PoisonError<T>) -> T {
+/// data behind it is still used. The one lock idiom of the Runner:
+/// `lock().unwrap_or_else(|e| poisoned("what", e))`.
+pub(crate) fn poisoned<T>(what: &'static str, e: std::sync::PoisonError<T>) -> T {
     tracing::error!(
         lock = what,
         "a lock was poisoned by a panic; using its data"

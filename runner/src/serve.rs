@@ -19,40 +19,20 @@ use tokio::sync::watch;
 
 use funcatron_bundle::validate::{self, Checks};
 
-use crate::exec::{ExecLimits, ExecRuntime};
+use crate::error::{PrepareError, SecretError};
+use crate::exec::ExecLimits;
 use crate::follow::Desired;
-use crate::invoke::{self, Handled, InvokeError, Job};
-use crate::lua::{LuaLimits, LuaRuntime};
+use crate::invoke::{self, Handled, Job};
+use crate::lua::LuaLimits;
 use crate::observe::{Load, Observer};
-use crate::runtime::Runtime;
-use crate::worker::{WorkerOptions, WorkerRuntime};
+use crate::runtime::{Called, Prepared, Unanswered};
+use crate::worker::WorkerOptions;
 
-/// Every runtime this Runner serves, picked per Func by its bundle.
-struct Runtimes {
-    lua: LuaRuntime,
-    exec: ExecRuntime,
-    workers: WorkerRuntime,
-    kinds: HashMap<String, RuntimeKind>,
-    /// Funcs that cannot run here, and why (a secret not supplied, a
-    /// document whose schemas do not compile).
-    broken: HashMap<String, String>,
-    /// Request checks per Func and operation.
-    checks: HashMap<String, HashMap<String, Arc<Checks>>>,
-}
-
-impl Runtime for Runtimes {
-    async fn invoke(&self, func: &str, job: Job) -> Handled {
-        if let Some(why) = self.broken.get(func) {
-            return invoke::process(func, &job, 0, |_| Err(InvokeError::Broken(why.clone())));
-        }
-        match self.kinds.get(func) {
-            Some(RuntimeKind::Exec) => self.exec.invoke(func, job).await,
-            Some(RuntimeKind::Python | RuntimeKind::Node | RuntimeKind::Java) => {
-                self.workers.invoke(func, job).await
-            }
-            _ => self.lua.invoke(func, job).await,
-        }
-    }
+/// One prepared Func version: the runtime its bundle names (and no other)
+/// and its request checks per operation.
+struct Version {
+    prepared: Prepared,
+    checks: HashMap<String, Arc<Checks>>,
 }
 
 /// The values of a bundle's secrets: `<dir>/<func>/<NAME>`, else
@@ -60,24 +40,20 @@ impl Runtime for Runtimes {
 pub fn resolve_env(
     bundle: &Bundle,
     secrets_dir: Option<&Path>,
-) -> Result<BTreeMap<String, String>, String> {
+) -> Result<BTreeMap<String, String>, SecretError> {
     let mut env = bundle.env.clone();
     for name in &bundle.secrets {
         let Some(dir) = secrets_dir else {
-            return Err(format!(
-                "secret `{name}` is not supplied: this Runner has no --secrets-dir"
-            ));
+            return Err(SecretError::NoSecretsDir(name.clone()));
         };
         let candidates = [dir.join(&bundle.name).join(name), dir.join(name)];
         let value = candidates
             .iter()
             .find_map(|p| std::fs::read_to_string(p).ok())
-            .ok_or_else(|| {
-                format!(
-                    "secret `{name}` is not supplied: expected {} or {}",
-                    candidates[0].display(),
-                    candidates[1].display()
-                )
+            .ok_or_else(|| SecretError::Missing {
+                name: name.clone(),
+                per_func: candidates[0].display().to_string(),
+                shared: candidates[1].display().to_string(),
             })?;
         let value = value.strip_suffix('\n').unwrap_or(&value);
         env.insert(
@@ -146,9 +122,9 @@ impl Default for RunnerOptions {
 /// supplied, its document's schemas compile, and its code loads (Lua:
 /// prepared; Python, Node.js, Java: prepared and one worker started). What
 /// `funcatron dev` runs before it switches to a saved version.
-pub async fn check(bundle: &Bundle, options: &RunnerOptions) -> Result<(), String> {
+pub async fn check(bundle: &Bundle, options: &RunnerOptions) -> Result<(), PrepareError> {
     let env = resolve_env(bundle, options.secrets_dir.as_deref())?;
-    validate::compile_bundle(bundle).map_err(|e| e.to_string())?;
+    validate::compile_bundle(bundle)?;
     let mut b = bundle.clone();
     b.env = env;
     match b.runtime {
@@ -156,7 +132,7 @@ pub async fn check(bundle: &Bundle, options: &RunnerOptions) -> Result<(), Strin
             let limits = options.lua_limits;
             tokio::task::spawn_blocking(move || crate::lua::LuaFunc::prepare(&b, limits).map(drop))
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| PrepareError::Lua(e.to_string()))?
         }
         RuntimeKind::Python | RuntimeKind::Node | RuntimeKind::Java => {
             crate::worker::check(&b, &options.worker).await
@@ -248,6 +224,41 @@ pub(crate) async fn serve(
     retiring.wait().await;
 }
 
+/// Prepare one bundle version: its secrets, its checks, then its runtime.
+/// A version that cannot run is still served: its requests get 500 with
+/// the reason.
+async fn prepare_version(b: &Bundle, options: &RunnerOptions, observer: &Observer) -> Version {
+    let ready = resolve_env(b, options.secrets_dir.as_deref())
+        .map_err(PrepareError::from)
+        .and_then(|env| Ok((env, validate::compile_bundle(b)?)));
+    let (env, checks) = match ready {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::error!(func = %b.name, error = %why, "bundle cannot run; its requests get 500 with this reason");
+            return Version {
+                prepared: Prepared::Broken(why.to_string()),
+                checks: HashMap::new(),
+            };
+        }
+    };
+    let mut b = b.clone();
+    b.env = env;
+    let prepared = match Prepared::prepare(&b, options, observer).await {
+        Ok(p) => p,
+        Err(why) => {
+            tracing::error!(func = %b.name, error = %why, "bundle failed to prepare; its requests get 500 with this reason");
+            Prepared::Broken(match why {
+                PrepareError::Lua(msg) => format!("bundle failed to load: {msg}"),
+                other => other.to_string(),
+            })
+        }
+    };
+    Version {
+        prepared,
+        checks: checks.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+    }
+}
+
 /// Prepare one bundle version and start consuming its queue.
 async fn start_version(
     broker: &AnyBroker,
@@ -255,51 +266,12 @@ async fn start_version(
     options: &RunnerOptions,
     observer: &Observer,
 ) -> Serving {
-    let mut broken = HashMap::new();
-    let mut checks = HashMap::new();
-    let mut runnable = Vec::with_capacity(1);
-    let prepared = resolve_env(b, options.secrets_dir.as_deref()).and_then(|env| {
-        let c = validate::compile_bundle(b).map_err(|e| e.to_string())?;
-        Ok((env, c))
-    });
-    match prepared {
-        Ok((env, c)) => {
-            let mut b = b.clone();
-            b.env = env;
-            checks.insert(
-                b.name.clone(),
-                c.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
-            );
-            runnable.push(b);
-        }
-        Err(why) => {
-            tracing::error!(func = %b.name, error = %why, "bundle cannot run; its requests get 500 with this reason");
-            broken.insert(b.name.clone(), why);
-        }
-    }
-    let has_lua = runnable.iter().any(|b| b.runtime == RuntimeKind::Lua);
-    let (lua, failures) = LuaRuntime::start(
-        &runnable,
-        if has_lua { options.workers } else { 1 },
-        options.lua_limits,
-        observer,
-    );
-    for (func, why) in &failures {
-        tracing::error!(func, error = %why, "bundle failed to prepare; its requests get 500 with this reason");
-    }
-    let runtime = Arc::new(Runtimes {
-        lua,
-        exec: ExecRuntime::new(&runnable, options.exec_limits, observer),
-        workers: WorkerRuntime::start(&runnable, &options.worker, observer),
-        kinds: std::iter::once((b.name.clone(), b.runtime)).collect(),
-        broken,
-        checks,
-    });
+    let version = Arc::new(prepare_version(b, options, observer).await);
     let queue = names::func_queue(&b.name, &b.version);
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
     let load = observer.load_for(&b.name);
-    match broker
+    let consumed = broker
         .consume(
             &queue,
             QueueKind::Work,
@@ -308,21 +280,20 @@ async fn start_version(
                 auto_ack: false,
             },
         )
-        .await
-    {
+        .await;
+    match consumed {
         Ok(sub) => {
             tracing::info!(func = %b.name, version = %b.version, queue, "serving Func");
-            tasks.spawn(consume(
-                broker.clone(),
-                observer.clone(),
-                runtime,
-                Arc::from(b.name.as_str()),
-                Arc::from(b.version.as_str()),
-                queue.clone(),
-                sub,
-                stop.clone(),
-                Arc::clone(&load),
-            ));
+            let ctx = Consumer {
+                broker: broker.clone(),
+                observer: observer.clone(),
+                version,
+                func: Arc::from(b.name.as_str()),
+                version_name: Arc::from(b.version.as_str()),
+                queue: Arc::from(queue.as_str()),
+                load: Arc::clone(&load),
+            };
+            tasks.spawn(consume(Arc::new(ctx), sub, stop.clone()));
         }
         Err(e) => {
             tracing::error!(func = %b.name, queue, error = %e, "cannot consume the Func's queue")
@@ -365,21 +336,25 @@ async fn retire(broker: AnyBroker, s: Serving, shutdown: CancellationToken) {
     s.tasks.wait().await;
 }
 
+/// What every delivery of one Func version's queue shares.
+struct Consumer {
+    broker: AnyBroker,
+    observer: Observer,
+    version: Arc<Version>,
+    func: Arc<str>,
+    version_name: Arc<str>,
+    queue: Arc<str>,
+    load: Arc<Load>,
+}
+
 /// Consume one Func queue until `stop`. On `stop` the consumer is
 /// cancelled, what the broker had already delivered (prefetch) is handled
 /// too, and the subscription stays open until every delivery is
 /// acknowledged: scale-in and shutdown make the broker redeliver nothing.
-#[allow(clippy::too_many_arguments)]
 async fn consume(
-    broker: AnyBroker,
-    observer: Observer,
-    runtime: Arc<Runtimes>,
-    func: Arc<str>,
-    version: Arc<str>,
-    queue: String,
+    ctx: Arc<Consumer>,
     mut sub: funcatron_broker::Subscription,
     stop: CancellationToken,
-    load: Arc<Load>,
 ) {
     let in_flight = TaskTracker::new();
     let mut stopping = false;
@@ -392,21 +367,12 @@ async fn consume(
             }
             d = sub.next() => match d { Some(d) => d, None => break },
         };
-        load.begin();
-        let broker = broker.clone();
-        let observer = observer.clone();
-        let runtime = Arc::clone(&runtime);
-        let func = Arc::clone(&func);
-        let version = Arc::clone(&version);
-        let queue = queue.clone();
-        let load = Arc::clone(&load);
+        ctx.load.begin();
+        let ctx = Arc::clone(&ctx);
         in_flight.spawn(async move {
             let started = std::time::Instant::now();
-            handle(
-                &broker, &observer, &runtime, &func, &version, &queue, delivery,
-            )
-            .await;
-            load.end(started.elapsed());
+            handle(&ctx, delivery).await;
+            ctx.load.end(started.elapsed());
         });
     }
     in_flight.close();
@@ -417,6 +383,23 @@ async fn consume(
 async fn dead_letter(broker: &AnyBroker, queue: &str, delivery: Delivery, why: &str) {
     metrics::counter!("runner_dead_lettered_total").increment(1);
     broker.dead_letter(queue, delivery, why).await;
+}
+
+/// Acknowledge `delivery`; a failure is logged and counted (the broker
+/// will redeliver it).
+async fn ack(delivery: Delivery) {
+    if let Err(e) = delivery.ack().await {
+        tracing::warn!(error = %e, "acknowledging a request failed; the broker may redeliver it");
+        metrics::counter!("runner_ack_failures_total", "op" => "ack").increment(1);
+    }
+}
+
+/// Put `delivery` back on its queue; a failure is logged and counted.
+async fn requeue(delivery: Delivery) {
+    if let Err(e) = delivery.nack(true).await {
+        tracing::warn!(error = %e, "requeueing a request failed; the broker redelivers it when the channel closes");
+        metrics::counter!("runner_ack_failures_total", "op" => "nack").increment(1);
+    }
 }
 
 fn path_params(delivery: &Delivery) -> Result<Vec<(String, String)>, String> {
@@ -437,110 +420,128 @@ fn path_params(delivery: &Delivery) -> Result<Vec<(String, String)>, String> {
         .collect())
 }
 
-async fn handle(
-    broker: &AnyBroker,
-    observer: &Observer,
-    runtime: &Runtimes,
-    func: &str,
-    version: &str,
-    queue: &str,
-    delivery: Delivery,
-) {
-    let picked_ms = now_ms();
-    if delivery.redelivered {
-        // Another Runner took it and died (or a connection broke) before
-        // acknowledging; it runs again here.
-        metrics::counter!("runner_redelivered_total").increment(1);
-        tracing::info!(func, "handling a redelivered request");
-    }
+/// What the Tron's headers say about a delivery, or why it cannot be
+/// handled (it goes to the dead-letter queue).
+fn job_for(ctx: &Consumer, delivery: &Delivery, picked_ms: f64) -> Result<Job, String> {
     let Some(operation) = delivery
         .message
         .header(headers::OPERATION)
         .map(str::to_owned)
     else {
-        dead_letter(
-            broker,
-            queue,
-            delivery,
-            "no operation header: the message did not come through a Tron",
-        )
-        .await;
-        return;
+        return Err("no operation header: the message did not come through a Tron".into());
     };
-    let params = match path_params(&delivery) {
-        Ok(p) => p,
-        Err(why) => {
-            dead_letter(broker, queue, delivery, &why).await;
-            return;
-        }
-    };
-    let checks = runtime
-        .checks
-        .get(func)
-        .and_then(|c| c.get(&operation))
-        .cloned();
+    let params = path_params(delivery)?;
+    let checks = ctx.version.checks.get(&operation).cloned();
     let dispatched_ms = delivery
         .message
         .header(headers::DISPATCHED_MS)
         .and_then(|v| v.parse::<f64>().ok());
-    let delivery_payload = delivery.message.payload.clone();
-    let job = Job {
+    Ok(Job {
         payload: delivery.message.payload.clone(),
         operation,
         params,
         picked_ms,
         dispatched_ms,
         checks,
-        observer: observer.clone(),
+        observer: ctx.observer.clone(),
+    })
+}
+
+/// One delivery, start to end: decode, expiry, checks, deadline, the
+/// runtime's call, the response envelope; then [`settle`] publishes the
+/// reply, acknowledges and captures.
+async fn handle(ctx: &Consumer, delivery: Delivery) {
+    let picked_ms = now_ms();
+    let func = &*ctx.func;
+    if delivery.redelivered {
+        // Another Runner took it and died (or a connection broke) before
+        // acknowledging; it runs again here.
+        metrics::counter!("runner_redelivered_total").increment(1);
+        tracing::info!(func, "handling a redelivered request");
+    }
+    let job = match job_for(ctx, &delivery, picked_ms) {
+        Ok(job) => job,
+        Err(why) => return dead_letter(&ctx.broker, &ctx.queue, delivery, &why).await,
     };
     let span = tracing::debug_span!(
         "runner.invoke",
         func,
-        version,
+        version = &*ctx.version_name,
         request_id = tracing::field::Empty
     );
     async {
-        match runtime.invoke(func, job).await {
-            Handled::Reply {
-                request_id,
-                reply_to,
-                status,
-                response,
-            } => {
-                tracing::Span::current().record("request_id", request_id.as_str());
-                tracing::debug!(status, "invoked");
-                let Some(reply_to) = reply_to else {
-                    let _ = delivery.ack().await;
-                    return;
-                };
-                let response = bytes::Bytes::from(response);
-                match broker
-                    .publish(&reply_to, Message::new(response.clone()))
-                    .await
-                {
-                    // NoRoute: the ingress that asked is gone; the work is done.
-                    Ok(()) | Err(BrokerError::NoRoute(_)) => {
-                        let _ = delivery.ack().await;
-                        observer.maybe_capture(func, version, &delivery_payload, &response);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reply not published; requeueing the request");
-                        let _ = delivery.nack(true).await;
-                    }
-                }
-            }
-            Handled::Expired { request_id } => {
-                tracing::debug!(%request_id, "skipped: deadline passed before the Func ran");
-                metrics::counter!("runner_expired_total").increment(1);
-                let _ = delivery.ack().await;
-            }
-            Handled::Undecodable(why) => dead_letter(broker, queue, delivery, &why).await,
-            Handled::Requeue(why) => {
-                tracing::warn!(reason = %why, "requeueing the request");
-                let _ = delivery.nack(true).await;
-            }
-        }
+        let handled = run(func, &ctx.version.prepared, &job).await;
+        settle(ctx, delivery, &job, handled).await;
     }
     .instrument(span)
     .await
+}
+
+/// Decode, skip if expired, check, start, call, finish.
+async fn run(func: &str, prepared: &Prepared, job: &Job) -> Handled {
+    let (req, body) = match invoke::decode(job) {
+        Ok(r) => r,
+        Err(why) => return Handled::Undecodable(why),
+    };
+    let fr = match invoke::start(func, &req, body, job, prepared.max_time_ms()) {
+        Ok(fr) => fr,
+        Err(h) => return h,
+    };
+    match prepared.call(fr).await {
+        Ok(Called { started, result }) => invoke::finish(func, job, &req, started, result),
+        Err(Unanswered::Expired) => Handled::Expired {
+            request_id: req.id.to_string(),
+        },
+        Err(Unanswered::Requeue(why)) => Handled::Requeue(why),
+    }
+}
+
+/// Publish the reply, then acknowledge, then capture; or skip, dead-letter
+/// or requeue.
+async fn settle(ctx: &Consumer, delivery: Delivery, job: &Job, handled: Handled) {
+    match handled {
+        Handled::Reply {
+            request_id,
+            reply_to,
+            status,
+            response,
+        } => {
+            tracing::Span::current().record("request_id", request_id.as_str());
+            tracing::debug!(status, "invoked");
+            let Some(reply_to) = reply_to else {
+                return ack(delivery).await;
+            };
+            let response = bytes::Bytes::from(response);
+            match ctx
+                .broker
+                .publish(&reply_to, Message::new(response.clone()))
+                .await
+            {
+                // NoRoute: the ingress that asked is gone; the work is done.
+                Ok(()) | Err(BrokerError::NoRoute(_)) => {
+                    ack(delivery).await;
+                    ctx.observer.maybe_capture(
+                        &ctx.func,
+                        &ctx.version_name,
+                        &job.payload,
+                        &response,
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reply not published; requeueing the request");
+                    requeue(delivery).await;
+                }
+            }
+        }
+        Handled::Expired { request_id } => {
+            tracing::debug!(%request_id, "skipped: deadline passed before the Func ran");
+            metrics::counter!("runner_expired_total").increment(1);
+            ack(delivery).await;
+        }
+        Handled::Undecodable(why) => dead_letter(&ctx.broker, &ctx.queue, delivery, &why).await,
+        Handled::Requeue(why) => {
+            tracing::warn!(reason = %why, "requeueing the request");
+            requeue(delivery).await;
+        }
+    }
 }

@@ -30,21 +30,23 @@
 pub mod frame;
 mod prepare;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use funcatron_bundle::{Bundle, RuntimeKind, Style};
+use funcatron_bundle::{Bundle, Style};
 use tokio::io::{AsyncBufReadExt, BufStream};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::invoke::{self, FuncRequest, FuncResponse, Handled, InvokeError, Job};
-use crate::observe::Observer;
-use crate::runtime::Runtime;
+use crate::error::PrepareError;
+use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
+use crate::observe::{poisoned, Observer};
+use crate::runtime::{Called, Runtime, Unanswered};
+use crate::serve::RunnerOptions;
 
 pub use prepare::Launch;
 
@@ -75,6 +77,9 @@ pub(crate) async fn kill_group(pgid: u32) {
 
 /// The request id a worker is serving, for its log lines.
 type Current = Arc<Mutex<String>>;
+
+/// The last lines a worker wrote on stderr.
+type Tail = Arc<Mutex<VecDeque<String>>>;
 
 struct Worker {
     child: tokio::process::Child,
@@ -115,92 +120,86 @@ struct Pool {
     live: Arc<AtomicUsize>,
 }
 
-/// Runs Python, Node.js and Java Funcs.
-pub struct WorkerRuntime {
-    pools: HashMap<String, Arc<Pool>>,
-    /// Holds the sockets' directory for as long as the runtime lives.
-    _sockets: Option<tempfile::TempDir>,
+/// A Python, Node.js or Java bundle version: its pool of workers, kept by
+/// a supervisor task.
+pub struct WorkerPool {
+    pool: Arc<Pool>,
+    /// Holds the sockets' directory for as long as the pool lives.
+    _sockets: tempfile::TempDir,
 }
 
-impl WorkerRuntime {
-    /// Start a pool for every Python, Node.js and Java bundle. Preparing
-    /// and starting happen in the background; requests wait for the first
-    /// worker (within their deadline).
-    pub fn start(bundles: &[Bundle], options: &WorkerOptions, observer: &Observer) -> Self {
-        let ours: Vec<&Bundle> = bundles
-            .iter()
-            .filter(|b| {
-                matches!(
-                    b.runtime,
-                    RuntimeKind::Python | RuntimeKind::Node | RuntimeKind::Java
-                )
-            })
-            .collect();
-        if ours.is_empty() {
-            return WorkerRuntime {
-                pools: HashMap::new(),
-                _sockets: None,
-            };
-        }
-        let sockets = tempfile::Builder::new().prefix("funcatron-w").tempdir();
-        let sockets = match sockets {
-            Ok(d) => d,
-            Err(e) => {
+impl Runtime for WorkerPool {
+    /// Start the pool. Preparing and starting happen in the background;
+    /// requests wait for the first worker (within their deadline).
+    async fn prepare(
+        b: &Bundle,
+        options: &RunnerOptions,
+        observer: &Observer,
+    ) -> Result<Self, PrepareError> {
+        let options = &options.worker;
+        let sockets = tempfile::Builder::new()
+            .prefix("funcatron-w")
+            .tempdir()
+            .map_err(|e| {
                 tracing::error!(error = %e, "cannot create a directory for worker sockets");
-                return WorkerRuntime {
-                    pools: HashMap::new(),
-                    _sockets: None,
-                };
-            }
-        };
-        let counter = Arc::new(AtomicU64::new(0));
-        let mut pools = HashMap::new();
-        for b in ours {
-            let (idle_tx, idle_rx) = async_channel::unbounded();
-            let (respawn, respawn_rx) = tokio::sync::mpsc::unbounded_channel();
-            let (broken_tx, broken) = watch::channel(None);
-            let live = Arc::new(AtomicUsize::new(0));
-            let pool = Arc::new(Pool {
-                func: b.name.clone(),
-                timeout: b
-                    .timeout_ms
-                    .map(Duration::from_millis)
-                    .unwrap_or(options.timeout),
-                idle_tx,
-                idle_rx,
-                respawn,
-                broken,
-                live: Arc::clone(&live),
-            });
-            let size = b.concurrency.unwrap_or(options.concurrency).max(1);
-            tokio::spawn(supervise(
-                b.clone(),
-                options.clone(),
-                observer.clone(),
-                sockets.path().to_owned(),
-                Arc::clone(&counter),
+                PrepareError::Worker(format!("cannot create a directory for worker sockets: {e}"))
+            })?;
+        let (idle_tx, idle_rx) = async_channel::unbounded();
+        let (respawn, respawn_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (broken_tx, broken) = watch::channel(None);
+        let pool = Arc::new(Pool {
+            func: b.name.clone(),
+            timeout: b
+                .timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(options.timeout),
+            idle_tx,
+            idle_rx,
+            respawn,
+            broken,
+            live: Arc::new(AtomicUsize::new(0)),
+        });
+        let size = b.concurrency.unwrap_or(options.concurrency).max(1);
+        tokio::spawn(supervise(
+            Supervised {
+                bundle: b.clone(),
+                options: options.clone(),
+                observer: observer.clone(),
+                sockets: sockets.path().to_owned(),
                 size,
-                Arc::downgrade(&pool),
-                respawn_rx,
-                broken_tx,
-            ));
-            pools.insert(b.name.clone(), pool);
-        }
-        WorkerRuntime {
-            pools,
-            _sockets: Some(sockets),
-        }
+            },
+            Arc::downgrade(&pool),
+            respawn_rx,
+            broken_tx,
+        ));
+        Ok(WorkerPool {
+            pool,
+            _sockets: sockets,
+        })
+    }
+
+    fn max_time_ms(&self) -> u64 {
+        // The pool starts the Func's time limit when a worker takes the call.
+        u64::MAX
+    }
+
+    async fn call(&self, req: FuncRequest<'_>) -> Result<Called, Unanswered> {
+        let started = Instant::now();
+        let result = self.pool.invoke(&req).await;
+        Ok(Called { started, result })
     }
 }
 
 /// Prepare `bundle` and start one worker to see that it loads (then stop
 /// it): what `funcatron dev` does before it switches to a new version.
-pub async fn check(bundle: &Bundle, options: &WorkerOptions) -> Result<(), String> {
-    let launch = prepare::prepare(bundle, options).await?;
+pub async fn check(bundle: &Bundle, options: &WorkerOptions) -> Result<(), PrepareError> {
+    let launch = prepare::prepare(bundle, options)
+        .await
+        .map_err(PrepareError::Worker)?;
     let dir = tempfile::Builder::new()
         .prefix("funcatron-check")
         .tempdir()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| PrepareError::Worker(e.to_string()))?;
     let w = start_worker(
         &bundle.name,
         &Observer::detached(),
@@ -208,26 +207,40 @@ pub async fn check(bundle: &Bundle, options: &WorkerOptions) -> Result<(), Strin
         &dir.path().join("w.sock"),
         options.start_timeout,
     )
-    .await?;
+    .await
+    .map_err(PrepareError::Worker)?;
     w.kill().await;
     Ok(())
 }
 
-/// Prepare the bundle, then keep its pool at `size` workers until the pool
-/// is dropped.
-#[allow(clippy::too_many_arguments)]
-async fn supervise(
+/// What a supervisor keeps running.
+struct Supervised {
     bundle: Bundle,
     options: WorkerOptions,
     observer: Observer,
+    /// Where the workers' sockets go.
     sockets: PathBuf,
-    counter: Arc<AtomicU64>,
+    /// Workers to keep.
     size: usize,
+}
+
+/// Prepare the bundle, then keep its pool at `size` workers until the pool
+/// is dropped.
+async fn supervise(
+    s: Supervised,
     pool: std::sync::Weak<Pool>,
     mut respawn: tokio::sync::mpsc::UnboundedReceiver<()>,
     broken: watch::Sender<Option<String>>,
 ) {
+    let Supervised {
+        bundle,
+        options,
+        observer,
+        sockets,
+        size,
+    } = s;
     let func = bundle.name.clone();
+    let counter = AtomicU64::new(0);
     let launch = match prepare::prepare(&bundle, &options).await {
         Ok(l) => Arc::new(l),
         Err(why) => {
@@ -299,40 +312,8 @@ async fn start_worker(
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", launch.program.display()))?;
     let current: Current = Arc::new(Mutex::new(String::new()));
-    let tail = Arc::new(Mutex::new(VecDeque::new()));
-    let version = launch
-        .env
-        .get("FUNCATRON_VERSION")
-        .cloned()
-        .unwrap_or_default();
-    let mut forwarders = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        forwarders.push(tokio::spawn(forward(
-            out,
-            observer.clone(),
-            func.to_owned(),
-            version.clone(),
-            "stdout",
-            Arc::clone(&current),
-            None,
-        )));
-    }
-    if let Some(err) = child.stderr.take() {
-        forwarders.push(tokio::spawn(forward(
-            err,
-            observer.clone(),
-            func.to_owned(),
-            version.clone(),
-            "stderr",
-            Arc::clone(&current),
-            Some(Arc::clone(&tail)),
-        )));
-    }
-    let stderr_tail = |tail: &Mutex<VecDeque<String>>| {
-        tail.lock()
-            .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
-            .unwrap_or_default()
-    };
+    let tail: Tail = Arc::new(Mutex::new(VecDeque::new()));
+    let mut forwarders = spawn_forwarders(&mut child, func, observer, launch, &current, &tail);
     let accepted = tokio::select! {
         // A worker that could not load connects, says why and exits: take
         // its connection (and its reason) before noticing the exit.
@@ -354,7 +335,7 @@ async fn start_worker(
         )),
     };
     let _ = std::fs::remove_file(socket);
-    let mut worker = match accepted {
+    let worker = match accepted {
         Ok(stream) => Worker {
             child,
             stream: BufStream::new(stream),
@@ -367,6 +348,62 @@ async fn start_worker(
             return Err(e);
         }
     };
+    await_ready(worker, start_timeout, &tail).await
+}
+
+/// The end of what a worker printed on stderr.
+fn stderr_tail(tail: &Tail) -> String {
+    let t = tail.lock().unwrap_or_else(|e| poisoned("worker.tail", e));
+    t.iter().cloned().collect::<Vec<_>>().join("\n")
+}
+
+/// Forward the worker's stdout and stderr to the log (stderr's end kept in
+/// `tail` for start failures).
+fn spawn_forwarders(
+    child: &mut tokio::process::Child,
+    func: &str,
+    observer: &Observer,
+    launch: &Launch,
+    current: &Current,
+    tail: &Tail,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let version = launch
+        .env
+        .get("FUNCATRON_VERSION")
+        .cloned()
+        .unwrap_or_default();
+    let mut forwarders = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        forwarders.push(tokio::spawn(forward(
+            out,
+            observer.clone(),
+            func.to_owned(),
+            version.clone(),
+            "stdout",
+            Arc::clone(current),
+            None,
+        )));
+    }
+    if let Some(err) = child.stderr.take() {
+        forwarders.push(tokio::spawn(forward(
+            err,
+            observer.clone(),
+            func.to_owned(),
+            version,
+            "stderr",
+            Arc::clone(current),
+            Some(Arc::clone(tail)),
+        )));
+    }
+    forwarders
+}
+
+/// Wait for a connected worker's first frame: `ready`, or why not.
+async fn await_ready(
+    mut worker: Worker,
+    start_timeout: Duration,
+    tail: &Tail,
+) -> Result<Worker, String> {
     let first = tokio::time::timeout(start_timeout, frame::read(&mut worker.stream)).await;
     let outcome = match first {
         Ok(Ok(items)) if items.first().map(Vec::as_slice) == Some(b"ready") => return Ok(worker),
@@ -375,7 +412,7 @@ async fn start_worker(
             .map(|m| String::from_utf8_lossy(m).into_owned())
             .unwrap_or_default()),
         Ok(Ok(_)) => Err("the worker sent something other than `ready`".to_owned()),
-        Ok(Err(e)) => Err(format!("{e}: {}", stderr_tail(&tail))),
+        Ok(Err(e)) => Err(format!("{e}: {}", stderr_tail(tail))),
         Err(_) => Err(format!(
             "the worker did not load its bundle within {} ms",
             start_timeout.as_millis()
@@ -393,20 +430,22 @@ async fn forward(
     version: String,
     stream: &'static str,
     current: Current,
-    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+    tail: Option<Tail>,
 ) {
     let mut lines = tokio::io::BufReader::new(pipe).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let id = current.lock().map(|c| c.clone()).unwrap_or_default();
+        let id = current
+            .lock()
+            .unwrap_or_else(|e| poisoned("worker.current", e))
+            .clone();
         tracing::info!(func, version, request_id = %id, stream, "{line}");
         observer.func_log(&func, &version, &id, stream, &line);
         if let Some(tail) = &tail {
-            if let Ok(mut t) = tail.lock() {
-                if t.len() == 30 {
-                    t.pop_front();
-                }
-                t.push_back(line);
+            let mut t = tail.lock().unwrap_or_else(|e| poisoned("worker.tail", e));
+            if t.len() == 30 {
+                t.pop_front();
             }
+            t.push_back(line);
         }
     }
 }
@@ -428,7 +467,7 @@ fn request_frame(req: &FuncRequest<'_>, deadline: Instant) -> Vec<u8> {
         env.host.as_bytes(),
         env.path.as_bytes(),
         env.query.as_bytes(),
-        req.body,
+        &req.body,
         budget.as_bytes(),
         n_headers.as_bytes(),
     ]);
@@ -512,7 +551,11 @@ impl Pool {
         req: &FuncRequest<'_>,
         deadline: Instant,
     ) -> Result<FuncResponse, CallError> {
-        if let Ok(mut c) = w.current.lock() {
+        {
+            let mut c = w
+                .current
+                .lock()
+                .unwrap_or_else(|e| poisoned("worker.current", e));
             c.clear();
             c.push_str(&req.envelope.id);
         }
@@ -579,29 +622,6 @@ impl Pool {
                 Err(e)
             }
         }
-    }
-}
-
-impl Runtime for WorkerRuntime {
-    async fn invoke(&self, func: &str, job: Job) -> Handled {
-        let Some(pool) = self.pools.get(func) else {
-            return invoke::process(func, &job, 0, |_| {
-                Err(InvokeError::Broken(
-                    "this Runner does not serve that Func".into(),
-                ))
-            });
-        };
-        let (req, body) = match invoke::decode(&job) {
-            Ok(r) => r,
-            Err(h) => return h,
-        };
-        let fr = match invoke::start(func, &req, &body, &job, u64::MAX) {
-            Ok(fr) => fr,
-            Err(h) => return h,
-        };
-        let started = Instant::now();
-        let result = pool.invoke(&fr).await;
-        invoke::finish(func, &job, &req, started, result)
     }
 }
 
