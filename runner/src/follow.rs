@@ -17,6 +17,8 @@ use funcatron_bundle::archive::{self, Limits};
 use funcatron_bundle::state::{Capture, ClusterState, Control, LogLevel, CONTROL_TOPIC};
 use funcatron_bundle::Bundle;
 use tokio::sync::watch;
+
+use crate::error::FollowError;
 use tokio_util::sync::CancellationToken;
 
 /// What a Runner should serve and report, as the registry says.
@@ -59,19 +61,23 @@ impl FollowOptions {
     }
 }
 
-async fn fetch(http: &reqwest::Client, base: &str, sha: &str) -> Result<Vec<u8>, String> {
+async fn fetch(http: &reqwest::Client, base: &str, sha: &str) -> Result<Vec<u8>, FollowError> {
     let url = format!("{}/v1/bundles/{sha}", base.trim_end_matches('/'));
+    let failed = |source| FollowError::Fetch {
+        url: url.clone(),
+        source,
+    };
     let bytes = http
         .get(&url)
         .send()
         .await
         .and_then(|r| r.error_for_status())
-        .map_err(|e| format!("{url}: {e}"))?
+        .map_err(failed)?
         .bytes()
         .await
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(failed)?;
     if archive::sha256_hex(&bytes) != sha {
-        return Err(format!("{url}: the archive's SHA-256 does not match"));
+        return Err(FollowError::Sha(url));
     }
     Ok(bytes.to_vec())
 }
@@ -82,7 +88,7 @@ async fn load(
     options: &FollowOptions,
     state: &ClusterState,
     fetch_from: &str,
-) -> Result<Vec<Bundle>, String> {
+) -> Result<Vec<Bundle>, FollowError> {
     let root = options.cache_dir.join("bundles");
     let mut list: Vec<Bundle> = options
         .static_bundles
@@ -103,12 +109,14 @@ async fn load(
             None => {
                 let bytes = fetch(http, fetch_from, sha).await?;
                 archive::unpack_into(&bytes, &root, name, Limits::default())
-                    .map_err(|e| format!("bundle {sha}: {e}"))?
+                    .map_err(|source| FollowError::Unpack {
+                        sha: sha.to_owned(),
+                        source,
+                    })?
                     .1
             }
         };
-        let b = Bundle::load_in(&bundle_dir, options.environment.as_deref())
-            .map_err(|e| e.to_string())?;
+        let b = Bundle::load_in(&bundle_dir, options.environment.as_deref())?;
         list.push(settings.apply(&b));
     }
     Ok(list)

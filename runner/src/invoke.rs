@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use funcatron_bundle::validate::{Checks, Input};
-use funcatron_envelope::{encode_body, now_ms, Request, Response, Timings, VERSION};
+use funcatron_envelope::{encode_body, now_ms, EnvelopeError, Request, Response, Timings, VERSION};
 
 /// One delivery, as the serve loop handles it.
 #[derive(Debug)]
@@ -127,14 +127,14 @@ impl InvokeError {
 
 /// Step 1: decode a job's envelope and body. A text body without escapes
 /// is a slice of the payload (no copy); the rest is decoded once.
-pub fn decode(job: &Job) -> Result<(Request<'_>, Bytes), String> {
-    let req = Request::decode(&job.payload).map_err(|e| e.to_string())?;
+pub fn decode(job: &Job) -> Result<(Request<'_>, Bytes), EnvelopeError> {
+    let req = Request::decode(&job.payload)?;
     let body = match (&req.body, req.body_base64) {
         (Cow::Borrowed(text), false) => {
             let text: &str = text;
             job.payload.slice_ref(text.as_bytes())
         }
-        _ => Bytes::from(req.body_bytes().map_err(|e| e.to_string())?.into_owned()),
+        _ => Bytes::from(req.body_bytes()?.into_owned()),
     };
     Ok((req, body))
 }

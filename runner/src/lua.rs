@@ -598,7 +598,7 @@ fn install_sandbox(lua: &Lua, bundle: &Bundle, observer: Observer) -> mlua::Resu
             if let Some(v) = loaded.raw_get::<Option<Value>>(name.as_str())? {
                 return Ok(v);
             }
-            let path = module_path(&root, &name).map_err(mlua::Error::runtime)?;
+            let path = module_path(&root, &name)?;
             let src = std::fs::read(&path)
                 .map_err(|e| mlua::Error::runtime(format!("require {name:?}: {e}")))?;
             let v: Value = lua.load(&src).set_name(format!("@{name}.lua")).call(())?;
@@ -611,22 +611,26 @@ fn install_sandbox(lua: &Lua, bundle: &Bundle, observer: Observer) -> mlua::Resu
 }
 
 /// `a.b` -> `<bundle>/a/b.lua`, refusing names and links that leave the bundle.
-fn module_path(root: &Path, name: &str) -> Result<PathBuf, String> {
+fn module_path(root: &Path, name: &str) -> mlua::Result<PathBuf> {
     let valid = !name.is_empty()
         && name
             .split('.')
             .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
     if !valid {
-        return Err(format!(
+        return Err(mlua::Error::runtime(format!(
             "require {name:?}: module names are dot-separated words"
-        ));
+        )));
     }
     let path = root.join(format!("{}.lua", name.replace('.', "/")));
-    let real = path
-        .canonicalize()
-        .map_err(|_| format!("require {name:?}: no module {name}.lua in the bundle"))?;
+    let real = path.canonicalize().map_err(|_| {
+        mlua::Error::runtime(format!(
+            "require {name:?}: no module {name}.lua in the bundle"
+        ))
+    })?;
     if !real.starts_with(root) {
-        return Err(format!("require {name:?}: module is outside the bundle"));
+        return Err(mlua::Error::runtime(format!(
+            "require {name:?}: module is outside the bundle"
+        )));
     }
     Ok(real)
 }

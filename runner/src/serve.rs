@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use funcatron_bundle::validate::{self, Checks};
 
-use crate::error::{PrepareError, SecretError};
+use crate::error::{DeliveryError, PrepareError, SecretError};
 use crate::exec::ExecLimits;
 use crate::follow::Desired;
 use crate::invoke::{self, Handled, Job};
@@ -402,12 +402,12 @@ async fn requeue(delivery: Delivery) {
     }
 }
 
-fn path_params(delivery: &Delivery) -> Result<Vec<(String, String)>, String> {
+fn path_params(delivery: &Delivery) -> Result<Vec<(String, String)>, DeliveryError> {
     let Some(raw) = delivery.message.header(headers::PATH_PARAMS) else {
         return Ok(Vec::new());
     };
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(raw)
-        .map_err(|e| format!("bad {} header: {e}", headers::PATH_PARAMS))?;
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(raw).map_err(|source| DeliveryError::PathParams { source })?;
     Ok(map
         .into_iter()
         .map(|(k, v)| {
@@ -422,13 +422,13 @@ fn path_params(delivery: &Delivery) -> Result<Vec<(String, String)>, String> {
 
 /// What the Tron's headers say about a delivery, or why it cannot be
 /// handled (it goes to the dead-letter queue).
-fn job_for(ctx: &Consumer, delivery: &Delivery, picked_ms: f64) -> Result<Job, String> {
+fn job_for(ctx: &Consumer, delivery: &Delivery, picked_ms: f64) -> Result<Job, DeliveryError> {
     let Some(operation) = delivery
         .message
         .header(headers::OPERATION)
         .map(str::to_owned)
     else {
-        return Err("no operation header: the message did not come through a Tron".into());
+        return Err(DeliveryError::NoOperation);
     };
     let params = path_params(delivery)?;
     let checks = ctx.version.checks.get(&operation).cloned();
@@ -461,7 +461,7 @@ async fn handle(ctx: &Consumer, delivery: Delivery) {
     }
     let job = match job_for(ctx, &delivery, picked_ms) {
         Ok(job) => job,
-        Err(why) => return dead_letter(&ctx.broker, &ctx.queue, delivery, &why).await,
+        Err(why) => return dead_letter(&ctx.broker, &ctx.queue, delivery, &why.to_string()).await,
     };
     let span = tracing::debug_span!(
         "runner.invoke",
@@ -481,7 +481,7 @@ async fn handle(ctx: &Consumer, delivery: Delivery) {
 async fn run(func: &str, prepared: &Prepared, job: &Job) -> Handled {
     let (req, body) = match invoke::decode(job) {
         Ok(r) => r,
-        Err(why) => return Handled::Undecodable(why),
+        Err(why) => return Handled::Undecodable(why.to_string()),
     };
     let fr = match invoke::start(func, &req, body, job, prepared.max_time_ms()) {
         Ok(fr) => fr,

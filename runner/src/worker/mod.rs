@@ -42,7 +42,7 @@ use tokio::io::{AsyncBufReadExt, BufStream};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::error::PrepareError;
+use crate::error::{PrepareError, WorkerError};
 use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
 use crate::observe::{poisoned, Observer};
 use crate::runtime::{Called, Runtime, Unanswered};
@@ -140,9 +140,12 @@ impl Runtime for WorkerPool {
         let sockets = tempfile::Builder::new()
             .prefix("funcatron-w")
             .tempdir()
-            .map_err(|e| {
-                tracing::error!(error = %e, "cannot create a directory for worker sockets");
-                PrepareError::Worker(format!("cannot create a directory for worker sockets: {e}"))
+            .map_err(|source| {
+                tracing::error!(error = %source, "cannot create a directory for worker sockets");
+                WorkerError::Io {
+                    path: std::env::temp_dir(),
+                    source,
+                }
             })?;
         let (idle_tx, idle_rx) = async_channel::unbounded();
         let (respawn, respawn_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -193,13 +196,14 @@ impl Runtime for WorkerPool {
 /// Prepare `bundle` and start one worker to see that it loads (then stop
 /// it): what `funcatron dev` does before it switches to a new version.
 pub async fn check(bundle: &Bundle, options: &WorkerOptions) -> Result<(), PrepareError> {
-    let launch = prepare::prepare(bundle, options)
-        .await
-        .map_err(PrepareError::Worker)?;
+    let launch = prepare::prepare(bundle, options).await?;
     let dir = tempfile::Builder::new()
         .prefix("funcatron-check")
         .tempdir()
-        .map_err(|e| PrepareError::Worker(e.to_string()))?;
+        .map_err(|source| WorkerError::Io {
+            path: std::env::temp_dir(),
+            source,
+        })?;
     let w = start_worker(
         &bundle.name,
         &Observer::detached(),
@@ -207,8 +211,7 @@ pub async fn check(bundle: &Bundle, options: &WorkerOptions) -> Result<(), Prepa
         &dir.path().join("w.sock"),
         options.start_timeout,
     )
-    .await
-    .map_err(PrepareError::Worker)?;
+    .await?;
     w.kill().await;
     Ok(())
 }
@@ -245,7 +248,7 @@ async fn supervise(
         Ok(l) => Arc::new(l),
         Err(why) => {
             tracing::error!(func, error = %why, "bundle failed to prepare; its requests get 500 with this reason");
-            let _ = broken.send(Some(why));
+            let _ = broken.send(Some(why.to_string()));
             return;
         }
     };
@@ -269,7 +272,7 @@ async fn supervise(
                     metrics::counter!("runner_worker_start_failures_total", "func" => func.clone())
                         .increment(1);
                     if p.live.load(Ordering::SeqCst) == 0 {
-                        let _ = broken.send(Some(why));
+                        let _ = broken.send(Some(why.to_string()));
                     }
                     drop(p);
                     tokio::time::sleep(backoff).await;
@@ -291,10 +294,12 @@ async fn start_worker(
     launch: &Launch,
     socket: &std::path::Path,
     start_timeout: Duration,
-) -> Result<Worker, String> {
+) -> Result<Worker, WorkerError> {
     let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket)
-        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    let listener = UnixListener::bind(socket).map_err(|source| WorkerError::Listen {
+        path: socket.to_owned(),
+        source,
+    })?;
     let mut cmd = tokio::process::Command::new(&launch.program);
     cmd.args(&launch.args)
         .current_dir(&launch.dir)
@@ -308,9 +313,10 @@ async fn start_worker(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", launch.program.display()))?;
+    let mut child = cmd.spawn().map_err(|source| WorkerError::Start {
+        program: launch.program.clone(),
+        source,
+    })?;
     let current: Current = Arc::new(Mutex::new(String::new()));
     let tail: Tail = Arc::new(Mutex::new(VecDeque::new()));
     let mut forwarders = spawn_forwarders(&mut child, func, observer, launch, &current, &tail);
@@ -318,21 +324,18 @@ async fn start_worker(
         // A worker that could not load connects, says why and exits: take
         // its connection (and its reason) before noticing the exit.
         biased;
-        a = listener.accept() => a.map(|(s, _)| s).map_err(|e| format!("accepting the worker: {e}")),
+        a = listener.accept() => a.map(|(s, _)| s).map_err(WorkerError::Accept),
         status = child.wait() => {
             // Let the forwarders drain what it printed before it died.
             for f in forwarders.drain(..) {
                 let _ = tokio::time::timeout(Duration::from_secs(1), f).await;
             }
-            Err(format!(
-                "the worker exited ({}) before it was ready: {}",
-                status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-                stderr_tail(&tail)
-            ))
+            Err(WorkerError::Exited {
+                status: status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                stderr: stderr_tail(&tail),
+            })
         }
-        _ = tokio::time::sleep(start_timeout) => Err(format!(
-            "the worker did not connect within {} ms", start_timeout.as_millis()
-        )),
+        _ = tokio::time::sleep(start_timeout) => Err(WorkerError::NoConnect(start_timeout.as_millis())),
     };
     let _ = std::fs::remove_file(socket);
     let worker = match accepted {
@@ -403,20 +406,24 @@ async fn await_ready(
     mut worker: Worker,
     start_timeout: Duration,
     tail: &Tail,
-) -> Result<Worker, String> {
+) -> Result<Worker, WorkerError> {
     let first = tokio::time::timeout(start_timeout, frame::read(&mut worker.stream)).await;
     let outcome = match first {
         Ok(Ok(items)) if items.first().map(Vec::as_slice) == Some(b"ready") => return Ok(worker),
-        Ok(Ok(items)) if items.first().map(Vec::as_slice) == Some(b"error") => Err(items
-            .get(1)
-            .map(|m| String::from_utf8_lossy(m).into_owned())
-            .unwrap_or_default()),
-        Ok(Ok(_)) => Err("the worker sent something other than `ready`".to_owned()),
-        Ok(Err(e)) => Err(format!("{e}: {}", stderr_tail(tail))),
-        Err(_) => Err(format!(
-            "the worker did not load its bundle within {} ms",
-            start_timeout.as_millis()
-        )),
+        Ok(Ok(items)) if items.first().map(Vec::as_slice) == Some(b"error") => {
+            Err(WorkerError::Load(
+                items
+                    .get(1)
+                    .map(|m| String::from_utf8_lossy(m).into_owned())
+                    .unwrap_or_default(),
+            ))
+        }
+        Ok(Ok(_)) => Err(WorkerError::NotReady),
+        Ok(Err(source)) => Err(WorkerError::Frame {
+            source,
+            stderr: stderr_tail(tail),
+        }),
+        Err(_) => Err(WorkerError::LoadTimeout(start_timeout.as_millis())),
     };
     worker.kill().await;
     outcome
@@ -482,35 +489,48 @@ fn request_frame(req: &FuncRequest<'_>, deadline: Instant) -> Vec<u8> {
     frame::encode(items)
 }
 
-fn parse_reply(items: Vec<Vec<u8>>) -> Result<Result<FuncResponse, String>, String> {
+/// A worker's reply: the Func's answer, the error it raised, or (a broken
+/// protocol) a worker to replace.
+fn parse_reply(items: Vec<Vec<u8>>) -> Result<FuncResponse, CallError> {
     let mut it = items.into_iter();
-    match it.next().as_deref() {
-        Some(b"ok") => {
-            let status = it
-                .next()
-                .and_then(|s| String::from_utf8(s).ok())
-                .and_then(|s| s.parse::<u16>().ok())
-                .filter(|s| (100..=599).contains(s))
-                .ok_or("`ok` without a valid status")?;
-            let body = it.next().ok_or("`ok` without a body")?;
-            let mut headers = Vec::new();
-            while let Some(k) = it.next() {
-                let v = it.next().ok_or("a header without a value")?;
-                let k = String::from_utf8(k).map_err(|_| "a header name that is not UTF-8")?;
-                headers.push((k, String::from_utf8_lossy(&v).into_owned()));
-            }
-            Ok(Ok(FuncResponse {
-                status,
-                headers,
-                body,
-            }))
+    let answer = match it.next().as_deref() {
+        Some(b"ok") => parse_ok(it),
+        Some(b"error") => {
+            return Err(CallError::Handler(
+                it.next()
+                    .map(|m| String::from_utf8_lossy(&m).into_owned())
+                    .unwrap_or_default(),
+            ))
         }
-        Some(b"error") => Ok(Err(it
-            .next()
-            .map(|m| String::from_utf8_lossy(&m).into_owned())
-            .unwrap_or_default())),
-        _ => Err("a reply that is neither `ok` nor `error`".to_owned()),
+        _ => Err("a reply that is neither `ok` nor `error`"),
+    };
+    answer.map_err(|why| {
+        CallError::Lost(InvokeError::Crashed(format!(
+            "the worker broke the protocol ({why}); it was killed and replaced"
+        )))
+    })
+}
+
+/// The fields of an `ok` reply, or what is wrong with them.
+fn parse_ok(mut it: impl Iterator<Item = Vec<u8>>) -> Result<FuncResponse, &'static str> {
+    let status = it
+        .next()
+        .and_then(|s| String::from_utf8(s).ok())
+        .and_then(|s| s.parse::<u16>().ok())
+        .filter(|s| (100..=599).contains(s))
+        .ok_or("`ok` without a valid status")?;
+    let body = it.next().ok_or("`ok` without a body")?;
+    let mut headers = Vec::new();
+    while let Some(k) = it.next() {
+        let v = it.next().ok_or("a header without a value")?;
+        let k = String::from_utf8(k).map_err(|_| "a header name that is not UTF-8")?;
+        headers.push((k, String::from_utf8_lossy(&v).into_owned()));
     }
+    Ok(FuncResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
 impl Pool {
@@ -584,13 +604,7 @@ impl Pool {
                     "the worker process died while handling the request ({status}); it was replaced"
                 ))))
             }
-            Ok(Ok(items)) => match parse_reply(items) {
-                Ok(Ok(r)) => Ok(r),
-                Ok(Err(msg)) => Err(CallError::Handler(msg)),
-                Err(why) => Err(CallError::Lost(InvokeError::Crashed(format!(
-                    "the worker broke the protocol ({why}); it was killed and replaced"
-                )))),
-            },
+            Ok(Ok(items)) => parse_reply(items),
         }
     }
 
