@@ -545,3 +545,166 @@ async fn settle(ctx: &Consumer, delivery: Delivery, job: &Job, handled: Handled)
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::borrow::Cow;
+
+    use funcatron_envelope::{Request, Response, VERSION};
+
+    use super::*;
+
+    fn bundle(dir: &Path, runtime: &str, manifest: Option<&str>, lua: &str) -> Bundle {
+        let doc = format!(
+            "swagger: '2.0'\nx-funcatron: {{runtime: {runtime}}}\npaths:\n  /hi:\n    post: {{operationId: hi}}\n"
+        );
+        std::fs::write(dir.join("swagger.yaml"), doc).unwrap();
+        std::fs::write(dir.join("main.lua"), lua).unwrap();
+        std::fs::write(dir.join("main.py"), "def hi(req):\n    return 'hi'\n").unwrap();
+        if let Some(m) = manifest {
+            std::fs::write(dir.join("funcatron.yaml"), m).unwrap();
+        }
+        Bundle::load(dir).unwrap()
+    }
+
+    fn job(deadline_ms: u64) -> Job {
+        let req = Request {
+            version: Cow::Borrowed(VERSION),
+            id: Cow::Borrowed("t-1"),
+            deadline_ms,
+            sent_ms: now_ms(),
+            method: Cow::Borrowed("POST"),
+            scheme: Cow::Borrowed("http"),
+            host: Cow::Borrowed("localhost"),
+            path: Cow::Borrowed("/hi"),
+            query: Cow::Borrowed(""),
+            headers: vec![],
+            remote: None,
+            body: Cow::Borrowed("world"),
+            body_base64: false,
+            reply_to: Some(Cow::Borrowed("r")),
+            reply_key: None,
+        };
+        Job {
+            payload: req.encode().into(),
+            operation: "hi".into(),
+            params: vec![],
+            picked_ms: now_ms(),
+            dispatched_ms: None,
+            checks: None,
+            observer: Observer::detached(),
+        }
+    }
+
+    fn options() -> RunnerOptions {
+        RunnerOptions {
+            workers: 2,
+            ..RunnerOptions::default()
+        }
+    }
+
+    fn reply(h: Handled) -> (u16, String) {
+        match h {
+            Handled::Reply { response, .. } => {
+                let r = Response::decode(&response).unwrap();
+                let body = String::from_utf8(r.body_bytes().unwrap().into_owned()).unwrap();
+                (r.status, body)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lua_version_answers_on_its_threads_and_skips_expired_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = bundle(
+            dir.path(),
+            "lua",
+            None,
+            "return { hi = function(r) return 'hello ' .. r.body end }",
+        );
+        let v = prepare_version(&b, &options(), &Observer::detached()).await;
+        assert!(matches!(v.prepared, Prepared::Lua(_)));
+        let deadline = (now_ms() + 10_000.0) as u64;
+        for _ in 0..3 {
+            let (status, body) = reply(run("t", &v.prepared, &job(deadline)).await);
+            assert_eq!((status, body.as_str()), (200, "hello world"));
+        }
+        let expired = run("t", &v.prepared, &job(1)).await;
+        assert!(matches!(expired, Handled::Expired { .. }), "{expired:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_that_expires_waiting_for_a_lua_thread_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = bundle(
+            dir.path(),
+            "lua",
+            Some("timeout_ms: 300\n"),
+            "return { hi = function(r) if r.body == 'spin' then while true do end end return 'ok' end }",
+        );
+        let o = RunnerOptions {
+            workers: 1,
+            ..RunnerOptions::default()
+        };
+        let v = Arc::new(prepare_version(&b, &o, &Observer::detached()).await);
+        let mut spin = job((now_ms() + 10_000.0) as u64);
+        spin.payload = String::from_utf8(spin.payload.to_vec())
+            .unwrap()
+            .replace("\"world\"", "\"spin\"")
+            .into();
+        let busy = {
+            let v = Arc::clone(&v);
+            tokio::spawn(async move { reply(run("t", &v.prepared, &spin).await) })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Its Func time limit (300 ms) would start only when the thread is
+        // free; its deadline passes before that.
+        let waiting = run("t", &v.prepared, &job((now_ms() + 100.0) as u64)).await;
+        assert!(matches!(waiting, Handled::Expired { .. }), "{waiting:?}");
+        assert_eq!(busy.await.unwrap().0, 504);
+    }
+
+    #[tokio::test]
+    async fn versions_that_cannot_run_answer_500_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = bundle(dir.path(), "lua", None, "this is not lua");
+        let v = prepare_version(&b, &options(), &Observer::detached()).await;
+        let Prepared::Broken(why) = &v.prepared else {
+            panic!("a broken Lua bundle must not be served")
+        };
+        assert!(why.starts_with("bundle failed to load: main.lua"), "{why}");
+        let (status, body) = reply(run("t", &v.prepared, &job((now_ms() + 10_000.0) as u64)).await);
+        assert_eq!(status, 500);
+        assert!(body.contains("func_broken"), "{body}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let b = bundle(
+            dir.path(),
+            "lua",
+            Some("secrets: [API_TOKEN]\n"),
+            "return { hi = function() return 'x' end }",
+        );
+        let v = prepare_version(&b, &options(), &Observer::detached()).await;
+        let Prepared::Broken(why) = &v.prepared else {
+            panic!("a bundle without its secret must not be served")
+        };
+        assert_eq!(
+            why,
+            "secret `API_TOKEN` is not supplied: this Runner has no --secrets-dir"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_python_version_holds_only_its_worker_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = bundle(dir.path(), "python", None, "");
+        b.handler = "main.py".into();
+        let mut o = options();
+        let cache = tempfile::tempdir().unwrap();
+        o.worker.cache_dir = cache.path().to_owned();
+        let v = prepare_version(&b, &o, &Observer::detached()).await;
+        assert!(matches!(v.prepared, Prepared::Worker(_)));
+    }
+}
