@@ -1,5 +1,11 @@
 //! The Runner's consume loop: one subscription per Func queue, one task per
 //! delivery, acknowledge only after the response is published.
+//!
+//! Every delivery goes through one skeleton, here, whatever its runtime:
+//! decode, expiry check, request checks, deadline, the runtime's call
+//! ([`crate::runtime::Prepared`]), the response envelope with timings,
+//! metrics and error logging ([`crate::invoke`]), publish the reply, then
+//! acknowledge, then capture.
 
 use std::sync::Arc;
 
@@ -69,7 +75,7 @@ pub fn resolve_env(
 pub struct RunnerOptions {
     /// Unacknowledged requests held per Func queue.
     pub prefetch: u16,
-    /// Lua worker threads (each holds every Lua Func prepared).
+    /// Lua threads per Lua Func version (each holds the version prepared).
     pub workers: usize,
     /// Default limits for Lua Funcs.
     pub lua_limits: LuaLimits,
