@@ -15,17 +15,18 @@
 //! (util-linux); a non-zero exit is a 500 with the end of its stderr. Every stderr line goes to the Runner's log with the
 //! request id.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use funcatron_bundle::{Bundle, RuntimeKind};
+use funcatron_bundle::Bundle;
 use tokio::io::AsyncWriteExt;
 
-use crate::invoke::{self, FuncRequest, FuncResponse, Handled, InvokeError, Job};
+use crate::error::PrepareError;
+use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
 use crate::observe::Observer;
-use crate::runtime::Runtime;
+use crate::runtime::{Called, Runtime, Unanswered};
+use crate::serve::RunnerOptions;
 
 /// Limits for exec Funcs unless a bundle sets its own.
 #[derive(Debug, Clone, Copy)]
@@ -36,20 +37,17 @@ pub struct ExecLimits {
     pub memory_bytes: usize,
 }
 
-struct ExecFunc {
+/// An exec bundle version, ready to run.
+pub struct ExecFunc {
+    name: String,
+    /// Where the processes' stderr lines go (with the request id).
+    observer: Observer,
     dir: PathBuf,
     argv: Vec<String>,
     timeout: Duration,
     memory_bytes: usize,
     env: std::collections::BTreeMap<String, String>,
     version: String,
-}
-
-/// Runs exec Funcs.
-pub struct ExecRuntime {
-    funcs: HashMap<String, ExecFunc>,
-    /// Where the processes' stderr lines go (with the request id).
-    observer: Observer,
 }
 
 /// `content-type` -> `Http_Content_Type`, as OpenFaaS's watchdog names them.
@@ -68,43 +66,9 @@ fn env_name(header: &str) -> String {
     out
 }
 
-impl ExecRuntime {
-    /// The exec Funcs among `bundles`.
-    pub fn new(bundles: &[Bundle], limits: ExecLimits, observer: &Observer) -> Self {
-        let funcs = bundles
-            .iter()
-            .filter(|b| b.runtime == RuntimeKind::Exec)
-            .map(|b| {
-                (
-                    b.name.clone(),
-                    ExecFunc {
-                        dir: b.dir.clone(),
-                        argv: b.command.clone(),
-                        timeout: b
-                            .timeout_ms
-                            .map(Duration::from_millis)
-                            .unwrap_or(limits.timeout),
-                        memory_bytes: b.memory_bytes.unwrap_or(limits.memory_bytes),
-                        env: b.env.clone(),
-                        version: b.version.clone(),
-                    },
-                )
-            })
-            .collect();
-        ExecRuntime {
-            funcs,
-            observer: observer.clone(),
-        }
-    }
-}
-
 impl ExecFunc {
-    async fn run(
-        &self,
-        func: &str,
-        req: &FuncRequest<'_>,
-        observer: &Observer,
-    ) -> Result<FuncResponse, InvokeError> {
+    async fn run(&self, req: &FuncRequest<'_>) -> Result<FuncResponse, InvokeError> {
+        let (func, observer) = (self.name.as_str(), &self.observer);
         let env = req.envelope;
         let mut cmd = tokio::process::Command::new("prlimit");
         cmd.arg(format!("--as={}", self.memory_bytes))
@@ -135,7 +99,7 @@ impl ExecFunc {
             .spawn()
             .map_err(|e| InvokeError::Broken(format!("cannot start {:?}: {e}", self.argv)))?;
         if let Some(mut stdin) = child.stdin.take() {
-            let body = req.body.to_vec();
+            let body = req.body.clone();
             // A Func that never reads its stdin must not block us.
             tokio::spawn(async move {
                 let _ = stdin.write_all(&body).await;
@@ -194,26 +158,36 @@ impl ExecFunc {
     }
 }
 
-impl Runtime for ExecRuntime {
-    async fn invoke(&self, func: &str, job: Job) -> Handled {
-        let Some(f) = self.funcs.get(func) else {
-            return invoke::process(func, &job, 0, |_| {
-                Err(InvokeError::Broken(
-                    "this Runner does not serve that Func".into(),
-                ))
-            });
-        };
-        let (req, body) = match invoke::decode(&job) {
-            Ok(r) => r,
-            Err(h) => return h,
-        };
-        let fr = match invoke::start(func, &req, &body, &job, f.timeout.as_millis() as u64) {
-            Ok(fr) => fr,
-            Err(h) => return h,
-        };
+impl Runtime for ExecFunc {
+    async fn prepare(
+        b: &Bundle,
+        options: &RunnerOptions,
+        observer: &Observer,
+    ) -> Result<Self, PrepareError> {
+        let limits = options.exec_limits;
+        Ok(ExecFunc {
+            name: b.name.clone(),
+            observer: observer.clone(),
+            dir: b.dir.clone(),
+            argv: b.command.clone(),
+            timeout: b
+                .timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(limits.timeout),
+            memory_bytes: b.memory_bytes.unwrap_or(limits.memory_bytes),
+            env: b.env.clone(),
+            version: b.version.clone(),
+        })
+    }
+
+    fn max_time_ms(&self) -> u64 {
+        self.timeout.as_millis() as u64
+    }
+
+    async fn call(&self, req: FuncRequest<'_>) -> Result<Called, Unanswered> {
         let started = Instant::now();
-        let result = f.run(func, &fr, &self.observer).await;
-        invoke::finish(func, &job, &req, started, result)
+        let result = self.run(&req).await;
+        Ok(Called { started, result })
     }
 }
 

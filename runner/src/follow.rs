@@ -18,6 +18,8 @@ use funcatron_bundle::Bundle;
 use funcatron_control::names::CONTROL_TOPIC;
 use funcatron_control::state::{Capture, ClusterState, Control, LogLevel};
 use tokio::sync::watch;
+
+use crate::error::FollowError;
 use tokio_util::sync::CancellationToken;
 
 /// What a Runner should serve and report, as the registry says.
@@ -66,7 +68,7 @@ async fn load(
     options: &FollowOptions,
     state: &ClusterState,
     fetch_from: &str,
-) -> Result<Vec<Bundle>, String> {
+) -> Result<Vec<Bundle>, FollowError> {
     let root = options.cache_dir.join("bundles");
     let mut list: Vec<Bundle> = options
         .static_bundles
@@ -85,16 +87,16 @@ async fn load(
         {
             Some(d) => d,
             None => {
-                let bytes = funcatron_control::fetch::fetch_archive(http, fetch_from, sha)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let bytes = funcatron_control::fetch::fetch_archive(http, fetch_from, sha).await?;
                 archive::unpack_into(&bytes, &root, name, Limits::default())
-                    .map_err(|e| format!("bundle {sha}: {e}"))?
+                    .map_err(|source| FollowError::Unpack {
+                        sha: sha.to_owned(),
+                        source,
+                    })?
                     .1
             }
         };
-        let b = Bundle::load_in(&bundle_dir, options.environment.as_deref())
-            .map_err(|e| e.to_string())?;
+        let b = Bundle::load_in(&bundle_dir, options.environment.as_deref())?;
         list.push(b.with_settings(settings));
     }
     Ok(list)

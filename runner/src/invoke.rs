@@ -1,7 +1,7 @@
-//! What every runtime shares around an invocation: decoding the envelope,
-//! skipping expired work, mapping Func results and failures to response
-//! envelopes with timings. Runtimes call [`process`] on their own worker
-//! thread with a closure that runs the Func.
+//! The steps around an invocation, run by the serve loop
+//! ([`crate::serve`]) for every runtime: decoding the envelope, skipping
+//! expired work, checking the request, and mapping Func results and
+//! failures to response envelopes with timings.
 
 use std::borrow::Cow;
 use std::time::Instant;
@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use funcatron_bundle::validate::{Checks, Input};
-use funcatron_envelope::{encode_body, now_ms, Request, Response, Timings, VERSION};
+use funcatron_envelope::{encode_body, now_ms, EnvelopeError, Request, Response, Timings, VERSION};
 
-/// One request handed to a runtime.
+/// One delivery, as the serve loop handles it.
 #[derive(Debug)]
 pub struct Job {
     /// The request envelope bytes, as the ingress wrote them.
@@ -31,7 +31,7 @@ pub struct Job {
     pub observer: crate::observe::Observer,
 }
 
-/// What the runtime produced for one job.
+/// What the serve loop does with one delivery.
 #[derive(Debug)]
 pub enum Handled {
     /// Publish `response` to `reply_to` (if any), then acknowledge.
@@ -52,17 +52,18 @@ pub enum Handled {
     },
     /// Not a request envelope we can read: dead-letter it.
     Undecodable(String),
-    /// The runtime could not take the job (shutting down): put the request
+    /// The runtime could not take it (shutting down): put the request
     /// back for another Runner.
     Requeue(String),
 }
 
 /// The view of a request a Func runtime gets.
+#[derive(Debug)]
 pub struct FuncRequest<'a> {
     /// The decoded envelope.
     pub envelope: &'a Request<'a>,
-    /// The body bytes.
-    pub body: &'a [u8],
+    /// The body bytes (a slice of the payload when it needed no decoding).
+    pub body: Bytes,
     /// The `operationId` to run.
     pub operation: &'a str,
     /// Path parameters.
@@ -124,52 +125,27 @@ impl InvokeError {
     }
 }
 
-/// Decode `job`, run `invoke` unless the request has expired, and encode the
-/// response envelope (for runtimes that call their Func synchronously).
-pub fn process(
-    func: &str,
-    job: &Job,
-    max_time_ms: u64,
-    invoke: impl FnOnce(&FuncRequest<'_>) -> Result<FuncResponse, InvokeError>,
-) -> Handled {
-    let (req, body) = match decode(job) {
-        Ok(r) => r,
-        Err(h) => return h,
-    };
-    let fr = match start(func, &req, &body, job, max_time_ms) {
-        Ok(fr) => fr,
-        Err(h) => return h,
-    };
-    let started = Instant::now();
-    let result = invoke(&fr);
-    finish(func, job, &req, started, result)
-}
-
-/// Decode a job's envelope and body (step 1 of [`process`]; async runtimes
-/// run the three steps themselves).
-pub fn decode(job: &Job) -> Result<(Request<'_>, Cow<'_, [u8]>), Handled> {
-    let req = Request::decode(&job.payload).map_err(|e| Handled::Undecodable(e.to_string()))?;
-    // Text bodies without escapes point into the payload; the rest is decoded.
+/// Step 1: decode a job's envelope and body. A text body without escapes
+/// is a slice of the payload (no copy); the rest is decoded once.
+pub fn decode(job: &Job) -> Result<(Request<'_>, Bytes), EnvelopeError> {
+    let req = Request::decode(&job.payload)?;
     let body = match (&req.body, req.body_base64) {
         (Cow::Borrowed(text), false) => {
             let text: &str = text;
-            Cow::Borrowed(text.as_bytes())
+            job.payload.slice_ref(text.as_bytes())
         }
-        _ => Cow::Owned(
-            req.body_bytes()
-                .map_err(|e| Handled::Undecodable(e.to_string()))?
-                .into_owned(),
-        ),
+        _ => Bytes::from(req.body_bytes()?.into_owned()),
     };
     Ok((req, body))
 }
 
 /// Step 2: what the Func gets; or, without running it, nothing for a request
-/// whose deadline has passed and a 400 for one that fails its checks.
+/// whose deadline has passed and a 400 for one that fails its checks. The
+/// Func's deadline is the request's, or `max_time_ms` from now if sooner.
 pub fn start<'a>(
     func: &str,
     req: &'a Request<'a>,
-    body: &'a [u8],
+    body: Bytes,
     job: &'a Job,
     max_time_ms: u64,
 ) -> Result<FuncRequest<'a>, Handled> {
@@ -184,7 +160,7 @@ pub fn start<'a>(
             params: &job.params,
             query: &req.query,
             headers: &req.headers,
-            body,
+            body: &body,
         });
         if !problems.is_empty() {
             metrics::counter!("runner_invalid_requests_total", "func" => func.to_owned())

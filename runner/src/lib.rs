@@ -1,14 +1,16 @@
+#![warn(clippy::too_many_lines)]
 //! The Runner: the end of the request path.
 //!
 //! Tron -> `funcatron.func.<name>.<version>` -> **Runner** -> reply queue -> ingress.
 //! A Runner consumes the queue of every Func it serves, hands each request
-//! to the Func's runtime ([`runtime::Runtime`]: Lua in-process, see [`lua`];
+//! to the Func's runtime ([`runtime::Prepared`]: Lua in-process, see [`lua`];
 //! Python, Node.js and Java in warm worker processes, see [`worker`];
 //! any executable, one process per call, see [`exec`]), publishes the response envelope to the request's reply queue,
 //! and only then acknowledges the request. Messages it cannot decode go to
 //! the dead-letter queue; expired requests are skipped.
 
 pub mod args;
+pub mod error;
 pub mod exec;
 pub mod follow;
 pub mod invoke;

@@ -1,9 +1,10 @@
 //! The Lua runtime: Funcs written in Lua 5.4, run in-process.
 //!
-//! A pool of OS threads (the `workers` setting) each holds one prepared Lua
-//! state per bundle: the handler file is loaded once and its functions are
-//! looked up by `operationId`, then reused for every request. Requests reach
-//! a free thread through a bounded channel.
+//! Each Lua bundle version has a pool of OS threads (the `workers`
+//! setting), each holding one prepared Lua state: the handler file is
+//! loaded once and its functions are looked up by `operationId`, then
+//! reused for every request. Requests reach a free thread through a
+//! bounded channel; the serve loop awaits the answer.
 //!
 //! Sandbox: only the `table`, `string`, `math`, `utf8` and `coroutine`
 //! libraries; no `io`, `os`, `debug`, `package`, `load`, `loadfile` or
@@ -14,19 +15,23 @@
 //! (`json.encode`, `json.decode`) is provided, and `env` holds the bundle's
 //! declared environment variables and secrets.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use funcatron_bundle::{Bundle, RuntimeKind};
+use bytes::Bytes;
+use funcatron_bundle::Bundle;
+use funcatron_envelope::Request;
 use mlua::{Function, HookTriggers, Lua, LuaOptions, LuaSerdeExt, StdLib, Table, Value, VmState};
 
-use crate::invoke::{process, FuncRequest, FuncResponse, Handled, InvokeError, Job};
+use crate::error::PrepareError;
+use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
 use crate::observe::Observer;
-use crate::runtime::Runtime;
+use crate::runtime::{Called, Runtime, Unanswered};
+use crate::serve::RunnerOptions;
 
 /// Limits applied to every Lua Func unless its bundle sets its own.
 #[derive(Debug, Clone, Copy)]
@@ -41,125 +46,158 @@ pub struct LuaLimits {
 /// loop within a millisecond or so, rare enough to cost nothing measurable.
 const HOOK_EVERY: u32 = 10_000;
 
+/// One call for a Lua thread: the request, owned (the state is not `Send`,
+/// so the call crosses to its thread).
 struct Task {
-    func: Arc<str>,
-    job: Job,
-    done: tokio::sync::oneshot::Sender<Handled>,
+    envelope: Request<'static>,
+    body: Bytes,
+    operation: String,
+    params: Vec<(String, String)>,
+    /// The request's own deadline; the Func's time limit starts when a
+    /// thread takes the call.
+    deadline: Instant,
+    done: tokio::sync::oneshot::Sender<Result<Called, Unanswered>>,
 }
 
-/// The Lua runtime: a pool of threads holding prepared Funcs.
-pub struct LuaRuntime {
+/// A Lua bundle version, prepared on a pool of threads (each holds its own
+/// state); calls reach a free thread through a bounded channel.
+pub struct LuaPool {
     tx: async_channel::Sender<Task>,
 }
 
-impl LuaRuntime {
-    /// Prepare every Lua bundle on `workers` threads. Bundles that fail to
-    /// prepare are returned with the reason; requests for them are answered
-    /// 500 with that reason, and the others serve normally.
-    pub fn start(
-        bundles: &[Bundle],
-        workers: usize,
-        limits: LuaLimits,
+/// The envelope fields a Lua Func reads, owned (the body travels
+/// separately, as a slice of the payload).
+fn owned_envelope(req: &Request<'_>) -> Request<'static> {
+    let own = |c: &Cow<'_, str>| Cow::Owned(c.to_string());
+    Request {
+        version: own(&req.version),
+        id: own(&req.id),
+        deadline_ms: req.deadline_ms,
+        sent_ms: req.sent_ms,
+        method: own(&req.method),
+        scheme: own(&req.scheme),
+        host: own(&req.host),
+        path: own(&req.path),
+        query: own(&req.query),
+        headers: req.headers.iter().map(|(k, v)| (own(k), own(v))).collect(),
+        remote: req.remote.as_ref().map(own),
+        body: Cow::Borrowed(""),
+        body_base64: false,
+        reply_to: None,
+        reply_key: None,
+    }
+}
+
+impl Runtime for LuaPool {
+    /// Prepare `bundle` on `options.workers` threads. When the first
+    /// thread cannot prepare it, the pool stops and the reason is returned.
+    async fn prepare(
+        bundle: &Bundle,
+        options: &RunnerOptions,
         observer: &Observer,
-    ) -> (Self, Vec<(String, String)>) {
-        let lua_bundles: Vec<Bundle> = bundles
-            .iter()
-            .filter(|b| b.runtime == RuntimeKind::Lua)
-            .cloned()
-            .collect();
-        let workers = workers.max(1);
+    ) -> Result<Self, PrepareError> {
+        let limits = options.lua_limits;
+        let workers = options.workers.max(1);
         let (tx, rx) = async_channel::bounded::<Task>(workers * 256);
-        // Worker 0 reports which bundles failed to prepare, so each bundle is
-        // prepared once per worker and no more.
-        let (ftx, frx) = std::sync::mpsc::channel();
+        // Thread 0 reports whether the bundle prepared, so it is prepared
+        // once per thread and no more.
+        let (report_tx, report) = tokio::sync::oneshot::channel();
+        let mut report_tx = Some(report_tx);
         for i in 0..workers {
             let rx = rx.clone();
-            let bundles = lua_bundles.clone();
-            let report = (i == 0).then(|| ftx.clone());
+            let bundle = bundle.clone();
+            let report = report_tx.take();
             let observer = observer.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("funcatron-lua-{i}"))
-                .spawn(move || worker(bundles, rx, limits, &observer, report));
+                .spawn(move || worker(&bundle, &rx, limits, &observer, report));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a Lua worker thread");
             }
         }
-        drop(ftx);
-        let failures = frx.recv().unwrap_or_default();
-        (LuaRuntime { tx }, failures)
+        match report.await {
+            Ok(Ok(())) => Ok(LuaPool { tx }),
+            Ok(Err(why)) => Err(why),
+            Err(_) => Err(PrepareError::Lua("cannot start a Lua worker thread".into())),
+        }
     }
-}
 
-impl Runtime for LuaRuntime {
-    async fn invoke(&self, func: &str, job: Job) -> Handled {
+    fn max_time_ms(&self) -> u64 {
+        // The thread that takes the call starts the Func's time limit.
+        u64::MAX
+    }
+
+    async fn call(&self, req: FuncRequest<'_>) -> Result<Called, Unanswered> {
         let (done, rx) = tokio::sync::oneshot::channel();
         let task = Task {
-            func: Arc::from(func),
-            job,
+            envelope: owned_envelope(req.envelope),
+            body: req.body,
+            operation: req.operation.to_owned(),
+            params: req.params.to_vec(),
+            deadline: req.deadline,
             done,
         };
         if self.tx.send(task).await.is_err() {
-            return Handled::Requeue("the Lua runtime has stopped".into());
+            return Err(Unanswered::Requeue("the Lua runtime has stopped".into()));
         }
-        // A worker answers even when the Func panics (see `worker`); no
+        // A thread answers even when the Func panics (see `worker`); no
         // answer means its thread is gone, and the request goes back.
         rx.await
-            .unwrap_or_else(|_| Handled::Requeue("a Lua worker thread ended".into()))
+            .unwrap_or_else(|_| Err(Unanswered::Requeue("a Lua worker thread ended".into())))
     }
 }
 
 fn worker(
-    bundles: Vec<Bundle>,
-    rx: async_channel::Receiver<Task>,
+    bundle: &Bundle,
+    rx: &async_channel::Receiver<Task>,
     limits: LuaLimits,
     observer: &Observer,
-    report: Option<std::sync::mpsc::Sender<Vec<(String, String)>>>,
+    report: Option<tokio::sync::oneshot::Sender<Result<(), PrepareError>>>,
 ) {
-    let funcs: HashMap<String, Result<LuaFunc, String>> = bundles
-        .iter()
-        .map(|b| {
-            (
-                b.name.clone(),
-                LuaFunc::prepare_observed(b, limits, observer),
-            )
-        })
-        .collect();
+    let func = LuaFunc::prepare_observed(bundle, limits, observer);
     if let Some(report) = report {
-        let failures = funcs
-            .iter()
-            .filter_map(|(name, f)| f.as_ref().err().map(|e| (name.clone(), e.clone())))
-            .collect();
-        let _ = report.send(failures);
+        // Nobody waits any more when the version was dropped meanwhile.
+        let _ = report.send(
+            func.as_ref()
+                .map(drop)
+                .map_err(|e| PrepareError::Lua(e.to_string())),
+        );
     }
     while let Ok(task) = rx.recv_blocking() {
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            match funcs.get(&*task.func) {
-                Some(Ok(f)) => process(&task.func, &task.job, f.timeout_ms(), |req| f.call(req)),
-                Some(Err(msg)) => process(&task.func, &task.job, 0, |_| {
-                    Err(InvokeError::Broken(format!("bundle failed to load: {msg}")))
-                }),
-                None => process(&task.func, &task.job, 0, |_| {
-                    Err(InvokeError::Broken(
-                        "this Runner does not serve that Func".into(),
-                    ))
-                }),
-            }
-        }));
-        match outcome {
-            Ok(h) => {
-                let _ = task.done.send(h);
-            }
-            Err(_) => {
-                tracing::error!(func = %task.func, "Lua runtime panicked; answering 500");
-                let h = process(&task.func, &task.job, 0, |_| {
-                    Err(InvokeError::Handler(
-                        "the Lua runtime failed while handling the request".into(),
-                    ))
-                });
-                let _ = task.done.send(h);
-            }
-        }
+        let answer = match &func {
+            Ok(f) => run_task(&bundle.name, f, &task),
+            Err(e) => Ok(Called::now(Err(InvokeError::Broken(format!(
+                "bundle failed to load: {e}"
+            ))))),
+        };
+        // The caller may have gone (its delivery dropped at shutdown).
+        let _ = task.done.send(answer);
     }
+}
+
+/// One call on this thread: skipped when its deadline passed while it
+/// waited for the thread; a panic in the runtime answers 500.
+fn run_task(func: &str, f: &LuaFunc, task: &Task) -> Result<Called, Unanswered> {
+    let now = Instant::now();
+    if task.deadline <= now {
+        return Err(Unanswered::Expired);
+    }
+    let req = FuncRequest {
+        envelope: &task.envelope,
+        body: task.body.clone(),
+        operation: &task.operation,
+        params: &task.params,
+        deadline: task.deadline.min(now + f.timeout),
+    };
+    let started = Instant::now();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.call(&req)))
+        .unwrap_or_else(|_| {
+            tracing::error!(func, "Lua runtime panicked; answering 500");
+            Err(InvokeError::Handler(
+                "the Lua runtime failed while handling the request".into(),
+            ))
+        });
+    Ok(Called { started, result })
 }
 
 /// One prepared Func: a sandboxed Lua state with its handlers resolved.
@@ -182,6 +220,10 @@ fn lua_err(e: mlua::Error) -> String {
     }
 }
 
+fn lua_prep(e: mlua::Error) -> PrepareError {
+    PrepareError::Lua(lua_err(e))
+}
+
 fn is_memory_error(e: &mlua::Error) -> bool {
     match e {
         mlua::Error::MemoryError(_) => true,
@@ -193,7 +235,7 @@ fn is_memory_error(e: &mlua::Error) -> bool {
 impl LuaFunc {
     /// Build the sandboxed state, load the handler file and resolve one
     /// function per `operationId`.
-    pub fn prepare(bundle: &Bundle, limits: LuaLimits) -> Result<LuaFunc, String> {
+    pub fn prepare(bundle: &Bundle, limits: LuaLimits) -> Result<LuaFunc, PrepareError> {
         Self::prepare_observed(bundle, limits, &Observer::detached())
     }
 
@@ -202,13 +244,10 @@ impl LuaFunc {
         bundle: &Bundle,
         limits: LuaLimits,
         observer: &Observer,
-    ) -> Result<LuaFunc, String> {
+    ) -> Result<LuaFunc, PrepareError> {
         let libs = StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE;
-        let lua = Lua::new_with(libs, LuaOptions::default()).map_err(lua_err)?;
-        let timeout = bundle
-            .timeout_ms
-            .map(Duration::from_millis)
-            .unwrap_or(limits.timeout);
+        let lua = Lua::new_with(libs, LuaOptions::default()).map_err(lua_prep)?;
+        let timeout = Self::timeout_for(bundle, limits);
         let memory = bundle.memory_bytes.unwrap_or(limits.memory_bytes);
         let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
         let timed_out = Rc::new(Cell::new(false));
@@ -225,23 +264,26 @@ impl LuaFunc {
                     _ => Ok(VmState::Continue),
                 },
             )
-            .map_err(lua_err)?;
+            .map_err(lua_prep)?;
         }
-        install_sandbox(&lua, bundle, observer.clone()).map_err(lua_err)?;
+        install_sandbox(&lua, bundle, observer.clone()).map_err(lua_prep)?;
         let env = lua
             .create_table_from(bundle.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .map_err(lua_err)?;
-        lua.globals().raw_set("env", env).map_err(lua_err)?;
-        lua.set_memory_limit(memory).map_err(lua_err)?;
+            .map_err(lua_prep)?;
+        lua.globals().raw_set("env", env).map_err(lua_prep)?;
+        lua.set_memory_limit(memory).map_err(lua_prep)?;
 
         let path = bundle.dir.join(&bundle.handler);
-        let source = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let source = std::fs::read(&path)
+            .map_err(|e| PrepareError::Lua(format!("{}: {e}", path.display())))?;
         deadline.set(Some(Instant::now() + timeout.max(Duration::from_secs(5))));
         let loaded: Value = lua
             .load(&source)
             .set_name(format!("@{}", bundle.handler.display()))
             .call(())
-            .map_err(|e| format!("{}: {}", bundle.handler.display(), lua_err(e)))?;
+            .map_err(|e| {
+                PrepareError::Lua(format!("{}: {}", bundle.handler.display(), lua_err(e)))
+            })?;
         deadline.set(None);
         let scope: Table = match loaded {
             Value::Table(t) => t,
@@ -258,11 +300,11 @@ impl LuaFunc {
             }
         }
         if !missing.is_empty() {
-            return Err(format!(
+            return Err(PrepareError::Lua(format!(
                 "{}: no function for operationId {}",
                 bundle.handler.display(),
                 missing.join(", ")
-            ));
+            )));
         }
         Ok(LuaFunc {
             lua,
@@ -272,6 +314,13 @@ impl LuaFunc {
             timed_out,
             timeout,
         })
+    }
+
+    fn timeout_for(bundle: &Bundle, limits: LuaLimits) -> Duration {
+        bundle
+            .timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(limits.timeout)
     }
 
     fn timeout_ms(&self) -> u64 {
@@ -363,9 +412,9 @@ impl LuaFunc {
             }
         }
         t.raw_set("headers", headers)?;
-        t.raw_set("body", lua.create_string(req.body)?)?;
+        t.raw_set("body", lua.create_string(&req.body)?)?;
         if content_type.contains("json") && !req.body.is_empty() {
-            let v: serde_json::Value = serde_json::from_slice(req.body).map_err(|e| {
+            let v: serde_json::Value = serde_json::from_slice(&req.body).map_err(|e| {
                 BuildError::BadRequest(format!("request body is not valid JSON: {e}"))
             })?;
             t.raw_set("json", lua.to_value(&v)?)?;
@@ -540,7 +589,7 @@ fn install_sandbox(lua: &Lua, bundle: &Bundle, observer: Observer) -> mlua::Resu
             if let Some(v) = loaded.raw_get::<Option<Value>>(name.as_str())? {
                 return Ok(v);
             }
-            let path = module_path(&root, &name).map_err(mlua::Error::runtime)?;
+            let path = module_path(&root, &name)?;
             let src = std::fs::read(&path)
                 .map_err(|e| mlua::Error::runtime(format!("require {name:?}: {e}")))?;
             let v: Value = lua.load(&src).set_name(format!("@{name}.lua")).call(())?;
@@ -553,22 +602,26 @@ fn install_sandbox(lua: &Lua, bundle: &Bundle, observer: Observer) -> mlua::Resu
 }
 
 /// `a.b` -> `<bundle>/a/b.lua`, refusing names and links that leave the bundle.
-fn module_path(root: &Path, name: &str) -> Result<PathBuf, String> {
+fn module_path(root: &Path, name: &str) -> mlua::Result<PathBuf> {
     let valid = !name.is_empty()
         && name
             .split('.')
             .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
     if !valid {
-        return Err(format!(
+        return Err(mlua::Error::runtime(format!(
             "require {name:?}: module names are dot-separated words"
-        ));
+        )));
     }
     let path = root.join(format!("{}.lua", name.replace('.', "/")));
-    let real = path
-        .canonicalize()
-        .map_err(|_| format!("require {name:?}: no module {name}.lua in the bundle"))?;
+    let real = path.canonicalize().map_err(|_| {
+        mlua::Error::runtime(format!(
+            "require {name:?}: no module {name}.lua in the bundle"
+        ))
+    })?;
     if !real.starts_with(root) {
-        return Err(format!("require {name:?}: module is outside the bundle"));
+        return Err(mlua::Error::runtime(format!(
+            "require {name:?}: module is outside the bundle"
+        )));
     }
     Ok(real)
 }

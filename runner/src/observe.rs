@@ -102,16 +102,9 @@ struct Inner {
     levels: Option<LevelHook>,
 }
 
-/// Log and count a poisoned lock instead of skipping it silently; the
-/// data behind it is still used.
-fn poisoned<T>(what: &'static str, e: std::sync::PoisonError<T>) -> T {
-    tracing::error!(
-        lock = what,
-        "a lock was poisoned by a panic; using its data"
-    );
-    metrics::counter!("runner_poisoned_locks_total", "lock" => what).increment(1);
-    e.into_inner()
-}
+/// The workspace's one lock idiom:
+/// `lock().unwrap_or_else(|e| poisoned("what", e))`.
+pub(crate) use funcatron_control::sync::poisoned;
 
 /// A Runner id unique in the cluster: host, process and a random part
 /// (several Runners may share a process).

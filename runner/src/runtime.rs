@@ -1,11 +1,121 @@
-//! The runtime seam: prepare a bundle once, invoke it many times.
+//! The runtime seam: prepare a bundle version once, call it many times.
+//!
+//! The serve loop ([`crate::serve`]) owns everything around a call (decode,
+//! expiry, checks, the deadline, the response envelope, publish, ack,
+//! capture); a runtime only prepares a version and answers one
+//! [`FuncRequest`]. A Func version holds only the runtime its bundle names
+//! ([`Prepared`], chosen by [`RuntimeKind`]).
 
 use std::future::Future;
+use std::time::Instant;
 
-use crate::invoke::{Handled, Job};
+use funcatron_bundle::{Bundle, RuntimeKind};
 
-/// A language runtime serving a set of prepared bundles.
-pub trait Runtime: Send + Sync + 'static {
-    /// Invoke `func` for one request and return what to publish.
-    fn invoke(&self, func: &str, job: Job) -> impl Future<Output = Handled> + Send;
+use crate::error::PrepareError;
+use crate::exec::ExecFunc;
+use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
+use crate::lua::LuaPool;
+use crate::observe::Observer;
+use crate::serve::RunnerOptions;
+use crate::worker::WorkerPool;
+
+/// What a runtime did with one call.
+#[derive(Debug)]
+pub struct Called {
+    /// When the Func started (the invocation's timing starts here).
+    pub started: Instant,
+    /// Its answer or why there is none.
+    pub result: Result<FuncResponse, InvokeError>,
+}
+
+impl Called {
+    /// A call that starts now and ends with `result`.
+    pub fn now(result: Result<FuncResponse, InvokeError>) -> Self {
+        Called {
+            started: Instant::now(),
+            result,
+        }
+    }
+}
+
+/// Why a runtime did not run a call at all.
+#[derive(Debug, thiserror::Error)]
+pub enum Unanswered {
+    /// The deadline passed while the call waited for the runtime.
+    #[error("the deadline passed before the Func ran")]
+    Expired,
+    /// The runtime cannot take it (shutting down): put it back for
+    /// another Runner.
+    #[error("{0}")]
+    Requeue(String),
+}
+
+/// One language runtime: a bundle version prepared once, then called.
+pub trait Runtime: Sized + Send + Sync + 'static {
+    /// Prepare `bundle` (its secrets already in its `env`).
+    fn prepare(
+        bundle: &Bundle,
+        options: &RunnerOptions,
+        observer: &Observer,
+    ) -> impl Future<Output = Result<Self, PrepareError>> + Send;
+
+    /// The longest a call may run, counted by the serve loop from its
+    /// start; `u64::MAX` when the runtime counts it itself (from when the
+    /// Func actually starts).
+    fn max_time_ms(&self) -> u64;
+
+    /// Answer one request.
+    fn call(&self, req: FuncRequest<'_>)
+        -> impl Future<Output = Result<Called, Unanswered>> + Send;
+}
+
+/// A bundle version prepared by the runtime it names.
+pub enum Prepared {
+    /// Lua, on its own threads.
+    Lua(LuaPool),
+    /// One process per call.
+    Exec(ExecFunc),
+    /// Python, Node.js or Java worker processes.
+    Worker(WorkerPool),
+    /// It cannot run here; every request is answered 500 with this reason.
+    Broken(String),
+}
+
+impl Prepared {
+    /// Prepare `bundle` with the runtime its `runtime` names.
+    pub async fn prepare(
+        bundle: &Bundle,
+        options: &RunnerOptions,
+        observer: &Observer,
+    ) -> Result<Prepared, PrepareError> {
+        Ok(match bundle.runtime {
+            RuntimeKind::Lua => Prepared::Lua(LuaPool::prepare(bundle, options, observer).await?),
+            RuntimeKind::Exec => {
+                Prepared::Exec(ExecFunc::prepare(bundle, options, observer).await?)
+            }
+            RuntimeKind::Python | RuntimeKind::Node | RuntimeKind::Java => {
+                Prepared::Worker(WorkerPool::prepare(bundle, options, observer).await?)
+            }
+        })
+    }
+
+    /// See [`Runtime::max_time_ms`].
+    pub fn max_time_ms(&self) -> u64 {
+        match self {
+            Prepared::Lua(r) => r.max_time_ms(),
+            Prepared::Exec(r) => r.max_time_ms(),
+            Prepared::Worker(r) => r.max_time_ms(),
+            Prepared::Broken(_) => 0,
+        }
+    }
+
+    /// See [`Runtime::call`].
+    pub async fn call(&self, req: FuncRequest<'_>) -> Result<Called, Unanswered> {
+        match self {
+            Prepared::Lua(r) => r.call(req).await,
+            Prepared::Exec(r) => r.call(req).await,
+            Prepared::Worker(r) => r.call(req).await,
+            Prepared::Broken(why) => Ok(Called::now(Err(InvokeError::Broken(why.clone())))),
+        }
+    }
 }

@@ -1,5 +1,11 @@
 //! The Runner's consume loop: one subscription per Func queue, one task per
 //! delivery, acknowledge only after the response is published.
+//!
+//! Every delivery goes through one skeleton, here, whatever its runtime:
+//! decode, expiry check, request checks, deadline, the runtime's call
+//! ([`crate::runtime::Prepared`]), the response envelope with timings,
+//! metrics and error logging ([`crate::invoke`]), publish the reply, then
+//! acknowledge, then capture.
 
 use std::sync::Arc;
 
@@ -21,40 +27,20 @@ use tokio::sync::watch;
 
 use funcatron_bundle::validate::{self, Checks};
 
-use crate::exec::{ExecLimits, ExecRuntime};
+use crate::error::{DeliveryError, PrepareError, SecretError};
+use crate::exec::ExecLimits;
 use crate::follow::Desired;
-use crate::invoke::{self, Handled, InvokeError, Job};
-use crate::lua::{LuaLimits, LuaRuntime};
+use crate::invoke::{self, Handled, Job};
+use crate::lua::LuaLimits;
 use crate::observe::{Load, Observer};
-use crate::runtime::Runtime;
-use crate::worker::{WorkerOptions, WorkerRuntime};
+use crate::runtime::{Called, Prepared, Unanswered};
+use crate::worker::WorkerOptions;
 
-/// Every runtime this Runner serves, picked per Func by its bundle.
-struct Runtimes {
-    lua: LuaRuntime,
-    exec: ExecRuntime,
-    workers: WorkerRuntime,
-    kinds: HashMap<String, RuntimeKind>,
-    /// Funcs that cannot run here, and why (a secret not supplied, a
-    /// document whose schemas do not compile).
-    broken: HashMap<String, String>,
-    /// Request checks per Func and operation.
-    checks: HashMap<String, HashMap<String, Arc<Checks>>>,
-}
-
-impl Runtime for Runtimes {
-    async fn invoke(&self, func: &str, job: Job) -> Handled {
-        if let Some(why) = self.broken.get(func) {
-            return invoke::process(func, &job, 0, |_| Err(InvokeError::Broken(why.clone())));
-        }
-        match self.kinds.get(func) {
-            Some(RuntimeKind::Exec) => self.exec.invoke(func, job).await,
-            Some(RuntimeKind::Python | RuntimeKind::Node | RuntimeKind::Java) => {
-                self.workers.invoke(func, job).await
-            }
-            _ => self.lua.invoke(func, job).await,
-        }
-    }
+/// One prepared Func version: the runtime its bundle names (and no other)
+/// and its request checks per operation.
+struct Version {
+    prepared: Prepared,
+    checks: HashMap<String, Arc<Checks>>,
 }
 
 /// The values of a bundle's secrets: `<dir>/<func>/<NAME>`, else
@@ -62,24 +48,20 @@ impl Runtime for Runtimes {
 pub fn resolve_env(
     bundle: &Bundle,
     secrets_dir: Option<&Path>,
-) -> Result<BTreeMap<String, String>, String> {
+) -> Result<BTreeMap<String, String>, SecretError> {
     let mut env = bundle.env.clone();
     for name in &bundle.secrets {
         let Some(dir) = secrets_dir else {
-            return Err(format!(
-                "secret `{name}` is not supplied: this Runner has no --secrets-dir"
-            ));
+            return Err(SecretError::NoSecretsDir(name.clone()));
         };
         let candidates = [dir.join(&bundle.name).join(name), dir.join(name)];
         let value = candidates
             .iter()
             .find_map(|p| std::fs::read_to_string(p).ok())
-            .ok_or_else(|| {
-                format!(
-                    "secret `{name}` is not supplied: expected {} or {}",
-                    candidates[0].display(),
-                    candidates[1].display()
-                )
+            .ok_or_else(|| SecretError::Missing {
+                name: name.clone(),
+                per_func: candidates[0].display().to_string(),
+                shared: candidates[1].display().to_string(),
             })?;
         let value = value.strip_suffix('\n').unwrap_or(&value);
         env.insert(
@@ -95,7 +77,7 @@ pub fn resolve_env(
 pub struct RunnerOptions {
     /// Unacknowledged requests held per Func queue.
     pub prefetch: u16,
-    /// Lua worker threads (each holds every Lua Func prepared).
+    /// Lua threads per Lua Func version (each holds the version prepared).
     pub workers: usize,
     /// Default limits for Lua Funcs.
     pub lua_limits: LuaLimits,
@@ -123,9 +105,9 @@ pub fn default_cache_dir() -> PathBuf {
 /// supplied, its document's schemas compile, and its code loads (Lua:
 /// prepared; Python, Node.js, Java: prepared and one worker started). What
 /// `funcatron dev` runs before it switches to a saved version.
-pub async fn check(bundle: &Bundle, options: &RunnerOptions) -> Result<(), String> {
+pub async fn check(bundle: &Bundle, options: &RunnerOptions) -> Result<(), PrepareError> {
     let env = resolve_env(bundle, options.secrets_dir.as_deref())?;
-    validate::compile_bundle(bundle).map_err(|e| e.to_string())?;
+    validate::compile_bundle(bundle)?;
     let mut b = bundle.clone();
     b.env = env;
     match b.runtime {
@@ -133,7 +115,7 @@ pub async fn check(bundle: &Bundle, options: &RunnerOptions) -> Result<(), Strin
             let limits = options.lua_limits;
             tokio::task::spawn_blocking(move || crate::lua::LuaFunc::prepare(&b, limits).map(drop))
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| PrepareError::Lua(e.to_string()))?
         }
         RuntimeKind::Python | RuntimeKind::Node | RuntimeKind::Java => {
             crate::worker::check(&b, &options.worker).await
@@ -225,6 +207,41 @@ pub(crate) async fn serve(
     retiring.wait().await;
 }
 
+/// Prepare one bundle version: its secrets, its checks, then its runtime.
+/// A version that cannot run is still served: its requests get 500 with
+/// the reason.
+async fn prepare_version(b: &Bundle, options: &RunnerOptions, observer: &Observer) -> Version {
+    let ready = resolve_env(b, options.secrets_dir.as_deref())
+        .map_err(PrepareError::from)
+        .and_then(|env| Ok((env, validate::compile_bundle(b)?)));
+    let (env, checks) = match ready {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::error!(func = %b.name, error = %why, "bundle cannot run; its requests get 500 with this reason");
+            return Version {
+                prepared: Prepared::Broken(why.to_string()),
+                checks: HashMap::new(),
+            };
+        }
+    };
+    let mut b = b.clone();
+    b.env = env;
+    let prepared = match Prepared::prepare(&b, options, observer).await {
+        Ok(p) => p,
+        Err(why) => {
+            tracing::error!(func = %b.name, error = %why, "bundle failed to prepare; its requests get 500 with this reason");
+            Prepared::Broken(match why {
+                PrepareError::Lua(msg) => format!("bundle failed to load: {msg}"),
+                other => other.to_string(),
+            })
+        }
+    };
+    Version {
+        prepared,
+        checks: checks.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+    }
+}
+
 /// Prepare one bundle version and start consuming its queue.
 async fn start_version(
     broker: &AnyBroker,
@@ -232,51 +249,12 @@ async fn start_version(
     options: &RunnerOptions,
     observer: &Observer,
 ) -> Serving {
-    let mut broken = HashMap::new();
-    let mut checks = HashMap::new();
-    let mut runnable = Vec::with_capacity(1);
-    let prepared = resolve_env(b, options.secrets_dir.as_deref()).and_then(|env| {
-        let c = validate::compile_bundle(b).map_err(|e| e.to_string())?;
-        Ok((env, c))
-    });
-    match prepared {
-        Ok((env, c)) => {
-            let mut b = b.clone();
-            b.env = env;
-            checks.insert(
-                b.name.clone(),
-                c.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
-            );
-            runnable.push(b);
-        }
-        Err(why) => {
-            tracing::error!(func = %b.name, error = %why, "bundle cannot run; its requests get 500 with this reason");
-            broken.insert(b.name.clone(), why);
-        }
-    }
-    let has_lua = runnable.iter().any(|b| b.runtime == RuntimeKind::Lua);
-    let (lua, failures) = LuaRuntime::start(
-        &runnable,
-        if has_lua { options.workers } else { 1 },
-        options.lua_limits,
-        observer,
-    );
-    for (func, why) in &failures {
-        tracing::error!(func, error = %why, "bundle failed to prepare; its requests get 500 with this reason");
-    }
-    let runtime = Arc::new(Runtimes {
-        lua,
-        exec: ExecRuntime::new(&runnable, options.exec_limits, observer),
-        workers: WorkerRuntime::start(&runnable, &options.worker, observer),
-        kinds: std::iter::once((b.name.clone(), b.runtime)).collect(),
-        broken,
-        checks,
-    });
+    let version = Arc::new(prepare_version(b, options, observer).await);
     let queue = names::func_queue(&b.name, &b.version);
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
     let load = observer.load_for(&b.name);
-    match broker
+    let consumed = broker
         .consume(
             &queue,
             QueueKind::Work,
@@ -285,21 +263,20 @@ async fn start_version(
                 auto_ack: false,
             },
         )
-        .await
-    {
+        .await;
+    match consumed {
         Ok(sub) => {
             tracing::info!(func = %b.name, version = %b.version, queue, "serving Func");
-            tasks.spawn(consume(
-                broker.clone(),
-                observer.clone(),
-                runtime,
-                Arc::from(b.name.as_str()),
-                Arc::from(b.version.as_str()),
-                queue.clone(),
-                sub,
-                stop.clone(),
-                Arc::clone(&load),
-            ));
+            let ctx = Consumer {
+                broker: broker.clone(),
+                observer: observer.clone(),
+                version,
+                func: Arc::from(b.name.as_str()),
+                version_name: Arc::from(b.version.as_str()),
+                queue: Arc::from(queue.as_str()),
+                load: Arc::clone(&load),
+            };
+            tasks.spawn(consume(Arc::new(ctx), sub, stop.clone()));
         }
         Err(e) => {
             tracing::error!(func = %b.name, queue, error = %e, "cannot consume the Func's queue")
@@ -342,21 +319,25 @@ async fn retire(broker: AnyBroker, s: Serving, shutdown: CancellationToken) {
     s.tasks.wait().await;
 }
 
+/// What every delivery of one Func version's queue shares.
+struct Consumer {
+    broker: AnyBroker,
+    observer: Observer,
+    version: Arc<Version>,
+    func: Arc<str>,
+    version_name: Arc<str>,
+    queue: Arc<str>,
+    load: Arc<Load>,
+}
+
 /// Consume one Func queue until `stop`. On `stop` the consumer is
 /// cancelled, what the broker had already delivered (prefetch) is handled
 /// too, and the subscription stays open until every delivery is
 /// acknowledged: scale-in and shutdown make the broker redeliver nothing.
-#[allow(clippy::too_many_arguments)]
 async fn consume(
-    broker: AnyBroker,
-    observer: Observer,
-    runtime: Arc<Runtimes>,
-    func: Arc<str>,
-    version: Arc<str>,
-    queue: String,
+    ctx: Arc<Consumer>,
     mut sub: funcatron_broker::Subscription,
     stop: CancellationToken,
-    load: Arc<Load>,
 ) {
     let in_flight = TaskTracker::new();
     let mut stopping = false;
@@ -369,21 +350,12 @@ async fn consume(
             }
             d = sub.next() => match d { Some(d) => d, None => break },
         };
-        load.begin();
-        let broker = broker.clone();
-        let observer = observer.clone();
-        let runtime = Arc::clone(&runtime);
-        let func = Arc::clone(&func);
-        let version = Arc::clone(&version);
-        let queue = queue.clone();
-        let load = Arc::clone(&load);
+        ctx.load.begin();
+        let ctx = Arc::clone(&ctx);
         in_flight.spawn(async move {
             let started = std::time::Instant::now();
-            handle(
-                &broker, &observer, &runtime, &func, &version, &queue, delivery,
-            )
-            .await;
-            load.end(started.elapsed());
+            handle(&ctx, delivery).await;
+            ctx.load.end(started.elapsed());
         });
     }
     in_flight.close();
@@ -396,12 +368,24 @@ async fn dead_letter(broker: &AnyBroker, queue: &str, delivery: Delivery, why: &
     broker.dead_letter(queue, delivery, why).await;
 }
 
-fn path_params(delivery: &Delivery) -> Result<Vec<(String, String)>, String> {
+/// Acknowledge `delivery`. A failure is logged and counted by the broker
+/// seam (`broker_settle_failures_total`); the broker redelivers it.
+async fn ack(delivery: Delivery) {
+    let _ = delivery.ack().await;
+}
+
+/// Put `delivery` back on its queue. A failure is logged and counted by
+/// the broker seam; the broker redelivers it when the channel closes.
+async fn requeue(delivery: Delivery) {
+    let _ = delivery.nack(true).await;
+}
+
+fn path_params(delivery: &Delivery) -> Result<Vec<(String, String)>, DeliveryError> {
     let Some(raw) = delivery.message.header(headers::PATH_PARAMS) else {
         return Ok(Vec::new());
     };
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(raw)
-        .map_err(|e| format!("bad {} header: {e}", headers::PATH_PARAMS))?;
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(raw).map_err(|source| DeliveryError::PathParams { source })?;
     Ok(map
         .into_iter()
         .map(|(k, v)| {
@@ -414,110 +398,291 @@ fn path_params(delivery: &Delivery) -> Result<Vec<(String, String)>, String> {
         .collect())
 }
 
-async fn handle(
-    broker: &AnyBroker,
-    observer: &Observer,
-    runtime: &Runtimes,
-    func: &str,
-    version: &str,
-    queue: &str,
-    delivery: Delivery,
-) {
-    let picked_ms = now_ms();
-    if delivery.redelivered {
-        // Another Runner took it and died (or a connection broke) before
-        // acknowledging; it runs again here.
-        metrics::counter!("runner_redelivered_total").increment(1);
-        tracing::info!(func, "handling a redelivered request");
-    }
+/// What the Tron's headers say about a delivery, or why it cannot be
+/// handled (it goes to the dead-letter queue).
+fn job_for(ctx: &Consumer, delivery: &Delivery, picked_ms: f64) -> Result<Job, DeliveryError> {
     let Some(operation) = delivery
         .message
         .header(headers::OPERATION)
         .map(str::to_owned)
     else {
-        dead_letter(
-            broker,
-            queue,
-            delivery,
-            "no operation header: the message did not come through a Tron",
-        )
-        .await;
-        return;
+        return Err(DeliveryError::NoOperation);
     };
-    let params = match path_params(&delivery) {
-        Ok(p) => p,
-        Err(why) => {
-            dead_letter(broker, queue, delivery, &why).await;
-            return;
-        }
-    };
-    let checks = runtime
-        .checks
-        .get(func)
-        .and_then(|c| c.get(&operation))
-        .cloned();
+    let params = path_params(delivery)?;
+    let checks = ctx.version.checks.get(&operation).cloned();
     let dispatched_ms = delivery
         .message
         .header(headers::DISPATCHED_MS)
         .and_then(|v| v.parse::<f64>().ok());
-    let delivery_payload = delivery.message.payload.clone();
-    let job = Job {
+    Ok(Job {
         payload: delivery.message.payload.clone(),
         operation,
         params,
         picked_ms,
         dispatched_ms,
         checks,
-        observer: observer.clone(),
+        observer: ctx.observer.clone(),
+    })
+}
+
+/// One delivery, start to end: decode, expiry, checks, deadline, the
+/// runtime's call, the response envelope; then [`settle`] publishes the
+/// reply, acknowledges and captures.
+async fn handle(ctx: &Consumer, delivery: Delivery) {
+    let picked_ms = now_ms();
+    let func = &*ctx.func;
+    if delivery.redelivered {
+        // Another Runner took it and died (or a connection broke) before
+        // acknowledging; it runs again here.
+        metrics::counter!("runner_redelivered_total").increment(1);
+        tracing::info!(func, "handling a redelivered request");
+    }
+    let job = match job_for(ctx, &delivery, picked_ms) {
+        Ok(job) => job,
+        Err(why) => return dead_letter(&ctx.broker, &ctx.queue, delivery, &why.to_string()).await,
     };
     let span = tracing::debug_span!(
         "runner.invoke",
         func,
-        version,
+        version = &*ctx.version_name,
         request_id = tracing::field::Empty
     );
     async {
-        match runtime.invoke(func, job).await {
-            Handled::Reply {
-                request_id,
-                reply_to,
-                status,
-                response,
-            } => {
-                tracing::Span::current().record("request_id", request_id.as_str());
-                tracing::debug!(status, "invoked");
-                let Some(reply_to) = reply_to else {
-                    let _ = delivery.ack().await;
-                    return;
-                };
-                let response = bytes::Bytes::from(response);
-                match broker
-                    .publish(&reply_to, Message::new(response.clone()))
-                    .await
-                {
-                    // NoRoute: the ingress that asked is gone; the work is done.
-                    Ok(()) | Err(BrokerError::NoRoute(_)) => {
-                        let _ = delivery.ack().await;
-                        observer.maybe_capture(func, version, &delivery_payload, &response);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reply not published; requeueing the request");
-                        let _ = delivery.nack(true).await;
-                    }
-                }
-            }
-            Handled::Expired { request_id } => {
-                tracing::debug!(%request_id, "skipped: deadline passed before the Func ran");
-                metrics::counter!("runner_expired_total").increment(1);
-                let _ = delivery.ack().await;
-            }
-            Handled::Undecodable(why) => dead_letter(broker, queue, delivery, &why).await,
-            Handled::Requeue(why) => {
-                tracing::warn!(reason = %why, "requeueing the request");
-                let _ = delivery.nack(true).await;
-            }
-        }
+        let handled = run(func, &ctx.version.prepared, &job).await;
+        settle(ctx, delivery, &job, handled).await;
     }
     .instrument(span)
     .await
+}
+
+/// Decode, skip if expired, check, start, call, finish.
+async fn run(func: &str, prepared: &Prepared, job: &Job) -> Handled {
+    let (req, body) = match invoke::decode(job) {
+        Ok(r) => r,
+        Err(why) => return Handled::Undecodable(why.to_string()),
+    };
+    let fr = match invoke::start(func, &req, body, job, prepared.max_time_ms()) {
+        Ok(fr) => fr,
+        Err(h) => return h,
+    };
+    match prepared.call(fr).await {
+        Ok(Called { started, result }) => invoke::finish(func, job, &req, started, result),
+        Err(Unanswered::Expired) => Handled::Expired {
+            request_id: req.id.to_string(),
+        },
+        Err(Unanswered::Requeue(why)) => Handled::Requeue(why),
+    }
+}
+
+/// Publish the reply, then acknowledge, then capture; or skip, dead-letter
+/// or requeue.
+async fn settle(ctx: &Consumer, delivery: Delivery, job: &Job, handled: Handled) {
+    match handled {
+        Handled::Reply {
+            request_id,
+            reply_to,
+            status,
+            response,
+        } => {
+            tracing::Span::current().record("request_id", request_id.as_str());
+            tracing::debug!(status, "invoked");
+            let Some(reply_to) = reply_to else {
+                return ack(delivery).await;
+            };
+            let response = bytes::Bytes::from(response);
+            match ctx
+                .broker
+                .publish(&reply_to, Message::new(response.clone()))
+                .await
+            {
+                // NoRoute: the ingress that asked is gone; the work is done.
+                Ok(()) | Err(BrokerError::NoRoute(_)) => {
+                    ack(delivery).await;
+                    ctx.observer.maybe_capture(
+                        &ctx.func,
+                        &ctx.version_name,
+                        &job.payload,
+                        &response,
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reply not published; requeueing the request");
+                    requeue(delivery).await;
+                }
+            }
+        }
+        Handled::Expired { request_id } => {
+            tracing::debug!(%request_id, "skipped: deadline passed before the Func ran");
+            metrics::counter!("runner_expired_total").increment(1);
+            ack(delivery).await;
+        }
+        Handled::Undecodable(why) => dead_letter(&ctx.broker, &ctx.queue, delivery, &why).await,
+        Handled::Requeue(why) => {
+            tracing::warn!(reason = %why, "requeueing the request");
+            requeue(delivery).await;
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::borrow::Cow;
+
+    use funcatron_envelope::{Request, Response, VERSION};
+
+    use super::*;
+
+    fn bundle(dir: &Path, runtime: &str, manifest: Option<&str>, lua: &str) -> Bundle {
+        let doc = format!(
+            "swagger: '2.0'\nx-funcatron: {{runtime: {runtime}}}\npaths:\n  /hi:\n    post: {{operationId: hi}}\n"
+        );
+        std::fs::write(dir.join("swagger.yaml"), doc).unwrap();
+        std::fs::write(dir.join("main.lua"), lua).unwrap();
+        std::fs::write(dir.join("main.py"), "def hi(req):\n    return 'hi'\n").unwrap();
+        if let Some(m) = manifest {
+            std::fs::write(dir.join("funcatron.yaml"), m).unwrap();
+        }
+        Bundle::load(dir).unwrap()
+    }
+
+    fn job(deadline_ms: u64) -> Job {
+        let req = Request {
+            version: Cow::Borrowed(VERSION),
+            id: Cow::Borrowed("t-1"),
+            deadline_ms,
+            sent_ms: now_ms(),
+            method: Cow::Borrowed("POST"),
+            scheme: Cow::Borrowed("http"),
+            host: Cow::Borrowed("localhost"),
+            path: Cow::Borrowed("/hi"),
+            query: Cow::Borrowed(""),
+            headers: vec![],
+            remote: None,
+            body: Cow::Borrowed("world"),
+            body_base64: false,
+            reply_to: Some(Cow::Borrowed("r")),
+            reply_key: None,
+        };
+        Job {
+            payload: req.encode().into(),
+            operation: "hi".into(),
+            params: vec![],
+            picked_ms: now_ms(),
+            dispatched_ms: None,
+            checks: None,
+            observer: Observer::detached(),
+        }
+    }
+
+    fn options() -> RunnerOptions {
+        RunnerOptions {
+            workers: 2,
+            ..RunnerOptions::default()
+        }
+    }
+
+    fn reply(h: Handled) -> (u16, String) {
+        match h {
+            Handled::Reply { response, .. } => {
+                let r = Response::decode(&response).unwrap();
+                let body = String::from_utf8(r.body_bytes().unwrap().into_owned()).unwrap();
+                (r.status, body)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lua_version_answers_on_its_threads_and_skips_expired_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = bundle(
+            dir.path(),
+            "lua",
+            None,
+            "return { hi = function(r) return 'hello ' .. r.body end }",
+        );
+        let v = prepare_version(&b, &options(), &Observer::detached()).await;
+        assert!(matches!(v.prepared, Prepared::Lua(_)));
+        let deadline = (now_ms() + 10_000.0) as u64;
+        for _ in 0..3 {
+            let (status, body) = reply(run("t", &v.prepared, &job(deadline)).await);
+            assert_eq!((status, body.as_str()), (200, "hello world"));
+        }
+        let expired = run("t", &v.prepared, &job(1)).await;
+        assert!(matches!(expired, Handled::Expired { .. }), "{expired:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_that_expires_waiting_for_a_lua_thread_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = bundle(
+            dir.path(),
+            "lua",
+            Some("timeout_ms: 300\n"),
+            "return { hi = function(r) if r.body == 'spin' then while true do end end return 'ok' end }",
+        );
+        let o = RunnerOptions {
+            workers: 1,
+            ..RunnerOptions::default()
+        };
+        let v = Arc::new(prepare_version(&b, &o, &Observer::detached()).await);
+        let mut spin = job((now_ms() + 10_000.0) as u64);
+        spin.payload = String::from_utf8(spin.payload.to_vec())
+            .unwrap()
+            .replace("\"world\"", "\"spin\"")
+            .into();
+        let busy = {
+            let v = Arc::clone(&v);
+            tokio::spawn(async move { reply(run("t", &v.prepared, &spin).await) })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Its Func time limit (300 ms) would start only when the thread is
+        // free; its deadline passes before that.
+        let waiting = run("t", &v.prepared, &job((now_ms() + 100.0) as u64)).await;
+        assert!(matches!(waiting, Handled::Expired { .. }), "{waiting:?}");
+        assert_eq!(busy.await.unwrap().0, 504);
+    }
+
+    #[tokio::test]
+    async fn versions_that_cannot_run_answer_500_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = bundle(dir.path(), "lua", None, "this is not lua");
+        let v = prepare_version(&b, &options(), &Observer::detached()).await;
+        let Prepared::Broken(why) = &v.prepared else {
+            panic!("a broken Lua bundle must not be served")
+        };
+        assert!(why.starts_with("bundle failed to load: main.lua"), "{why}");
+        let (status, body) = reply(run("t", &v.prepared, &job((now_ms() + 10_000.0) as u64)).await);
+        assert_eq!(status, 500);
+        assert!(body.contains("func_broken"), "{body}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let b = bundle(
+            dir.path(),
+            "lua",
+            Some("secrets: [API_TOKEN]\n"),
+            "return { hi = function() return 'x' end }",
+        );
+        let v = prepare_version(&b, &options(), &Observer::detached()).await;
+        let Prepared::Broken(why) = &v.prepared else {
+            panic!("a bundle without its secret must not be served")
+        };
+        assert_eq!(
+            why,
+            "secret `API_TOKEN` is not supplied: this Runner has no --secrets-dir"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_python_version_holds_only_its_worker_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = bundle(dir.path(), "python", None, "");
+        b.handler = "main.py".into();
+        let mut o = options();
+        let cache = tempfile::tempdir().unwrap();
+        o.worker.cache_dir = cache.path().to_owned();
+        let v = prepare_version(&b, &o, &Observer::detached()).await;
+        assert!(matches!(v.prepared, Prepared::Worker(_)));
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use funcatron_bundle::Bundle;
 use funcatron_envelope::{encode_body, now_ms, Request, Response, VERSION};
-use funcatron_runner::invoke::{process, Handled, Job};
+use funcatron_runner::invoke::{decode, finish, start, Handled, Job};
 use funcatron_runner::lua::{LuaFunc, LuaLimits};
 
 fn bundle(dir: &Path, ops: &[&str], lua: &str) -> Bundle {
@@ -64,7 +64,11 @@ fn job(op: &str, body: &[u8], content_type: &str) -> Job {
 
 /// Run one call; return (status, content-type, body bytes).
 fn call(f: &LuaFunc, op: &str, body: &[u8], ct: &str) -> (u16, String, Vec<u8>) {
-    match process("t", &job(op, body, ct), 200, |r| f.call(r)) {
+    let job = job(op, body, ct);
+    let (req, body) = decode(&job).unwrap();
+    let fr = start("t", &req, body, &job, 200).unwrap();
+    let started = std::time::Instant::now();
+    match finish("t", &job, &req, started, f.call(&fr)) {
         Handled::Reply { response, .. } => {
             let r = Response::decode(&response).unwrap();
             let ct = r
@@ -241,14 +245,16 @@ fn broken_bundles_fail_to_prepare_with_reasons() {
     let dir = tempfile::tempdir().unwrap();
     let err = LuaFunc::prepare(&bundle(dir.path(), &["a"], "this is not lua"), limits())
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
     assert!(err.contains("main.lua"), "{err}");
     let err = LuaFunc::prepare(
         &bundle(dir.path(), &["a", "b"], "return { a = function() end }"),
         limits(),
     )
     .err()
-    .unwrap();
+    .unwrap()
+    .to_string();
     assert!(err.contains("`b`") && err.contains("POST /b"), "{err}");
     let err = LuaFunc::prepare(
         &bundle(dir.path(), &["a"], "while true do end"),
@@ -258,6 +264,7 @@ fn broken_bundles_fail_to_prepare_with_reasons() {
         },
     )
     .err()
-    .unwrap();
+    .unwrap()
+    .to_string();
     assert!(err.contains("time limit"), "{err}");
 }

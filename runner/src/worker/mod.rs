@@ -30,21 +30,23 @@
 pub mod frame;
 mod prepare;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use funcatron_bundle::{Bundle, RuntimeKind, Style};
+use funcatron_bundle::{Bundle, Style};
 use tokio::io::{AsyncBufReadExt, BufStream};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::invoke::{self, FuncRequest, FuncResponse, Handled, InvokeError, Job};
-use crate::observe::Observer;
-use crate::runtime::Runtime;
+use crate::error::{PrepareError, WorkerError};
+use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
+use crate::observe::{poisoned, Observer};
+use crate::runtime::{Called, Runtime, Unanswered};
+use crate::serve::RunnerOptions;
 
 pub use prepare::Launch;
 
@@ -75,6 +77,9 @@ pub(crate) async fn kill_group(pgid: u32) {
 
 /// The request id a worker is serving, for its log lines.
 type Current = Arc<Mutex<String>>;
+
+/// The last lines a worker wrote on stderr.
+type Tail = Arc<Mutex<VecDeque<String>>>;
 
 struct Worker {
     child: tokio::process::Child,
@@ -115,92 +120,90 @@ struct Pool {
     live: Arc<AtomicUsize>,
 }
 
-/// Runs Python, Node.js and Java Funcs.
-pub struct WorkerRuntime {
-    pools: HashMap<String, Arc<Pool>>,
-    /// Holds the sockets' directory for as long as the runtime lives.
-    _sockets: Option<tempfile::TempDir>,
+/// A Python, Node.js or Java bundle version: its pool of workers, kept by
+/// a supervisor task.
+pub struct WorkerPool {
+    pool: Arc<Pool>,
+    /// Holds the sockets' directory for as long as the pool lives.
+    _sockets: tempfile::TempDir,
 }
 
-impl WorkerRuntime {
-    /// Start a pool for every Python, Node.js and Java bundle. Preparing
-    /// and starting happen in the background; requests wait for the first
-    /// worker (within their deadline).
-    pub fn start(bundles: &[Bundle], options: &WorkerOptions, observer: &Observer) -> Self {
-        let ours: Vec<&Bundle> = bundles
-            .iter()
-            .filter(|b| {
-                matches!(
-                    b.runtime,
-                    RuntimeKind::Python | RuntimeKind::Node | RuntimeKind::Java
-                )
-            })
-            .collect();
-        if ours.is_empty() {
-            return WorkerRuntime {
-                pools: HashMap::new(),
-                _sockets: None,
-            };
-        }
-        let sockets = tempfile::Builder::new().prefix("funcatron-w").tempdir();
-        let sockets = match sockets {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot create a directory for worker sockets");
-                return WorkerRuntime {
-                    pools: HashMap::new(),
-                    _sockets: None,
-                };
-            }
-        };
-        let counter = Arc::new(AtomicU64::new(0));
-        let mut pools = HashMap::new();
-        for b in ours {
-            let (idle_tx, idle_rx) = async_channel::unbounded();
-            let (respawn, respawn_rx) = tokio::sync::mpsc::unbounded_channel();
-            let (broken_tx, broken) = watch::channel(None);
-            let live = Arc::new(AtomicUsize::new(0));
-            let pool = Arc::new(Pool {
-                func: b.name.clone(),
-                timeout: b
-                    .timeout_ms
-                    .map(Duration::from_millis)
-                    .unwrap_or(options.timeout),
-                idle_tx,
-                idle_rx,
-                respawn,
-                broken,
-                live: Arc::clone(&live),
-            });
-            let size = b.concurrency.unwrap_or(options.concurrency).max(1);
-            tokio::spawn(supervise(
-                b.clone(),
-                options.clone(),
-                observer.clone(),
-                sockets.path().to_owned(),
-                Arc::clone(&counter),
+impl Runtime for WorkerPool {
+    /// Start the pool. Preparing and starting happen in the background;
+    /// requests wait for the first worker (within their deadline).
+    async fn prepare(
+        b: &Bundle,
+        options: &RunnerOptions,
+        observer: &Observer,
+    ) -> Result<Self, PrepareError> {
+        let options = &options.worker;
+        let sockets = tempfile::Builder::new()
+            .prefix("funcatron-w")
+            .tempdir()
+            .map_err(|source| {
+                tracing::error!(error = %source, "cannot create a directory for worker sockets");
+                WorkerError::Io {
+                    path: std::env::temp_dir(),
+                    source,
+                }
+            })?;
+        let (idle_tx, idle_rx) = async_channel::unbounded();
+        let (respawn, respawn_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (broken_tx, broken) = watch::channel(None);
+        let pool = Arc::new(Pool {
+            func: b.name.clone(),
+            timeout: b
+                .timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(options.timeout),
+            idle_tx,
+            idle_rx,
+            respawn,
+            broken,
+            live: Arc::new(AtomicUsize::new(0)),
+        });
+        let size = b.concurrency.unwrap_or(options.concurrency).max(1);
+        tokio::spawn(supervise(
+            Supervised {
+                bundle: b.clone(),
+                options: options.clone(),
+                observer: observer.clone(),
+                sockets: sockets.path().to_owned(),
                 size,
-                Arc::downgrade(&pool),
-                respawn_rx,
-                broken_tx,
-            ));
-            pools.insert(b.name.clone(), pool);
-        }
-        WorkerRuntime {
-            pools,
-            _sockets: Some(sockets),
-        }
+            },
+            Arc::downgrade(&pool),
+            respawn_rx,
+            broken_tx,
+        ));
+        Ok(WorkerPool {
+            pool,
+            _sockets: sockets,
+        })
+    }
+
+    fn max_time_ms(&self) -> u64 {
+        // The pool starts the Func's time limit when a worker takes the call.
+        u64::MAX
+    }
+
+    async fn call(&self, req: FuncRequest<'_>) -> Result<Called, Unanswered> {
+        let started = Instant::now();
+        let result = self.pool.invoke(&req).await;
+        Ok(Called { started, result })
     }
 }
 
 /// Prepare `bundle` and start one worker to see that it loads (then stop
 /// it): what `funcatron dev` does before it switches to a new version.
-pub async fn check(bundle: &Bundle, options: &WorkerOptions) -> Result<(), String> {
+pub async fn check(bundle: &Bundle, options: &WorkerOptions) -> Result<(), PrepareError> {
     let launch = prepare::prepare(bundle, options).await?;
     let dir = tempfile::Builder::new()
         .prefix("funcatron-check")
         .tempdir()
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| WorkerError::Io {
+            path: std::env::temp_dir(),
+            source,
+        })?;
     let w = start_worker(
         &bundle.name,
         &Observer::detached(),
@@ -213,26 +216,39 @@ pub async fn check(bundle: &Bundle, options: &WorkerOptions) -> Result<(), Strin
     Ok(())
 }
 
-/// Prepare the bundle, then keep its pool at `size` workers until the pool
-/// is dropped.
-#[allow(clippy::too_many_arguments)]
-async fn supervise(
+/// What a supervisor keeps running.
+struct Supervised {
     bundle: Bundle,
     options: WorkerOptions,
     observer: Observer,
+    /// Where the workers' sockets go.
     sockets: PathBuf,
-    counter: Arc<AtomicU64>,
+    /// Workers to keep.
     size: usize,
+}
+
+/// Prepare the bundle, then keep its pool at `size` workers until the pool
+/// is dropped.
+async fn supervise(
+    s: Supervised,
     pool: std::sync::Weak<Pool>,
     mut respawn: tokio::sync::mpsc::UnboundedReceiver<()>,
     broken: watch::Sender<Option<String>>,
 ) {
+    let Supervised {
+        bundle,
+        options,
+        observer,
+        sockets,
+        size,
+    } = s;
     let func = bundle.name.clone();
+    let counter = AtomicU64::new(0);
     let launch = match prepare::prepare(&bundle, &options).await {
         Ok(l) => Arc::new(l),
         Err(why) => {
             tracing::error!(func, error = %why, "bundle failed to prepare; its requests get 500 with this reason");
-            let _ = broken.send(Some(why));
+            let _ = broken.send(Some(why.to_string()));
             return;
         }
     };
@@ -256,7 +272,7 @@ async fn supervise(
                     metrics::counter!("runner_worker_start_failures_total", "func" => func.clone())
                         .increment(1);
                     if p.live.load(Ordering::SeqCst) == 0 {
-                        let _ = broken.send(Some(why));
+                        let _ = broken.send(Some(why.to_string()));
                     }
                     drop(p);
                     tokio::time::sleep(backoff).await;
@@ -278,10 +294,12 @@ async fn start_worker(
     launch: &Launch,
     socket: &std::path::Path,
     start_timeout: Duration,
-) -> Result<Worker, String> {
+) -> Result<Worker, WorkerError> {
     let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket)
-        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    let listener = UnixListener::bind(socket).map_err(|source| WorkerError::Listen {
+        path: socket.to_owned(),
+        source,
+    })?;
     let mut cmd = tokio::process::Command::new(&launch.program);
     cmd.args(&launch.args)
         .current_dir(&launch.dir)
@@ -295,11 +313,63 @@ async fn start_worker(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", launch.program.display()))?;
+    let mut child = cmd.spawn().map_err(|source| WorkerError::Start {
+        program: launch.program.clone(),
+        source,
+    })?;
     let current: Current = Arc::new(Mutex::new(String::new()));
-    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let tail: Tail = Arc::new(Mutex::new(VecDeque::new()));
+    let mut forwarders = spawn_forwarders(&mut child, func, observer, launch, &current, &tail);
+    let accepted = tokio::select! {
+        // A worker that could not load connects, says why and exits: take
+        // its connection (and its reason) before noticing the exit.
+        biased;
+        a = listener.accept() => a.map(|(s, _)| s).map_err(WorkerError::Accept),
+        status = child.wait() => {
+            // Let the forwarders drain what it printed before it died.
+            for f in forwarders.drain(..) {
+                let _ = tokio::time::timeout(Duration::from_secs(1), f).await;
+            }
+            Err(WorkerError::Exited {
+                status: status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                stderr: stderr_tail(&tail),
+            })
+        }
+        _ = tokio::time::sleep(start_timeout) => Err(WorkerError::NoConnect(start_timeout.as_millis())),
+    };
+    let _ = std::fs::remove_file(socket);
+    let worker = match accepted {
+        Ok(stream) => Worker {
+            child,
+            stream: BufStream::new(stream),
+            current,
+        },
+        Err(e) => {
+            if let Some(pgid) = child.id() {
+                kill_group(pgid).await;
+            }
+            return Err(e);
+        }
+    };
+    await_ready(worker, start_timeout, &tail).await
+}
+
+/// The end of what a worker printed on stderr.
+fn stderr_tail(tail: &Tail) -> String {
+    let t = tail.lock().unwrap_or_else(|e| poisoned("worker.tail", e));
+    t.iter().cloned().collect::<Vec<_>>().join("\n")
+}
+
+/// Forward the worker's stdout and stderr to the log (stderr's end kept in
+/// `tail` for start failures).
+fn spawn_forwarders(
+    child: &mut tokio::process::Child,
+    func: &str,
+    observer: &Observer,
+    launch: &Launch,
+    current: &Current,
+    tail: &Tail,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let version = launch
         .env
         .get("FUNCATRON_VERSION")
@@ -313,7 +383,7 @@ async fn start_worker(
             func.to_owned(),
             version.clone(),
             "stdout",
-            Arc::clone(&current),
+            Arc::clone(current),
             None,
         )));
     }
@@ -322,64 +392,38 @@ async fn start_worker(
             err,
             observer.clone(),
             func.to_owned(),
-            version.clone(),
+            version,
             "stderr",
-            Arc::clone(&current),
-            Some(Arc::clone(&tail)),
+            Arc::clone(current),
+            Some(Arc::clone(tail)),
         )));
     }
-    let stderr_tail = |tail: &Mutex<VecDeque<String>>| {
-        tail.lock()
-            .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
-            .unwrap_or_default()
-    };
-    let accepted = tokio::select! {
-        // A worker that could not load connects, says why and exits: take
-        // its connection (and its reason) before noticing the exit.
-        biased;
-        a = listener.accept() => a.map(|(s, _)| s).map_err(|e| format!("accepting the worker: {e}")),
-        status = child.wait() => {
-            // Let the forwarders drain what it printed before it died.
-            for f in forwarders.drain(..) {
-                let _ = tokio::time::timeout(Duration::from_secs(1), f).await;
-            }
-            Err(format!(
-                "the worker exited ({}) before it was ready: {}",
-                status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-                stderr_tail(&tail)
-            ))
-        }
-        _ = tokio::time::sleep(start_timeout) => Err(format!(
-            "the worker did not connect within {} ms", start_timeout.as_millis()
-        )),
-    };
-    let _ = std::fs::remove_file(socket);
-    let mut worker = match accepted {
-        Ok(stream) => Worker {
-            child,
-            stream: BufStream::new(stream),
-            current,
-        },
-        Err(e) => {
-            if let Some(pgid) = child.id() {
-                kill_group(pgid).await;
-            }
-            return Err(e);
-        }
-    };
+    forwarders
+}
+
+/// Wait for a connected worker's first frame: `ready`, or why not.
+async fn await_ready(
+    mut worker: Worker,
+    start_timeout: Duration,
+    tail: &Tail,
+) -> Result<Worker, WorkerError> {
     let first = tokio::time::timeout(start_timeout, frame::read(&mut worker.stream)).await;
     let outcome = match first {
         Ok(Ok(items)) if items.first().map(Vec::as_slice) == Some(b"ready") => return Ok(worker),
-        Ok(Ok(items)) if items.first().map(Vec::as_slice) == Some(b"error") => Err(items
-            .get(1)
-            .map(|m| String::from_utf8_lossy(m).into_owned())
-            .unwrap_or_default()),
-        Ok(Ok(_)) => Err("the worker sent something other than `ready`".to_owned()),
-        Ok(Err(e)) => Err(format!("{e}: {}", stderr_tail(&tail))),
-        Err(_) => Err(format!(
-            "the worker did not load its bundle within {} ms",
-            start_timeout.as_millis()
-        )),
+        Ok(Ok(items)) if items.first().map(Vec::as_slice) == Some(b"error") => {
+            Err(WorkerError::Load(
+                items
+                    .get(1)
+                    .map(|m| String::from_utf8_lossy(m).into_owned())
+                    .unwrap_or_default(),
+            ))
+        }
+        Ok(Ok(_)) => Err(WorkerError::NotReady),
+        Ok(Err(source)) => Err(WorkerError::Frame {
+            source,
+            stderr: stderr_tail(tail),
+        }),
+        Err(_) => Err(WorkerError::LoadTimeout(start_timeout.as_millis())),
     };
     worker.kill().await;
     outcome
@@ -393,20 +437,22 @@ async fn forward(
     version: String,
     stream: &'static str,
     current: Current,
-    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+    tail: Option<Tail>,
 ) {
     let mut lines = tokio::io::BufReader::new(pipe).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let id = current.lock().map(|c| c.clone()).unwrap_or_default();
+        let id = current
+            .lock()
+            .unwrap_or_else(|e| poisoned("worker.current", e))
+            .clone();
         tracing::info!(func, version, request_id = %id, stream, "{line}");
         observer.func_log(&func, &version, &id, stream, &line);
         if let Some(tail) = &tail {
-            if let Ok(mut t) = tail.lock() {
-                if t.len() == 30 {
-                    t.pop_front();
-                }
-                t.push_back(line);
+            let mut t = tail.lock().unwrap_or_else(|e| poisoned("worker.tail", e));
+            if t.len() == 30 {
+                t.pop_front();
             }
+            t.push_back(line);
         }
     }
 }
@@ -428,7 +474,7 @@ fn request_frame(req: &FuncRequest<'_>, deadline: Instant) -> Vec<u8> {
         env.host.as_bytes(),
         env.path.as_bytes(),
         env.query.as_bytes(),
-        req.body,
+        &req.body,
         budget.as_bytes(),
         n_headers.as_bytes(),
     ]);
@@ -443,35 +489,48 @@ fn request_frame(req: &FuncRequest<'_>, deadline: Instant) -> Vec<u8> {
     frame::encode(items)
 }
 
-fn parse_reply(items: Vec<Vec<u8>>) -> Result<Result<FuncResponse, String>, String> {
+/// A worker's reply: the Func's answer, the error it raised, or (a broken
+/// protocol) a worker to replace.
+fn parse_reply(items: Vec<Vec<u8>>) -> Result<FuncResponse, CallError> {
     let mut it = items.into_iter();
-    match it.next().as_deref() {
-        Some(b"ok") => {
-            let status = it
-                .next()
-                .and_then(|s| String::from_utf8(s).ok())
-                .and_then(|s| s.parse::<u16>().ok())
-                .filter(|s| (100..=599).contains(s))
-                .ok_or("`ok` without a valid status")?;
-            let body = it.next().ok_or("`ok` without a body")?;
-            let mut headers = Vec::new();
-            while let Some(k) = it.next() {
-                let v = it.next().ok_or("a header without a value")?;
-                let k = String::from_utf8(k).map_err(|_| "a header name that is not UTF-8")?;
-                headers.push((k, String::from_utf8_lossy(&v).into_owned()));
-            }
-            Ok(Ok(FuncResponse {
-                status,
-                headers,
-                body,
-            }))
+    let answer = match it.next().as_deref() {
+        Some(b"ok") => parse_ok(it),
+        Some(b"error") => {
+            return Err(CallError::Handler(
+                it.next()
+                    .map(|m| String::from_utf8_lossy(&m).into_owned())
+                    .unwrap_or_default(),
+            ))
         }
-        Some(b"error") => Ok(Err(it
-            .next()
-            .map(|m| String::from_utf8_lossy(&m).into_owned())
-            .unwrap_or_default())),
-        _ => Err("a reply that is neither `ok` nor `error`".to_owned()),
+        _ => Err("a reply that is neither `ok` nor `error`"),
+    };
+    answer.map_err(|why| {
+        CallError::Lost(InvokeError::Crashed(format!(
+            "the worker broke the protocol ({why}); it was killed and replaced"
+        )))
+    })
+}
+
+/// The fields of an `ok` reply, or what is wrong with them.
+fn parse_ok(mut it: impl Iterator<Item = Vec<u8>>) -> Result<FuncResponse, &'static str> {
+    let status = it
+        .next()
+        .and_then(|s| String::from_utf8(s).ok())
+        .and_then(|s| s.parse::<u16>().ok())
+        .filter(|s| (100..=599).contains(s))
+        .ok_or("`ok` without a valid status")?;
+    let body = it.next().ok_or("`ok` without a body")?;
+    let mut headers = Vec::new();
+    while let Some(k) = it.next() {
+        let v = it.next().ok_or("a header without a value")?;
+        let k = String::from_utf8(k).map_err(|_| "a header name that is not UTF-8")?;
+        headers.push((k, String::from_utf8_lossy(&v).into_owned()));
     }
+    Ok(FuncResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
 impl Pool {
@@ -512,7 +571,11 @@ impl Pool {
         req: &FuncRequest<'_>,
         deadline: Instant,
     ) -> Result<FuncResponse, CallError> {
-        if let Ok(mut c) = w.current.lock() {
+        {
+            let mut c = w
+                .current
+                .lock()
+                .unwrap_or_else(|e| poisoned("worker.current", e));
             c.clear();
             c.push_str(&req.envelope.id);
         }
@@ -541,13 +604,7 @@ impl Pool {
                     "the worker process died while handling the request ({status}); it was replaced"
                 ))))
             }
-            Ok(Ok(items)) => match parse_reply(items) {
-                Ok(Ok(r)) => Ok(r),
-                Ok(Err(msg)) => Err(CallError::Handler(msg)),
-                Err(why) => Err(CallError::Lost(InvokeError::Crashed(format!(
-                    "the worker broke the protocol ({why}); it was killed and replaced"
-                )))),
-            },
+            Ok(Ok(items)) => parse_reply(items),
         }
     }
 
@@ -579,29 +636,6 @@ impl Pool {
                 Err(e)
             }
         }
-    }
-}
-
-impl Runtime for WorkerRuntime {
-    async fn invoke(&self, func: &str, job: Job) -> Handled {
-        let Some(pool) = self.pools.get(func) else {
-            return invoke::process(func, &job, 0, |_| {
-                Err(InvokeError::Broken(
-                    "this Runner does not serve that Func".into(),
-                ))
-            });
-        };
-        let (req, body) = match invoke::decode(&job) {
-            Ok(r) => r,
-            Err(h) => return h,
-        };
-        let fr = match invoke::start(func, &req, &body, &job, u64::MAX) {
-            Ok(fr) => fr,
-            Err(h) => return h,
-        };
-        let started = Instant::now();
-        let result = pool.invoke(&fr).await;
-        invoke::finish(func, &job, &req, started, result)
     }
 }
 

@@ -12,6 +12,7 @@ use funcatron_bundle::{Bundle, RuntimeKind};
 use sha2::{Digest, Sha256};
 
 use super::WorkerOptions;
+use crate::error::WorkerError;
 
 const PY_SHIM: &str = include_str!("../../shims/funcatron_worker.py");
 const JS_SHIM: &str = include_str!("../../shims/funcatron_worker.js");
@@ -58,37 +59,40 @@ fn hex(digest: impl AsRef<[u8]>) -> String {
 
 /// Build `dest` with `build` (given a scratch directory beside it) unless
 /// it is already there.
-async fn cached<F, Fut>(dest: &Path, build: F) -> Result<(), String>
+async fn cached<F, Fut>(dest: &Path, build: F) -> Result<(), WorkerError>
 where
     F: FnOnce(PathBuf) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
+    Fut: std::future::Future<Output = Result<(), WorkerError>>,
 {
     if dest.is_dir() {
         return Ok(());
     }
-    let parent = dest.parent().ok_or("cache path has no parent")?;
-    std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    let parent = dest.parent().ok_or(WorkerError::CacheRoot)?;
+    std::fs::create_dir_all(parent).map_err(WorkerError::io(parent))?;
     let scratch = tempfile::Builder::new()
         .prefix(".building-")
         .tempdir_in(parent)
-        .map_err(|e| format!("{}: {e}", parent.display()))?;
+        .map_err(WorkerError::io(parent))?;
     let work = scratch.path().join("out");
     build(work.clone()).await?;
     match std::fs::rename(&work, dest) {
         Ok(()) => Ok(()),
         // Another Runner finished first: theirs is as good as ours.
         Err(_) if dest.is_dir() => Ok(()),
-        Err(e) => Err(format!("{}: {e}", dest.display())),
+        Err(e) => Err(WorkerError::io(dest)(e)),
     }
 }
 
 /// Run a command to completion; on failure the end of its output.
-async fn run(cmd: &mut tokio::process::Command, what: &str) -> Result<(), String> {
+async fn run(cmd: &mut tokio::process::Command, what: &str) -> Result<(), WorkerError> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|e| format!("{what}: cannot start: {e}"))?;
+        .map_err(|source| WorkerError::Spawn {
+            what: what.to_owned(),
+            source,
+        })?;
     if out.status.success() {
         return Ok(());
     }
@@ -96,15 +100,15 @@ async fn run(cmd: &mut tokio::process::Command, what: &str) -> Result<(), String
     text.push_str(&String::from_utf8_lossy(&out.stdout));
     let tail: Vec<&str> = text.lines().rev().take(15).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
-    Err(format!(
-        "{what} failed ({}):\n{}",
-        out.status,
-        tail.join("\n")
-    ))
+    Err(WorkerError::Build {
+        what: what.to_owned(),
+        status: out.status,
+        tail: tail.join("\n"),
+    })
 }
 
 /// The shims, written once per content.
-async fn shims(options: &WorkerOptions, java: bool) -> Result<PathBuf, String> {
+async fn shims(options: &WorkerOptions, java: bool) -> Result<PathBuf, WorkerError> {
     let mut h = Sha256::new();
     h.update(PY_SHIM);
     h.update(JS_SHIM);
@@ -117,9 +121,9 @@ async fn shims(options: &WorkerOptions, java: bool) -> Result<PathBuf, String> {
         let write = |rel: &str, text: &str| {
             let p = work.join(rel);
             if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+                std::fs::create_dir_all(parent).map_err(WorkerError::Dir)?;
             }
-            std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))
+            std::fs::write(&p, text).map_err(WorkerError::io(&p))
         };
         write("funcatron_worker.py", PY_SHIM)?;
         write("funcatron_worker.js", JS_SHIM)?;
@@ -166,7 +170,7 @@ fn java_sources(root: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 }
 
 /// Prepare `bundle` and say how to start its workers.
-pub async fn prepare(bundle: &Bundle, options: &WorkerOptions) -> Result<Launch, String> {
+pub async fn prepare(bundle: &Bundle, options: &WorkerOptions) -> Result<Launch, WorkerError> {
     let memory = bundle.memory_bytes.unwrap_or(options.memory_bytes);
     let memory_mb = (memory / (1024 * 1024)).max(16);
     let shim_dir = shims(options, bundle.runtime == RuntimeKind::Java).await?;
@@ -208,12 +212,7 @@ pub async fn prepare(bundle: &Bundle, options: &WorkerOptions) -> Result<Launch,
                 ],
             )
         }
-        other => {
-            return Err(format!(
-                "{} is not a worker-process runtime",
-                other.as_str()
-            ))
-        }
+        other => return Err(WorkerError::NotWorker(other.as_str())),
     };
     Ok(Launch {
         program,
@@ -225,7 +224,7 @@ pub async fn prepare(bundle: &Bundle, options: &WorkerOptions) -> Result<Launch,
 
 /// The Python to run: the bundle's virtual environment when it has a
 /// `requirements.txt`, else the machine's `python3`.
-async fn python_env(bundle: &Bundle, options: &WorkerOptions) -> Result<String, String> {
+async fn python_env(bundle: &Bundle, options: &WorkerOptions) -> Result<String, WorkerError> {
     let req = bundle.dir.join("requirements.txt");
     let Ok(text) = std::fs::read(&req) else {
         return Ok("python3".into());
@@ -269,7 +268,7 @@ async fn python_env(bundle: &Bundle, options: &WorkerOptions) -> Result<String, 
         }
     })
     .await
-    .map_err(|e| format!("requirements.txt: {e}"))?;
+    .map_err(|e| WorkerError::Requirements(Box::new(e)))?;
     tracing::info!(func = %bundle.name, venv = %venv.display(), ms = started.elapsed().as_millis() as u64, "Python environment ready");
     Ok(venv.join("bin/python").display().to_string())
 }
@@ -279,21 +278,20 @@ async fn java_build(
     bundle: &Bundle,
     options: &WorkerOptions,
     shim: &Path,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, WorkerError> {
     let root = bundle.dir.join(&bundle.handler);
     let mut files = Vec::new();
-    java_sources(&root, &mut files).map_err(|e| format!("{}: {e}", root.display()))?;
+    java_sources(&root, &mut files).map_err(WorkerError::io(&root))?;
     if files.is_empty() {
-        return Err(format!(
-            "field `handler`: no .java files under {}",
-            bundle.handler.display()
+        return Err(WorkerError::NoJavaSources(
+            bundle.handler.display().to_string(),
         ));
     }
     let mut h = Sha256::new();
     h.update(shim.display().to_string());
     for f in &files {
         h.update(f.strip_prefix(&root).unwrap_or(f).display().to_string());
-        h.update(std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?);
+        h.update(std::fs::read(f).map_err(WorkerError::io(f))?);
     }
     let out = options
         .cache_dir
