@@ -12,14 +12,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use funcatron_broker::AnyBroker;
 use funcatron_bundle::Bundle;
-use funcatron_ingress::args::IngressArgs as IngressFlags;
-use funcatron_runner::args::RunnerArgs as RunnerFlags;
+use funcatron_ingress::args::IngressArgs;
+use funcatron_runner::args::RunnerArgs;
 use funcatron_runner::follow::FollowOptions;
 use funcatron_runner::lua::LuaLimits;
 use funcatron_runner::node::spawn_follower;
 use funcatron_runner::observe::LevelHook;
 use funcatron_runner::RunnerNode;
-use funcatron_tron::args::TronArgs as TronFlags;
+use funcatron_tron::args::TronArgs;
 use funcatron_tron::{Management, TronNode};
 use tokio_util::sync::CancellationToken;
 
@@ -48,11 +48,11 @@ enum Command {
     /// Run every role (ingress, Tron, Runner) in one process.
     Up(UpArgs),
     /// Run a Tron: route requests from the request queue to Func queues.
-    Tron(TronArgs),
+    Tron(TronCmd),
     /// Run a Runner: serve Func queues with the bundles' code.
-    Runner(RunnerArgs),
+    Runner(RunnerCmd),
     /// Run the embedded HTTP ingress: HTTP in, envelopes on the broker, replies out.
-    Ingress(IngressArgs),
+    Ingress(IngressCmd),
     /// Print an nginx config for the production nginx + Lua ingress (`ingress-lua/`).
     NginxConfig(NginxArgs),
     /// Work with bundles: show effective routes.
@@ -89,7 +89,7 @@ struct DevArgs {
     #[arg(long, env = "FUNCATRON_ENVIRONMENT")]
     environment: Option<String>,
     #[command(flatten)]
-    runner: RunnerFlags,
+    runner: RunnerArgs,
 }
 
 #[derive(Args)]
@@ -241,7 +241,7 @@ struct BundleArgs {
 }
 
 /// The management token: given, from a file, or generated once into the store.
-fn management_token(o: &TronFlags, store: &std::path::Path) -> Result<String> {
+fn management_token(o: &TronArgs, store: &std::path::Path) -> Result<String> {
     if let Some(t) = &o.token {
         return Ok(t.trim().to_owned());
     }
@@ -288,15 +288,15 @@ struct UpArgs {
     #[command(flatten)]
     bundles: BundleArgs,
     #[command(flatten)]
-    ingress: IngressFlags,
+    ingress: IngressArgs,
     #[command(flatten)]
-    tron: TronFlags,
+    tron: TronArgs,
     #[command(flatten)]
-    runner: RunnerFlags,
+    runner: RunnerArgs,
 }
 
 #[derive(Args)]
-struct TronArgs {
+struct TronCmd {
     #[command(flatten)]
     broker: BrokerArgs,
     #[command(flatten)]
@@ -304,11 +304,11 @@ struct TronArgs {
     #[command(flatten)]
     bundles: BundleArgs,
     #[command(flatten)]
-    tron: TronFlags,
+    tron: TronArgs,
 }
 
 #[derive(Args)]
-struct RunnerArgs {
+struct RunnerCmd {
     #[command(flatten)]
     broker: BrokerArgs,
     #[command(flatten)]
@@ -316,17 +316,17 @@ struct RunnerArgs {
     #[command(flatten)]
     bundles: BundleArgs,
     #[command(flatten)]
-    runner: RunnerFlags,
+    runner: RunnerArgs,
 }
 
 #[derive(Args)]
-struct IngressArgs {
+struct IngressCmd {
     #[command(flatten)]
     broker: BrokerArgs,
     #[command(flatten)]
     metrics: MetricsArgs,
     #[command(flatten)]
-    ingress: IngressFlags,
+    ingress: IngressArgs,
 }
 
 fn main() -> Result<()> {
@@ -482,7 +482,7 @@ fn load_bundles(a: &BundleArgs) -> Vec<Bundle> {
 async fn tron(
     broker: AnyBroker,
     dir: &BundleArgs,
-    o: &TronFlags,
+    o: &TronArgs,
     substrate: Option<Arc<dyn funcatron_tron::autoscale::Substrate>>,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -527,7 +527,7 @@ async fn tron(
 
 /// What a Runner follows: the static bundles of `dir` plus what the
 /// registry enables (only `o.funcs` if given).
-fn follow_options(dir: &BundleArgs, o: &RunnerFlags) -> FollowOptions {
+fn follow_options(dir: &BundleArgs, o: &RunnerArgs) -> FollowOptions {
     FollowOptions {
         static_bundles: load_bundles(dir),
         cache_dir: o.options().worker.cache_dir,
@@ -539,7 +539,7 @@ fn follow_options(dir: &BundleArgs, o: &RunnerFlags) -> FollowOptions {
 async fn runner(
     broker: AnyBroker,
     dir: &BundleArgs,
-    o: &RunnerFlags,
+    o: &RunnerArgs,
     levels: LevelHook,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -552,7 +552,7 @@ async fn runner(
     Ok(())
 }
 
-async fn ingress(broker: AnyBroker, o: &IngressFlags, shutdown: CancellationToken) -> Result<()> {
+async fn ingress(broker: AnyBroker, o: &IngressArgs, shutdown: CancellationToken) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(o.listen)
         .await
         .with_context(|| format!("binding {}", o.listen))?;
@@ -633,5 +633,16 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every subcommand's flags are consistent (clap checks names, groups
+    /// and defaults only when asked, or at parse time in debug builds).
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }
