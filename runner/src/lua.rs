@@ -15,7 +15,6 @@
 //! (`json.encode`, `json.decode`) is provided, and `env` holds the bundle's
 //! declared environment variables and secrets.
 
-use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,10 +23,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use funcatron_bundle::Bundle;
-use funcatron_envelope::Request;
 use mlua::{Function, HookTriggers, Lua, LuaOptions, LuaSerdeExt, StdLib, Table, Value, VmState};
 
+use std::sync::Arc;
+
 use crate::error::PrepareError;
+use crate::invoke::Envelope;
 use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
 use crate::observe::Observer;
 use crate::runtime::{Called, Runtime, Unanswered};
@@ -46,10 +47,10 @@ pub struct LuaLimits {
 /// loop within a millisecond or so, rare enough to cost nothing measurable.
 const HOOK_EVERY: u32 = 10_000;
 
-/// One call for a Lua thread: the request, owned (the state is not `Send`,
-/// so the call crosses to its thread).
+/// One call for a Lua thread (the state is not `Send`, so the call
+/// crosses to its thread): the decoded envelope, shared, not copied.
 struct Task {
-    envelope: Request<'static>,
+    envelope: Arc<Envelope>,
     body: Bytes,
     operation: String,
     params: Vec<(String, String)>,
@@ -63,29 +64,6 @@ struct Task {
 /// state); calls reach a free thread through a bounded channel.
 pub struct LuaPool {
     tx: async_channel::Sender<Task>,
-}
-
-/// The envelope fields a Lua Func reads, owned (the body travels
-/// separately, as a slice of the payload).
-fn owned_envelope(req: &Request<'_>) -> Request<'static> {
-    let own = |c: &Cow<'_, str>| Cow::Owned(c.to_string());
-    Request {
-        version: own(&req.version),
-        id: own(&req.id),
-        deadline_ms: req.deadline_ms,
-        sent_ms: req.sent_ms,
-        method: own(&req.method),
-        scheme: own(&req.scheme),
-        host: own(&req.host),
-        path: own(&req.path),
-        query: own(&req.query),
-        headers: req.headers.iter().map(|(k, v)| (own(k), own(v))).collect(),
-        remote: req.remote.as_ref().map(own),
-        body: Cow::Borrowed(""),
-        body_base64: false,
-        reply_to: None,
-        reply_key: None,
-    }
 }
 
 impl Runtime for LuaPool {
@@ -130,7 +108,7 @@ impl Runtime for LuaPool {
     async fn call(&self, req: FuncRequest<'_>) -> Result<Called, Unanswered> {
         let (done, rx) = tokio::sync::oneshot::channel();
         let task = Task {
-            envelope: owned_envelope(req.envelope),
+            envelope: Arc::clone(req.source),
             body: req.body,
             operation: req.operation.to_owned(),
             params: req.params.to_vec(),
@@ -183,7 +161,8 @@ fn run_task(func: &str, f: &LuaFunc, task: &Task) -> Result<Called, Unanswered> 
         return Err(Unanswered::Expired);
     }
     let req = FuncRequest {
-        envelope: &task.envelope,
+        envelope: task.envelope.borrow_dependent(),
+        source: &task.envelope,
         body: task.body.clone(),
         operation: &task.operation,
         params: &task.params,

@@ -457,16 +457,17 @@ async fn handle(ctx: &Consumer, delivery: Delivery) {
 
 /// Decode, skip if expired, check, start, call, finish.
 async fn run(func: &str, prepared: &Prepared, job: &Job) -> Handled {
-    let (req, body) = match invoke::decode(job) {
+    let (env, body) = match invoke::decode(job) {
         Ok(r) => r,
         Err(why) => return Handled::Undecodable(why.to_string()),
     };
-    let fr = match invoke::start(func, &req, body, job, prepared.max_time_ms()) {
+    let req = env.borrow_dependent();
+    let fr = match invoke::start(func, &env, body, job, prepared.max_time_ms()) {
         Ok(fr) => fr,
         Err(h) => return h,
     };
     match prepared.call(fr).await {
-        Ok(Called { started, result }) => invoke::finish(func, job, &req, started, result),
+        Ok(Called { started, result }) => invoke::finish(func, job, req, started, result),
         Err(Unanswered::Expired) => Handled::Expired {
             request_id: req.id.to_string(),
         },
