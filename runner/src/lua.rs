@@ -21,17 +21,16 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use funcatron_bundle::Bundle;
 use mlua::{Function, HookTriggers, Lua, LuaOptions, LuaSerdeExt, StdLib, Table, Value, VmState};
 
 use std::sync::Arc;
 
 use crate::error::PrepareError;
-use crate::invoke::Envelope;
+use crate::invoke::{self, Handled, Job};
 use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
 use crate::observe::Observer;
-use crate::runtime::{Called, Runtime, Unanswered};
+use crate::runtime::{Called, Unanswered};
 use crate::serve::RunnerOptions;
 
 /// Limits applied to every Lua Func unless its bundle sets its own.
@@ -47,17 +46,13 @@ pub struct LuaLimits {
 /// loop within a millisecond or so, rare enough to cost nothing measurable.
 const HOOK_EVERY: u32 = 10_000;
 
-/// One call for a Lua thread (the state is not `Send`, so the call
-/// crosses to its thread): the decoded envelope, shared, not copied.
+/// One request for a Lua thread (the state is not `Send`, so the request
+/// crosses to its thread, undecoded; the thread runs the serve loop's
+/// skeleton around the call and answers with the encoded response).
 struct Task {
-    envelope: Arc<Envelope>,
-    body: Bytes,
-    operation: String,
-    params: Vec<(String, String)>,
-    /// The request's own deadline; the Func's time limit starts when a
-    /// thread takes the call.
-    deadline: Instant,
-    done: tokio::sync::oneshot::Sender<Result<Called, Unanswered>>,
+    func: Arc<str>,
+    job: Job,
+    done: tokio::sync::oneshot::Sender<Handled>,
 }
 
 /// A Lua bundle version, prepared on a pool of threads (each holds its own
@@ -66,10 +61,10 @@ pub struct LuaPool {
     tx: async_channel::Sender<Task>,
 }
 
-impl Runtime for LuaPool {
+impl LuaPool {
     /// Prepare `bundle` on `options.workers` threads. When the first
     /// thread cannot prepare it, the pool stops and the reason is returned.
-    async fn prepare(
+    pub async fn prepare(
         bundle: &Bundle,
         options: &RunnerOptions,
         observer: &Observer,
@@ -100,28 +95,24 @@ impl Runtime for LuaPool {
         }
     }
 
-    fn max_time_ms(&self) -> u64 {
-        // The thread that takes the call starts the Func's time limit.
-        u64::MAX
-    }
-
-    async fn call(&self, req: FuncRequest<'_>) -> Result<Called, Unanswered> {
+    /// Handle one request on a free thread of the pool: the serve loop's
+    /// skeleton ([`crate::invoke::run_sync`]) runs there around the call,
+    /// so the Func's time limit and the expiry check start when a thread
+    /// takes it.
+    pub async fn run(&self, func: &Arc<str>, job: Job) -> Handled {
         let (done, rx) = tokio::sync::oneshot::channel();
         let task = Task {
-            envelope: Arc::clone(req.source),
-            body: req.body,
-            operation: req.operation.to_owned(),
-            params: req.params.to_vec(),
-            deadline: req.deadline,
+            func: Arc::clone(func),
+            job,
             done,
         };
         if self.tx.send(task).await.is_err() {
-            return Err(Unanswered::Requeue("the Lua runtime has stopped".into()));
+            return Handled::Requeue("the Lua runtime has stopped".into());
         }
-        // A thread answers even when the Func panics (see `worker`); no
+        // A thread answers even when the Func panics (see `run_task`); no
         // answer means its thread is gone, and the request goes back.
         rx.await
-            .unwrap_or_else(|_| Err(Unanswered::Requeue("a Lua worker thread ended".into())))
+            .unwrap_or_else(|_| Handled::Requeue("a Lua worker thread ended".into()))
     }
 }
 
@@ -142,32 +133,21 @@ fn worker(
         );
     }
     while let Ok(task) = rx.recv_blocking() {
-        let answer = match &func {
-            Ok(f) => run_task(&bundle.name, f, &task),
+        let answer = invoke::run_sync(&task.func, &task.job, u64::MAX, |req| match &func {
+            Ok(f) => run_task(&bundle.name, f, req),
             Err(e) => Ok(Called::now(Err(InvokeError::Broken(format!(
                 "bundle failed to load: {e}"
             ))))),
-        };
+        });
         // The caller may have gone (its delivery dropped at shutdown).
         let _ = task.done.send(answer);
     }
 }
 
-/// One call on this thread: skipped when its deadline passed while it
-/// waited for the thread; a panic in the runtime answers 500.
-fn run_task(func: &str, f: &LuaFunc, task: &Task) -> Result<Called, Unanswered> {
-    let now = Instant::now();
-    if task.deadline <= now {
-        return Err(Unanswered::Expired);
-    }
-    let req = FuncRequest {
-        envelope: task.envelope.borrow_dependent(),
-        source: &task.envelope,
-        body: task.body.clone(),
-        operation: &task.operation,
-        params: &task.params,
-        deadline: task.deadline.min(now + f.timeout),
-    };
+/// One call on this thread, within the Func's own time limit; a panic in
+/// the runtime answers 500.
+fn run_task(func: &str, f: &LuaFunc, mut req: FuncRequest<'_>) -> Result<Called, Unanswered> {
+    req.deadline = req.deadline.min(Instant::now() + f.timeout);
     let started = Instant::now();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.call(&req)))
         .unwrap_or_else(|_| {

@@ -71,7 +71,8 @@ pub trait Runtime: Sized + Send + Sync + 'static {
 
 /// A bundle version prepared by the runtime it names.
 pub enum Prepared {
-    /// Lua, on its own threads.
+    /// Lua, on its own threads (which run the serve loop's skeleton
+    /// around each call themselves: [`LuaPool::run`]).
     Lua(LuaPool),
     /// One process per call.
     Exec(ExecFunc),
@@ -97,25 +98,5 @@ impl Prepared {
                 Prepared::Worker(WorkerPool::prepare(bundle, options, observer).await?)
             }
         })
-    }
-
-    /// See [`Runtime::max_time_ms`].
-    pub fn max_time_ms(&self) -> u64 {
-        match self {
-            Prepared::Lua(r) => r.max_time_ms(),
-            Prepared::Exec(r) => r.max_time_ms(),
-            Prepared::Worker(r) => r.max_time_ms(),
-            Prepared::Broken(_) => 0,
-        }
-    }
-
-    /// See [`Runtime::call`].
-    pub async fn call(&self, req: FuncRequest<'_>) -> Result<Called, Unanswered> {
-        match self {
-            Prepared::Lua(r) => r.call(req).await,
-            Prepared::Exec(r) => r.call(req).await,
-            Prepared::Worker(r) => r.call(req).await,
-            Prepared::Broken(why) => Ok(Called::now(Err(InvokeError::Broken(why.clone())))),
-        }
     }
 }

@@ -30,10 +30,11 @@ use funcatron_bundle::validate::{self, Checks};
 use crate::error::{DeliveryError, PrepareError, SecretError};
 use crate::exec::ExecLimits;
 use crate::follow::Desired;
+use crate::invoke::InvokeError;
 use crate::invoke::{self, Handled, Job};
 use crate::lua::LuaLimits;
 use crate::observe::{Load, Observer};
-use crate::runtime::{Called, Prepared, Unanswered};
+use crate::runtime::{Called, Prepared, Runtime};
 use crate::worker::WorkerOptions;
 
 /// One prepared Func version: the runtime its bundle names (and no other)
@@ -448,36 +449,45 @@ async fn handle(ctx: &Consumer, delivery: Delivery) {
         request_id = tracing::field::Empty
     );
     async {
-        let handled = run(func, &ctx.version.prepared, &job).await;
-        settle(ctx, delivery, &job, handled).await;
+        let payload = job.payload.clone();
+        let handled = call_version(&ctx.func, &ctx.version.prepared, job).await;
+        settle(ctx, delivery, &payload, handled).await;
     }
     .instrument(span)
     .await
 }
 
 /// Decode, skip if expired, check, start, call, finish.
-async fn run(func: &str, prepared: &Prepared, job: &Job) -> Handled {
+/// One request through the skeleton, by the version's runtime.
+async fn call_version(func: &Arc<str>, prepared: &Prepared, job: Job) -> Handled {
+    match prepared {
+        // Lua runs the same skeleton on the thread holding its state.
+        Prepared::Lua(pool) => pool.run(func, job).await,
+        Prepared::Exec(r) => run(func, r, &job).await,
+        Prepared::Worker(r) => run(func, r, &job).await,
+        Prepared::Broken(why) => invoke::run_sync(func, &job, 0, |_| {
+            Ok(Called::now(Err(InvokeError::Broken(why.clone()))))
+        }),
+    }
+}
+
+/// The skeleton around an awaited runtime call.
+async fn run(func: &str, runtime: &impl Runtime, job: &Job) -> Handled {
     let (env, body) = match invoke::decode(job) {
         Ok(r) => r,
         Err(why) => return Handled::Undecodable(why.to_string()),
     };
-    let req = env.borrow_dependent();
-    let fr = match invoke::start(func, &env, body, job, prepared.max_time_ms()) {
+    let fr = match invoke::start(func, &env, body, job, runtime.max_time_ms()) {
         Ok(fr) => fr,
         Err(h) => return h,
     };
-    match prepared.call(fr).await {
-        Ok(Called { started, result }) => invoke::finish(func, job, req, started, result),
-        Err(Unanswered::Expired) => Handled::Expired {
-            request_id: req.id.to_string(),
-        },
-        Err(Unanswered::Requeue(why)) => Handled::Requeue(why),
-    }
+    let called = runtime.call(fr).await;
+    invoke::end(func, job, env.borrow_dependent(), called)
 }
 
 /// Publish the reply, then acknowledge, then capture; or skip, dead-letter
 /// or requeue.
-async fn settle(ctx: &Consumer, delivery: Delivery, job: &Job, handled: Handled) {
+async fn settle(ctx: &Consumer, delivery: Delivery, payload: &bytes::Bytes, handled: Handled) {
     match handled {
         Handled::Reply {
             request_id,
@@ -499,12 +509,8 @@ async fn settle(ctx: &Consumer, delivery: Delivery, job: &Job, handled: Handled)
                 // NoRoute: the ingress that asked is gone; the work is done.
                 Ok(()) | Err(BrokerError::NoRoute(_)) => {
                     ack(delivery).await;
-                    ctx.observer.maybe_capture(
-                        &ctx.func,
-                        &ctx.version_name,
-                        &job.payload,
-                        &response,
-                    );
+                    ctx.observer
+                        .maybe_capture(&ctx.func, &ctx.version_name, payload, &response);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "reply not published; requeueing the request");
@@ -607,10 +613,11 @@ mod tests {
         assert!(matches!(v.prepared, Prepared::Lua(_)));
         let deadline = (now_ms() + 10_000.0) as u64;
         for _ in 0..3 {
-            let (status, body) = reply(run("t", &v.prepared, &job(deadline)).await);
+            let (status, body) =
+                reply(call_version(&Arc::from("t"), &v.prepared, job(deadline)).await);
             assert_eq!((status, body.as_str()), (200, "hello world"));
         }
-        let expired = run("t", &v.prepared, &job(1)).await;
+        let expired = call_version(&Arc::from("t"), &v.prepared, job(1)).await;
         assert!(matches!(expired, Handled::Expired { .. }), "{expired:?}");
     }
 
@@ -635,12 +642,15 @@ mod tests {
             .into();
         let busy = {
             let v = Arc::clone(&v);
-            tokio::spawn(async move { reply(run("t", &v.prepared, &spin).await) })
+            tokio::spawn(
+                async move { reply(call_version(&Arc::from("t"), &v.prepared, spin).await) },
+            )
         };
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         // Its Func time limit (300 ms) would start only when the thread is
         // free; its deadline passes before that.
-        let waiting = run("t", &v.prepared, &job((now_ms() + 100.0) as u64)).await;
+        let waiting =
+            call_version(&Arc::from("t"), &v.prepared, job((now_ms() + 100.0) as u64)).await;
         assert!(matches!(waiting, Handled::Expired { .. }), "{waiting:?}");
         assert_eq!(busy.await.unwrap().0, 504);
     }
@@ -654,7 +664,14 @@ mod tests {
             panic!("a broken Lua bundle must not be served")
         };
         assert!(why.starts_with("bundle failed to load: main.lua"), "{why}");
-        let (status, body) = reply(run("t", &v.prepared, &job((now_ms() + 10_000.0) as u64)).await);
+        let (status, body) = reply(
+            call_version(
+                &Arc::from("t"),
+                &v.prepared,
+                job((now_ms() + 10_000.0) as u64),
+            )
+            .await,
+        );
         assert_eq!(status, 500);
         assert!(body.contains("func_broken"), "{body}");
 
