@@ -62,9 +62,6 @@ pub enum Handled {
 pub struct FuncRequest<'a> {
     /// The decoded envelope.
     pub envelope: &'a Request<'a>,
-    /// What it was decoded from, for a runtime that hands the call to
-    /// another thread (no copy).
-    pub source: &'a Arc<Envelope>,
     /// The body bytes (a slice of the payload when it needed no decoding).
     pub body: Bytes,
     /// The `operationId` to run.
@@ -128,31 +125,18 @@ impl InvokeError {
     }
 }
 
-self_cell::self_cell!(
-    /// A request envelope decoded in place: the payload bytes and the
-    /// envelope borrowing them. Shared (in an `Arc`) with the thread that
-    /// runs the Func, so the envelope is decoded once and copied never.
-    pub struct Envelope {
-        owner: Bytes,
-        #[covariant]
-        dependent: Request,
-    }
-    impl {Debug}
-);
-
 /// Step 1: decode a job's envelope and body. A text body without escapes
 /// is a slice of the payload (no copy); the rest is decoded once.
-pub fn decode(job: &Job) -> Result<(Arc<Envelope>, Bytes), EnvelopeError> {
-    let env = Envelope::try_new(job.payload.clone(), |p| Request::decode(p))?;
-    let req = env.borrow_dependent();
+pub fn decode(job: &Job) -> Result<(Request<'_>, Bytes), EnvelopeError> {
+    let req = Request::decode(&job.payload)?;
     let body = match (&req.body, req.body_base64) {
         (Cow::Borrowed(text), false) => {
             let text: &str = text;
-            env.borrow_owner().slice_ref(text.as_bytes())
+            job.payload.slice_ref(text.as_bytes())
         }
         _ => Bytes::from(req.body_bytes()?.into_owned()),
     };
-    Ok((Arc::new(env), body))
+    Ok((req, body))
 }
 
 /// Step 2: what the Func gets; or, without running it, nothing for a request
@@ -160,12 +144,11 @@ pub fn decode(job: &Job) -> Result<(Arc<Envelope>, Bytes), EnvelopeError> {
 /// Func's deadline is the request's, or `max_time_ms` from now if sooner.
 pub fn start<'a>(
     func: &str,
-    source: &'a Arc<Envelope>,
+    req: &'a Request<'a>,
     body: Bytes,
     job: &'a Job,
     max_time_ms: u64,
 ) -> Result<FuncRequest<'a>, Handled> {
-    let req = source.borrow_dependent();
     let remaining = req.deadline_ms as f64 - now_ms();
     if remaining <= 0.0 {
         return Err(Handled::Expired {
@@ -195,7 +178,6 @@ pub fn start<'a>(
     let deadline = Instant::now() + std::time::Duration::from_micros((budget_ms * 1000.0) as u64);
     Ok(FuncRequest {
         envelope: req,
-        source,
         body,
         operation: &job.operation,
         params: &job.params,
@@ -230,16 +212,16 @@ pub fn run_sync(
     max_time_ms: u64,
     call: impl FnOnce(FuncRequest<'_>) -> Result<crate::runtime::Called, crate::runtime::Unanswered>,
 ) -> Handled {
-    let (env, body) = match decode(job) {
+    let (req, body) = match decode(job) {
         Ok(r) => r,
         Err(why) => return Handled::Undecodable(why.to_string()),
     };
-    let fr = match start(func, &env, body, job, max_time_ms) {
+    let fr = match start(func, &req, body, job, max_time_ms) {
         Ok(fr) => fr,
         Err(h) => return h,
     };
     let called = call(fr);
-    end(func, job, env.borrow_dependent(), called)
+    end(func, job, &req, called)
 }
 
 /// Step 3: encode the response envelope (or the error) with timings.

@@ -473,16 +473,16 @@ async fn call_version(func: &Arc<str>, prepared: &Prepared, job: Job) -> Handled
 
 /// The skeleton around an awaited runtime call.
 async fn run(func: &str, runtime: &impl Runtime, job: &Job) -> Handled {
-    let (env, body) = match invoke::decode(job) {
+    let (req, body) = match invoke::decode(job) {
         Ok(r) => r,
         Err(why) => return Handled::Undecodable(why.to_string()),
     };
-    let fr = match invoke::start(func, &env, body, job, runtime.max_time_ms()) {
+    let fr = match invoke::start(func, &req, body, job, runtime.max_time_ms()) {
         Ok(fr) => fr,
         Err(h) => return h,
     };
     let called = runtime.call(fr).await;
-    invoke::end(func, job, env.borrow_dependent(), called)
+    invoke::end(func, job, &req, called)
 }
 
 /// Publish the reply, then acknowledge, then capture; or skip, dead-letter

@@ -65,10 +65,10 @@ fn job(op: &str, body: &[u8], content_type: &str) -> Job {
 /// Run one call; return (status, content-type, body bytes).
 fn call(f: &LuaFunc, op: &str, body: &[u8], ct: &str) -> (u16, String, Vec<u8>) {
     let job = job(op, body, ct);
-    let (env, body) = decode(&job).unwrap();
-    let fr = start("t", &env, body, &job, 200).unwrap();
+    let (req, body) = decode(&job).unwrap();
+    let fr = start("t", &req, body, &job, 200).unwrap();
     let started = std::time::Instant::now();
-    match finish("t", &job, env.borrow_dependent(), started, f.call(&fr)) {
+    match finish("t", &job, &req, started, f.call(&fr)) {
         Handled::Reply { response, .. } => {
             let r = Response::decode(&response).unwrap();
             let ct = r
