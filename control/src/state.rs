@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 /// Settings given to a Func when it is enabled; they override the bundle's
 /// (`funcatron_bundle::Bundle::with_settings`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FuncSettings {
     /// Environment variables (merged over the bundle's `env`).
@@ -23,12 +24,15 @@ pub struct FuncSettings {
     pub secrets: Vec<String>,
     /// Worker processes per Runner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub concurrency: Option<usize>,
     /// Per-invocation time limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub timeout_ms: Option<u64>,
     /// Memory limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub memory_mb: Option<usize>,
     /// Fewest Runners (for the autoscaler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -38,6 +42,7 @@ pub struct FuncSettings {
     pub max_runners: Option<u32>,
     /// Requests one Runner should handle at once (for the autoscaler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0))]
     pub target_concurrency: Option<f64>,
     /// How long demand must stay lower before Runners are removed, in
     /// milliseconds (for the autoscaler).
@@ -47,6 +52,7 @@ pub struct FuncSettings {
 
 /// An uploaded version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Upload {
     /// SHA-256 of the archive.
     pub sha: String,
@@ -60,6 +66,7 @@ pub struct Upload {
 
 /// One enable/disable/rollback.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Event {
     /// When (Unix ms).
     pub at_ms: u64,
@@ -71,6 +78,7 @@ pub struct Event {
 
 /// One Func in the registry.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FuncState {
     /// The enabled version (archive SHA-256), if any.
     pub enabled: Option<String>,
@@ -87,6 +95,7 @@ pub struct FuncState {
 
 /// A capture of a Func's request/response pairs, while it runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Capture {
     /// Names this capture (records carry it).
     pub id: String,
@@ -118,6 +127,7 @@ pub const DEFAULT_REDACT: &[&str] = &[
 
 /// A Func's log level on every Runner, for a while.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogLevel {
     /// `error`, `warn`, `info`, `debug` or `trace`.
     pub level: String,
@@ -128,6 +138,7 @@ pub struct LogLevel {
 
 /// The whole registry.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClusterState {
     /// Bumped on every change.
     pub revision: u64,

@@ -3,10 +3,9 @@
 //!
 //! These types are the API's wire format: the OpenAPI document served at
 //! `/v1/openapi.yaml` is generated from them ([`super::openapi`]). Where an
-//! answer holds a registry type from [`funcatron_control::state`] (which does
-//! not derive [`ToSchema`]), the field keeps the registry type and names a
-//! schema-only mirror here (`*Schema`) with `#[schema(value_type = ...)]`;
-//! the document test checks real answers against those schemas.
+//! answer holds a registry type from [`funcatron_control::state`], that type
+//! derives its own schema (the crate's `openapi` feature); the document test
+//! checks real answers against the schemas.
 
 use std::collections::BTreeMap;
 
@@ -139,10 +138,8 @@ pub struct FuncDetail {
     /// The enabled version (archive SHA-256), if any.
     pub enabled: Option<String>,
     /// Settings of the enabled version.
-    #[schema(value_type = SettingsSchema)]
     pub settings: FuncSettings,
     /// Every uploaded version, oldest first.
-    #[schema(value_type = Vec<UploadSchema>)]
     pub uploads: Vec<Upload>,
     /// The enabled version's routes (null when disabled).
     pub routes: Option<Routes>,
@@ -154,10 +151,8 @@ pub struct FuncHistory {
     /// The Func.
     pub name: String,
     /// Enables, disables and rollbacks, oldest first.
-    #[schema(value_type = Vec<EventSchema>)]
     pub history: Vec<Event>,
     /// Every uploaded version, oldest first.
-    #[schema(value_type = Vec<UploadSchema>)]
     pub uploads: Vec<Upload>,
 }
 
@@ -170,7 +165,6 @@ pub struct EnableRequest {
     pub sha: Option<String>,
     /// Settings; default none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<SettingsSchema>)]
     pub settings: Option<FuncSettings>,
 }
 
@@ -230,7 +224,6 @@ pub struct CaptureStarted {
     /// The Func.
     pub name: String,
     /// The capture.
-    #[schema(value_type = Option<CaptureSchema>)]
     pub capture: Option<Capture>,
     /// The registry's revision after the change.
     pub revision: u64,
@@ -264,7 +257,6 @@ pub struct LogLevelSet {
     /// The Func.
     pub name: String,
     /// The level set (null: back to the default).
-    #[schema(value_type = Option<LogLevelSchema>)]
     pub log_level: Option<LogLevel>,
     /// The registry's revision after the change.
     pub revision: u64,
@@ -417,127 +409,5 @@ pub struct Decision {
 }
 
 /// `GET /v1/state`: the whole registry, as the registry keeps it (its
-/// schema is [`ClusterStateSchema`]).
+/// schema is derived from it).
 pub type State = ClusterState;
-
-// Schemas of the registry's own types (funcatron_control::state), for the
-// document only: the wire types are the registry's.
-
-/// Settings given to a Func when it is enabled (`FuncSettings`).
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(as = Settings)]
-pub struct SettingsSchema {
-    /// Environment variables (merged over the bundle's `env`).
-    #[serde(default)]
-    pub env: Option<BTreeMap<String, String>>,
-    /// Secret names (added to the bundle's); values come from each Runner.
-    #[serde(default)]
-    pub secrets: Option<Vec<String>>,
-    /// Worker processes per Runner.
-    #[schema(minimum = 1)]
-    pub concurrency: Option<usize>,
-    /// Per-invocation time limit.
-    #[schema(minimum = 1)]
-    pub timeout_ms: Option<u64>,
-    /// Memory limit.
-    #[schema(minimum = 1)]
-    pub memory_mb: Option<usize>,
-    /// Fewest Runners (for the autoscaler).
-    pub min_runners: Option<u32>,
-    /// Most Runners (for the autoscaler).
-    pub max_runners: Option<u32>,
-    /// Requests one Runner should handle at once (for the autoscaler).
-    #[schema(exclusive_minimum = 0)]
-    pub target_concurrency: Option<f64>,
-    /// How long demand must stay lower before Runners are removed, in
-    /// milliseconds (for the autoscaler).
-    pub scale_down_delay_ms: Option<u64>,
-}
-
-/// An uploaded version (`Upload`).
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-#[schema(as = Upload)]
-pub struct UploadSchema {
-    /// SHA-256 of the archive.
-    pub sha: String,
-    /// The bundle's content version (its queue suffix).
-    pub version: String,
-    /// When (Unix ms).
-    pub at_ms: u64,
-    /// Archive size.
-    pub bytes: u64,
-}
-
-/// One enable/disable/rollback (`Event`).
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-#[schema(as = Event)]
-pub struct EventSchema {
-    /// When (Unix ms).
-    pub at_ms: u64,
-    /// `enable`, `disable` or `rollback`.
-    pub action: String,
-    /// The version enabled (null for `disable`).
-    pub sha: Option<String>,
-}
-
-/// One Func in the registry (`FuncState`).
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-#[schema(as = FuncState)]
-pub struct FuncStateSchema {
-    /// The enabled version (archive SHA-256), if any.
-    pub enabled: Option<String>,
-    /// Settings of the enabled version.
-    #[serde(default)]
-    pub settings: SettingsSchema,
-    /// Every uploaded version, oldest first.
-    #[serde(default)]
-    pub uploads: Vec<UploadSchema>,
-    /// Enables, disables and rollbacks, oldest first.
-    #[serde(default)]
-    pub history: Vec<EventSchema>,
-}
-
-/// A capture of a Func's request/response pairs (`Capture`).
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-#[schema(as = Capture)]
-pub struct CaptureSchema {
-    /// Names this capture (records carry it).
-    pub id: String,
-    /// Fraction of requests captured, 0 to 1.
-    pub sample: f64,
-    /// Stop at this time (Unix ms).
-    pub until_ms: Option<u64>,
-    /// Stop after this many pairs.
-    pub max: Option<u64>,
-    /// Header names (lower-case) redacted at capture time.
-    pub redact: Vec<String>,
-}
-
-/// A Func's log level on every Runner, for a while (`LogLevel`).
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-#[schema(as = LogLevel)]
-pub struct LogLevelSchema {
-    /// `error`, `warn`, `info`, `debug` or `trace`.
-    pub level: String,
-    /// Back to the default at this time (Unix ms).
-    pub until_ms: Option<u64>,
-}
-
-/// The whole registry (`ClusterState`).
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-#[schema(as = ClusterState)]
-pub struct ClusterStateSchema {
-    /// Bumped on every change.
-    pub revision: u64,
-    /// The Tron that made this revision.
-    pub origin: String,
-    /// By Func name.
-    pub funcs: BTreeMap<String, FuncStateSchema>,
-    /// Captures running, by Func name.
-    #[serde(default)]
-    pub captures: Option<BTreeMap<String, CaptureSchema>>,
-    /// Log levels set, by Func name.
-    #[serde(default)]
-    pub log_levels: Option<BTreeMap<String, LogLevelSchema>>,
-}

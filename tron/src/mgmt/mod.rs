@@ -349,7 +349,7 @@ async fn status(State(api): Shared) -> Response {
 /// The whole registry state (revision, every Func's uploads, enabled
 /// version, settings, history).
 #[utoipa::path(get, path = "/v1/state", operation_id = "state",
-    responses((status = 200, description = "the state", body = api::ClusterStateSchema)))]
+    responses((status = 200, description = "the state", body = api::State)))]
 async fn state(State(api): Shared) -> Json<api::State> {
     Json(api.registry.state().await)
 }
