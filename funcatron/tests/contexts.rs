@@ -34,6 +34,19 @@ fn lua_bundle(root: &std::path::Path, name: &str) {
     write_bundle(root, name, &[("swagger.yaml", &spec), ("main.lua", &code)]);
 }
 
+/// An embedded ingress on port 0; its base URL.
+async fn ingress(broker: &AnyBroker, shutdown: &CancellationToken) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(funcatron_ingress::run(
+        listener,
+        broker.clone(),
+        IngressOptions::default(),
+        shutdown.clone(),
+    ));
+    base
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_trons_and_three_runners_in_one_process_keep_their_own_state() {
     let root = tempfile::tempdir().unwrap();
@@ -69,14 +82,7 @@ async fn two_trons_and_three_runners_in_one_process_keep_their_own_state() {
     let distinct: std::collections::HashSet<_> = ids.values().collect();
     assert_eq!(distinct.len(), 3, "every Runner has its own id: {ids:?}");
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(funcatron_ingress::run(
-        listener,
-        broker.clone(),
-        IngressOptions::default(),
-        shutdown.clone(),
-    ));
+    let base = ingress(&broker, &shutdown).await;
     let http = reqwest::Client::new();
     for f in FUNCS {
         for _ in 0..N {
@@ -184,14 +190,7 @@ async fn a_tron_node_with_its_management_api_runs_in_process() {
             })
             .run(shutdown.clone()),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(funcatron_ingress::run(
-        listener,
-        broker.clone(),
-        IngressOptions::default(),
-        shutdown.clone(),
-    ));
+    let base = ingress(&broker, &shutdown).await;
     wait_ready(&format!("{api}/v1/health")).await;
 
     let (_, archive) = funcatron_bundle::archive::build(&root.path().join("pushed")).unwrap();
