@@ -239,6 +239,9 @@ impl LuaFunc {
         let loaded: Value = lua
             .load(&source)
             .set_name(format!("@{}", bundle.handler.display()))
+            // Text only: precompiled bytecode is unchecked by the VM, and a
+            // malformed chunk crashes the process that loads it.
+            .set_mode(mlua::chunk::ChunkMode::Text)
             .call(())
             .map_err(|e| {
                 PrepareError::Lua(format!("{}: {}", bundle.handler.display(), lua_err(e)))
@@ -551,7 +554,11 @@ fn install_sandbox(lua: &Lua, bundle: &Bundle, observer: Observer) -> mlua::Resu
             let path = module_path(&root, &name)?;
             let src = std::fs::read(&path)
                 .map_err(|e| mlua::Error::runtime(format!("require {name:?}: {e}")))?;
-            let v: Value = lua.load(&src).set_name(format!("@{name}.lua")).call(())?;
+            let v: Value = lua
+                .load(&src)
+                .set_name(format!("@{name}.lua"))
+                .set_mode(mlua::chunk::ChunkMode::Text)
+                .call(())?;
             let v = if v.is_nil() { Value::Boolean(true) } else { v };
             loaded.raw_set(name.as_str(), v.clone())?;
             Ok(v)

@@ -268,3 +268,41 @@ fn broken_bundles_fail_to_prepare_with_reasons() {
     .to_string();
     assert!(err.contains("time limit"), "{err}");
 }
+
+/// Precompiled chunks never load: neither as the handler nor through
+/// `require` (bytecode is not verified by the VM, and malformed bytecode
+/// crashes the process that loads it).
+#[test]
+fn bytecode_is_refused_as_handler_and_module() {
+    let real = mlua::Lua::new()
+        .load("return { a = function() return 'hi' end }")
+        .into_function()
+        .unwrap()
+        .dump(false);
+    let malformed = b"\x1bLua\x54\x00\x19\x93\r\n\x1a\ngarbage".to_vec();
+    for chunk in [real.clone(), malformed] {
+        let dir = tempfile::tempdir().unwrap();
+        let b = bundle(dir.path(), &["a"], "unused");
+        std::fs::write(dir.path().join("main.lua"), &chunk).unwrap();
+        let err = LuaFunc::prepare(&b, limits()).err().unwrap().to_string();
+        assert!(err.contains("binary chunk"), "{err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = LuaFunc::prepare(
+        &bundle(
+            dir.path(),
+            &["a"],
+            "return { a = function() return require('mod').a() end }",
+        ),
+        limits(),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("mod.lua"), &real).unwrap();
+    let (status, _, body) = call(&f, "a", b"", "");
+    assert_eq!(status, 500);
+    assert!(
+        String::from_utf8_lossy(&body).contains("binary chunk"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+}
