@@ -374,6 +374,10 @@ async fn exec_funcs_get_stdin_env_and_limits() {
     let r = http
         .get(format!("{}/shell/whoami/ann%20b?x=1", c.base))
         .header("x-agent", "007")
+        // Headers that would map onto the request variables do not.
+        .header("method", "DELETE")
+        .header("path", "/elsewhere")
+        .header("query", "admin=1")
         .send()
         .await
         .unwrap();

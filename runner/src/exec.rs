@@ -50,6 +50,10 @@ pub struct ExecFunc {
     version: String,
 }
 
+/// The request variables Funcatron sets itself; a header that would map
+/// onto one of them is not passed.
+const RESERVED: &[&str] = &["Http_Method", "Http_Path", "Http_Query"];
+
 /// `content-type` -> `Http_Content_Type`, as OpenFaaS's watchdog names them.
 fn env_name(header: &str) -> String {
     let mut out = String::from("Http_");
@@ -78,11 +82,6 @@ impl ExecFunc {
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .envs(&self.env)
-            .env("Http_Method", env.method.as_ref())
-            .env("Http_Path", env.path.as_ref())
-            .env("Http_Query", env.query.as_ref())
-            .env("FUNCATRON_OPERATION", req.operation)
-            .env("FUNCATRON_REQUEST_ID", env.id.as_ref())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -90,8 +89,18 @@ impl ExecFunc {
             .process_group(0)
             .kill_on_drop(true);
         for (k, v) in &env.headers {
-            cmd.env(env_name(k), v.as_ref());
+            let name = env_name(k);
+            // A client header must not pose as a request variable
+            // (`Method: DELETE` would be `Http_Method`).
+            if !RESERVED.contains(&name.as_str()) {
+                cmd.env(name, v.as_ref());
+            }
         }
+        cmd.env("Http_Method", env.method.as_ref())
+            .env("Http_Path", env.path.as_ref())
+            .env("Http_Query", env.query.as_ref())
+            .env("FUNCATRON_OPERATION", req.operation)
+            .env("FUNCATRON_REQUEST_ID", env.id.as_ref());
         for (k, v) in req.params {
             cmd.env(format!("FUNCATRON_PARAM_{k}"), v);
         }
