@@ -386,6 +386,18 @@ pub fn valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        // `.` and `..` name directories, not Funcs.
+        && !name.bytes().all(|b| b == b'.')
+}
+
+/// Is `key` usable as an `env` key or a secret name: letters, digits and
+/// `_`, not `FUNCATRON_*` (a secret name also names a file under the
+/// secrets directory, so nothing else may pass).
+pub fn valid_var_name(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 128
+        && !key.starts_with("FUNCATRON_")
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// The parts of a document the platform uses.
@@ -908,10 +920,7 @@ fn check_env_names(
     source: &Path,
 ) -> Result<(), BundleError> {
     for key in env.keys().chain(secrets.iter()) {
-        if key.is_empty()
-            || key.starts_with("FUNCATRON_")
-            || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
+        if !valid_var_name(key) {
             return Err(BundleError::invalid(
                 source,
                 format!(

@@ -167,6 +167,9 @@ pub enum SecretError {
     /// The Runner has no secrets directory.
     #[error("secret `{0}` is not supplied: this Runner has no --secrets-dir")]
     NoSecretsDir(String),
+    /// Not a variable name, so not a file this Runner reads.
+    #[error("secret {0:?} is not a usable secret name (letters, digits, _; not FUNCATRON_*)")]
+    BadName(String),
     /// Neither file is there.
     #[error("secret `{name}` is not supplied: expected {per_func} or {shared}")]
     Missing {

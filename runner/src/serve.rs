@@ -52,6 +52,10 @@ pub fn resolve_env(
 ) -> Result<BTreeMap<String, String>, SecretError> {
     let mut env = bundle.env.clone();
     for name in &bundle.secrets {
+        // The name becomes a path under the secrets directory.
+        if !funcatron_bundle::valid_var_name(name) {
+            return Err(SecretError::BadName(name.clone()));
+        }
         let Some(dir) = secrets_dir else {
             return Err(SecretError::NoSecretsDir(name.clone()));
         };

@@ -107,6 +107,24 @@ fn now_ms() -> u64 {
     funcatron_envelope::now_ms() as u64
 }
 
+/// Settings are checked like the bundle fields they override: `env` keys
+/// and secret names are variable names (a secret name names a file).
+fn check_settings(s: &FuncSettings) -> Result<(), RegistryError> {
+    let bad = s
+        .env
+        .keys()
+        .chain(s.secrets.iter())
+        .find(|k| !funcatron_bundle::valid_var_name(k));
+    match bad {
+        Some(k) => Err(RegistryError::new(
+            422,
+            "invalid_settings",
+            format!("{k:?} is not a usable env key or secret name (letters, digits, _; not FUNCATRON_*)"),
+        )),
+        None => Ok(()),
+    }
+}
+
 impl Registry {
     /// Open (or create) the store, load the saved state and apply it.
     /// Returns the registry and the route table watch its Tron follows.
@@ -198,6 +216,9 @@ impl Registry {
         settings: Option<FuncSettings>,
         action: &str,
     ) -> Result<ClusterState, RegistryError> {
+        if let Some(s) = &settings {
+            check_settings(s)?;
+        }
         let mut st = self.state.lock().await;
         let mut next = st.clone();
         let f = next.funcs.get_mut(func).ok_or_else(|| {

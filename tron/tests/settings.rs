@@ -1,0 +1,96 @@
+//! Enable-time settings are checked like the bundle fields they override:
+//! an `env` key or secret name that is not a variable name is refused
+//! (a secret name names a file under each Runner's secrets directory, so
+//! `../..` in one would read any file), and nothing changes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+
+use funcatron_broker::{AnyBroker, EmbeddedBroker};
+use funcatron_control::state::FuncSettings;
+use funcatron_tron::registry::{Registry, RegistryOptions};
+use funcatron_tron::TronContext;
+
+#[tokio::test]
+async fn settings_with_unusable_names_are_refused() {
+    let store = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(
+        src.path().join("swagger.yaml"),
+        "swagger: '2.0'\nbasePath: /s\nx-funcatron: {name: s, runtime: lua}\npaths:\n  /:\n    get: {operationId: hi}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        src.path().join("main.lua"),
+        "return { hi = function() return 'hi' end }",
+    )
+    .unwrap();
+    let (_, archive) = funcatron_bundle::archive::build(src.path()).unwrap();
+    let broker = AnyBroker::Embedded(EmbeddedBroker::new(64));
+    let (registry, _routes) = Registry::open(
+        RegistryOptions {
+            store: store.path().to_owned(),
+            environment: None,
+            static_bundles: Vec::new(),
+            advertise: "http://127.0.0.1:1".into(),
+            limits: Default::default(),
+            check: None,
+        },
+        TronContext::new(broker),
+    )
+    .await
+    .unwrap();
+    let (sha, _) = registry.upload(&archive, "s", None).await.unwrap();
+
+    let bad: [FuncSettings; 4] = [
+        FuncSettings {
+            secrets: vec!["../../etc/passwd".into()],
+            ..FuncSettings::default()
+        },
+        FuncSettings {
+            secrets: vec!["FUNCATRON_TOKEN".into()],
+            ..FuncSettings::default()
+        },
+        FuncSettings {
+            env: BTreeMap::from([("BAD-KEY".to_owned(), "x".to_owned())]),
+            ..FuncSettings::default()
+        },
+        FuncSettings {
+            env: BTreeMap::from([(String::new(), "x".to_owned())]),
+            ..FuncSettings::default()
+        },
+    ];
+    for s in bad {
+        let e = registry
+            .enable("s", Some(&sha), Some(s.clone()), "enable")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("accepted {s:?}"));
+        assert_eq!((e.status, e.code), (422, "invalid_settings"), "{e}");
+    }
+    assert_eq!(
+        registry.state().await.funcs["s"].enabled,
+        None,
+        "nothing changed"
+    );
+
+    let good = FuncSettings {
+        secrets: vec!["API_KEY".into()],
+        env: BTreeMap::from([("MODE".to_owned(), "fast".to_owned())]),
+        ..FuncSettings::default()
+    };
+    let st = registry
+        .enable("s", Some(&sha), Some(good), "enable")
+        .await
+        .unwrap();
+    assert_eq!(st.funcs["s"].enabled.as_deref(), Some(sha.as_str()));
+}
+
+/// `.` and `..` are not Func names (they name directories in the store).
+#[test]
+fn dot_names_are_not_func_names() {
+    assert!(!funcatron_bundle::valid_name("."));
+    assert!(!funcatron_bundle::valid_name(".."));
+    assert!(funcatron_bundle::valid_name("a.b"));
+}
