@@ -269,6 +269,32 @@ async fn misbehaving_funcs_get_clear_errors_and_others_keep_serving() {
         "{body}"
     );
 
+    // Framing and hop-by-hop headers are the ingress's, whatever their
+    // case in the Func's answer; a 1xx/101 answer is refused.
+    let r = get("hop").await.unwrap();
+    assert_eq!(r.status(), 200);
+    for h in [
+        "connection",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+        "trailer",
+        "keep-alive",
+    ] {
+        assert!(
+            r.headers().get(h).is_none(),
+            "{h} passed: {:?}",
+            r.headers()
+        );
+    }
+    assert_eq!(r.headers()["x-kept"], "yes");
+    assert_eq!(r.headers()["content-length"], "5");
+    assert_eq!(r.text().await.unwrap(), "short");
+    let r = get("switch").await.unwrap();
+    assert_eq!(r.status(), 502);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "malformed_reply", "{body}");
+
     // The same Lua states keep serving afterwards.
     for _ in 0..4 {
         let r = get("ok").await.unwrap();

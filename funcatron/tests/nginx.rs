@@ -32,7 +32,15 @@ async fn fetch(
         .filter(|(k, _)| {
             matches!(
                 k.as_str(),
-                "content-type" | "location" | "x-total-count" | "allow" | "set-cookie"
+                "content-type"
+                    | "location"
+                    | "x-total-count"
+                    | "allow"
+                    | "set-cookie"
+                    | "x-kept"
+                    | "upgrade"
+                    | "te"
+                    | "trailer"
             )
         })
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
@@ -85,6 +93,8 @@ async fn nginx_answers_like_the_embedded_ingress() {
         ("PATCH", "/hello/x", None),
         ("GET", "/no/such/func", None),
         ("GET", "/trouble/raise", None),
+        ("GET", "/trouble/hop", None),
+        ("GET", "/trouble/switch", None),
     ];
     for (method, path, body) in cases {
         let a = fetch(

@@ -288,6 +288,20 @@ fn error(
     r
 }
 
+/// Response headers a Func's answer cannot set: hop-by-hop headers
+/// (RFC 9110 7.6.1) and the framing and id the ingress sets itself.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "x-request-id",
+];
+
 fn request_id(headers: &HeaderMap) -> String {
     match headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
         Some(id) if sane_request_id(id) => id.to_owned(),
@@ -523,14 +537,18 @@ fn respond(payload: &Bytes, id: &str, started: Instant) -> HttpResponse {
             }
         },
     };
-    let Ok(status) = StatusCode::from_u16(resp.status) else {
-        return error(
-            StatusCode::BAD_GATEWAY,
-            id,
-            "malformed_reply",
-            &format!("invalid status {}", resp.status),
-            started,
-        );
+    let status = match StatusCode::from_u16(resp.status) {
+        // 1xx (101 included) would desynchronise the client's connection.
+        Ok(s) if !s.is_informational() => s,
+        _ => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                id,
+                "malformed_reply",
+                &format!("a Func may not answer with status {}", resp.status),
+                started,
+            )
+        }
     };
     metrics::counter!("ingress_requests_total", "status" => status.as_str().to_owned())
         .increment(1);
@@ -539,16 +557,12 @@ fn respond(payload: &Bytes, id: &str, started: Instant) -> HttpResponse {
     *r.status_mut() = status;
     let h = r.headers_mut();
     for (k, v) in &resp.headers {
-        if matches!(
-            k.as_ref(),
-            "content-length" | "transfer-encoding" | "connection" | "x-request-id"
-        ) {
-            continue;
-        }
         match (
             HeaderName::from_bytes(k.as_bytes()),
             HeaderValue::from_str(v),
         ) {
+            // Names compare lower-cased; the ingress frames the answer itself.
+            (Ok(k), Ok(_)) if HOP_BY_HOP.contains(&k.as_str()) => {}
             (Ok(k), Ok(v)) => {
                 h.append(k, v);
             }

@@ -64,11 +64,11 @@ pub fn bundles_with_trouble() -> tempfile::TempDir {
         &[
             (
                 "swagger.yaml",
-                "swagger: '2.0'\nbasePath: /trouble\nx-funcatron: {runtime: lua, timeout_ms: 300, memory_mb: 16}\npaths:\n  /loop:\n    get: {operationId: spin}\n  /eat:\n    get: {operationId: eat}\n  /raise:\n    get: {operationId: raise}\n  /ok:\n    get: {operationId: ok}\n",
+                "swagger: '2.0'\nbasePath: /trouble\nx-funcatron: {runtime: lua, timeout_ms: 300, memory_mb: 16}\npaths:\n  /loop:\n    get: {operationId: spin}\n  /eat:\n    get: {operationId: eat}\n  /raise:\n    get: {operationId: raise}\n  /ok:\n    get: {operationId: ok}\n  /hop:\n    get: {operationId: hop}\n  /switch:\n    get: {operationId: switch}\n",
             ),
             (
                 "main.lua",
-                "return {\n  spin = function() while true do end end,\n  eat = function() local t = {} for i = 1, 1e9 do t[i] = string.rep('x', 1024) .. i end end,\n  raise = function() error('the handler gave up') end,\n  ok = function() return 'still fine' end,\n}\n",
+                "return {\n  spin = function() while true do end end,\n  eat = function() local t = {} for i = 1, 1e9 do t[i] = string.rep('x', 1024) .. i end end,\n  raise = function() error('the handler gave up') end,\n  ok = function() return 'still fine' end,\n  hop = function() return {status = 200, headers = {['Connection'] = 'close', ['Transfer-Encoding'] = 'chunked', ['Upgrade'] = 'h2c', ['TE'] = 'trailers', ['Trailer'] = 'X-A', ['Keep-Alive'] = 'timeout=1', ['Content-Length'] = '999', ['X-Kept'] = 'yes'}, body = 'short'} end,\n  switch = function() return {status = 101, headers = {['Upgrade'] = 'websocket'}} end,\n}\n",
             ),
         ],
     );

@@ -248,8 +248,11 @@ local function headers_in_order()
   return out
 end
 
+-- Response headers a Func's answer cannot set: hop-by-hop headers and the
+-- framing and id the ingress sets itself (as the embedded ingress).
 local HOP = { ["content-length"] = true, ["transfer-encoding"] = true, connection = true,
-  ["x-request-id"] = true, ["keep-alive"] = true }
+  ["x-request-id"] = true, ["keep-alive"] = true, ["proxy-connection"] = true,
+  te = true, trailer = true, upgrade = true }
 
 --- content_by_lua: the request path.
 function M.handle()
@@ -297,6 +300,11 @@ function M.handle()
   local resp, derr = envelope.decode_response(w.result)
   if not resp then
     return answer_error(502, id, "malformed_reply", "the reply could not be decoded: " .. tostring(derr), started)
+  end
+  if resp.status < 200 then
+    -- 1xx (101 included) would desynchronise the client's connection.
+    return answer_error(502, id, "malformed_reply",
+      "a Func may not answer with status " .. tostring(resp.status), started)
   end
   ngx.status = resp.status
   local grouped = {}
