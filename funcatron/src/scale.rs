@@ -15,13 +15,10 @@ use crate::BundleArgs;
 /// What every started Runner is given: the broker, the bundles, the
 /// environment, a prefetch matching the target concurrency, and the
 /// operator's extra arguments.
-fn runner_args(o: &ScaleArgs, broker_url: &str, bundles: &BundleArgs) -> Vec<String> {
+fn runner_args(o: &ScaleArgs, bundles: &BundleArgs) -> Vec<String> {
     let dir: PathBuf =
         std::fs::canonicalize(&bundles.bundles).unwrap_or_else(|_| bundles.bundles.clone());
-    let mut args = vec![
-        format!("--broker={broker_url}"),
-        format!("--bundles={}", dir.display()),
-    ];
+    let mut args = vec![format!("--bundles={}", dir.display())];
     if let Some(e) = &bundles.environment {
         args.push(format!("--environment={e}"));
     }
@@ -39,6 +36,12 @@ fn runner_args(o: &ScaleArgs, broker_url: &str, bundles: &BundleArgs) -> Vec<Str
     args
 }
 
+/// The environment every started Runner gets: the broker URL (it carries
+/// credentials, so it never goes in the arguments).
+fn runner_env(broker_url: &str) -> Vec<(String, String)> {
+    vec![("FUNCATRON_BROKER".to_owned(), broker_url.to_owned())]
+}
+
 /// The substrate the flags choose (`None`: no autoscaler). `up` defaults
 /// to `process`, `tron` to `none`.
 pub async fn substrate(
@@ -51,7 +54,7 @@ pub async fn substrate(
         .substrate
         .as_deref()
         .unwrap_or(if up { "process" } else { "none" });
-    let args = runner_args(o, broker_url, bundles);
+    let args = runner_args(o, bundles);
     Ok(match kind {
         "none" => None,
         "process" => {
@@ -59,6 +62,7 @@ pub async fn substrate(
             Some(Arc::new(ProcessSubstrate::new(RunnerCommand {
                 program,
                 args,
+                env: runner_env(broker_url),
             })))
         }
         "docker" | "swarm" => {
@@ -69,6 +73,7 @@ pub async fn substrate(
                 command: RunnerCommand {
                     program: PathBuf::from("funcatron"),
                     args,
+                    env: runner_env(broker_url),
                 },
                 cluster: cluster_id(broker_url),
             };

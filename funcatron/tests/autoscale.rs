@@ -132,14 +132,26 @@ impl Scaled {
                 "-P",
                 &self.up.child.id().to_string(),
                 "-f",
-                &format!("{}.*--func {func}$", self.broker),
+                &format!(" runner .*--func {func}$"),
             ])
             .output()
             .unwrap();
-        String::from_utf8_lossy(&out.stdout)
+        let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.trim().parse().ok())
-            .collect()
+            .collect();
+        // The broker URL carries credentials: it reaches a Runner through
+        // its environment, never its command line (readable by every user).
+        for pid in &pids {
+            if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                assert!(
+                    !cmdline.contains(&self.broker),
+                    "the broker URL is in a Runner's argv: {cmdline}"
+                );
+            }
+        }
+        pids
     }
 
     /// Every request in `ids` ran exactly once (nothing redelivered).
@@ -425,7 +437,10 @@ async fn runners_stop_when_their_tron_is_killed() {
     let mut s = scaled_up(&[]).await;
     s.wait_runners("hello", 1).await;
     assert_eq!(s.runner_pids("hello").len(), 1);
-    let pattern = format!("{}.*--func ", s.broker);
+    // The Runners this instance started: they serve its own bundles
+    // directory (after the Tron dies they are no longer its children).
+    let bundles = std::fs::canonicalize(s._root.path().join("bundles")).unwrap();
+    let pattern = format!("runner --bundles={}.*--func ", bundles.display());
     let alive = || {
         std::process::Command::new("pgrep")
             .args(["-f", &pattern])

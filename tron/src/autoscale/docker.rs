@@ -85,6 +85,15 @@ impl ContainerTemplate {
     fn args(&self, func: &str) -> Vec<String> {
         self.command.argv(func)
     }
+
+    /// `NAME=value` for every variable of the Runner's command.
+    fn env(&self) -> Vec<String> {
+        self.command
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect()
+    }
 }
 
 /// Runners as containers on the local Docker engine.
@@ -159,6 +168,7 @@ impl Substrate for DockerSubstrate {
                 let body = ContainerCreateBody {
                     image: Some(t.image.clone()),
                     cmd: Some(t.args(func)),
+                    env: Some(t.env()),
                     labels: Some(t.labels(func)),
                     stop_timeout: Some(GRACE_S),
                     host_config: Some(HostConfig {
@@ -273,6 +283,7 @@ impl SwarmSubstrate {
                 container_spec: Some(TaskSpecContainerSpec {
                     image: Some(t.image.clone()),
                     args: Some(t.args(func)),
+                    env: Some(t.env()),
                     labels: Some(t.labels(func)),
                     stop_grace_period: Some(GRACE_S * 1_000_000_000),
                     init: Some(true),

@@ -72,9 +72,11 @@ pub trait Substrate: Send + Sync + 'static {
 pub struct RunnerCommand {
     /// The `funcatron` executable.
     pub program: PathBuf,
-    /// Arguments after `runner` (broker, bundles, limits); `--func NAME`
-    /// is added.
+    /// Arguments after `runner` (bundles, limits); `--func NAME` is added.
     pub args: Vec<String>,
+    /// Environment variables the Runner gets: the broker URL goes here,
+    /// never in the arguments, which every local user can read.
+    pub env: Vec<(String, String)>,
 }
 
 impl RunnerCommand {
@@ -180,6 +182,7 @@ impl Substrate for ProcessSubstrate {
                 while (list.len() as u32) < runners {
                     let child = tokio::process::Command::new(&self.command.program)
                         .args(self.command.argv(func))
+                        .envs(self.command.env.iter().map(|(k, v)| (k, v)))
                         .stdin(std::process::Stdio::null())
                         .env("FUNCATRON_PARENT_PID", std::process::id().to_string())
                         .kill_on_drop(true)
