@@ -25,7 +25,7 @@ use tokio::io::AsyncWriteExt;
 use crate::error::PrepareError;
 use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
 use crate::observe::Observer;
-use crate::runtime::{Called, Runtime, Unanswered};
+use crate::runtime::{Called, Runtime};
 use crate::serve::RunnerOptions;
 
 /// Limits for exec Funcs unless a bundle sets its own.
@@ -193,10 +193,10 @@ impl Runtime for ExecFunc {
         self.timeout.as_millis() as u64
     }
 
-    async fn call(&self, req: FuncRequest<'_>) -> Result<Called, Unanswered> {
+    async fn call(&self, req: FuncRequest<'_>) -> Called {
         let started = Instant::now();
         let result = self.run(&req).await;
-        Ok(Called { started, result })
+        Called { started, result }
     }
 }
 

@@ -185,24 +185,6 @@ pub fn start<'a>(
     })
 }
 
-/// After the call: the answer envelope, or nothing for a request that
-/// expired waiting for the runtime, or back on the queue.
-pub fn end(
-    func: &str,
-    job: &Job,
-    req: &Request<'_>,
-    called: Result<crate::runtime::Called, crate::runtime::Unanswered>,
-) -> Handled {
-    use crate::runtime::{Called, Unanswered};
-    match called {
-        Ok(Called { started, result }) => finish(func, job, req, started, result),
-        Err(Unanswered::Expired) => Handled::Expired {
-            request_id: req.id.to_string(),
-        },
-        Err(Unanswered::Requeue(why)) => Handled::Requeue(why),
-    }
-}
-
 /// The whole skeleton around a synchronous call, for a runtime that runs
 /// it on the thread holding the Func (Lua): the request crosses threads
 /// once, undecoded, and its answer comes back encoded.
@@ -210,7 +192,7 @@ pub fn run_sync(
     func: &str,
     job: &Job,
     max_time_ms: u64,
-    call: impl FnOnce(FuncRequest<'_>) -> Result<crate::runtime::Called, crate::runtime::Unanswered>,
+    call: impl FnOnce(FuncRequest<'_>) -> crate::runtime::Called,
 ) -> Handled {
     let (req, body) = match decode(job) {
         Ok(r) => r,
@@ -221,7 +203,7 @@ pub fn run_sync(
         Err(h) => return h,
     };
     let called = call(fr);
-    end(func, job, &req, called)
+    finish(func, job, &req, called.started, called.result)
 }
 
 /// Step 3: encode the response envelope (or the error) with timings.

@@ -30,7 +30,7 @@ use crate::error::PrepareError;
 use crate::invoke::{self, Handled, Job};
 use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
 use crate::observe::Observer;
-use crate::runtime::{Called, Unanswered};
+use crate::runtime::Called;
 use crate::serve::RunnerOptions;
 
 /// Limits applied to every Lua Func unless its bundle sets its own.
@@ -135,9 +135,9 @@ fn worker(
     while let Ok(task) = rx.recv_blocking() {
         let answer = invoke::run_sync(&task.func, &task.job, u64::MAX, |req| match &func {
             Ok(f) => run_task(&bundle.name, f, req),
-            Err(e) => Ok(Called::now(Err(InvokeError::Broken(format!(
+            Err(e) => Called::now(Err(InvokeError::Broken(format!(
                 "bundle failed to load: {e}"
-            ))))),
+            )))),
         });
         // The caller may have gone (its delivery dropped at shutdown).
         let _ = task.done.send(answer);
@@ -146,7 +146,7 @@ fn worker(
 
 /// One call on this thread, within the Func's own time limit; a panic in
 /// the runtime answers 500.
-fn run_task(func: &str, f: &LuaFunc, mut req: FuncRequest<'_>) -> Result<Called, Unanswered> {
+fn run_task(func: &str, f: &LuaFunc, mut req: FuncRequest<'_>) -> Called {
     req.deadline = req.deadline.min(Instant::now() + f.timeout);
     let started = Instant::now();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.call(&req)))
@@ -156,7 +156,7 @@ fn run_task(func: &str, f: &LuaFunc, mut req: FuncRequest<'_>) -> Result<Called,
                 "the Lua runtime failed while handling the request".into(),
             ))
         });
-    Ok(Called { started, result })
+    Called { started, result }
 }
 
 /// One prepared Func: a sandboxed Lua state with its handlers resolved.

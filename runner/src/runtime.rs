@@ -38,18 +38,6 @@ impl Called {
     }
 }
 
-/// Why a runtime did not run a call at all.
-#[derive(Debug, thiserror::Error)]
-pub enum Unanswered {
-    /// The deadline passed while the call waited for the runtime.
-    #[error("the deadline passed before the Func ran")]
-    Expired,
-    /// The runtime cannot take it (shutting down): put it back for
-    /// another Runner.
-    #[error("{0}")]
-    Requeue(String),
-}
-
 /// One language runtime: a bundle version prepared once, then called.
 pub trait Runtime: Sized + Send + Sync + 'static {
     /// Prepare `bundle` (its secrets already in its `env`).
@@ -65,8 +53,7 @@ pub trait Runtime: Sized + Send + Sync + 'static {
     fn max_time_ms(&self) -> u64;
 
     /// Answer one request.
-    fn call(&self, req: FuncRequest<'_>)
-        -> impl Future<Output = Result<Called, Unanswered>> + Send;
+    fn call(&self, req: FuncRequest<'_>) -> impl Future<Output = Called> + Send;
 }
 
 /// A bundle version prepared by the runtime it names.

@@ -470,7 +470,7 @@ async fn call_version(func: &Arc<str>, prepared: &Prepared, job: Job) -> Handled
         Prepared::Exec(r) => run(func, r, &job).await,
         Prepared::Worker(r) => run(func, r, &job).await,
         Prepared::Broken(why) => invoke::run_sync(func, &job, 0, |_| {
-            Ok(Called::now(Err(InvokeError::Broken(why.clone()))))
+            Called::now(Err(InvokeError::Broken(why.clone())))
         }),
     }
 }
@@ -486,7 +486,7 @@ async fn run(func: &str, runtime: &impl Runtime, job: &Job) -> Handled {
         Err(h) => return h,
     };
     let called = runtime.call(fr).await;
-    invoke::end(func, job, &req, called)
+    invoke::finish(func, job, &req, called.started, called.result)
 }
 
 /// Publish the reply, then acknowledge, then capture; or skip, dead-letter

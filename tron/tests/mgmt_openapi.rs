@@ -8,12 +8,12 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 
-use funcatron_broker::{AnyBroker, EmbeddedBroker};
 use funcatron_tron::mgmt::{self, api};
-use funcatron_tron::registry::{Registry, RegistryOptions};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -29,20 +29,7 @@ struct Mgmt {
 
 async fn start() -> Mgmt {
     let store = tempfile::tempdir().unwrap();
-    let broker = AnyBroker::Embedded(EmbeddedBroker::new(1024));
-    let (registry, _routes) = Registry::open(
-        RegistryOptions {
-            store: store.path().to_owned(),
-            environment: None,
-            static_bundles: Vec::new(),
-            advertise: "http://127.0.0.1:1".into(),
-            limits: Default::default(),
-            check: None,
-        },
-        funcatron_tron::TronContext::new(broker),
-    )
-    .await
-    .unwrap();
+    let registry = common::open_registry(store.path()).await;
     let app = mgmt::router(Arc::clone(&registry), TOKEN.into(), 1 << 20, None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

@@ -5,12 +5,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 
-use funcatron_broker::{AnyBroker, EmbeddedBroker};
 use funcatron_control::state::FuncSettings;
-use funcatron_tron::registry::{Registry, RegistryOptions};
-use funcatron_tron::TronContext;
 
 #[tokio::test]
 async fn settings_with_unusable_names_are_refused() {
@@ -27,20 +26,7 @@ async fn settings_with_unusable_names_are_refused() {
     )
     .unwrap();
     let (_, archive) = funcatron_bundle::archive::build(src.path()).unwrap();
-    let broker = AnyBroker::Embedded(EmbeddedBroker::new(64));
-    let (registry, _routes) = Registry::open(
-        RegistryOptions {
-            store: store.path().to_owned(),
-            environment: None,
-            static_bundles: Vec::new(),
-            advertise: "http://127.0.0.1:1".into(),
-            limits: Default::default(),
-            check: None,
-        },
-        TronContext::new(broker),
-    )
-    .await
-    .unwrap();
+    let registry = common::open_registry(store.path()).await;
     let (sha, _) = registry.upload(&archive, "s", None).await.unwrap();
 
     let bad: [FuncSettings; 4] = [

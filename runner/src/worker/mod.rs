@@ -45,7 +45,7 @@ use tokio::sync::watch;
 use crate::error::{PrepareError, WorkerError};
 use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
 use crate::observe::{poisoned, Observer};
-use crate::runtime::{Called, Runtime, Unanswered};
+use crate::runtime::{Called, Runtime};
 use crate::serve::RunnerOptions;
 
 pub use prepare::Launch;
@@ -186,10 +186,10 @@ impl Runtime for WorkerPool {
         u64::MAX
     }
 
-    async fn call(&self, req: FuncRequest<'_>) -> Result<Called, Unanswered> {
+    async fn call(&self, req: FuncRequest<'_>) -> Called {
         let started = Instant::now();
         let result = self.pool.invoke(&req).await;
-        Ok(Called { started, result })
+        Called { started, result }
     }
 }
 
