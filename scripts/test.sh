@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# Each stage prints how long it took, so a slow CI run shows where time went.
+stage_start=$SECONDS
+stage() { echo "== stage '$1' took $((SECONDS - stage_start)) s"; stage_start=$SECONDS; }
 
 need=()
 command -v rabbitmq-server >/dev/null 2>&1 || need+=(rabbitmq-server)
@@ -27,6 +30,7 @@ if [ ${#need[@]} -gt 0 ]; then
   # Services are started by this script, not at install time.
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+stage install
 
 if ! as_root rabbitmqctl await_startup --timeout 5 >/dev/null 2>&1; then
   echo "== starting RabbitMQ"
@@ -39,6 +43,7 @@ if ! as_root rabbitmqctl await_startup --timeout 5 >/dev/null 2>&1; then
   as_root rabbitmqctl await_startup --timeout 10 >/dev/null
 fi
 echo "== RabbitMQ is up"
+stage rabbitmq
 
 if ! docker info >/dev/null 2>&1; then
   echo "== starting the Docker engine"
@@ -50,7 +55,9 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null
 fi
 echo "== Docker is up"
+stage docker
 
 # One build, every test (the broker-restart test is its own binary, and cargo
 # runs test binaries one after another, so it never disturbs the others).
 cargo test --workspace --all-targets "$@"
+stage "build and test"
