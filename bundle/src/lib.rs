@@ -735,6 +735,7 @@ impl Bundle {
                 "field `paths`: no operations",
             ));
         }
+        check_reserved(&api, spec_file.as_deref().unwrap_or(dir))?;
         Ok(Bundle {
             name,
             dir: dir.to_owned(),
@@ -893,6 +894,31 @@ fn check_handler(
     Ok(())
 }
 
+/// No operation claims a path Funcatron reserves for itself
+/// ([`funcatron_control::names::RESERVED_PREFIXES`]): the literal start of
+/// `basePath` + path, up to its first template, decides.
+fn check_reserved(api: &ApiDoc, source: &Path) -> Result<(), BundleError> {
+    for op in &api.operations {
+        let full = format!(
+            "{}/{}",
+            api.base_path.trim_end_matches('/'),
+            op.path.trim_start_matches('/')
+        );
+        let literal = full.split('{').next().unwrap_or_default();
+        let literal = literal.trim_end_matches('/');
+        if let Some(prefix) = funcatron_control::names::reserved_prefix(literal) {
+            return Err(BundleError::invalid(
+                source,
+                format!(
+                    "operation `{}` ({} {full}): paths under {prefix}/ are reserved for Funcatron",
+                    op.operation_id, op.method
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// What an exec Func runs: its `command`, else its handler.
 fn exec_command(
     runtime: RuntimeKind,
@@ -1017,5 +1043,38 @@ mod tests {
         assert_eq!(b.timeout_ms, Some(250));
         assert_eq!(b.host, None);
         assert_eq!(b.base_path, "/");
+    }
+
+    #[test]
+    fn bundles_cannot_claim_reserved_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("main.lua"), "return {}").unwrap();
+        std::fs::write(dir.path().join("funcatron.yaml"), "runtime: lua\n").unwrap();
+        for (base, path) in [
+            ("/_funcatron", "/x"),
+            ("/", "/_funcatron/health"),
+            ("/_funcatron/", "/{any}"),
+        ] {
+            std::fs::write(
+                dir.path().join("swagger.yaml"),
+                format!("swagger: '2.0'\nbasePath: {base}\npaths:\n  {path}:\n    get: {{operationId: a}}\n"),
+            )
+            .unwrap();
+            let err = Bundle::load(dir.path()).unwrap_err().to_string();
+            assert!(err.contains("reserved"), "{base} {path}: {err}");
+        }
+        std::fs::write(
+            dir.path().join("swagger.yaml"),
+            "swagger: '2.0'\nbasePath: /_funcatronic\npaths:\n  /{x}:\n    get: {operationId: a}\n",
+        )
+        .unwrap();
+        let b = Bundle::load(dir.path()).unwrap();
+        assert_eq!(b.base_path, "/_funcatronic");
+        // A Func without a document is routed at /<name>.
+        let named = dir.path().join("_funcatron");
+        std::fs::create_dir(&named).unwrap();
+        std::fs::write(named.join("fn.sh"), "echo hi").unwrap();
+        let err = Bundle::load(&named).unwrap_err().to_string();
+        assert!(err.contains("reserved"), "{err}");
     }
 }

@@ -26,3 +26,31 @@ pub const LOGS_TOPIC: &str = "funcatron.logs";
 /// The broadcast topic captured pairs travel on (every Tron with a store
 /// writes them).
 pub const CAPTURE_TOPIC: &str = "funcatron.capture";
+
+/// Path prefixes Funcatron serves itself on every host (the ingress's
+/// `/_funcatron/health` and `/_funcatron/metrics`, the dev server's
+/// `/_funcatron/dev/`, and whatever it adds later under them). No Func may
+/// claim a path under one: the bundle is refused.
+pub const RESERVED_PREFIXES: &[&str] = &["/_funcatron"];
+
+/// The reserved prefix `path` falls under, if any (`/_funcatron` itself or
+/// anything below it; a prefix only counts at a `/` boundary).
+pub fn reserved_prefix(path: &str) -> Option<&'static str> {
+    RESERVED_PREFIXES.iter().copied().find(|p| {
+        path.strip_prefix(p)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reserved_prefix;
+
+    #[test]
+    fn reserved_prefixes_count_at_path_boundaries() {
+        assert_eq!(reserved_prefix("/_funcatron"), Some("/_funcatron"));
+        assert_eq!(reserved_prefix("/_funcatron/health"), Some("/_funcatron"));
+        assert_eq!(reserved_prefix("/_funcatronic"), None);
+        assert_eq!(reserved_prefix("/api/_funcatron"), None);
+    }
+}

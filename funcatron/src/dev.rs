@@ -160,6 +160,7 @@ pub async fn run(
     environment: Option<String>,
     listen: std::net::SocketAddr,
     runner: RunnerOptions,
+    limits: funcatron_listener::Limits,
     extra: Router,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -211,7 +212,10 @@ pub async fn run(
     let ingress = tokio::spawn(funcatron_ingress::run_with(
         listener,
         broker.clone(),
-        IngressOptions::default(),
+        IngressOptions {
+            limits,
+            ..IngressOptions::default()
+        },
         pages,
         shutdown.clone(),
     ));

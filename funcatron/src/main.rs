@@ -13,6 +13,8 @@ use clap::{Args, Parser, Subcommand};
 use funcatron_broker::AnyBroker;
 use funcatron_bundle::Bundle;
 use funcatron_ingress::args::IngressArgs;
+use funcatron_ingress::IngressOptions;
+use funcatron_listener::{Limits, ListenerArgs};
 use funcatron_runner::args::RunnerArgs;
 use funcatron_runner::follow::FollowOptions;
 use funcatron_runner::lua::LuaLimits;
@@ -90,6 +92,8 @@ struct DevArgs {
     environment: Option<String>,
     #[command(flatten)]
     runner: RunnerArgs,
+    #[command(flatten)]
+    listener: ListenerArgs,
 }
 
 #[derive(Args)]
@@ -143,6 +147,9 @@ struct MetricsArgs {
     /// serves them at /_funcatron/metrics, the management API at /metrics).
     #[arg(long, env = "FUNCATRON_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Timeouts and connection limit of every HTTP listener of the command.
+    #[command(flatten)]
+    listener: ListenerArgs,
 }
 
 /// Logging to stderr with `RUST_LOG` (default `info`), plus per-Func levels
@@ -221,11 +228,14 @@ async fn serve_metrics(m: &MetricsArgs, shutdown: &CancellationToken) -> Result<
         .await
         .with_context(|| format!("binding the metrics endpoint {addr}"))?;
     let stop = shutdown.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, metrics_routes("/metrics"))
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    });
+    let limits = m.listener.limits();
+    tokio::spawn(funcatron_listener::serve(
+        "metrics",
+        listener,
+        metrics_routes("/metrics"),
+        limits,
+        stop,
+    ));
     Ok(())
 }
 
@@ -347,7 +357,8 @@ fn main() -> Result<()> {
                 let broker = broker(&a.broker, false)?;
                 let substrate =
                     scale::substrate(&a.tron.scale, &a.broker.broker, &a.bundles, false).await?;
-                tron(broker, &a.bundles, &a.tron, substrate, shutdown).await
+                let limits = a.metrics.listener.limits();
+                tron(broker, &a.bundles, &a.tron, substrate, limits, shutdown).await
             }
             Command::Runner(a) => {
                 exit_with_parent();
@@ -358,7 +369,7 @@ fn main() -> Result<()> {
             Command::Ingress(a) => {
                 serve_metrics(&a.metrics, &shutdown).await?;
                 let broker = broker(&a.broker, false)?;
-                ingress(broker, &a.ingress, shutdown).await
+                ingress(broker, &a.ingress, a.metrics.listener.limits(), shutdown).await
             }
             Command::NginxConfig(a) => nginx_config(a),
             Command::Bundle(c) => bundle_cmd::run(c).await,
@@ -395,7 +406,17 @@ fn main() -> Result<()> {
             Command::Dev(a) => {
                 let opts = a.runner.options();
                 let extra = metrics_routes("/_funcatron/metrics");
-                dev::run(a.dir, a.environment, a.listen, opts, extra, shutdown).await
+                let limits = a.listener.limits();
+                dev::run(
+                    a.dir,
+                    a.environment,
+                    a.listen,
+                    opts,
+                    limits,
+                    extra,
+                    shutdown,
+                )
+                .await
             }
         }
     })
@@ -484,6 +505,7 @@ async fn tron(
     dir: &BundleArgs,
     o: &TronArgs,
     substrate: Option<Arc<dyn funcatron_tron::autoscale::Substrate>>,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let mut node = TronNode::new(broker)
@@ -519,6 +541,7 @@ async fn tron(
             token,
             max_upload_bytes: o.max_upload_bytes,
             extra: metrics_routes("/metrics"),
+            limits,
         });
     }
     node.run(shutdown).await?;
@@ -552,14 +575,22 @@ async fn runner(
     Ok(())
 }
 
-async fn ingress(broker: AnyBroker, o: &IngressArgs, shutdown: CancellationToken) -> Result<()> {
+async fn ingress(
+    broker: AnyBroker,
+    o: &IngressArgs,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(o.listen)
         .await
         .with_context(|| format!("binding {}", o.listen))?;
     funcatron_ingress::run_with(
         listener,
         broker,
-        o.options(),
+        IngressOptions {
+            limits,
+            ..o.options()
+        },
         metrics_routes("/_funcatron/metrics"),
         shutdown,
     )
@@ -570,6 +601,7 @@ async fn ingress(broker: AnyBroker, o: &IngressArgs, shutdown: CancellationToken
 async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result<()> {
     let broker = broker(&a.broker, true)?;
     let dir = a.bundles.clone();
+    let limits = a.metrics.listener.limits();
     // `up` scales its Runners itself unless told `--substrate none`: on
     // the embedded broker as tasks of this process, else as the substrate
     // says (child processes by default).
@@ -595,7 +627,7 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
             a.tron.clone(),
             dir.clone(),
         );
-        async move { tron(b, &d, &o, substrate, s).await }
+        async move { tron(b, &d, &o, substrate, limits, s).await }
     });
     let r = tokio::spawn({
         let (b, s, o, d) = (
@@ -614,7 +646,7 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
     });
     let i = tokio::spawn({
         let (b, s, o) = (broker.clone(), shutdown.clone(), a.ingress.clone());
-        async move { ingress(b, &o, s).await }
+        async move { ingress(b, &o, limits, s).await }
     });
     tracing::info!(listen = %a.ingress.listen, broker = broker.kind(), bundles = %dir.bundles.display(), "funcatron up");
     // If any role fails, stop the others and report it.

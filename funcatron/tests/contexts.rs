@@ -177,6 +177,7 @@ async fn a_tron_node_with_its_management_api_runs_in_process() {
         token: "secret".into(),
         max_upload_bytes: 1 << 20,
         extra: axum::Router::new(),
+        limits: Default::default(),
     });
     let demand = std::sync::Arc::clone(&tron.context().demand);
     tokio::spawn(tron.run(shutdown.clone()));

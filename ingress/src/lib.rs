@@ -5,9 +5,9 @@
 //! request envelope on the request queue; the ingress waits on its own
 //! long-lived exclusive reply queue, matching replies to waiting requests by
 //! request id. Every accepted request gets exactly one answer: the Func's, or
-//! a JSON error (413 too large, 429 too many in flight, 502 malformed reply,
-//! 503 broker unavailable or connection lost, 504 no answer before the
-//! deadline). Replies that arrive late, twice, or for no one are dropped.
+//! a JSON error (408 body stalled, 413 too large, 429 too many in flight,
+//! 502 malformed reply, 503 broker unavailable or connection lost, 504 no
+//! answer before the deadline). Replies that arrive late, twice, or for no one are dropped.
 //!
 //! Production deployments put nginx with `ingress-lua/` in this role; both
 //! speak the same envelope (`docs/wire.md`).
@@ -56,6 +56,8 @@ pub struct IngressOptions {
     pub max_in_flight: usize,
     /// Names this instance's reply queue; unique per ingress process.
     pub instance: String,
+    /// Timeouts and the connection limit of its listener.
+    pub limits: funcatron_listener::Limits,
 }
 
 impl Default for IngressOptions {
@@ -65,6 +67,7 @@ impl Default for IngressOptions {
             timeout: Duration::from_millis(args::DEFAULT_TIMEOUT_MS),
             max_in_flight: args::DEFAULT_MAX_IN_FLIGHT,
             instance: format!("ingress-{}", &new_request_id()[..12]),
+            limits: funcatron_listener::Limits::default(),
         }
     }
 }
@@ -134,14 +137,9 @@ pub async fn run_with(
     extra: Router,
     shutdown: CancellationToken,
 ) -> Result<(), IngressError> {
+    let limits = options.limits;
     let app = extra.merge(app(broker, options, shutdown.clone()).await?);
-    tracing::info!(addr = ?listener.local_addr().ok(), "ingress listening");
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await?;
+    funcatron_listener::serve("ingress", listener, app, limits, shutdown).await?;
     Ok(())
 }
 
@@ -338,6 +336,13 @@ async fn read_body(
     match Limited::new(body, limit).collect().await {
         Ok(b) => Ok(b.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) if funcatron_listener::is_body_timeout(e.as_ref()) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            id,
+            "body_timeout",
+            "the request body stalled past the body timeout",
+            started,
+        )),
         Err(e) => Err(error(
             StatusCode::BAD_REQUEST,
             id,
@@ -399,6 +404,12 @@ async fn handle(
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let mut id = request_id(&parts.headers);
+    let body = match read_body(&parts.headers, body, s.options.max_body_bytes, &id, started).await {
+        Ok(b) => b,
+        Err(answer) => return answer,
+    };
+    // Taken once the request is ready to enqueue: a slow body holds a
+    // connection (bounded by the listener's limits), not a request slot.
     let Ok(_permit) = s.in_flight.try_acquire() else {
         return error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -407,10 +418,6 @@ async fn handle(
             "too many requests in flight; retry later",
             started,
         );
-    };
-    let body = match read_body(&parts.headers, body, s.options.max_body_bytes, &id, started).await {
-        Ok(b) => b,
-        Err(answer) => return answer,
     };
 
     let (tx, rx) = oneshot::channel();

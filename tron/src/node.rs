@@ -59,6 +59,8 @@ pub struct Management {
     pub max_upload_bytes: usize,
     /// Routes served beside the API (for example `/metrics`).
     pub extra: Router,
+    /// Timeouts and the connection limit of its listener.
+    pub limits: funcatron_listener::Limits,
 }
 
 /// A Tron, to configure and [`run`](TronNode::run).
@@ -191,14 +193,10 @@ async fn serve_management(
         Some(invoker),
     )
     .merge(m.extra);
-    if let Ok(addr) = m.listener.local_addr() {
-        tracing::info!(listen = %addr, "management API listening");
-    }
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(m.listener, api)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
+        if let Err(e) =
+            funcatron_listener::serve("management", m.listener, api, m.limits, stop).await
         {
             tracing::error!(error = %e, "the management API stopped");
         }
