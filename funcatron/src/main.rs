@@ -534,7 +534,12 @@ async fn tron(
                 environment: dir.environment.clone(),
                 static_bundles: Vec::new(),
                 advertise: o.advertise(),
-                limits: Default::default(),
+                // What the management API accepts, the replication path
+                // accepts from a peer.
+                limits: funcatron_bundle::archive::Limits {
+                    max_archive_bytes: o.max_upload_bytes as u64,
+                    ..Default::default()
+                },
                 check: Some(lua_check),
             },
             listener,

@@ -145,6 +145,9 @@ pub enum FollowError {
     /// The unpacked bundle does not load.
     #[error(transparent)]
     Bundle(#[from] BundleError),
+    /// The blocking task that unpacks and loads a bundle failed.
+    #[error("unpacking a bundle: {0}")]
+    Join(String),
 }
 
 /// Why a delivery cannot be handled (it goes to the dead-letter queue).

@@ -10,11 +10,12 @@
 //! Runner following it applies to its own observer.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use funcatron_broker::{AnyBroker, Broker, Message};
 use funcatron_bundle::archive::{self, Limits};
 use funcatron_bundle::Bundle;
+use funcatron_control::fetch::FetchError;
 use funcatron_control::names::CONTROL_TOPIC;
 use funcatron_control::state::{Capture, ClusterState, Control, LogLevel};
 use tokio::sync::watch;
@@ -69,7 +70,6 @@ async fn load(
     state: &ClusterState,
     fetch_from: &str,
 ) -> Result<Vec<Bundle>, FollowError> {
-    let root = options.cache_dir.join("bundles");
     let mut list: Vec<Bundle> = options
         .static_bundles
         .iter()
@@ -80,26 +80,67 @@ async fn load(
         if !options.wants(name) {
             continue;
         }
-        let dir = root.join(sha);
-        let bundle_dir = match std::fs::read_dir(&dir)
-            .ok()
-            .and_then(|mut d| d.find_map(|e| e.ok().map(|e| e.path()).filter(|p| p.is_dir())))
-        {
-            Some(d) => d,
-            None => {
-                let bytes = funcatron_control::fetch::fetch_archive(http, fetch_from, sha).await?;
-                archive::unpack_into(&bytes, &root, name, Limits::default())
-                    .map_err(|source| FollowError::Unpack {
-                        sha: sha.to_owned(),
-                        source,
-                    })?
-                    .1
-            }
-        };
-        let b = Bundle::load_in(&bundle_dir, options.environment.as_deref())?;
+        let b = load_one(http, options, name, sha, fetch_from).await?;
         list.push(b.with_settings(settings));
     }
     Ok(list)
+}
+
+/// One enabled version: from the cache, else fetched (at most the archive
+/// limit, its SHA-256 checked) and unpacked. The SHA comes from a control
+/// message, so it is checked before it names a path or URL; unpacking and
+/// loading run on a blocking thread.
+async fn load_one(
+    http: &reqwest::Client,
+    options: &FollowOptions,
+    name: &str,
+    sha: &str,
+    fetch_from: &str,
+) -> Result<Bundle, FollowError> {
+    if !funcatron_control::fetch::valid_sha(sha) {
+        return Err(FetchError::BadSha(sha.to_owned()).into());
+    }
+    let limits = Limits::default();
+    let root = options.cache_dir.join("bundles");
+    let have = match cached_dir(&root.join(sha)) {
+        Some(dir) => Have::Cached(dir),
+        None => Have::Fetched(
+            funcatron_control::fetch::fetch_archive(
+                http,
+                fetch_from,
+                sha,
+                limits.max_archive_bytes,
+            )
+            .await?,
+        ),
+    };
+    let (name, sha, env) = (name.to_owned(), sha.to_owned(), options.environment.clone());
+    tokio::task::spawn_blocking(move || {
+        let dir = match have {
+            Have::Cached(dir) => dir,
+            Have::Fetched(bytes) => {
+                archive::unpack_into(&bytes, &root, &name, limits)
+                    .map_err(|source| FollowError::Unpack { sha, source })?
+                    .1
+            }
+        };
+        Ok(Bundle::load_in(&dir, env.as_deref())?)
+    })
+    .await
+    .map_err(|e| FollowError::Join(e.to_string()))?
+}
+
+/// A version this Runner has unpacked already, or its archive, fetched.
+enum Have {
+    Cached(PathBuf),
+    Fetched(bytes::Bytes),
+}
+
+/// The bundle directory of a cached version, if it is there.
+fn cached_dir(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()
+        .and_then(|mut d| d.find_map(|e| e.ok().map(|e| e.path()).filter(|p| p.is_dir())))
 }
 
 /// Follow the control topic until `shutdown`, keeping `desired` current.
@@ -159,5 +200,112 @@ pub async fn follow(
                 tracing::error!(error = %e, "cannot adopt the registry state; keeping the current one")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use funcatron_control::state::FuncState;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn options(cache: &Path) -> FollowOptions {
+        FollowOptions {
+            static_bundles: Vec::new(),
+            cache_dir: cache.to_owned(),
+            environment: None,
+            only: Vec::new(),
+        }
+    }
+
+    fn enabling(sha: &str) -> ClusterState {
+        let mut state = ClusterState::default();
+        state.funcs.insert(
+            "s".into(),
+            FuncState {
+                enabled: Some(sha.to_owned()),
+                ..FuncState::default()
+            },
+        );
+        state
+    }
+
+    /// A SHA like `../evil` would make `<cache>/bundles/../evil` the
+    /// bundle's directory: it is refused before it names any path (or URL).
+    #[tokio::test]
+    async fn a_sha_that_is_not_one_is_refused_before_it_names_a_path() {
+        let cache = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(cache.path().join("bundles")).unwrap();
+        let evil = cache.path().join("evil/s");
+        std::fs::create_dir_all(&evil).unwrap();
+        std::fs::write(
+            evil.join("swagger.yaml"),
+            "swagger: '2.0'\nbasePath: /s\nx-funcatron: {name: s, runtime: lua}\npaths:\n  /:\n    get: {operationId: hi}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            evil.join("main.lua"),
+            "return { hi = function() return 'hi' end }",
+        )
+        .unwrap();
+
+        for sha in ["../evil", "../evil/", &"A".repeat(64)] {
+            let e = load(
+                &reqwest::Client::new(),
+                &options(cache.path()),
+                &enabling(sha),
+                "http://127.0.0.1:1",
+            )
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{sha:?} was used as a path"));
+            assert!(e.to_string().contains("is not a SHA-256"), "{sha:?}: {e}");
+        }
+        let cached: Vec<_> = std::fs::read_dir(cache.path().join("bundles"))
+            .unwrap()
+            .collect();
+        assert!(cached.is_empty(), "nothing was written to the cache");
+    }
+
+    /// A body past the archive limit is refused while it streams, without
+    /// a `Content-Length` to go by; nothing is unpacked.
+    #[tokio::test]
+    async fn an_archive_larger_than_the_limit_is_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut req = [0u8; 4096];
+                    let _ = conn.read(&mut req).await;
+                    let head = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n";
+                    if conn.write_all(head).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![0u8; 1 << 20];
+                    let limit = Limits::default().max_archive_bytes;
+                    for _ in 0..=(limit >> 20) {
+                        if conn.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let cache = tempfile::tempdir().unwrap();
+        let sha = funcatron_control::fetch::sha256_hex(b"some archive");
+        let e = load(
+            &reqwest::Client::new(),
+            &options(cache.path()),
+            &enabling(&sha),
+            &base,
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("larger than the limit"), "{e}");
+        assert!(!cache.path().join("bundles").join(&sha).exists());
     }
 }

@@ -35,12 +35,20 @@ impl Registry {
         }
     }
 
-    /// Fetch an archive from a peer's management API and store it.
+    /// Fetch an archive from a peer's management API (at most the archive
+    /// limit, its SHA-256 checked) and store it (checked like an upload, on
+    /// a blocking thread: a hostile archive is never stored).
     async fn fetch(&self, base: &str, sha: &str, name: &str) -> Result<(), RegistryError> {
-        if self.store.blob_path(sha).is_some_and(|p| p.is_file()) {
+        // A SHA from a control message: checked before it names a file
+        // (blob_path) or a URL (fetch_archive).
+        let blob = self.store.blob_path(sha).ok_or_else(|| {
+            RegistryError::new(400, "bad_sha", format!("{sha:?} is not a SHA-256"))
+        })?;
+        if blob.is_file() {
             return Ok(());
         }
-        let bytes = funcatron_control::fetch::fetch_archive(&self.http, base, sha)
+        let max = self.options.limits.max_archive_bytes;
+        let bytes = funcatron_control::fetch::fetch_archive(&self.http, base, sha, max)
             .await
             .map_err(|e| RegistryError::new(502, "fetch_failed", e.to_string()))?;
         self.store

@@ -80,10 +80,20 @@ impl Store {
         write_atomic(&self.dir.join("state.json"), &bytes)
     }
 
-    /// Where the archive `sha` is kept (`None` for a malformed SHA).
+    /// Where the archive `sha` is kept (`None` unless `sha` is 64
+    /// lower-case hex digits).
     pub fn blob_path(&self, sha: &str) -> Option<PathBuf> {
-        let valid = sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit());
-        valid.then(|| self.dir.join("blobs").join(format!("{sha}.tar.gz")))
+        funcatron_control::fetch::valid_sha(sha)
+            .then(|| self.dir.join("blobs").join(format!("{sha}.tar.gz")))
+    }
+
+    /// What the blocking work of [`Store::put`] and [`Store::bundle`] needs.
+    fn disk(&self) -> Disk {
+        Disk {
+            dir: self.dir.clone(),
+            environment: self.environment.clone(),
+            limits: self.limits,
+        }
     }
 
     /// The bundle stored under `sha`, loaded (for this Tron's environment).
@@ -95,19 +105,59 @@ impl Store {
             .blob_path(sha)
             .filter(|p| p.is_file())
             .ok_or_else(|| RegistryError::new(404, "no_bundle", format!("no bundle {sha}")))?;
-        let bytes = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
-        let (_, dir) =
-            archive::unpack_into(&bytes, &self.dir.join("bundles"), "bundle", self.limits)
-                .map_err(|e| RegistryError::new(500, "store_failed", e.to_string()))?;
-        let b = Bundle::load_in(&dir, self.environment.as_deref())
-            .map_err(|e| RegistryError::new(500, "store_failed", e.to_string()))?;
+        let disk = self.disk();
+        let b = blocking(move || disk.load(&path)).await?;
         self.loaded.lock().await.insert(sha.to_owned(), b.clone());
         Ok(b)
     }
 
-    /// Validate and store an archive (document, schemas, and `check`).
-    /// `name` names bundles that do not name themselves.
+    /// Validate and store an archive (limits, document, schemas, and
+    /// `check`). `name` names bundles that do not name themselves. A
+    /// refused archive leaves nothing in the store. The archive is
+    /// unpacked and checked on a blocking thread.
     pub async fn put(
+        &self,
+        bytes: &[u8],
+        name: &str,
+        check: Option<&Check>,
+    ) -> Result<(String, Bundle), RegistryError> {
+        let disk = self.disk();
+        let (bytes, name, check) = (bytes.to_vec(), name.to_owned(), check.cloned());
+        let (sha, bundle) = blocking(move || disk.put(&bytes, &name, check.as_ref())).await?;
+        self.loaded.lock().await.insert(sha.clone(), bundle.clone());
+        Ok((sha, bundle))
+    }
+}
+
+/// Run blocking store work (unpacking, validating, writing) off the async
+/// runtime.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, RegistryError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| RegistryError::new(500, "store_failed", e.to_string()))?
+}
+
+/// The store's directory and settings, for work on a blocking thread.
+struct Disk {
+    dir: PathBuf,
+    environment: Option<String>,
+    limits: Limits,
+}
+
+impl Disk {
+    /// Unpack (if not yet) and load the archive at `path`.
+    fn load(&self, path: &Path) -> Result<Bundle, RegistryError> {
+        let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+        let (_, dir) =
+            archive::unpack_into(&bytes, &self.dir.join("bundles"), "bundle", self.limits)
+                .map_err(|e| RegistryError::new(500, "store_failed", e.to_string()))?;
+        Bundle::load_in(&dir, self.environment.as_deref())
+            .map_err(|e| RegistryError::new(500, "store_failed", e.to_string()))
+    }
+
+    fn put(
         &self,
         bytes: &[u8],
         name: &str,
@@ -131,11 +181,10 @@ impl Store {
                 return Err(bad(why));
             }
         };
-        let blob = self.blob_path(&sha).ok_or_else(|| bad("bad sha".into()))?;
+        let blob = self.dir.join("blobs").join(format!("{sha}.tar.gz"));
         if !blob.is_file() {
             write_atomic(&blob, bytes)?;
         }
-        self.loaded.lock().await.insert(sha.clone(), bundle.clone());
         Ok((sha, bundle))
     }
 }
