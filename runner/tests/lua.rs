@@ -306,3 +306,69 @@ fn bytecode_is_refused_as_handler_and_module() {
         String::from_utf8_lossy(&body)
     );
 }
+
+/// Run `f` on its own thread (a Lua state is not `Send`) and fail when it
+/// has not answered within `limit`: a sandbox escape shows as a failure,
+/// not as a hung test run.
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("still running after {limit:?}: the time limit did not stop it"))
+}
+
+/// Prepare `lua` (operations `ops`, a 200 ms limit) and call each of
+/// `calls` in turn; the statuses and bodies, in order.
+fn calls_on(
+    lua: &'static str,
+    ops: &'static [&'static str],
+    calls: &'static [&'static str],
+) -> Vec<(u16, String)> {
+    within(Duration::from_secs(20), move || {
+        let dir = tempfile::tempdir().unwrap();
+        let f = LuaFunc::prepare(&bundle(dir.path(), ops, lua), limits()).unwrap();
+        calls
+            .iter()
+            .map(|op| {
+                let (s, _, b) = call(&f, op, b"", "");
+                (s, String::from_utf8_lossy(&b).into_owned())
+            })
+            .collect()
+    })
+}
+
+/// `pcall`, `xpcall` (also with an error handler that loops) and coroutines
+/// cannot catch or outrun the time limit: each answers 504, and the state
+/// serves the next call.
+#[test]
+fn the_time_limit_cannot_be_caught_or_escaped() {
+    let got = calls_on(
+        "local function spin() while true do end end\n\
+         return {\n\
+         pcall = function() while true do pcall(spin) end end,\n\
+         xpcall = function() while true do xpcall(spin, function() while true do end end) end end,\n\
+         wrap = function() coroutine.wrap(spin)() end,\n\
+         resume = function() while true do coroutine.resume(coroutine.create(spin)) end end,\n\
+         nested = function() while true do pcall(coroutine.wrap(function() while true do pcall(spin) end end)) end end,\n\
+         closing = function() local stuck = setmetatable({}, {__close = function() while true do end end})\n\
+           local co = coroutine.create(function() local x <close> = stuck spin() end)\n\
+           coroutine.resume(co) coroutine.close(co) coroutine.wrap(function() local x <close> = stuck spin() end)() end,\n\
+         finalizer = function() setmetatable({}, {__gc = function() while true do end end}) end,\n\
+         yields = function()\n\
+           local co = coroutine.wrap(function() local ok, v = pcall(function() return coroutine.yield(1) + 1 end) coroutine.yield(v) end)\n\
+           return tostring(co()) .. tostring(co(41)) end,\n\
+         fine = function() return 'ok' end }",
+        &["pcall", "xpcall", "wrap", "resume", "nested", "yields", "fine"],
+        &["pcall", "fine", "xpcall", "wrap", "resume", "nested", "yields", "fine"],
+    );
+    let statuses: Vec<u16> = got.iter().map(|g| g.0).collect();
+    assert_eq!(
+        statuses,
+        [504, 200, 504, 504, 504, 504, 200, 200],
+        "{got:?}"
+    );
+    // A coroutine still yields across a (wrapped) pcall.
+    assert_eq!(got[6].1, "142");
+}
