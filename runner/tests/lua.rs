@@ -372,3 +372,207 @@ fn the_time_limit_cannot_be_caught_or_escaped() {
     // A coroutine still yields across a (wrapped) pcall.
     assert_eq!(got[6].1, "142");
 }
+
+/// Pattern matching runs in C, out of the hook's reach: pathological
+/// patterns are refused with a clear error (also as string methods), plain
+/// and common patterns on 100 KB subjects keep working.
+#[test]
+fn costly_patterns_are_refused_common_ones_work() {
+    let got = calls_on(
+        "local big = string.rep('a', 300000)\n\
+         local text = string.rep('key=value with  some   spaces\\t', 3500)\n\
+         local function try(f) local ok, e = pcall(f) return ok and 'ran' or tostring(e) end\n\
+         return {\n\
+         find = function() return try(function() return big:find('.-.-.-.-b') end) end,\n\
+         fn = function() return try(function() return string.find(big, '.-.-.-.-b') end) end,\n\
+         match = function() return try(function() return big:match('(.-)(.-)(.-)b') end) end,\n\
+         gmatch = function() return try(function() for _ in big:gmatch('a-a-a-b') do end end) end,\n\
+         gsub = function() return try(function() return big:gsub('a*a*a*b', '') end) end,\n\
+         optional = function() local s = string.rep('a', 40) return try(function() return s:match(string.rep('a?', 40) .. s) end) end,\n\
+         common = function()\n\
+           local squeezed = text:gsub('%s+', ' ')\n\
+           local k, v = text:match('^(.-)=(.*)$')\n\
+           local trimmed = ('  ' .. text .. '  '):match('^%s*(.-)%s*$')\n\
+           local words = 0 for _ in text:gmatch('%a+') do words = words + 1 end\n\
+           return table.concat({#text, #squeezed, k, #v, #trimmed, words, big:find('b', 1, true) or 'none', big:find('aab') or 'none'}, ' ') end,\n\
+         move = function() return try(function() table.move({}, 1, 1 << 40, 2) end) end,\n\
+         insert = function() local t = setmetatable({}, {__len = function() return 1 << 40 end})\n\
+           return try(function() table.insert(t, 1, 'x') end) .. ' / ' .. try(function() table.remove(t, 1) end) end,\n\
+         shift = function() local t = {1, 2, 3} table.insert(t, 1, 0) table.remove(t, 2) table.move(t, 1, 3, 2) return table.concat(t, ',') end }",
+        &["find", "fn", "match", "gmatch", "gsub", "optional", "common", "move", "insert", "shift"],
+        &["find", "fn", "match", "gmatch", "gsub", "optional", "common", "move", "insert", "shift"],
+    );
+    for (op, (status, body)) in ["find", "fn", "match", "gmatch", "gsub", "optional"]
+        .iter()
+        .zip(&got)
+    {
+        assert_eq!(*status, 200, "{op}: {body}");
+        assert!(body.contains("pattern too costly"), "{op}: {body}");
+    }
+    assert_eq!(got[6].0, 200, "{:?}", got[6]);
+    let text_len = 3500 * 30;
+    assert_eq!(
+        got[6].1,
+        format!(
+            "{text_len} {} key {} {} {} none none",
+            3500 * 27,
+            text_len - 4,
+            text_len - 1,
+            3500 * 5
+        )
+    );
+    assert!(
+        got[7].1.contains("table.move:") && got[7].1.contains("the sandbox allows"),
+        "{:?}",
+        got[7]
+    );
+    assert_eq!(
+        got[8].1.matches("the sandbox allows").count(),
+        2,
+        "{:?}",
+        got[8]
+    );
+    assert_eq!(got[9].1, "0,0,2,3");
+}
+
+/// What one request changes in the shared tables (globals and their
+/// metatable, the libraries, the string metatable, `json`, `env`) the next
+/// request does not see; the Func's own module-level locals persist.
+#[test]
+fn one_request_cannot_change_what_the_next_sees() {
+    let got = within(Duration::from_secs(20), || {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = bundle(
+            dir.path(),
+            &["taint", "probe"],
+            "local calls = 0\n\
+             greeting = 'hello'\n\
+             return {\n\
+             taint = function()\n\
+               calls = calls + 1\n\
+               string.upper = function() return 'hacked' end\n\
+               getmetatable('').__index = { len = function() return -1 end }\n\
+               setmetatable(_G, { __index = function(_, k) return 'ghost:' .. k end })\n\
+               table.insert, math.pi, json.encode, utf8.char, coroutine.wrap = nil, 3, nil, nil, nil\n\
+               env.GREETING, greeting, leaked = 'changed', 'bye', 'yes'\n\
+               setmetatable(string, { __metatable = false })\n\
+               pcall = function() return true end\n\
+             end,\n\
+             probe = function()\n\
+               calls = calls + 1\n\
+               return { upper = ('a'):upper(), len = ('abc'):len(), ghost = tostring(nothing), insert = type(table.insert),\n\
+                 pi = math.pi > 3.14, encode = type(json.encode), char = type(utf8.char), wrap = type(coroutine.wrap),\n\
+                 env = env.GREETING, greeting = greeting, leaked = tostring(leaked), strmt = tostring(getmetatable(string)),\n\
+                 pcall = select('#', pcall(error, 'x')), calls = calls }\n\
+             end }",
+        );
+        b.env.insert("GREETING".into(), "hi".into());
+        let f = LuaFunc::prepare(&b, limits()).unwrap();
+        let before = call(&f, "probe", b"", "").2;
+        assert_eq!(call(&f, "taint", b"", "").0, 204);
+        let after = call(&f, "probe", b"", "").2;
+        (before, after)
+    });
+    let before: serde_json::Value = serde_json::from_slice(&got.0).unwrap();
+    let mut after: serde_json::Value = serde_json::from_slice(&got.1).unwrap();
+    assert_eq!(
+        before,
+        serde_json::json!({"upper": "A", "len": 3, "ghost": "nil", "insert": "function", "pi": true,
+            "encode": "function", "char": "function", "wrap": "function", "env": "hi",
+            "greeting": "hello", "leaked": "nil", "strmt": "nil", "pcall": 2, "calls": 1})
+    );
+    // Module-level locals are the Func's own state: they persist.
+    assert_eq!(after["calls"], 3);
+    after["calls"] = before["calls"].clone();
+    assert_eq!(after, before);
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn status_and_body(h: funcatron_runner::invoke::Handled) -> (u16, String) {
+    match h {
+        Handled::Reply { response, .. } => {
+            let r = Response::decode(&response).unwrap();
+            (
+                r.status,
+                String::from_utf8_lossy(&r.body_bytes().unwrap()).into_owned(),
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A call past its limit is answered 504, its Lua state is discarded and
+/// rebuilt, and its thread serves the next request; stuck calls on every
+/// thread of a pool hold the next request only for about their limit.
+#[test]
+fn a_stuck_call_is_killed_and_its_thread_serves_on() {
+    use funcatron_runner::lua::LuaPool;
+    within(Duration::from_secs(30), || {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let b = bundle(
+                dir.path(),
+                &["count", "stuck"],
+                "local n = 0\nreturn { count = function() n = n + 1 return tostring(n) end,\n\
+                 stuck = function() n = 100 while true do pcall(function() while true do end end) end end }",
+            );
+            let observer = funcatron_runner::observe::Observer::detached();
+            let func: std::sync::Arc<str> = "t".into();
+            let mut options = funcatron_runner::RunnerOptions {
+                workers: 1,
+                lua_limits: limits(),
+                ..Default::default()
+            };
+            let one = LuaPool::prepare(&b, &options, &observer).await.unwrap();
+            assert_eq!(status_and_body(one.run(&func, job("count", b"", "")).await), (200, "1".into()));
+            assert_eq!(status_and_body(one.run(&func, job("stuck", b"", "")).await).0, 504);
+            // A fresh state: the stuck call's `n = 100` is gone with it.
+            assert_eq!(status_and_body(one.run(&func, job("count", b"", "")).await), (200, "1".into()));
+
+            options.workers = 2;
+            let two = LuaPool::prepare(&b, &options, &observer).await.unwrap();
+            let started = std::time::Instant::now();
+            let (a, b, c) = tokio::join!(
+                two.run(&func, job("stuck", b"", "")),
+                two.run(&func, job("stuck", b"", "")),
+                two.run(&func, job("count", b"", "")),
+            );
+            assert_eq!((status_and_body(a).0, status_and_body(b).0), (504, 504));
+            assert_eq!(status_and_body(c), (200, "1".into()));
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{:?} for a 200 ms limit",
+                started.elapsed()
+            );
+        })
+    });
+}
+
+/// The upload / dev check runs the Func's top-level code under the time
+/// limit too, off the async runtime: code that never ends is a prepare
+/// error, not a hung check.
+#[test]
+fn the_upload_check_stops_top_level_code_that_never_ends() {
+    let err = within(Duration::from_secs(30), || {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let b = bundle(
+                dir.path(),
+                &["a"],
+                "while true do pcall(function() while true do end end) end\nreturn { a = function() end }",
+            );
+            let options = funcatron_runner::RunnerOptions {
+                lua_limits: limits(),
+                ..Default::default()
+            };
+            funcatron_runner::check(&b, &options).await.unwrap_err().to_string()
+        })
+    });
+    assert!(err.contains("time limit"), "{err}");
+}
