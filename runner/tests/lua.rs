@@ -451,11 +451,12 @@ fn one_request_cannot_change_what_the_next_sees() {
              taint = function()\n\
                calls = calls + 1\n\
                string.upper = function() return 'hacked' end\n\
-               getmetatable('').__index = { len = function() return -1 end }\n\
+               pcall(function() getmetatable('').__index = { len = function() return -1 end } end)\n\
+               rawset(string, 'len', function() return -2 end)\n\
                setmetatable(_G, { __index = function(_, k) return 'ghost:' .. k end })\n\
                table.insert, math.pi, json.encode, utf8.char, coroutine.wrap = nil, 3, nil, nil, nil\n\
                env.GREETING, greeting, leaked = 'changed', 'bye', 'yes'\n\
-               setmetatable(string, { __metatable = false })\n\
+               pcall(setmetatable, string, { __metatable = false })\n\
                pcall = function() return true end\n\
              end,\n\
              probe = function()\n\
@@ -463,6 +464,7 @@ fn one_request_cannot_change_what_the_next_sees() {
                return { upper = ('a'):upper(), len = ('abc'):len(), ghost = tostring(nothing), insert = type(table.insert),\n\
                  pi = math.pi > 3.14, encode = type(json.encode), char = type(utf8.char), wrap = type(coroutine.wrap),\n\
                  env = env.GREETING, greeting = greeting, leaked = tostring(leaked), strmt = tostring(getmetatable(string)),\n\
+                 pairs = (function() local n = 0 for _ in pairs(math) do n = n + 1 end return n end)() > 20,\n\
                  pcall = select('#', pcall(error, 'x')), calls = calls }\n\
              end }",
         );
@@ -479,7 +481,7 @@ fn one_request_cannot_change_what_the_next_sees() {
         before,
         serde_json::json!({"upper": "A", "len": 3, "ghost": "nil", "insert": "function", "pi": true,
             "encode": "function", "char": "function", "wrap": "function", "env": "hi",
-            "greeting": "hello", "leaked": "nil", "strmt": "nil", "pcall": 2, "calls": 1})
+            "greeting": "hello", "leaked": "nil", "strmt": "false", "pairs": true, "pcall": 2, "calls": 1})
     );
     // Module-level locals are the Func's own state: they persist.
     assert_eq!(after["calls"], 3);

@@ -144,23 +144,61 @@ table.remove = function(t, ...)
   return remove(t, ...)
 end
 
--- The tables one request could change for the next (restored after every
--- call, see LuaFunc::restore), taken before the Func's code runs; `snapshot`
--- is called once the Func has loaded and returns the restore function.
+-- The tables one request could change for the next (see LuaFunc in
+-- runner/src/lua.rs), taken before the Func's code runs; `snapshot` is
+-- called once the Func has loaded and returns the restore function (run
+-- after every call) and the tables whose metatables Rust puts back.
+--
+-- The libraries become empty proxies of a hidden copy (their metatable
+-- protected, __pairs lists the copy): what a request writes into one lands
+-- in the proxy, and restoring is one `next` per table. The string
+-- metatable is protected (getmetatable("") is false). The globals and
+-- `env` are copied and written back.
 local next, rawset = next, rawset
-local targets = { _G, string, table, math, utf8, coroutine, json, env, getmetatable("") }
+local globals, strings = _G, getmetatable("")
+local libraries = { string, table, math, utf8, coroutine, json }
+local function proxy(t)
+  local real = {}
+  for k, v in next, t do
+    real[k] = v
+  end
+  for k in next, real do
+    rawset(t, k, nil)
+  end
+  raw_setmetatable(t, {
+    __index = real,
+    __metatable = false,
+    __pairs = function() return next, real, nil end,
+  })
+end
 local function snapshot()
+  local copied, proxied = { globals, env }, {}
+  for _, t in next, libraries do
+    if getmetatable(t) == nil then
+      proxy(t)
+      proxied[#proxied + 1] = t
+    else
+      copied[#copied + 1] = t
+    end
+  end
+  strings.__metatable = false
   local saved = {}
-  for i = 1, #targets do
+  for i = 1, #copied do
     local copy = {}
-    for k, v in next, targets[i] do
+    for k, v in next, copied[i] do
       copy[k] = v
     end
     saved[i] = copy
   end
   local function restore()
-    for i = 1, #targets do
-      local t, copy = targets[i], saved[i]
+    for i = 1, #proxied do
+      local t = proxied[i]
+      for k in next, t do
+        rawset(t, k, nil)
+      end
+    end
+    for i = 1, #copied do
+      local t, copy = copied[i], saved[i]
       for k in next, t do
         if rawget(copy, k) == nil then
           rawset(t, k, nil)
@@ -171,6 +209,6 @@ local function snapshot()
       end
     end
   end
-  return restore, targets
+  return restore, copied
 end
 return snapshot
