@@ -1,4 +1,9 @@
-//! The Lua runtime: Funcs written in Lua 5.4, run in-process.
+//! The Lua runtime: Funcs written in Lua 5.4, run in-process. It sits at the
+//! end of the pipeline (ingress -> broker -> Tron -> Runner): the serve loop
+//! ([`crate::serve`]) hands a delivery to a version's [`LuaPool`], one of
+//! whose threads runs the skeleton ([`crate::invoke::run_sync`]) around the
+//! call; [`crate::serve::check`] (uploads, `funcatron dev`) prepares a
+//! [`LuaFunc`] the same way, on a blocking thread, under the same limits.
 //!
 //! Each Lua bundle version has a pool of OS threads (the `workers`
 //! setting), each holding one prepared Lua state: the handler file is
@@ -6,14 +11,56 @@
 //! reused for every request. Requests reach a free thread through a
 //! bounded channel; the serve loop awaits the answer.
 //!
-//! Sandbox: only the `table`, `string`, `math`, `utf8` and `coroutine`
-//! libraries; no `io`, `os`, `debug`, `package`, `load`, `loadfile` or
-//! `dofile`. `require` loads only `.lua` files inside the bundle. Every call
-//! runs under a time limit (an instruction-count hook checks the clock) and
-//! the state under a memory limit; breaking either answers 504 / 500.
-//! `print` goes to the Runner's log with the request id. A `json` table
-//! (`json.encode`, `json.decode`) is provided, and `env` holds the bundle's
-//! declared environment variables and secrets.
+//! # Sandbox
+//!
+//! - Libraries: `table`, `string`, `math`, `utf8`, `coroutine` only; no
+//!   `io`, `os`, `debug`, `package`, `load`, `loadfile`, `dofile`,
+//!   `collectgarbage` or `string.dump`. `require` loads only `.lua` files
+//!   inside the bundle. Every chunk (handler, `require`, checks) loads as
+//!   text: bytecode is refused.
+//! - `print` goes to the Runner's log with the request id; a `json` table
+//!   (`json.encode`, `json.decode`) is provided; `env` holds the bundle's
+//!   declared environment variables and secrets.
+//!
+//! # Limits
+//!
+//! - Time: every call runs under its deadline (the Func's `timeout_ms`, or
+//!   the request's own deadline when sooner), and everything the state runs
+//!   for the call (request table, handler, response) is under it; top-level
+//!   code gets the limit and at least 5 s. A global instruction hook (every
+//!   [`HOOK_EVERY`] instructions, on every coroutine: Lua-created threads
+//!   inherit it) raises "time limit exceeded" past the deadline, and that
+//!   error cannot be caught: `pcall`, `xpcall`, `coroutine.resume` and
+//!   `coroutine.close` re-raise it, an `xpcall` message handler is not
+//!   called past the deadline, and a coroutine stopped by it is never
+//!   closed (Lua runs hooks neither in message handlers called from a hook
+//!   nor in such a coroutine's `__close` handlers). `setmetatable` refuses
+//!   metatables with `__gc` (finalizers run with hooks off).
+//! - Work in C, where the hook never fires: string patterns are bounded
+//!   ([`pattern`]: `find`, `match`, `gmatch`, `gsub`, also as methods,
+//!   refuse a search estimated past 10^9 steps); `table.move`, and
+//!   `table.insert`/`table.remove` at a position on a table with a
+//!   metatable, refuse to shift more than [`MAX_SHIFT`] elements.
+//! - A call past its limit answers 504 and its state is spent: the thread
+//!   answers, discards the state (pending finalizers cut short) and
+//!   prepares the Func anew before taking the next request. The state's
+//!   memory limit answers 500.
+//!
+//! # What one request leaves for the next
+//!
+//! After every call the shared tables are put back as they were once the
+//! Func had loaded: the globals (bindings added, changed or removed) and
+//! their metatable, `env`, and the libraries `string`, `table`, `math`,
+//! `utf8`, `coroutine` and `json`. The libraries are empty proxies of a
+//! hidden copy (their metatables protected; `pairs` lists the functions,
+//! raw `next` sees nothing), so a request's writes land in the proxy and
+//! are cleared; the string metatable is protected (`getmetatable("")` is
+//! `false`). This costs a few microseconds a call. What persists is the
+//! Func's own state: module-level locals (caches), the contents of tables
+//! the Func created, and `require`d modules (so a module that sets globals
+//! must be required at load time, not first inside a request).
+//!
+//! See `sandbox.lua` beside this file for the Lua side of all this.
 
 use std::cell::Cell;
 use std::collections::HashMap;
