@@ -578,3 +578,50 @@ fn the_upload_check_stops_top_level_code_that_never_ends() {
     });
     assert!(err.contains("time limit"), "{err}");
 }
+
+/// SIGTERM with a stuck Lua call in flight: the Runner finishes what it
+/// holds (the stuck call, answered 504 at its limit) and stops within the
+/// limit plus a grace.
+#[test]
+fn shutdown_is_not_held_by_a_stuck_func() {
+    use funcatron_broker::{AnyBroker, Broker, Message, QueueKind};
+    let stopped_in = within(Duration::from_secs(30), || {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let b = bundle(
+                dir.path(),
+                &["stuck"],
+                "return { stuck = function() while true do pcall(function() while true do end end) end end }",
+            );
+            let broker = AnyBroker::from_url("embedded", 1024).unwrap();
+            let queue = funcatron_control::names::func_queue(&b.name, &b.version);
+            broker.declare(&queue, QueueKind::Work).await.unwrap();
+            let options = funcatron_runner::RunnerOptions {
+                workers: 1,
+                lua_limits: limits(),
+                ..Default::default()
+            };
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let node = funcatron_runner::RunnerNode::new(broker.clone())
+                .options(options)
+                .bundles(vec![b]);
+            let running = tokio::spawn(node.run(shutdown.clone()));
+            let mut message = Message::new(job("stuck", b"", "").payload);
+            message.headers.push((
+                funcatron_control::headers::OPERATION.into(),
+                "stuck".into(),
+            ));
+            broker.publish(&queue, message).await.unwrap();
+            // Delivered to the Runner (and so finished before it stops).
+            while broker.depth(&queue).await.unwrap().unacked != Some(1) {
+                tokio::task::yield_now().await;
+            }
+            let signalled = std::time::Instant::now();
+            shutdown.cancel();
+            running.await.unwrap();
+            assert_eq!(broker.depth(&queue).await.unwrap().unacked, Some(0));
+            signalled.elapsed()
+        })
+    });
+    assert!(stopped_in < Duration::from_secs(3), "{stopped_in:?}");
+}
