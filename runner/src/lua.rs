@@ -621,9 +621,18 @@ fn install_wrappers(
         }
         Ok(timed_out.get())
     })?;
-    let pattern_check = lua.create_function(|lua, (s, p, kind): (Value, Value, u8)| {
+    // The runs measured in the last subject, kept with it (so its identity
+    // cannot be reused by another string meanwhile).
+    let measured: std::cell::RefCell<Option<(mlua::LuaString, pattern::Runs)>> =
+        std::cell::RefCell::new(None);
+    let pattern_check = lua.create_function(move |lua, (s, p, kind): (Value, Value, u8)| {
         let (Some(s), Some(p)) = (lua.coerce_string(s)?, lua.coerce_string(p)?) else {
             return Ok(None);
+        };
+        let mut measured = measured.borrow_mut();
+        let runs = match &mut *measured {
+            Some((subject, runs)) if subject.to_pointer() == s.to_pointer() => runs,
+            slot => &mut slot.insert((s.clone(), pattern::Runs::default())).1,
         };
         let search = match kind {
             0 => pattern::Search::Find,
@@ -631,7 +640,7 @@ fn install_wrappers(
             3 => pattern::Search::Plain,
             _ => pattern::Search::Anchorable,
         };
-        Ok(pattern::refusal(&s.as_bytes(), &p.as_bytes(), search))
+        Ok(pattern::refusal(&s.as_bytes(), &p.as_bytes(), search, runs))
     })?;
     lua.load(SANDBOX_LUA)
         .set_name("@funcatron/sandbox.lua")

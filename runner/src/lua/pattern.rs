@@ -57,8 +57,27 @@ enum Item<'p> {
     Scan,
 }
 
-/// Why this search must not run, or `None` when it is within [`BUDGET`].
-pub fn refusal(subject: &[u8], pattern: &[u8], search: Search) -> Option<String> {
+/// Longest runs already measured in one subject, by class (a loop of
+/// `s:find(p, pos)` over one big subject measures it once).
+#[derive(Default)]
+pub struct Runs(Vec<(Vec<u8>, usize)>);
+
+impl Runs {
+    fn get(&mut self, subject: &[u8], class: &[u8]) -> usize {
+        if let Some((_, run)) = self.0.iter().find(|(c, _)| c == class) {
+            return *run;
+        }
+        let run = longest_run(subject, class);
+        if self.0.len() < 64 {
+            self.0.push((class.to_vec(), run));
+        }
+        run
+    }
+}
+
+/// Why this search must not run, or `None` when it is within [`BUDGET`];
+/// `runs` holds what was measured in this same subject before.
+pub fn refusal(subject: &[u8], pattern: &[u8], search: Search, runs: &mut Runs) -> Option<String> {
     let n = subject.len() as f64;
     let specials = pattern.iter().any(|b| b"^$*+?.([%-".contains(b));
     if search == Search::Plain || (search == Search::Find && !specials) {
@@ -83,7 +102,7 @@ pub fn refusal(subject: &[u8], pattern: &[u8], search: Search) -> Option<String>
     }
     let mut cost = base;
     for item in &items {
-        cost *= factor(item, n, Some(subject));
+        cost *= factor(item, n, Some((subject, &mut *runs)));
         if cost > BUDGET {
             break;
         }
@@ -101,7 +120,7 @@ fn over(cost: f64, len: usize) -> Option<String> {
 
 /// What one item multiplies the estimate by; `subject` given: measured,
 /// else with every class matching everything.
-fn factor(item: &Item<'_>, n: f64, subject: Option<&[u8]>) -> f64 {
+fn factor(item: &Item<'_>, n: f64, subject: Option<(&[u8], &mut Runs)>) -> f64 {
     match item {
         Item::Scan => n + 1.0,
         Item::Class {
@@ -112,7 +131,7 @@ fn factor(item: &Item<'_>, n: f64, subject: Option<&[u8]>) -> f64 {
             quantifier: b'*' | b'+' | b'-',
             last: false,
         } => match subject {
-            Some(s) => longest_run(s, class) as f64 + 1.0,
+            Some((s, runs)) => runs.get(s, class) as f64 + 1.0,
             None => n + 1.0,
         },
         Item::Class { .. } => 1.0,
@@ -289,10 +308,11 @@ mod tests {
     #[test]
     fn finality_and_anchoring() {
         let s = vec![b'a'; 100_000];
-        assert!(refusal(&s, b"^(.-)=(.*)$", Search::Anchorable).is_none());
-        assert!(refusal(&s, b"%s+", Search::Anchorable).is_none());
-        assert!(refusal(&s, b"^%s*(.-)%s*$", Search::Anchorable).is_none());
-        assert!(refusal(&s, b".-.-b", Search::Anchorable).is_some());
-        assert!(refusal(&s, b"a*$", Search::Anchorable).is_some());
+        let check = |p: &[u8]| refusal(&s, p, Search::Anchorable, &mut Runs::default());
+        assert!(check(b"^(.-)=(.*)$").is_none());
+        assert!(check(b"%s+").is_none());
+        assert!(check(b"^%s*(.-)%s*$").is_none());
+        assert!(check(b".-.-b").is_some());
+        assert!(check(b"a*$").is_some());
     }
 }
