@@ -462,6 +462,7 @@ fn one_request_cannot_change_what_the_next_sees() {
                env.GREETING, greeting, leaked = 'changed', 'bye', 'yes'\n\
                pcall(setmetatable, string, { __metatable = false })\n\
                pcall = function() return true end\n\
+               local _, hidden = pairs(string) if type(hidden) == 'table' then rawset(hidden, 'rep', nil) end\n\
              end,\n\
              probe = function()\n\
                calls = calls + 1\n\
@@ -469,7 +470,7 @@ fn one_request_cannot_change_what_the_next_sees() {
                  pi = math.pi > 3.14, encode = type(json.encode), char = type(utf8.char), wrap = type(coroutine.wrap),\n\
                  env = env.GREETING, greeting = greeting, leaked = tostring(leaked), strmt = tostring(getmetatable(string)),\n\
                  pairs = (function() local n = 0 for _ in pairs(math) do n = n + 1 end return n end)() > 20,\n\
-                 pcall = select('#', pcall(error, 'x')), calls = calls }\n\
+                 pcall = select('#', pcall(error, 'x')), rep = type(string.rep), calls = calls }\n\
              end }",
         );
         b.env.insert("GREETING".into(), "hi".into());
@@ -485,7 +486,7 @@ fn one_request_cannot_change_what_the_next_sees() {
         before,
         serde_json::json!({"upper": "A", "len": 3, "ghost": "nil", "insert": "function", "pi": true,
             "encode": "function", "char": "function", "wrap": "function", "env": "hi",
-            "greeting": "hello", "leaked": "nil", "strmt": "false", "pairs": true, "pcall": 2, "calls": 1})
+            "greeting": "hello", "leaked": "nil", "strmt": "false", "pairs": true, "pcall": 2, "rep": "function", "calls": 1})
     );
     // Module-level locals are the Func's own state: they persist.
     assert_eq!(after["calls"], 3);

@@ -168,7 +168,11 @@ local function proxy(t)
   raw_setmetatable(t, {
     __index = real,
     __metatable = false,
-    __pairs = function() return next, real, nil end,
+    -- An iterator that keeps the copy to itself (`next, real` would hand
+    -- it out: pairs returns its state).
+    __pairs = function()
+      return function(_, k) return next(real, k) end, nil, nil
+    end,
   })
 end
 local function snapshot()
