@@ -1,4 +1,9 @@
-//! The Lua runtime: Funcs written in Lua 5.4, run in-process.
+//! The Lua runtime: Funcs written in Lua 5.4, run in-process. It sits at the
+//! end of the pipeline (ingress -> broker -> Tron -> Runner): the serve loop
+//! ([`crate::serve`]) hands a delivery to a version's [`LuaPool`], one of
+//! whose threads runs the skeleton ([`crate::invoke::run_sync`]) around the
+//! call; [`crate::serve::check`] (uploads, `funcatron dev`) prepares a
+//! [`LuaFunc`] the same way, on a blocking thread, under the same limits.
 //!
 //! Each Lua bundle version has a pool of OS threads (the `workers`
 //! setting), each holding one prepared Lua state: the handler file is
@@ -6,14 +11,56 @@
 //! reused for every request. Requests reach a free thread through a
 //! bounded channel; the serve loop awaits the answer.
 //!
-//! Sandbox: only the `table`, `string`, `math`, `utf8` and `coroutine`
-//! libraries; no `io`, `os`, `debug`, `package`, `load`, `loadfile` or
-//! `dofile`. `require` loads only `.lua` files inside the bundle. Every call
-//! runs under a time limit (an instruction-count hook checks the clock) and
-//! the state under a memory limit; breaking either answers 504 / 500.
-//! `print` goes to the Runner's log with the request id. A `json` table
-//! (`json.encode`, `json.decode`) is provided, and `env` holds the bundle's
-//! declared environment variables and secrets.
+//! # Sandbox
+//!
+//! - Libraries: `table`, `string`, `math`, `utf8`, `coroutine` only; no
+//!   `io`, `os`, `debug`, `package`, `load`, `loadfile`, `dofile`,
+//!   `collectgarbage` or `string.dump`. `require` loads only `.lua` files
+//!   inside the bundle. Every chunk (handler, `require`, checks) loads as
+//!   text: bytecode is refused.
+//! - `print` goes to the Runner's log with the request id; a `json` table
+//!   (`json.encode`, `json.decode`) is provided; `env` holds the bundle's
+//!   declared environment variables and secrets.
+//!
+//! # Limits
+//!
+//! - Time: every call runs under its deadline (the Func's `timeout_ms`, or
+//!   the request's own deadline when sooner), and everything the state runs
+//!   for the call (request table, handler, response) is under it; top-level
+//!   code gets the limit and at least 5 s. A global instruction hook (every
+//!   [`HOOK_EVERY`] instructions, on every coroutine: Lua-created threads
+//!   inherit it) raises "time limit exceeded" past the deadline, and that
+//!   error cannot be caught: `pcall`, `xpcall`, `coroutine.resume` and
+//!   `coroutine.close` re-raise it, an `xpcall` message handler is not
+//!   called past the deadline, and a coroutine stopped by it is never
+//!   closed (Lua runs hooks neither in message handlers called from a hook
+//!   nor in such a coroutine's `__close` handlers). `setmetatable` refuses
+//!   metatables with `__gc` (finalizers run with hooks off).
+//! - Work in C, where the hook never fires: string patterns are bounded
+//!   ([`pattern`]: `find`, `match`, `gmatch`, `gsub`, also as methods,
+//!   refuse a search estimated past 10^9 steps); `table.move`, and
+//!   `table.insert`/`table.remove` at a position on a table with a
+//!   metatable, refuse to shift more than [`MAX_SHIFT`] elements.
+//! - A call past its limit answers 504 and its state is spent: the thread
+//!   answers, discards the state (pending finalizers cut short) and
+//!   prepares the Func anew before taking the next request. The state's
+//!   memory limit answers 500.
+//!
+//! # What one request leaves for the next
+//!
+//! After every call the shared tables are put back as they were once the
+//! Func had loaded: the globals (bindings added, changed or removed) and
+//! their metatable, `env`, and the libraries `string`, `table`, `math`,
+//! `utf8`, `coroutine` and `json`. The libraries are empty proxies of a
+//! hidden copy (their metatables protected; `pairs` lists the functions,
+//! raw `next` sees nothing), so a request's writes land in the proxy and
+//! are cleared; the string metatable is protected (`getmetatable("")` is
+//! `false`). This costs a few microseconds a call. What persists is the
+//! Func's own state: module-level locals (caches), the contents of tables
+//! the Func created, and `require`d modules (so a module that sets globals
+//! must be required at load time, not first inside a request).
+//!
+//! See `sandbox.lua` beside this file for the Lua side of all this.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -25,6 +72,8 @@ use funcatron_bundle::Bundle;
 use mlua::{Function, HookTriggers, Lua, LuaOptions, LuaSerdeExt, StdLib, Table, Value, VmState};
 
 use std::sync::Arc;
+
+mod pattern;
 
 use crate::error::PrepareError;
 use crate::invoke::{self, Handled, Job};
@@ -45,6 +94,18 @@ pub struct LuaLimits {
 /// Instructions between two clock checks: frequent enough to stop a runaway
 /// loop within a millisecond or so, rare enough to cost nothing measurable.
 const HOOK_EVERY: u32 = 10_000;
+
+/// Most elements `table.move`, `table.insert` and `table.remove` shift in
+/// one call (a C loop the hook cannot interrupt; a table `__len` can claim
+/// any length).
+const MAX_SHIFT: i64 = 1 << 24;
+
+/// Longest the restore after a call may take before the state is rebuilt
+/// instead.
+const RESTORE_LIMIT: Duration = Duration::from_millis(500);
+
+/// The sandbox's Lua-side wrappers and the restore snapshot.
+const SANDBOX_LUA: &str = include_str!("lua/sandbox.lua");
 
 /// One request for a Lua thread (the state is not `Send`, so the request
 /// crosses to its thread, undecoded; the thread runs the serve loop's
@@ -123,7 +184,7 @@ fn worker(
     observer: &Observer,
     report: Option<tokio::sync::oneshot::Sender<Result<(), PrepareError>>>,
 ) {
-    let func = LuaFunc::prepare_observed(bundle, limits, observer);
+    let mut func = LuaFunc::prepare_observed(bundle, limits, observer);
     if let Some(report) = report {
         // Nobody waits any more when the version was dropped meanwhile.
         let _ = report.send(
@@ -141,6 +202,19 @@ fn worker(
         });
         // The caller may have gone (its delivery dropped at shutdown).
         let _ = task.done.send(answer);
+        if func.as_ref().is_ok_and(LuaFunc::spent) {
+            // A call ran past its limit: nothing of that state is trusted
+            // (it may hold half-done work, a coroutine mid-loop). The old
+            // state goes before the new one is built.
+            drop(std::mem::replace(
+                &mut func,
+                Err(PrepareError::Lua("rebuilding the Lua state".into())),
+            ));
+            func = LuaFunc::prepare_observed(bundle, limits, observer);
+            if let Err(e) = &func {
+                tracing::error!(func = %bundle.name, error = %e, "Lua state could not be rebuilt after a timeout");
+            }
+        }
     }
 }
 
@@ -168,7 +242,37 @@ pub struct LuaFunc {
     deadline: Rc<Cell<Option<Instant>>>,
     /// Set by the hook when it stopped a call, so the error maps to 504.
     timed_out: Rc<Cell<bool>>,
+    /// A call ran past its limit (or the restore after it failed): the
+    /// state must be discarded and the Func prepared again.
+    spent: Cell<bool>,
+    restore: Restore,
     timeout: Duration,
+}
+
+/// What puts the shared tables back after a call: the Lua-side restore of
+/// their entries (`sandbox.lua`) and their metatables as they were after
+/// the Func loaded.
+struct Restore {
+    entries: Function,
+    metatables: Vec<(Table, Option<Table>)>,
+}
+
+impl Restore {
+    fn run(&self) -> mlua::Result<()> {
+        for (t, mt) in &self.metatables {
+            // Raw: a `__metatable` field does not protect it from us.
+            t.set_metatable(mt.clone())?;
+        }
+        self.entries.call::<()>(())
+    }
+}
+
+impl Drop for LuaFunc {
+    fn drop(&mut self) {
+        // Closing the state runs pending `__gc` finalizers: each is stopped
+        // by the hook at once instead of looping on this thread forever.
+        self.deadline.set(Some(Instant::now()));
+    }
 }
 
 fn lua_err(e: mlua::Error) -> String {
@@ -210,70 +314,28 @@ impl LuaFunc {
         let memory = bundle.memory_bytes.unwrap_or(limits.memory_bytes);
         let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
         let timed_out = Rc::new(Cell::new(false));
-        {
-            let deadline = Rc::clone(&deadline);
-            let timed_out = Rc::clone(&timed_out);
-            lua.set_hook(
-                HookTriggers::new().every_nth_instruction(HOOK_EVERY),
-                move |_, _| match deadline.get() {
-                    Some(d) if Instant::now() >= d => {
-                        timed_out.set(true);
-                        Err(mlua::Error::runtime("time limit exceeded"))
-                    }
-                    _ => Ok(VmState::Continue),
-                },
-            )
-            .map_err(lua_prep)?;
-        }
+        set_time_hook(&lua, &deadline, &timed_out).map_err(lua_prep)?;
         install_sandbox(&lua, bundle, observer.clone()).map_err(lua_prep)?;
         let env = lua
             .create_table_from(bundle.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(lua_prep)?;
         lua.globals().raw_set("env", env).map_err(lua_prep)?;
+        let snapshot = install_wrappers(&lua, &deadline, &timed_out).map_err(lua_prep)?;
         lua.set_memory_limit(memory).map_err(lua_prep)?;
 
-        let path = bundle.dir.join(&bundle.handler);
-        let source = std::fs::read(&path)
-            .map_err(|e| PrepareError::Lua(format!("{}: {e}", path.display())))?;
+        // Top-level code gets the Func's limit, and at least 5 s.
         deadline.set(Some(Instant::now() + timeout.max(Duration::from_secs(5))));
-        let loaded: Value = lua
-            .load(&source)
-            .set_name(format!("@{}", bundle.handler.display()))
-            // Text only: precompiled bytecode is unchecked by the VM, and a
-            // malformed chunk crashes the process that loads it.
-            .set_mode(mlua::chunk::ChunkMode::Text)
-            .call(())
-            .map_err(|e| {
-                PrepareError::Lua(format!("{}: {}", bundle.handler.display(), lua_err(e)))
-            })?;
+        let loaded = load_func(&lua, bundle, &snapshot);
         deadline.set(None);
-        let scope: Table = match loaded {
-            Value::Table(t) => t,
-            _ => lua.globals(),
-        };
-        let mut handlers = HashMap::new();
-        let mut missing = Vec::new();
-        for op in &bundle.operations {
-            match scope.get::<Value>(op.operation_id.as_str()) {
-                Ok(Value::Function(f)) => {
-                    handlers.insert(op.operation_id.clone(), f);
-                }
-                _ => missing.push(format!("`{}` ({} {})", op.operation_id, op.method, op.path)),
-            }
-        }
-        if !missing.is_empty() {
-            return Err(PrepareError::Lua(format!(
-                "{}: no function for operationId {}",
-                bundle.handler.display(),
-                missing.join(", ")
-            )));
-        }
+        let (handlers, restore) = loaded?;
         Ok(LuaFunc {
             lua,
             name: bundle.name.clone(),
             handlers,
             deadline,
             timed_out,
+            spent: Cell::new(false),
+            restore,
             timeout,
         })
     }
@@ -289,8 +351,26 @@ impl LuaFunc {
         self.timeout.as_millis() as u64
     }
 
-    /// Invoke the handler for one request.
+    /// Whether this state is spent: a call ran past its time limit (or the
+    /// restore after one failed). It must not serve again; the pool
+    /// prepares the Func anew on that thread.
+    pub fn spent(&self) -> bool {
+        self.spent.get()
+    }
+
+    /// Invoke the handler for one request, then restore the shared tables
+    /// for the next (see the module docs). Everything the state runs for
+    /// the call, request table and response included, is under its
+    /// deadline.
     pub fn call(&self, req: &FuncRequest<'_>) -> Result<FuncResponse, InvokeError> {
+        self.timed_out.set(false);
+        self.deadline.set(Some(req.deadline));
+        let out = self.invoke(req);
+        self.settle(out.is_err());
+        out
+    }
+
+    fn invoke(&self, req: &FuncRequest<'_>) -> Result<FuncResponse, InvokeError> {
         let handler = self.handlers.get(req.operation).ok_or_else(|| {
             InvokeError::Broken(format!("no handler for operationId `{}`", req.operation))
         })?;
@@ -300,19 +380,31 @@ impl LuaFunc {
         })?;
         self.lua
             .set_app_data(RequestId(req.envelope.id.to_string()));
-        self.timed_out.set(false);
-        self.deadline.set(Some(req.deadline));
-        let result = handler.call::<Value>(table);
-        self.deadline.set(None);
-        let out = match result {
+        match handler.call::<Value>(table) {
             Ok(v) => to_response(&self.lua, v).map_err(|e| self.classify(e)),
             Err(e) => Err(self.classify(e)),
-        };
-        if out.is_err() {
-            // Reclaim what a failed call left behind before the next one.
-            let _ = self.lua.gc_collect();
         }
-        out
+    }
+
+    /// After a call: a timed-out state is spent (not restored: it is
+    /// discarded); otherwise the shared tables are restored, and what a
+    /// failed call left behind is collected.
+    fn settle(&self, failed: bool) {
+        if !self.timed_out.get() {
+            self.deadline.set(Some(Instant::now() + RESTORE_LIMIT));
+            let restored = self.restore.run();
+            if failed {
+                let _ = self.lua.gc_collect();
+            }
+            if let Err(e) = restored {
+                tracing::warn!(func = %self.name, error = %lua_err(e), "Lua globals not restored; rebuilding the state");
+                self.spent.set(true);
+            }
+        }
+        if self.timed_out.get() {
+            self.spent.set(true);
+        }
+        self.deadline.set(None);
     }
 
     fn classify(&self, e: mlua::Error) -> InvokeError {
@@ -490,6 +582,143 @@ fn is_response_table(t: &Table) -> Result<bool, mlua::Error> {
         }
     }
     Ok(true)
+}
+
+/// The time limit: every [`HOOK_EVERY`] instructions, on every Lua thread
+/// of the state (a global hook: coroutines created by Lua code inherit it;
+/// a per-thread hook would be dropped in them), past the deadline the
+/// running code gets an error.
+fn set_time_hook(
+    lua: &Lua,
+    deadline: &Rc<Cell<Option<Instant>>>,
+    timed_out: &Rc<Cell<bool>>,
+) -> mlua::Result<()> {
+    let deadline = Rc::clone(deadline);
+    let timed_out = Rc::clone(timed_out);
+    lua.set_global_hook(
+        HookTriggers::new().every_nth_instruction(HOOK_EVERY),
+        move |_, _| match deadline.get() {
+            Some(d) if Instant::now() >= d => {
+                timed_out.set(true);
+                Err(mlua::Error::runtime("time limit exceeded"))
+            }
+            _ => Ok(VmState::Continue),
+        },
+    )
+}
+
+/// Run `sandbox.lua` (the wrappers of `pcall`, patterns and table shifts);
+/// it returns the snapshot function, called once the Func has loaded.
+fn install_wrappers(
+    lua: &Lua,
+    deadline: &Rc<Cell<Option<Instant>>>,
+    timed_out: &Rc<Cell<bool>>,
+) -> mlua::Result<Function> {
+    let (deadline, timed_out) = (Rc::clone(deadline), Rc::clone(timed_out));
+    let expired = lua.create_function(move |_, ()| {
+        if deadline.get().is_some_and(|d| Instant::now() >= d) {
+            timed_out.set(true);
+        }
+        Ok(timed_out.get())
+    })?;
+    // The runs measured in the last subject, kept with it (so its identity
+    // cannot be reused by another string meanwhile).
+    let measured: std::cell::RefCell<Option<(mlua::LuaString, pattern::Runs)>> =
+        std::cell::RefCell::new(None);
+    let pattern_check = lua.create_function(move |lua, (s, p, kind): (Value, Value, u8)| {
+        let (Some(s), Some(p)) = (lua.coerce_string(s)?, lua.coerce_string(p)?) else {
+            return Ok(None);
+        };
+        let mut measured = measured.borrow_mut();
+        let runs = match &mut *measured {
+            Some((subject, runs)) if subject.to_pointer() == s.to_pointer() => runs,
+            slot => &mut slot.insert((s.clone(), pattern::Runs::default())).1,
+        };
+        let search = match kind {
+            0 => pattern::Search::Find,
+            2 => pattern::Search::Unanchored,
+            3 => pattern::Search::Plain,
+            _ => pattern::Search::Anchorable,
+        };
+        Ok(pattern::refusal(&s.as_bytes(), &p.as_bytes(), search, runs))
+    })?;
+    lua.load(SANDBOX_LUA)
+        .set_name("@funcatron/sandbox.lua")
+        .set_mode(mlua::chunk::ChunkMode::Text)
+        .call((expired, pattern_check, MAX_SHIFT))
+}
+
+/// Copy the shared tables as the Func left them after loading.
+fn take_snapshot(snapshot: &Function) -> mlua::Result<Restore> {
+    let (entries, targets): (Function, Table) = snapshot.call(())?;
+    let metatables = targets
+        .sequence_values::<Table>()
+        .map(|t| {
+            t.map(|t| {
+                let mt = t.metatable();
+                (t, mt)
+            })
+        })
+        .collect::<mlua::Result<_>>()?;
+    Ok(Restore {
+        entries,
+        metatables,
+    })
+}
+
+/// Load and run the handler file (Lua source only).
+fn load_handler(lua: &Lua, bundle: &Bundle) -> Result<Value, PrepareError> {
+    let path = bundle.dir.join(&bundle.handler);
+    let source =
+        std::fs::read(&path).map_err(|e| PrepareError::Lua(format!("{}: {e}", path.display())))?;
+    lua.load(&source)
+        .set_name(format!("@{}", bundle.handler.display()))
+        // Text only: precompiled bytecode is unchecked by the VM, and a
+        // malformed chunk crashes the process that loads it.
+        .set_mode(mlua::chunk::ChunkMode::Text)
+        .call(())
+        .map_err(|e| PrepareError::Lua(format!("{}: {}", bundle.handler.display(), lua_err(e))))
+}
+
+/// Run the handler file, resolve its handlers (a returned table's
+/// `__index` is Lua code too: this runs under the top-level deadline) and
+/// take the snapshot the restore puts back after each call.
+fn load_func(
+    lua: &Lua,
+    bundle: &Bundle,
+    snapshot: &Function,
+) -> Result<(HashMap<String, Function>, Restore), PrepareError> {
+    let scope = match load_handler(lua, bundle)? {
+        Value::Table(t) => t,
+        _ => lua.globals(),
+    };
+    let handlers = resolve_handlers(bundle, &scope)?;
+    Ok((handlers, take_snapshot(snapshot).map_err(lua_prep)?))
+}
+
+/// One function per `operationId`, from what the handler file returned.
+fn resolve_handlers(
+    bundle: &Bundle,
+    scope: &Table,
+) -> Result<HashMap<String, Function>, PrepareError> {
+    let mut handlers = HashMap::new();
+    let mut missing = Vec::new();
+    for op in &bundle.operations {
+        match scope.get::<Value>(op.operation_id.as_str()) {
+            Ok(Value::Function(f)) => {
+                handlers.insert(op.operation_id.clone(), f);
+            }
+            _ => missing.push(format!("`{}` ({} {})", op.operation_id, op.method, op.path)),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(PrepareError::Lua(format!(
+            "{}: no function for operationId {}",
+            bundle.handler.display(),
+            missing.join(", ")
+        )));
+    }
+    Ok(handlers)
 }
 
 fn install_sandbox(lua: &Lua, bundle: &Bundle, observer: Observer) -> mlua::Result<()> {

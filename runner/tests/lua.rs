@@ -306,3 +306,327 @@ fn bytecode_is_refused_as_handler_and_module() {
         String::from_utf8_lossy(&body)
     );
 }
+
+/// Run `f` on its own thread (a Lua state is not `Send`) and fail when it
+/// has not answered within `limit`: a sandbox escape shows as a failure,
+/// not as a hung test run.
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("still running after {limit:?}: the time limit did not stop it"))
+}
+
+/// Prepare `lua` (operations `ops`, a 200 ms limit) and call each of
+/// `calls` in turn; the statuses and bodies, in order.
+fn calls_on(
+    lua: &'static str,
+    ops: &'static [&'static str],
+    calls: &'static [&'static str],
+) -> Vec<(u16, String)> {
+    within(Duration::from_secs(20), move || {
+        let dir = tempfile::tempdir().unwrap();
+        let f = LuaFunc::prepare(&bundle(dir.path(), ops, lua), limits()).unwrap();
+        calls
+            .iter()
+            .map(|op| {
+                let (s, _, b) = call(&f, op, b"", "");
+                (s, String::from_utf8_lossy(&b).into_owned())
+            })
+            .collect()
+    })
+}
+
+/// `pcall`, `xpcall` (also with an error handler that loops) and coroutines
+/// cannot catch or outrun the time limit: each answers 504, and the state
+/// serves the next call.
+#[test]
+fn the_time_limit_cannot_be_caught_or_escaped() {
+    let got = calls_on(
+        "local function spin() while true do end end\n\
+         return {\n\
+         pcall = function() while true do pcall(spin) end end,\n\
+         xpcall = function() while true do xpcall(spin, function() while true do end end) end end,\n\
+         wrap = function() coroutine.wrap(spin)() end,\n\
+         resume = function() while true do coroutine.resume(coroutine.create(spin)) end end,\n\
+         nested = function() while true do pcall(coroutine.wrap(function() while true do pcall(spin) end end)) end end,\n\
+         closing = function() local stuck = setmetatable({}, {__close = function() while true do end end})\n\
+           local co = coroutine.create(function() local x <close> = stuck spin() end)\n\
+           coroutine.resume(co) coroutine.close(co) coroutine.wrap(function() local x <close> = stuck spin() end)() end,\n\
+         finalizer = function() setmetatable({}, {__gc = function() while true do end end}) end,\n\
+         yields = function()\n\
+           local co = coroutine.wrap(function() local ok, v = pcall(function() return coroutine.yield(1) + 1 end) coroutine.yield(v) end)\n\
+           return tostring(co()) .. tostring(co(41)) end,\n\
+         fine = function() return 'ok' end }",
+        &["pcall", "xpcall", "wrap", "resume", "nested", "yields", "fine"],
+        &["pcall", "fine", "xpcall", "wrap", "resume", "nested", "yields", "fine"],
+    );
+    let statuses: Vec<u16> = got.iter().map(|g| g.0).collect();
+    assert_eq!(
+        statuses,
+        [504, 200, 504, 504, 504, 504, 200, 200],
+        "{got:?}"
+    );
+    // A coroutine still yields across a (wrapped) pcall.
+    assert_eq!(got[6].1, "142");
+}
+
+/// Pattern matching runs in C, out of the hook's reach: pathological
+/// patterns are refused with a clear error (also as string methods), plain
+/// and common patterns on 100 KB subjects keep working.
+#[test]
+fn costly_patterns_are_refused_common_ones_work() {
+    let got = calls_on(
+        "local big = string.rep('a', 300000)\n\
+         local text = string.rep('key=value with  some   spaces\\t', 3500)\n\
+         local function try(f) local ok, e = pcall(f) return ok and 'ran' or tostring(e) end\n\
+         return {\n\
+         find = function() return try(function() return big:find('.-.-.-.-b') end) end,\n\
+         fn = function() return try(function() return string.find(big, '.-.-.-.-b') end) end,\n\
+         match = function() return try(function() return big:match('(.-)(.-)(.-)b') end) end,\n\
+         gmatch = function() return try(function() for _ in big:gmatch('a-a-a-b') do end end) end,\n\
+         gsub = function() return try(function() return big:gsub('a*a*a*b', '') end) end,\n\
+         optional = function() local s = string.rep('a', 40) return try(function() return s:match(string.rep('a?', 40) .. s) end) end,\n\
+         common = function()\n\
+           local squeezed = text:gsub('%s+', ' ')\n\
+           local k, v = text:match('^(.-)=(.*)$')\n\
+           local trimmed = ('  ' .. text .. '  '):match('^%s*(.-)%s*$')\n\
+           local words = 0 for _ in text:gmatch('%a+') do words = words + 1 end\n\
+           return table.concat({#text, #squeezed, k, #v, #trimmed, words, big:find('b', 1, true) or 'none', big:find('aab') or 'none'}, ' ') end,\n\
+         move = function() return try(function() table.move({}, 1, 1 << 40, 2) end) end,\n\
+         insert = function() local t = setmetatable({}, {__len = function() return 1 << 40 end})\n\
+           return try(function() table.insert(t, 1, 'x') end) .. ' / ' .. try(function() table.remove(t, 1) end) end,\n\
+         tokens = function() local s = string.rep('key = value; ', 80000) local n = 0\n\
+           for i = 1, 2000 do if s:find('(%w+)%s*=', i) then n = n + 1 end end return tostring(n) end,\n\
+         shift = function() local t = {1, 2, 3} table.insert(t, 1, 0) table.remove(t, 2) table.move(t, 1, 3, 2) return table.concat(t, ',') end }",
+        &["find", "fn", "match", "gmatch", "gsub", "optional", "common", "move", "insert", "shift", "tokens"],
+        &["find", "fn", "match", "gmatch", "gsub", "optional", "common", "move", "insert", "shift", "tokens"],
+    );
+    for (op, (status, body)) in ["find", "fn", "match", "gmatch", "gsub", "optional"]
+        .iter()
+        .zip(&got)
+    {
+        assert_eq!(*status, 200, "{op}: {body}");
+        assert!(body.contains("pattern too costly"), "{op}: {body}");
+    }
+    assert_eq!(got[6].0, 200, "{:?}", got[6]);
+    let text_len = 3500 * 30;
+    assert_eq!(
+        got[6].1,
+        format!(
+            "{text_len} {} key {} {} {} none none",
+            3500 * 27,
+            text_len - 4,
+            text_len - 1,
+            3500 * 5
+        )
+    );
+    assert!(
+        got[7].1.contains("table.move:") && got[7].1.contains("the sandbox allows"),
+        "{:?}",
+        got[7]
+    );
+    assert_eq!(
+        got[8].1.matches("the sandbox allows").count(),
+        2,
+        "{:?}",
+        got[8]
+    );
+    assert_eq!(got[9].1, "0,0,2,3");
+    // A tokenizer's loop of finds on one 1 MB subject measures it once.
+    assert_eq!(got[10], (200, "2000".into()));
+}
+
+/// What one request changes in the shared tables (globals and their
+/// metatable, the libraries, the string metatable, `json`, `env`) the next
+/// request does not see; the Func's own module-level locals persist.
+#[test]
+fn one_request_cannot_change_what_the_next_sees() {
+    let got = within(Duration::from_secs(20), || {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = bundle(
+            dir.path(),
+            &["taint", "probe"],
+            "local calls = 0\n\
+             greeting = 'hello'\n\
+             return {\n\
+             taint = function()\n\
+               calls = calls + 1\n\
+               string.upper = function() return 'hacked' end\n\
+               pcall(function() getmetatable('').__index = { len = function() return -1 end } end)\n\
+               rawset(string, 'len', function() return -2 end)\n\
+               setmetatable(_G, { __index = function(_, k) return 'ghost:' .. k end })\n\
+               table.insert, math.pi, json.encode, utf8.char, coroutine.wrap = nil, 3, nil, nil, nil\n\
+               env.GREETING, greeting, leaked = 'changed', 'bye', 'yes'\n\
+               pcall(setmetatable, string, { __metatable = false })\n\
+               pcall = function() return true end\n\
+               local _, hidden = pairs(string) if type(hidden) == 'table' then rawset(hidden, 'rep', nil) end\n\
+             end,\n\
+             probe = function()\n\
+               calls = calls + 1\n\
+               return { upper = ('a'):upper(), len = ('abc'):len(), ghost = tostring(nothing), insert = type(table.insert),\n\
+                 pi = math.pi > 3.14, encode = type(json.encode), char = type(utf8.char), wrap = type(coroutine.wrap),\n\
+                 env = env.GREETING, greeting = greeting, leaked = tostring(leaked), strmt = tostring(getmetatable(string)),\n\
+                 pairs = (function() local n = 0 for _ in pairs(math) do n = n + 1 end return n end)() > 20,\n\
+                 pcall = select('#', pcall(error, 'x')), rep = type(string.rep), calls = calls }\n\
+             end }",
+        );
+        b.env.insert("GREETING".into(), "hi".into());
+        let f = LuaFunc::prepare(&b, limits()).unwrap();
+        let before = call(&f, "probe", b"", "").2;
+        assert_eq!(call(&f, "taint", b"", "").0, 204);
+        let after = call(&f, "probe", b"", "").2;
+        (before, after)
+    });
+    let before: serde_json::Value = serde_json::from_slice(&got.0).unwrap();
+    let mut after: serde_json::Value = serde_json::from_slice(&got.1).unwrap();
+    assert_eq!(
+        before,
+        serde_json::json!({"upper": "A", "len": 3, "ghost": "nil", "insert": "function", "pi": true,
+            "encode": "function", "char": "function", "wrap": "function", "env": "hi",
+            "greeting": "hello", "leaked": "nil", "strmt": "false", "pairs": true, "pcall": 2, "rep": "function", "calls": 1})
+    );
+    // Module-level locals are the Func's own state: they persist.
+    assert_eq!(after["calls"], 3);
+    after["calls"] = before["calls"].clone();
+    assert_eq!(after, before);
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn status_and_body(h: funcatron_runner::invoke::Handled) -> (u16, String) {
+    match h {
+        Handled::Reply { response, .. } => {
+            let r = Response::decode(&response).unwrap();
+            (
+                r.status,
+                String::from_utf8_lossy(&r.body_bytes().unwrap()).into_owned(),
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A call past its limit is answered 504, its Lua state is discarded and
+/// rebuilt, and its thread serves the next request; stuck calls on every
+/// thread of a pool hold the next request only for about their limit.
+#[test]
+fn a_stuck_call_is_killed_and_its_thread_serves_on() {
+    use funcatron_runner::lua::LuaPool;
+    within(Duration::from_secs(30), || {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let b = bundle(
+                dir.path(),
+                &["count", "stuck"],
+                "local n = 0\nreturn { count = function() n = n + 1 return tostring(n) end,\n\
+                 stuck = function() n = 100 while true do pcall(function() while true do end end) end end }",
+            );
+            let observer = funcatron_runner::observe::Observer::detached();
+            let func: std::sync::Arc<str> = "t".into();
+            let mut options = funcatron_runner::RunnerOptions {
+                workers: 1,
+                lua_limits: limits(),
+                ..Default::default()
+            };
+            let one = LuaPool::prepare(&b, &options, &observer).await.unwrap();
+            assert_eq!(status_and_body(one.run(&func, job("count", b"", "")).await), (200, "1".into()));
+            assert_eq!(status_and_body(one.run(&func, job("stuck", b"", "")).await).0, 504);
+            // A fresh state: the stuck call's `n = 100` is gone with it.
+            assert_eq!(status_and_body(one.run(&func, job("count", b"", "")).await), (200, "1".into()));
+
+            options.workers = 2;
+            let two = LuaPool::prepare(&b, &options, &observer).await.unwrap();
+            let started = std::time::Instant::now();
+            let (a, b, c) = tokio::join!(
+                two.run(&func, job("stuck", b"", "")),
+                two.run(&func, job("stuck", b"", "")),
+                two.run(&func, job("count", b"", "")),
+            );
+            assert_eq!((status_and_body(a).0, status_and_body(b).0), (504, 504));
+            assert_eq!(status_and_body(c), (200, "1".into()));
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{:?} for a 200 ms limit",
+                started.elapsed()
+            );
+        })
+    });
+}
+
+/// The upload / dev check runs the Func's top-level code under the time
+/// limit too, off the async runtime: code that never ends is a prepare
+/// error, not a hung check.
+#[test]
+fn the_upload_check_stops_top_level_code_that_never_ends() {
+    let err = within(Duration::from_secs(30), || {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let b = bundle(
+                dir.path(),
+                &["a"],
+                "while true do pcall(function() while true do end end) end\nreturn { a = function() end }",
+            );
+            let options = funcatron_runner::RunnerOptions {
+                lua_limits: limits(),
+                ..Default::default()
+            };
+            funcatron_runner::check(&b, &options).await.unwrap_err().to_string()
+        })
+    });
+    assert!(err.contains("time limit"), "{err}");
+}
+
+/// SIGTERM with a stuck Lua call in flight: the Runner finishes what it
+/// holds (the stuck call, answered 504 at its limit) and stops within the
+/// limit plus a grace.
+#[test]
+fn shutdown_is_not_held_by_a_stuck_func() {
+    use funcatron_broker::{AnyBroker, Broker, Message, QueueKind};
+    let stopped_in = within(Duration::from_secs(30), || {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let b = bundle(
+                dir.path(),
+                &["stuck"],
+                "return { stuck = function() while true do pcall(function() while true do end end) end end }",
+            );
+            let broker = AnyBroker::from_url("embedded", 1024).unwrap();
+            let queue = funcatron_control::names::func_queue(&b.name, &b.version);
+            broker.declare(&queue, QueueKind::Work).await.unwrap();
+            let options = funcatron_runner::RunnerOptions {
+                workers: 1,
+                lua_limits: limits(),
+                ..Default::default()
+            };
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let node = funcatron_runner::RunnerNode::new(broker.clone())
+                .options(options)
+                .bundles(vec![b]);
+            let running = tokio::spawn(node.run(shutdown.clone()));
+            let mut message = Message::new(job("stuck", b"", "").payload);
+            message.headers.push((
+                funcatron_control::headers::OPERATION.into(),
+                "stuck".into(),
+            ));
+            broker.publish(&queue, message).await.unwrap();
+            // Delivered to the Runner (and so finished before it stops).
+            while broker.depth(&queue).await.unwrap().unacked != Some(1) {
+                tokio::task::yield_now().await;
+            }
+            let signalled = std::time::Instant::now();
+            shutdown.cancel();
+            running.await.unwrap();
+            assert_eq!(broker.depth(&queue).await.unwrap().unacked, Some(0));
+            signalled.elapsed()
+        })
+    });
+    assert!(stopped_in < Duration::from_secs(3), "{stopped_in:?}");
+}
