@@ -13,6 +13,8 @@ use crate::serve::{default_cache_dir, RunnerOptions};
 pub const DEFAULT_PREFETCH: u16 = 64;
 /// Default time limit of one invocation, in milliseconds.
 pub const DEFAULT_FUNC_TIMEOUT_MS: u64 = 10_000;
+/// Default largest answer (body and headers) a Func may give, in bytes.
+pub const DEFAULT_MAX_REPLY_BYTES: usize = 8 * 1024 * 1024;
 /// Default memory limit of a Lua Func's state, in MiB.
 pub const DEFAULT_FUNC_MEMORY_MB: usize = 64;
 /// Default address-space limit of an exec Func's process, in MiB.
@@ -43,6 +45,10 @@ pub struct RunnerArgs {
     /// Default time limit of one Func invocation, in milliseconds.
     #[arg(long, env = "FUNCATRON_FUNC_TIMEOUT_MS", default_value_t = DEFAULT_FUNC_TIMEOUT_MS)]
     pub func_timeout_ms: u64,
+    /// Largest answer (body and headers) a Func may give, in bytes; the
+    /// answer travels as one message, a larger one is answered 502.
+    #[arg(long, env = "FUNCATRON_MAX_REPLY_BYTES", default_value_t = DEFAULT_MAX_REPLY_BYTES)]
+    pub max_reply_bytes: usize,
     /// Default memory limit of a Func's Lua state, in MiB.
     #[arg(long, env = "FUNCATRON_FUNC_MEMORY_MB", default_value_t = DEFAULT_FUNC_MEMORY_MB)]
     pub func_memory_mb: usize,
@@ -76,6 +82,7 @@ impl RunnerArgs {
         let workers = self.workers.unwrap_or_else(cpus).max(1);
         RunnerOptions {
             prefetch: self.runner_prefetch,
+            max_reply_bytes: self.max_reply_bytes,
             workers,
             lua_limits: LuaLimits {
                 timeout,
@@ -103,6 +110,7 @@ impl Default for RunnerOptions {
             runner_prefetch: DEFAULT_PREFETCH,
             workers: None,
             func_timeout_ms: DEFAULT_FUNC_TIMEOUT_MS,
+            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
             func_memory_mb: DEFAULT_FUNC_MEMORY_MB,
             exec_memory_mb: DEFAULT_EXEC_MEMORY_MB,
             worker_processes: None,

@@ -136,6 +136,7 @@ impl ExecFunc {
         };
         let stderr = String::from_utf8_lossy(&out.stderr);
         for line in stderr.lines() {
+            let line = &*crate::observe::log_line(line);
             tracing::info!(func, request_id = %env.id, "{line}");
             observer.func_log(func, &self.version, &env.id, "stderr", line);
         }

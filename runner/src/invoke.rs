@@ -29,6 +29,8 @@ pub struct Job {
     pub checks: Option<Arc<Checks>>,
     /// The Runner's observer: failures are reported to `funcatron logs`.
     pub observer: crate::observe::Observer,
+    /// Largest answer body sent as one message; larger answers 502.
+    pub max_reply_bytes: usize,
 }
 
 /// What the serve loop does with one delivery.
@@ -108,6 +110,9 @@ pub enum InvokeError {
     /// request; it has been replaced.
     #[error("{0}")]
     Crashed(String),
+    /// The Func answered more than one message may carry.
+    #[error("{0}")]
+    ReplyTooLarge(String),
 }
 
 impl InvokeError {
@@ -121,6 +126,7 @@ impl InvokeError {
             InvokeError::Broken(_) => (500, "func_broken"),
             InvokeError::Invalid(_) => (400, "validation_failed"),
             InvokeError::Crashed(_) => (500, "func_crashed"),
+            InvokeError::ReplyTooLarge(_) => (502, "reply_too_large"),
         }
     }
 }
@@ -206,6 +212,23 @@ pub fn run_sync(
     finish(func, job, &req, called.started, called.result)
 }
 
+/// An answer travels as one message: one larger than the limit (body and
+/// headers) is refused rather than sent.
+fn within_reply_limit(fr: FuncResponse, max: usize) -> Result<FuncResponse, InvokeError> {
+    let size = fr.body.len()
+        + fr.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>();
+    if size > max {
+        metrics::counter!("runner_replies_too_large_total").increment(1);
+        return Err(InvokeError::ReplyTooLarge(format!(
+            "the Func's answer is {size} bytes, over the limit of {max} bytes"
+        )));
+    }
+    Ok(fr)
+}
+
 /// Step 3: encode the response envelope (or the error) with timings.
 pub fn finish(
     func: &str,
@@ -230,6 +253,7 @@ pub fn finish(
         .record(dispatch_ms / 1000.0);
     metrics::histogram!("runner_invocation_duration_seconds", "func" => func.to_owned())
         .record(exec_ms / 1000.0);
+    let result = result.and_then(|fr| within_reply_limit(fr, job.max_reply_bytes));
     let (status, response) = match result {
         Ok(fr) => {
             let (body, body_base64) = encode_body(&fr.body);
@@ -257,7 +281,7 @@ pub fn finish(
                 "",
                 &req.id,
                 "error",
-                &format!("{} {}: {e}", status, job.operation),
+                &crate::observe::log_line(&format!("{} {}: {e}", status, job.operation)),
             );
             let mut r = Response::error(&req.id, status, code, &e.to_string());
             if let InvokeError::Invalid(problems) = &e {

@@ -751,6 +751,7 @@ fn install_sandbox(lua: &Lua, bundle: &Bundle, observer: Observer) -> mlua::Resu
                 .app_data_ref::<RequestId>()
                 .map(|r| r.0.clone())
                 .unwrap_or_default();
+            let line = crate::observe::log_line(&line);
             tracing::info!(func = %func_name, version = %version, request_id = %id, "{line}");
             observer.func_log(&func_name, &version, &id, "print", &line);
             Ok(())

@@ -13,6 +13,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use funcatron_broker::{AnyBroker, Broker, Message};
 use funcatron_control::headers;
@@ -228,6 +230,8 @@ impl Observer {
     }
 
     /// A line a Func printed (or a failure about it), for `funcatron logs`.
+    /// Pass it through [`log_line`] first (the callers also write it to the
+    /// Runner's own log).
     pub fn func_log(&self, func: &str, version: &str, request_id: &str, stream: &str, line: &str) {
         if self.inner.tx.is_none() {
             return;
@@ -380,4 +384,55 @@ fn record(
     serde_json::to_writer(&mut out, &resp).ok()?;
     out.push(b'}');
     Some(out)
+}
+
+/// Longest Func log line kept, in bytes; the rest is cut (and said so).
+pub const MAX_LOG_LINE_BYTES: usize = 8 * 1024;
+
+/// A line a Func printed, safe to log: at most [`MAX_LOG_LINE_BYTES`]
+/// (cut at a character boundary, with how much was cut), and control
+/// characters other than tab escaped, so Func output cannot forge lines
+/// in the Runner's log or move a terminal's cursor.
+pub fn log_line(line: &str) -> Cow<'_, str> {
+    let clean = !line.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f);
+    if clean && line.len() <= MAX_LOG_LINE_BYTES {
+        return Cow::Borrowed(line);
+    }
+    let mut end = line.len().min(MAX_LOG_LINE_BYTES);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = String::with_capacity(end + 32);
+    for c in line[..end].chars() {
+        if (c.is_control() && c != '\t') || c == '\u{7f}' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if end < line.len() {
+        out.push_str(&format!(" [{} more bytes cut]", line.len() - end));
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod line_tests {
+    use super::{log_line, MAX_LOG_LINE_BYTES};
+
+    #[test]
+    fn func_lines_are_bounded_and_cannot_forge_log_lines() {
+        assert_eq!(log_line("plain\ttext"), "plain\ttext");
+        assert_eq!(
+            log_line("ok\n2026-01-01 INFO forged\r\x1b[2J"),
+            "ok\\n2026-01-01 INFO forged\\r\\u{1b}[2J"
+        );
+        let long = "é".repeat(MAX_LOG_LINE_BYTES);
+        let cut = log_line(&long);
+        assert!(cut.len() < MAX_LOG_LINE_BYTES + 40, "{}", cut.len());
+        assert!(
+            cut.ends_with(&format!(" [{} more bytes cut]", MAX_LOG_LINE_BYTES)),
+            "{cut}"
+        );
+    }
 }

@@ -82,6 +82,10 @@ pub fn resolve_env(
 pub struct RunnerOptions {
     /// Unacknowledged requests held per Func queue.
     pub prefetch: u16,
+    /// Largest answer body a Func may give, in bytes: the answer travels
+    /// as one broker message; a larger one is answered 502
+    /// `reply_too_large`.
+    pub max_reply_bytes: usize,
     /// Lua threads per Lua Func version (each holds the version prepared).
     pub workers: usize,
     /// Default limits for Lua Funcs.
@@ -280,6 +284,7 @@ async fn start_version(
                 version_name: Arc::from(b.version.as_str()),
                 queue: Arc::from(queue.as_str()),
                 load: Arc::clone(&load),
+                max_reply_bytes: options.max_reply_bytes,
             };
             tasks.spawn(consume(Arc::new(ctx), sub, stop.clone()));
         }
@@ -333,6 +338,8 @@ struct Consumer {
     version_name: Arc<str>,
     queue: Arc<str>,
     load: Arc<Load>,
+    /// Largest answer body sent as one message ([`RunnerOptions::max_reply_bytes`]).
+    max_reply_bytes: usize,
 }
 
 /// Consume one Func queue until `stop`. On `stop` the consumer is
@@ -427,6 +434,7 @@ fn job_for(ctx: &Consumer, delivery: &Delivery, picked_ms: f64) -> Result<Job, D
         dispatched_ms,
         checks,
         observer: ctx.observer.clone(),
+        max_reply_bytes: ctx.max_reply_bytes,
     })
 }
 
@@ -558,6 +566,10 @@ mod tests {
     }
 
     fn job(deadline_ms: u64) -> Job {
+        job_with(deadline_ms, vec![])
+    }
+
+    fn job_with(deadline_ms: u64, headers: Vec<(Cow<'static, str>, Cow<'static, str>)>) -> Job {
         let req = Request {
             version: Cow::Borrowed(VERSION),
             id: Cow::Borrowed("t-1"),
@@ -568,7 +580,7 @@ mod tests {
             host: Cow::Borrowed("localhost"),
             path: Cow::Borrowed("/hi"),
             query: Cow::Borrowed(""),
-            headers: vec![],
+            headers,
             remote: None,
             body: Cow::Borrowed("world"),
             body_base64: false,
@@ -583,6 +595,7 @@ mod tests {
             dispatched_ms: None,
             checks: None,
             observer: Observer::detached(),
+            max_reply_bytes: 1024,
         }
     }
 
@@ -623,6 +636,32 @@ mod tests {
         }
         let expired = call_version(&Arc::from("t"), &v.prepared, job(1)).await;
         assert!(matches!(expired, Handled::Expired { .. }), "{expired:?}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_the_reply_limit_is_answered_502() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = bundle(
+            dir.path(),
+            "lua",
+            None,
+            "return { hi = function(r) return string.rep('x', tonumber(r.headers.n or '10')) end }",
+        );
+        let v = prepare_version(&b, &options(), &Observer::detached()).await;
+        let deadline = (now_ms() + 10_000.0) as u64;
+        // The test job's limit is 1024 bytes (body and headers).
+        let sized = |n: usize| {
+            job_with(
+                deadline,
+                vec![(Cow::Borrowed("n"), Cow::Owned(n.to_string()))],
+            )
+        };
+        let (status, body) = reply(call_version(&Arc::from("t"), &v.prepared, sized(900)).await);
+        assert_eq!((status, body.len()), (200, 900));
+        let (status, body) = reply(call_version(&Arc::from("t"), &v.prepared, sized(5000)).await);
+        assert_eq!(status, 502, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"], "reply_too_large", "{v}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,13 +17,18 @@ use funcatron_control::state::Capture;
 
 /// Log lines kept for `funcatron logs`.
 const KEPT_LINES: usize = 5000;
+/// Most bytes the kept log lines may hold together.
+const KEPT_BYTES: usize = 8 * 1024 * 1024;
+/// Longest log record accepted from the topic (a Runner cuts a Func's
+/// line at 8 KiB; anything much larger did not come from one).
+const MAX_RECORD_BYTES: usize = 32 * 1024;
 
 /// The log ring and capture files of one Tron.
 pub struct Telemetry {
     /// The store directory (capture files go under `captures/`).
     store: PathBuf,
-    /// Recent Func log lines (JSON), newest last.
-    logs: Mutex<VecDeque<Arc<str>>>,
+    /// Recent Func log lines (JSON), newest last, and their total bytes.
+    logs: Mutex<(VecDeque<Arc<str>>, usize)>,
     /// New log lines, for followers.
     live_logs: tokio::sync::broadcast::Sender<Arc<str>>,
     /// Pairs written per capture id.
@@ -40,7 +45,7 @@ impl Telemetry {
     pub fn new(store: &Path) -> Self {
         Telemetry {
             store: store.to_owned(),
-            logs: Mutex::new(VecDeque::new()),
+            logs: Mutex::new((VecDeque::new(), 0)),
             live_logs: tokio::sync::broadcast::channel(1024).0,
             captured: Mutex::default(),
             known_captures: Mutex::default(),
@@ -131,15 +136,24 @@ impl Telemetry {
             metrics::counter!("tron_bad_log_lines_total").increment(1);
             return;
         };
+        if text.len() > MAX_RECORD_BYTES {
+            metrics::counter!("tron_bad_log_lines_total").increment(1);
+            return;
+        }
         let line: Arc<str> = Arc::from(text);
         {
-            let mut logs = self
+            let mut guard = self
                 .logs
                 .lock()
                 .unwrap_or_else(|e| poisoned("telemetry.logs", e));
-            if logs.len() >= KEPT_LINES {
-                logs.pop_front();
+            let (logs, bytes) = &mut *guard;
+            while logs.len() >= KEPT_LINES || (*bytes + line.len() > KEPT_BYTES && !logs.is_empty())
+            {
+                if let Some(old) = logs.pop_front() {
+                    *bytes -= old.len();
+                }
             }
+            *bytes += line.len();
             logs.push_back(Arc::clone(&line));
         }
         // No follower is listening: nothing to do.
@@ -153,9 +167,32 @@ impl Telemetry {
             .logs
             .lock()
             .unwrap_or_else(|e| poisoned("telemetry.logs", e))
+            .0
             .iter()
             .cloned()
             .collect();
         (recent, rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_log_ring_is_bounded_in_bytes_and_refuses_huge_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Telemetry::new(dir.path());
+        let line = format!("{{\"message\":\"{}\"}}", "x".repeat(30 * 1024));
+        for _ in 0..1000 {
+            t.remember_log(line.as_bytes());
+        }
+        let (kept, _) = t.logs();
+        let bytes: usize = kept.iter().map(|l| l.len()).sum();
+        assert!(bytes <= KEPT_BYTES && bytes > KEPT_BYTES / 2, "{bytes}");
+        t.remember_log("y".repeat(MAX_RECORD_BYTES + 1).as_bytes());
+        let (after, _) = t.logs();
+        assert!(after.iter().all(|l| !l.starts_with('y')));
     }
 }

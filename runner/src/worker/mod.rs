@@ -429,6 +429,39 @@ async fn await_ready(
     outcome
 }
 
+/// Read one line (without its newline) into `line`, keeping at most `max`
+/// bytes of it and skipping the rest: a worker printing without newlines
+/// cannot make the Runner hold more. `false` at the end of the pipe.
+async fn bounded_line(
+    pipe: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    line: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<bool> {
+    line.clear();
+    let mut cut = 0usize;
+    loop {
+        let buf = pipe.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(!line.is_empty() || cut > 0);
+        }
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        let room = max.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        cut += chunk.len().saturating_sub(room);
+        let used = done.unwrap_or(buf.len());
+        pipe.consume(used);
+        if done.is_some() {
+            if cut > 0 {
+                line.extend_from_slice(format!(" [{cut} more bytes cut]").as_bytes());
+            }
+            return Ok(true);
+        }
+    }
+}
+
 /// Every line a worker prints goes to the log with the request in flight.
 async fn forward(
     pipe: impl tokio::io::AsyncRead + Unpin,
@@ -439,8 +472,12 @@ async fn forward(
     current: Current,
     tail: Option<Tail>,
 ) {
-    let mut lines = tokio::io::BufReader::new(pipe).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut pipe = tokio::io::BufReader::new(pipe);
+    let mut raw = Vec::new();
+    while let Ok(true) =
+        bounded_line(&mut pipe, &mut raw, crate::observe::MAX_LOG_LINE_BYTES - 64).await
+    {
+        let line = crate::observe::log_line(&String::from_utf8_lossy(&raw)).into_owned();
         let id = current
             .lock()
             .unwrap_or_else(|e| poisoned("worker.current", e))
@@ -675,4 +712,22 @@ fn shim_env(bundle: &Bundle) -> BTreeMap<String, String> {
     ops.dedup();
     env.insert("FUNCATRON_OPERATIONS".into(), ops.join(","));
     env
+}
+
+#[cfg(test)]
+mod line_tests {
+    #![allow(clippy::unwrap_used)]
+
+    #[tokio::test]
+    async fn a_worker_line_without_end_is_held_to_the_bound() {
+        let mut text = vec![b'a'; 100_000];
+        text.extend_from_slice(b"\nb\nlast");
+        let mut pipe = tokio::io::BufReader::with_capacity(1024, text.as_slice());
+        let mut line = Vec::new();
+        let mut got = Vec::new();
+        while super::bounded_line(&mut pipe, &mut line, 10).await.unwrap() {
+            got.push(String::from_utf8(line.clone()).unwrap());
+        }
+        assert_eq!(got, ["aaaaaaaaaa [99990 more bytes cut]", "b", "last"]);
+    }
 }
