@@ -59,6 +59,7 @@ fn job(op: &str, body: &[u8], content_type: &str) -> Job {
         dispatched_ms: None,
         checks: None,
         observer: funcatron_runner::observe::Observer::detached(),
+        max_reply_bytes: 1 << 20,
     }
 }
 
