@@ -230,7 +230,7 @@ async fn serve_metrics(m: &MetricsArgs, shutdown: &CancellationToken) -> Result<
         .await
         .with_context(|| format!("binding the metrics endpoint {addr}"))?;
     let stop = shutdown.clone();
-    let limits = m.listener.limits();
+    let limits = m.listener.limits()?;
     tokio::spawn(funcatron_listener::serve(
         "metrics",
         listener,
@@ -359,7 +359,7 @@ fn main() -> Result<()> {
                 let broker = broker(&a.broker, false)?;
                 let substrate =
                     scale::substrate(&a.tron.scale, &a.broker.broker, &a.bundles, false).await?;
-                let limits = a.metrics.listener.limits();
+                let limits = a.metrics.listener.limits()?;
                 tron(broker, &a.bundles, &a.tron, substrate, limits, shutdown).await
             }
             Command::Runner(a) => {
@@ -371,7 +371,7 @@ fn main() -> Result<()> {
             Command::Ingress(a) => {
                 serve_metrics(&a.metrics, &shutdown).await?;
                 let broker = broker(&a.broker, false)?;
-                ingress(broker, &a.ingress, a.metrics.listener.limits(), shutdown).await
+                ingress(broker, &a.ingress, a.metrics.listener.limits()?, shutdown).await
             }
             Command::NginxConfig(a) => nginx_config(a),
             Command::Bundle(c) => bundle_cmd::run(c).await,
@@ -408,7 +408,7 @@ fn main() -> Result<()> {
             Command::Dev(a) => {
                 let opts = a.runner.options();
                 let extra = metrics_routes("/_funcatron/metrics");
-                let limits = a.listener.limits();
+                let limits = a.listener.limits()?;
                 dev::run(
                     a.dir,
                     a.environment,
@@ -608,7 +608,7 @@ async fn ingress(
 async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result<()> {
     let broker = broker(&a.broker, true)?;
     let dir = a.bundles.clone();
-    let limits = a.metrics.listener.limits();
+    let limits = a.metrics.listener.limits()?;
     // `up` scales its Runners itself unless told `--substrate none`: on
     // the embedded broker as tasks of this process, else as the substrate
     // says (child processes by default).
@@ -634,6 +634,7 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
             a.tron.clone(),
             dir.clone(),
         );
+        let limits = limits.clone();
         async move { tron(b, &d, &o, substrate, limits, s).await }
     });
     let r = tokio::spawn({

@@ -137,7 +137,7 @@ pub async fn run_with(
     extra: Router,
     shutdown: CancellationToken,
 ) -> Result<(), IngressError> {
-    let limits = options.limits;
+    let limits = options.limits.clone();
     let app = extra.merge(app(broker, options, shutdown.clone()).await?);
     funcatron_listener::serve("ingress", listener, app, limits, shutdown).await?;
     Ok(())

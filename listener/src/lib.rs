@@ -15,7 +15,10 @@
 //! - **connection limit**: past it, new connections wait in the kernel's
 //!   backlog until one closes;
 //! - **graceful shutdown**: on `shutdown` the listener stops accepting,
-//!   lets requests in progress finish, and gives up after the grace.
+//!   lets requests in progress finish, and gives up after the grace;
+//! - **TLS** (optional, rustls): with a certificate and key every listener
+//!   of the command serves HTTPS (HTTP/1.1 and HTTP/2 by ALPN); the TLS
+//!   handshake is bounded by the header timeout.
 //!
 //! Handlers see the client's address as `ConnectInfo<SocketAddr>`, as with
 //! `axum::serve(..).into_make_service_with_connect_info()`.
@@ -57,8 +60,26 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default time requests in progress get to finish at shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 
-/// The limits every listener applies.
-#[derive(Debug, Clone, Copy)]
+/// Why a listener's settings are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    /// The certificate or key file could not be read or parsed.
+    #[error("TLS {what} {path}: {why}")]
+    Pem {
+        /// `certificate` or `key`.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// rustls refused the certificate and key.
+    #[error("TLS: {0}")]
+    Tls(#[from] tokio_rustls::rustls::Error),
+}
+
+/// The limits every listener applies, and its TLS settings.
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Most time for a request's head to arrive (also the keep-alive wait
     /// for the next request on HTTP/1.1).
@@ -71,6 +92,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long requests in progress may take to finish at shutdown.
     pub shutdown_grace: Duration,
+    /// Serve HTTPS with this configuration; plain HTTP when `None`.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Default for Limits {
@@ -81,8 +104,43 @@ impl Default for Limits {
             idle_timeout: Duration::from_millis(DEFAULT_IDLE_TIMEOUT_MS),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             shutdown_grace: Duration::from_millis(DEFAULT_SHUTDOWN_GRACE_MS),
+            tls: None,
         }
     }
+}
+
+/// A TLS server configuration from a PEM certificate chain and a PEM
+/// private key (PKCS#8, PKCS#1 or SEC1), offering HTTP/2 and HTTP/1.1.
+pub fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<tokio_rustls::rustls::ServerConfig>, ListenerError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let pem = |what, path: &std::path::Path, why: String| ListenerError::Pem {
+        what,
+        path: path.display().to_string(),
+        why,
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| pem("certificate", cert, e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem("certificate", cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(pem(
+            "certificate",
+            cert,
+            "no certificate in the file".into(),
+        ));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem("key", key, e.to_string()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// The listener flags, flattened into every command that serves HTTP; they
@@ -108,18 +166,29 @@ pub struct ListenerArgs {
     /// milliseconds.
     #[arg(long, env = "FUNCATRON_SHUTDOWN_GRACE_MS", default_value_t = DEFAULT_SHUTDOWN_GRACE_MS)]
     pub shutdown_grace_ms: u64,
+    /// Serve HTTPS: the certificate chain (PEM); needs `--tls-key`.
+    #[arg(long, env = "FUNCATRON_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of `--tls-cert`.
+    #[arg(long, env = "FUNCATRON_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl ListenerArgs {
-    /// The limits these flags give.
-    pub fn limits(&self) -> Limits {
-        Limits {
+    /// The limits these flags give (reading the TLS files, if any).
+    pub fn limits(&self) -> Result<Limits, ListenerError> {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(tls_config(cert, key)?),
+            _ => None,
+        };
+        Ok(Limits {
             header_timeout: Duration::from_millis(self.header_timeout_ms),
             body_timeout: Duration::from_millis(self.body_timeout_ms),
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             max_connections: self.max_connections.max(1),
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
-        }
+            tls,
+        })
     }
 }
 
@@ -178,33 +247,17 @@ pub async fn serve(
         };
         metrics::counter!("listener_connections_total", "listener" => name).increment(1);
         let _ = stream.set_nodelay(true);
-        let activity = Arc::new(Activity::new());
-        let io = TokioIo::new(Tracked {
-            inner: stream,
-            activity: Arc::clone(&activity),
-        });
-        let service = hyper_util::service::TowerToHyperService::new(per_connection(
-            router.clone(),
+        let conn = Conn {
+            name,
             remote,
-            limits.body_timeout,
-            Arc::clone(&activity),
-        ));
-        let conn = graceful.watch(
-            builder
-                .serve_connection_with_upgrades(io, service)
-                .into_owned(),
-        );
-        let idle = limits.idle_timeout;
+            router: router.clone(),
+            limits: limits.clone(),
+            builder: Arc::clone(&builder),
+            watcher: graceful.watcher(),
+        };
         tokio::spawn(async move {
             let _slot = slot;
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(listener = name, %remote, error = %e, "connection ended");
-                },
-                _ = activity.idle_for(idle) => {
-                    tracing::debug!(listener = name, %remote, "idle connection closed");
-                }
-            }
+            conn.run(stream).await;
         });
     }
     drop(listener);
@@ -219,6 +272,70 @@ pub async fn serve(
         );
     }
     Ok(())
+}
+
+/// One accepted connection and what serving it needs.
+struct Conn {
+    name: &'static str,
+    remote: SocketAddr,
+    router: Router,
+    limits: Limits,
+    builder: Arc<Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+impl Conn {
+    /// The TLS handshake (if any, within the header timeout), then HTTP
+    /// until the connection ends, idles out or the listener shuts down.
+    async fn run(self, stream: TcpStream) {
+        let activity = Arc::new(Activity::new());
+        let tracked = Tracked {
+            inner: stream,
+            activity: Arc::clone(&activity),
+        };
+        match self.limits.tls.clone() {
+            None => self.http(tracked, activity).await,
+            Some(tls) => {
+                let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tracked);
+                match tokio::time::timeout(self.limits.header_timeout, accept).await {
+                    Ok(Ok(stream)) => self.http(stream, activity).await,
+                    Ok(Err(e)) => {
+                        metrics::counter!("listener_tls_handshake_failures_total").increment(1);
+                        tracing::debug!(listener = self.name, remote = %self.remote, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        metrics::counter!("listener_tls_handshake_failures_total").increment(1);
+                        tracing::debug!(listener = self.name, remote = %self.remote, "TLS handshake timed out");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn http<S>(self, io: S, activity: Arc<Activity>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (name, remote) = (self.name, self.remote);
+        let service = hyper_util::service::TowerToHyperService::new(per_connection(
+            self.router,
+            remote,
+            self.limits.body_timeout,
+            Arc::clone(&activity),
+        ));
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        let conn = self.watcher.watch(conn.into_owned());
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                tracing::debug!(listener = name, %remote, error = %e, "connection ended");
+            },
+            _ = activity.idle_for(self.limits.idle_timeout) => {
+                tracing::debug!(listener = name, %remote, "idle connection closed");
+            }
+        }
+    }
 }
 
 /// Accept errors are the listener's, not the server's end: out of file

@@ -27,6 +27,7 @@ fn limits() -> Limits {
         idle_timeout: Duration::from_secs(30),
         max_connections: 100,
         shutdown_grace: Duration::from_secs(1),
+        tls: None,
     }
 }
 
