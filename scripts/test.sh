@@ -23,6 +23,7 @@ command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v javac >/dev/null 2>&1 || need+=(default-jdk-headless)
 command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
 command -v pgrep >/dev/null 2>&1 || need+=(procps)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v docker >/dev/null 2>&1 || need+=(docker.io)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]} from Debian's packages"
@@ -32,9 +33,40 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 stage install
 
+# A CA and a server certificate for RabbitMQ's TLS listener (port 5671),
+# made here, so the amqps tests check a certificate chain they control.
+tls_dir=${FUNCATRON_TEST_TLS_DIR:-/var/tmp/funcatron-test-tls}
+export FUNCATRON_TEST_TLS_DIR=$tls_dir
+if [ ! -f "$tls_dir/server.pem" ]; then
+  echo "== making test TLS certificates in $tls_dir"
+  mkdir -p "$tls_dir"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=funcatron test CA" \
+    -keyout "$tls_dir/ca.key" -out "$tls_dir/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$tls_dir/server.key" -out "$tls_dir/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > "$tls_dir/san.ext"
+  openssl x509 -req -in "$tls_dir/server.csr" -CA "$tls_dir/ca.pem" -CAkey "$tls_dir/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$tls_dir/san.ext" -out "$tls_dir/server.pem" 2>/dev/null
+  chmod 644 "$tls_dir"/*.pem "$tls_dir"/*.key
+fi
+cat > "$tls_dir/rabbitmq.conf" <<CONF
+listeners.tcp.default = 5672
+listeners.ssl.default = 5671
+ssl_options.cacertfile = $tls_dir/ca.pem
+ssl_options.certfile = $tls_dir/server.pem
+ssl_options.keyfile = $tls_dir/server.key
+ssl_options.verify = verify_none
+ssl_options.fail_if_no_peer_cert = false
+CONF
+# A RabbitMQ already running without the TLS listener is restarted with it.
+if as_root rabbitmqctl await_startup --timeout 5 >/dev/null 2>&1 \
+  && ! as_root rabbitmq-diagnostics -q listeners 2>/dev/null | grep -q 5671; then
+  echo "== restarting RabbitMQ with its TLS listener"
+  as_root rabbitmqctl stop >/dev/null
+fi
 if ! as_root rabbitmqctl await_startup --timeout 5 >/dev/null 2>&1; then
   echo "== starting RabbitMQ"
-  as_root rabbitmq-server -detached
+  as_root env RABBITMQ_CONFIG_FILE="$tls_dir/rabbitmq.conf" rabbitmq-server -detached
   # Wait for readiness: the node first has to exist before await_startup can wait on it.
   for _ in $(seq 1 120); do
     as_root rabbitmqctl await_startup --timeout 10 >/dev/null 2>&1 && break

@@ -15,6 +15,12 @@
 //! for the connection (the `connection_name` client property, in the
 //! management UI and `rabbitmqctl list_connections client_properties`), so
 //! an operator, or a test, can tell one process's connection from another.
+//!
+//! `amqps://` connects over TLS (rustls): the server's certificate is
+//! checked against the system's roots, plus the CA certificates (PEM) of
+//! the file a `cacertfile` query parameter names
+//! (`amqps://host:5671/%2f?cacertfile=/etc/funcatron/ca.pem`, the parameter
+//! RabbitMQ's own URI spec uses).
 
 use funcatron_control::sync::poisoned;
 use std::collections::HashMap;
@@ -27,6 +33,7 @@ use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
@@ -231,10 +238,32 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
 /// The `connection_name` query parameter of an AMQP URI, percent-decoded
 /// (lapin ignores query parameters it does not know).
 fn connection_name(uri: &str) -> Option<String> {
+    query_param(uri, "connection_name")
+}
+
+/// The TLS settings of an AMQP URI: the CA certificates of its
+/// `cacertfile` parameter, beside the system's roots.
+fn tls_config(uri: &str) -> Result<OwnedTLSConfig, lapin::Error> {
+    let mut tls = OwnedTLSConfig::default();
+    if let Some(path) = query_param(uri, "cacertfile") {
+        let pem = std::fs::read_to_string(&path).map_err(|e| {
+            lapin::Error::from(lapin::ErrorKind::IOError(Arc::new(std::io::Error::new(
+                e.kind(),
+                format!("cacertfile {path}: {e}"),
+            ))))
+        })?;
+        tls.cert_chain = Some(pem);
+    }
+    Ok(tls)
+}
+
+/// One query parameter of a URI, percent-decoded.
+fn query_param(uri: &str, name: &str) -> Option<String> {
     let (_, query) = uri.split_once('?')?;
-    let raw = query
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("connection_name="))?;
+    let raw = query.split('&').find_map(|pair| {
+        pair.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('='))
+    })?;
     let raw = raw.replace('+', " ");
     Some(
         percent_encoding::percent_decode_str(&raw)
@@ -248,7 +277,12 @@ async fn establish(uri: &str) -> Result<(Connection, Channel), lapin::Error> {
     if let Some(name) = connection_name(uri) {
         properties = properties.with_connection_name(LongString::from(name));
     }
-    let connection = Connection::connect(uri, properties).await?;
+    let connection = lapin::DefaultConnectionBuilder::new()?
+        .with_uri_str(uri.to_owned())
+        .with_properties(properties)
+        .with_tls_config(tls_config(uri)?)
+        .connect()
+        .await?;
     let publisher = connection.create_channel().await?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())

@@ -549,3 +549,59 @@ async fn a_queue_declared_while_the_connection_is_being_set_up_gets_declared() {
     drop(sub);
     delete_queues(&[&early, &late]).await;
 }
+
+/// The TLS listener `scripts/test.sh` configures (its CA in
+/// `FUNCATRON_TEST_TLS_DIR`, default `/var/tmp/funcatron-test-tls`).
+fn amqps_uri() -> (String, String) {
+    let dir = std::env::var("FUNCATRON_TEST_TLS_DIR")
+        .unwrap_or_else(|_| "/var/tmp/funcatron-test-tls".to_owned());
+    let ca = format!("{dir}/ca.pem");
+    let uri = std::env::var("FUNCATRON_TEST_AMQPS")
+        .unwrap_or_else(|_| "amqps://guest:guest@localhost:5671/%2f".to_owned());
+    (uri, ca)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_connects_with_the_cacertfile_and_not_without() {
+    let (uri, ca) = amqps_uri();
+    assert!(
+        std::path::Path::new(&ca).is_file(),
+        "{ca}: no test CA (scripts/test.sh makes it and RabbitMQ's TLS listener)"
+    );
+    // Without the CA the server's certificate is not trusted.
+    let untrusted = lapin::DefaultConnectionBuilder::new()
+        .expect("runtime")
+        .with_uri_str(uri.clone())
+        .connect()
+        .await;
+    assert!(untrusted.is_err(), "connected without trusting the CA");
+
+    let name = unique("amqps");
+    let broker = AmqpBroker::connect(&format!("{uri}?cacertfile={ca}&connection_name={name}"));
+    assert!(
+        broker.wait_connected(DEADLINE).await,
+        "cannot connect to RabbitMQ over TLS at {uri}"
+    );
+    let q = unique("amqps");
+    broker.declare(&q, QueueKind::Work).await.expect("declare");
+    let mut sub = broker
+        .consume(&q, QueueKind::Work, manual(1))
+        .await
+        .expect("consume");
+    broker
+        .publish(&q, Message::new("over tls"))
+        .await
+        .expect("publish");
+    let d = next(&mut sub).await;
+    assert_eq!(&d.message.payload[..], b"over tls");
+    d.ack().await.expect("ack");
+    // RabbitMQ reports the connection as TLS.
+    let listed = rabbitmqctl(&["-q", "list_connections", "client_properties", "ssl"]).await;
+    let line = listed
+        .lines()
+        .find(|l| l.contains(&name))
+        .unwrap_or_else(|| panic!("connection {name} not listed: {listed}"));
+    assert!(line.trim_end().ends_with("true"), "{line}");
+    drop(sub);
+    delete_queues(&[&q]).await;
+}
