@@ -212,7 +212,14 @@ async fn contract(base: &str, prefix: &str, runtime: &str, token: &str) {
 
     // Declared env and the secret from the secrets directory; nothing else
     // of the Runner's environment leaks in.
-    let (_, v) = json_of(http.get(url("/env")).send().await.unwrap()).await;
+    // `HOME` is the Func's own scratch directory, not the Runner's.
+    let (_, mut v) = json_of(http.get(url("/env")).send().await.unwrap()).await;
+    let home = v["HOME"].take();
+    assert!(
+        home.as_str()
+            .is_some_and(|h| h.contains("funcatron-scratch")),
+        "{runtime}: HOME {home}"
+    );
     assert_eq!(
         v,
         json!({"GREETING": "Hello", "API_TOKEN": token, "HOME": null}),
