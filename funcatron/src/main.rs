@@ -45,6 +45,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start and matched once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run every role (ingress, Tron, Runner) in one process.
