@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite. Installs and starts what the tests need on a fresh
 # Debian machine (RabbitMQ, nginx with the Lua module, lua-cjson, and the
-# Func runtimes python3 + venv, Node.js, a JDK, all from Debian's packages,
+# Func runtimes python3 + venv, Node.js, a JDK, bubblewrap for Func
+# isolation, all from Debian's packages,
 # and a Docker engine for the docker/swarm substrate tests), then runs every
 # test.
 set -euo pipefail
@@ -24,6 +25,7 @@ command -v javac >/dev/null 2>&1 || need+=(default-jdk-headless)
 command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
 command -v pgrep >/dev/null 2>&1 || need+=(procps)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 command -v docker >/dev/null 2>&1 || need+=(docker.io)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]} from Debian's packages"

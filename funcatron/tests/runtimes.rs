@@ -212,7 +212,14 @@ async fn contract(base: &str, prefix: &str, runtime: &str, token: &str) {
 
     // Declared env and the secret from the secrets directory; nothing else
     // of the Runner's environment leaks in.
-    let (_, v) = json_of(http.get(url("/env")).send().await.unwrap()).await;
+    // `HOME` is the Func's own scratch directory, not the Runner's.
+    let (_, mut v) = json_of(http.get(url("/env")).send().await.unwrap()).await;
+    let home = v["HOME"].take();
+    assert!(
+        home.as_str()
+            .is_some_and(|h| h.contains("funcatron-scratch")),
+        "{runtime}: HOME {home}"
+    );
     assert_eq!(
         v,
         json!({"GREETING": "Hello", "API_TOKEN": token, "HOME": null}),
@@ -630,7 +637,7 @@ async fn lua_and_exec_funcs_get_their_env_and_secrets() {
                 "swagger.yaml",
                 "swagger: '2.0'\nbasePath: /exec-env\nx-funcatron: {runtime: exec, env: {GREETING: Hoi}, secrets: [TOKEN]}\npaths:\n  /:\n    get: {operationId: show}\n",
             ),
-            ("fn.sh", "printf '%s %s %s' \"$GREETING\" \"$TOKEN\" \"${HOME:-no-home}\"\n"),
+            ("fn.sh", "printf '%s %s %s' \"$GREETING\" \"$TOKEN\" \"$(touch \"$HOME/f\" && test \"$HOME\" = \"$TMPDIR\" && echo scratch-home)\"\n"),
         ],
     );
     let secrets = tempfile::tempdir().unwrap();
@@ -650,5 +657,207 @@ async fn lua_and_exec_funcs_get_their_env_and_secrets() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.text().await.unwrap(), "Hoi for-everyone no-home");
+    assert_eq!(r.text().await.unwrap(), "Hoi for-everyone scratch-home");
+}
+
+/// An exec Func that probes what it can reach, one `name=value` per line.
+const PEEK_SH: &str = r#"t() { if eval "$2" >/dev/null 2>&1; then echo "$1=ok"; else echo "$1=no"; fi; }
+t runner_visible 'grep -q runtimes /proc/$RUNNER_PID/cmdline'
+t other_secret 'cat "$SECRETS/other/TOKEN"'
+t secrets_dir 'ls "$SECRETS"'
+t other_bundle 'ls "$OTHER"'
+t write_bundle 'touch ./escape'
+t write_outside 'touch "$OTHER/../escape-sh"'
+t write_tmp 'touch /tmp/funcatron-escape-sh'
+t own_file 'grep -q RUNNER_PID ./fn.sh'
+t scratch 'test -n "$HOME" && touch "$HOME/f" && test -f "$TMPDIR/f"'
+echo "own_secret=$MINE"
+echo "pids=$(ls /proc | grep -c '^[0-9]')"
+own=$(env | cut -d= -f1 | sort -u)
+foreign=0
+for f in /proc/1/environ /proc/$PPID/environ; do
+  for n in $(tr '\0' '\n' < "$f" 2>/dev/null | cut -d= -f1 | sort -u); do
+    echo "$own" | grep -qx "$n" || foreign=$((foreign + 1))
+  done
+done
+echo "foreign_env=$foreign"
+"#;
+
+/// The same probes from a Python worker.
+const PEEK_PY: &str = r#"import os
+
+def _t(f):
+    try:
+        f()
+        return 'ok'
+    except Exception:
+        return 'no'
+
+def _read(p):
+    with open(p, 'rb') as fh:
+        return fh.read()
+
+def _touch(p):
+    with open(p, 'w') as fh:
+        fh.write('x')
+
+def _visible(p):
+    if b'runtimes' not in _read(p):
+        raise RuntimeError('not the Runner')
+
+def _foreign():
+    own = set(os.environ)
+    n = 0
+    for p in ('/proc/1/environ', '/proc/%d/environ' % os.getppid()):
+        try:
+            names = {v.split(b'=', 1)[0].decode() for v in _read(p).split(b'\0') if v}
+        except Exception:
+            continue
+        n += len(names - own)
+    return n
+
+def peek(req):
+    e = os.environ
+    home = e.get('HOME', '')
+    return {
+        'runner_visible': _t(lambda: _visible('/proc/%s/cmdline' % e['RUNNER_PID'])),
+        'other_secret': _t(lambda: _read(e['SECRETS'] + '/other/TOKEN')),
+        'secrets_dir': _t(lambda: os.listdir(e['SECRETS'])),
+        'other_bundle': _t(lambda: os.listdir(e['OTHER'])),
+        'write_bundle': _t(lambda: _touch('escape')),
+        'write_outside': _t(lambda: _touch(e['OTHER'] + '/../escape-py')),
+        'write_tmp': _t(lambda: _touch('/tmp/funcatron-escape-py')),
+        'own_file': _t(lambda: _read('main.py')),
+        'scratch': _t(lambda: _touch(home + '/f') if home else 1 / 0),
+        'own_secret': e.get('MINE', ''),
+        'pids': str(len([p for p in os.listdir('/proc') if p.isdigit()])),
+        'foreign_env': str(_foreign()),
+    }
+"#;
+
+#[tokio::test]
+async fn worker_and_exec_funcs_see_only_their_bundle_secrets_and_scratch() {
+    let root = tempfile::tempdir().unwrap();
+    copy_examples(root.path(), &["hello"]);
+    let secrets = tempfile::tempdir().unwrap();
+    let env = format!(
+        "{{RUNNER_PID: '{}', SECRETS: '{}', OTHER: '{}'}}",
+        std::process::id(),
+        secrets.path().display(),
+        root.path().join("hello").display()
+    );
+    for (name, runtime, file, code) in [
+        ("peek-sh", "exec", "fn.sh", PEEK_SH),
+        ("peek-py", "python", "main.py", PEEK_PY),
+    ] {
+        let doc = format!(
+            "swagger: '2.0'\nbasePath: /{name}\nx-funcatron: {{runtime: {runtime}, env: {env}, secrets: [MINE]}}\npaths:\n  /:\n    get: {{operationId: peek}}\n"
+        );
+        write_bundle(root.path(), name, &[("swagger.yaml", &doc), (file, code)]);
+        std::fs::create_dir_all(secrets.path().join(name)).unwrap();
+        std::fs::write(
+            secrets.path().join(name).join("MINE"),
+            format!("{name}-own"),
+        )
+        .unwrap();
+    }
+    std::fs::create_dir_all(secrets.path().join("other")).unwrap();
+    std::fs::write(secrets.path().join("other/TOKEN"), "not-yours").unwrap();
+    let c = embedded(root.path(), secrets.path()).await;
+    let http = reqwest::Client::new();
+    for name in ["peek-sh", "peek-py"] {
+        let r = http.get(format!("{}/{name}", c.base)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{name}");
+        let text = r.text().await.unwrap();
+        let got: std::collections::BTreeMap<String, String> =
+            match serde_json::from_str::<Value>(&text) {
+                Ok(v) => v
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+                    .collect(),
+                Err(_) => text
+                    .lines()
+                    .filter_map(|l| l.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+            };
+        let get = |k: &str| got.get(k).map(String::as_str).unwrap_or("missing");
+        for denied in [
+            "runner_visible",
+            "other_secret",
+            "secrets_dir",
+            "other_bundle",
+            "write_bundle",
+            "write_outside",
+            "write_tmp",
+        ] {
+            assert_eq!(get(denied), "no", "{name}: {denied} must fail: {got:?}");
+        }
+        assert_eq!(get("own_file"), "ok", "{name}: {got:?}");
+        assert_eq!(get("scratch"), "ok", "{name}: {got:?}");
+        assert_eq!(get("own_secret"), format!("{name}-own"), "{name}");
+        assert_eq!(get("foreign_env"), "0", "{name}: {got:?}");
+        let pids: usize = get("pids").parse().unwrap();
+        assert!(pids <= 8, "{name}: {pids} processes visible: {got:?}");
+    }
+    assert!(!root.path().join("escape-sh").exists());
+    assert!(!root.path().join("escape-py").exists());
+}
+
+#[tokio::test]
+async fn without_a_working_sandbox_worker_and_exec_funcs_answer_503_unless_opted_out() {
+    let root = tempfile::tempdir().unwrap();
+    copy_examples(
+        root.path(),
+        &["hello", "openfaas-classic", "tinyfaas-python"],
+    );
+    let secrets = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    for insecure in [false, true] {
+        let mut o = runner_options(secrets.path());
+        o.sandbox.bwrap = "/nonexistent/funcatron-test/bwrap".into();
+        o.sandbox.insecure_no_sandbox = insecure;
+        let c = spawn_cluster(
+            AnyBroker::Embedded(EmbeddedBroker::new(10_000)),
+            load(root.path()),
+            IngressOptions::default(),
+            Some(o),
+        )
+        .await;
+        wait_ready(&format!("{}/hello/ready", c.base)).await;
+        for (path, body) in [("openfaas-classic", "quiet"), ("tinyfaas-python", "a b")] {
+            let r = http
+                .post(format!("{}/{path}", c.base))
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            if insecure {
+                assert_eq!(r.status(), 200, "{path} with the opt-out");
+            } else {
+                let (s, v) = json_of(r).await;
+                assert_eq!(
+                    (s, v["error"].as_str()),
+                    (503, Some("sandbox_unavailable")),
+                    "{path}: {v}"
+                );
+                assert!(
+                    v["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("/nonexistent/funcatron-test/bwrap"),
+                    "{v}"
+                );
+            }
+        }
+        // Lua Funcs run in-process, sandbox or not.
+        let r = http
+            .get(format!("{}/hello/lua", c.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.text().await.unwrap(), "Hello, lua!");
+    }
 }

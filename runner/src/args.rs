@@ -69,6 +69,15 @@ pub struct RunnerArgs {
     /// Directory of secret values: `<dir>/<func>/<NAME>` or `<dir>/<NAME>`.
     #[arg(long, env = "FUNCATRON_SECRETS_DIR")]
     pub secrets_dir: Option<PathBuf>,
+    /// The bubblewrap program worker and exec Funcs are isolated with.
+    #[arg(long, env = "FUNCATRON_BWRAP", default_value = "bwrap")]
+    pub bwrap: PathBuf,
+    /// INSECURE: run worker and exec Funcs without isolation (as plain child
+    /// processes that can read this Runner's environment, every Func's
+    /// secrets and bundles). Only where the container is the boundary and
+    /// bubblewrap cannot work in it (see docs/runtimes.md).
+    #[arg(long, env = "FUNCATRON_INSECURE_NO_SANDBOX")]
+    pub insecure_no_sandbox: bool,
     /// Serve only this Func (repeat for more; default: every Func). The
     /// autoscaler starts Runners with one `--func` each.
     #[arg(long = "func", env = "FUNCATRON_FUNCS", value_delimiter = ',')]
@@ -100,6 +109,10 @@ impl RunnerArgs {
                 start_timeout: WORKER_START_TIMEOUT,
             },
             secrets_dir: self.secrets_dir.clone(),
+            sandbox: crate::sandbox::SandboxOptions {
+                bwrap: self.bwrap.clone(),
+                insecure_no_sandbox: self.insecure_no_sandbox,
+            },
         }
     }
 }
@@ -117,6 +130,8 @@ impl Default for RunnerOptions {
             worker_memory_mb: DEFAULT_WORKER_MEMORY_MB,
             cache_dir: None,
             secrets_dir: None,
+            bwrap: PathBuf::from("bwrap"),
+            insecure_no_sandbox: false,
             funcs: Vec::new(),
         }
         .options()

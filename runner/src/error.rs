@@ -20,6 +20,11 @@ pub enum PrepareError {
     /// Its Lua code does not load.
     #[error("{0}")]
     Lua(String),
+    /// Its processes cannot be isolated here (and isolation is required).
+    #[error(
+        "Func isolation is unavailable on this Runner, so worker and exec Funcs are refused: {0}"
+    )]
+    Sandbox(String),
     /// Preparing or starting its worker processes failed.
     #[error(transparent)]
     Worker(#[from] WorkerError),

@@ -7,8 +7,11 @@
 //! variables, OpenFaaS style: `Http_Method`, `Http_Path`, `Http_Query`, one
 //! `Http_<Header_Name>` per header, plus `FUNCATRON_OPERATION`,
 //! `FUNCATRON_REQUEST_ID` and `FUNCATRON_PARAM_<name>` per path parameter.
-//! The environment is otherwise empty but for `PATH` and the bundle's
-//! declared `env` and `secrets`.
+//! The environment is otherwise empty but for `PATH`, `HOME` and `TMPDIR`
+//! (a fresh scratch directory per call) and the bundle's declared `env` and
+//! `secrets`. Each process runs in its own sandbox ([`crate::sandbox`]): it
+//! sees its bundle read-only, its scratch directory and the system's
+//! runtime files, nothing else of the Runner's.
 //!
 //! Limits: the process runs in its own process group, killed as a whole at
 //! its time limit (504); its address space is capped with `prlimit --as`
@@ -26,6 +29,7 @@ use crate::error::PrepareError;
 use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
 use crate::observe::Observer;
 use crate::runtime::{Called, Runtime};
+use crate::sandbox::{Isolation, Sandbox};
 use crate::serve::RunnerOptions;
 
 /// Limits for exec Funcs unless a bundle sets its own.
@@ -48,6 +52,7 @@ pub struct ExecFunc {
     memory_bytes: usize,
     env: std::collections::BTreeMap<String, String>,
     version: String,
+    isolation: Isolation,
 }
 
 /// The request variables Funcatron sets itself; a header that would map
@@ -74,36 +79,45 @@ impl ExecFunc {
     async fn run(&self, req: &FuncRequest<'_>) -> Result<FuncResponse, InvokeError> {
         let (func, observer) = (self.name.as_str(), &self.observer);
         let env = req.envelope;
-        let mut cmd = tokio::process::Command::new("prlimit");
-        cmd.arg(format!("--as={}", self.memory_bytes))
-            .arg("--")
-            .args(&self.argv)
-            .current_dir(&self.dir)
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-            .envs(&self.env)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Its own process group, so a timeout kills what it started too.
-            .process_group(0)
-            .kill_on_drop(true);
+        let scratch = crate::sandbox::scratch_dir()
+            .map_err(|e| InvokeError::Broken(format!("cannot create a scratch directory: {e}")))?;
+        let mut vars = self.env.clone();
         for (k, v) in &env.headers {
             let name = env_name(k);
             // A client header must not pose as a request variable
             // (`Method: DELETE` would be `Http_Method`).
             if !RESERVED.contains(&name.as_str()) {
-                cmd.env(name, v.as_ref());
+                vars.insert(name, v.to_string());
             }
         }
-        cmd.env("Http_Method", env.method.as_ref())
-            .env("Http_Path", env.path.as_ref())
-            .env("Http_Query", env.query.as_ref())
-            .env("FUNCATRON_OPERATION", req.operation)
-            .env("FUNCATRON_REQUEST_ID", env.id.as_ref());
-        for (k, v) in req.params {
-            cmd.env(format!("FUNCATRON_PARAM_{k}"), v);
+        for (k, v) in [
+            ("Http_Method", env.method.as_ref()),
+            ("Http_Path", env.path.as_ref()),
+            ("Http_Query", env.query.as_ref()),
+            ("FUNCATRON_OPERATION", req.operation),
+            ("FUNCATRON_REQUEST_ID", env.id.as_ref()),
+        ] {
+            vars.insert(k.to_owned(), v.to_owned());
         }
+        for (k, v) in req.params {
+            vars.insert(format!("FUNCATRON_PARAM_{k}"), v.clone());
+        }
+        let sandbox = Sandbox {
+            dir: self.dir.clone(),
+            scratch: scratch.path().to_owned(),
+            ro: Vec::new(),
+            env: vars,
+        };
+        let mut args = vec![format!("--as={}", self.memory_bytes), "--".to_owned()];
+        args.extend(self.argv.iter().cloned());
+        let mut cmd = sandbox.command(&self.isolation, "prlimit", &args);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group, so a timeout kills what it started too
+            // (in a sandbox: bwrap, whose death ends the whole sandbox).
+            .process_group(0)
+            .kill_on_drop(true);
         let mut child = cmd
             .spawn()
             .map_err(|e| InvokeError::Broken(format!("cannot start {:?}: {e}", self.argv)))?;
@@ -187,6 +201,7 @@ impl Runtime for ExecFunc {
             memory_bytes: b.memory_bytes.unwrap_or(limits.memory_bytes),
             env: b.env.clone(),
             version: b.version.clone(),
+            isolation: options.sandbox.isolation().await,
         })
     }
 

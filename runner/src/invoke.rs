@@ -106,6 +106,9 @@ pub enum InvokeError {
     /// The request does not match the API document; the Func did not run.
     #[error("the request does not match the API document: {}", .0.join("; "))]
     Invalid(Vec<String>),
+    /// The Func's processes cannot be isolated on this Runner; it was not run.
+    #[error("{0}")]
+    SandboxUnavailable(String),
     /// The worker process died or broke the protocol while handling the
     /// request; it has been replaced.
     #[error("{0}")]
@@ -127,6 +130,7 @@ impl InvokeError {
             InvokeError::Invalid(_) => (400, "validation_failed"),
             InvokeError::Crashed(_) => (500, "func_crashed"),
             InvokeError::ReplyTooLarge(_) => (502, "reply_too_large"),
+            InvokeError::SandboxUnavailable(_) => (503, "sandbox_unavailable"),
         }
     }
 }

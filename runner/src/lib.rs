@@ -5,7 +5,8 @@
 //! A Runner consumes the queue of every Func it serves, hands each request
 //! to the Func's runtime ([`runtime::Prepared`]: Lua in-process, see [`lua`];
 //! Python, Node.js and Java in warm worker processes, see [`worker`];
-//! any executable, one process per call, see [`exec`]), publishes the response envelope to the request's reply queue,
+//! any executable, one process per call, see [`exec`]; worker and exec
+//! processes each in a sandbox, see [`sandbox`]), publishes the response envelope to the request's reply queue,
 //! and only then acknowledges the request. Messages it cannot decode go to
 //! the dead-letter queue; expired requests are skipped.
 
@@ -18,6 +19,7 @@ pub mod lua;
 pub mod node;
 pub mod observe;
 pub mod runtime;
+pub mod sandbox;
 pub mod serve;
 pub mod worker;
 

@@ -95,6 +95,8 @@ impl RunnerNode {
             source,
             levels,
         } = self;
+        // Decided (and logged) once; the runtimes reuse the probe's result.
+        options.sandbox.decide_and_log().await;
         let observer = Observer::start(&broker, id, levels, &shutdown);
         let (_keep, desired) = match source {
             Source::Fixed(bundles) => {

@@ -16,6 +16,7 @@ use crate::exec::ExecFunc;
 use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
 use crate::lua::LuaPool;
 use crate::observe::Observer;
+use crate::sandbox::Isolation;
 use crate::serve::RunnerOptions;
 use crate::worker::WorkerPool;
 
@@ -67,6 +68,9 @@ pub enum Prepared {
     Worker(WorkerPool),
     /// It cannot run here; every request is answered 500 with this reason.
     Broken(String),
+    /// A worker or exec Func on a Runner whose sandbox does not work (and
+    /// no opt-out): every request is answered 503 `sandbox_unavailable`.
+    Refused(String),
 }
 
 impl Prepared {
@@ -76,6 +80,14 @@ impl Prepared {
         options: &RunnerOptions,
         observer: &Observer,
     ) -> Result<Prepared, PrepareError> {
+        if bundle.runtime != RuntimeKind::Lua {
+            if let Isolation::Unavailable(why) = options.sandbox.isolation().await {
+                tracing::error!(func = %bundle.name, reason = %why, "Func refused: its processes cannot be isolated here");
+                return Ok(Prepared::Refused(format!(
+                    "Func isolation is unavailable on this Runner, so this Func is refused: {why}"
+                )));
+            }
+        }
         Ok(match bundle.runtime {
             RuntimeKind::Lua => Prepared::Lua(LuaPool::prepare(bundle, options, observer).await?),
             RuntimeKind::Exec => {

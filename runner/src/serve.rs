@@ -96,6 +96,8 @@ pub struct RunnerOptions {
     pub worker: WorkerOptions,
     /// Where secret values are read from (see [`resolve_env`]).
     pub secrets_dir: Option<PathBuf>,
+    /// How worker and exec Funcs are isolated ([`crate::sandbox`]).
+    pub sandbox: crate::sandbox::SandboxOptions,
 }
 
 /// Where caches go unless told: `$XDG_CACHE_HOME/funcatron`,
@@ -127,9 +129,20 @@ pub async fn check(bundle: &Bundle, options: &RunnerOptions) -> Result<(), Prepa
                 .map_err(|e| PrepareError::Lua(e.to_string()))?
         }
         RuntimeKind::Python | RuntimeKind::Node | RuntimeKind::Java => {
-            crate::worker::check(&b, &options.worker).await
+            let isolation = sandboxed(&options.sandbox).await?;
+            crate::worker::check(&b, &options.worker, &isolation).await
         }
-        RuntimeKind::Exec => Ok(()),
+        RuntimeKind::Exec => sandboxed(&options.sandbox).await.map(drop),
+    }
+}
+
+/// The isolation worker and exec Funcs get, or why they cannot run here.
+async fn sandboxed(
+    options: &crate::sandbox::SandboxOptions,
+) -> Result<crate::sandbox::Isolation, PrepareError> {
+    match options.isolation().await {
+        crate::sandbox::Isolation::Unavailable(why) => Err(PrepareError::Sandbox(why)),
+        other => Ok(other),
     }
 }
 
@@ -479,6 +492,9 @@ async fn call_version(func: &Arc<str>, prepared: &Prepared, job: Job) -> Handled
         Prepared::Worker(r) => run(func, r, &job).await,
         Prepared::Broken(why) => invoke::run_sync(func, &job, 0, |_| {
             Called::now(Err(InvokeError::Broken(why.clone())))
+        }),
+        Prepared::Refused(why) => invoke::run_sync(func, &job, 0, |_| {
+            Called::now(Err(InvokeError::SandboxUnavailable(why.clone())))
         }),
     }
 }

@@ -22,6 +22,11 @@
 //! that cannot start (exits on import, say) is retried with backoff, and
 //! while none is alive requests get 500 `func_broken` with its stderr.
 //!
+//! Isolation: each worker runs in its own sandbox ([`crate::sandbox`]): its
+//! bundle, its prepared files (shims, virtualenv, classes) and its socket's
+//! directory read-only, a private scratch directory (`HOME`, `TMPDIR`)
+//! writable, nothing else of the Runner's.
+//!
 //! Memory limits: Python runs under `prlimit --as` (address space); Node.js
 //! under `--max-old-space-size` (the V8 heap: V8 reserves more address space
 //! than any sane `RLIMIT_AS`); Java under `-Xmx` (the JVM reserves address
@@ -46,6 +51,7 @@ use crate::error::{PrepareError, WorkerError};
 use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
 use crate::observe::{poisoned, Observer};
 use crate::runtime::{Called, Runtime};
+use crate::sandbox::{Isolation, Sandbox};
 use crate::serve::RunnerOptions;
 
 pub use prepare::Launch;
@@ -85,6 +91,8 @@ struct Worker {
     child: tokio::process::Child,
     stream: BufStream<UnixStream>,
     current: Current,
+    /// Its `HOME` and `TMPDIR`, removed with it.
+    _scratch: tempfile::TempDir,
 }
 
 impl Worker {
@@ -136,6 +144,7 @@ impl Runtime for WorkerPool {
         options: &RunnerOptions,
         observer: &Observer,
     ) -> Result<Self, PrepareError> {
+        let isolation = options.sandbox.isolation().await;
         let options = &options.worker;
         let sockets = tempfile::Builder::new()
             .prefix("funcatron-w")
@@ -170,6 +179,7 @@ impl Runtime for WorkerPool {
                 observer: observer.clone(),
                 sockets: sockets.path().to_owned(),
                 size,
+                isolation,
             },
             Arc::downgrade(&pool),
             respawn_rx,
@@ -195,7 +205,11 @@ impl Runtime for WorkerPool {
 
 /// Prepare `bundle` and start one worker to see that it loads (then stop
 /// it): what `funcatron dev` does before it switches to a new version.
-pub async fn check(bundle: &Bundle, options: &WorkerOptions) -> Result<(), PrepareError> {
+pub async fn check(
+    bundle: &Bundle,
+    options: &WorkerOptions,
+    isolation: &Isolation,
+) -> Result<(), PrepareError> {
     let launch = prepare::prepare(bundle, options).await?;
     let dir = tempfile::Builder::new()
         .prefix("funcatron-check")
@@ -208,6 +222,7 @@ pub async fn check(bundle: &Bundle, options: &WorkerOptions) -> Result<(), Prepa
         &bundle.name,
         &Observer::detached(),
         &launch,
+        isolation,
         &dir.path().join("w.sock"),
         options.start_timeout,
     )
@@ -225,6 +240,8 @@ struct Supervised {
     sockets: PathBuf,
     /// Workers to keep.
     size: usize,
+    /// How each worker is isolated.
+    isolation: Isolation,
 }
 
 /// Prepare the bundle, then keep its pool at `size` workers until the pool
@@ -241,6 +258,7 @@ async fn supervise(
         observer,
         sockets,
         size,
+        isolation,
     } = s;
     let func = bundle.name.clone();
     let counter = AtomicU64::new(0);
@@ -259,7 +277,16 @@ async fn supervise(
             let Some(p) = pool.upgrade() else { return };
             let n = counter.fetch_add(1, Ordering::Relaxed);
             let socket = sockets.join(format!("w{n}.sock"));
-            match start_worker(&func, &observer, &launch, &socket, options.start_timeout).await {
+            let started = start_worker(
+                &func,
+                &observer,
+                &launch,
+                &isolation,
+                &socket,
+                options.start_timeout,
+            )
+            .await;
+            match started {
                 Ok(w) => {
                     p.live.fetch_add(1, Ordering::SeqCst);
                     let _ = broken.send(None);
@@ -292,6 +319,7 @@ async fn start_worker(
     func: &str,
     observer: &Observer,
     launch: &Launch,
+    isolation: &Isolation,
     socket: &std::path::Path,
     start_timeout: Duration,
 ) -> Result<Worker, WorkerError> {
@@ -300,15 +328,20 @@ async fn start_worker(
         path: socket.to_owned(),
         source,
     })?;
-    let mut cmd = tokio::process::Command::new(&launch.program);
-    cmd.args(&launch.args)
-        .current_dir(&launch.dir)
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env("LANG", "C.UTF-8")
-        .envs(&launch.env)
-        .env("FUNCATRON_SOCKET", socket)
-        .stdin(Stdio::null())
+    let scratch = crate::sandbox::scratch_dir().map_err(WorkerError::io(&std::env::temp_dir()))?;
+    let mut env = launch.env.clone();
+    env.insert("LANG".into(), "C.UTF-8".into());
+    env.insert("FUNCATRON_SOCKET".into(), socket.display().to_string());
+    let mut ro = launch.ro.clone();
+    ro.extend(socket.parent().map(std::path::Path::to_owned));
+    let sandbox = Sandbox {
+        dir: launch.dir.clone(),
+        scratch: scratch.path().to_owned(),
+        ro,
+        env,
+    };
+    let mut cmd = sandbox.command(isolation, &launch.program, &launch.args);
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -343,6 +376,7 @@ async fn start_worker(
             child,
             stream: BufStream::new(stream),
             current,
+            _scratch: scratch,
         },
         Err(e) => {
             if let Some(pgid) = child.id() {

@@ -46,6 +46,9 @@ pub struct Launch {
     pub dir: PathBuf,
     /// Environment on top of `PATH`, `LANG` and `FUNCATRON_SOCKET`.
     pub env: BTreeMap<String, String>,
+    /// Prepared files the worker runs from (shims, virtualenv, classes),
+    /// mounted read-only in its sandbox.
+    pub ro: Vec<PathBuf>,
 }
 
 fn hex(digest: impl AsRef<[u8]>) -> String {
@@ -175,9 +178,11 @@ pub async fn prepare(bundle: &Bundle, options: &WorkerOptions) -> Result<Launch,
     let memory_mb = (memory / (1024 * 1024)).max(16);
     let shim_dir = shims(options, bundle.runtime == RuntimeKind::Java).await?;
     let mut env = super::shim_env(bundle);
+    let mut ro = vec![shim_dir.clone()];
     let (program, args) = match bundle.runtime {
         RuntimeKind::Python => {
             let python = python_env(bundle, options).await?;
+            ro.extend(venv_mounts(&python));
             env.insert("PYTHONDONTWRITEBYTECODE".into(), "1".into());
             env.insert("PYTHONUNBUFFERED".into(), "1".into());
             (
@@ -200,6 +205,7 @@ pub async fn prepare(bundle: &Bundle, options: &WorkerOptions) -> Result<Launch,
         ),
         RuntimeKind::Java => {
             let classes = java_build(bundle, options, &shim_dir.join("java")).await?;
+            ro.push(classes.clone());
             (
                 PathBuf::from("java"),
                 vec![
@@ -219,7 +225,32 @@ pub async fn prepare(bundle: &Bundle, options: &WorkerOptions) -> Result<Launch,
         args,
         dir: bundle.dir.clone(),
         env,
+        ro,
     })
+}
+
+/// What a virtualenv's Python needs mounted: the environment (two levels
+/// above `bin/python`) and the installation its `pyvenv.cfg` names as
+/// `home` (its parent: `/usr` is mounted anyway, a pyenv or /opt build is
+/// not). Nothing for the machine's `python3`.
+fn venv_mounts(python: &str) -> Vec<PathBuf> {
+    let Some(venv) = Path::new(python).parent().and_then(Path::parent) else {
+        return Vec::new();
+    };
+    let Ok(cfg) = std::fs::read_to_string(venv.join("pyvenv.cfg")) else {
+        return Vec::new();
+    };
+    let mut out = vec![venv.to_owned()];
+    let home = cfg.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == "home").then(|| PathBuf::from(v.trim()))
+    });
+    if let Some(prefix) = home.as_deref().and_then(Path::parent) {
+        if !prefix.starts_with("/usr") && prefix.is_absolute() && prefix != Path::new("/") {
+            out.push(prefix.to_owned());
+        }
+    }
+    out
 }
 
 /// The Python to run: the bundle's virtual environment when it has a

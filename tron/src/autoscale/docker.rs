@@ -86,15 +86,34 @@ impl ContainerTemplate {
         self.command.argv(func)
     }
 
-    /// `NAME=value` for every variable of the Runner's command.
+    /// `NAME=value` for every variable of the Runner's command, plus the
+    /// container case of Func isolation: Docker's default seccomp profile
+    /// refuses the user namespaces bubblewrap needs, so the container (one
+    /// Func, that Func's secrets, a non-root user of the image) is the
+    /// boundary and the Runner is told so (`--insecure-no-sandbox`,
+    /// docs/runtimes.md "What a Func can see"); its cache goes where any
+    /// user may write.
     fn env(&self) -> Vec<String> {
-        self.command
+        let mut env: Vec<String> = self
+            .command
             .env
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
-            .collect()
+            .collect();
+        for (k, v) in CONTAINER_ENV {
+            if !self.command.env.iter().any(|(have, _)| have == k) {
+                env.push(format!("{k}={v}"));
+            }
+        }
+        env
     }
 }
+
+/// What every Runner container gets unless the command sets it.
+const CONTAINER_ENV: &[(&str, &str)] = &[
+    ("FUNCATRON_INSECURE_NO_SANDBOX", "true"),
+    ("FUNCATRON_CACHE_DIR", "/tmp/funcatron-cache"),
+];
 
 /// Runners as containers on the local Docker engine.
 pub struct DockerSubstrate {
