@@ -323,6 +323,39 @@ async fn hostile_replies_and_log_lines_are_bounded() {
         (502, "reply_too_large"),
         "{body}"
     );
+    // An exec Func's answer is capped too (its stdout is read no further
+    // than the limit, the rest drained).
+    let dir = c.root.path().join("src-bigout");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("swagger.yaml"),
+        "swagger: '2.0'\nbasePath: /bigout\npaths:\n  /:\n    get: {operationId: go}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("funcatron.yaml"),
+        "runtime: exec\nname: bigout\nhandler: run.sh\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("run.sh"),
+        "head -c 50000000 /dev/zero | tr '\\0' x\n",
+    )
+    .unwrap();
+    let (s, v) = c.upload(archive::build(&dir).unwrap().1).await;
+    assert_eq!(s, 201, "{v}");
+    eventually("bigout is routed", || async {
+        reqwest::get(format!("{}/bigout", c.base))
+            .await
+            .is_ok_and(|r| r.status() != 404)
+    })
+    .await;
+    let (s, _, body) = c.get("/bigout").await;
+    assert_eq!(
+        (s, error_of(&body).as_str()),
+        (502, "reply_too_large"),
+        "{body}"
+    );
     eventually("the print is logged", || async {
         log_has(&c.log, "first\\nFORGED-LINE")
     })

@@ -53,6 +53,30 @@ pub struct ExecFunc {
     env: std::collections::BTreeMap<String, String>,
     version: String,
     isolation: Isolation,
+    /// Most stdout bytes kept: one past the reply limit, so a larger
+    /// answer is refused by the skeleton, never held whole.
+    max_stdout: usize,
+}
+
+/// Most stderr bytes kept per call (its lines go to the log).
+const MAX_STDERR: usize = 1024 * 1024;
+
+/// Read `pipe` keeping at most `max` bytes; the rest is drained (so the
+/// process never blocks on a full pipe) and counted as cut.
+async fn read_bounded(
+    pipe: Option<impl tokio::io::AsyncRead + Unpin>,
+    max: usize,
+) -> std::io::Result<(Vec<u8>, bool)> {
+    use tokio::io::AsyncReadExt;
+    let Some(pipe) = pipe else {
+        return Ok((Vec::new(), false));
+    };
+    let mut kept = Vec::new();
+    let mut head = pipe.take(max as u64);
+    head.read_to_end(&mut kept).await?;
+    let mut rest = head.into_inner();
+    let cut = tokio::io::copy(&mut rest, &mut tokio::io::sink()).await? > 0;
+    Ok((kept, cut))
 }
 
 /// The request variables Funcatron sets itself; a header that would map
@@ -130,7 +154,16 @@ impl ExecFunc {
         }
         let pgid = child.id();
         let left = req.deadline.saturating_duration_since(Instant::now());
-        let out = match tokio::time::timeout(left, child.wait_with_output()).await {
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let outputs = async {
+            let (out, err, status) = tokio::join!(
+                read_bounded(stdout, self.max_stdout),
+                read_bounded(stderr, MAX_STDERR),
+                child.wait()
+            );
+            Ok::<_, std::io::Error>((out?.0, err?.0, status?))
+        };
+        let (stdout, stderr, status) = match tokio::time::timeout(left, outputs).await {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => {
                 return Err(InvokeError::Handler(format!(
@@ -148,13 +181,13 @@ impl ExecFunc {
                 )));
             }
         };
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = String::from_utf8_lossy(&stderr);
         for line in stderr.lines() {
             let line = &*crate::observe::log_line(line);
             tracing::info!(func, request_id = %env.id, "{line}");
             observer.func_log(func, &self.version, &env.id, "stderr", line);
         }
-        if !out.status.success() {
+        if !status.success() {
             let tail: String = stderr
                 .chars()
                 .rev()
@@ -165,11 +198,11 @@ impl ExecFunc {
                 .collect();
             return Err(InvokeError::Handler(format!(
                 "the process exited with {}: {}",
-                out.status,
+                status,
                 tail.trim()
             )));
         }
-        let content_type = if std::str::from_utf8(&out.stdout).is_ok() {
+        let content_type = if std::str::from_utf8(&stdout).is_ok() {
             "text/plain; charset=utf-8"
         } else {
             "application/octet-stream"
@@ -177,7 +210,7 @@ impl ExecFunc {
         Ok(FuncResponse {
             status: 200,
             headers: vec![("content-type".into(), content_type.into())],
-            body: out.stdout,
+            body: stdout,
         })
     }
 }
@@ -202,6 +235,7 @@ impl Runtime for ExecFunc {
             env: b.env.clone(),
             version: b.version.clone(),
             isolation: options.sandbox.isolation().await,
+            max_stdout: options.max_reply_bytes.saturating_add(1),
         })
     }
 
