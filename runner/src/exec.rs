@@ -101,7 +101,6 @@ fn env_name(header: &str) -> String {
 
 impl ExecFunc {
     async fn run(&self, req: &FuncRequest<'_>) -> Result<FuncResponse, InvokeError> {
-        let (func, observer) = (self.name.as_str(), &self.observer);
         let env = req.envelope;
         let scratch = crate::sandbox::scratch_dir()
             .map_err(|e| InvokeError::Broken(format!("cannot create a scratch directory: {e}")))?;
@@ -181,11 +180,25 @@ impl ExecFunc {
                 )));
             }
         };
-        let stderr = String::from_utf8_lossy(&stderr);
+        self.answer(&env.id, stdout, &stderr, status)
+    }
+
+    /// The answer of a finished process: its stderr lines logged, a failed
+    /// exit as a 500 with the end of its stderr, else its stdout.
+    fn answer(
+        &self,
+        request_id: &str,
+        stdout: Vec<u8>,
+        stderr: &[u8],
+        status: std::process::ExitStatus,
+    ) -> Result<FuncResponse, InvokeError> {
+        let func = self.name.as_str();
+        let stderr = String::from_utf8_lossy(stderr);
         for line in stderr.lines() {
             let line = &*crate::observe::log_line(line);
-            tracing::info!(func, request_id = %env.id, "{line}");
-            observer.func_log(func, &self.version, &env.id, "stderr", line);
+            tracing::info!(func, request_id, "{line}");
+            self.observer
+                .func_log(func, &self.version, request_id, "stderr", line);
         }
         if !status.success() {
             let tail: String = stderr
