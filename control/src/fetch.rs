@@ -86,12 +86,14 @@ fn archive_url(base: &str, sha: &str) -> Result<String, FetchError> {
 }
 
 /// The archive `sha` from the management API at `base`, at most `max_bytes`
-/// long, verified.
+/// long, verified. `token` (the Tron's read token) goes in
+/// `Authorization: Bearer`: downloads need it.
 pub async fn fetch_archive(
     http: &reqwest::Client,
     base: &str,
     sha: &str,
     max_bytes: u64,
+    token: Option<&str>,
 ) -> Result<Bytes, FetchError> {
     let url = archive_url(base, sha)?;
     let http_err = |source| FetchError::Http {
@@ -102,8 +104,11 @@ pub async fn fetch_archive(
         url: url.clone(),
         max: max_bytes,
     };
-    let mut resp = http
-        .get(&url)
+    let mut rb = http.get(&url);
+    if let Some(t) = token {
+        rb = rb.bearer_auth(t);
+    }
+    let mut resp = rb
         .send()
         .await
         .and_then(|r| r.error_for_status())

@@ -10,6 +10,8 @@
 //! - [`fetch`]: fetching a bundle archive by SHA-256 from a Tron's
 //!   management API and verifying it (Trons adopting a peer's state and
 //!   Runners following the registry both use it);
+//! - [`redact`]: redacting captured pairs (Runners before they
+//!   broadcast, Trons before they store);
 //! - [`sync`]: the one lock idiom (a poisoned lock is logged and counted).
 //!
 //! Nothing here talks to a broker: the broker seam (`funcatron-broker`)
@@ -20,5 +22,6 @@
 pub mod fetch;
 pub mod headers;
 pub mod names;
+pub mod redact;
 pub mod state;
 pub mod sync;

@@ -110,6 +110,15 @@ pub struct Capture {
     /// Header names (lower-case) whose values are replaced by `[redacted]`
     /// at capture time, in requests and responses.
     pub redact: Vec<String>,
+    /// Query parameter names (any case) whose values are replaced by
+    /// `[redacted]` at capture time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redact_query: Vec<String>,
+    /// JSON body field names (any case, at any depth) whose values are
+    /// replaced by `"[redacted]"` at capture time, in requests and
+    /// responses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redact_json_fields: Vec<String>,
 }
 
 /// The `schema` of a capture record (one JSON line per request/response
@@ -123,6 +132,37 @@ pub const DEFAULT_REDACT: &[&str] = &[
     "cookie",
     "set-cookie",
     "x-api-key",
+];
+
+/// Query parameter names redacted unless the operator says otherwise
+/// (`--redact-query`).
+pub const DEFAULT_REDACT_QUERY: &[&str] = &[
+    "token",
+    "access_token",
+    "id_token",
+    "api_key",
+    "apikey",
+    "key",
+    "password",
+    "secret",
+    "client_secret",
+    "signature",
+    "sig",
+];
+
+/// JSON body field names redacted unless the operator says otherwise
+/// (`--redact-json-field`).
+pub const DEFAULT_REDACT_JSON_FIELDS: &[&str] = &[
+    "password",
+    "passwd",
+    "secret",
+    "client_secret",
+    "token",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "api_key",
+    "apikey",
 ];
 
 /// A Func's log level on every Runner, for a while.

@@ -33,6 +33,11 @@ pub struct Remote {
     /// File holding the management token (e.g. <store>/token).
     #[arg(long, env = "FUNCATRON_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Read-only token (e.g. <store>/read-token): enough for reads (`func
+    /// list|show|history`, `logs`, `capture export`, `status`, `replay`);
+    /// the management token is used instead when given.
+    #[arg(long, env = "FUNCATRON_READ_TOKEN", hide_env_values = true)]
+    read_token: Option<String>,
 }
 
 impl Remote {
@@ -54,6 +59,20 @@ impl Remote {
             )),
             None => Ok(None),
         }
+    }
+
+    /// A GET with the management token, else the read token, when there
+    /// is one (every read but the health check needs one).
+    pub fn get(&self, http: &reqwest::Client, path: &str) -> Result<reqwest::RequestBuilder> {
+        let mut rb = http.get(self.url(path));
+        let token = match self.token()? {
+            Some(t) => Some(t),
+            None => self.read_token.as_ref().map(|t| t.trim().to_owned()),
+        };
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        Ok(rb)
     }
 
     /// A POST with the token when there is one.
@@ -229,7 +248,7 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
     let http = reqwest::Client::new();
     match cmd {
         FuncCmd::List(a) => {
-            let v: FuncList = answer(http.get(a.remote.url("/v1/funcs")).send().await?).await?;
+            let v: FuncList = answer(a.remote.get(&http, "/v1/funcs")?.send().await?).await?;
             let mut out = String::from("NAME                 ENABLED       RUNTIME  ROUTES\n");
             for f in &v.funcs {
                 let enabled = f
@@ -252,7 +271,8 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
         }
         FuncCmd::Show(a) => {
             let v: FuncDetail = answer(
-                http.get(a.remote.url(&format!("/v1/funcs/{}", a.name)))
+                a.remote
+                    .get(&http, &format!("/v1/funcs/{}", a.name))?
                     .send()
                     .await?,
             )
@@ -261,7 +281,8 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
         }
         FuncCmd::History(a) => {
             let v: FuncHistory = answer(
-                http.get(a.remote.url(&format!("/v1/funcs/{}/history", a.name)))
+                a.remote
+                    .get(&http, &format!("/v1/funcs/{}/history", a.name))?
                     .send()
                     .await?,
             )
@@ -440,6 +461,14 @@ pub struct CaptureStart {
     /// Cookie, Set-Cookie and X-Api-Key always are).
     #[arg(long)]
     redact: Vec<String>,
+    /// More query parameters to redact (besides the Tron's
+    /// --redact-query list).
+    #[arg(long, value_delimiter = ',')]
+    redact_query: Vec<String>,
+    /// More JSON body fields to redact, at any depth (besides the Tron's
+    /// --redact-json-field list).
+    #[arg(long = "redact-json-field", value_delimiter = ',')]
+    redact_json_fields: Vec<String>,
     #[command(flatten)]
     remote: Remote,
 }
@@ -481,6 +510,8 @@ pub async fn capture(cmd: CaptureCmd) -> Result<Vec<u8>> {
                 max: a.max,
                 for_ms: a.for_.map(|d| d.as_millis() as u64),
                 redact: a.redact.clone(),
+                redact_query: a.redact_query.clone(),
+                redact_json_fields: a.redact_json_fields.clone(),
             };
             let v: CaptureStarted = answer(
                 a.remote
@@ -509,8 +540,9 @@ pub async fn capture(cmd: CaptureCmd) -> Result<Vec<u8>> {
             Ok(format!("stopped capturing {}\n", a.name).into_bytes())
         }
         CaptureCmd::Export(a) => {
-            let r = http
-                .get(a.remote.url(&format!("/v1/captures/{}", a.name)))
+            let r = a
+                .remote
+                .get(&http, &format!("/v1/captures/{}", a.name))?
                 .send()
                 .await?;
             if !r.status().is_success() {
@@ -557,10 +589,7 @@ pub async fn logs(a: LogsArgs) -> Result<()> {
     if let Some(id) = &a.request_id {
         url.push_str(&format!("&request_id={id}"));
     }
-    let r = reqwest::Client::new()
-        .get(a.remote.url(&url))
-        .send()
-        .await?;
+    let r = a.remote.get(&reqwest::Client::new(), &url)?.send().await?;
     if !r.status().is_success() {
         return Err(failed(r).await);
     }
@@ -623,8 +652,8 @@ pub async fn log_level(a: LevelArgs) -> Result<String> {
 /// Per Func: queue depth, arrival rate, service time, in flight, Runners.
 pub async fn status(remote: &Remote) -> Result<String> {
     let v: Status = answer(
-        reqwest::Client::new()
-            .get(remote.url("/v1/status"))
+        remote
+            .get(&reqwest::Client::new(), "/v1/status")?
             .send()
             .await?,
     )

@@ -22,6 +22,7 @@ use funcatron_runner::node::spawn_follower;
 use funcatron_runner::observe::LevelHook;
 use funcatron_runner::RunnerNode;
 use funcatron_tron::args::TronArgs;
+use funcatron_tron::mgmt::{MgmtOptions, Tokens};
 use funcatron_tron::{Management, TronNode};
 use tokio_util::sync::CancellationToken;
 
@@ -252,18 +253,39 @@ struct BundleArgs {
     environment: Option<String>,
 }
 
-/// The management token: given, from a file, or generated once into the store.
-fn management_token(o: &TronArgs, store: &std::path::Path) -> Result<String> {
-    if let Some(t) = &o.token {
-        return Ok(t.trim().to_owned());
-    }
-    if let Some(f) = &o.token_file {
-        return Ok(std::fs::read_to_string(f)
+/// The management tokens of a Tron with a store (`None` without one):
+/// the admin token (given, from a file, or generated once into
+/// `<store>/token`) and the read token (given, or generated once into
+/// `<store>/read-token`).
+fn management_tokens(o: &TronArgs) -> Result<Option<Tokens>> {
+    let Some(store) = &o.store else {
+        return Ok(None);
+    };
+    let admin = match (&o.token, &o.token_file) {
+        (Some(t), _) => t.trim().to_owned(),
+        (None, Some(f)) => std::fs::read_to_string(f)
             .with_context(|| format!("reading {}", f.display()))?
             .trim()
-            .to_owned());
+            .to_owned(),
+        (None, None) => stored_token(store, "token", "management token")?,
+    };
+    let read = match &o.read_token {
+        Some(t) => t.trim().to_owned(),
+        None => stored_token(store, "read-token", "read-only token")?,
+    };
+    if read == admin {
+        bail!("the read token must differ from the admin token");
     }
-    let path = store.join("token");
+    Ok(Some(Tokens {
+        admin,
+        read: Some(read),
+    }))
+}
+
+/// The token kept in `<store>/<file>`, generated (and printed once) when
+/// the file is not there.
+fn stored_token(store: &std::path::Path, file: &str, what: &str) -> Result<String> {
+    let path = store.join(file);
     if let Ok(t) = std::fs::read_to_string(&path) {
         return Ok(t.trim().to_owned());
     }
@@ -285,7 +307,7 @@ fn management_token(o: &TronArgs, store: &std::path::Path) -> Result<String> {
         f.write_all(token.as_bytes())?;
     }
     eprintln!(
-        "funcatron: management token (printed once; kept in {}): {token}",
+        "funcatron: {what} (printed once; kept in {}): {token}",
         path.display()
     );
     Ok(token)
@@ -357,16 +379,23 @@ fn main() -> Result<()> {
             Command::Tron(a) => {
                 serve_metrics(&a.metrics, &shutdown).await?;
                 let broker = broker(&a.broker, false)?;
+                let tokens = management_tokens(&a.tron)?;
+                let read = tokens.as_ref().and_then(|t| t.read.as_deref());
                 let substrate =
-                    scale::substrate(&a.tron.scale, &a.broker.broker, &a.bundles, false).await?;
+                    scale::substrate(&a.tron.scale, &a.broker.broker, read, &a.bundles, false)
+                        .await?;
                 let limits = a.metrics.listener.limits()?;
-                tron(broker, &a.bundles, &a.tron, substrate, limits, shutdown).await
+                tron(
+                    broker, &a.bundles, &a.tron, tokens, substrate, limits, shutdown,
+                )
+                .await
             }
             Command::Runner(a) => {
                 exit_with_parent();
                 serve_metrics(&a.metrics, &shutdown).await?;
                 let broker = broker(&a.broker, false)?;
-                runner(broker, &a.bundles, &a.runner, levels, shutdown).await
+                let read_token = funcatron_runner::args::read_token_from_env();
+                runner(broker, &a.bundles, &a.runner, read_token, levels, shutdown).await
             }
             Command::Ingress(a) => {
                 serve_metrics(&a.metrics, &shutdown).await?;
@@ -506,6 +535,7 @@ async fn tron(
     broker: AnyBroker,
     dir: &BundleArgs,
     o: &TronArgs,
+    tokens: Option<Tokens>,
     substrate: Option<Arc<dyn funcatron_tron::autoscale::Substrate>>,
     limits: Limits,
     shutdown: CancellationToken,
@@ -516,8 +546,7 @@ async fn tron(
     if let Some(substrate) = substrate {
         node = node.autoscaler(substrate, o.scale.options());
     }
-    if let Some(store) = &o.store {
-        let token = management_token(o, store)?;
+    if let (Some(store), Some(tokens)) = (&o.store, tokens) {
         let lua_check: funcatron_tron::registry::Check = Arc::new(|b: &Bundle| {
             if b.runtime == funcatron_bundle::RuntimeKind::Lua {
                 funcatron_runner::lua::LuaFunc::prepare(b, LuaLimits::default())
@@ -543,10 +572,16 @@ async fn tron(
                     ..Default::default()
                 },
                 check: Some(lua_check),
+                ceilings: o.ceilings(),
+                read_token: tokens.read.clone(),
             },
             listener,
-            token,
-            max_upload_bytes: o.max_upload_bytes,
+            api: MgmtOptions {
+                tokens,
+                max_upload: o.max_upload_bytes,
+                redact_query: o.redact_query.clone(),
+                redact_json_fields: o.redact_json_fields.clone(),
+            },
             extra: metrics_routes("/metrics"),
             limits,
         });
@@ -556,13 +591,14 @@ async fn tron(
 }
 
 /// What a Runner follows: the static bundles of `dir` plus what the
-/// registry enables (only `o.funcs` if given).
-fn follow_options(dir: &BundleArgs, o: &RunnerArgs) -> FollowOptions {
+/// registry enables (only `o.funcs` if given), fetched with `read_token`.
+fn follow_options(dir: &BundleArgs, o: &RunnerArgs, read_token: Option<String>) -> FollowOptions {
     FollowOptions {
         static_bundles: load_bundles(dir),
         cache_dir: o.options().worker.cache_dir,
         environment: dir.environment.clone(),
         only: o.funcs.clone(),
+        read_token,
     }
 }
 
@@ -570,12 +606,13 @@ async fn runner(
     broker: AnyBroker,
     dir: &BundleArgs,
     o: &RunnerArgs,
+    read_token: Option<String>,
     levels: LevelHook,
     shutdown: CancellationToken,
 ) -> Result<()> {
     RunnerNode::new(broker)
         .options(o.options())
-        .follow(follow_options(dir, o))
+        .follow(follow_options(dir, o, read_token))
         .log_levels(levels)
         .run(shutdown)
         .await;
@@ -609,6 +646,11 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
     let broker = broker(&a.broker, true)?;
     let dir = a.bundles.clone();
     let limits = a.metrics.listener.limits()?;
+    let tokens = management_tokens(&a.tron)?;
+    let read_token = tokens
+        .as_ref()
+        .and_then(|t| t.read.clone())
+        .or_else(funcatron_runner::args::read_token_from_env);
     // `up` scales its Runners itself unless told `--substrate none`: on
     // the embedded broker as tasks of this process, else as the substrate
     // says (child processes by default).
@@ -616,7 +658,8 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
         if matches!(broker, AnyBroker::Embedded(_))
             && a.tron.scale.substrate.as_deref().unwrap_or("process") == "process"
         {
-            let rx = spawn_follower(&broker, follow_options(&dir, &a.runner), &shutdown);
+            let follow = follow_options(&dir, &a.runner, read_token.clone());
+            let rx = spawn_follower(&broker, follow, &shutdown);
             Some(Arc::new(local::LocalSubstrate::new(
                 broker.clone(),
                 rx,
@@ -624,7 +667,8 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
                 Arc::clone(&levels),
             )))
         } else {
-            scale::substrate(&a.tron.scale, &a.broker.broker, &dir, true).await?
+            let read = read_token.as_deref();
+            scale::substrate(&a.tron.scale, &a.broker.broker, read, &dir, true).await?
         };
     let own_runner = substrate.is_none();
     let t = tokio::spawn({
@@ -635,7 +679,7 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
             dir.clone(),
         );
         let limits = limits.clone();
-        async move { tron(b, &d, &o, substrate, limits, s).await }
+        async move { tron(b, &d, &o, tokens, substrate, limits, s).await }
     });
     let r = tokio::spawn({
         let (b, s, o, d) = (
@@ -646,7 +690,7 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
         );
         async move {
             if own_runner {
-                runner(b, &d, &o, levels, s).await
+                runner(b, &d, &o, read_token, levels, s).await
             } else {
                 Ok(())
             }

@@ -9,6 +9,11 @@
 //! (equal as JSON when both are JSON, after removing the `--ignore` JSON
 //! pointers; else byte for byte). Prints a line per difference and a
 //! summary; the command exits 1 when any answer differs.
+//!
+//! Captured requests may carry credentials (what the capture did not
+//! redact): replay follows no redirect, sends every request to the origin
+//! given on the command line only (a captured path that would make the URL
+//! name another host is refused), and never resends redacted values.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -102,7 +107,7 @@ fn parse(line: &str, n: usize) -> Result<Pair> {
 
 /// Hop-by-hop and per-connection headers, and values redacted at capture.
 fn resendable(k: &str, v: &str) -> bool {
-    v != "[redacted]"
+    !v.contains(funcatron_control::redact::REDACTED)
         && !matches!(
             k,
             "host"
@@ -112,6 +117,26 @@ fn resendable(k: &str, v: &str) -> bool {
                 | "keep-alive"
                 | "x-request-id"
         )
+}
+
+/// The URL of a captured request under `base`: refused unless it is on
+/// `base`'s origin (a captured path such as `@evil.example/` or
+/// `//evil.example/` would otherwise name another host).
+fn same_origin_url(base: &str, p: &Pair) -> Result<reqwest::Url> {
+    let mut url = format!("{}{}", base.trim_end_matches('/'), p.path);
+    if !p.query.is_empty() {
+        url = format!("{url}?{}", p.query);
+    }
+    let base = reqwest::Url::parse(base).with_context(|| format!("--target {base}"))?;
+    let url = reqwest::Url::parse(&url).with_context(|| format!("{} {}", p.method, p.path))?;
+    if url.origin() != base.origin() || !url.username().is_empty() || url.password().is_some() {
+        bail!(
+            "{} {}: not on the origin of --target, not sent",
+            p.method,
+            p.path
+        );
+    }
+    Ok(url)
 }
 
 struct Answer {
@@ -132,10 +157,7 @@ enum Target {
 async fn send(http: &reqwest::Client, target: &Target, p: &Pair) -> Result<Answer> {
     let r = match target {
         Target::Http(base) => {
-            let mut url = format!("{}{}", base.trim_end_matches('/'), p.path);
-            if !p.query.is_empty() {
-                url = format!("{url}?{}", p.query);
-            }
+            let url = same_origin_url(base, p)?;
             let method = reqwest::Method::from_bytes(p.method.as_bytes())?;
             let mut rb = http.request(method, url).body(p.body.clone());
             for (k, v) in p.headers.iter().filter(|(k, v)| resendable(k, v)) {
@@ -291,13 +313,19 @@ pub async fn run(a: ReplayArgs) -> Result<bool> {
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| parse(l, i + 1))
         .collect::<Result<_>>()?;
-    let http = reqwest::Client::new();
+    // No redirects: a redirect would carry the captured request (and its
+    // credentials) to an origin the operator did not name.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .context("building the HTTP client")?;
     let target = if a.target.starts_with("http://") || a.target.starts_with("https://") {
         Target::Http(a.target.clone())
     } else {
         // A Func that is not there keeps `/`: its requests answer 404.
-        let v: Option<FuncDetail> = http
-            .get(a.remote.url(&format!("/v1/funcs/{}", a.target)))
+        let v: Option<FuncDetail> = a
+            .remote
+            .get(&http, &format!("/v1/funcs/{}", a.target))?
             .send()
             .await?
             .json()
@@ -355,4 +383,112 @@ pub async fn run(a: ReplayArgs) -> Result<bool> {
         differ
     );
     Ok(differ > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    async fn serve(app: axum::Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        base
+    }
+
+    fn args(file: &std::path::Path, target: &str) -> ReplayArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: ReplayArgs,
+        }
+        let file = file.display().to_string();
+        <Cli as clap::Parser>::try_parse_from(["replay", file.as_str(), "--target", target])
+            .unwrap()
+            .a
+    }
+
+    /// The target answers a 302 to another server: replay reports the 302
+    /// and the other server never sees the request or its credentials.
+    #[tokio::test]
+    async fn redirects_are_not_followed_and_credentials_stay_on_the_target() {
+        let elsewhere_hits = Arc::new(AtomicUsize::new(0));
+        let hits = Arc::clone(&elsewhere_hits);
+        let elsewhere = serve(axum::Router::new().fallback(move || {
+            hits.fetch_add(1, Ordering::SeqCst);
+            async { "got it" }
+        }))
+        .await;
+        let target_auth = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = Arc::clone(&target_auth);
+        let location = format!("{elsewhere}/stolen");
+        let target = serve(
+            axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+                if let Some(v) = headers.get("authorization") {
+                    seen.lock().unwrap().push(v.to_str().unwrap().to_owned());
+                }
+                let location = location.clone();
+                async move {
+                    (
+                        axum::http::StatusCode::FOUND,
+                        [(axum::http::header::LOCATION, location)],
+                    )
+                }
+            }),
+        )
+        .await;
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pairs.jsonl");
+        let record = serde_json::json!({
+            "schema": funcatron_control::state::CAPTURE_SCHEMA,
+            "request": {"method": "GET", "path": "/x", "query": "",
+                "headers": [["authorization", "Bearer captured"], ["cookie", "c=1"],
+                            ["x-api-key", "[redacted]"]],
+                "body": ""},
+            "response": {"status": 200, "headers": [], "body": "got it"},
+        });
+        std::fs::write(&file, format!("{record}\n")).unwrap();
+
+        let differ = run(args(&file, &target)).await.unwrap();
+        assert!(differ, "the 302 is reported as a difference");
+        assert_eq!(
+            target_auth.lock().unwrap().as_slice(),
+            ["Bearer captured"],
+            "the target given on the command line gets the request"
+        );
+        assert_eq!(
+            elsewhere_hits.load(Ordering::SeqCst),
+            0,
+            "the redirect was followed to another origin"
+        );
+    }
+
+    /// A captured path that would make the URL name another host is not
+    /// sent.
+    #[test]
+    fn a_captured_path_cannot_change_the_origin() {
+        let pair = |path: &str| Pair {
+            method: "GET".into(),
+            path: path.into(),
+            query: String::new(),
+            headers: Vec::new(),
+            body: Vec::new(),
+            status: 200,
+            resp_headers: Vec::new(),
+            resp_body: Vec::new(),
+        };
+        let base = "http://127.0.0.1:8080";
+        assert!(same_origin_url(base, &pair("/ok")).is_ok());
+        for evil in ["@evil.example/x", ".evil.example/x", ":9999/x"] {
+            assert!(
+                same_origin_url(base, &pair(evil)).is_err(),
+                "{evil} was sent"
+            );
+        }
+        assert!(!resendable("x-api-key", "[redacted]"));
+    }
 }

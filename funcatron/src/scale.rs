@@ -36,17 +36,26 @@ fn runner_args(o: &ScaleArgs, bundles: &BundleArgs) -> Vec<String> {
     args
 }
 
-/// The environment every started Runner gets: the broker URL (it carries
-/// credentials, so it never goes in the arguments).
-fn runner_env(broker_url: &str) -> Vec<(String, String)> {
-    vec![("FUNCATRON_BROKER".to_owned(), broker_url.to_owned())]
+/// The environment every started Runner gets: the broker URL and the
+/// Tron's read token (credentials, so never in the arguments).
+fn runner_env(broker_url: &str, read_token: Option<&str>) -> Vec<(String, String)> {
+    let mut env = vec![("FUNCATRON_BROKER".to_owned(), broker_url.to_owned())];
+    if let Some(t) = read_token {
+        env.push((
+            funcatron_runner::args::READ_TOKEN_ENV.to_owned(),
+            t.to_owned(),
+        ));
+    }
+    env
 }
 
-/// The substrate the flags choose (`None`: no autoscaler). `up` defaults
+/// The substrate the flags choose (`None`: no autoscaler); the Runners
+/// it starts fetch archives with `read_token`. `up` defaults
 /// to `process`, `tron` to `none`.
 pub async fn substrate(
     o: &ScaleArgs,
     broker_url: &str,
+    read_token: Option<&str>,
     bundles: &BundleArgs,
     up: bool,
 ) -> Result<Option<Arc<dyn Substrate>>> {
@@ -62,7 +71,7 @@ pub async fn substrate(
             Some(Arc::new(ProcessSubstrate::new(RunnerCommand {
                 program,
                 args,
-                env: runner_env(broker_url),
+                env: runner_env(broker_url, read_token),
             })))
         }
         "docker" | "swarm" => {
@@ -73,7 +82,7 @@ pub async fn substrate(
                 command: RunnerCommand {
                     program: PathBuf::from("funcatron"),
                     args,
-                    env: runner_env(broker_url),
+                    env: runner_env(broker_url, read_token),
                 },
                 cluster: cluster_id(broker_url),
             };

@@ -172,10 +172,17 @@ async fn a_tron_node_with_its_management_api_runs_in_process() {
             advertise: api.clone(),
             limits: Default::default(),
             check: None,
+            ..Default::default()
         },
         listener: mgmt,
-        token: "secret".into(),
-        max_upload_bytes: 1 << 20,
+        api: funcatron_tron::mgmt::MgmtOptions {
+            tokens: funcatron_tron::mgmt::Tokens {
+                admin: "secret".into(),
+                read: Some("reader".into()),
+            },
+            max_upload: 1 << 20,
+            ..funcatron_tron::mgmt::MgmtOptions::new("secret")
+        },
         extra: axum::Router::new(),
         limits: Default::default(),
     });
@@ -188,6 +195,8 @@ async fn a_tron_node_with_its_management_api_runs_in_process() {
                 cache_dir: cache.path().to_owned(),
                 environment: None,
                 only: Vec::new(),
+                // Downloads need a token: the Runner fetches with the read one.
+                read_token: Some("reader".into()),
             })
             .run(shutdown.clone()),
     );

@@ -84,6 +84,19 @@ pub struct RunnerArgs {
     pub funcs: Vec<String>,
 }
 
+/// Where a Runner finds the Tron's read token (it fetches archives with
+/// it). An environment variable only, never an argument: argv is visible
+/// to every user of the host.
+pub const READ_TOKEN_ENV: &str = "FUNCATRON_READ_TOKEN";
+
+/// The read token from [`READ_TOKEN_ENV`], if set.
+pub fn read_token_from_env() -> Option<String> {
+    std::env::var(READ_TOKEN_ENV)
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+}
+
 impl RunnerArgs {
     /// The Runner options these flags give.
     pub fn options(&self) -> RunnerOptions {

@@ -54,6 +54,9 @@ pub struct FollowOptions {
     /// Serve only these Funcs (empty: every Func). How a substrate starts
     /// a Runner for one Func.
     pub only: Vec<String>,
+    /// The Tron's read token, sent when fetching archives (downloads need
+    /// it). Runners get it from `FUNCATRON_READ_TOKEN`, never argv.
+    pub read_token: Option<String>,
 }
 
 impl FollowOptions {
@@ -110,6 +113,7 @@ async fn load_one(
                 fetch_from,
                 sha,
                 limits.max_archive_bytes,
+                options.read_token.as_deref(),
             )
             .await?,
         ),
@@ -217,6 +221,7 @@ mod tests {
             cache_dir: cache.to_owned(),
             environment: None,
             only: Vec::new(),
+            read_token: None,
         }
     }
 

@@ -29,7 +29,7 @@ enum Outgoing {
     Log(Vec<u8>),
     /// A pair to turn into a capture record.
     Capture {
-        capture: Capture,
+        capture: Box<Capture>,
         func: String,
         version: String,
         request: Bytes,
@@ -271,7 +271,7 @@ impl Observer {
         }
         metrics::counter!("runner_captured_total", "func" => func.to_owned()).increment(1);
         let job = Outgoing::Capture {
-            capture,
+            capture: Box::new(capture),
             func: func.to_owned(),
             version: version.to_owned(),
             request: request.clone(),
@@ -342,8 +342,19 @@ async fn publish(broker: AnyBroker, mut rx: tokio::sync::mpsc::Receiver<Outgoing
 fn redact(headers: &mut [funcatron_envelope::Header<'_>], redact: &[String]) {
     for (k, v) in headers.iter_mut() {
         if redact.iter().any(|r| r.eq_ignore_ascii_case(k)) {
-            *v = std::borrow::Cow::Borrowed("[redacted]");
+            *v = std::borrow::Cow::Borrowed(funcatron_control::redact::REDACTED);
         }
+    }
+}
+
+/// A text body with the capture's JSON fields redacted (base64 bodies are
+/// not JSON text and stay as they are).
+fn redact_body(body: &mut std::borrow::Cow<'_, str>, base64: bool, capture: &Capture) {
+    if base64 {
+        return;
+    }
+    if let Some(b) = funcatron_control::redact::json_body(body, &capture.redact_json_fields) {
+        *body = std::borrow::Cow::Owned(b);
     }
 }
 
@@ -359,6 +370,11 @@ fn record(
     let mut resp = funcatron_envelope::Response::decode(response).ok()?;
     redact(&mut req.headers, &capture.redact);
     redact(&mut resp.headers, &capture.redact);
+    if let Some(q) = funcatron_control::redact::query(&req.query, &capture.redact_query) {
+        req.query = std::borrow::Cow::Owned(q);
+    }
+    redact_body(&mut req.body, req.body_base64, capture);
+    redact_body(&mut resp.body, resp.body_base64, capture);
     // Fields that only matter on the wire.
     req.reply_to = None;
     req.reply_key = None;

@@ -7,6 +7,12 @@ use std::path::PathBuf;
 
 use crate::autoscale::ScaleArgs;
 use crate::dispatch::{TronOptions, DEFAULT_PREFETCH};
+use crate::registry::{Ceilings, DEFAULT_MAX_FUNC_MEMORY_MB, DEFAULT_MAX_FUNC_TIMEOUT_MS};
+use funcatron_control::state::{DEFAULT_REDACT_JSON_FIELDS, DEFAULT_REDACT_QUERY};
+
+fn owned(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
 
 /// Default address of the management API.
 pub const DEFAULT_MGMT_LISTEN: &str = "127.0.0.1:9090";
@@ -37,6 +43,28 @@ pub struct TronArgs {
     /// File holding the management token.
     #[arg(long, env = "FUNCATRON_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Read-only management token: reads and archive downloads, no
+    /// changes; what Runners and peer Trons fetch with (default:
+    /// <store>/read-token, generated and printed once at first start).
+    /// Runners the autoscaler starts get it as FUNCATRON_READ_TOKEN.
+    #[arg(long, env = "FUNCATRON_READ_TOKEN", hide_env_values = true)]
+    pub read_token: Option<String>,
+    /// Largest `timeout_ms` a bundle or its settings may ask for.
+    #[arg(long, env = "FUNCATRON_MAX_FUNC_TIMEOUT_MS", default_value_t = DEFAULT_MAX_FUNC_TIMEOUT_MS)]
+    pub max_func_timeout_ms: u64,
+    /// Largest `memory_mb` a bundle or its settings may ask for.
+    #[arg(long, env = "FUNCATRON_MAX_FUNC_MEMORY_MB", default_value_t = DEFAULT_MAX_FUNC_MEMORY_MB)]
+    pub max_func_memory_mb: usize,
+    /// Query parameters whose values every capture redacts (comma-separated;
+    /// replaces the default list).
+    #[arg(long, env = "FUNCATRON_REDACT_QUERY", value_delimiter = ',',
+        default_values_t = owned(DEFAULT_REDACT_QUERY))]
+    pub redact_query: Vec<String>,
+    /// JSON body fields (at any depth) whose values every capture redacts
+    /// (comma-separated; replaces the default list).
+    #[arg(long = "redact-json-field", env = "FUNCATRON_REDACT_JSON_FIELDS", value_delimiter = ',',
+        default_values_t = owned(DEFAULT_REDACT_JSON_FIELDS))]
+    pub redact_json_fields: Vec<String>,
     /// Largest bundle archive accepted, in bytes.
     #[arg(long, env = "FUNCATRON_MAX_UPLOAD_BYTES", default_value_t = DEFAULT_MAX_UPLOAD_BYTES)]
     pub max_upload_bytes: usize,
@@ -50,6 +78,14 @@ impl TronArgs {
     pub fn options(&self) -> TronOptions {
         TronOptions {
             prefetch: self.tron_prefetch,
+        }
+    }
+
+    /// The operator's ceilings on Funcs' timeouts and memory.
+    pub fn ceilings(&self) -> Ceilings {
+        Ceilings {
+            max_timeout_ms: self.max_func_timeout_ms,
+            max_memory_mb: self.max_func_memory_mb,
         }
     }
 

@@ -53,10 +53,8 @@ pub struct Management {
     /// Where the management API listens (bound by the caller, so tests
     /// bind port 0).
     pub listener: TcpListener,
-    /// The bearer token mutating calls need.
-    pub token: String,
-    /// Largest bundle archive accepted, in bytes.
-    pub max_upload_bytes: usize,
+    /// The API's tokens, upload limit and capture redaction.
+    pub api: crate::mgmt::MgmtOptions,
     /// Routes served beside the API (for example `/metrics`).
     pub extra: Router,
     /// Timeouts and the connection limit of its listener.
@@ -186,13 +184,7 @@ async fn serve_management(
     )
     .await
     .map_err(|e| NodeError::Invoke(e.to_string()))?;
-    let api = crate::mgmt::router(
-        Arc::clone(&registry),
-        m.token,
-        m.max_upload_bytes,
-        Some(invoker),
-    )
-    .merge(m.extra);
+    let api = crate::mgmt::router(Arc::clone(&registry), m.api, Some(invoker)).merge(m.extra);
     let stop = shutdown.clone();
     tokio::spawn(async move {
         if let Err(e) =

@@ -4,7 +4,9 @@
 //! Runner -> `funcatron.logs` / `funcatron.capture` topics -> **Tron
 //! (here)** -> the log ring and live followers, and one JSON Lines file per
 //! Func under `<store>/captures/`. The registry's collector feeds it and
-//! stops a capture that reached its maximum.
+//! stops a capture that reached its maximum. Each record is redacted again
+//! with its capture's lists ([`funcatron_control::redact`]) before it is
+//! written, whatever the Runner that sent it did.
 
 use funcatron_control::sync::poisoned;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -33,9 +35,9 @@ pub struct Telemetry {
     live_logs: tokio::sync::broadcast::Sender<Arc<str>>,
     /// Pairs written per capture id.
     captured: Mutex<HashMap<String, u64>>,
-    /// Every capture this Tron has seen (id -> max): pairs still in flight
-    /// when a capture stops are written too.
-    known_captures: Mutex<HashMap<String, Option<u64>>>,
+    /// Every capture this Tron has seen, by id: pairs still in flight when
+    /// a capture stops are written too (and redacted with its lists).
+    known_captures: Mutex<HashMap<String, Capture>>,
     /// Capture files kept open for appending, by Func.
     capture_files: Mutex<HashMap<String, std::fs::File>>,
 }
@@ -60,7 +62,7 @@ impl Telemetry {
             .lock()
             .unwrap_or_else(|e| poisoned("telemetry.known_captures", e));
         for c in captures.values() {
-            known.insert(c.id.clone(), c.max);
+            known.insert(c.id.clone(), c.clone());
         }
     }
 
@@ -72,16 +74,19 @@ impl Telemetry {
 
     /// Append a captured pair to its Func's file, up to the capture's max.
     /// The Func and capture come in message headers: the record is written
-    /// as it arrived, through a file kept open. Returns the Func and
-    /// capture id when this pair was the capture's last.
+    /// as it arrived (redacted with the capture's lists where it holds
+    /// something they name), through a file kept open. Returns the Func
+    /// and capture id when this pair was the capture's last.
     pub fn write_capture(&self, msg: &Message) -> Option<(String, String)> {
         let (func, id) = (msg.header(headers::FUNC)?, msg.header(headers::CAPTURE)?);
         // Not a capture this Tron started or adopted: nothing.
-        let max = *self
+        let capture = self
             .known_captures
             .lock()
             .unwrap_or_else(|e| poisoned("telemetry.known_captures", e))
-            .get(id)?;
+            .get(id)?
+            .clone();
+        let max = capture.max;
         let n = {
             let mut counts = self
                 .captured
@@ -95,7 +100,9 @@ impl Telemetry {
             *n
         };
         let path = self.capture_path(func)?;
-        if let Err(e) = self.append(func, &path, &msg.payload) {
+        let redacted = funcatron_control::redact::record(&msg.payload, &capture);
+        let record = redacted.as_deref().unwrap_or(&msg.payload);
+        if let Err(e) = self.append(func, &path, record) {
             tracing::error!(func, error = %e, "cannot write a captured pair");
         }
         max.is_some_and(|m| n >= m)

@@ -58,7 +58,14 @@ fn raw_archive(entries: &[(EntryType, &str, Vec<u8>)], lie: Option<(usize, u64)>
 
 async fn start(store: &Path) -> (String, Arc<funcatron_tron::registry::Registry>) {
     let registry = common::open_registry(store).await;
-    let app = mgmt::router(Arc::clone(&registry), TOKEN.into(), 1 << 20, None);
+    let app = mgmt::router(
+        Arc::clone(&registry),
+        mgmt::MgmtOptions {
+            max_upload: 1 << 20,
+            ..mgmt::MgmtOptions::new(TOKEN)
+        },
+        None,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -159,6 +166,7 @@ async fn an_exec_handler_keeps_its_exec_bit_through_the_registry() {
         &base,
         &sha,
         Limits::default().max_archive_bytes,
+        Some(TOKEN),
     )
     .await
     .unwrap();

@@ -2,7 +2,9 @@
 //! served at `/v1/openapi.yaml` (and `.json`) is the generated one; every
 //! path and method it lists is served (and no other method on those paths),
 //! the operations it marks with the `token` scheme, and only those, answer
-//! 401 without the token; and real answers validate against its schemas,
+//! 401 without the token (every read but the health check and the
+//! document), those it marks `admin` answer 403 to the read token and those
+//! marked `read` serve it; and real answers validate against its schemas,
 //! made strict (no properties besides the documented ones), and read back
 //! into the shared types unchanged.
 
@@ -19,6 +21,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 const TOKEN: &str = "test-token";
+const READ_TOKEN: &str = "read-token";
 
 struct Mgmt {
     base: String,
@@ -30,7 +33,18 @@ struct Mgmt {
 async fn start() -> Mgmt {
     let store = tempfile::tempdir().unwrap();
     let registry = common::open_registry(store.path()).await;
-    let app = mgmt::router(Arc::clone(&registry), TOKEN.into(), 1 << 20, None);
+    let app = mgmt::router(
+        Arc::clone(&registry),
+        mgmt::MgmtOptions {
+            tokens: mgmt::Tokens {
+                admin: TOKEN.into(),
+                read: Some(READ_TOKEN.into()),
+            },
+            max_upload: 1 << 20,
+            ..mgmt::MgmtOptions::new(TOKEN)
+        },
+        None,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -59,6 +73,19 @@ impl Mgmt {
             rb = rb.json(&b);
         }
         let r = rb.send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// Call with the read token.
+    async fn read(&self, method: &str, path: &str) -> (u16, String) {
+        let method: reqwest::Method = method.to_ascii_uppercase().parse().unwrap();
+        let r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(READ_TOKEN)
+            .send()
+            .await
+            .unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
     }
 
@@ -167,9 +194,27 @@ async fn served_document_is_the_generated_one_and_lists_every_route() {
                 assert_eq!(e.error, "unauthorized");
                 let (s, text) = m.call(method, &path, true, None).await;
                 assert!(
-                    s != 401 && s != 405,
+                    s != 401 && s != 403 && s != 405,
                     "{method} {template} with the token: {s} {text}"
                 );
+                // The requirement names the role: the read token reads,
+                // and answers 403 where the admin token is needed.
+                let admin = op["security"][0]["token"] == json!(["admin"]);
+                let read = op["security"][0]["token"] == json!(["read"]);
+                assert!(admin || read, "{method} {template}: {}", op["security"]);
+                let (s, text) = m.read(method, &path).await;
+                if admin {
+                    assert_eq!(s, 403, "{method} {template} with the read token: {text}");
+                    assert_eq!(
+                        serde_json::from_str::<api::ApiError>(&text).unwrap().error,
+                        "forbidden"
+                    );
+                } else {
+                    assert!(
+                        s != 401 && s != 403,
+                        "{method} {template} with the read token: {s} {text}"
+                    );
+                }
             } else {
                 assert!(
                     s != 401 && s != 405,

@@ -80,3 +80,75 @@ fn dot_names_are_not_func_names() {
     assert!(!funcatron_bundle::valid_name(".."));
     assert!(funcatron_bundle::valid_name("a.b"));
 }
+
+/// Bundles and settings past the operator's ceilings on `timeout_ms` and
+/// `memory_mb` are refused (422), and nothing changes.
+#[tokio::test]
+async fn timeouts_and_memory_past_the_ceilings_are_refused() {
+    use funcatron_tron::registry::Ceilings;
+    let store = tempfile::tempdir().unwrap();
+    let ceilings = Ceilings {
+        max_timeout_ms: 1000,
+        max_memory_mb: 64,
+    };
+    let registry = common::open_registry_with(store.path(), ceilings).await;
+    for manifest in [", timeout_ms: 1001", ", memory_mb: 65"] {
+        let e = registry
+            .upload(&common::lua_archive(manifest), "s", None)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("accepted a bundle with{manifest}"));
+        assert_eq!((e.status, e.code), (422, "invalid_bundle"), "{e}");
+        assert!(e.message.contains("ceiling"), "{e}");
+    }
+    assert!(registry.state().await.funcs.is_empty(), "nothing stored");
+
+    let within = common::lua_archive(", timeout_ms: 1000, memory_mb: 64");
+    let (sha, _) = registry.upload(&within, "s", None).await.unwrap();
+    for s in [
+        FuncSettings {
+            timeout_ms: Some(1001),
+            ..FuncSettings::default()
+        },
+        FuncSettings {
+            memory_mb: Some(65),
+            ..FuncSettings::default()
+        },
+    ] {
+        let e = registry
+            .enable("s", Some(&sha), Some(s.clone()), "enable")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("accepted {s:?}"));
+        assert_eq!((e.status, e.code), (422, "invalid_settings"), "{e}");
+    }
+    assert_eq!(registry.state().await.funcs["s"].enabled, None);
+    let ok = FuncSettings {
+        timeout_ms: Some(1000),
+        memory_mb: Some(64),
+        ..FuncSettings::default()
+    };
+    registry
+        .enable("s", Some(&sha), Some(ok), "enable")
+        .await
+        .unwrap();
+}
+
+/// The default ceilings: 15 minutes and 4 GiB.
+#[tokio::test]
+async fn the_default_ceilings_refuse_a_day_long_timeout() {
+    let store = tempfile::tempdir().unwrap();
+    let registry = common::open_registry(store.path()).await;
+    let e = registry
+        .upload(&common::lua_archive(", timeout_ms: 86400000"), "s", None)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!((e.status, e.code), (422, "invalid_bundle"), "{e}");
+    let e = registry
+        .upload(&common::lua_archive(", memory_mb: 8192"), "s", None)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!((e.status, e.code), (422, "invalid_bundle"), "{e}");
+}

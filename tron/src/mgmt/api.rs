@@ -216,6 +216,14 @@ pub struct CaptureRequest {
     /// Header names to redact besides the default ones.
     #[serde(default)]
     pub redact: Vec<String>,
+    /// Query parameter names to redact besides the operator's
+    /// (`--redact-query`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redact_query: Vec<String>,
+    /// JSON body field names to redact besides the operator's
+    /// (`--redact-json-field`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redact_json_fields: Vec<String>,
 }
 
 /// `POST /v1/funcs/{name}/capture`: the capture running.

@@ -3,9 +3,13 @@
 //! CLI / operators -> **management API** -> [`Registry`]. Its request and
 //! response bodies are the types in [`api`]; its OpenAPI document is
 //! generated from them and the handlers ([`openapi`]) and served at
-//! `/v1/openapi.yaml` (and `/v1/openapi.json`). Reads are open (bind the API
-//! to an internal address); every mutating call needs `Authorization: Bearer
-//! <token>`, checked by one layer on those routes ([`require_token`]).
+//! `/v1/openapi.yaml` (and `/v1/openapi.json`). Only the health check and
+//! the document are open: every read that shows data (state, status, Funcs,
+//! their settings, logs, captures, archive downloads) needs `Authorization:
+//! Bearer <token>` with the read token or the admin token, and every
+//! mutating call needs the admin token ([`Tokens`]); one layer on those
+//! routes checks it ([`require`]). A missing or wrong token is a 401, the
+//! read token on a mutating call a 403.
 //! Errors are JSON: `{"error": code, "message": ...}` ([`api::ApiError`]).
 
 pub mod api;
@@ -31,13 +35,62 @@ use api::{
     UploadQuery, Uploaded,
 };
 
-/// The name of the bearer-token security scheme in the document.
+/// The name of the bearer-token security scheme in the document. Its
+/// requirement names the role an operation needs: `read` (the read token
+/// or the admin token) or `admin` (the admin token only).
 pub const TOKEN_SCHEME: &str = "token";
+
+/// The bearer tokens the API accepts.
+#[derive(Clone, Debug)]
+pub struct Tokens {
+    /// Can do everything.
+    pub admin: String,
+    /// Can only read (and fetch archives): what Runners and peer Trons
+    /// use. `None`: only the admin token reads.
+    pub read: Option<String>,
+}
+
+/// The management API's settings.
+#[derive(Clone, Debug)]
+pub struct MgmtOptions {
+    /// The tokens.
+    pub tokens: Tokens,
+    /// Largest archive upload (and invoke body), in bytes.
+    pub max_upload: usize,
+    /// Query parameter names every capture redacts (besides those a
+    /// capture asks for).
+    pub redact_query: Vec<String>,
+    /// JSON body field names every capture redacts (besides those a
+    /// capture asks for).
+    pub redact_json_fields: Vec<String>,
+}
+
+impl MgmtOptions {
+    /// `admin` as the only token, the default upload limit and the default
+    /// redaction lists.
+    pub fn new(admin: impl Into<String>) -> Self {
+        MgmtOptions {
+            tokens: Tokens {
+                admin: admin.into(),
+                read: None,
+            },
+            max_upload: crate::args::DEFAULT_MAX_UPLOAD_BYTES,
+            redact_query: owned(funcatron_control::state::DEFAULT_REDACT_QUERY),
+            redact_json_fields: owned(funcatron_control::state::DEFAULT_REDACT_JSON_FIELDS),
+        }
+    }
+}
+
+fn owned(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
 
 struct Api {
     registry: Arc<Registry>,
-    token: String,
+    tokens: Tokens,
     max_upload: usize,
+    redact_query: Vec<String>,
+    redact_json_fields: Vec<String>,
     /// An in-process ingress for `invoke`.
     ingress: Option<Router>,
 }
@@ -61,38 +114,83 @@ impl IntoResponse for RegistryError {
     }
 }
 
-/// Does the call carry the Tron's token?
-fn authorized(api: &Api, headers: &HeaderMap) -> bool {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    // Compare without an early exit on the first differing byte.
-    given.is_some_and(|g| {
-        g.len() == api.token.len()
-            && g.bytes()
-                .zip(api.token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    })
+/// Is `given` equal to `token`? Compared without an early exit on the
+/// first differing byte.
+fn same(given: &str, token: &str) -> bool {
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
-/// The auth layer on every route that needs the token (those the document
-/// marks with the `token` security scheme, see [`guarded`]): a 401
-/// `unauthorized` unless the call carries `Authorization: Bearer <token>`.
-async fn require_token(
+/// What a call's token lets it do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    /// No token, or a wrong one.
+    None,
+    /// The read token.
+    Read,
+    /// The admin token.
+    Admin,
+}
+
+/// The role the call's `Authorization: Bearer` token gives.
+fn role(api: &Api, headers: &HeaderMap) -> Role {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return Role::None;
+    };
+    if same(given, &api.tokens.admin) {
+        Role::Admin
+    } else if api.tokens.read.as_deref().is_some_and(|r| same(given, r)) {
+        Role::Read
+    } else {
+        Role::None
+    }
+}
+
+/// The auth layer on every route but the health check and the document
+/// (those the document marks with the `token` scheme, see [`guarded`]):
+/// a 401 `unauthorized` unless the call carries a token with at least
+/// `needed`'s role, a 403 `forbidden` for the read token on a mutating call.
+async fn require(api: Arc<Api>, needed: Role, request: Request, next: Next) -> Response {
+    let has = role(&api, request.headers());
+    if has == Role::None {
+        return error(
+            401,
+            "unauthorized",
+            "this call needs `Authorization: Bearer <token>` with the Tron's read or admin token",
+        );
+    }
+    if has < needed {
+        return error(
+            403,
+            "forbidden",
+            "the read token can only read: this call needs the admin token",
+        );
+    }
+    next.run(request).await
+}
+
+async fn require_read(
     Extension(api): Extension<Arc<Api>>,
     request: Request,
     next: Next,
 ) -> Response {
-    if !authorized(&api, request.headers()) {
-        return error(
-            401,
-            "unauthorized",
-            "this call needs `Authorization: Bearer <token>` with the Tron's management token",
-        );
-    }
-    next.run(request).await
+    require(api, Role::Read, request, next).await
+}
+
+async fn require_admin(
+    Extension(api): Extension<Arc<Api>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    require(api, Role::Admin, request, next).await
 }
 
 /// The document's top: info, servers, the security scheme, and the
@@ -102,11 +200,14 @@ async fn require_token(
     info(
         title = "Funcatron management API",
         version = "1",
-        description = "Upload, enable, disable and roll back Func bundles on a Tron. Reads are \
-            open (bind the API to an internal address); every POST needs \
-            `Authorization: Bearer <token>` (the token a Tron prints at its first start, or \
-            FUNCATRON_TOKEN / --token-file). Errors are JSON: {\"error\": code, \"message\": text}. \
-            This document is generated from the server's types (tron/src/mgmt/api.rs)."
+        description = "Upload, enable, disable and roll back Func bundles on a Tron. Only \
+            /v1/health and this document are open. Every read needs `Authorization: Bearer \
+            <token>` with the read token (FUNCATRON_READ_TOKEN / --read-token, else \
+            <store>/read-token) or the admin token; every POST needs the admin token (the \
+            token a Tron prints at its first start, or FUNCATRON_TOKEN / --token-file). A \
+            missing or wrong token is a 401, the read token on a POST a 403. The `token` \
+            scheme's requirement names the role: `read` or `admin`. Errors are JSON: \
+            {\"error\": code, \"message\": text}. This document is generated from the server's types (tron/src/mgmt/api.rs)."
     ),
     servers((url = "/")),
     components(schemas(api::LogLine)),
@@ -133,40 +234,47 @@ fn open_routes() -> OpenApiRouter<Arc<Api>> {
         .routes(routes!(openapi_yaml))
         .routes(routes!(openapi_json))
         .routes(routes!(health))
-        .routes(routes!(download))
-        .routes(routes!(state))
-        .routes(routes!(status))
-        .routes(routes!(list))
-        .routes(routes!(show))
-        .routes(routes!(history))
-        .routes(routes!(capture_export))
-        .routes(routes!(logs))
 }
 
-/// `routes` behind the token: [`require_token`] on their methods only (any
-/// other method still answers 405).
-fn guarded(routes: UtoipaMethodRouter<Arc<Api>>) -> UtoipaMethodRouter<Arc<Api>> {
+/// `routes` behind a token with `role`: [`require`] on their methods only
+/// (any other method still answers 405).
+fn guarded(routes: UtoipaMethodRouter<Arc<Api>>, role: Role) -> UtoipaMethodRouter<Arc<Api>> {
     let (schemas, paths, methods) = routes;
-    (
-        schemas,
-        paths,
-        methods.route_layer(axum::middleware::from_fn(require_token)),
-    )
+    let methods = match role {
+        Role::Admin => methods.route_layer(axum::middleware::from_fn(require_admin)),
+        _ => methods.route_layer(axum::middleware::from_fn(require_read)),
+    };
+    (schemas, paths, methods)
 }
 
-/// Routes that need the token.
+/// Reads: the read token or the admin token.
+fn read_routes() -> OpenApiRouter<Arc<Api>> {
+    let r = |routes| guarded(routes, Role::Read);
+    OpenApiRouter::new()
+        .routes(r(routes!(download)))
+        .routes(r(routes!(state)))
+        .routes(r(routes!(status)))
+        .routes(r(routes!(list)))
+        .routes(r(routes!(show)))
+        .routes(r(routes!(history)))
+        .routes(r(routes!(capture_export)))
+        .routes(r(routes!(logs)))
+}
+
+/// Routes that need the admin token.
 fn token_routes() -> OpenApiRouter<Arc<Api>> {
+    let a = |routes| guarded(routes, Role::Admin);
     let unlimited = OpenApiRouter::new()
-        .routes(guarded(routes!(upload)))
-        .routes(guarded(routes!(invoke)))
+        .routes(a(routes!(upload)))
+        .routes(a(routes!(invoke)))
         .layer(DefaultBodyLimit::disable());
     OpenApiRouter::new()
-        .routes(guarded(routes!(enable)))
-        .routes(guarded(routes!(disable)))
-        .routes(guarded(routes!(rollback)))
-        .routes(guarded(routes!(capture_start)))
-        .routes(guarded(routes!(capture_stop)))
-        .routes(guarded(routes!(log_level)))
+        .routes(a(routes!(enable)))
+        .routes(a(routes!(disable)))
+        .routes(a(routes!(rollback)))
+        .routes(a(routes!(capture_start)))
+        .routes(a(routes!(capture_stop)))
+        .routes(a(routes!(log_level)))
         .merge(unlimited)
 }
 
@@ -175,6 +283,7 @@ fn token_routes() -> OpenApiRouter<Arc<Api>> {
 pub fn openapi() -> utoipa::openapi::OpenApi {
     OpenApiRouter::<Arc<Api>>::with_openapi(ApiDoc::openapi())
         .merge(open_routes())
+        .merge(read_routes())
         .merge(token_routes())
         .into_openapi()
 }
@@ -192,21 +301,22 @@ pub fn openapi_yaml_text() -> &'static str {
     &DOCUMENT.0
 }
 
-/// The management API routes. `max_upload` limits archive uploads;
-/// `ingress` (see `funcatron_ingress::app`) serves `invoke`.
-pub fn router(
-    registry: Arc<Registry>,
-    token: String,
-    max_upload: usize,
-    ingress: Option<Router>,
-) -> Router {
+/// The management API routes, with `options` (tokens, upload limit,
+/// capture redaction); `ingress` (see `funcatron_ingress::app`) serves
+/// `invoke`.
+pub fn router(registry: Arc<Registry>, options: MgmtOptions, ingress: Option<Router>) -> Router {
     let api = Arc::new(Api {
         registry,
-        token,
-        max_upload,
+        tokens: options.tokens,
+        max_upload: options.max_upload,
+        redact_query: options.redact_query,
+        redact_json_fields: options.redact_json_fields,
         ingress,
     });
-    let (routes, _) = open_routes().merge(token_routes()).split_for_parts();
+    let (routes, _) = open_routes()
+        .merge(read_routes())
+        .merge(token_routes())
+        .split_for_parts();
     routes
         .fallback(|| async { error(404, "not_found", "no such management API path") })
         .layer(Extension(Arc::clone(&api)))
@@ -268,12 +378,13 @@ fn operations(b: &funcatron_bundle::Bundle) -> Vec<RouteOperation> {
 
 /// Upload a bundle archive (from `funcatron bundle build`).
 #[utoipa::path(post, path = "/v1/bundles", operation_id = "uploadBundle",
-    security(("token" = [])),
+    security(("token" = ["admin"])),
     params(UploadQuery),
     request_body(content = inline(String), content_type = "application/gzip", description = "the .tar.gz"),
     responses(
         (status = 201, description = "stored (validated): its SHA-256, name, version and routes", body = Uploaded),
         (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 403, description = "the read token: this call needs the admin token", body = ApiError),
         (status = 409, description = "conflict", body = ApiError),
         (status = 413, description = "larger than the upload limit", body = ApiError),
         (status = 422, description = "not a valid bundle", body = ApiError),
@@ -320,10 +431,12 @@ async fn upload(
 
 /// The archive with this SHA-256 (Trons and Runners fetch bundles here).
 #[utoipa::path(get, path = "/v1/bundles/{sha}", operation_id = "downloadBundle",
+    security(("token" = ["read"])),
     params(("sha" = String, Path, pattern = "^[0-9a-f]{64}$", description = "the archive's SHA-256")),
     responses(
         (status = 200, description = "the archive", content_type = "application/gzip", body = inline(String)),
         (status = 404, description = "no such bundle", body = ApiError),
+        (status = 401, description = "no or a wrong token", body = ApiError),
     ))]
 async fn download(State(api): Shared, Path(sha): Path<String>) -> Response {
     match api.registry.blob_path(&sha).filter(|p| p.is_file()) {
@@ -340,7 +453,11 @@ async fn download(State(api): Shared, Path(sha): Path<String>) -> Response {
 /// signals, the desired, target, requested and running Runners, the bounds,
 /// the last reason and decisions, and `autoscaler` names the substrate.
 #[utoipa::path(get, path = "/v1/status", operation_id = "status",
-    responses((status = 200, description = "load and scaling per Func", body = api::Status)))]
+    security(("token" = ["read"])),
+    responses(
+        (status = 200, description = "load and scaling per Func", body = api::Status),
+        (status = 401, description = "no or a wrong token", body = ApiError),
+    ))]
 async fn status(State(api): Shared) -> Response {
     // The registry builds this body; `api::Status` describes it.
     Json(api.registry.status().await).into_response()
@@ -349,9 +466,42 @@ async fn status(State(api): Shared) -> Response {
 /// The whole registry state (revision, every Func's uploads, enabled
 /// version, settings, history).
 #[utoipa::path(get, path = "/v1/state", operation_id = "state",
-    responses((status = 200, description = "the state", body = api::State)))]
+    security(("token" = ["read"])),
+    responses(
+        (status = 200, description = "the state", body = api::State),
+        (status = 401, description = "no or a wrong token", body = ApiError),
+    ))]
 async fn state(State(api): Shared) -> Json<api::State> {
-    Json(api.registry.state().await)
+    let mut st = api.registry.state().await;
+    for f in st.funcs.values_mut() {
+        f.settings = shown_settings(&api, &f.settings, f.enabled.as_deref()).await;
+    }
+    Json(st)
+}
+
+/// What a secret's value reads in answers.
+pub const SECRET_VALUE: &str = "[secret]";
+
+/// `settings` as answers show them: an `env` key that is also a secret
+/// (named in the settings or in the enabled bundle) shows [`SECRET_VALUE`],
+/// never its value; secrets themselves are names only.
+async fn shown_settings(api: &Api, settings: &FuncSettings, sha: Option<&str>) -> FuncSettings {
+    let mut shown = settings.clone();
+    let bundle_secrets = match sha {
+        Some(sha) if !shown.env.is_empty() => api
+            .registry
+            .bundle(sha)
+            .await
+            .map(|b| b.secrets)
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    for (k, v) in shown.env.iter_mut() {
+        if settings.secrets.contains(k) || bundle_secrets.contains(k) {
+            *v = SECRET_VALUE.to_owned();
+        }
+    }
+    shown
 }
 
 async fn routes_of(api: &Api, sha: &str) -> Routes {
@@ -369,7 +519,11 @@ async fn routes_of(api: &Api, sha: &str) -> Routes {
 
 /// Every Func, its enabled version and routes.
 #[utoipa::path(get, path = "/v1/funcs", operation_id = "listFuncs",
-    responses((status = 200, description = "every Func, its enabled version and routes", body = FuncList)))]
+    security(("token" = ["read"])),
+    responses(
+        (status = 200, description = "every Func, its enabled version and routes", body = FuncList),
+        (status = 401, description = "no or a wrong token", body = ApiError),
+    ))]
 async fn list(State(api): Shared) -> Json<FuncList> {
     let st = api.registry.state().await;
     let mut funcs = Vec::new();
@@ -393,10 +547,12 @@ async fn list(State(api): Shared) -> Json<FuncList> {
 
 /// One Func: its settings, uploads and effective routes.
 #[utoipa::path(get, path = "/v1/funcs/{name}", operation_id = "showFunc",
+    security(("token" = ["read"])),
     params(("name" = String, Path, description = "the Func")),
     responses(
         (status = 200, description = "the Func, its settings, uploads and effective routes", body = FuncDetail),
         (status = 404, description = "no such Func", body = ApiError),
+        (status = 401, description = "no or a wrong token", body = ApiError),
     ))]
 async fn show(State(api): Shared, Path(name): Path<String>) -> Response {
     let st = api.registry.state().await;
@@ -408,9 +564,9 @@ async fn show(State(api): Shared, Path(name): Path<String>) -> Response {
         None => None,
     };
     Json(FuncDetail {
+        settings: shown_settings(&api, &f.settings, f.enabled.as_deref()).await,
         name,
         enabled: f.enabled.clone(),
-        settings: f.settings.clone(),
         uploads: f.uploads.clone(),
         routes,
     })
@@ -419,10 +575,12 @@ async fn show(State(api): Shared, Path(name): Path<String>) -> Response {
 
 /// Uploads and enable/disable/rollback events.
 #[utoipa::path(get, path = "/v1/funcs/{name}/history", operation_id = "funcHistory",
+    security(("token" = ["read"])),
     params(("name" = String, Path, description = "the Func")),
     responses(
         (status = 200, description = "uploads and enable/disable/rollback events", body = FuncHistory),
         (status = 404, description = "no such Func", body = ApiError),
+        (status = 401, description = "no or a wrong token", body = ApiError),
     ))]
 async fn history(State(api): Shared, Path(name): Path<String>) -> Response {
     let st = api.registry.state().await;
@@ -440,13 +598,14 @@ async fn history(State(api): Shared, Path(name): Path<String>) -> Response {
 /// Route to a version (default the latest upload) with settings; atomic on
 /// every Tron.
 #[utoipa::path(post, path = "/v1/funcs/{name}/enable", operation_id = "enableFunc",
-    security(("token" = [])),
+    security(("token" = ["admin"])),
     params(("name" = String, Path, description = "the Func")),
     request_body(content = EnableRequest, description = "optional"),
     responses(
         (status = 200, description = "enabled", body = Enabled),
         (status = 400, description = "a malformed body", body = ApiError),
         (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 403, description = "the read token: this call needs the admin token", body = ApiError),
         (status = 404, description = "no such Func or version", body = ApiError),
         (status = 409, description = "its host + basePath is taken", body = ApiError),
     ))]
@@ -473,11 +632,12 @@ async fn enable(State(api): Shared, Path(name): Path<String>, body: Bytes) -> Re
 
 /// Stop routing to a Func; its routes answer 404.
 #[utoipa::path(post, path = "/v1/funcs/{name}/disable", operation_id = "disableFunc",
-    security(("token" = [])),
+    security(("token" = ["admin"])),
     params(("name" = String, Path, description = "the Func")),
     responses(
         (status = 200, description = "disabled; its routes answer 404", body = Enabled),
         (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 403, description = "the read token: this call needs the admin token", body = ApiError),
         (status = 404, description = "no such Func", body = ApiError),
     ))]
 async fn disable(State(api): Shared, Path(name): Path<String>) -> Response {
@@ -494,11 +654,12 @@ async fn disable(State(api): Shared, Path(name): Path<String>) -> Response {
 
 /// Enable the version enabled before the current one.
 #[utoipa::path(post, path = "/v1/funcs/{name}/rollback", operation_id = "rollbackFunc",
-    security(("token" = [])),
+    security(("token" = ["admin"])),
     params(("name" = String, Path, description = "the Func")),
     responses(
         (status = 200, description = "rolled back", body = Enabled),
         (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 403, description = "the read token: this call needs the admin token", body = ApiError),
         (status = 404, description = "no such Func", body = ApiError),
         (status = 409, description = "nothing to roll back to", body = ApiError),
     ))]
@@ -517,13 +678,14 @@ async fn rollback(State(api): Shared, Path(name): Path<String>) -> Response {
 /// Call a Func through the request path (an in-process ingress on this
 /// Tron), answering with exactly what the Func answered.
 #[utoipa::path(post, path = "/v1/funcs/{name}/invoke", operation_id = "invokeFunc",
-    security(("token" = [])),
+    security(("token" = ["admin"])),
     params(("name" = String, Path, description = "the Func")),
     request_body(content = InvokeRequest, description = "the request to make; optional"),
     responses(
         (status = "default", description = "the Func's answer, as is"),
         (status = 400, description = "a malformed body", body = ApiError),
         (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 403, description = "the read token: this call needs the admin token", body = ApiError),
         (status = 404, description = "no such Func is enabled", body = ApiError),
         (status = 413, description = "larger than the upload limit", body = ApiError),
         (status = 503, description = "this Tron cannot invoke Funcs", body = ApiError),
@@ -590,13 +752,14 @@ fn json_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T,
 
 /// Start recording a Func's request/response pairs.
 #[utoipa::path(post, path = "/v1/funcs/{name}/capture", operation_id = "captureStart",
-    security(("token" = [])),
+    security(("token" = ["admin"])),
     params(("name" = String, Path, description = "the Func")),
     request_body(content = CaptureRequest, description = "optional"),
     responses(
         (status = 200, description = "capturing", body = CaptureStarted),
         (status = 400, description = "a malformed body", body = ApiError),
         (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 403, description = "the read token: this call needs the admin token", body = ApiError),
         (status = 404, description = "no such Func", body = ApiError),
     ))]
 async fn capture_start(State(api): Shared, Path(name): Path<String>, body: Bytes) -> Response {
@@ -604,11 +767,16 @@ async fn capture_start(State(api): Shared, Path(name): Path<String>, body: Bytes
         Ok(b) => b,
         Err(r) => return *r,
     };
-    let mut redact: Vec<String> = funcatron_control::state::DEFAULT_REDACT
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-    redact.extend(req.redact.iter().map(|h| h.to_ascii_lowercase()));
+    let lower = |list: &[String], extra: &[String]| -> Vec<String> {
+        let mut all: Vec<String> = list
+            .iter()
+            .chain(extra)
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    };
     let capture = funcatron_control::state::Capture {
         id: funcatron_envelope::new_request_id()[..12].to_owned(),
         sample: req.sample.unwrap_or(1.0),
@@ -616,7 +784,12 @@ async fn capture_start(State(api): Shared, Path(name): Path<String>, body: Bytes
             .for_ms
             .map(|ms| funcatron_envelope::now_ms() as u64 + ms),
         max: req.max,
-        redact,
+        redact: lower(
+            &owned(funcatron_control::state::DEFAULT_REDACT),
+            &req.redact,
+        ),
+        redact_query: lower(&api.redact_query, &req.redact_query),
+        redact_json_fields: lower(&api.redact_json_fields, &req.redact_json_fields),
     };
     match api.registry.capture_start(&name, capture).await {
         Ok(st) => Json(CaptureStarted {
@@ -631,11 +804,12 @@ async fn capture_start(State(api): Shared, Path(name): Path<String>, body: Bytes
 
 /// Stop recording.
 #[utoipa::path(post, path = "/v1/funcs/{name}/capture/stop", operation_id = "captureStop",
-    security(("token" = [])),
+    security(("token" = ["admin"])),
     params(("name" = String, Path, description = "the Func")),
     responses(
         (status = 200, description = "stopped", body = CaptureStopped),
         (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 403, description = "the read token: this call needs the admin token", body = ApiError),
         (status = 404, description = "no such Func", body = ApiError),
     ))]
 async fn capture_stop(State(api): Shared, Path(name): Path<String>) -> Response {
@@ -652,11 +826,13 @@ async fn capture_stop(State(api): Shared, Path(name): Path<String>) -> Response 
 
 /// The recorded pairs, as JSON Lines.
 #[utoipa::path(get, path = "/v1/captures/{name}", operation_id = "captureExport",
+    security(("token" = ["read"])),
     params(("name" = String, Path, description = "the Func")),
     responses(
         (status = 200, description = "one request/response pair a line", content_type = "application/x-ndjson", body = String),
         (status = 400, description = "not a Func name", body = ApiError),
         (status = 404, description = "nothing was captured", body = ApiError),
+        (status = 401, description = "no or a wrong token", body = ApiError),
     ))]
 async fn capture_export(State(api): Shared, Path(name): Path<String>) -> Response {
     let Some(path) = api.registry.capture_path(&name) else {
@@ -674,13 +850,14 @@ async fn capture_export(State(api): Shared, Path(name): Path<String>) -> Respons
 
 /// Set a Func's log level on every Runner at once, without a restart.
 #[utoipa::path(post, path = "/v1/funcs/{name}/log-level", operation_id = "setLogLevel",
-    security(("token" = [])),
+    security(("token" = ["admin"])),
     params(("name" = String, Path, description = "the Func")),
     request_body(content = LogLevelRequest),
     responses(
         (status = 200, description = "set", body = LogLevelSet),
         (status = 400, description = "a malformed body", body = ApiError),
         (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 403, description = "the read token: this call needs the admin token", body = ApiError),
         (status = 404, description = "no such Func", body = ApiError),
     ))]
 async fn log_level(State(api): Shared, Path(name): Path<String>, body: Bytes) -> Response {
@@ -708,9 +885,11 @@ async fn log_level(State(api): Shared, Path(name): Path<String>, body: Bytes) ->
 /// A Func's recent log lines from every Runner (JSON Lines, each a
 /// `LogLine`), then, with `follow`, new ones as they come.
 #[utoipa::path(get, path = "/v1/funcs/{name}/logs", operation_id = "funcLogs",
+    security(("token" = ["read"])),
     params(("name" = String, Path, description = "the Func"), LogsQuery),
     responses(
         (status = 200, description = "one `LogLine` a line", content_type = "application/x-ndjson", body = String),
+        (status = 401, description = "no or a wrong token", body = ApiError),
     ))]
 async fn logs(
     State(api): Shared,

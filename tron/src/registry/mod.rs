@@ -62,7 +62,59 @@ pub type Check = Arc<dyn Fn(&Bundle) -> Result<(), CheckError> + Send + Sync>;
 /// Why a bundle failed a [`Check`].
 pub type CheckError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Operator ceilings on what a Func may ask for, in its bundle or in the
+/// settings it is enabled with: past one, the upload is a 422
+/// `invalid_bundle` and the enable a 422 `invalid_settings`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ceilings {
+    /// Largest per-invocation time limit (`timeout_ms`).
+    pub max_timeout_ms: u64,
+    /// Largest memory limit (`memory_mb`).
+    pub max_memory_mb: usize,
+}
+
+/// Default [`Ceilings::max_timeout_ms`]: 15 minutes.
+pub const DEFAULT_MAX_FUNC_TIMEOUT_MS: u64 = 15 * 60 * 1000;
+/// Default [`Ceilings::max_memory_mb`]: 4 GiB.
+pub const DEFAULT_MAX_FUNC_MEMORY_MB: usize = 4096;
+
+impl Default for Ceilings {
+    fn default() -> Self {
+        Ceilings {
+            max_timeout_ms: DEFAULT_MAX_FUNC_TIMEOUT_MS,
+            max_memory_mb: DEFAULT_MAX_FUNC_MEMORY_MB,
+        }
+    }
+}
+
+impl Ceilings {
+    /// Why `timeout_ms` / `memory_mb` pass a ceiling, if they do.
+    fn check(&self, timeout_ms: Option<u64>, memory_mb: Option<usize>) -> Result<(), String> {
+        if let Some(t) = timeout_ms.filter(|t| *t > self.max_timeout_ms) {
+            return Err(format!(
+                "timeout_ms {t} is above this Tron's ceiling of {} (--max-func-timeout-ms)",
+                self.max_timeout_ms
+            ));
+        }
+        if let Some(m) = memory_mb.filter(|m| *m > self.max_memory_mb) {
+            return Err(format!(
+                "memory_mb {m} is above this Tron's ceiling of {} (--max-func-memory-mb)",
+                self.max_memory_mb
+            ));
+        }
+        Ok(())
+    }
+
+    /// Why a bundle's own limits pass a ceiling, if they do.
+    fn check_bundle(&self, b: &Bundle) -> Result<(), String> {
+        // Rounded up: a bundle asking for a byte past the ceiling is past it.
+        let mb = b.memory_bytes.map(|bytes| bytes.div_ceil(1024 * 1024));
+        self.check(b.timeout_ms, mb)
+    }
+}
+
 /// Registry settings.
+#[derive(Default)]
 pub struct RegistryOptions {
     /// The store directory.
     pub store: PathBuf,
@@ -76,6 +128,10 @@ pub struct RegistryOptions {
     pub limits: Limits,
     /// Extra checks at upload.
     pub check: Option<Check>,
+    /// Ceilings on Funcs' timeouts and memory.
+    pub ceilings: Ceilings,
+    /// The read token this Tron fetches peers' archives with.
+    pub read_token: Option<String>,
 }
 
 /// The registry of one Tron.
@@ -108,8 +164,12 @@ fn now_ms() -> u64 {
 }
 
 /// Settings are checked like the bundle fields they override: `env` keys
-/// and secret names are variable names (a secret name names a file).
-fn check_settings(s: &FuncSettings) -> Result<(), RegistryError> {
+/// and secret names are variable names (a secret name names a file), and
+/// timeouts and memory are within the operator's ceilings.
+fn check_settings(s: &FuncSettings, ceilings: &Ceilings) -> Result<(), RegistryError> {
+    ceilings
+        .check(s.timeout_ms, s.memory_mb)
+        .map_err(|m| RegistryError::new(422, "invalid_settings", m))?;
     let bad = s
         .env
         .keys()
@@ -157,6 +217,20 @@ impl Registry {
         Ok((r, routes_rx))
     }
 
+    /// What an archive must pass before it is stored (uploaded or fetched
+    /// from a peer): the ceilings, then the binary's extra checks.
+    fn check(&self) -> Check {
+        let ceilings = self.options.ceilings;
+        let extra = self.options.check.clone();
+        Arc::new(move |b: &Bundle| {
+            ceilings.check_bundle(b)?;
+            match &extra {
+                Some(check) => check(b),
+                None => Ok(()),
+            }
+        })
+    }
+
     /// The current state.
     pub async fn state(&self) -> ClusterState {
         self.state.lock().await.clone()
@@ -182,10 +256,7 @@ impl Registry {
         name: &str,
         enable: Option<FuncSettings>,
     ) -> Result<(String, Bundle), RegistryError> {
-        let (sha, bundle) = self
-            .store
-            .put(bytes, name, self.options.check.as_ref())
-            .await?;
+        let (sha, bundle) = self.store.put(bytes, name, Some(&self.check())).await?;
         {
             let mut st = self.state.lock().await;
             let mut next = st.clone();
@@ -217,7 +288,7 @@ impl Registry {
         action: &str,
     ) -> Result<ClusterState, RegistryError> {
         if let Some(s) = &settings {
-            check_settings(s)?;
+            check_settings(s, &self.options.ceilings)?;
         }
         let mut st = self.state.lock().await;
         let mut next = st.clone();

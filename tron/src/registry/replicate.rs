@@ -4,7 +4,8 @@
 //! Every change is broadcast as the whole state with a revision
 //! ([`Control::State`]); a Tron adopts a state newer than its own and
 //! fetches the archives it lacks by SHA-256 from the sender's management
-//! API ([`funcatron_control::fetch`], the same code Runners use); a
+//! API ([`funcatron_control::fetch`], the same code Runners use, with the
+//! read token, [`super::RegistryOptions::read_token`]); a
 //! newcomer says [`Control::Hello`] and the Trons answer with their state.
 //! The broker is already what every component shares, so no extra shared
 //! store (database, NFS) is needed.
@@ -48,11 +49,12 @@ impl Registry {
             return Ok(());
         }
         let max = self.options.limits.max_archive_bytes;
-        let bytes = funcatron_control::fetch::fetch_archive(&self.http, base, sha, max)
+        let token = self.options.read_token.as_deref();
+        let bytes = funcatron_control::fetch::fetch_archive(&self.http, base, sha, max, token)
             .await
             .map_err(|e| RegistryError::new(502, "fetch_failed", e.to_string()))?;
         self.store
-            .put(&bytes, name, self.options.check.as_ref())
+            .put(&bytes, name, Some(&self.check()))
             .await
             .map(drop)
     }

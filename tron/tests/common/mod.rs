@@ -6,25 +6,47 @@ use std::path::Path;
 use std::sync::Arc;
 
 use funcatron_broker::{AnyBroker, EmbeddedBroker};
-use funcatron_tron::registry::{Registry, RegistryOptions};
+use funcatron_tron::registry::{Ceilings, Registry, RegistryOptions};
 use funcatron_tron::TronContext;
 
 /// A registry with its store in `store`, on an embedded broker, with no
 /// static bundles and no extra checks.
 pub async fn open_registry(store: &Path) -> Arc<Registry> {
+    open_registry_with(store, Ceilings::default()).await
+}
+
+/// [`open_registry`] with these ceilings.
+pub async fn open_registry_with(store: &Path, ceilings: Ceilings) -> Arc<Registry> {
     let broker = AnyBroker::Embedded(EmbeddedBroker::new(1024));
     let (registry, _routes) = Registry::open(
         RegistryOptions {
             store: store.to_owned(),
-            environment: None,
-            static_bundles: Vec::new(),
             advertise: "http://127.0.0.1:1".into(),
-            limits: Default::default(),
-            check: None,
+            ceilings,
+            ..Default::default()
         },
         TronContext::new(broker),
     )
     .await
     .unwrap();
     registry
+}
+
+/// A Lua bundle archive named `s` at `/s`; `manifest` adds fields to its
+/// `x-funcatron` (e.g. `, timeout_ms: 5000`).
+pub fn lua_archive(manifest: &str) -> Vec<u8> {
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(
+        src.path().join("swagger.yaml"),
+        format!(
+            "swagger: '2.0'\nbasePath: /s\nx-funcatron: {{name: s, runtime: lua{manifest}}}\npaths:\n  /:\n    get: {{operationId: hi}}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        src.path().join("main.lua"),
+        "return { hi = function() return 'hi' end }",
+    )
+    .unwrap();
+    funcatron_bundle::archive::build(src.path()).unwrap().1
 }
