@@ -92,6 +92,10 @@ async fn scaled_up(extra: &[&str]) -> Scaled {
         bundles.to_str().unwrap(),
         "--substrate",
         "process",
+        // The ledger (the test's record of every run, outside the bundle)
+        // must be writable by the Func, which the sandbox forbids: these
+        // scaling tests run their Runners unsandboxed.
+        "--runner-arg=--insecure-no-sandbox",
     ];
     args.extend_from_slice(extra);
     let up = funcatron_logged(&args, TOKEN, &log);
@@ -111,7 +115,7 @@ async fn scaled_up(extra: &[&str]) -> Scaled {
 
 impl Scaled {
     async fn scaling(&self, func: &str) -> Value {
-        let (_, body) = text(&format!("{}/v1/status", self.mgmt)).await;
+        let (_, body) = text_with(&format!("{}/v1/status", self.mgmt), TOKEN).await;
         let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
         v["funcs"][func]["scaling"].clone()
     }
@@ -264,7 +268,7 @@ async fn step_load_scales_up_to_the_bound_and_back_to_zero() {
         let (most, watching, mgmt) = (most.clone(), watching.clone(), s.mgmt.clone());
         tokio::spawn(async move {
             while watching.load(Ordering::Relaxed) {
-                let (_, body) = text(&format!("{mgmt}/v1/status")).await;
+                let (_, body) = text_with(&format!("{mgmt}/v1/status"), TOKEN).await;
                 let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
                 let sc = &v["funcs"]["slow"]["scaling"];
                 for k in ["target", "running", "requested"] {
@@ -309,13 +313,14 @@ async fn step_load_scales_up_to_the_bound_and_back_to_zero() {
     // The CLI shows the decisions and their reasons.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_funcatron"))
         .args(["status", "--tron", &s.mgmt])
+        .env("FUNCATRON_TOKEN", TOKEN)
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&out.stdout);
     assert!(out.contains("autoscaler: substrate process"), "{out}");
     assert!(out.contains("slow: 0 -> "), "{out}");
     // The answer is exactly what the management API's shared types say.
-    let (_, body) = text(&format!("{}/v1/status", s.mgmt)).await;
+    let (_, body) = text_with(&format!("{}/v1/status", s.mgmt), TOKEN).await;
     let raw: Value = serde_json::from_str(&body).unwrap();
     let typed: funcatron_tron::mgmt::api::Status = serde_json::from_value(raw.clone()).unwrap();
     assert!(typed.autoscaler.is_some() && typed.funcs["slow"].scaling.is_some());

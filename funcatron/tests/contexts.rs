@@ -223,6 +223,7 @@ async fn a_tron_node_with_its_management_api_runs_in_process() {
     assert!(demand.count("pushed") >= 1);
     let status: serde_json::Value = http
         .get(format!("{api}/v1/status"))
+        .bearer_auth("secret")
         .send()
         .await
         .unwrap()

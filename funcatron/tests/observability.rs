@@ -36,7 +36,7 @@ fn cli(args: &[&str], mgmt: &str) -> (i32, String) {
 }
 
 async fn get(url: &str) -> String {
-    text(url).await.1
+    text_with(url, TOKEN).await.1
 }
 
 /// The value of one sample line `name{labels} value` (0 when absent).
@@ -128,7 +128,7 @@ async fn metrics_count_known_traffic_and_cover_the_dashboard() {
     {
         let name = line.split(['{', ' ']).next().unwrap();
         assert!(
-            ["ingress_", "tron_", "runner_"]
+            ["ingress_", "tron_", "runner_", "listener_", "broker_"]
                 .iter()
                 .any(|p| name.starts_with(p)),
             "{name}"

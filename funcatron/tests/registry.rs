@@ -107,7 +107,7 @@ async fn upload_enable_switch_under_load_rollback_disable_and_restart() {
     let up = start("up", &store, &addr, &mgmt_addr, &extra, &log);
     wait_ready(&format!("{mgmt}/v1/health")).await;
 
-    // Auth on every mutating call; reads open; the API's own document.
+    // Auth on every call but health and the API's own document.
     let (v1_sha, v1) = hello_archive(root.path(), "Hello");
     let r = reqwest::Client::new()
         .post(format!("{mgmt}/v1/bundles"))
@@ -124,7 +124,8 @@ async fn upload_enable_switch_under_load_rollback_disable_and_restart() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(text(&format!("{mgmt}/v1/funcs")).await.0, 200);
+    assert_eq!(text(&format!("{mgmt}/v1/funcs")).await.0, 401);
+    assert_eq!(text_with(&format!("{mgmt}/v1/funcs"), TOKEN).await.0, 200);
     assert!(text(&format!("{mgmt}/v1/openapi.yaml"))
         .await
         .1
@@ -200,7 +201,7 @@ async fn upload_enable_switch_under_load_rollback_disable_and_restart() {
     assert!(total >= 4, "{total}");
 
     // History and the CLI.
-    let (_, h) = text(&format!("{mgmt}/v1/funcs/hello/history")).await;
+    let (_, h) = text_with(&format!("{mgmt}/v1/funcs/hello/history"), TOKEN).await;
     let h: Value = serde_json::from_str(&h).unwrap();
     let actions: Vec<&str> = h["history"]
         .as_array()
@@ -222,7 +223,7 @@ async fn upload_enable_switch_under_load_rollback_disable_and_restart() {
         &mgmt,
     );
     assert!(ok, "{out}");
-    let (_, show) = text(&format!("{mgmt}/v1/funcs/hello")).await;
+    let (_, show) = text_with(&format!("{mgmt}/v1/funcs/hello"), TOKEN).await;
     assert!(
         show.contains("\"A\": \"b\"") || show.contains("\"A\":\"b\""),
         "{show}"
@@ -484,7 +485,7 @@ async fn two_trons_over_rabbitmq_see_each_others_changes() {
     let (s, v) = upload(&mgmt1, v1, "enable=true").await;
     assert_eq!(s, 201, "{v}");
     eventually("Tron 2 sees v1", || async {
-        text(&format!("{mgmt2}/v1/funcs/hello"))
+        text_with(&format!("{mgmt2}/v1/funcs/hello"), TOKEN)
             .await
             .1
             .contains(&v1_sha)
@@ -499,7 +500,7 @@ async fn two_trons_over_rabbitmq_see_each_others_changes() {
             .filter_map(Result::ok)
             .map(|e| e.file_name())
             .collect::<Vec<_>>()),
-        text(&format!("{mgmt2}/v1/state")).await.1
+        text_with(&format!("{mgmt2}/v1/state"), TOKEN).await.1
     );
     eventually("v1 answers through the cluster", || async {
         text(&format!("{base}/hello/you")).await.1 == "Hello, you!"
@@ -511,7 +512,7 @@ async fn two_trons_over_rabbitmq_see_each_others_changes() {
     let (s, _) = upload(&mgmt2, v2, "enable=true").await;
     assert_eq!(s, 201);
     eventually("Tron 1 sees v2", || async {
-        let (_, t) = text(&format!("{mgmt1}/v1/funcs/hello")).await;
+        let (_, t) = text_with(&format!("{mgmt1}/v1/funcs/hello"), TOKEN).await;
         serde_json::from_str::<Value>(&t).is_ok_and(|v| v["enabled"] == v2_sha.as_str())
     })
     .await;

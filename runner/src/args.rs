@@ -14,7 +14,7 @@ pub const DEFAULT_PREFETCH: u16 = 64;
 /// Default time limit of one invocation, in milliseconds.
 pub const DEFAULT_FUNC_TIMEOUT_MS: u64 = 10_000;
 /// Default largest answer (body and headers) a Func may give, in bytes.
-pub const DEFAULT_MAX_REPLY_BYTES: usize = 8 * 1024 * 1024;
+pub const DEFAULT_MAX_REPLY_BYTES: usize = 16 * 1024 * 1024;
 /// Default memory limit of a Lua Func's state, in MiB.
 pub const DEFAULT_FUNC_MEMORY_MB: usize = 64;
 /// Default address-space limit of an exec Func's process, in MiB.

@@ -240,6 +240,10 @@ impl Proc {
     }
 }
 
+/// The read token every process a test starts shares (peer Trons and
+/// their Runners must agree on it to fetch archives from each other).
+pub const TEST_READ_TOKEN: &str = "test-read-token-4242";
+
 pub fn spawn(role: &str, broker: &str, extra: &[&str]) -> Proc {
     let log =
         std::env::temp_dir().join(format!("funcatron-test-{role}-{}.log", std::process::id()));
@@ -254,6 +258,7 @@ pub fn spawn(role: &str, broker: &str, extra: &[&str]) -> Proc {
         .arg(broker)
         .args(extra)
         .env("RUST_LOG", "info")
+        .env("FUNCATRON_READ_TOKEN", TEST_READ_TOKEN)
         .stdout(Stdio::null())
         .stderr(file)
         .spawn()
@@ -268,10 +273,17 @@ pub fn spawn(role: &str, broker: &str, extra: &[&str]) -> Proc {
 /// wait until it accepts work.
 pub fn restart_rabbitmq() {
     rabbitmqctl(&["shutdown"]);
-    let started = Command::new("rabbitmq-server")
-        .arg("-detached")
-        .status()
-        .expect("rabbitmq-server on PATH");
+    let mut start = Command::new("rabbitmq-server");
+    start.arg("-detached");
+    // With the configuration `scripts/test.sh` started it with (its TLS
+    // listener), so later tests find the same broker.
+    let dir = std::env::var("FUNCATRON_TEST_TLS_DIR")
+        .unwrap_or_else(|_| "/var/tmp/funcatron-test-tls".to_owned());
+    let conf = std::path::Path::new(&dir).join("rabbitmq.conf");
+    if conf.is_file() {
+        start.env("RABBITMQ_CONFIG_FILE", conf);
+    }
+    let started = start.status().expect("rabbitmq-server on PATH");
     assert!(started.success());
     wait_rabbitmq();
 }
@@ -512,12 +524,14 @@ pub async fn spawn_ingress(broker: &str, extra: &[&str]) -> (Proc, String) {
     (proc, base)
 }
 
-/// `funcatron ARGS` with `FUNCATRON_TOKEN=token` and `RUST_LOG=info`, its
+/// `funcatron ARGS` with `FUNCATRON_TOKEN=token` (and the shared read
+/// token) and `RUST_LOG=info`, its
 /// stderr appended to `log`; killed when dropped.
 pub fn funcatron_logged(args: &[&str], token: &str, log: &Path) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_funcatron"))
         .args(args)
         .env("FUNCATRON_TOKEN", token)
+        .env("FUNCATRON_READ_TOKEN", TEST_READ_TOKEN)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(
@@ -551,6 +565,20 @@ where
 /// GET `url`: (status, body), or (0, the error).
 pub async fn text(url: &str) -> (u16, String) {
     match reqwest::get(url).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// GET `url` with the bearer `token` (management reads need one): (status,
+/// body), or (0, the error).
+pub async fn text_with(url: &str, token: &str) -> (u16, String) {
+    match reqwest::Client::new()
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+    {
         Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
         Err(e) => (0, e.to_string()),
     }
