@@ -108,10 +108,7 @@ async fn every_component_reconnects_after_a_broker_restart() {
             }
             out
         });
-        let ok = std::process::Command::new("rabbitmq-server")
-            .arg("-detached")
-            .status()
-            .unwrap();
+        let ok = rabbitmq_server().status().unwrap();
         assert!(ok.success());
         wait_rabbitmq();
         during

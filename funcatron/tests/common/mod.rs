@@ -269,21 +269,25 @@ pub fn spawn(role: &str, broker: &str, extra: &[&str]) -> Proc {
     }
 }
 
-/// Stop the RabbitMQ node and start it again (a real broker restart), then
-/// wait until it accepts work.
-pub fn restart_rabbitmq() {
-    rabbitmqctl(&["shutdown"]);
+/// `rabbitmq-server -detached` with the configuration `scripts/test.sh`
+/// started it with (its TLS listener), so later tests find the same broker.
+pub fn rabbitmq_server() -> Command {
     let mut start = Command::new("rabbitmq-server");
     start.arg("-detached");
-    // With the configuration `scripts/test.sh` started it with (its TLS
-    // listener), so later tests find the same broker.
     let dir = std::env::var("FUNCATRON_TEST_TLS_DIR")
         .unwrap_or_else(|_| "/var/tmp/funcatron-test-tls".to_owned());
     let conf = std::path::Path::new(&dir).join("rabbitmq.conf");
     if conf.is_file() {
         start.env("RABBITMQ_CONFIG_FILE", conf);
     }
-    let started = start.status().expect("rabbitmq-server on PATH");
+    start
+}
+
+/// Stop the RabbitMQ node and start it again (a real broker restart), then
+/// wait until it accepts work.
+pub fn restart_rabbitmq() {
+    rabbitmqctl(&["shutdown"]);
+    let started = rabbitmq_server().status().expect("rabbitmq-server on PATH");
     assert!(started.success());
     wait_rabbitmq();
 }
