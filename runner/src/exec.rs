@@ -273,4 +273,17 @@ mod tests {
         assert_eq!(env_name("x-forwarded-for"), "Http_X_Forwarded_For");
         assert_eq!(env_name("accept"), "Http_Accept");
     }
+
+    #[tokio::test]
+    async fn output_past_the_bound_is_drained_not_kept() {
+        let big = vec![b'x'; 100_000];
+        let (kept, cut) = super::read_bounded(Some(big.as_slice()), 1000)
+            .await
+            .unwrap();
+        assert_eq!((kept.len(), cut), (1000, true));
+        let (kept, cut) = super::read_bounded(Some(&b"small"[..]), 1000)
+            .await
+            .unwrap();
+        assert_eq!((kept.as_slice(), cut), (&b"small"[..], false));
+    }
 }
