@@ -61,6 +61,10 @@ async fn up_with(bundles: &Path, log: &Path, broker: &str, extra: &[&str]) -> (P
 fn hello_bundles(root: &Path) -> PathBuf {
     let dir = root.join("bundles");
     copy_examples(&dir, &["hello"]);
+    // Runner containers run as nobody: what is bind-mounted into them
+    // must be readable by it, as an operator grants.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
     dir
 }
 
@@ -382,6 +386,12 @@ fn runner_image() -> &'static str {
         let ctx = tempfile::tempdir().unwrap();
         let rootfs = ctx.path().join("rootfs");
         std::fs::create_dir_all(rootfs.join("tmp")).unwrap();
+        {
+            // Anyone may write /tmp (the Runner, as nobody, caches there).
+            use std::os::unix::fs::PermissionsExt;
+            let sticky = std::fs::Permissions::from_mode(0o1777);
+            std::fs::set_permissions(rootfs.join("tmp"), sticky).unwrap();
+        }
         let ldd = Command::new("ldd").arg(&bin).output().unwrap();
         for line in String::from_utf8_lossy(&ldd.stdout).lines() {
             let path = line
@@ -488,6 +498,14 @@ async fn docker_containers_start_on_demand_answer_and_stop_when_idle() {
     assert_eq!(ids.len(), 1);
     let cmd = docker(&["inspect", "-f", "{{json .Config.Cmd}}", &ids[0]]);
     assert!(cmd.contains("\"--func\",\"hello\""), "{cmd}");
+    // Not root, no capabilities: the container is the Func's boundary.
+    let user = docker(&[
+        "inspect",
+        "-f",
+        "{{.Config.User}} {{json .HostConfig.CapDrop}}",
+        &ids[0],
+    ]);
+    assert_eq!(user.trim(), "65534:65534 [\"ALL\"]");
     // Idle: stopped (drained on SIGTERM) and removed.
     eventually("the Runner container is gone", || async {
         hello_containers(&cluster).is_empty()
@@ -532,6 +550,14 @@ async fn swarm_service_replicas_follow_demand() {
         .to_owned()
     };
     assert_eq!(replicas(), "1");
+    let user = docker(&[
+        "service",
+        "inspect",
+        "-f",
+        "{{.Spec.TaskTemplate.ContainerSpec.User}}",
+        &service,
+    ]);
+    assert_eq!(user.trim(), "65534:65534", "swarm tasks do not run as root");
     eventually("the service is scaled to zero", || async {
         replicas() == "0"
     })

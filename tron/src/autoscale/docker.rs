@@ -109,6 +109,11 @@ impl ContainerTemplate {
     }
 }
 
+/// The user Runner containers run as (`nobody` in Debian images): never
+/// root, whatever the image says. Bind-mounted bundles must be readable by
+/// it.
+pub const RUNNER_USER: &str = "65534:65534";
+
 /// What every Runner container gets unless the command sets it.
 const CONTAINER_ENV: &[(&str, &str)] = &[
     ("FUNCATRON_INSECURE_NO_SANDBOX", "true"),
@@ -190,11 +195,15 @@ impl Substrate for DockerSubstrate {
                     env: Some(t.env()),
                     labels: Some(t.labels(func)),
                     stop_timeout: Some(GRACE_S),
+                    user: Some(RUNNER_USER.to_owned()),
                     host_config: Some(HostConfig {
                         network_mode: Some(t.network.clone()),
                         binds: (!t.binds.is_empty()).then(|| t.binds.clone()),
                         auto_remove: Some(true),
                         init: Some(true),
+                        // A Runner needs no capability and never gains one.
+                        cap_drop: Some(vec!["ALL".to_owned()]),
+                        security_opt: Some(vec!["no-new-privileges".to_owned()]),
                         ..HostConfig::default()
                     }),
                     ..ContainerCreateBody::default()
@@ -306,6 +315,8 @@ impl SwarmSubstrate {
                     labels: Some(t.labels(func)),
                     stop_grace_period: Some(GRACE_S * 1_000_000_000),
                     init: Some(true),
+                    user: Some(RUNNER_USER.to_owned()),
+                    capability_drop: Some(vec!["ALL".to_owned()]),
                     mounts: (!t.binds.is_empty())
                         .then(|| t.binds.iter().map(|b| bind_mount(b)).collect()),
                     ..TaskSpecContainerSpec::default()
