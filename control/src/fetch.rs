@@ -6,9 +6,13 @@
 //! a path and part of the URL), the URL is `http` or `https`. The body is
 //! read as a stream and refused once it passes the size limit (whatever
 //! `Content-Length` says); the bytes are returned only when their SHA-256
-//! is the one asked for.
+//! is the one asked for. The request goes only where the outbound address
+//! policy ([`crate::outbound`]) allows: a forged control message cannot
+//! point a node at its cloud's metadata service or an internal service.
 
 use bytes::{Bytes, BytesMut};
+
+use crate::outbound::{OutboundError, OutboundPolicy};
 use sha2::{Digest, Sha256};
 
 /// Why a fetch failed.
@@ -17,6 +21,9 @@ pub enum FetchError {
     /// Not a SHA-256 (64 lower-case hex digits); nothing was fetched.
     #[error("{0:?} is not a SHA-256 (64 lower-case hex digits)")]
     BadSha(String),
+    /// The outbound policy refuses the URL's address; nothing was fetched.
+    #[error(transparent)]
+    Refused(#[from] OutboundError),
     /// Not an `http` or `https` URL; nothing was fetched.
     #[error("{url:?}: {why}")]
     BadUrl {
@@ -85,49 +92,96 @@ fn archive_url(base: &str, sha: &str) -> Result<String, FetchError> {
     Ok(format!("{}/v1/bundles/{sha}", base.trim_end_matches('/')))
 }
 
-/// The archive `sha` from the management API at `base`, at most `max_bytes`
-/// long, verified. `token` (the Tron's read token) goes in
-/// `Authorization: Bearer`: downloads need it.
-pub async fn fetch_archive(
-    http: &reqwest::Client,
-    base: &str,
-    sha: &str,
-    max_bytes: u64,
-    token: Option<&str>,
-) -> Result<Bytes, FetchError> {
-    let url = archive_url(base, sha)?;
-    let http_err = |source| FetchError::Http {
-        url: url.clone(),
-        source,
-    };
-    let too_large = || FetchError::TooLarge {
-        url: url.clone(),
-        max: max_bytes,
-    };
-    let mut rb = http.get(&url);
-    if let Some(t) = token {
-        rb = rb.bearer_auth(t);
+/// Fetches archives from Trons' management APIs, only where the outbound
+/// policy allows (a fetch URL comes from a control message, which any
+/// broker user can publish): see [`crate::outbound`].
+#[derive(Clone, Debug)]
+pub struct Fetcher {
+    http: reqwest::Client,
+    policy: OutboundPolicy,
+}
+
+impl Fetcher {
+    /// A fetcher sending only where `policy` allows.
+    pub fn new(policy: OutboundPolicy) -> Result<Self, FetchError> {
+        let http = policy
+            .client(reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT))
+            .map_err(|source| FetchError::Http {
+                url: String::new(),
+                source,
+            })?;
+        Ok(Fetcher { http, policy })
     }
-    let mut resp = rb
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .map_err(http_err)?;
-    if resp.content_length().is_some_and(|n| n > max_bytes) {
-        return Err(too_large());
-    }
-    let mut body = BytesMut::new();
-    while let Some(chunk) = resp.chunk().await.map_err(http_err)? {
-        if body.len() as u64 + chunk.len() as u64 > max_bytes {
+
+    /// The archive `sha` from the management API at `base`, at most
+    /// `max_bytes` long, verified. `token` (the Tron's read token) goes in
+    /// `Authorization: Bearer`: downloads need it.
+    pub async fn archive(
+        &self,
+        base: &str,
+        sha: &str,
+        max_bytes: u64,
+        token: Option<&str>,
+    ) -> Result<Bytes, FetchError> {
+        let url = archive_url(base, sha)?;
+        self.policy.check_url(&url)?;
+        let http_err = |source: reqwest::Error| match refusal(&source) {
+            Some(e) => FetchError::Refused(e),
+            None => FetchError::Http {
+                url: url.clone(),
+                source,
+            },
+        };
+        let too_large = || FetchError::TooLarge {
+            url: url.clone(),
+            max: max_bytes,
+        };
+        let mut rb = self.http.get(&url);
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        let mut resp = rb
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(http_err)?;
+        if resp.content_length().is_some_and(|n| n > max_bytes) {
             return Err(too_large());
         }
-        body.extend_from_slice(&chunk);
+        let mut body = BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(http_err)? {
+            if body.len() as u64 + chunk.len() as u64 > max_bytes {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let bytes = body.freeze();
+        if sha256_hex(&bytes) != sha {
+            return Err(FetchError::Mismatch { url });
+        }
+        Ok(bytes)
     }
-    let bytes = body.freeze();
-    if sha256_hex(&bytes) != sha {
-        return Err(FetchError::Mismatch { url });
+}
+
+/// How long connecting to a Tron may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The policy's refusal behind a failed request (refused after a name
+/// resolved), as the policy wrote it.
+fn refusal(e: &reqwest::Error) -> Option<OutboundError> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(OutboundError::Refused { url, ip, class }) = err.downcast_ref::<OutboundError>()
+        {
+            return Some(OutboundError::Refused {
+                url: url.clone(),
+                ip: *ip,
+                class,
+            });
+        }
+        cur = err.source();
     }
-    Ok(bytes)
+    None
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@
 //! - [`fetch`]: fetching a bundle archive by SHA-256 from a Tron's
 //!   management API and verifying it (Trons adopting a peer's state and
 //!   Runners following the registry both use it);
+//! - [`outbound`]: where requests made on someone else's word (fetch
+//!   URLs from control messages, replay, callbacks) may go;
 //! - [`redact`]: redacting captured pairs (Runners before they
 //!   broadcast, Trons before they store);
 //! - [`sync`]: the one lock idiom (a poisoned lock is logged and counted).
@@ -22,6 +24,7 @@
 pub mod fetch;
 pub mod headers;
 pub mod names;
+pub mod outbound;
 pub mod redact;
 pub mod state;
 pub mod sync;

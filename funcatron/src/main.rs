@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use funcatron_broker::AnyBroker;
 use funcatron_bundle::Bundle;
+use funcatron_control::outbound::OutboundPolicy;
 use funcatron_ingress::args::IngressArgs;
 use funcatron_ingress::IngressOptions;
 use funcatron_listener::{Limits, ListenerArgs};
@@ -242,6 +243,39 @@ async fn serve_metrics(m: &MetricsArgs, shutdown: &CancellationToken) -> Result<
     Ok(())
 }
 
+/// Where requests Funcatron makes on someone else's word may go (fetch
+/// URLs named by control messages, replay targets): see
+/// `funcatron_control::outbound` and docs/security.md.
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct OutboundArgs {
+    /// Networks, addresses or host names that requests made on someone
+    /// else's word (fetch URLs in control messages, replay targets) may
+    /// reach although they are loopback, private, link-local or cloud
+    /// metadata addresses (comma-separated), e.g. `10.0.0.0/8,tron.internal`.
+    /// A Tron's and `up`'s own advertised host is always allowed.
+    #[arg(
+        long = "allow-outbound",
+        env = "FUNCATRON_ALLOW_OUTBOUND",
+        value_delimiter = ','
+    )]
+    allow_outbound: Vec<String>,
+}
+
+impl OutboundArgs {
+    /// The policy these flags give.
+    pub(crate) fn policy(&self) -> Result<OutboundPolicy> {
+        Ok(OutboundPolicy::new(&self.allow_outbound)?)
+    }
+
+    /// The policy plus the host of `tron` (the Tron a Runner is started
+    /// for, whatever its address).
+    fn policy_trusting(&self, tron: &str) -> Result<OutboundPolicy> {
+        let mut p = self.policy()?;
+        p.allow_host_of(tron)?;
+        Ok(p)
+    }
+}
+
 #[derive(Args, Clone)]
 struct BundleArgs {
     /// Directory of Func bundles (each subdirectory one bundle), or one bundle directory.
@@ -318,6 +352,8 @@ struct UpArgs {
     #[command(flatten)]
     broker: BrokerArgs,
     #[command(flatten)]
+    outbound: OutboundArgs,
+    #[command(flatten)]
     metrics: MetricsArgs,
     #[command(flatten)]
     bundles: BundleArgs,
@@ -334,6 +370,8 @@ struct TronCmd {
     #[command(flatten)]
     broker: BrokerArgs,
     #[command(flatten)]
+    outbound: OutboundArgs,
+    #[command(flatten)]
     metrics: MetricsArgs,
     #[command(flatten)]
     bundles: BundleArgs,
@@ -345,6 +383,8 @@ struct TronCmd {
 struct RunnerCmd {
     #[command(flatten)]
     broker: BrokerArgs,
+    #[command(flatten)]
+    outbound: OutboundArgs,
     #[command(flatten)]
     metrics: MetricsArgs,
     #[command(flatten)]
@@ -381,21 +421,29 @@ fn main() -> Result<()> {
                 let broker = broker(&a.broker, false)?;
                 let tokens = management_tokens(&a.tron)?;
                 let read = tokens.as_ref().and_then(|t| t.read.as_deref());
-                let substrate =
-                    scale::substrate(&a.tron.scale, &a.broker.broker, read, &a.bundles, false)
-                        .await?;
-                let limits = a.metrics.listener.limits()?;
-                tron(
-                    broker, &a.bundles, &a.tron, tokens, substrate, limits, shutdown,
-                )
-                .await
+                let outbound = a.outbound.policy()?;
+                let runners = RunnerGrants {
+                    broker_url: &a.broker.broker,
+                    read_token: read,
+                    outbound: &a.outbound.policy_trusting(&a.tron.advertise())?,
+                };
+                let substrate = scale::substrate(&a.tron.scale, runners, &a.bundles, false).await?;
+                let setup = TronSetup {
+                    tokens,
+                    substrate,
+                    limits: a.metrics.listener.limits()?,
+                    outbound,
+                };
+                tron(broker, &a.bundles, &a.tron, setup, shutdown).await
             }
             Command::Runner(a) => {
                 exit_with_parent();
                 serve_metrics(&a.metrics, &shutdown).await?;
                 let broker = broker(&a.broker, false)?;
                 let read_token = funcatron_runner::args::read_token_from_env();
-                runner(broker, &a.bundles, &a.runner, read_token, levels, shutdown).await
+                let follow =
+                    follow_options(&a.bundles, &a.runner, read_token, a.outbound.policy()?);
+                runner(broker, &a.runner, follow, levels, shutdown).await
             }
             Command::Ingress(a) => {
                 serve_metrics(&a.metrics, &shutdown).await?;
@@ -531,15 +579,42 @@ fn load_bundles(a: &BundleArgs) -> Vec<Bundle> {
     bundles
 }
 
+/// What a Tron is started with beside its flags.
+struct TronSetup {
+    /// Its management tokens (with a store).
+    tokens: Option<Tokens>,
+    /// Where its autoscaler starts Runners, if it has one.
+    substrate: Option<Arc<dyn funcatron_tron::autoscale::Substrate>>,
+    /// Its listeners' limits.
+    limits: Limits,
+    /// Where peers' fetch URLs may point.
+    outbound: OutboundPolicy,
+}
+
+/// What the Runners a substrate starts are given beside their flags.
+#[derive(Clone, Copy)]
+pub(crate) struct RunnerGrants<'a> {
+    /// The broker URL (by environment: it may hold credentials).
+    pub broker_url: &'a str,
+    /// The Tron's read token, to fetch archives with.
+    pub read_token: Option<&'a str>,
+    /// Where their fetches may go (the operator's allowlist and the Tron).
+    pub outbound: &'a OutboundPolicy,
+}
+
 async fn tron(
     broker: AnyBroker,
     dir: &BundleArgs,
     o: &TronArgs,
-    tokens: Option<Tokens>,
-    substrate: Option<Arc<dyn funcatron_tron::autoscale::Substrate>>,
-    limits: Limits,
+    setup: TronSetup,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let TronSetup {
+        tokens,
+        substrate,
+        limits,
+        outbound,
+    } = setup;
     let mut node = TronNode::new(broker)
         .options(o.options())
         .bundles(load_bundles(dir));
@@ -574,6 +649,7 @@ async fn tron(
                 check: Some(lua_check),
                 ceilings: o.ceilings(),
                 read_token: tokens.read.clone(),
+                outbound,
             },
             listener,
             api: MgmtOptions {
@@ -591,28 +667,34 @@ async fn tron(
 }
 
 /// What a Runner follows: the static bundles of `dir` plus what the
-/// registry enables (only `o.funcs` if given), fetched with `read_token`.
-fn follow_options(dir: &BundleArgs, o: &RunnerArgs, read_token: Option<String>) -> FollowOptions {
+/// registry enables (only `o.funcs` if given), fetched with `read_token`
+/// where `outbound` allows.
+fn follow_options(
+    dir: &BundleArgs,
+    o: &RunnerArgs,
+    read_token: Option<String>,
+    outbound: OutboundPolicy,
+) -> FollowOptions {
     FollowOptions {
         static_bundles: load_bundles(dir),
         cache_dir: o.options().worker.cache_dir,
         environment: dir.environment.clone(),
         only: o.funcs.clone(),
         read_token,
+        outbound,
     }
 }
 
 async fn runner(
     broker: AnyBroker,
-    dir: &BundleArgs,
     o: &RunnerArgs,
-    read_token: Option<String>,
+    follow: FollowOptions,
     levels: LevelHook,
     shutdown: CancellationToken,
 ) -> Result<()> {
     RunnerNode::new(broker)
         .options(o.options())
-        .follow(follow_options(dir, o, read_token))
+        .follow(follow)
         .log_levels(levels)
         .run(shutdown)
         .await;
@@ -651,6 +733,8 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
         .as_ref()
         .and_then(|t| t.read.clone())
         .or_else(funcatron_runner::args::read_token_from_env);
+    // Its Runners fetch from its Tron, whatever that Tron's address.
+    let runner_outbound = a.outbound.policy_trusting(&a.tron.advertise())?;
     // `up` scales its Runners itself unless told `--substrate none`: on
     // the embedded broker as tasks of this process, else as the substrate
     // says (child processes by default).
@@ -658,7 +742,8 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
         if matches!(broker, AnyBroker::Embedded(_))
             && a.tron.scale.substrate.as_deref().unwrap_or("process") == "process"
         {
-            let follow = follow_options(&dir, &a.runner, read_token.clone());
+            let follow =
+                follow_options(&dir, &a.runner, read_token.clone(), runner_outbound.clone());
             let rx = spawn_follower(&broker, follow, &shutdown);
             Some(Arc::new(local::LocalSubstrate::new(
                 broker.clone(),
@@ -667,10 +752,20 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
                 Arc::clone(&levels),
             )))
         } else {
-            let read = read_token.as_deref();
-            scale::substrate(&a.tron.scale, &a.broker.broker, read, &dir, true).await?
+            let runners = RunnerGrants {
+                broker_url: &a.broker.broker,
+                read_token: read_token.as_deref(),
+                outbound: &runner_outbound,
+            };
+            scale::substrate(&a.tron.scale, runners, &dir, true).await?
         };
     let own_runner = substrate.is_none();
+    let setup = TronSetup {
+        tokens,
+        substrate,
+        limits: limits.clone(),
+        outbound: a.outbound.policy()?,
+    };
     let t = tokio::spawn({
         let (b, s, o, d) = (
             broker.clone(),
@@ -678,19 +773,15 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
             a.tron.clone(),
             dir.clone(),
         );
-        let limits = limits.clone();
-        async move { tron(b, &d, &o, tokens, substrate, limits, s).await }
+        async move { tron(b, &d, &o, setup, s).await }
     });
     let r = tokio::spawn({
-        let (b, s, o, d) = (
-            broker.clone(),
-            shutdown.clone(),
-            a.runner.clone(),
-            dir.clone(),
-        );
+        let (b, s, o) = (broker.clone(), shutdown.clone(), a.runner.clone());
+        let follow =
+            own_runner.then(|| follow_options(&dir, &a.runner, read_token, runner_outbound));
         async move {
-            if own_runner {
-                runner(b, &d, &o, read_token, levels, s).await
+            if let Some(follow) = follow {
+                runner(b, &o, follow, levels, s).await
             } else {
                 Ok(())
             }

@@ -13,7 +13,10 @@
 //! Captured requests may carry credentials (what the capture did not
 //! redact): replay follows no redirect, sends every request to the origin
 //! given on the command line only (a captured path that would make the URL
-//! name another host is refused), and never resends redacted values.
+//! name another host is refused), and never resends redacted values. An
+//! HTTP target goes through the outbound address policy
+//! (`funcatron_control::outbound`): a loopback, private or metadata
+//! address needs `--allow-outbound`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,6 +51,10 @@ pub struct ReplayArgs {
     ignore: Vec<String>,
     #[command(flatten)]
     remote: crate::client::Remote,
+    /// Where an HTTP `--target` may be (loopback, private and metadata
+    /// addresses need `--allow-outbound`).
+    #[command(flatten)]
+    outbound: crate::OutboundArgs,
 }
 
 /// A recorded request and answer.
@@ -320,7 +327,12 @@ pub async fn run(a: ReplayArgs) -> Result<bool> {
         .build()
         .context("building the HTTP client")?;
     let target = if a.target.starts_with("http://") || a.target.starts_with("https://") {
-        Target::Http(a.target.clone())
+        let policy = a.outbound.policy()?;
+        policy.check_url(&a.target)?;
+        let to_target = policy
+            .client(reqwest::Client::builder())
+            .context("building the HTTP client")?;
+        (Target::Http(a.target.clone()), to_target)
     } else {
         // A Func that is not there keeps `/`: its requests answer 404.
         let v: Option<FuncDetail> = a
@@ -335,13 +347,17 @@ pub async fn run(a: ReplayArgs) -> Result<bool> {
             Some(Routes::Effective(r)) => r.base_path,
             _ => "/".to_owned(),
         };
-        Target::Func {
-            remote: a.remote.clone(),
-            name: a.target.clone(),
-            base_path,
-        }
+        let to_api = http.clone();
+        (
+            Target::Func {
+                remote: a.remote.clone(),
+                name: a.target.clone(),
+                base_path,
+            },
+            to_api,
+        )
     };
-    let target = Arc::new(target);
+    let (target, http) = (Arc::new(target.0), target.1);
     let pairs = Arc::new(pairs);
     let limit = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
     let mut pace = a
@@ -406,9 +422,16 @@ mod tests {
             a: ReplayArgs,
         }
         let file = file.display().to_string();
-        <Cli as clap::Parser>::try_parse_from(["replay", file.as_str(), "--target", target])
-            .unwrap()
-            .a
+        <Cli as clap::Parser>::try_parse_from([
+            "replay",
+            file.as_str(),
+            "--target",
+            target,
+            "--allow-outbound",
+            "127.0.0.1",
+        ])
+        .unwrap()
+        .a
     }
 
     /// The target answers a 302 to another server: replay reports the 302
@@ -490,5 +513,42 @@ mod tests {
             );
         }
         assert!(!resendable("x-api-key", "[redacted]"));
+    }
+
+    /// Without `--allow-outbound`, a loopback or metadata target is
+    /// refused before anything is sent.
+    #[tokio::test]
+    async fn an_internal_target_needs_the_operators_allowlist() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&hits);
+        let target = serve(axum::Router::new().fallback(move || {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async { "hi" }
+        }))
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pairs.jsonl");
+        let record = serde_json::json!({
+            "schema": funcatron_control::state::CAPTURE_SCHEMA,
+            "request": {"method": "GET", "path": "/x", "query": "", "headers": [], "body": ""},
+            "response": {"status": 200, "headers": [["content-type", "text/plain; charset=utf-8"]], "body": "hi"},
+        });
+        std::fs::write(&file, format!("{record}\n")).unwrap();
+        for url in [target.as_str(), "http://169.254.169.254"] {
+            let mut a = args(&file, url);
+            a.outbound = crate::OutboundArgs::default();
+            let e = run(a).await.unwrap_err().to_string();
+            assert!(e.contains("--allow-outbound"), "{url}: {e}");
+        }
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            0,
+            "a refused target was sent to"
+        );
+        assert!(
+            !run(args(&file, &target)).await.unwrap(),
+            "allowed, it replays"
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
     }
 }

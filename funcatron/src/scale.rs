@@ -10,7 +10,7 @@ use funcatron_tron::autoscale::kubernetes::KubernetesSubstrate;
 use funcatron_tron::autoscale::marathon::MarathonSubstrate;
 use funcatron_tron::autoscale::{ProcessSubstrate, RunnerCommand, ScaleArgs, Substrate};
 
-use crate::BundleArgs;
+use crate::{BundleArgs, RunnerGrants};
 
 /// What every started Runner is given: the broker, the bundles, the
 /// environment, a prefetch matching the target concurrency, and the
@@ -37,10 +37,17 @@ fn runner_args(o: &ScaleArgs, bundles: &BundleArgs) -> Vec<String> {
 }
 
 /// The environment every started Runner gets: the broker URL and the
-/// Tron's read token (credentials, so never in the arguments).
-fn runner_env(broker_url: &str, read_token: Option<&str>) -> Vec<(String, String)> {
-    let mut env = vec![("FUNCATRON_BROKER".to_owned(), broker_url.to_owned())];
-    if let Some(t) = read_token {
+/// Tron's read token (credentials, so never in the arguments), and where
+/// its fetches may go (the operator's allowlist and the Tron's host).
+fn runner_env(grants: RunnerGrants<'_>) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("FUNCATRON_BROKER".to_owned(), grants.broker_url.to_owned()),
+        (
+            "FUNCATRON_ALLOW_OUTBOUND".to_owned(),
+            grants.outbound.to_arg(),
+        ),
+    ];
+    if let Some(t) = grants.read_token {
         env.push((
             funcatron_runner::args::READ_TOKEN_ENV.to_owned(),
             t.to_owned(),
@@ -50,12 +57,11 @@ fn runner_env(broker_url: &str, read_token: Option<&str>) -> Vec<(String, String
 }
 
 /// The substrate the flags choose (`None`: no autoscaler); the Runners
-/// it starts fetch archives with `read_token`. `up` defaults
-/// to `process`, `tron` to `none`.
+/// it starts are given `grants`. `up` defaults to `process`, `tron` to
+/// `none`.
 pub async fn substrate(
     o: &ScaleArgs,
-    broker_url: &str,
-    read_token: Option<&str>,
+    grants: RunnerGrants<'_>,
     bundles: &BundleArgs,
     up: bool,
 ) -> Result<Option<Arc<dyn Substrate>>> {
@@ -71,7 +77,7 @@ pub async fn substrate(
             Some(Arc::new(ProcessSubstrate::new(RunnerCommand {
                 program,
                 args,
-                env: runner_env(broker_url, read_token),
+                env: runner_env(grants),
             })))
         }
         "docker" | "swarm" => {
@@ -82,9 +88,9 @@ pub async fn substrate(
                 command: RunnerCommand {
                     program: PathBuf::from("funcatron"),
                     args,
-                    env: runner_env(broker_url, read_token),
+                    env: runner_env(grants),
                 },
-                cluster: cluster_id(broker_url),
+                cluster: cluster_id(grants.broker_url),
             };
             if kind == "docker" {
                 Some(Arc::new(DockerSubstrate::connect(template).await?))

@@ -197,6 +197,8 @@ async fn a_tron_node_with_its_management_api_runs_in_process() {
                 only: Vec::new(),
                 // Downloads need a token: the Runner fetches with the read one.
                 read_token: Some("reader".into()),
+                // The Tron this Runner follows is on loopback.
+                outbound: funcatron_control::outbound::OutboundPolicy::new(&["127.0.0.1"]).unwrap(),
             })
             .run(shutdown.clone()),
     );

@@ -1,7 +1,9 @@
 //! The hostile suite: one test per class of attack in the security issue,
 //! each run as an attacker would, against the real `funcatron up` binary
 //! (embedded ingress, Tron with its management API, Runners): a Func author
-//! uploading what they like, an HTTP client sending what it likes. Each
+//! uploading what they like, an HTTP client sending what it likes (and,
+//! for forged control messages, a Runner on RabbitMQ and another broker
+//! user publishing what they like). Each
 //! test fails on the code before its defence and passes after; the finer
 //! cases of each class are tested beside the code (`runner/tests/lua.rs`,
 //! `bundle/tests/archive.rs`, `listener/tests/limits.rs`, ...). After every
@@ -371,4 +373,72 @@ async fn hostile_replies_and_log_lines_are_bounded() {
         "an unbounded log line"
     );
     c.still_serves().await;
+}
+
+/// Another broker user publishes a registry state whose fetch URL points
+/// inside the operator's network (127.0.0.2 here: loopback, and not the
+/// 127.0.0.1 the test cluster allows for its Trons; in production the
+/// cloud's metadata address): the Runner refuses it without connecting,
+/// says why, and keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_fetch_urls_cannot_reach_internal_addresses() {
+    use funcatron_broker::Broker;
+    use funcatron_control::state::{ClusterState, Control, FuncState};
+
+    let root = tempfile::tempdir().unwrap();
+    let empty = root.path().join("no-bundles");
+    std::fs::create_dir_all(&empty).unwrap();
+    let url = common::fresh_vhost();
+    let log = root.path().join("runner.log");
+    let cache = root.path().join("cache");
+    let mut runner = funcatron_logged(
+        &[
+            "runner",
+            "--broker",
+            &url,
+            "--bundles",
+            empty.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
+        TOKEN,
+        &log,
+    );
+    let inside = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    inside.set_nonblocking(true).unwrap();
+    let mut state = ClusterState {
+        revision: 7,
+        origin: "forged".into(),
+        ..ClusterState::default()
+    };
+    state.funcs.insert(
+        "hello".into(),
+        FuncState {
+            enabled: Some(archive::sha256_hex(b"whatever")),
+            ..FuncState::default()
+        },
+    );
+    let forged = serde_json::to_vec(&Control::State {
+        state,
+        fetch: format!("http://{}", inside.local_addr().unwrap()),
+    })
+    .unwrap();
+    let broker = funcatron_broker::AmqpBroker::connect(&url);
+    assert!(broker.wait_connected(Duration::from_secs(10)).await);
+    let topic = funcatron_control::names::CONTROL_TOPIC;
+    eventually("the Runner refuses the forged fetch URL", || {
+        let (broker, forged, log) = (&broker, forged.clone(), &log);
+        async move {
+            let _ = broker
+                .broadcast(topic, funcatron_broker::Message::new(forged))
+                .await;
+            log_has(log, "is a loopback address")
+        }
+    })
+    .await;
+    assert!(
+        matches!(inside.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the Runner connected to the internal address"
+    );
+    assert!(runner.alive(), "the Runner keeps running");
 }

@@ -312,7 +312,14 @@ async fn capture_samples_redacts_exports_and_replays() {
     })
     .await;
     let (code, out) = cli(
-        &["replay", file.to_str().unwrap(), "--target", &base],
+        &[
+            "replay",
+            file.to_str().unwrap(),
+            "--target",
+            &base,
+            "--allow-outbound",
+            "127.0.0.1",
+        ],
         &mgmt,
     );
     assert_eq!(code, 0, "{out}");
@@ -344,6 +351,8 @@ async fn capture_samples_redacts_exports_and_replays() {
             file.to_str().unwrap(),
             "--target",
             &base,
+            "--allow-outbound",
+            "127.0.0.1",
             "--rate",
             "200",
         ],

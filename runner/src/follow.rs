@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use funcatron_broker::{AnyBroker, Broker, Message};
 use funcatron_bundle::archive::{self, Limits};
 use funcatron_bundle::Bundle;
-use funcatron_control::fetch::FetchError;
+use funcatron_control::fetch::{FetchError, Fetcher};
 use funcatron_control::names::CONTROL_TOPIC;
+use funcatron_control::outbound::OutboundPolicy;
 use funcatron_control::state::{Capture, ClusterState, Control, LogLevel};
 use tokio::sync::watch;
 
@@ -57,6 +58,9 @@ pub struct FollowOptions {
     /// The Tron's read token, sent when fetching archives (downloads need
     /// it). Runners get it from `FUNCATRON_READ_TOKEN`, never argv.
     pub read_token: Option<String>,
+    /// Where fetch URLs may point (control messages name them): the
+    /// operator's allowlist plus the Tron this Runner was started for.
+    pub outbound: OutboundPolicy,
 }
 
 impl FollowOptions {
@@ -68,7 +72,7 @@ impl FollowOptions {
 
 /// The bundles `state` enables, fetched and loaded.
 async fn load(
-    http: &reqwest::Client,
+    fetcher: &Fetcher,
     options: &FollowOptions,
     state: &ClusterState,
     fetch_from: &str,
@@ -83,7 +87,7 @@ async fn load(
         if !options.wants(name) {
             continue;
         }
-        let b = load_one(http, options, name, sha, fetch_from).await?;
+        let b = load_one(fetcher, options, name, sha, fetch_from).await?;
         list.push(b.with_settings(settings));
     }
     Ok(list)
@@ -94,7 +98,7 @@ async fn load(
 /// message, so it is checked before it names a path or URL; unpacking and
 /// loading run on a blocking thread.
 async fn load_one(
-    http: &reqwest::Client,
+    fetcher: &Fetcher,
     options: &FollowOptions,
     name: &str,
     sha: &str,
@@ -108,14 +112,14 @@ async fn load_one(
     let have = match cached_dir(&root.join(sha)) {
         Some(dir) => Have::Cached(dir),
         None => Have::Fetched(
-            funcatron_control::fetch::fetch_archive(
-                http,
-                fetch_from,
-                sha,
-                limits.max_archive_bytes,
-                options.read_token.as_deref(),
-            )
-            .await?,
+            fetcher
+                .archive(
+                    fetch_from,
+                    sha,
+                    limits.max_archive_bytes,
+                    options.read_token.as_deref(),
+                )
+                .await?,
         ),
     };
     let (name, sha, env) = (name.to_owned(), sha.to_owned(), options.environment.clone());
@@ -161,7 +165,13 @@ pub async fn follow(
             return;
         }
     };
-    let http = reqwest::Client::new();
+    let fetcher = match Fetcher::new(options.outbound.clone()) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot fetch archives; serving static bundles only");
+            return;
+        }
+    };
     let mut current = ClusterState::default();
     let hello = serde_json::to_vec(&Control::Hello).unwrap_or_default();
     // The control topic is not stored: ask until a Tron answers (and again
@@ -186,7 +196,7 @@ pub async fn follow(
         if !current.older_than(&state) {
             continue;
         }
-        match load(&http, &options, &state, &fetch).await {
+        match load(&fetcher, &options, &state, &fetch).await {
             Ok(list) => {
                 tracing::info!(
                     revision = state.revision,
@@ -222,7 +232,12 @@ mod tests {
             environment: None,
             only: Vec::new(),
             read_token: None,
+            outbound: OutboundPolicy::new(&["127.0.0.1"]).unwrap(),
         }
+    }
+
+    fn fetcher() -> Fetcher {
+        Fetcher::new(OutboundPolicy::new(&["127.0.0.1"]).unwrap()).unwrap()
     }
 
     fn enabling(sha: &str) -> ClusterState {
@@ -258,7 +273,7 @@ mod tests {
 
         for sha in ["../evil", "../evil/", &"A".repeat(64)] {
             let e = load(
-                &reqwest::Client::new(),
+                &fetcher(),
                 &options(cache.path()),
                 &enabling(sha),
                 "http://127.0.0.1:1",
@@ -301,16 +316,47 @@ mod tests {
         });
         let cache = tempfile::tempdir().unwrap();
         let sha = funcatron_control::fetch::sha256_hex(b"some archive");
-        let e = load(
-            &reqwest::Client::new(),
-            &options(cache.path()),
-            &enabling(&sha),
-            &base,
-        )
-        .await
-        .err()
-        .unwrap();
+        let e = load(&fetcher(), &options(cache.path()), &enabling(&sha), &base)
+            .await
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("larger than the limit"), "{e}");
         assert!(!cache.path().join("bundles").join(&sha).exists());
+    }
+
+    /// A control message can name any fetch URL: one at an address the
+    /// outbound policy refuses (loopback, not allowed here) is refused
+    /// before anything connects to it, by IP literal and by name.
+    #[tokio::test]
+    async fn a_fetch_url_the_policy_refuses_is_never_connected_to() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cache = tempfile::tempdir().unwrap();
+        let sha = funcatron_control::fetch::sha256_hex(b"some archive");
+        let strict = Fetcher::new(OutboundPolicy::default()).unwrap();
+        for base in [
+            format!("http://127.0.0.1:{port}"),
+            format!("http://localhost:{port}"),
+            "http://169.254.169.254".to_owned(),
+        ] {
+            let e = load(&strict, &options(cache.path()), &enabling(&sha), &base)
+                .await
+                .err()
+                .unwrap();
+            assert!(
+                matches!(e, FollowError::Fetch(FetchError::Refused(_))),
+                "{base}: {e}"
+            );
+        }
+        // Non-blocking: a connection made would be waiting in the backlog.
+        let listener = listener.into_std().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let accepted = listener.accept();
+        assert!(
+            accepted
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+            "something connected to the refused address: {accepted:?}"
+        );
     }
 }

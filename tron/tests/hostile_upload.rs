@@ -161,15 +161,17 @@ async fn an_exec_handler_keeps_its_exec_bit_through_the_registry() {
     );
 
     // What a Runner does: fetch by SHA, unpack.
-    let fetched = funcatron_control::fetch::fetch_archive(
-        &reqwest::Client::new(),
-        &base,
-        &sha,
-        Limits::default().max_archive_bytes,
-        Some(TOKEN),
-    )
-    .await
-    .unwrap();
+    let policy = funcatron_control::outbound::OutboundPolicy::new(&["127.0.0.1"]).unwrap();
+    let fetched = funcatron_control::fetch::Fetcher::new(policy)
+        .unwrap()
+        .archive(
+            &base,
+            &sha,
+            Limits::default().max_archive_bytes,
+            Some(TOKEN),
+        )
+        .await
+        .unwrap();
     let cache = tempfile::tempdir().unwrap();
     let (_, dir) = archive::unpack_into(&fetched, cache.path(), "e", Limits::default()).unwrap();
     assert_eq!(mode(&dir.join("run")), 0o755);

@@ -259,6 +259,9 @@ pub fn spawn(role: &str, broker: &str, extra: &[&str]) -> Proc {
         .args(extra)
         .env("RUST_LOG", "info")
         .env("FUNCATRON_READ_TOKEN", TEST_READ_TOKEN)
+        // The test cluster's Trons are on loopback: allowed as an operator
+        // allows the network its Trons are on.
+        .env("FUNCATRON_ALLOW_OUTBOUND", "127.0.0.1")
         .stdout(Stdio::null())
         .stderr(file)
         .spawn()
@@ -529,13 +532,15 @@ pub async fn spawn_ingress(broker: &str, extra: &[&str]) -> (Proc, String) {
 }
 
 /// `funcatron ARGS` with `FUNCATRON_TOKEN=token` (and the shared read
-/// token) and `RUST_LOG=info`, its
+/// token, loopback allowed outbound) and `RUST_LOG=info`, its
 /// stderr appended to `log`; killed when dropped.
 pub fn funcatron_logged(args: &[&str], token: &str, log: &Path) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_funcatron"))
         .args(args)
         .env("FUNCATRON_TOKEN", token)
         .env("FUNCATRON_READ_TOKEN", TEST_READ_TOKEN)
+        // Its Trons are on loopback (see `spawn`).
+        .env("FUNCATRON_ALLOW_OUTBOUND", "127.0.0.1")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(

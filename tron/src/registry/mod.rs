@@ -132,6 +132,10 @@ pub struct RegistryOptions {
     pub ceilings: Ceilings,
     /// The read token this Tron fetches peers' archives with.
     pub read_token: Option<String>,
+    /// Where peers' fetch URLs may point (control messages name them):
+    /// the operator's allowlist; this Tron's own `advertise` host is
+    /// added.
+    pub outbound: funcatron_control::outbound::OutboundPolicy,
 }
 
 /// The registry of one Tron.
@@ -152,8 +156,8 @@ pub struct Registry {
     routes: watch::Sender<Arc<RouteTable>>,
     /// Each Func's settings, for the autoscaler.
     settings: watch::Sender<FuncSettingsMap>,
-    /// Fetches archives from peers.
-    http: reqwest::Client,
+    /// Fetches archives from peers, where the outbound policy allows.
+    fetcher: funcatron_control::fetch::Fetcher,
     /// The autoscaler running beside this registry, if any (its view
     /// joins `status`).
     autoscaler: std::sync::OnceLock<crate::autoscale::Shared>,
@@ -198,6 +202,7 @@ impl Registry {
             options.limits,
         )?;
         let state = store.load_state()?;
+        let fetcher = Self::fetcher(&options)?;
         let (routes_tx, routes_rx) = watch::channel(Arc::new(RouteTable::default()));
         let r = Arc::new(Registry {
             telemetry: Telemetry::new(store.dir()),
@@ -209,12 +214,29 @@ impl Registry {
             state: Mutex::new(state),
             routes: routes_tx,
             settings: watch::channel(FuncSettingsMap::default()).0,
-            http: reqwest::Client::new(),
+            fetcher,
             autoscaler: std::sync::OnceLock::new(),
         });
         let state = r.state.lock().await.clone();
         r.apply(&state).await?;
         Ok((r, routes_rx))
+    }
+
+    /// The fetcher for peers' archives: the operator's policy plus this
+    /// Tron's own advertised host.
+    fn fetcher(
+        options: &RegistryOptions,
+    ) -> Result<funcatron_control::fetch::Fetcher, RegistryError> {
+        let mut policy = options.outbound.clone();
+        let refuse = |e: &dyn std::fmt::Display| {
+            RegistryError::new(500, "bad_outbound_policy", e.to_string())
+        };
+        if !options.advertise.is_empty() {
+            policy
+                .allow_host_of(&options.advertise)
+                .map_err(|e| refuse(&e))?;
+        }
+        funcatron_control::fetch::Fetcher::new(policy).map_err(|e| refuse(&e))
     }
 
     /// What an archive must pass before it is stored (uploaded or fetched

@@ -50,7 +50,9 @@ impl Registry {
         }
         let max = self.options.limits.max_archive_bytes;
         let token = self.options.read_token.as_deref();
-        let bytes = funcatron_control::fetch::fetch_archive(&self.http, base, sha, max, token)
+        let bytes = self
+            .fetcher
+            .archive(base, sha, max, token)
             .await
             .map_err(|e| RegistryError::new(502, "fetch_failed", e.to_string()))?;
         self.store
