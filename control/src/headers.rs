@@ -7,6 +7,11 @@
 pub const FUNC: &str = "x-funcatron-func";
 /// The Swagger `operationId` the request routed to.
 pub const OPERATION: &str = "x-funcatron-operation";
+/// The operation the request routed to as `METHOD /template` (upper-case
+/// method, the document's path template relative to the server's base
+/// path): what validation and security rules are keyed by, since an
+/// `operationId` may name several operations (one handler).
+pub const ROUTE: &str = "x-funcatron-route";
 /// Path parameters extracted by the Tron, as a JSON object of strings.
 pub const PATH_PARAMS: &str = "x-funcatron-path-params";
 /// When the Tron forwarded the request (Unix ms, with a fraction): splits
