@@ -187,6 +187,11 @@ pub struct Bundle {
     pub validate: bool,
     /// Worker processes per Runner (Python, Node.js, Java), if set.
     pub concurrency: Option<usize>,
+    /// Answer failures with their full detail rather than a generic
+    /// message: the `debug` setting the Func was enabled with (an
+    /// operator's choice, so not a field of the bundle's own; false after
+    /// [`Bundle::load`]).
+    pub debug: bool,
     /// The parsed API document (`Null` for tinyFaaS folders without one).
     pub doc: Arc<Value>,
     /// Content version: the first 12 hex digits of the SHA-256 over the
@@ -633,6 +638,9 @@ impl Bundle {
         if let Some(mb) = settings.memory_mb {
             b.memory_bytes = Some(mb * 1024 * 1024);
         }
+        if let Some(debug) = settings.debug {
+            b.debug = debug;
+        }
         b
     }
 
@@ -753,6 +761,7 @@ impl Bundle {
             secrets,
             validate: m.validate.unwrap_or(true),
             concurrency: m.concurrency,
+            debug: false,
             doc: Arc::new(doc),
             version: hex_prefix(&content_digest(dir)?, 6),
         })

@@ -48,6 +48,12 @@ pub struct FuncSettings {
     /// milliseconds (for the autoscaler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_down_delay_ms: Option<u64>,
+    /// Answer this Func's failures with their full detail (tracebacks,
+    /// file paths, stderr, build output); by default clients get a generic
+    /// message and the detail is in the Func's log. For debugging, not for
+    /// production.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug: Option<bool>,
 }
 
 /// An uploaded version.

@@ -239,6 +239,11 @@ pub struct EnableArgs {
     /// milliseconds (autoscaler).
     #[arg(long)]
     scale_down_delay_ms: Option<u64>,
+    /// Answer the Func's failures with their full detail (tracebacks, file
+    /// paths, stderr) instead of a generic message; for debugging, not for
+    /// production. Enabling again without it turns it off.
+    #[arg(long)]
+    debug: bool,
     #[command(flatten)]
     remote: Remote,
 }
@@ -318,6 +323,7 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
                     max_runners: a.max_runners,
                     target_concurrency: a.target_concurrency,
                     scale_down_delay_ms: a.scale_down_delay_ms,
+                    debug: a.debug.then_some(true),
                 }),
             };
             let v: Enabled = answer(

@@ -167,6 +167,11 @@ pub async fn run(
     let root = root
         .canonicalize()
         .with_context(|| format!("{}: no such directory", root.display()))?;
+    // A developer sees every failure in full, in the answer too.
+    let runner = RunnerOptions {
+        debug_errors: true,
+        ..runner
+    };
     let broker = AnyBroker::Embedded(EmbeddedBroker::new(10_000));
     let (routes_tx, routes_rx) = watch::channel(Arc::new(RouteTable::default()));
     let (bundles_tx, bundles_rx) = watch::channel(Desired::default());

@@ -149,4 +149,16 @@ async fn saves_go_live_broken_saves_keep_the_last_good_version() {
         index.contains("Broken save") && index.contains("SyntaxError"),
         "{index}"
     );
+
+    // In dev a Func's error is answered in full.
+    std::fs::write(
+        py.join("main.py"),
+        "def hi(req):\n    raise ValueError('dev sees this')\n",
+    )
+    .unwrap();
+    eventually("the error is answered in full", || async {
+        let (s, body) = text(&format!("{base}/py")).await;
+        s == 500 && body.contains("ValueError: dev sees this")
+    })
+    .await;
 }

@@ -164,12 +164,15 @@ async fn hostile_lua_cannot_escape_its_time_limit() {
     for (name, body) in tricks {
         let lua = format!("return {{ go = function() {body} end }}");
         c.deploy(name, &lua, "timeout_ms: 300\n").await;
-        // More stuck calls than the Runner has Lua threads.
+        // More stuck calls than the Runner has Lua threads. A refused
+        // pattern is a Func error; why is in the log, not the answer.
         for _ in 0..3 {
             let (s, _, body) = c.get(&format!("/{name}")).await;
             assert!(
                 (s == 504 && error_of(&body) == "func_timeout")
-                    || (s == 500 && body.contains("too costly")),
+                    || (s == 500
+                        && error_of(&body) == "func_error"
+                        && log_has(&c.log, "too costly")),
                 "{name}: {s} {body}"
             );
         }
@@ -306,6 +309,46 @@ async fn hostile_settings_cannot_name_files() {
             "{v}"
         );
     }
+    c.still_serves().await;
+}
+
+/// Error answers told a client the Func's insides: its traceback, file
+/// paths, a worker's stderr. By default the answer is a generic message and
+/// the detail goes to the log; the Func's `debug` setting, set on the
+/// version already serving, answers in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_learn_no_internals_from_error_answers() {
+    let c = cluster(&[]).await;
+    c.deploy(
+        "leaky",
+        "return { go = function() error('boom at /secret/path') end }",
+        "",
+    )
+    .await;
+    let (s, _, body) = c.get("/leaky").await;
+    assert_eq!((s, error_of(&body).as_str()), (500, "func_error"), "{body}");
+    assert!(body.contains("its log has the details"), "{body}");
+    for secret in ["/secret/path", "main.lua", "boom"] {
+        assert!(!body.contains(secret), "{secret:?} in {body}");
+    }
+    eventually("the error is logged", || async {
+        log_has(&c.log, "boom at /secret/path")
+    })
+    .await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/funcs/leaky/enable", c.mgmt))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "settings": { "debug": true } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let c = &c;
+    eventually("with `debug` the answer carries the error", || async move {
+        let (s, _, body) = c.get("/leaky").await;
+        s == 500 && body.contains("boom at /secret/path")
+    })
+    .await;
     c.still_serves().await;
 }
 

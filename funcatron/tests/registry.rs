@@ -219,15 +219,16 @@ async fn upload_enable_switch_under_load_rollback_disable_and_restart() {
     assert!(ok, "{out}");
     assert_eq!(out, "Hello, cli!");
     let (ok, out) = cli(
-        &["func", "enable", "hello", "--sha", &v2_sha, "--env", "A=b"],
+        &[
+            "func", "enable", "hello", "--sha", &v2_sha, "--env", "A=b", "--debug",
+        ],
         &mgmt,
     );
     assert!(ok, "{out}");
     let (_, show) = text_with(&format!("{mgmt}/v1/funcs/hello"), TOKEN).await;
-    assert!(
-        show.contains("\"A\": \"b\"") || show.contains("\"A\":\"b\""),
-        "{show}"
-    );
+    let shown: Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(shown["settings"]["env"]["A"], "b", "{show}");
+    assert_eq!(shown["settings"]["debug"], true, "{show}");
     eventually("v2 via the CLI", || async {
         text(&format!("{base}/hello/you")).await.1 == "Yo, you!"
     })

@@ -63,9 +63,15 @@ fn runner_options(secrets: &Path) -> RunnerOptions {
 }
 
 async fn embedded(bundles: &Path, secrets: &Path) -> InProcess {
+    embedded_with_debug(bundles, secrets, &[]).await
+}
+
+/// [`embedded`], the Funcs named in `debug` enabled with the `debug`
+/// setting (their failures answered in full).
+async fn embedded_with_debug(bundles: &Path, secrets: &Path, debug: &[&str]) -> InProcess {
     let c = spawn_cluster(
         AnyBroker::Embedded(EmbeddedBroker::new(10_000)),
-        load(bundles),
+        with_debug(load(bundles), debug),
         IngressOptions::default(),
         Some(runner_options(secrets)),
     )
@@ -86,8 +92,9 @@ fn problems(v: &Value) -> String {
     v["problems"].to_string()
 }
 
-/// Everything a Func author relies on, checked against one runtime's demo.
-async fn contract(base: &str, prefix: &str, runtime: &str, token: &str) {
+/// Everything a Func author relies on, checked against one runtime's demo;
+/// `debug`: the Func is enabled with the `debug` setting.
+async fn contract(base: &str, prefix: &str, runtime: &str, token: &str, debug: bool) {
     let http = reqwest::Client::new();
     let url = |p: &str| format!("{base}/{prefix}{p}");
 
@@ -226,17 +233,23 @@ async fn contract(base: &str, prefix: &str, runtime: &str, token: &str) {
         "{runtime}"
     );
 
-    // A Func error is a 500 with its message; the worker lives on.
+    // A Func error is a 500 whose message (the error's text, its
+    // traceback) is in the Func's log, and in the answer only with
+    // `debug`; the worker lives on.
     let (s, v) = json_of(http.get(url("/fail")).send().await.unwrap()).await;
     assert_eq!(
         (s, v["error"].as_str()),
         (500, Some("func_error")),
         "{runtime}: {v}"
     );
-    assert!(
-        v["message"].as_str().unwrap().contains("always fails"),
-        "{v}"
-    );
+    if debug {
+        assert!(
+            v["message"].as_str().unwrap().contains("always fails"),
+            "{runtime}: {v}"
+        );
+    } else {
+        assert!(hides_detail(&v, &["always fails"]), "{runtime}: {v}");
+    }
 
     // Junk on stdout and stderr does not disturb the protocol.
     for _ in 0..3 {
@@ -269,14 +282,15 @@ async fn contract(base: &str, prefix: &str, runtime: &str, token: &str) {
 #[tokio::test]
 async fn python_node_and_java_funcs_keep_the_contract_on_the_embedded_broker() {
     let (bundles, secrets) = demo_bundles();
-    let c = embedded(bundles.path(), secrets.path()).await;
+    // One of them with `debug`: its errors are answered in full.
+    let c = embedded_with_debug(bundles.path(), secrets.path(), &["python-demo"]).await;
     let runs = DEMOS.iter().map(|(name, prefix, runtime)| {
         let token = if *name == "java-demo" {
             "java-only"
         } else {
             "s3cret"
         };
-        contract(&c.base, prefix, runtime, token)
+        contract(&c.base, prefix, runtime, token, *name == "python-demo")
     });
     futures::future::join_all(runs).await;
 }
@@ -343,6 +357,8 @@ async fn tinyfaas_and_openfaas_folders_run_unchanged() {
 
 #[tokio::test]
 async fn broken_worker_funcs_answer_500_with_the_reason_and_the_rest_serve() {
+    // Each is enabled with `debug`, so the reason is in the answer; one
+    // more (`py-quiet`) is not: its answer hides the reason.
     let root = tempfile::tempdir().unwrap();
     copy_examples(root.path(), &["hello"]);
     let doc = |base: &str, runtime: &str, op: &str, extra: &str| {
@@ -354,6 +370,15 @@ async fn broken_worker_funcs_answer_500_with_the_reason_and_the_rest_serve() {
     write_bundle(
         root.path(),
         "py-import",
+        &[
+            ("swagger.yaml", &d),
+            ("main.py", "raise RuntimeError('boom at import')\n"),
+        ],
+    );
+    let d = doc("py-quiet", "python", "go", "");
+    write_bundle(
+        root.path(),
+        "py-quiet",
         &[
             ("swagger.yaml", &d),
             ("main.py", "raise RuntimeError('boom at import')\n"),
@@ -416,9 +441,19 @@ async fn broken_worker_funcs_answer_500_with_the_reason_and_the_rest_serve() {
         ],
     );
     let secrets = tempfile::tempdir().unwrap();
-    let c = embedded(root.path(), secrets.path()).await;
+    let debug = [
+        "py-import",
+        "py-missing",
+        "py-pip",
+        "js-syntax",
+        "java-bad",
+        "java-nomethod",
+        "py-secret",
+    ];
+    let c = embedded_with_debug(root.path(), secrets.path(), &debug).await;
     let http = reqwest::Client::new();
     for (path, needles) in [
+        ("py-quiet", &[][..]),
         ("py-import", &["boom at import"][..]),
         ("py-missing", &["absent"]),
         (
@@ -451,6 +486,13 @@ async fn broken_worker_funcs_answer_500_with_the_reason_and_the_rest_serve() {
             (500, Some("func_broken")),
             "{path}: {v}"
         );
+        if path == "py-quiet" {
+            assert!(
+                hides_detail(&v, &["boom at import", "main.py", "Traceback"]),
+                "{path}: {v}"
+            );
+            continue;
+        }
         let msg = v["message"].as_str().unwrap();
         for n in needles {
             assert!(msg.contains(n), "{path}: {n:?} not in {msg}");
@@ -484,7 +526,8 @@ async fn python_requirements_install_once_into_a_cached_venv_and_memory_is_cappe
         ],
     );
     let secrets = tempfile::tempdir().unwrap();
-    let c = embedded(root.path(), secrets.path()).await;
+    // With `debug`, so the answer names the MemoryError.
+    let c = embedded_with_debug(root.path(), secrets.path(), &["py-deps"]).await;
     let http = reqwest::Client::new();
     let (s, v) = json_of(
         http.get(format!("{}/deps/version", c.base))
@@ -600,7 +643,7 @@ async fn worker_runtimes_serve_through_rabbitmq_with_separate_processes() {
             "s3cret"
         };
         let base = base.clone();
-        async move { contract(&base, prefix, runtime, token).await }
+        async move { contract(&base, prefix, runtime, token, false).await }
     });
     futures::future::join_all(runs).await;
     let http = reqwest::Client::new();
@@ -843,11 +886,13 @@ async fn without_a_working_sandbox_worker_and_exec_funcs_answer_503_unless_opted
                     (503, Some("sandbox_unavailable")),
                     "{path}: {v}"
                 );
+                // The sandbox program's path stays in the logs.
                 assert!(
-                    v["message"]
-                        .as_str()
-                        .unwrap()
-                        .contains("/nonexistent/funcatron-test/bwrap"),
+                    hides_detail(&v, &["/nonexistent/funcatron-test/bwrap"])
+                        && v["message"]
+                            .as_str()
+                            .unwrap()
+                            .contains("isolation is unavailable"),
                     "{v}"
                 );
             }

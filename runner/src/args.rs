@@ -82,6 +82,12 @@ pub struct RunnerArgs {
     /// autoscaler starts Runners with one `--func` each.
     #[arg(long = "func", env = "FUNCATRON_FUNCS", value_delimiter = ',')]
     pub funcs: Vec<String>,
+    /// NOT FOR PRODUCTION: answer every Func's failures with their full
+    /// detail (tracebacks, file paths, stderr, build output) instead of a
+    /// generic message pointing at the Func's log. One Func's `debug`
+    /// setting does this for that Func; `funcatron dev` always does.
+    #[arg(long, env = "FUNCATRON_DEBUG_ERRORS")]
+    pub debug_errors: bool,
 }
 
 /// Where a Runner finds the Tron's read token (it fetches archives with
@@ -126,6 +132,7 @@ impl RunnerArgs {
                 bwrap: self.bwrap.clone(),
                 insecure_no_sandbox: self.insecure_no_sandbox,
             },
+            debug_errors: self.debug_errors,
         }
     }
 }
@@ -146,6 +153,7 @@ impl Default for RunnerOptions {
             bwrap: PathBuf::from("bwrap"),
             insecure_no_sandbox: false,
             funcs: Vec::new(),
+            debug_errors: false,
         }
         .options()
     }

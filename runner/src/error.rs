@@ -1,5 +1,7 @@
-//! The Runner's errors. Their texts are what users see (in 500 answers,
-//! `funcatron dev` and the logs), so they are kept word for word.
+//! The Runner's errors. Their texts are what users see (in the logs,
+//! `funcatron dev` and the answers of Funcs with `debug` on; other clients
+//! get a generic message, see [`crate::invoke::InvokeError::client_message`]),
+//! so they are kept word for word.
 
 use std::path::{Path, PathBuf};
 

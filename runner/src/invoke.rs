@@ -31,6 +31,11 @@ pub struct Job {
     pub observer: crate::observe::Observer,
     /// Largest answer body sent as one message; larger answers 502.
     pub max_reply_bytes: usize,
+    /// Answer failures with their full detail (tracebacks, paths, stderr)
+    /// instead of a generic message: the Func's `debug` setting or the
+    /// Runner's `--debug-errors` (dev mode). See
+    /// [`InvokeError::client_message`].
+    pub debug: bool,
 }
 
 /// What the serve loop does with one delivery.
@@ -118,7 +123,64 @@ pub enum InvokeError {
     ReplyTooLarge(String),
 }
 
+/// What the client reads instead of a hidden failure's detail; every one
+/// points at the Func's log, where the detail is, under the answer's
+/// `request_id`.
+pub mod hidden {
+    /// For [`super::InvokeError::Handler`].
+    pub const HANDLER: &str =
+        "the Func raised an error; its log has the details under this request_id";
+    /// For [`super::InvokeError::Broken`].
+    pub const BROKEN: &str = "the Func's bundle cannot run on this Runner (it failed to load or prepare); its log has the details under this request_id";
+    /// For [`super::InvokeError::Crashed`].
+    pub const CRASHED: &str = "the Func's worker process failed while handling the request and was replaced; its log has the details under this request_id";
+    /// For [`super::InvokeError::SandboxUnavailable`].
+    pub const SANDBOX_UNAVAILABLE: &str = "Func isolation is unavailable on this Runner, so the Func was not run; its log has the details under this request_id";
+}
+
 impl InvokeError {
+    /// The `message` of the client's answer.
+    ///
+    /// The rule: a client learns what it sent wrong and which public limit
+    /// its request hit, never how the Func or the Runner is built. So by
+    /// default
+    ///
+    /// - kept: [`Invalid`](Self::Invalid) (the request's problems against
+    ///   the API document), [`BadRequest`](Self::BadRequest) (the body is
+    ///   not valid JSON, with the parser's line and column),
+    ///   [`ReplyTooLarge`](Self::ReplyTooLarge) (the answer's size and the
+    ///   limit), [`Timeout`](Self::Timeout) (the limit in ms, or that no
+    ///   worker was ready) and [`Memory`](Self::Memory) (that the Func's
+    ///   limit was exceeded): their texts are made by the Runner from the
+    ///   request, sizes and limits, and hold no path or Func output;
+    /// - replaced by a generic message ([`hidden`]): [`Handler`](Self::Handler)
+    ///   (a traceback, a Lua error with its file and line, an exec
+    ///   process's stderr), [`Broken`](Self::Broken) (loader and compiler
+    ///   output, build logs, file paths, missing secret files),
+    ///   [`Crashed`](Self::Crashed) (how a worker died) and
+    ///   [`SandboxUnavailable`](Self::SandboxUnavailable) (the sandbox
+    ///   program's path and its probe's output).
+    ///
+    /// With `detailed` (the Func's `debug` setting, the Runner's
+    /// `--debug-errors`, `funcatron dev`) every variant carries its full
+    /// text. Either way the full text goes to the Runner's log and the
+    /// Func's log.
+    pub fn client_message(&self, detailed: bool) -> Cow<'_, str> {
+        let generic = match self {
+            _ if detailed => return Cow::Owned(self.to_string()),
+            InvokeError::Handler(_) => hidden::HANDLER,
+            InvokeError::Broken(_) => hidden::BROKEN,
+            InvokeError::Crashed(_) => hidden::CRASHED,
+            InvokeError::SandboxUnavailable(_) => hidden::SANDBOX_UNAVAILABLE,
+            InvokeError::Timeout(_)
+            | InvokeError::Memory(_)
+            | InvokeError::BadRequest(_)
+            | InvokeError::Invalid(_)
+            | InvokeError::ReplyTooLarge(_) => return Cow::Owned(self.to_string()),
+        };
+        Cow::Borrowed(generic)
+    }
+
     /// The status and error code the client sees.
     pub fn status_code(&self) -> (u16, &'static str) {
         match self {
@@ -287,7 +349,7 @@ pub fn finish(
                 "error",
                 &crate::observe::log_line(&format!("{} {}: {e}", status, job.operation)),
             );
-            let mut r = Response::error(&req.id, status, code, &e.to_string());
+            let mut r = Response::error(&req.id, status, code, &e.client_message(job.debug));
             if let InvokeError::Invalid(problems) = &e {
                 r.body = std::borrow::Cow::Owned(
                     serde_json::json!({
@@ -319,5 +381,52 @@ fn status_class(status: u16) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What each failure tells a client by default: its own input and the
+    /// public limits, kept; the Func's and the Runner's insides, hidden.
+    #[test]
+    fn clients_get_no_internals_unless_detailed() {
+        let secret = "/srv/funcatron/cache/f/main.py, line 3";
+        let hidden_ones = [
+            (
+                InvokeError::Handler(format!("Traceback: {secret}")),
+                hidden::HANDLER,
+            ),
+            (
+                InvokeError::Broken(format!("javac: {secret}")),
+                hidden::BROKEN,
+            ),
+            (
+                InvokeError::Crashed(format!("died: {secret}")),
+                hidden::CRASHED,
+            ),
+            (
+                InvokeError::SandboxUnavailable(format!("{secret}: not found")),
+                hidden::SANDBOX_UNAVAILABLE,
+            ),
+        ];
+        for (e, generic) in &hidden_ones {
+            assert_eq!(e.client_message(false), *generic);
+            assert!(e.client_message(true).contains(secret), "{e:?}");
+        }
+        let kept = [
+            InvokeError::Timeout("the Func ran longer than 300 ms".into()),
+            InvokeError::Memory("Func `f` exceeded its memory limit".into()),
+            InvokeError::BadRequest("request body is not valid JSON: at line 1".into()),
+            InvokeError::Invalid(vec!["query parameter `n`: required but missing".into()]),
+            InvokeError::ReplyTooLarge(
+                "the Func's answer is 9 bytes, over the limit of 8 bytes".into(),
+            ),
+        ];
+        for e in &kept {
+            assert_eq!(e.client_message(false), e.to_string());
+            assert_eq!(e.client_message(true), e.to_string());
+        }
     }
 }

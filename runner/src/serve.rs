@@ -7,6 +7,7 @@
 //! metrics and error logging ([`crate::invoke`]), publish the reply, then
 //! acknowledge, then capture.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use funcatron_broker::{
@@ -98,6 +99,12 @@ pub struct RunnerOptions {
     pub secrets_dir: Option<PathBuf>,
     /// How worker and exec Funcs are isolated ([`crate::sandbox`]).
     pub sandbox: crate::sandbox::SandboxOptions,
+    /// Answer every Func's failures with their full detail (tracebacks,
+    /// paths, stderr), as a Func's `debug` setting does for that Func; by
+    /// default clients get a generic message
+    /// ([`crate::invoke::InvokeError::client_message`]). `funcatron dev`
+    /// sets it; not for production.
+    pub debug_errors: bool,
 }
 
 /// Where caches go unless told: `$XDG_CACHE_HOME/funcatron`,
@@ -155,6 +162,8 @@ struct Serving {
     stop: CancellationToken,
     tasks: TaskTracker,
     load: Arc<Load>,
+    /// Shared with its consumer ([`Consumer::debug`]).
+    debug: Arc<AtomicBool>,
 }
 
 /// Serve whatever set of bundle versions `desired` holds, following its
@@ -185,8 +194,15 @@ pub(crate) async fn serve(
             .collect();
         for b in &want.bundles {
             let key = (b.name.clone(), b.version.clone());
-            if let std::collections::hash_map::Entry::Vacant(slot) = active.entry(key) {
-                slot.insert(start_version(&broker, b, &options, &observer).await);
+            match active.entry(key) {
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(start_version(&broker, b, &options, &observer).await);
+                }
+                // Re-enabled with other settings: `debug` applies at once.
+                std::collections::hash_map::Entry::Occupied(serving) => serving
+                    .get()
+                    .debug
+                    .store(options.debug_errors || b.debug, Ordering::Relaxed),
             }
         }
         let gone: Vec<(String, String)> = active
@@ -276,6 +292,7 @@ async fn start_version(
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
     let load = observer.load_for(&b.name);
+    let debug = Arc::new(AtomicBool::new(options.debug_errors || b.debug));
     let consumed = broker
         .consume(
             &queue,
@@ -298,6 +315,7 @@ async fn start_version(
                 queue: Arc::from(queue.as_str()),
                 load: Arc::clone(&load),
                 max_reply_bytes: options.max_reply_bytes,
+                debug: Arc::clone(&debug),
             };
             tasks.spawn(consume(Arc::new(ctx), sub, stop.clone()));
         }
@@ -311,6 +329,7 @@ async fn start_version(
         stop,
         tasks,
         load,
+        debug,
     }
 }
 
@@ -353,6 +372,10 @@ struct Consumer {
     load: Arc<Load>,
     /// Largest answer body sent as one message ([`RunnerOptions::max_reply_bytes`]).
     max_reply_bytes: usize,
+    /// Failures answered in full: the version's `debug` setting (it
+    /// follows re-enables of the same version) or
+    /// [`RunnerOptions::debug_errors`].
+    debug: Arc<AtomicBool>,
 }
 
 /// Consume one Func queue until `stop`. On `stop` the consumer is
@@ -448,6 +471,7 @@ fn job_for(ctx: &Consumer, delivery: &Delivery, picked_ms: f64) -> Result<Job, D
         checks,
         observer: ctx.observer.clone(),
         max_reply_bytes: ctx.max_reply_bytes,
+        debug: ctx.debug.load(Ordering::Relaxed),
     })
 }
 
@@ -612,6 +636,7 @@ mod tests {
             checks: None,
             observer: Observer::detached(),
             max_reply_bytes: 1024,
+            debug: false,
         }
     }
 
@@ -715,7 +740,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn versions_that_cannot_run_answer_500_with_the_reason() {
+    async fn versions_that_cannot_run_answer_500_func_broken() {
         let dir = tempfile::tempdir().unwrap();
         let b = bundle(dir.path(), "lua", None, "this is not lua");
         let v = prepare_version(&b, &options(), &Observer::detached()).await;
@@ -733,6 +758,12 @@ mod tests {
         );
         assert_eq!(status, 500);
         assert!(body.contains("func_broken"), "{body}");
+        // The reason is in the log; the client gets it only with `debug`.
+        assert!(!body.contains("main.lua"), "{body}");
+        let mut detailed = job((now_ms() + 10_000.0) as u64);
+        detailed.debug = true;
+        let (_, body) = reply(call_version(&Arc::from("t"), &v.prepared, detailed).await);
+        assert!(body.contains("bundle failed to load: main.lua"), "{body}");
 
         let dir = tempfile::tempdir().unwrap();
         let b = bundle(

@@ -29,6 +29,9 @@ fn limits() -> LuaLimits {
     }
 }
 
+/// A request for `op`. Its failures are answered in full (`debug`): these
+/// tests read the Lua error in the answer, which a client by default does
+/// not get (see `a_func_error_reaches_the_client_without_its_detail_unless_debug_is_on`).
 fn job(op: &str, body: &[u8], content_type: &str) -> Job {
     let (b, b64) = encode_body(body);
     let req = Request {
@@ -60,12 +63,17 @@ fn job(op: &str, body: &[u8], content_type: &str) -> Job {
         checks: None,
         observer: funcatron_runner::observe::Observer::detached(),
         max_reply_bytes: 1 << 20,
+        debug: true,
     }
 }
 
 /// Run one call; return (status, content-type, body bytes).
 fn call(f: &LuaFunc, op: &str, body: &[u8], ct: &str) -> (u16, String, Vec<u8>) {
-    let job = job(op, body, ct);
+    call_job(f, job(op, body, ct))
+}
+
+/// Run one call of `job`; return (status, content-type, body bytes).
+fn call_job(f: &LuaFunc, job: Job) -> (u16, String, Vec<u8>) {
     let (req, body) = decode(&job).unwrap();
     let fr = start("t", &req, body, &job, 200).unwrap();
     let started = std::time::Instant::now();
@@ -630,4 +638,109 @@ fn shutdown_is_not_held_by_a_stuck_func() {
         })
     });
     assert!(stopped_in < Duration::from_secs(3), "{stopped_in:?}");
+}
+
+/// A Func's error reaches its client as `func_error` with a generic message
+/// and the request id; its text (here a path, and the Lua error's file and
+/// line) only with `debug`: the Func's setting or the Runner's
+/// `debug_errors`, through the whole Runner.
+#[test]
+fn a_func_error_reaches_the_client_without_its_detail_unless_debug_is_on() {
+    use funcatron_broker::{AnyBroker, Broker, ConsumeOptions, Message, QueueKind};
+    use funcatron_control::state::FuncSettings;
+    use funcatron_runner::invoke::hidden;
+    const LUA: &str = "return { boom = function() error('boom at /secret/path') end }";
+    let dir = tempfile::tempdir().unwrap();
+    let b = bundle(dir.path(), &["boom"], LUA);
+    let f = LuaFunc::prepare(&b, limits()).unwrap();
+    let hidden_body = |body: &[u8]| {
+        let text = String::from_utf8_lossy(body).into_owned();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"], "func_error", "{v}");
+        assert_eq!(v["message"], hidden::HANDLER, "{v}");
+        assert_eq!(v["request_id"], "t-1", "{v}");
+        for secret in ["/secret/path", "boom", "main.lua"] {
+            assert!(
+                !text.contains(secret),
+                "{secret:?} reached the client: {text}"
+            );
+        }
+    };
+    let full_body = |body: &[u8]| {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["error"], "func_error", "{v}");
+        let m = v["message"].as_str().unwrap();
+        assert!(
+            m.contains("boom at /secret/path") && m.contains("main.lua:1"),
+            "{v}"
+        );
+    };
+
+    let mut quiet = job("boom", b"", "");
+    quiet.debug = false;
+    let (status, _, body) = call_job(&f, quiet);
+    assert_eq!(status, 500);
+    hidden_body(&body);
+    let (status, _, body) = call(&f, "boom", b"", "");
+    assert_eq!(status, 500);
+    full_body(&body);
+
+    // Through a Runner: by default, with the Func's `debug` setting, and
+    // with the Runner's `debug_errors`.
+    let answer = |b: Bundle, debug_errors: bool| {
+        within(Duration::from_secs(30), move || {
+            runtime().block_on(async move {
+                let broker = AnyBroker::from_url("embedded", 1024).unwrap();
+                let queue = funcatron_control::names::func_queue(&b.name, &b.version);
+                broker.declare(&queue, QueueKind::Work).await.unwrap();
+                broker.declare("r", QueueKind::Work).await.unwrap();
+                let mut replies = broker
+                    .consume(
+                        "r",
+                        QueueKind::Work,
+                        ConsumeOptions {
+                            prefetch: 1,
+                            auto_ack: true,
+                        },
+                    )
+                    .await
+                    .unwrap();
+                let options = funcatron_runner::RunnerOptions {
+                    workers: 1,
+                    lua_limits: limits(),
+                    debug_errors,
+                    ..Default::default()
+                };
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let node = funcatron_runner::RunnerNode::new(broker.clone())
+                    .options(options)
+                    .bundles(vec![b]);
+                let running = tokio::spawn(node.run(shutdown.clone()));
+                let mut message = Message::new(job("boom", b"", "").payload);
+                message
+                    .headers
+                    .push((funcatron_control::headers::OPERATION.into(), "boom".into()));
+                broker.publish(&queue, message).await.unwrap();
+                let reply = replies.next().await.unwrap();
+                let r = Response::decode(&reply.message.payload).unwrap();
+                let answer = (r.status, r.body_bytes().unwrap().into_owned());
+                shutdown.cancel();
+                running.await.unwrap();
+                answer
+            })
+        })
+    };
+    let (status, body) = answer(b.clone(), false);
+    assert_eq!(status, 500);
+    hidden_body(&body);
+    let debug = FuncSettings {
+        debug: Some(true),
+        ..FuncSettings::default()
+    };
+    let (status, body) = answer(b.with_settings(&debug), false);
+    assert_eq!(status, 500);
+    full_body(&body);
+    let (status, body) = answer(b, true);
+    assert_eq!(status, 500);
+    full_body(&body);
 }

@@ -28,6 +28,7 @@ fn bundle_of(name: &str, file: &Path, doc: &str) -> Bundle {
         secrets: Vec::new(),
         validate: true,
         concurrency: None,
+        debug: false,
         doc: Default::default(),
         version: "v1".into(),
     }

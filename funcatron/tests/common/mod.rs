@@ -89,6 +89,37 @@ pub fn bundles_with_trouble() -> tempfile::TempDir {
     root
 }
 
+/// `bundles` with the Funcs named in `funcs` enabled with the `debug`
+/// setting: their failures are answered in full (tracebacks, paths,
+/// stderr); the others' get a generic message.
+pub fn with_debug(bundles: Vec<Bundle>, funcs: &[&str]) -> Vec<Bundle> {
+    let debug = funcatron_control::state::FuncSettings {
+        debug: Some(true),
+        ..Default::default()
+    };
+    bundles
+        .into_iter()
+        .map(|b| {
+            if funcs.contains(&b.name.as_str()) {
+                b.with_settings(&debug)
+            } else {
+                b
+            }
+        })
+        .collect()
+}
+
+/// Does a Func failure's answer hide its detail? The generic message
+/// points at the Func's log; none of `secrets` is in the body.
+pub fn hides_detail(v: &serde_json::Value, secrets: &[&str]) -> bool {
+    let body = v.to_string();
+    v["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("its log has the details"))
+        && v["request_id"].is_string()
+        && secrets.iter().all(|s| !body.contains(s))
+}
+
 /// Load bundles, panicking on any rejected one.
 pub fn load(dir: &Path) -> Vec<Bundle> {
     let (bundles, errors) = Bundle::load_all(dir);
