@@ -485,3 +485,129 @@ async fn hostile_fetch_urls_cannot_reach_internal_addresses() {
     );
     assert!(runner.alive(), "the Runner keeps running");
 }
+
+/// An exec Func `name` at `/name` running `script` (sandboxed, as `up`
+/// runs every exec Func by default), packed.
+fn exec_bundle(root: &Path, name: &str, script: &str) -> Vec<u8> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = root.join(format!("src-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("swagger.yaml"),
+        format!("swagger: '2.0'\nbasePath: /{name}\npaths:\n  /x:\n    get: {{operationId: go}}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("funcatron.yaml"),
+        format!("runtime: exec\nname: {name}\nhandler: run.sh\n"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("run.sh"), script).unwrap();
+    std::fs::set_permissions(dir.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    archive::build(&dir).unwrap().1
+}
+
+impl Cluster {
+    /// Upload and enable `bytes`; wait until `/name/x` answers.
+    async fn deploy_archive(&self, name: &str, bytes: Vec<u8>) {
+        let (s, v) = self.upload(bytes).await;
+        assert_eq!(s, 201, "{v}");
+        let url = format!("{}/{name}/x", self.base);
+        eventually(&format!("{name} is routed"), || async {
+            reqwest::get(&url).await.is_ok_and(|r| r.status() != 404)
+        })
+        .await;
+    }
+}
+
+/// A Func author's exec Func looks for the control plane's secrets: the
+/// Runner's environment (the management and read tokens are in it), its
+/// command line, its processes, the store with the token file. It sees
+/// none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_funcs_cannot_see_the_control_plane() {
+    let c = cluster(&[]).await;
+    let store = c.root.path().join("store");
+    let script = format!(
+        "#!/bin/sh\necho ran\nenv\ncat /proc/1/cmdline\nls /proc\ncat {0}/token {0}/read-token 2>&1\nls {0} 2>&1\nexit 0\n",
+        store.display()
+    );
+    c.deploy_archive("peek", exec_bundle(c.root.path(), "peek", &script))
+        .await;
+    let (s, _, body) = c.get("/peek/x").await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.starts_with("ran"), "{body}");
+    for secret in [
+        TOKEN,
+        common::TEST_READ_TOKEN,
+        "FUNCATRON_TOKEN",
+        "FUNCATRON_READ_TOKEN",
+        "--mgmt-listen",
+    ] {
+        assert!(!body.contains(secret), "the Func saw {secret:?}:\n{body}");
+    }
+    let no_store = format!("ls: cannot access '{}'", store.display());
+    assert!(body.contains(&no_store), "the Func saw the store:\n{body}");
+    c.still_serves().await;
+}
+
+/// A client sends headers named like the exec runtime's request variables
+/// (`Method: DELETE` would become `Http_Method`): the Func still sees the
+/// real method, path and query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_headers_cannot_pose_as_request_variables() {
+    let c = cluster(&[]).await;
+    let script = "#!/bin/sh\nprintf '%s|%s|%s' \"$Http_Method\" \"$Http_Path\" \"$Http_Query\"\n";
+    c.deploy_archive("vars", exec_bundle(c.root.path(), "vars", script))
+        .await;
+    let r = reqwest::Client::new()
+        .get(format!("{}/vars/x?a=1", c.base))
+        .header("Method", "DELETE")
+        .header("Path", "/evil")
+        .header("Query", "evil=1")
+        .header("Http-Method", "DELETE")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    assert_eq!(body, "GET|/vars/x|a=1");
+}
+
+/// Every read that exposes data needs a token: an HTTP client without one
+/// gets 401 for the state, settings, logs, captures and bundle downloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_reads_without_a_token_are_refused() {
+    let c = cluster(&[]).await;
+    let bytes = lua_bundle(
+        c.root.path(),
+        "s",
+        b"return { go = function() return 'x' end }",
+        "",
+    );
+    let (s, v) = c.upload(bytes).await;
+    assert_eq!(s, 201, "{v}");
+    let sha = v["sha"].as_str().unwrap().to_owned();
+    let http = reqwest::Client::new();
+    for path in [
+        "/v1/state".to_owned(),
+        "/v1/funcs".to_owned(),
+        "/v1/funcs/s".to_owned(),
+        "/v1/funcs/s/logs".to_owned(),
+        "/v1/captures/s".to_owned(),
+        format!("/v1/bundles/{sha}"),
+    ] {
+        let r = http.get(format!("{}{path}", c.mgmt)).send().await.unwrap();
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        assert_eq!(status, 401, "GET {path}: {body}");
+        assert_eq!(error_of(&body), "unauthorized", "GET {path}");
+        let r = http
+            .get(format!("{}{path}", c.mgmt))
+            .bearer_auth(common::TEST_READ_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(r.status().as_u16(), 401, "GET {path} with the read token");
+    }
+}
