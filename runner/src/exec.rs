@@ -15,7 +15,7 @@
 //!
 //! Limits: the process runs in its own process group, killed as a whole at
 //! its time limit (504); its address space is capped with `prlimit --as`
-//! (util-linux); a non-zero exit is a 500 with the end of its stderr. Every stderr line goes to the Runner's log with the
+//! and its CPU time with `prlimit --cpu` (time limit + 1 s) (util-linux); a non-zero exit is a 500 with the end of its stderr. Every stderr line goes to the Runner's log with the
 //! request id.
 
 use std::path::PathBuf;
@@ -131,7 +131,14 @@ impl ExecFunc {
             ro: Vec::new(),
             env: vars,
         };
-        let mut args = vec![format!("--as={}", self.memory_bytes), "--".to_owned()];
+        // CPU seconds as a backstop to the time limit (which kills the
+        // process group): a process that escaped it still stops.
+        let cpu_s = self.timeout.as_secs() + 1;
+        let mut args = vec![
+            format!("--as={}", self.memory_bytes),
+            format!("--cpu={cpu_s}"),
+            "--".to_owned(),
+        ];
         args.extend(self.argv.iter().cloned());
         let mut cmd = sandbox.command(&self.isolation, "prlimit", &args);
         cmd.stdin(Stdio::piped())
