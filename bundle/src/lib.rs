@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub mod archive;
+pub mod auth;
 pub mod validate;
 
 use serde::Deserialize;
@@ -192,6 +193,11 @@ pub struct Bundle {
     /// operator's choice, so not a field of the bundle's own; false after
     /// [`Bundle::load`]).
     pub debug: bool,
+    /// What the document's security schemes are checked against (the
+    /// `auth` setting the Func was enabled with; empty after
+    /// [`Bundle::load`], so every secured operation refuses requests until
+    /// the operator configures it). See [`auth`].
+    pub auth: BTreeMap<String, funcatron_control::state::SchemeCredentials>,
     /// The parsed API document (`Null` for tinyFaaS folders without one).
     pub doc: Arc<Value>,
     /// Content version: the first 12 hex digits of the SHA-256 over the
@@ -641,6 +647,7 @@ impl Bundle {
         if let Some(debug) = settings.debug {
             b.debug = debug;
         }
+        b.auth = settings.auth.clone();
         b
     }
 
@@ -762,6 +769,7 @@ impl Bundle {
             validate: m.validate.unwrap_or(true),
             concurrency: m.concurrency,
             debug: false,
+            auth: BTreeMap::new(),
             doc: Arc::new(doc),
             version: hex_prefix(&content_digest(dir)?, 6),
         })

@@ -54,6 +54,36 @@ pub struct FuncSettings {
     /// production.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debug: Option<bool>,
+    /// What the document's security schemes are checked against, by
+    /// scheme name (`components.securitySchemes` / `securityDefinitions`).
+    /// A scheme without an entry refuses every request (fail closed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub auth: BTreeMap<String, SchemeCredentials>,
+}
+
+/// The credentials one security scheme is checked against. Values never
+/// travel in the state: they are secrets, named here and read by each
+/// Runner from its secrets directory like the Func's other secrets.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SchemeCredentials {
+    /// The secret holding what requests are checked against: `apiKey`:
+    /// the accepted keys, one per line; `http` `basic`: `user:password`
+    /// lines; `http` `bearer` (and `oauth2`, `openIdConnect`): the HS256
+    /// key of its JWTs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Bearer schemes: the secret holding a JWKS (JSON) whose keys verify
+    /// RS256/RS384/RS512/PS256/ES256/ES384/EdDSA JWTs (chosen by `kid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_secret: Option<String>,
+    /// Bearer schemes: the `aud` a JWT must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Bearer schemes: the `iss` a JWT must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
 }
 
 /// An uploaded version.

@@ -244,8 +244,46 @@ pub struct EnableArgs {
     /// production. Enabling again without it turns it off.
     #[arg(long)]
     debug: bool,
+    /// What a security scheme of the document is checked against
+    /// (repeatable): `SCHEME:secret=NAME` (API keys one per line,
+    /// `user:password` lines, or a JWT HS256 key), and for bearer schemes
+    /// `jwks=NAME`, `audience=AUD`, `issuer=ISS`, comma-separated; NAMEs
+    /// are secrets in the Runners' secrets directory. A scheme without one
+    /// refuses every request.
+    #[arg(long = "auth", value_name = "SCHEME:KEY=VALUE,...")]
+    auth: Vec<String>,
     #[command(flatten)]
     remote: Remote,
+}
+
+/// `--auth SCHEME:secret=NAME,jwks=NAME,audience=AUD,issuer=ISS`.
+fn parse_auth(
+    list: &[String],
+) -> Result<BTreeMap<String, funcatron_control::state::SchemeCredentials>> {
+    let mut out = BTreeMap::new();
+    for arg in list {
+        let (scheme, rest) = arg
+            .split_once(':')
+            .with_context(|| format!("--auth {arg}: expected SCHEME:KEY=VALUE,..."))?;
+        let mut c = funcatron_control::state::SchemeCredentials::default();
+        for kv in rest.split(',') {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--auth {arg}: {kv:?} is not KEY=VALUE"))?;
+            let slot = match k {
+                "secret" => &mut c.secret,
+                "jwks" => &mut c.jwks_secret,
+                "audience" => &mut c.audience,
+                "issuer" => &mut c.issuer,
+                other => anyhow::bail!(
+                    "--auth {arg}: unknown key {other:?} (secret, jwks, audience, issuer)"
+                ),
+            };
+            *slot = Some(v.to_owned());
+        }
+        out.insert(scheme.to_owned(), c);
+    }
+    Ok(out)
 }
 
 /// Run a `func` command; returns what to print.
@@ -324,6 +362,7 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
                     target_concurrency: a.target_concurrency,
                     scale_down_delay_ms: a.scale_down_delay_ms,
                     debug: a.debug.then_some(true),
+                    auth: parse_auth(&a.auth)?,
                 }),
             };
             let v: Enabled = answer(

@@ -29,6 +29,7 @@ fn bundle_of(name: &str, file: &Path, doc: &str) -> Bundle {
         validate: true,
         concurrency: None,
         debug: false,
+        auth: Default::default(),
         doc: Default::default(),
         version: "v1".into(),
     }

@@ -29,7 +29,19 @@ async fn settings_with_unusable_names_are_refused() {
     let registry = common::open_registry(store.path()).await;
     let (sha, _) = registry.upload(&archive, "s", None).await.unwrap();
 
-    let bad: [FuncSettings; 4] = [
+    let auth = |secret: &str| FuncSettings {
+        auth: BTreeMap::from([(
+            "key".to_owned(),
+            funcatron_control::state::SchemeCredentials {
+                jwks_secret: Some(secret.to_owned()),
+                ..Default::default()
+            },
+        )]),
+        ..FuncSettings::default()
+    };
+    let bad: [FuncSettings; 6] = [
+        auth("../keys.json"),
+        auth("FUNCATRON_READ_TOKEN"),
         FuncSettings {
             secrets: vec!["../../etc/passwd".into()],
             ..FuncSettings::default()

@@ -168,16 +168,22 @@ fn now_ms() -> u64 {
 }
 
 /// Settings are checked like the bundle fields they override: `env` keys
-/// and secret names are variable names (a secret name names a file), and
+/// and secret names (the Func's and those its `auth` credentials name) are
+/// variable names (a secret name names a file), and
 /// timeouts and memory are within the operator's ceilings.
 fn check_settings(s: &FuncSettings, ceilings: &Ceilings) -> Result<(), RegistryError> {
     ceilings
         .check(s.timeout_ms, s.memory_mb)
         .map_err(|m| RegistryError::new(422, "invalid_settings", m))?;
+    let auth_secrets = s
+        .auth
+        .values()
+        .flat_map(|c| c.secret.iter().chain(c.jwks_secret.iter()));
     let bad = s
         .env
         .keys()
         .chain(s.secrets.iter())
+        .chain(auth_secrets)
         .find(|k| !funcatron_bundle::valid_var_name(k));
     match bad {
         Some(k) => Err(RegistryError::new(
