@@ -77,6 +77,8 @@ pub enum Handled {
 /// loop after the reply is published.
 #[derive(Debug)]
 pub struct Unchecked {
+    /// The operation (`operationId`) it answered, for the report.
+    pub operation: String,
     /// The operation's documented responses.
     pub checks: Arc<ResponseChecks>,
     /// The answer as the Func gave it.
@@ -367,6 +369,7 @@ pub fn finish(
             drop(r);
             if let Some(checks) = &job.responses {
                 unchecked = Some(Unchecked {
+                    operation: job.operation.clone(),
                     checks: Arc::clone(checks),
                     answer: fr,
                 });

@@ -600,9 +600,8 @@ async fn handle(ctx: &Consumer, delivery: Delivery) {
     );
     async {
         let payload = job.payload.clone();
-        let operation = job.operation.clone();
         let handled = call_version(&ctx.func, &ctx.version.prepared, job).await;
-        settle(ctx, delivery, &payload, &operation, handled).await;
+        settle(ctx, delivery, &payload, handled).await;
     }
     .instrument(span)
     .await
@@ -643,7 +642,8 @@ async fn run(func: &str, runtime: &impl Runtime, job: &Job) -> Handled {
 /// document, reported to the Runner's log, the Func's log (stream
 /// `response`, which `funcatron dev` shows) and
 /// `runner_response_mismatches_total`. The answer itself was sent as is.
-fn report_mismatches(ctx: &Consumer, request_id: &str, operation: &str, u: &Unchecked) {
+fn report_mismatches(ctx: &Consumer, request_id: &str, u: &Unchecked) {
+    let operation = u.operation.as_str();
     let problems = u.checks.check(&Answer {
         status: u.answer.status,
         headers: &u.answer.headers,
@@ -673,13 +673,7 @@ pub const RESPONSE_STREAM: &str = "response";
 
 /// Publish the reply, then acknowledge, then capture; or skip, dead-letter
 /// or requeue. An answer to check is checked last, off the answer's path.
-async fn settle(
-    ctx: &Consumer,
-    delivery: Delivery,
-    payload: &bytes::Bytes,
-    operation: &str,
-    handled: Handled,
-) {
+async fn settle(ctx: &Consumer, delivery: Delivery, payload: &bytes::Bytes, handled: Handled) {
     match handled {
         Handled::Reply {
             request_id,
@@ -693,7 +687,7 @@ async fn settle(
             let Some(reply_to) = reply_to else {
                 ack(delivery).await;
                 if let Some(u) = &unchecked {
-                    report_mismatches(ctx, &request_id, operation, u);
+                    report_mismatches(ctx, &request_id, u);
                 }
                 return;
             };
@@ -715,7 +709,7 @@ async fn settle(
                 }
             }
             if let Some(u) = &unchecked {
-                report_mismatches(ctx, &request_id, operation, u);
+                report_mismatches(ctx, &request_id, u);
             }
         }
         Handled::Expired { request_id } => {

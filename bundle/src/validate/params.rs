@@ -387,9 +387,39 @@ impl ParamRule {
         }
     }
 
+    /// The first occurrence of this parameter in the request.
+    fn first<'v, H: AsRef<str>>(&self, v: &'v Values<'v, H>) -> Option<&'v str> {
+        match self.location {
+            Location::Path => v
+                .params
+                .iter()
+                .find(|(k, _)| *k == self.name)
+                .map(|(_, v)| v.as_str()),
+            Location::Query => v
+                .query
+                .iter()
+                .find(|(k, _)| *k == self.name)
+                .map(|(_, v)| v.as_ref()),
+            Location::Header => v
+                .headers
+                .iter()
+                .find(|(k, _)| k.as_ref().eq_ignore_ascii_case(&self.name))
+                .map(|(_, v)| v.as_ref()),
+        }
+    }
+
     /// This parameter's problems in the request.
     pub(super) fn check<H: AsRef<str>>(&self, v: &Values<'_, H>, problems: &mut Vec<String>) {
-        let raw = self.raw(v);
+        // A single value needs no list of them.
+        let one;
+        let many;
+        let raw: &[&str] = if self.shape.array {
+            many = self.raw(v);
+            &many
+        } else {
+            one = self.first(v);
+            one.as_slice()
+        };
         let label = Label(self.location, &self.name);
         if raw.is_empty() {
             if self.required {
@@ -400,7 +430,7 @@ impl ParamRule {
         if self.shape.unread() {
             return;
         }
-        match self.shape.read(&raw) {
+        match self.shape.read(raw) {
             Err(why) => problems.push(format!("{label}: {why}")),
             Ok(value) => {
                 if let Some(schema) = &self.schema {

@@ -332,6 +332,21 @@ fn type_keyword<'a>(
         Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
         _ => vec![],
     };
+    // Swagger 2.0's `file` (answers, form fields): any content.
+    if names.contains(&"file") {
+        return Ok(Box::new(TypeCheck {
+            types: vec![
+                JsonType::Null,
+                JsonType::Boolean,
+                JsonType::Number,
+                JsonType::String,
+                JsonType::Array,
+                JsonType::Object,
+            ],
+            nullable: false,
+            format: None,
+        }));
+    }
     let types = names
         .iter()
         .map(|n| JsonType::parse(n))
