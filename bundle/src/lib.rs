@@ -743,12 +743,7 @@ impl Bundle {
         let env = m.env.take().unwrap_or_default();
         let secrets = m.secrets.take().unwrap_or_default();
         check_env_names(&env, &secrets, &source)?;
-        if m.concurrency == Some(0) {
-            return Err(BundleError::invalid(
-                &source,
-                "field `concurrency`: must be at least 1",
-            ));
-        }
+        check_concurrency(m.concurrency, &source)?;
         let api = api.unwrap_or_else(|| synthesized_api(&name));
         if api.operations.is_empty() {
             return Err(BundleError::invalid(
@@ -961,6 +956,17 @@ fn exec_command(
         (RuntimeKind::Exec, None) => vec![format!("./{handler_name}")],
         (_, _) => Vec::new(),
     })
+}
+
+/// `concurrency`, if set, is at least 1.
+fn check_concurrency(concurrency: Option<usize>, source: &Path) -> Result<(), BundleError> {
+    if concurrency == Some(0) {
+        return Err(BundleError::invalid(
+            source,
+            "field `concurrency`: must be at least 1",
+        ));
+    }
+    Ok(())
 }
 
 /// `env` and `secrets` names are usable variable names.

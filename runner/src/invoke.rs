@@ -59,7 +59,7 @@ pub enum Handled {
         response: Vec<u8>,
         /// The Func's own answer, to check against its document once the
         /// reply is out (only when [`Job::responses`] is set).
-        unchecked: Option<Unchecked>,
+        unchecked: Option<Box<Unchecked>>,
     },
     /// The deadline passed before the Func ran; the ingress has answered.
     Expired {
@@ -368,11 +368,11 @@ pub fn finish(
             let encoded = (r.status, r.encode());
             drop(r);
             if let Some(checks) = &job.responses {
-                unchecked = Some(Unchecked {
+                unchecked = Some(Box::new(Unchecked {
                     operation: job.operation.clone(),
                     checks: Arc::clone(checks),
                     answer: fr,
-                });
+                }));
             }
             encoded
         }
