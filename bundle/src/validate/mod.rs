@@ -21,8 +21,8 @@
 //!
 //! Schemas are JSON Schema: draft 4 with OpenAPI's additions for Swagger
 //! 2.0 and OpenAPI 3.0, 2020-12 (or the document's `jsonSchemaDialect`)
-//! for OpenAPI 3.1; formats are checked unless `check_formats: false`. See
-//! [`schema`] for the details.
+//! for OpenAPI 3.1; formats are checked unless `check_formats: false`. The
+//! `schema` submodule has the details.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
