@@ -186,6 +186,14 @@ pub struct Bundle {
     pub secrets: Vec<String>,
     /// Validate requests against the document before the Func runs.
     pub validate: bool,
+    /// Check `format`s (`int32`, `date-time`, `uuid`, ...) in request and
+    /// response checks (`check_formats: false` makes them annotations).
+    pub check_formats: bool,
+    /// Check the Func's answers against the document's `responses` and
+    /// report mismatches: the `check_responses` setting the Func was
+    /// enabled with (an operator's choice, like `debug`; false after
+    /// [`Bundle::load`]). `funcatron dev` checks every Func's answers.
+    pub check_responses: bool,
     /// Worker processes per Runner (Python, Node.js, Java), if set.
     pub concurrency: Option<usize>,
     /// Answer failures with their full detail rather than a generic
@@ -303,6 +311,7 @@ struct Manifest {
     env: Option<BTreeMap<String, String>>,
     secrets: Option<Vec<String>>,
     validate: Option<bool>,
+    check_formats: Option<bool>,
     concurrency: Option<usize>,
     environments: Option<BTreeMap<String, Vec<Rewrite>>>,
 }
@@ -365,6 +374,7 @@ impl Manifest {
             env: over.env.or(self.env),
             secrets: over.secrets.or(self.secrets),
             validate: over.validate.or(self.validate),
+            check_formats: over.check_formats.or(self.check_formats),
             concurrency: over.concurrency.or(self.concurrency),
             environments: over.environments.or(self.environments),
             name: over.name.or(self.name),
@@ -647,6 +657,9 @@ impl Bundle {
         if let Some(debug) = settings.debug {
             b.debug = debug;
         }
+        if let Some(check) = settings.check_responses {
+            b.check_responses = check;
+        }
         b.auth = settings.auth.clone();
         b
     }
@@ -737,12 +750,7 @@ impl Bundle {
         let env = m.env.take().unwrap_or_default();
         let secrets = m.secrets.take().unwrap_or_default();
         check_env_names(&env, &secrets, &source)?;
-        if m.concurrency == Some(0) {
-            return Err(BundleError::invalid(
-                &source,
-                "field `concurrency`: must be at least 1",
-            ));
-        }
+        check_concurrency(m.concurrency, &source)?;
         let api = api.unwrap_or_else(|| synthesized_api(&name));
         if api.operations.is_empty() {
             return Err(BundleError::invalid(
@@ -767,6 +775,8 @@ impl Bundle {
             env,
             secrets,
             validate: m.validate.unwrap_or(true),
+            check_formats: m.check_formats.unwrap_or(true),
+            check_responses: false,
             concurrency: m.concurrency,
             debug: false,
             auth: BTreeMap::new(),
@@ -954,6 +964,17 @@ fn exec_command(
         (RuntimeKind::Exec, None) => vec![format!("./{handler_name}")],
         (_, _) => Vec::new(),
     })
+}
+
+/// `concurrency`, if set, is at least 1.
+fn check_concurrency(concurrency: Option<usize>, source: &Path) -> Result<(), BundleError> {
+    if concurrency == Some(0) {
+        return Err(BundleError::invalid(
+            source,
+            "field `concurrency`: must be at least 1",
+        ));
+    }
+    Ok(())
 }
 
 /// `env` and `secrets` names are usable variable names.

@@ -54,6 +54,12 @@ pub struct FuncSettings {
     /// production.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debug: Option<bool>,
+    /// Check this Func's answers against its document's `responses`
+    /// (status codes, content types, body schemas) and report mismatches
+    /// (the Runner's log, the Func's log, `runner_response_mismatches_total`);
+    /// answers are never changed. Always on in `funcatron dev`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_responses: Option<bool>,
     /// What the document's security schemes are checked against, by
     /// scheme name (`components.securitySchemes` / `securityDefinitions`).
     /// A scheme without an entry refuses every request (fail closed).

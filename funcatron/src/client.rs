@@ -244,6 +244,12 @@ pub struct EnableArgs {
     /// production. Enabling again without it turns it off.
     #[arg(long)]
     debug: bool,
+    /// Check the Func's answers against its document's responses (status
+    /// codes, content types, body schemas) and report mismatches in the
+    /// logs and a metric; answers are not changed. Enabling again without
+    /// it turns it off.
+    #[arg(long)]
+    check_responses: bool,
     /// What a security scheme of the document is checked against
     /// (repeatable): `SCHEME:secret=NAME` (API keys one per line,
     /// `user:password` lines, or a JWT HS256 key), and for bearer schemes
@@ -362,6 +368,7 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
                     target_concurrency: a.target_concurrency,
                     scale_down_delay_ms: a.scale_down_delay_ms,
                     debug: a.debug.then_some(true),
+                    check_responses: a.check_responses.then_some(true),
                     auth: parse_auth(&a.auth)?,
                 }),
             };

@@ -8,8 +8,12 @@
 //! Tron's routes second. A broken save keeps the last good version serving
 //! and prints why. The ingress also serves, under `/_funcatron/dev/`, each
 //! Func's document and an interactive page to call its operations.
+//!
+//! Every Func's answers are checked against its document (the Runner's
+//! `check_responses`): what does not match is printed and listed on the
+//! pages, from the Runner's Func log lines on the embedded broker.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -39,6 +43,57 @@ struct DevState {
     good: BTreeMap<PathBuf, Bundle>,
     /// Why a directory's latest save is not served.
     errors: BTreeMap<PathBuf, String>,
+    /// The latest answers that did not match their document, newest last
+    /// (at most [`MAX_MISMATCHES`]).
+    mismatches: VecDeque<Mismatch>,
+}
+
+/// An answer that did not match its document, as the Runner reported it.
+#[derive(Debug, Clone)]
+struct Mismatch {
+    func: String,
+    request_id: String,
+    message: String,
+}
+
+/// How many mismatches the pages list.
+const MAX_MISMATCHES: usize = 50;
+
+/// Collect the Runner's reports of answers that do not match their
+/// document (Func log lines on the `response` stream) until `shutdown`:
+/// printed, and kept for the pages.
+async fn collect_mismatches(
+    mut logs: funcatron_broker::Subscription,
+    state: Arc<RwLock<DevState>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let d = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            d = logs.next() => match d { Some(d) => d, None => return },
+        };
+        let Ok(line) = serde_json::from_slice::<serde_json::Value>(&d.message.payload) else {
+            continue;
+        };
+        if line["stream"] != funcatron_runner::serve::RESPONSE_STREAM {
+            continue;
+        }
+        let text = |k: &str| line[k].as_str().unwrap_or_default().to_owned();
+        let m = Mismatch {
+            func: text("func"),
+            request_id: text("request_id"),
+            message: text("message"),
+        };
+        eprintln!(
+            "funcatron dev: {} answered not as its document says (request {}): {}",
+            m.func, m.request_id, m.message
+        );
+        let mut s = state.write().unwrap_or_else(|e| e.into_inner());
+        if s.mismatches.len() >= MAX_MISMATCHES {
+            s.mismatches.pop_front();
+        }
+        s.mismatches.push_back(m);
+    }
 }
 
 /// The running dev server's moving parts.
@@ -167,12 +222,17 @@ pub async fn run(
     let root = root
         .canonicalize()
         .with_context(|| format!("{}: no such directory", root.display()))?;
-    // A developer sees every failure in full, in the answer too.
+    // A developer sees every failure in full, in the answer too, and every
+    // answer that does not match its document.
     let runner = RunnerOptions {
         debug_errors: true,
+        check_responses: true,
         ..runner
     };
     let broker = AnyBroker::Embedded(EmbeddedBroker::new(10_000));
+    let logs = funcatron_broker::Broker::subscribe(&broker, funcatron_control::names::LOGS_TOPIC)
+        .await
+        .context("subscribing to the Func logs")?;
     let (routes_tx, routes_rx) = watch::channel(Arc::new(RouteTable::default()));
     let (bundles_tx, bundles_rx) = watch::channel(Desired::default());
     let dev = Arc::new(Dev {
@@ -185,6 +245,11 @@ pub async fn run(
         state: Arc::default(),
     });
     dev.reload().await;
+    tokio::spawn(collect_mismatches(
+        logs,
+        Arc::clone(&dev.state),
+        shutdown.clone(),
+    ));
 
     let mut roles = tokio::task::JoinSet::new();
     roles.spawn(
@@ -292,7 +357,32 @@ async fn index(State(state): Shared) -> Html<String> {
             escape(e)
         ));
     }
+    mismatches(&s, None, &mut out);
     Html(out)
+}
+
+/// The latest answers (of `func`, or of every Func) that did not match
+/// their document, newest first.
+fn mismatches(s: &DevState, func: Option<&str>, out: &mut String) {
+    let shown: Vec<&Mismatch> = s
+        .mismatches
+        .iter()
+        .rev()
+        .filter(|m| func.is_none_or(|f| m.func == f))
+        .collect();
+    if shown.is_empty() {
+        return;
+    }
+    out.push_str("<h2>Answers that do not match the document</h2><ul>");
+    for m in shown {
+        out.push_str(&format!(
+            "<li><b>{}</b> (request <code>{}</code>): <pre>{}</pre></li>",
+            escape(&m.func),
+            escape(&m.request_id),
+            escape(&m.message)
+        ));
+    }
+    out.push_str("</ul>");
 }
 
 fn find(state: &RwLock<DevState>, func: &str) -> Option<Bundle> {
@@ -391,6 +481,11 @@ async function call(form) {
   return false;
 }
 </script>"#,
+    );
+    mismatches(
+        &state.read().unwrap_or_else(|e| e.into_inner()),
+        Some(&b.name),
+        &mut out,
     );
     Html(out).into_response()
 }

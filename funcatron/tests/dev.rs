@@ -162,3 +162,51 @@ async fn saves_go_live_broken_saves_keep_the_last_good_version() {
     })
     .await;
 }
+
+/// `funcatron dev` checks every answer against its document: one that does
+/// not match is printed and listed on the pages, and still answered as is.
+#[tokio::test]
+async fn answers_that_do_not_match_the_document_are_shown() {
+    let root = tempfile::tempdir().unwrap();
+    copy_examples(root.path(), &["hello"]);
+    write_bundle(
+        root.path(),
+        "shapes",
+        &[
+            (
+                "swagger.yaml",
+                "swagger: '2.0'\nbasePath: /shapes\nx-funcatron: {runtime: lua}\nproduces: [application/json]\npaths:\n  /square:\n    get:\n      operationId: square\n      responses:\n        '200': {description: a square, schema: {type: object, required: [side], properties: {side: {type: integer}}}}\n",
+            ),
+            ("main.lua", "return { square = function() return { side = 'wide' } end }"),
+        ],
+    );
+    let addr = free_addr();
+    let log = root.path().join("dev.log");
+    let _dev = funcatron_logged(
+        &[
+            "dev",
+            root.path().to_str().unwrap(),
+            "--listen",
+            &addr.to_string(),
+        ],
+        "",
+        &log,
+    );
+    let base = format!("http://{addr}");
+    wait_ready(&format!("{base}/hello/ready")).await;
+    let (status, body) = text(&format!("{base}/shapes/square")).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"side":"wide"}"#));
+    eventually("the mismatch is printed", || async {
+        log_has(&log, "answered not as its document says")
+    })
+    .await;
+    eventually("the mismatch is on the pages", || async {
+        let (_, index) = text(&format!("{base}/_funcatron/dev/")).await;
+        let (_, page) = text(&format!("{base}/_funcatron/dev/shapes/")).await;
+        index.contains("do not match the document") && page.contains("/side")
+    })
+    .await;
+    // An answer as documented is not listed.
+    let (_, hello) = text(&format!("{base}/_funcatron/dev/hello/")).await;
+    assert!(!hello.contains("do not match the document"), "{hello}");
+}

@@ -88,6 +88,13 @@ pub struct RunnerArgs {
     /// setting does this for that Func; `funcatron dev` always does.
     #[arg(long, env = "FUNCATRON_DEBUG_ERRORS")]
     pub debug_errors: bool,
+    /// Check every Func's answers against its document's `responses`
+    /// (status codes, content types, body schemas) and report mismatches
+    /// in the logs and `runner_response_mismatches_total`; answers are not
+    /// changed. One Func's `check_responses` setting does this for that
+    /// Func; `funcatron dev` always does.
+    #[arg(long, env = "FUNCATRON_CHECK_RESPONSES")]
+    pub check_responses: bool,
 }
 
 /// Where a Runner finds the Tron's read token (it fetches archives with
@@ -133,6 +140,7 @@ impl RunnerArgs {
                 insecure_no_sandbox: self.insecure_no_sandbox,
             },
             debug_errors: self.debug_errors,
+            check_responses: self.check_responses,
         }
     }
 }
@@ -154,6 +162,7 @@ impl Default for RunnerOptions {
             insecure_no_sandbox: false,
             funcs: Vec::new(),
             debug_errors: false,
+            check_responses: false,
         }
         .options()
     }

@@ -1,7 +1,10 @@
 //! The steps around an invocation, run by the serve loop
 //! ([`crate::serve`]) for every runtime: decoding the envelope, skipping
-//! expired work, checking the request, and mapping Func results and
-//! failures to response envelopes with timings.
+//! expired work, checking the request (400 `validation_failed`, 415
+//! `unsupported_media_type`), and mapping Func results and failures to
+//! response envelopes with timings. A Func's answer whose operation's
+//! responses are to be checked is handed back beside its envelope, so the
+//! serve loop checks it after the reply is published.
 
 use std::borrow::Cow;
 use std::time::Instant;
@@ -9,7 +12,7 @@ use std::time::Instant;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use funcatron_bundle::validate::{Checks, Input};
+use funcatron_bundle::validate::{Checks, Input, Refusal, ResponseChecks};
 use funcatron_envelope::{encode_body, now_ms, EnvelopeError, Request, Response, Timings, VERSION};
 
 /// One delivery, as the serve loop handles it.
@@ -17,7 +20,7 @@ use funcatron_envelope::{encode_body, now_ms, EnvelopeError, Request, Response, 
 pub struct Job {
     /// The request envelope bytes, as the ingress wrote them.
     pub payload: Bytes,
-    /// The `operationId` the Tron routed to.
+    /// The `operationId` the Tron routed to (names the handler).
     pub operation: String,
     /// Path parameters the Tron extracted.
     pub params: Vec<(String, String)>,
@@ -27,6 +30,9 @@ pub struct Job {
     pub dispatched_ms: Option<f64>,
     /// The operation's request checks from the API document, if any.
     pub checks: Option<Arc<Checks>>,
+    /// The operation's documented responses, when the Func's answers are
+    /// to be checked (`check_responses`); `None` costs nothing.
+    pub responses: Option<Arc<ResponseChecks>>,
     /// The Runner's observer: failures are reported to `funcatron logs`.
     pub observer: crate::observe::Observer,
     /// Largest answer body sent as one message; larger answers 502.
@@ -51,6 +57,9 @@ pub enum Handled {
         status: u16,
         /// The encoded response envelope.
         response: Vec<u8>,
+        /// The Func's own answer, to check against its document once the
+        /// reply is out (only when [`Job::responses`] is set).
+        unchecked: Option<Box<Unchecked>>,
     },
     /// The deadline passed before the Func ran; the ingress has answered.
     Expired {
@@ -62,6 +71,18 @@ pub enum Handled {
     /// The runtime could not take it (shutting down): put the request
     /// back for another Runner.
     Requeue(String),
+}
+
+/// A Func's answer and what its operation documents, checked by the serve
+/// loop after the reply is published.
+#[derive(Debug)]
+pub struct Unchecked {
+    /// The operation (`operationId`) it answered, for the report.
+    pub operation: String,
+    /// The operation's documented responses.
+    pub checks: Arc<ResponseChecks>,
+    /// The answer as the Func gave it.
+    pub answer: FuncResponse,
 }
 
 /// The view of a request a Func runtime gets.
@@ -121,6 +142,10 @@ pub enum InvokeError {
     /// The Func answered more than one message may carry.
     #[error("{0}")]
     ReplyTooLarge(String),
+    /// The request's body is of a content type the operation does not
+    /// declare; the Func did not run.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
 }
 
 /// What the client reads instead of a hidden failure's detail; every one
@@ -146,7 +171,8 @@ impl InvokeError {
     /// default
     ///
     /// - kept: [`Invalid`](Self::Invalid) (the request's problems against
-    ///   the API document), [`BadRequest`](Self::BadRequest) (the body is
+    ///   the API document), [`UnsupportedMediaType`](Self::UnsupportedMediaType)
+    ///   (the content type and the ones accepted), [`BadRequest`](Self::BadRequest) (the body is
     ///   not valid JSON, with the parser's line and column),
     ///   [`ReplyTooLarge`](Self::ReplyTooLarge) (the answer's size and the
     ///   limit), [`Timeout`](Self::Timeout) (the limit in ms, or that no
@@ -176,6 +202,7 @@ impl InvokeError {
             | InvokeError::Memory(_)
             | InvokeError::BadRequest(_)
             | InvokeError::Invalid(_)
+            | InvokeError::UnsupportedMediaType(_)
             | InvokeError::ReplyTooLarge(_) => return Cow::Owned(self.to_string()),
         };
         Cow::Borrowed(generic)
@@ -192,6 +219,7 @@ impl InvokeError {
             InvokeError::Invalid(_) => (400, "validation_failed"),
             InvokeError::Crashed(_) => (500, "func_crashed"),
             InvokeError::ReplyTooLarge(_) => (502, "reply_too_large"),
+            InvokeError::UnsupportedMediaType(_) => (415, "unsupported_media_type"),
             InvokeError::SandboxUnavailable(_) => (503, "sandbox_unavailable"),
         }
     }
@@ -212,8 +240,9 @@ pub fn decode(job: &Job) -> Result<(Request<'_>, Bytes), EnvelopeError> {
 }
 
 /// Step 2: what the Func gets; or, without running it, nothing for a request
-/// whose deadline has passed and a 400 for one that fails its checks. The
-/// Func's deadline is the request's, or `max_time_ms` from now if sooner.
+/// whose deadline has passed, a 415 for a body of an undeclared content
+/// type and a 400 for one that fails its checks. The Func's deadline is the
+/// request's, or `max_time_ms` from now if sooner.
 pub fn start<'a>(
     func: &str,
     req: &'a Request<'a>,
@@ -228,22 +257,20 @@ pub fn start<'a>(
         });
     }
     if let Some(checks) = &job.checks {
-        let problems = checks.check(&Input {
+        let checked = checks.check(&Input {
             params: &job.params,
             query: &req.query,
             headers: &req.headers,
             body: &body,
         });
-        if !problems.is_empty() {
+        if let Err(refusal) = checked {
             metrics::counter!("runner_invalid_requests_total", "func" => func.to_owned())
                 .increment(1);
-            return Err(finish(
-                func,
-                job,
-                req,
-                Instant::now(),
-                Err(InvokeError::Invalid(problems)),
-            ));
+            let why = match refusal {
+                Refusal::Invalid(problems) => InvokeError::Invalid(problems),
+                Refusal::UnsupportedMediaType(why) => InvokeError::UnsupportedMediaType(why),
+            };
+            return Err(finish(func, job, req, Instant::now(), Err(why)));
         }
     }
     let budget_ms = remaining.min(max_time_ms as f64);
@@ -320,6 +347,7 @@ pub fn finish(
     metrics::histogram!("runner_invocation_duration_seconds", "func" => func.to_owned())
         .record(exec_ms / 1000.0);
     let result = result.and_then(|fr| within_reply_limit(fr, job.max_reply_bytes));
+    let mut unchecked = None;
     let (status, response) = match result {
         Ok(fr) => {
             let (body, body_base64) = encode_body(&fr.body);
@@ -337,7 +365,16 @@ pub fn finish(
                 timings,
                 reply_key: req.reply_key.clone(),
             };
-            (r.status, r.encode())
+            let encoded = (r.status, r.encode());
+            drop(r);
+            if let Some(checks) = &job.responses {
+                unchecked = Some(Box::new(Unchecked {
+                    operation: job.operation.clone(),
+                    checks: Arc::clone(checks),
+                    answer: fr,
+                }));
+            }
+            encoded
         }
         Err(e) => {
             let (status, code) = e.status_code();
@@ -372,6 +409,7 @@ pub fn finish(
         reply_to: req.reply_to.as_ref().map(|r| r.to_string()),
         status,
         response,
+        unchecked,
     }
 }
 
@@ -420,6 +458,10 @@ mod tests {
             InvokeError::Memory("Func `f` exceeded its memory limit".into()),
             InvokeError::BadRequest("request body is not valid JSON: at line 1".into()),
             InvokeError::Invalid(vec!["query parameter `n`: required but missing".into()]),
+            InvokeError::UnsupportedMediaType(
+                "content-type \"text/plain\" is not accepted; the operation accepts application/json"
+                    .into(),
+            ),
             InvokeError::ReplyTooLarge(
                 "the Func's answer is 9 bytes, over the limit of 8 bytes".into(),
             ),

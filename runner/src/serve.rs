@@ -2,13 +2,16 @@
 //! delivery, acknowledge only after the response is published.
 //!
 //! Every delivery goes through one skeleton, here, whatever its runtime:
-//! decode, expiry check, request checks, deadline, the runtime's call
+//! decode, expiry check, request checks (found by the route the Tron sent,
+//! [`headers::ROUTE`]), deadline, the runtime's call
 //! ([`crate::runtime::Prepared`]), the response envelope with timings,
 //! metrics and error logging ([`crate::invoke`]), publish the reply, then
-//! acknowledge, then capture.
+//! acknowledge, then capture, then (for Funcs whose answers are checked)
+//! compare the answer with the document and report what differs.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
 
 use funcatron_broker::{
     AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind,
@@ -26,23 +29,79 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use tokio::sync::watch;
 
-use funcatron_bundle::validate::{self, Checks};
+use funcatron_bundle::validate::{self, Answer, Checks, ResponseChecks};
 
 use crate::error::{DeliveryError, PrepareError, SecretError};
 use crate::exec::ExecLimits;
 use crate::follow::Desired;
 use crate::invoke::InvokeError;
-use crate::invoke::{self, Handled, Job};
+use crate::invoke::{self, Handled, Job, Unchecked};
 use crate::lua::LuaLimits;
 use crate::observe::{Load, Observer};
 use crate::runtime::{Called, Prepared, Runtime};
 use crate::worker::WorkerOptions;
 
 /// One prepared Func version: the runtime its bundle names (and no other)
-/// and its request checks per operation.
+/// and its request and response checks per route (`METHOD /template`).
 struct Version {
     prepared: Prepared,
     checks: HashMap<String, Arc<Checks>>,
+    /// Documented responses, compiled once; empty when they do not compile
+    /// (the reason is logged; requests are not affected).
+    responses: HashMap<String, Arc<ResponseChecks>>,
+    /// For messages without a route (from a Tron older than the route
+    /// header): an `operationId`'s route when only one operation has it.
+    routes: HashMap<String, Option<String>>,
+    /// Whether a message without a route, for a shared `operationId`, was
+    /// logged (once per version).
+    ambiguous_logged: OnceLock<()>,
+}
+
+impl Version {
+    fn broken(why: String) -> Version {
+        Version {
+            prepared: Prepared::Broken(why),
+            checks: HashMap::new(),
+            responses: HashMap::new(),
+            routes: HashMap::new(),
+            ambiguous_logged: OnceLock::new(),
+        }
+    }
+
+    /// The route of a delivery: its header, else the only operation of its
+    /// `operationId` (`None` when several share it: logged once, and the
+    /// request runs unchecked).
+    fn route<'a>(&'a self, func: &str, route: Option<&'a str>, operation: &str) -> Option<&'a str> {
+        if route.is_some() {
+            return route;
+        }
+        match self.routes.get(operation) {
+            Some(Some(r)) => Some(r),
+            Some(None) => {
+                self.ambiguous_logged.get_or_init(|| {
+                    tracing::warn!(func, operation, "a request without a route header (from an older Tron) for an operationId several operations share: not validated");
+                });
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+/// Each `operationId`'s route, `None` for one several operations share.
+fn routes_by_operation(b: &Bundle) -> HashMap<String, Option<String>> {
+    let mut out: HashMap<String, Option<String>> = HashMap::new();
+    for op in &b.operations {
+        let key = validate::route_key(&op.method, &op.path);
+        out.entry(op.operation_id.clone())
+            .and_modify(|r| {
+                if r.as_deref() != Some(key.as_str()) {
+                    *r = None;
+                }
+            })
+            .or_insert(Some(key));
+    }
+    out
 }
 
 /// The values of a bundle's secrets: `<dir>/<func>/<NAME>`, else
@@ -105,6 +164,10 @@ pub struct RunnerOptions {
     /// ([`crate::invoke::InvokeError::client_message`]). `funcatron dev`
     /// sets it; not for production.
     pub debug_errors: bool,
+    /// Check every Func's answers against its document's responses and
+    /// report mismatches, as a Func's `check_responses` setting does for
+    /// that Func. `funcatron dev` sets it.
+    pub check_responses: bool,
 }
 
 /// Where caches go unless told: `$XDG_CACHE_HOME/funcatron`,
@@ -164,6 +227,8 @@ struct Serving {
     load: Arc<Load>,
     /// Shared with its consumer ([`Consumer::debug`]).
     debug: Arc<AtomicBool>,
+    /// Shared with its consumer ([`Consumer::check_responses`]).
+    check_responses: Arc<AtomicBool>,
 }
 
 /// Serve whatever set of bundle versions `desired` holds, following its
@@ -198,11 +263,17 @@ pub(crate) async fn serve(
                 std::collections::hash_map::Entry::Vacant(slot) => {
                     slot.insert(start_version(&broker, b, &options, &observer).await);
                 }
-                // Re-enabled with other settings: `debug` applies at once.
-                std::collections::hash_map::Entry::Occupied(serving) => serving
-                    .get()
-                    .debug
-                    .store(options.debug_errors || b.debug, Ordering::Relaxed),
+                // Re-enabled with other settings: `debug` and
+                // `check_responses` apply at once.
+                std::collections::hash_map::Entry::Occupied(serving) => {
+                    let s = serving.get();
+                    s.debug
+                        .store(options.debug_errors || b.debug, Ordering::Relaxed);
+                    s.check_responses.store(
+                        options.check_responses || b.check_responses,
+                        Ordering::Relaxed,
+                    );
+                }
             }
         }
         let gone: Vec<(String, String)> = active
@@ -256,10 +327,14 @@ async fn prepare_version(b: &Bundle, options: &RunnerOptions, observer: &Observe
         Ok(r) => r,
         Err(why) => {
             tracing::error!(func = %b.name, error = %why, "bundle cannot run; its requests get 500 with this reason");
-            return Version {
-                prepared: Prepared::Broken(why.to_string()),
-                checks: HashMap::new(),
-            };
+            return Version::broken(why.to_string());
+        }
+    };
+    let responses = match validate::compile_responses(b) {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::warn!(func = %b.name, error = %why, "the document's responses do not compile; answers are not checked");
+            HashMap::new()
         }
     };
     let mut b = b.clone();
@@ -277,6 +352,12 @@ async fn prepare_version(b: &Bundle, options: &RunnerOptions, observer: &Observe
     Version {
         prepared,
         checks: checks.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+        responses: responses
+            .into_iter()
+            .map(|(k, v)| (k, Arc::new(v)))
+            .collect(),
+        routes: routes_by_operation(&b),
+        ambiguous_logged: OnceLock::new(),
     }
 }
 
@@ -293,6 +374,9 @@ async fn start_version(
     let stop = CancellationToken::new();
     let load = observer.load_for(&b.name);
     let debug = Arc::new(AtomicBool::new(options.debug_errors || b.debug));
+    let check_responses = Arc::new(AtomicBool::new(
+        options.check_responses || b.check_responses,
+    ));
     let consumed = broker
         .consume(
             &queue,
@@ -316,6 +400,7 @@ async fn start_version(
                 load: Arc::clone(&load),
                 max_reply_bytes: options.max_reply_bytes,
                 debug: Arc::clone(&debug),
+                check_responses: Arc::clone(&check_responses),
             };
             tasks.spawn(consume(Arc::new(ctx), sub, stop.clone()));
         }
@@ -330,6 +415,7 @@ async fn start_version(
         tasks,
         load,
         debug,
+        check_responses,
     }
 }
 
@@ -376,6 +462,10 @@ struct Consumer {
     /// follows re-enables of the same version) or
     /// [`RunnerOptions::debug_errors`].
     debug: Arc<AtomicBool>,
+    /// Answers checked against the document: the version's
+    /// `check_responses` setting (it follows re-enables) or
+    /// [`RunnerOptions::check_responses`].
+    check_responses: Arc<AtomicBool>,
 }
 
 /// Consume one Func queue until `stop`. On `stop` the consumer is
@@ -457,7 +547,17 @@ fn job_for(ctx: &Consumer, delivery: &Delivery, picked_ms: f64) -> Result<Job, D
         return Err(DeliveryError::NoOperation);
     };
     let params = path_params(delivery)?;
-    let checks = ctx.version.checks.get(&operation).cloned();
+    let route = ctx.version.route(
+        &ctx.func,
+        delivery.message.header(headers::ROUTE),
+        &operation,
+    );
+    let checks = route.and_then(|r| ctx.version.checks.get(r)).cloned();
+    let responses = if ctx.check_responses.load(Ordering::Relaxed) {
+        route.and_then(|r| ctx.version.responses.get(r)).cloned()
+    } else {
+        None
+    };
     let dispatched_ms = delivery
         .message
         .header(headers::DISPATCHED_MS)
@@ -469,6 +569,7 @@ fn job_for(ctx: &Consumer, delivery: &Delivery, picked_ms: f64) -> Result<Job, D
         picked_ms,
         dispatched_ms,
         checks,
+        responses,
         observer: ctx.observer.clone(),
         max_reply_bytes: ctx.max_reply_bytes,
         debug: ctx.debug.load(Ordering::Relaxed),
@@ -537,8 +638,41 @@ async fn run(func: &str, runtime: &impl Runtime, job: &Job) -> Handled {
     invoke::finish(func, job, &req, called.started, called.result)
 }
 
+/// After the reply is out: how the Func's answer differs from its
+/// document, reported to the Runner's log, the Func's log (stream
+/// `response`, which `funcatron dev` shows) and
+/// `runner_response_mismatches_total`. The answer itself was sent as is.
+fn report_mismatches(ctx: &Consumer, request_id: &str, u: &Unchecked) {
+    let operation = u.operation.as_str();
+    let problems = u.checks.check(&Answer {
+        status: u.answer.status,
+        headers: &u.answer.headers,
+        body: &u.answer.body,
+    });
+    if problems.is_empty() {
+        return;
+    }
+    let func = &*ctx.func;
+    metrics::counter!("runner_response_mismatches_total", "func" => func.to_owned()).increment(1);
+    let problems = problems.join("; ");
+    tracing::warn!(request_id, func, operation, status = u.answer.status, problems = %problems, "the Func's answer does not match its document");
+    ctx.observer.func_log(
+        func,
+        &ctx.version_name,
+        request_id,
+        RESPONSE_STREAM,
+        &crate::observe::log_line(&format!(
+            "{operation} answered {} not as documented: {problems}",
+            u.answer.status
+        )),
+    );
+}
+
+/// The Func log stream response mismatches are reported on.
+pub const RESPONSE_STREAM: &str = "response";
+
 /// Publish the reply, then acknowledge, then capture; or skip, dead-letter
-/// or requeue.
+/// or requeue. An answer to check is checked last, off the answer's path.
 async fn settle(ctx: &Consumer, delivery: Delivery, payload: &bytes::Bytes, handled: Handled) {
     match handled {
         Handled::Reply {
@@ -546,11 +680,16 @@ async fn settle(ctx: &Consumer, delivery: Delivery, payload: &bytes::Bytes, hand
             reply_to,
             status,
             response,
+            unchecked,
         } => {
             tracing::Span::current().record("request_id", request_id.as_str());
             tracing::debug!(status, "invoked");
             let Some(reply_to) = reply_to else {
-                return ack(delivery).await;
+                ack(delivery).await;
+                if let Some(u) = &unchecked {
+                    report_mismatches(ctx, &request_id, u);
+                }
+                return;
             };
             let response = bytes::Bytes::from(response);
             match ctx
@@ -566,8 +705,11 @@ async fn settle(ctx: &Consumer, delivery: Delivery, payload: &bytes::Bytes, hand
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "reply not published; requeueing the request");
-                    requeue(delivery).await;
+                    return requeue(delivery).await;
                 }
+            }
+            if let Some(u) = &unchecked {
+                report_mismatches(ctx, &request_id, u);
             }
         }
         Handled::Expired { request_id } => {
@@ -634,6 +776,7 @@ mod tests {
             picked_ms: now_ms(),
             dispatched_ms: None,
             checks: None,
+            responses: None,
             observer: Observer::detached(),
             max_reply_bytes: 1024,
             debug: false,
@@ -780,6 +923,59 @@ mod tests {
             why,
             "secret `API_TOKEN` is not supplied: this Runner has no --secrets-dir"
         );
+    }
+
+    /// An answer is kept for checking only when its operation's responses
+    /// are to be checked: nothing is kept (or checked) otherwise.
+    #[tokio::test]
+    async fn answers_are_kept_for_checking_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = bundle(
+            dir.path(),
+            "lua",
+            None,
+            "return { hi = function(r) return { got = r.body } end }",
+        );
+        b.doc = Arc::new(serde_json::json!({
+            "swagger": "2.0",
+            "paths": {"/hi": {"post": {
+                "operationId": "hi",
+                "responses": {"201": {"description": "made"}},
+            }}},
+        }));
+        let v = prepare_version(&b, &options(), &Observer::detached()).await;
+        let deadline = (now_ms() + 10_000.0) as u64;
+        let unchecked = |h: Handled| match h {
+            Handled::Reply { unchecked, .. } => unchecked,
+            other => panic!("{other:?}"),
+        };
+        let plain = call_version(&Arc::from("t"), &v.prepared, job(deadline)).await;
+        assert!(unchecked(plain).is_none());
+        let mut asked = job(deadline);
+        asked.responses = v.responses.get("POST /hi").cloned();
+        assert!(asked.responses.is_some());
+        let u = unchecked(call_version(&Arc::from("t"), &v.prepared, asked).await).unwrap();
+        assert_eq!(u.answer.status, 200);
+        let problems = u.checks.check(&Answer {
+            status: u.answer.status,
+            headers: &u.answer.headers,
+            body: &u.answer.body,
+        });
+        assert!(
+            problems[0].contains("status 200 is not documented"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn an_operation_id_has_a_fallback_route_only_when_it_is_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let doc = "swagger: '2.0'\nx-funcatron: {runtime: lua}\npaths:\n  /a:\n    get: {operationId: same}\n    post: {operationId: one}\n  /b:\n    get: {operationId: same}\n";
+        std::fs::write(dir.path().join("swagger.yaml"), doc).unwrap();
+        std::fs::write(dir.path().join("main.lua"), "return {}").unwrap();
+        let routes = routes_by_operation(&Bundle::load(dir.path()).unwrap());
+        assert_eq!(routes["one"].as_deref(), Some("POST /a"));
+        assert_eq!(routes["same"], None);
     }
 
     #[tokio::test]

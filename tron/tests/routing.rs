@@ -27,6 +27,8 @@ fn bundle_of(name: &str, file: &Path, doc: &str) -> Bundle {
         env: Default::default(),
         secrets: Vec::new(),
         validate: true,
+        check_formats: true,
+        check_responses: false,
         concurrency: None,
         debug: false,
         auth: Default::default(),
