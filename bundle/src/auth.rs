@@ -404,6 +404,11 @@ impl Guard {
         self.rules.is_empty()
     }
 
+    /// Does `route` require anything?
+    pub fn guards(&self, route: &str) -> bool {
+        self.rules.routes.contains_key(route)
+    }
+
     /// Admit or refuse a request to `route` (`METHOD /template`): `Ok(None)`
     /// for an open operation.
     pub fn check<H: AsRef<str>>(

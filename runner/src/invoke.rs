@@ -12,6 +12,7 @@ use std::time::Instant;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use funcatron_bundle::auth::{AuthInput, Guard};
 use funcatron_bundle::validate::{Checks, Input, Refusal, ResponseChecks};
 use funcatron_envelope::{encode_body, now_ms, EnvelopeError, Request, Response, Timings, VERSION};
 
@@ -30,6 +31,8 @@ pub struct Job {
     pub dispatched_ms: Option<f64>,
     /// The operation's request checks from the API document, if any.
     pub checks: Option<Arc<Checks>>,
+    /// The security requirement to pass first, for a secured operation.
+    pub auth: Option<AuthJob>,
     /// The operation's documented responses, when the Func's answers are
     /// to be checked (`check_responses`); `None` costs nothing.
     pub responses: Option<Arc<ResponseChecks>>,
@@ -71,6 +74,16 @@ pub enum Handled {
     /// The runtime could not take it (shutting down): put the request
     /// back for another Runner.
     Requeue(String),
+}
+
+/// A secured operation's check: the Func's guard and the route (`None`:
+/// the message did not say, so the request is refused).
+#[derive(Debug)]
+pub struct AuthJob {
+    /// The document's schemes with their credentials.
+    pub guard: Arc<Guard>,
+    /// The routed operation (`METHOD /template`).
+    pub route: Option<String>,
 }
 
 /// A Func's answer and what its operation documents, checked by the serve
@@ -146,6 +159,17 @@ pub enum InvokeError {
     /// declare; the Func did not run.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The request does not pass the operation's security requirement
+    /// (401), or lacks a scope (403); the Func did not run.
+    #[error("{reason}")]
+    Unauthorized {
+        /// 401 or 403.
+        status: u16,
+        /// `WWW-Authenticate`'s challenges.
+        challenge: String,
+        /// Why (never a credential).
+        reason: String,
+    },
 }
 
 /// What the client reads instead of a hidden failure's detail; every one
@@ -203,6 +227,7 @@ impl InvokeError {
             | InvokeError::BadRequest(_)
             | InvokeError::Invalid(_)
             | InvokeError::UnsupportedMediaType(_)
+            | InvokeError::Unauthorized { .. }
             | InvokeError::ReplyTooLarge(_) => return Cow::Owned(self.to_string()),
         };
         Cow::Borrowed(generic)
@@ -220,6 +245,8 @@ impl InvokeError {
             InvokeError::Crashed(_) => (500, "func_crashed"),
             InvokeError::ReplyTooLarge(_) => (502, "reply_too_large"),
             InvokeError::UnsupportedMediaType(_) => (415, "unsupported_media_type"),
+            InvokeError::Unauthorized { status: 403, .. } => (403, "forbidden"),
+            InvokeError::Unauthorized { .. } => (401, "unauthorized"),
             InvokeError::SandboxUnavailable(_) => (503, "sandbox_unavailable"),
         }
     }
@@ -239,6 +266,31 @@ pub fn decode(job: &Job) -> Result<(Request<'_>, Bytes), EnvelopeError> {
     Ok((req, body))
 }
 
+/// The security requirement of a secured operation, checked.
+fn admit(auth: &AuthJob, req: &Request<'_>) -> Result<(), InvokeError> {
+    let Some(route) = &auth.route else {
+        return Err(InvokeError::Unauthorized {
+            status: 401,
+            challenge: String::new(),
+            reason: "the request's operation is not known (no route header), and the Func requires authentication".into(),
+        });
+    };
+    auth.guard
+        .check(
+            route,
+            &AuthInput {
+                headers: &req.headers,
+                query: &req.query,
+            },
+        )
+        .map(drop)
+        .map_err(|f| InvokeError::Unauthorized {
+            status: f.status,
+            challenge: f.www_authenticate,
+            reason: f.reason,
+        })
+}
+
 /// Step 2: what the Func gets; or, without running it, nothing for a request
 /// whose deadline has passed, a 415 for a body of an undeclared content
 /// type and a 400 for one that fails its checks. The Func's deadline is the
@@ -255,6 +307,12 @@ pub fn start<'a>(
         return Err(Handled::Expired {
             request_id: req.id.to_string(),
         });
+    }
+    if let Some(auth) = &job.auth {
+        if let Err(e) = admit(auth, req) {
+            metrics::counter!("runner_unauthorized_total", "func" => func.to_owned()).increment(1);
+            return Err(finish(func, job, req, Instant::now(), Err(e)));
+        }
     }
     if let Some(checks) = &job.checks {
         let checked = checks.check(&Input {
@@ -387,6 +445,14 @@ pub fn finish(
                 &crate::observe::log_line(&format!("{} {}: {e}", status, job.operation)),
             );
             let mut r = Response::error(&req.id, status, code, &e.client_message(job.debug));
+            if let InvokeError::Unauthorized { challenge, .. } = &e {
+                if !challenge.is_empty() {
+                    r.headers.push((
+                        Cow::Borrowed("www-authenticate"),
+                        Cow::Owned(challenge.clone()),
+                    ));
+                }
+            }
             if let InvokeError::Invalid(problems) = &e {
                 r.body = std::borrow::Cow::Owned(
                     serde_json::json!({

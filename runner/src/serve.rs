@@ -29,6 +29,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use tokio::sync::watch;
 
+use funcatron_bundle::auth::{AuthRules, Guard};
 use funcatron_bundle::validate::{self, Answer, Checks, ResponseChecks};
 
 use crate::error::{DeliveryError, PrepareError, SecretError};
@@ -55,6 +56,9 @@ struct Version {
     /// Whether a message without a route, for a shared `operationId`, was
     /// logged (once per version).
     ambiguous_logged: OnceLock<()>,
+    /// The document's security schemes with their credentials; `None`
+    /// when no operation requires any.
+    guard: Option<Arc<Guard>>,
 }
 
 impl Version {
@@ -65,6 +69,7 @@ impl Version {
             responses: HashMap::new(),
             routes: HashMap::new(),
             ambiguous_logged: OnceLock::new(),
+            guard: None,
         }
     }
 
@@ -104,37 +109,57 @@ fn routes_by_operation(b: &Bundle) -> HashMap<String, Option<String>> {
     out
 }
 
-/// The values of a bundle's secrets: `<dir>/<func>/<NAME>`, else
-/// `<dir>/<NAME>` (one trailing newline dropped), merged into its `env`.
+/// The value of secret `name` for `bundle`: `<dir>/<func>/<NAME>`, else
+/// `<dir>/<NAME>` (one trailing newline dropped).
+pub fn read_secret(
+    bundle: &Bundle,
+    secrets_dir: Option<&Path>,
+    name: &str,
+) -> Result<String, SecretError> {
+    // The name becomes a path under the secrets directory.
+    if !funcatron_bundle::valid_var_name(name) {
+        return Err(SecretError::BadName(name.to_owned()));
+    }
+    let Some(dir) = secrets_dir else {
+        return Err(SecretError::NoSecretsDir(name.to_owned()));
+    };
+    let candidates = [dir.join(&bundle.name).join(name), dir.join(name)];
+    let value = candidates
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .ok_or_else(|| SecretError::Missing {
+            name: name.to_owned(),
+            per_func: candidates[0].display().to_string(),
+            shared: candidates[1].display().to_string(),
+        })?;
+    let value = value.strip_suffix('\n').unwrap_or(&value);
+    Ok(value.strip_suffix('\r').unwrap_or(value).to_owned())
+}
+
+/// The values of a bundle's secrets ([`read_secret`]), merged into its
+/// `env`.
 pub fn resolve_env(
     bundle: &Bundle,
     secrets_dir: Option<&Path>,
 ) -> Result<BTreeMap<String, String>, SecretError> {
     let mut env = bundle.env.clone();
     for name in &bundle.secrets {
-        // The name becomes a path under the secrets directory.
-        if !funcatron_bundle::valid_var_name(name) {
-            return Err(SecretError::BadName(name.clone()));
-        }
-        let Some(dir) = secrets_dir else {
-            return Err(SecretError::NoSecretsDir(name.clone()));
-        };
-        let candidates = [dir.join(&bundle.name).join(name), dir.join(name)];
-        let value = candidates
-            .iter()
-            .find_map(|p| std::fs::read_to_string(p).ok())
-            .ok_or_else(|| SecretError::Missing {
-                name: name.clone(),
-                per_func: candidates[0].display().to_string(),
-                shared: candidates[1].display().to_string(),
-            })?;
-        let value = value.strip_suffix('\n').unwrap_or(&value);
-        env.insert(
-            name.clone(),
-            value.strip_suffix('\r').unwrap_or(value).to_owned(),
-        );
+        env.insert(name.clone(), read_secret(bundle, secrets_dir, name)?);
     }
     Ok(env)
+}
+
+/// The document's security schemes with the credentials the Func was
+/// enabled with (`None` when no operation requires any).
+fn guard_of(b: &Bundle, secrets_dir: Option<&Path>) -> Result<Option<Arc<Guard>>, String> {
+    let rules = AuthRules::compile(&b.doc, &b.spec_file).map_err(|e| e.to_string())?;
+    if rules.is_empty() {
+        return Ok(None);
+    }
+    let secret = |name: &str| read_secret(b, secrets_dir, name).map_err(|e| e.to_string());
+    Guard::new(rules, &b.auth, &secret)
+        .map(|g| Some(Arc::new(g)))
+        .map_err(|e| format!("security schemes: {e}"))
 }
 
 /// Runner settings.
@@ -323,7 +348,10 @@ async fn prepare_version(b: &Bundle, options: &RunnerOptions, observer: &Observe
     let ready = resolve_env(b, options.secrets_dir.as_deref())
         .map_err(PrepareError::from)
         .and_then(|env| Ok((env, validate::compile_bundle(b)?)));
-    let (env, checks) = match ready {
+    let ready = ready
+        .map_err(|e| e.to_string())
+        .and_then(|(env, checks)| Ok((env, checks, guard_of(b, options.secrets_dir.as_deref())?)));
+    let (env, checks, guard) = match ready {
         Ok(r) => r,
         Err(why) => {
             tracing::error!(func = %b.name, error = %why, "bundle cannot run; its requests get 500 with this reason");
@@ -358,6 +386,7 @@ async fn prepare_version(b: &Bundle, options: &RunnerOptions, observer: &Observe
             .collect(),
         routes: routes_by_operation(&b),
         ambiguous_logged: OnceLock::new(),
+        guard,
     }
 }
 
@@ -553,6 +582,15 @@ fn job_for(ctx: &Consumer, delivery: &Delivery, picked_ms: f64) -> Result<Job, D
         &operation,
     );
     let checks = route.and_then(|r| ctx.version.checks.get(r)).cloned();
+    // Only secured operations pay for the check (and an unknown route of
+    // a secured Func is refused: fail closed).
+    let auth = ctx.version.guard.as_ref().and_then(|g| match route {
+        Some(r) if !g.guards(r) => None,
+        r => Some(invoke::AuthJob {
+            guard: Arc::clone(g),
+            route: r.map(str::to_owned),
+        }),
+    });
     let responses = if ctx.check_responses.load(Ordering::Relaxed) {
         route.and_then(|r| ctx.version.responses.get(r)).cloned()
     } else {
@@ -569,6 +607,7 @@ fn job_for(ctx: &Consumer, delivery: &Delivery, picked_ms: f64) -> Result<Job, D
         picked_ms,
         dispatched_ms,
         checks,
+        auth,
         responses,
         observer: ctx.observer.clone(),
         max_reply_bytes: ctx.max_reply_bytes,
@@ -776,6 +815,7 @@ mod tests {
             picked_ms: now_ms(),
             dispatched_ms: None,
             checks: None,
+            auth: None,
             responses: None,
             observer: Observer::detached(),
             max_reply_bytes: 1024,

@@ -61,6 +61,7 @@ fn job(op: &str, body: &[u8], content_type: &str) -> Job {
         picked_ms: now_ms(),
         dispatched_ms: None,
         checks: None,
+        auth: None,
         responses: None,
         observer: funcatron_runner::observe::Observer::detached(),
         max_reply_bytes: 1 << 20,
