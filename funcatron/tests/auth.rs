@@ -155,3 +155,66 @@ async fn secured_operations_need_the_credentials_the_func_was_enabled_with() {
         "{body}"
     );
 }
+
+/// The operator's usual order: enable the version, then enable it again
+/// with `--auth`. The serving version is prepared again with the new
+/// credentials: closed before, open to the right key after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_given_to_a_serving_version_apply_without_a_restart() {
+    use funcatron_runner::follow::Desired;
+    use tokio_util::sync::CancellationToken;
+
+    let root = tempfile::tempdir().unwrap();
+    let secrets = root.path().join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    std::fs::write(secrets.join("API_KEYS"), "k-1\n").unwrap();
+    let b = bundle(root.path(), "later");
+    let broker = AnyBroker::Embedded(EmbeddedBroker::new(10_000));
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    tokio::spawn(
+        funcatron_tron::TronNode::new(broker.clone())
+            .bundles(vec![b.clone()])
+            .run(shutdown.clone()),
+    );
+    let (tx, rx) = tokio::sync::watch::channel(Desired::from(vec![b.clone()]));
+    let ropts = RunnerOptions {
+        workers: 2,
+        secrets_dir: Some(secrets),
+        ..RunnerOptions::default()
+    };
+    tokio::spawn(
+        funcatron_runner::RunnerNode::new(broker.clone())
+            .options(ropts)
+            .desired(rx)
+            .run(shutdown.clone()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(funcatron_ingress::run(
+        listener,
+        broker,
+        IngressOptions::default(),
+        shutdown.clone(),
+    ));
+    wait_ready(&format!("{base}/later/open")).await;
+    let url = format!("{base}/later/key");
+    let (s, _, body) = get(&url, Some(("x-api-key", "k-1"))).await;
+    assert_eq!(s, 401, "no credentials yet: {body}");
+
+    tx.send_replace(Desired::from(vec![b.with_settings(&FuncSettings {
+        auth: BTreeMap::from([(
+            "key".to_owned(),
+            SchemeCredentials {
+                secret: Some("API_KEYS".into()),
+                ..Default::default()
+            },
+        )]),
+        ..FuncSettings::default()
+    })]));
+    eventually("the new credentials apply", || async {
+        get(&url, Some(("x-api-key", "k-1"))).await.0 == 200
+    })
+    .await;
+    assert_eq!(get(&url, Some(("x-api-key", "k-9"))).await.0, 401);
+}

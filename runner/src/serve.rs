@@ -254,6 +254,34 @@ struct Serving {
     debug: Arc<AtomicBool>,
     /// Shared with its consumer ([`Consumer::check_responses`]).
     check_responses: Arc<AtomicBool>,
+    /// The settings it was prepared with ([`PreparedWith::of`]).
+    prepared_with: PreparedWith,
+}
+
+/// The parts of a version's settings that its preparation depends on
+/// (its process environment and secrets, limits, workers, security
+/// credentials): re-enabled with others, the version is prepared again.
+#[derive(Debug, Clone, PartialEq)]
+struct PreparedWith {
+    env: BTreeMap<String, String>,
+    secrets: Vec<String>,
+    timeout_ms: Option<u64>,
+    memory_bytes: Option<usize>,
+    concurrency: Option<usize>,
+    auth: BTreeMap<String, funcatron_control::state::SchemeCredentials>,
+}
+
+impl PreparedWith {
+    fn of(b: &Bundle) -> Self {
+        PreparedWith {
+            env: b.env.clone(),
+            secrets: b.secrets.clone(),
+            timeout_ms: b.timeout_ms,
+            memory_bytes: b.memory_bytes,
+            concurrency: b.concurrency,
+            auth: b.auth.clone(),
+        }
+    }
 }
 
 /// Serve whatever set of bundle versions `desired` holds, following its
@@ -287,6 +315,19 @@ pub(crate) async fn serve(
             match active.entry(key) {
                 std::collections::hash_map::Entry::Vacant(slot) => {
                     slot.insert(start_version(&broker, b, &options, &observer).await);
+                }
+                // Re-enabled with settings its preparation depends on:
+                // prepared again, the old one stops taking work and
+                // finishes what it holds.
+                std::collections::hash_map::Entry::Occupied(mut serving)
+                    if serving.get().prepared_with != PreparedWith::of(b) =>
+                {
+                    tracing::info!(func = %b.name, version = %b.version, "settings changed: preparing the version again");
+                    let fresh = start_version(&broker, b, &options, &observer).await;
+                    let old = std::mem::replace(serving.get_mut(), fresh);
+                    old.stop.cancel();
+                    old.tasks.close();
+                    retiring.spawn(async move { old.tasks.wait().await });
                 }
                 // Re-enabled with other settings: `debug` and
                 // `check_responses` apply at once.
@@ -445,6 +486,7 @@ async fn start_version(
         load,
         debug,
         check_responses,
+        prepared_with: PreparedWith::of(b),
     }
 }
 
