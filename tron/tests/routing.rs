@@ -15,8 +15,10 @@ fn bundle_of(name: &str, file: &Path, doc: &str) -> Bundle {
         name: name.into(),
         dir: file.parent().unwrap_or(Path::new(".")).into(),
         spec_file: file.into(),
+        spec_version: Some(api.version),
         host: api.host,
         base_path: api.base_path,
+        bases: api.bases,
         operations: api.operations,
         runtime: RuntimeKind::Lua,
         handler: "main.lua".into(),
@@ -185,14 +187,19 @@ fn two_bundles_on_one_host_and_base_path_are_refused_naming_both() {
 }
 
 #[test]
-fn bad_templates_are_reported() {
-    let b = bundle_text(
-        "bad",
-        "swagger: '2.0'\npaths:\n  /a/{oops:\n    get: {operationId: a}\n",
-    );
-    let err = RouteTable::build(&[b]).unwrap_err().to_string();
+fn bad_templates_are_refused_by_the_loader_and_the_table() {
+    let doc = "swagger: '2.0'\npaths:\n  /a/{oops:\n    get: {operationId: a}\n";
+    let err = parse_api(Path::new("bad.yaml"), doc).unwrap_err().to_string();
     assert!(
-        err.contains("/a/{oops") && err.contains("unclosed"),
+        err.contains("bad.yaml:4:5: /paths/~1a~1{oops") && err.contains("unclosed"),
         "{err}"
     );
+    // A bundle built by hand still gets a clear error from the table.
+    let mut b = bundle_text(
+        "bad",
+        "swagger: '2.0'\npaths:\n  /a:\n    get: {operationId: a}\n",
+    );
+    b.operations[0].path = "/a/{oops".into();
+    let err = RouteTable::build(&[b]).unwrap_err().to_string();
+    assert!(err.contains("/a/{oops") && err.contains("unclosed"), "{err}");
 }
