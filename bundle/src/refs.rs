@@ -144,6 +144,8 @@ fn key_of(rel: &Path) -> String {
 struct Bundler {
     /// [`refs_pointer`] of the document.
     home: String,
+    /// The bundle directory as given (files are named from it in errors).
+    dir: PathBuf,
     /// The bundle directory, canonical.
     root: PathBuf,
     /// The bundle's document, canonical.
@@ -182,6 +184,7 @@ pub(crate) fn bundle(
     sources.refs_prefix.clone_from(&home);
     let mut b = Bundler {
         home,
+        dir: dir.to_owned(),
         root,
         spec: spec_canon,
         limits,
@@ -256,17 +259,19 @@ impl Bundler {
         format!("{}/{}", self.home, escape_token(key))
     }
 
-    /// Read and parse one referenced file.
+    /// Read and parse one referenced file (at `path`, its canonical
+    /// path; errors name it by its path in the bundle).
     fn read(&mut self, key: &str, path: &Path) -> Result<Value, BundleError> {
+        let shown = self.dir.join(key);
         let io = |source| BundleError::Io {
-            path: path.to_owned(),
+            path: shown.clone(),
             source,
         };
         let len = std::fs::metadata(path).map_err(io)?.len();
         self.bytes = self.bytes.saturating_add(len);
         if self.bytes > self.limits.max_bytes {
             return Err(BundleError::invalid(
-                path,
+                &shown,
                 format!(
                     "the files `$ref`s refer to are more than {} bytes together",
                     self.limits.max_bytes
@@ -274,11 +279,11 @@ impl Bundler {
             ));
         }
         let text = std::fs::read_to_string(path).map_err(io)?;
-        let value = crate::parse_doc(path, &text)?;
+        let value = crate::parse_doc(&shown, &text)?;
         self.sources.files.insert(
             key.to_owned(),
             Source {
-                path: path.to_owned(),
+                path: shown.clone(),
                 text,
             },
         );

@@ -311,6 +311,32 @@ fn hostile_refs_are_refused_naming_file_line_and_ref() {
 }
 
 #[test]
+fn errors_in_a_referenced_file_name_that_file_and_line() {
+    let doc = "openapi: 3.0.3\ninfo: {title: t, version: '1'}\nx-funcatron: {runtime: lua}\npaths:\n  /p:\n    $ref: paths/p.yaml\n";
+    let dir = lua_bundle("openapi.yaml", doc);
+    std::fs::create_dir(dir.path().join("paths")).unwrap();
+    let item = "get:\n  operationId: p\n  parameters:\n    - $ref: '../../x.yaml'\n";
+    std::fs::write(dir.path().join("paths/p.yaml"), item).unwrap();
+    let err = load_err(dir.path());
+    let want = format!(
+        "{}:4:13: /get/parameters/0/$ref: `$ref: ../../x.yaml`: the path leaves the bundle",
+        dir.path().join("paths/p.yaml").display()
+    );
+    assert_eq!(err, want);
+    // A semantic error in the path item, likewise.
+    let item = "get:\n  operationId: p\n  servers: {url: /x}\n";
+    std::fs::write(dir.path().join("paths/p.yaml"), item).unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.starts_with(&format!(
+            "{}:3:12: /get/servers: `servers` must be a list",
+            dir.path().join("paths/p.yaml").display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
 fn symbolic_links_out_of_the_bundle_are_refused_and_in_are_followed() {
     let outside = tempfile::tempdir().unwrap();
     std::fs::write(outside.path().join("secret.yaml"), "type: string\n").unwrap();
