@@ -9,7 +9,7 @@
 //!
 //! [`Bundle::load`] is the one loader: `funcatron bundle build/show`,
 //! `dev`, uploads, the Tron and the Runner all load bundles through it,
-//! so they never disagree. It reads the document ([`locate`] names the
+//! so they never disagree. It reads the document (`locate` names the
 //! line and column of what is wrong), applies the environment's rewrite
 //! rules, makes the document self-contained ([`refs`]: other files'
 //! `$ref`s copied in), and reads its servers ([`servers`]) and
@@ -193,7 +193,8 @@ pub struct Bundle {
     /// first. Operations with their own servers have their own
     /// ([`Operation::bases`]).
     pub bases: Vec<Base>,
-    /// The operations, in document order.
+    /// The operations, sorted by path template, each path's methods in
+    /// [`METHODS`] order.
     pub operations: Vec<Operation>,
     /// Runtime to run the code in.
     pub runtime: RuntimeKind,

@@ -75,7 +75,8 @@ pub struct ApiDoc {
     /// Every base of the document (each server, each enum value), the
     /// primary's first.
     pub bases: Vec<Base>,
-    /// Operations in document order.
+    /// Operations sorted by path template, each path's methods in
+    /// [`crate::METHODS`] order (the document's mappings are read sorted).
     pub operations: Vec<Operation>,
 }
 

@@ -5,7 +5,7 @@
 //! entry per base a bundle is served on (every server and enum value of
 //! its document, and the bases of operations with their own servers;
 //! see `funcatron_bundle::servers`), holding the operations served there.
-//! A request tries the entries most specific first ([`pattern::Rank`]:
+//! A request tries the entries most specific first (`pattern::Rank`:
 //! more base-path segments, then more literal base-path text, then a
 //! named host before a host with variables before any host); the first
 //! whose host and base path match and that has a template matching the
