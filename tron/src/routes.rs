@@ -32,8 +32,10 @@ use regex::Regex;
 /// A route table could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
-    /// Two bundles claim the same host + basePath; the message names both
-    /// bundles, their documents, the host and the basePath.
+    /// Two bundles claim bases that are equally specific and can match
+    /// the same request (the same host and base path, or patterns that
+    /// overlap); the message names both bundles, their documents and the
+    /// bases.
     #[error("{0}")]
     Conflict(String),
     /// Two bundles have the same name (and so the same queue).
