@@ -1,11 +1,19 @@
 //! Func bundles, the unit users write and upload.
 //!
-//! A bundle is a directory holding a Swagger 2.0 or OpenAPI 3.0 document and
-//! the Func's code. The Tron reads a bundle's routing key (host + basePath)
-//! and operations to build its route table; the Runner reads its runtime and
-//! handler file to prepare it once. What runtime and handler to use is
-//! declared in the document's `x-funcatron` extension or in a
-//! `funcatron.yaml` beside it (which wins).
+//! user's directory or uploaded archive -> **bundle loading** -> the Tron's
+//! route table (bases, operations) and the Runner (runtime, handler,
+//! document for validation). A bundle is a directory holding a Swagger
+//! 2.0 or OpenAPI 3.0/3.1 document and the Func's code. What runtime and
+//! handler to use is declared in the document's `x-funcatron` extension
+//! or in a `funcatron.yaml` beside it (which wins).
+//!
+//! [`Bundle::load`] is the one loader: `funcatron bundle build/show`,
+//! `dev`, uploads, the Tron and the Runner all load bundles through it,
+//! so they never disagree. It reads the document (`locate` names the
+//! line and column of what is wrong), applies the environment's rewrite
+//! rules, makes the document self-contained ([`refs`]: other files'
+//! `$ref`s copied in), and reads its servers ([`servers`]) and
+//! operations ([`openapi`]).
 //!
 //! Every failure names the file and the field at fault.
 
@@ -17,7 +25,15 @@ use std::sync::Arc;
 
 pub mod archive;
 pub mod auth;
+mod locate;
+pub mod openapi;
+pub mod refs;
+pub mod servers;
 pub mod validate;
+
+pub use openapi::{default_handler_name, parse_api, ApiDoc, Operation, SpecVersion};
+pub use refs::{refs_pointer, RefLimits, REFS_KEY};
+pub use servers::Base;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -54,6 +70,19 @@ pub enum BundleError {
         /// The file.
         path: PathBuf,
         /// What is wrong, naming the field.
+        message: String,
+    },
+    /// [`BundleError::Invalid`] at a known place in the file.
+    #[error("{path}:{line}:{column}: {message}")]
+    Located {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong, naming the field (a JSON pointer for the
+        /// document's fields).
         message: String,
     },
 }
@@ -140,17 +169,6 @@ pub enum Style {
     TinyFaas,
 }
 
-/// One Swagger operation: what the Tron routes to and the Runner invokes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Operation {
-    /// Upper-case HTTP method.
-    pub method: String,
-    /// Path template relative to the base path, e.g. `/pets/{petId}`.
-    pub path: String,
-    /// Names the handler.
-    pub operation_id: String,
-}
-
 /// A loaded, validated bundle.
 #[derive(Debug, Clone)]
 pub struct Bundle {
@@ -160,11 +178,24 @@ pub struct Bundle {
     pub dir: PathBuf,
     /// The Swagger/OpenAPI document inside it.
     pub spec_file: PathBuf,
-    /// `None` for any host (`*` or no host in the document).
+    /// Which specification the document follows (`None` for tinyFaaS
+    /// folders without one).
+    pub spec_version: Option<SpecVersion>,
+    /// The primary host: the first server's, its variables at their
+    /// defaults; `None` for any host (`*` or no host in the document).
+    /// For display and for calling the Func (invoke, replay); routing
+    /// uses [`Bundle::bases`].
     pub host: Option<String>,
-    /// Normalised base path: starts with `/`, no trailing `/` (`/` alone for root).
+    /// The primary base path (the first server's, at its defaults),
+    /// normalised: starts with `/`, no trailing `/` (`/` alone for root).
     pub base_path: String,
-    /// The operations, in document order.
+    /// Every base the document's operations are served on: each server,
+    /// each enum value of its variables (see [`servers`]); the primary's
+    /// first. Operations with their own servers have their own
+    /// ([`Operation::bases`]).
+    pub bases: Vec<Base>,
+    /// The operations, sorted by path template, each path's methods in
+    /// [`METHODS`] order.
     pub operations: Vec<Operation>,
     /// Runtime to run the code in.
     pub runtime: RuntimeKind,
@@ -206,7 +237,10 @@ pub struct Bundle {
     /// [`Bundle::load`], so every secured operation refuses requests until
     /// the operator configures it). See [`auth`].
     pub auth: BTreeMap<String, funcatron_control::state::SchemeCredentials>,
-    /// The parsed API document (`Null` for tinyFaaS folders without one).
+    /// The parsed API document (`Null` for tinyFaaS folders without one),
+    /// self-contained: the files its `$ref`s named are copied in under
+    /// [`refs_pointer`] and every `$ref` is local (`#/...`); path items that
+    /// were `$ref`s are replaced by what they refer to.
     pub doc: Arc<Value>,
     /// Content version: the first 12 hex digits of the SHA-256 over the
     /// bundle's files (see [`content_digest`]). Each version has its own
@@ -314,6 +348,7 @@ struct Manifest {
     check_formats: Option<bool>,
     concurrency: Option<usize>,
     environments: Option<BTreeMap<String, Vec<Rewrite>>>,
+    default_handler: Option<String>,
 }
 
 /// One staging rewrite: in the document field at `field` (a JSON pointer
@@ -377,6 +412,7 @@ impl Manifest {
             check_formats: over.check_formats.or(self.check_formats),
             concurrency: over.concurrency.or(self.concurrency),
             environments: over.environments.or(self.environments),
+            default_handler: over.default_handler.or(self.default_handler),
             name: over.name.or(self.name),
             runtime: over.runtime.or(self.runtime),
             handler: over.handler.or(self.handler),
@@ -395,9 +431,10 @@ fn read(path: &Path) -> Result<String, BundleError> {
     })
 }
 
+/// Parse YAML or JSON text; a syntax error names its line and column.
 fn parse_doc(path: &Path, text: &str) -> Result<Value, BundleError> {
     serde_yaml_ng::from_str::<Value>(text)
-        .map_err(|e| BundleError::invalid(path, format!("not valid YAML or JSON: {e}")))
+        .map_err(|e| locate::yaml_error(path, "not valid YAML or JSON: ", &e))
 }
 
 /// Names a Func may have: they become queue names and URL-safe labels.
@@ -421,188 +458,6 @@ pub fn valid_var_name(key: &str) -> bool {
         && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// The parts of a document the platform uses.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ApiDoc {
-    /// `None` for any host.
-    pub host: Option<String>,
-    /// Normalised base path.
-    pub base_path: String,
-    /// Operations in document order.
-    pub operations: Vec<Operation>,
-}
-
-/// Parse a Swagger 2.0 or OpenAPI 3.0 document (YAML or JSON text).
-pub fn parse_api(path: &Path, text: &str) -> Result<ApiDoc, BundleError> {
-    let doc = parse_doc(path, text)?;
-    api_from_value(path, &doc)
-}
-
-fn api_from_value(path: &Path, doc: &Value) -> Result<ApiDoc, BundleError> {
-    if !doc.is_object() {
-        return Err(BundleError::invalid(path, "document is not a mapping"));
-    }
-    if let Some(v) = doc.get("openapi") {
-        let v = v.as_str().unwrap_or_default();
-        if !v.starts_with("3.0") {
-            return Err(BundleError::invalid(
-                path,
-                format!("field `openapi`: version {v:?} is not supported (3.0.x is)"),
-            ));
-        }
-        openapi3(path, doc)
-    } else if let Some(v) = doc.get("swagger") {
-        if v.as_str() != Some("2.0") {
-            return Err(BundleError::invalid(
-                path,
-                format!("field `swagger`: version {v} is not supported (2.0 is)"),
-            ));
-        }
-        swagger2(path, doc)
-    } else {
-        Err(BundleError::invalid(
-            path,
-            "neither `swagger: \"2.0\"` nor `openapi: 3.0.x` is set",
-        ))
-    }
-}
-
-fn normalise_base(base: &str) -> String {
-    let trimmed = base.trim_end_matches('/');
-    if trimmed.is_empty() {
-        "/".to_owned()
-    } else if trimmed.starts_with('/') {
-        trimmed.to_owned()
-    } else {
-        format!("/{trimmed}")
-    }
-}
-
-fn normalise_host(host: Option<&str>) -> Option<String> {
-    match host.map(str::trim) {
-        None | Some("") | Some("*") => None,
-        Some(h) => Some(h.to_ascii_lowercase()),
-    }
-}
-
-fn operation(
-    path: &Path,
-    method: &str,
-    template: &str,
-    id: Option<&str>,
-) -> Result<Operation, BundleError> {
-    let where_ = format!("paths.{template}.{method}");
-    let id = id.filter(|s| !s.is_empty()).ok_or_else(|| {
-        BundleError::invalid(
-            path,
-            format!("{where_}: missing `operationId` (it names the handler)"),
-        )
-    })?;
-    if !template.starts_with('/') {
-        return Err(BundleError::invalid(
-            path,
-            format!("paths.{template}: a path must start with `/`"),
-        ));
-    }
-    Ok(Operation {
-        method: method.to_ascii_uppercase(),
-        path: template.to_owned(),
-        operation_id: id.to_owned(),
-    })
-}
-
-fn swagger2(path: &Path, doc: &Value) -> Result<ApiDoc, BundleError> {
-    let host = match doc.get("host") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => normalise_host(Some(s)),
-        Some(_) => return Err(BundleError::invalid(path, "field `host` must be a string")),
-    };
-    let base_path = match doc.get("basePath") {
-        None | Some(Value::Null) => "/".to_owned(),
-        Some(Value::String(s)) => normalise_base(s),
-        Some(_) => {
-            return Err(BundleError::invalid(
-                path,
-                "field `basePath` must be a string",
-            ))
-        }
-    };
-    let paths = doc
-        .get("paths")
-        .and_then(Value::as_object)
-        .ok_or_else(|| BundleError::invalid(path, "field `paths` is missing or not a mapping"))?;
-    let mut operations = Vec::new();
-    for (template, item) in paths {
-        if template.starts_with("x-") {
-            continue;
-        }
-        let item = item.as_object().ok_or_else(|| {
-            BundleError::invalid(path, format!("paths.{template}: not a mapping"))
-        })?;
-        for m in METHODS {
-            if let Some(op) = item.get(*m) {
-                let id = op.get("operationId").and_then(Value::as_str);
-                operations.push(operation(path, m, template, id)?);
-            }
-        }
-    }
-    Ok(ApiDoc {
-        host,
-        base_path,
-        operations,
-    })
-}
-
-fn openapi3(path: &Path, doc: &Value) -> Result<ApiDoc, BundleError> {
-    let api: openapiv3::OpenAPI = serde_json::from_value(doc.clone()).map_err(|e| {
-        BundleError::invalid(path, format!("not a valid OpenAPI 3.0 document: {e}"))
-    })?;
-    let (host, base_path) = match api.servers.first() {
-        None => (None, "/".to_owned()),
-        Some(server) => {
-            let mut url = server.url.clone();
-            if let Some(vars) = &server.variables {
-                for (k, v) in vars {
-                    url = url.replace(&format!("{{{k}}}"), &v.default);
-                }
-            }
-            split_server_url(&url)
-        }
-    };
-    let mut operations = Vec::new();
-    for (template, item) in &api.paths.paths {
-        let item = item.as_item().ok_or_else(|| {
-            BundleError::invalid(
-                path,
-                format!("paths.{template}: `$ref` path items are not supported"),
-            )
-        })?;
-        for (m, op) in item.iter() {
-            operations.push(operation(path, m, template, op.operation_id.as_deref())?);
-        }
-    }
-    Ok(ApiDoc {
-        host,
-        base_path,
-        operations,
-    })
-}
-
-/// `http://Api.Example.com:8080/v1/` -> (`api.example.com:8080`, `/v1`);
-/// `/v1` -> (any host, `/v1`).
-fn split_server_url(url: &str) -> (Option<String>, String) {
-    let rest = match url.find("://") {
-        Some(i) => &url[i + 3..],
-        None if url.starts_with("//") => &url[2..],
-        None => return (None, normalise_base(url)),
-    };
-    let (host, base) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    (normalise_host(Some(host)), normalise_base(base))
-}
-
 /// A tinyFaaS function folder (no API document): its runtime from the
 /// file it holds.
 fn detect_tinyfaas(dir: &Path) -> Option<RuntimeKind> {
@@ -620,15 +475,24 @@ fn detect_tinyfaas(dir: &Path) -> Option<RuntimeKind> {
 /// The route of a Func without an API document, as tinyFaaS and OpenFaaS
 /// give it: every method on `/<name>`, operation `fn`.
 fn synthesized_api(name: &str) -> ApiDoc {
-    ApiDoc {
+    let base = Base {
         host: None,
-        base_path: format!("/{name}"),
+        path: format!("/{name}"),
+    };
+    ApiDoc {
+        // Not used: a bundle without a document has no `spec_version`.
+        version: SpecVersion::OpenApi31,
+        host: None,
+        base_path: base.path.clone(),
+        bases: vec![base],
         operations: METHODS
             .iter()
             .map(|m| Operation {
                 method: m.to_ascii_uppercase(),
                 path: "/".to_owned(),
                 operation_id: "fn".to_owned(),
+                has_operation_id: true,
+                bases: None,
             })
             .collect(),
     }
@@ -678,7 +542,7 @@ impl Bundle {
         }
         let text = read(&path)?;
         let m = serde_yaml_ng::from_str::<Manifest>(&text)
-            .map_err(|e| BundleError::invalid(&path, e.to_string()))?;
+            .map_err(|e| locate::yaml_error(&path, "", &e))?;
         Ok((m, true, path))
     }
 
@@ -704,9 +568,9 @@ impl Bundle {
                 ),
             ));
         }
-        let (doc, doc_manifest) = match &spec_file {
+        let (text, doc, doc_manifest) = match &spec_file {
             Some(f) => read_document(f)?,
-            None => (Value::Null, Manifest::default()),
+            None => (String::new(), Value::Null, Manifest::default()),
         };
         let (mut m, source) = match (has_manifest, &spec_file) {
             (true, _) => (doc_manifest.overlay(file_manifest), manifest_path.clone()),
@@ -714,31 +578,15 @@ impl Bundle {
             (false, None) => (doc_manifest, dir.to_owned()),
         };
         let environments = m.environments.take().unwrap_or_default();
-        let mut doc = doc;
-        if let Some(env) = environment {
-            if let Some(rules) = environments.get(env) {
-                let f = spec_file.as_deref().unwrap_or(dir);
-                rewrite(&mut doc, rules, f, &source, env)?;
+        let rules = environment.and_then(|e| environments.get(e).map(|r| (e, r.as_slice())));
+        let (doc, api) = match &spec_file {
+            Some(f) => {
+                let (doc, api) = load_document(dir, f, &text, doc, rules, &source)?;
+                (doc, Some(api))
             }
-        }
-        let api = match &spec_file {
-            Some(f) => Some(api_from_value(f, &doc)?),
-            None => None,
+            None => (doc, None),
         };
-        let name = match m.name {
-            Some(n) => n,
-            None => dir
-                .canonicalize()
-                .ok()
-                .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .unwrap_or_default(),
-        };
-        if !valid_name(&name) {
-            return Err(BundleError::invalid(
-                &source,
-                format!("field `name`: {name:?} is not a valid Func name (letters, digits, - _ .)"),
-            ));
-        }
+        let name = name_of(m.name.take(), dir, &source)?;
         let runtime = runtime_of(m.runtime.take(), detected, &source)?;
         let style = style_of(m.style.as_deref(), spec_file.is_some(), &source)?;
         let handler_name = m
@@ -751,20 +599,25 @@ impl Bundle {
         let secrets = m.secrets.take().unwrap_or_default();
         check_env_names(&env, &secrets, &source)?;
         check_concurrency(m.concurrency, &source)?;
-        let api = api.unwrap_or_else(|| synthesized_api(&name));
+        let spec_version = api.as_ref().map(|a| a.version);
+        let mut api = api.unwrap_or_else(|| synthesized_api(&name));
+        default_handlers(&mut api, m.default_handler.take(), &source)?;
+        let spec_or_dir = spec_file.as_deref().unwrap_or(dir);
         if api.operations.is_empty() {
             return Err(BundleError::invalid(
-                spec_file.as_deref().unwrap_or(dir),
-                "field `paths`: no operations",
+                spec_or_dir,
+                "no operations to route: the document has no `paths` (OpenAPI 3.1 `webhooks` are requests a Func sends, not ones it serves)",
             ));
         }
-        check_reserved(&api, spec_file.as_deref().unwrap_or(dir))?;
+        check_reserved(&api, spec_or_dir)?;
         Ok(Bundle {
             name,
             dir: dir.to_owned(),
             spec_file: spec_file.unwrap_or_else(|| dir.to_owned()),
+            spec_version,
             host: api.host,
             base_path: api.base_path,
+            bases: api.bases,
             operations: api.operations,
             runtime,
             handler: PathBuf::from(handler_name),
@@ -848,15 +701,80 @@ fn inside(dir: &Path, rel: &str, source: &Path, field: &str) -> Result<PathBuf, 
     Ok(dir.join(p))
 }
 
-/// The API document in `f` and the `x-funcatron` manifest inside it.
-fn read_document(f: &Path) -> Result<(Value, Manifest), BundleError> {
-    let doc = parse_doc(f, &read(f)?)?;
+/// The API document in `f` (its text and value) and the `x-funcatron`
+/// manifest inside it; errors name the line and column.
+fn read_document(f: &Path) -> Result<(String, Value, Manifest), BundleError> {
+    let text = read(f)?;
+    let doc = parse_doc(f, &text)?;
     let m = match doc.get("x-funcatron") {
-        Some(v) => serde_json::from_value::<Manifest>(v.clone())
-            .map_err(|e| BundleError::invalid(f, format!("x-funcatron: {e}")))?,
+        Some(_) => locate::deserialize_at::<Manifest>(&text, "/x-funcatron")
+            .map_err(|e| locate::yaml_error(f, "", &e))?
+            .unwrap_or_default(),
         None => Manifest::default(),
     };
-    Ok((doc, m))
+    Ok((text, doc, m))
+}
+
+/// The document of bundle `dir` in `f`, read from `text` as `doc`:
+/// rewritten for the environment, made self-contained ([`refs`]), read
+/// for routing ([`openapi`]), and its path items inlined.
+fn load_document(
+    dir: &Path,
+    f: &Path,
+    text: &str,
+    mut doc: Value,
+    rules: Option<(&str, &[Rewrite])>,
+    source: &Path,
+) -> Result<(Value, ApiDoc), BundleError> {
+    if let Some((env, rules)) = rules {
+        rewrite(&mut doc, rules, f, source, env)?;
+    }
+    let sources = refs::bundle(dir, f, &mut doc, text, RefLimits::default())?;
+    let api = openapi::api_from_value(&doc, &sources)?;
+    openapi::inline_path_items(&mut doc);
+    Ok((doc, api))
+}
+
+/// The Func's name: the manifest's, else the directory's.
+fn name_of(named: Option<String>, dir: &Path, source: &Path) -> Result<String, BundleError> {
+    let name = match named {
+        Some(n) => n,
+        None => dir
+            .canonicalize()
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_default(),
+    };
+    if !valid_name(&name) {
+        return Err(BundleError::invalid(
+            source,
+            format!("field `name`: {name:?} is not a valid Func name (letters, digits, - _ .)"),
+        ));
+    }
+    Ok(name)
+}
+
+/// Operations without an `operationId` are handled by the bundle's
+/// `default_handler` when it sets one (else they keep
+/// [`default_handler_name`]).
+fn default_handlers(
+    api: &mut ApiDoc,
+    default: Option<String>,
+    source: &Path,
+) -> Result<(), BundleError> {
+    let Some(default) = default else {
+        return Ok(());
+    };
+    if !openapi::is_identifier(&default) {
+        return Err(BundleError::invalid(
+            source,
+            format!("field `default_handler`: {default:?} is not an identifier (letters, digits and _, not starting with a digit)"),
+        ));
+    }
+    for op in api.operations.iter_mut().filter(|o| !o.has_operation_id) {
+        op.operation_id.clone_from(&default);
+    }
+    Ok(())
 }
 
 /// The runtime a manifest names, or the one a tinyFaaS folder implies.
@@ -922,25 +840,28 @@ fn check_handler(
 }
 
 /// No operation claims a path Funcatron reserves for itself
-/// ([`funcatron_control::names::RESERVED_PREFIXES`]): the literal start of
-/// `basePath` + path, up to its first template, decides.
+/// ([`funcatron_control::names::RESERVED_PREFIXES`]) on any of its bases:
+/// the literal start of base path + path, up to its first template or
+/// variable, decides.
 fn check_reserved(api: &ApiDoc, source: &Path) -> Result<(), BundleError> {
     for op in &api.operations {
-        let full = format!(
-            "{}/{}",
-            api.base_path.trim_end_matches('/'),
-            op.path.trim_start_matches('/')
-        );
-        let literal = full.split('{').next().unwrap_or_default();
-        let literal = literal.trim_end_matches('/');
-        if let Some(prefix) = funcatron_control::names::reserved_prefix(literal) {
-            return Err(BundleError::invalid(
-                source,
-                format!(
-                    "operation `{}` ({} {full}): paths under {prefix}/ are reserved for Funcatron",
-                    op.operation_id, op.method
-                ),
-            ));
+        for base in op.bases_in(&api.bases) {
+            let full = format!(
+                "{}/{}",
+                base.path.trim_end_matches('/'),
+                op.path.trim_start_matches('/')
+            );
+            let literal = full.split('{').next().unwrap_or_default();
+            let literal = literal.trim_end_matches('/');
+            if let Some(prefix) = funcatron_control::names::reserved_prefix(literal) {
+                return Err(BundleError::invalid(
+                    source,
+                    format!(
+                        "operation `{}` ({} {full}): paths under {prefix}/ are reserved for Funcatron",
+                        op.operation_id, op.method
+                    ),
+                ));
+            }
         }
     }
     Ok(())
@@ -1001,42 +922,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn server_urls_split_into_host_and_base() {
-        assert_eq!(
-            split_server_url("http://Api.Example.com:8080/v1/"),
-            (Some("api.example.com:8080".into()), "/v1".into())
-        );
-        assert_eq!(split_server_url("/v2"), (None, "/v2".into()));
-        assert_eq!(
-            split_server_url("https://petstore3.swagger.io/api/v3"),
-            (Some("petstore3.swagger.io".into()), "/api/v3".into())
-        );
-        assert_eq!(
-            split_server_url("https://x.io"),
-            (Some("x.io".into()), "/".into())
-        );
-    }
-
-    #[test]
-    fn missing_operation_id_is_named() {
-        let doc = "swagger: '2.0'\npaths:\n  /a:\n    get: {}\n";
-        let err = parse_api(Path::new("s.yaml"), doc).unwrap_err().to_string();
-        assert!(
-            err.contains("s.yaml") && err.contains("paths./a.get") && err.contains("operationId"),
-            "{err}"
-        );
+    fn operations_without_operation_id_get_a_default_name() {
+        let doc = "swagger: '2.0'\npaths:\n  /a/{id}:\n    get: {}\n    put: {operationId: ''}\n    post: {operationId: a}\n";
+        let api = parse_api(Path::new("s.yaml"), doc).unwrap();
+        let ids: Vec<(&str, bool)> = api
+            .operations
+            .iter()
+            .map(|o| (o.operation_id.as_str(), o.has_operation_id))
+            .collect();
+        assert_eq!(ids, [("get_a_id", false), ("put_a_id", false), ("a", true)]);
     }
 
     #[test]
     fn malformed_documents_are_clear_errors() {
         for (doc, needle) in [
             ("{{{", "not valid YAML"),
+            ("a: [1\nb: 2", "x.yaml:2:"),
             ("swagger: '1.2'\npaths: {}", "not supported"),
-            ("openapi: 3.1.0\npaths: {}", "not supported"),
+            ("openapi: 4.0.0\npaths: {}", "not supported"),
             ("hello: world", "neither"),
             ("- a\n- b", "not a mapping"),
-            ("openapi: 3.0.0\ninfo: 7\npaths: {}", "not a valid OpenAPI"),
-            ("swagger: '2.0'\npaths: 3", "`paths`"),
+            (
+                "openapi: 3.0.0\ninfo: 7\npaths: {}",
+                "x.yaml:2:7: /info: `info` must be a mapping",
+            ),
+            (
+                "swagger: '2.0'\npaths: 3",
+                "x.yaml:2:8: /paths: `paths` must be a mapping",
+            ),
+            ("swagger: '2.0'\n", "`paths` is missing"),
         ] {
             let err = parse_api(Path::new("x.yaml"), doc).unwrap_err().to_string();
             assert!(err.contains(needle), "{doc:?}: {err}");

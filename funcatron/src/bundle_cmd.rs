@@ -74,7 +74,9 @@ pub async fn run(cmd: BundleCmd) -> Result<()> {
     }
 }
 
-/// The effective routes of the bundle in `dir`, as printed.
+/// The effective routes of the bundle in `dir`, as printed: the primary
+/// host and base path, every base the document is served on, and each
+/// operation at the primary base (or at its own servers).
 pub fn show(dir: &std::path::Path, environment: Option<&str>) -> Result<String> {
     use std::fmt::Write;
     let b = Bundle::load_in(dir, environment)?;
@@ -94,19 +96,42 @@ pub fn show(dir: &std::path::Path, environment: Option<&str>) -> Result<String> 
         environment.unwrap_or("(none: the document as written)")
     )?;
     writeln!(out, "host: {host}  basePath: {}", b.base_path)?;
+    let bases: Vec<String> = b.bases.iter().map(ToString::to_string).collect();
+    writeln!(out, "served on: {}", bases.join(", "))?;
     for op in &b.operations {
-        let path = if b.base_path == "/" {
-            op.path.clone()
-        } else if op.path == "/" {
-            b.base_path.clone()
-        } else {
-            format!("{}{}", b.base_path, op.path)
+        let at: Vec<String> = match &op.bases {
+            None => vec![format!("{host}{}", joined(&b.base_path, &op.path))],
+            Some(own) => own
+                .iter()
+                .map(|base| {
+                    let h = base.host.as_deref().unwrap_or("*");
+                    format!("{h}{}", joined(&base.path, &op.path))
+                })
+                .collect(),
         };
-        writeln!(
-            out,
-            "{:<7} {host}{path}  ->  {}",
-            op.method, op.operation_id
-        )?;
+        let default = if op.has_operation_id {
+            ""
+        } else {
+            "  (no operationId: default name)"
+        };
+        for a in at {
+            writeln!(
+                out,
+                "{:<7} {a}  ->  {}{default}",
+                op.method, op.operation_id
+            )?;
+        }
     }
     Ok(out)
+}
+
+/// A base path and an operation's path as one path.
+fn joined(base: &str, path: &str) -> String {
+    if base == "/" {
+        path.to_owned()
+    } else if path == "/" {
+        base.to_owned()
+    } else {
+        format!("{base}{path}")
+    }
 }

@@ -141,10 +141,11 @@ impl Dev {
     /// Load what is there and switch to every good bundle; report the rest.
     pub async fn reload(&self) {
         let started = Instant::now();
-        let (mut good, old_errors) = {
+        let (last, old_errors) = {
             let s = self.state.read().unwrap_or_else(|e| e.into_inner());
             (s.good.clone(), s.errors.clone())
         };
+        let mut good = last.clone();
         let mut errors = BTreeMap::new();
         let mut changed = Vec::new();
         let dirs = bundle_dirs(&self.root);
@@ -164,26 +165,29 @@ impl Dev {
                 errors.insert(dir.clone(), format!("{}: {why}", loaded.name));
                 continue;
             }
-            changed.push(format!("{} {}", loaded.name, loaded.version));
+            changed.push(dir.clone());
             good.insert(dir.clone(), loaded);
         }
-        let list: Vec<Bundle> = good.values().cloned().collect();
+        let table = settle(&mut good, &last, &mut changed, &mut errors);
         if !changed.is_empty() || good.len() != self.bundles.borrow().bundles.len() {
-            match RouteTable::build(&list) {
+            match table {
                 Ok(table) => {
                     // The Runner first: it consumes the new versions' queues;
                     // then the Tron, once those queues exist.
-                    self.bundles.send_replace(Desired::from(list));
+                    self.bundles
+                        .send_replace(Desired::from(good.values().cloned().collect::<Vec<_>>()));
                     funcatron_tron::declare_routes(&self.broker, &table).await;
                     self.routes.send_replace(Arc::new(table));
-                    let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
-                    s.good = good;
-                    for c in &changed {
+                    for dir in &changed {
+                        let b = &good[dir];
                         eprintln!(
-                            "funcatron dev: {c} is live ({} ms)",
+                            "funcatron dev: {} {} is live ({} ms)",
+                            b.name,
+                            b.version,
                             started.elapsed().as_millis()
                         );
                     }
+                    self.state.write().unwrap_or_else(|e| e.into_inner()).good = good;
                 }
                 Err(e) => {
                     eprintln!(
@@ -192,20 +196,77 @@ impl Dev {
                 }
             }
         }
-        for (dir, e) in &errors {
-            if old_errors.get(dir) != Some(e) {
-                eprintln!(
-                    "funcatron dev: {} is broken; the last good version keeps serving:\n  {e}",
-                    dir.display()
-                );
-            }
-        }
-        for dir in old_errors.keys() {
-            if !errors.contains_key(dir) {
-                eprintln!("funcatron dev: {} is fixed", dir.display());
-            }
-        }
+        report(&errors, &old_errors);
         self.state.write().unwrap_or_else(|e| e.into_inner()).errors = errors;
+    }
+}
+
+/// Make `good` servable together. What served before (`last`, less the
+/// directories that are gone) is the starting point; each changed bundle
+/// (in `changed`) goes live if it can be served beside what is live so
+/// far, else it keeps its last good version (or stays out, if new) with
+/// the reason in `errors`. Changes that keep a bundle's routes go first,
+/// so a bundle that only changed its code is never held back by another
+/// one's new conflicting routes.
+fn settle(
+    good: &mut BTreeMap<PathBuf, Bundle>,
+    last: &BTreeMap<PathBuf, Bundle>,
+    changed: &mut Vec<PathBuf>,
+    errors: &mut BTreeMap<PathBuf, String>,
+) -> Result<RouteTable, funcatron_tron::RouteError> {
+    let mut live: BTreeMap<PathBuf, Bundle> = last
+        .iter()
+        .filter(|(d, _)| good.contains_key(*d))
+        .map(|(d, b)| (d.clone(), b.clone()))
+        .collect();
+    let mut order = std::mem::take(changed);
+    order.sort_by_key(|d| last.get(d).is_none_or(|b| !same_routes(b, &good[d])));
+    for dir in order {
+        let mut next = live.clone();
+        next.insert(dir.clone(), good[&dir].clone());
+        let (_, why) = funcatron_tron::servable(next.values().cloned().collect());
+        if why.is_empty() {
+            live = next;
+            changed.push(dir);
+        } else {
+            let name = format!("`{}`", good[&dir].name);
+            let reason: Vec<String> = why
+                .iter()
+                .map(ToString::to_string)
+                .filter(|w| w.contains(&name))
+                .collect();
+            errors.insert(dir, reason.join("; "));
+        }
+    }
+    *good = live;
+    RouteTable::build(&good.values().cloned().collect::<Vec<_>>())
+}
+
+/// Do `a` and `b` claim the same routes (name, bases, operations)?
+fn same_routes(a: &Bundle, b: &Bundle) -> bool {
+    let key = |x: &Bundle| {
+        x.operations
+            .iter()
+            .map(|o| (o.method.clone(), o.path.clone(), o.bases.clone()))
+            .collect::<Vec<_>>()
+    };
+    a.name == b.name && a.bases == b.bases && key(a) == key(b)
+}
+
+/// Print what broke and what was fixed since the last reload.
+fn report(errors: &BTreeMap<PathBuf, String>, old_errors: &BTreeMap<PathBuf, String>) {
+    for (dir, e) in errors {
+        if old_errors.get(dir) != Some(e) {
+            eprintln!(
+                "funcatron dev: {} is broken; the last good version keeps serving:\n  {e}",
+                dir.display()
+            );
+        }
+    }
+    for dir in old_errors.keys() {
+        if !errors.contains_key(dir) {
+            eprintln!("funcatron dev: {} is fixed", dir.display());
+        }
     }
 }
 
@@ -421,12 +482,19 @@ async fn func_page(State(state): Shared, UrlPath(func): UrlPath<String>) -> Resp
     let mut out = format!(
         "<!doctype html><meta charset=utf-8><title>{n}</title>\
          <style>body{{font-family:sans-serif;max-width:60em}} form{{border:1px solid #ccc;padding:.5em;margin:.5em 0}} pre{{background:#f4f4f4;padding:.5em;white-space:pre-wrap}}</style>\
-         <h1>{n}</h1><p>{rt}, version {v}; host {h}; basePath {bp}. <a href=\"openapi.json\">The document</a>.</p>",
+         <h1>{n}</h1><p>{rt}, version {v}; host {h}; basePath {bp}; served on {all}. <a href=\"openapi.json\">The document</a>.</p>",
         n = escape(&b.name),
         rt = b.runtime.as_str(),
         v = b.version,
         h = escape(b.host.as_deref().unwrap_or("*")),
         bp = escape(&b.base_path),
+        all = escape(
+            &b.bases
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     );
     for (i, op) in b.operations.iter().enumerate() {
         let template = if op.path == "/" && !base.is_empty() {

@@ -567,10 +567,19 @@ fn broker(a: &BrokerArgs, embedded_ok: bool) -> Result<AnyBroker> {
     Ok(b)
 }
 
+/// The bundles of `--bundles` that can serve: each broken one is
+/// refused with its reason, and bundles that cannot be routed beside
+/// another (the same name, conflicting bases) are refused in pairs, each
+/// reason naming both; the rest serve. Tron and Runner alike load through
+/// here, so a Runner never serves what its Tron refused.
 fn load_bundles(a: &BundleArgs) -> Vec<Bundle> {
     let dir = &a.bundles;
     let (bundles, errors) = Bundle::load_all_in(dir, a.environment.as_deref());
     for e in &errors {
+        tracing::error!(error = %e, "bundle rejected");
+    }
+    let (bundles, conflicts) = funcatron_tron::servable(bundles);
+    for e in &conflicts {
         tracing::error!(error = %e, "bundle rejected");
     }
     if bundles.is_empty() {

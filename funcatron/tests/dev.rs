@@ -210,3 +210,64 @@ async fn answers_that_do_not_match_the_document_are_shown() {
     let (_, hello) = text(&format!("{base}/_funcatron/dev/hello/")).await;
     assert!(!hello.contains("do not match the document"), "{hello}");
 }
+
+#[tokio::test]
+async fn a_save_that_conflicts_keeps_its_last_good_version_and_the_others_switch() {
+    let root = tempfile::tempdir().unwrap();
+    copy_examples(root.path(), &["hello"]);
+    let doc = |base: &str, word: &str| {
+        format!("openapi: 3.1.0\ninfo: {{title: t, version: '1'}}\nx-funcatron: {{runtime: lua}}\nservers: [{{url: /{word}}}, {{url: {base}}}]\npaths:\n  /w:\n    get: {{operationId: w}}\n")
+    };
+    let lua = |word: &str| format!("return {{w = function() return '{word}' end}}");
+    let one = write_bundle(
+        root.path(),
+        "one",
+        &[
+            ("openapi.yaml", &doc("/one-b", "one")),
+            ("main.lua", &lua("one")),
+        ],
+    );
+    let two = write_bundle(
+        root.path(),
+        "two",
+        &[
+            ("openapi.yaml", &doc("/two-b", "two")),
+            ("main.lua", &lua("two")),
+        ],
+    );
+    let addr = free_addr();
+    let log = root.path().join("dev.log");
+    let _dev = funcatron_logged(
+        &[
+            "dev",
+            root.path().to_str().unwrap(),
+            "--listen",
+            &addr.to_string(),
+        ],
+        "",
+        &log,
+    );
+    let base = format!("http://{addr}");
+    wait_ready(&format!("{base}/one/w")).await;
+    wait_ready(&format!("{base}/two-b/w")).await;
+    // `two`'s second server now claims `one`'s, and `one` changes too:
+    // `two` keeps its last good version, `one`'s save goes live.
+    std::fs::write(two.join("openapi.yaml"), doc("/one-b", "two")).unwrap();
+    std::fs::write(one.join("main.lua"), lua("one again")).unwrap();
+    eventually("the conflict is reported", || async {
+        log_has(&log, "two is broken") && log_has(&log, "`one`")
+    })
+    .await;
+    eventually("one's save is live", || async {
+        text(&format!("{base}/one-b/w")).await.1 == "one again"
+    })
+    .await;
+    assert_eq!(text(&format!("{base}/two-b/w")).await.1, "two");
+    // Resolved: two switches.
+    std::fs::write(two.join("openapi.yaml"), doc("/two-c", "two")).unwrap();
+    eventually("two's fix is live", || async {
+        text(&format!("{base}/two-c/w")).await.1 == "two"
+    })
+    .await;
+    assert_eq!(text(&format!("{base}/two-b/w")).await.0, 404);
+}

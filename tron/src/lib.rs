@@ -30,4 +30,4 @@ pub mod telemetry;
 pub use context::TronContext;
 pub use dispatch::{declare_routes, TronOptions};
 pub use node::{Management, NodeError, TronNode};
-pub use routes::{RouteError, RouteOutcome, RouteTable};
+pub use routes::{servable, RouteError, RouteOutcome, RouteTable};

@@ -1,27 +1,53 @@
-//! The route table: (host, basePath) -> Func, then (path template, method)
-//! -> `operationId` with path parameters.
+//! The route table: (host, base path) -> Func, then (path template,
+//! method) -> operation, with path parameters.
 //!
-//! Funcs are tried longest basePath first, a named host before the wildcard
-//! at equal length; within a Func, templates with more literal text win
-//! (`/pets/mine` before `/pets/{id}`).
+//! ingress -> **Tron: route table** -> Func queue. Built from bundles: one
+//! entry per base a bundle is served on (every server and enum value of
+//! its document, and the bases of operations with their own servers;
+//! see `funcatron_bundle::servers`), holding the operations served there.
+//! A request tries the entries most specific first (`pattern::Rank`:
+//! more base-path segments, then more literal base-path text, then a
+//! named host before a host with variables before any host); the first
+//! whose host and base path match and that has a template matching the
+//! rest of the path wins. Within an entry, templates with more literal
+//! text win (`/pets/mine` before `/pets/{id}`). Two bundles whose bases
+//! are equally specific and can match the same request conflict: the
+//! table refuses them ([`RouteTable::build`]), or [`servable`] leaves both
+//! out with the reason.
+//!
+//! The table is a self-contained, immutable value (rebuild and swap to
+//! change it); a lookup allocates only the path parameters it returns.
 
+mod pattern;
+
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use funcatron_bundle::Bundle;
+use funcatron_bundle::{Base, Bundle, Operation};
 use funcatron_control::names;
+use pattern::{BasePattern, Rank, RequestHost};
 use percent_encoding::percent_decode_str;
 use regex::Regex;
 
 /// A route table could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
-    /// Two bundles claim the same host + basePath; the message names both
-    /// bundles, their documents, the host and the basePath.
+    /// Two bundles claim bases that are equally specific and can match
+    /// the same request (the same host and base path, or patterns that
+    /// overlap); the message names both bundles, their documents and the
+    /// bases.
     #[error("{0}")]
     Conflict(String),
     /// Two bundles have the same name (and so the same queue).
-    #[error("two bundles are named `{0}`")]
-    DuplicateName(String),
+    #[error("two bundles are named `{name}`: {first} and {second}")]
+    DuplicateName {
+        /// The name.
+        name: String,
+        /// One bundle's document.
+        first: String,
+        /// The other's.
+        second: String,
+    },
     /// A path template cannot be compiled.
     #[error("{file}: paths.{template}: {message}")]
     BadTemplate {
@@ -54,36 +80,16 @@ pub struct Route<'t> {
     pub queue: &'t str,
     /// The bundle version the queue belongs to.
     pub version: &'t str,
-    /// The operation to invoke.
+    /// The operation's handler (its `operationId` or default name).
     pub operation_id: &'t str,
+    /// The operation's upper-case method, as the table holds it.
+    pub method: &'t str,
+    /// The operation's path template, the document's `paths` key
+    /// (relative to the base path). With [`Route::method`] the
+    /// operation's key: `x-funcatron-route` is `METHOD /template`.
+    pub template: &'t str,
     /// Path parameters, percent-decoded.
     pub params: Vec<(&'t str, String)>,
-}
-
-#[derive(Debug)]
-struct FuncRoutes {
-    func: Arc<str>,
-    queue: String,
-    version: String,
-    host: Option<String>,
-    base_path: String,
-    paths: Vec<PathRoute>,
-}
-
-#[derive(Debug)]
-struct PathRoute {
-    template: String,
-    regex: Regex,
-    names: Vec<String>,
-    /// Literal characters in the template: more is more specific.
-    literal_len: usize,
-    methods: Vec<(String, String)>,
-}
-
-/// An immutable route table; rebuild and swap to change it.
-#[derive(Debug, Default)]
-pub struct RouteTable {
-    funcs: Vec<FuncRoutes>,
 }
 
 /// Why a path template does not compile.
@@ -125,119 +131,255 @@ fn compile(template: &str) -> Result<(Regex, Vec<String>, usize), TemplateError>
     Ok((regex, names, literal_len))
 }
 
-fn host_matches(route_host: &Option<String>, request_host: &str) -> bool {
-    match route_host {
-        None => true,
-        Some(h) => {
-            h.eq_ignore_ascii_case(request_host)
-                || request_host.rsplit_once(':').is_some_and(|(name, port)| {
-                    port.bytes().all(|b| b.is_ascii_digit()) && h.eq_ignore_ascii_case(name)
-                })
+#[derive(Debug)]
+struct FuncInfo {
+    func: Arc<str>,
+    queue: String,
+    version: String,
+}
+
+/// One bundle on one base: the operations served there.
+#[derive(Debug)]
+struct Entry {
+    /// Index into [`RouteTable::funcs`] (and the bundle list built from).
+    func: usize,
+    base: BasePattern,
+    rank: Rank,
+    paths: Vec<PathRoute>,
+}
+
+#[derive(Debug)]
+struct PathRoute {
+    template: String,
+    regex: Regex,
+    names: Vec<String>,
+    /// Literal characters in the template: more is more specific.
+    literal_len: usize,
+    /// (upper-case method, handler).
+    methods: Vec<(String, String)>,
+}
+
+/// An immutable route table; rebuild and swap to change it.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    funcs: Vec<FuncInfo>,
+    /// Most specific first.
+    entries: Vec<Entry>,
+}
+
+type Compiled = (Regex, Vec<String>, usize);
+
+/// The entries of bundle `b` (number `func`), one per base.
+fn bundle_entries(func: usize, b: &Bundle) -> Result<Vec<Entry>, RouteError> {
+    let mut order: Vec<(&Base, Vec<&Operation>)> = Vec::new();
+    let mut index: HashMap<&Base, usize> = HashMap::new();
+    for op in &b.operations {
+        for base in op.bases_in(&b.bases) {
+            let i = *index.entry(base).or_insert_with(|| {
+                order.push((base, Vec::new()));
+                order.len() - 1
+            });
+            order[i].1.push(op);
         }
     }
-}
-
-/// The part of `path` under `base`, or `None` if `path` is not under it.
-fn under<'p>(base: &str, path: &'p str) -> Option<&'p str> {
-    if base == "/" {
-        return Some(path);
-    }
-    let rest = path.strip_prefix(base)?;
-    if rest.is_empty() {
-        Some("/")
-    } else if rest.starts_with('/') {
-        Some(rest)
-    } else {
-        None
-    }
-}
-
-impl RouteTable {
-    /// Build from bundles, refusing conflicts.
-    pub fn build(bundles: &[Bundle]) -> Result<RouteTable, RouteError> {
-        let mut funcs: Vec<FuncRoutes> = Vec::with_capacity(bundles.len());
-        for (i, b) in bundles.iter().enumerate() {
-            for other in &bundles[..i] {
-                if other.name == b.name {
-                    return Err(RouteError::DuplicateName(b.name.clone()));
-                }
-                if other.host == b.host && other.base_path == b.base_path {
-                    return Err(RouteError::Conflict(format!(
-                        "bundles `{}` ({}) and `{}` ({}) both claim host `{}` basePath `{}`",
-                        other.name,
-                        other.spec_file.display(),
-                        b.name,
-                        b.spec_file.display(),
-                        b.host.as_deref().unwrap_or("*"),
-                        b.base_path
-                    )));
-                }
+    let mut templates: HashMap<&str, Compiled> = HashMap::new();
+    let mut entries = Vec::with_capacity(order.len());
+    for (base, ops) in order {
+        let mut paths: Vec<PathRoute> = Vec::new();
+        for op in ops {
+            let method = (op.method.clone(), op.operation_id.clone());
+            if let Some(p) = paths.iter_mut().find(|p| p.template == op.path) {
+                p.methods.push(method);
+                continue;
             }
-            let mut paths: Vec<PathRoute> = Vec::new();
-            for op in &b.operations {
-                if let Some(p) = paths.iter_mut().find(|p| p.template == op.path) {
-                    p.methods.push((op.method.clone(), op.operation_id.clone()));
-                    continue;
-                }
-                let (regex, names, literal_len) =
-                    compile(&op.path).map_err(|message| RouteError::BadTemplate {
+            let (regex, names, literal_len) = match templates.get(op.path.as_str()) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = compile(&op.path).map_err(|message| RouteError::BadTemplate {
                         file: b.spec_file.display().to_string(),
                         template: op.path.clone(),
                         message,
                     })?;
-                paths.push(PathRoute {
-                    template: op.path.clone(),
-                    regex,
-                    names,
-                    literal_len,
-                    methods: vec![(op.method.clone(), op.operation_id.clone())],
-                });
+                    templates.insert(&op.path, c.clone());
+                    c
+                }
+            };
+            paths.push(PathRoute {
+                template: op.path.clone(),
+                regex,
+                names,
+                literal_len,
+                methods: vec![method],
+            });
+        }
+        paths.sort_by_key(|p| std::cmp::Reverse(p.literal_len));
+        let base = BasePattern::compile(base);
+        entries.push(Entry {
+            func,
+            rank: base.rank(),
+            base,
+            paths,
+        });
+    }
+    Ok(entries)
+}
+
+/// Pairs of entries (indices) of different bundles that conflict: equally
+/// specific bases that one request can match.
+fn conflicts(entries: &[Entry]) -> Vec<(usize, usize)> {
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by_key(|i| entries[*i].rank);
+    let mut out = Vec::new();
+    for group in order.chunk_by(|a, b| entries[*a].rank == entries[*b].rank) {
+        for (k, &a) in group.iter().enumerate() {
+            for &b in &group[k + 1..] {
+                let (ea, eb) = (&entries[a], &entries[b]);
+                if ea.func != eb.func && ea.base.overlaps(&eb.base) {
+                    out.push((a.min(b), a.max(b)));
+                }
             }
-            paths.sort_by_key(|p| std::cmp::Reverse(p.literal_len));
-            funcs.push(FuncRoutes {
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// The conflict between entries `a` and `b`, naming both bundles.
+fn conflict(bundles: &[Bundle], a: &Entry, b: &Entry) -> RouteError {
+    let (x, y) = (&bundles[a.func], &bundles[b.func]);
+    let (bx, by) = (&a.base.shown, &b.base.shown);
+    let claim = if bx == by {
+        let (host, path) = bx.split_once('/').unwrap_or((bx, ""));
+        format!("both claim host `{host}` basePath `/{path}`")
+    } else {
+        format!("claim bases `{bx}` and `{by}`, which can match the same requests and are equally specific")
+    };
+    RouteError::Conflict(format!(
+        "bundles `{}` ({}) and `{}` ({}) {claim}",
+        x.name,
+        x.spec_file.display(),
+        y.name,
+        y.spec_file.display(),
+    ))
+}
+
+fn duplicate(a: &Bundle, b: &Bundle) -> RouteError {
+    RouteError::DuplicateName {
+        name: b.name.clone(),
+        first: a.spec_file.display().to_string(),
+        second: b.spec_file.display().to_string(),
+    }
+}
+
+/// The bundles of `bundles` that can be served together, and why each of
+/// the others cannot: a bundle that shares its name with another, or
+/// whose bases conflict with another's, is left out with that other (both
+/// of the pair, each error naming both); one whose templates do not
+/// compile is left out alone. What is kept builds a [`RouteTable`].
+pub fn servable(bundles: Vec<Bundle>) -> (Vec<Bundle>, Vec<RouteError>) {
+    let mut refused = vec![false; bundles.len()];
+    let mut errors = Vec::new();
+    for (i, b) in bundles.iter().enumerate() {
+        if let Some(j) = bundles[..i].iter().position(|o| o.name == b.name) {
+            errors.push(duplicate(&bundles[j], b));
+            refused[i] = true;
+            refused[j] = true;
+        }
+    }
+    let mut entries = Vec::new();
+    for (i, b) in bundles.iter().enumerate() {
+        if refused[i] {
+            continue;
+        }
+        match bundle_entries(i, b) {
+            Ok(e) => entries.extend(e),
+            Err(e) => {
+                errors.push(e);
+                refused[i] = true;
+            }
+        }
+    }
+    let mut reported = Vec::new();
+    for (a, b) in conflicts(&entries) {
+        let (ea, eb) = (&entries[a], &entries[b]);
+        let pair = (ea.func.min(eb.func), ea.func.max(eb.func));
+        if !reported.contains(&pair) {
+            reported.push(pair);
+            errors.push(conflict(&bundles, ea, eb));
+        }
+        refused[ea.func] = true;
+        refused[eb.func] = true;
+    }
+    let kept = bundles
+        .into_iter()
+        .zip(refused)
+        .filter_map(|(b, r)| (!r).then_some(b))
+        .collect();
+    (kept, errors)
+}
+
+impl RouteTable {
+    /// Build from bundles, refusing the first conflict (see [`servable`]
+    /// to leave conflicting bundles out instead).
+    pub fn build(bundles: &[Bundle]) -> Result<RouteTable, RouteError> {
+        for (i, b) in bundles.iter().enumerate() {
+            if let Some(other) = bundles[..i].iter().find(|o| o.name == b.name) {
+                return Err(duplicate(other, b));
+            }
+        }
+        let mut funcs = Vec::with_capacity(bundles.len());
+        let mut entries = Vec::new();
+        for (i, b) in bundles.iter().enumerate() {
+            entries.extend(bundle_entries(i, b)?);
+            funcs.push(FuncInfo {
                 func: Arc::from(b.name.as_str()),
                 queue: names::func_queue(&b.name, &b.version),
                 version: b.version.clone(),
-                host: b.host.clone(),
-                base_path: b.base_path.clone(),
-                paths,
             });
         }
-        funcs.sort_by(|a, b| {
-            b.base_path
-                .len()
-                .cmp(&a.base_path.len())
-                .then_with(|| b.host.is_some().cmp(&a.host.is_some()))
-        });
-        Ok(RouteTable { funcs })
+        if let Some((a, b)) = conflicts(&entries).first() {
+            return Err(conflict(bundles, &entries[*a], &entries[*b]));
+        }
+        // Stable: equally specific entries keep the bundles' order.
+        entries.sort_by_key(|e| std::cmp::Reverse(e.rank));
+        Ok(RouteTable { funcs, entries })
     }
 
-    /// The Funcs in the table and their queues.
+    /// The Funcs in the table and their queues, each once.
     pub fn funcs(&self) -> impl Iterator<Item = (&str, &str)> {
         self.funcs.iter().map(|f| (&*f.func, f.queue.as_str()))
     }
 
     /// Route one request. `path` is the raw (percent-encoded) path without query.
+    ///
+    /// The first entry with a template matching the path decides the
+    /// Func; when that template lacks the method, the Func's other
+    /// entries (its other bases) may still serve it, else the answer is
+    /// 405 with the first match's methods.
     pub fn route(&self, host: &str, method: &str, path: &str) -> RouteOutcome<'_> {
-        for f in &self.funcs {
-            if !host_matches(&f.host, host) {
+        let host = RequestHost::new(host);
+        let mut denied: Option<(usize, Vec<&str>)> = None;
+        for e in &self.entries {
+            if denied.as_ref().is_some_and(|(f, _)| *f != e.func) {
                 continue;
             }
-            let Some(rest) = under(&f.base_path, path) else {
+            let Some(rest) = e.base.under(&host, path) else {
                 continue;
             };
-            for p in &f.paths {
+            for p in &e.paths {
                 let Some(caps) = p.regex.captures(rest) else {
                     continue;
                 };
-                let Some((_, op)) = p
+                let Some((m, op)) = p
                     .methods
                     .iter()
                     .find(|(m, _)| m.eq_ignore_ascii_case(method))
                 else {
-                    return RouteOutcome::MethodNotAllowed(
-                        p.methods.iter().map(|(m, _)| m.as_str()).collect(),
-                    );
+                    if denied.is_none() {
+                        let allow = p.methods.iter().map(|(m, _)| m.as_str()).collect();
+                        denied = Some((e.func, allow));
+                    }
+                    break;
                 };
                 let params = p
                     .names
@@ -251,15 +393,21 @@ impl RouteTable {
                         )
                     })
                     .collect();
+                let f = &self.funcs[e.func];
                 return RouteOutcome::Found(Route {
                     func: &f.func,
                     queue: &f.queue,
                     version: &f.version,
                     operation_id: op,
+                    method: m,
+                    template: &p.template,
                     params,
                 });
             }
         }
-        RouteOutcome::NotFound
+        match denied {
+            Some((_, allow)) => RouteOutcome::MethodNotAllowed(allow),
+            None => RouteOutcome::NotFound,
+        }
     }
 }
