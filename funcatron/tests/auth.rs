@@ -31,7 +31,9 @@ paths:
   /jwt: {get: {operationId: jwt, responses: {'200': {description: ok}}}}
 "#;
 
-const LUA: &str = "return { open = function() return 'open' end, key = function() return 'key' end, jwt = function() return 'jwt' end }";
+/// `jwt` answers who the Runner says the caller is; `open` shows what a
+/// client claiming to be someone gets through (nothing).
+const LUA: &str = "return { open = function(r) return r.headers['x-funcatron-auth'] or 'open' end, key = function() return 'key' end, jwt = function(r) return r.headers['x-funcatron-auth'] end }";
 const HS: &str = "end-to-end-hs256-key";
 
 fn bundle(root: &std::path::Path, name: &str) -> Bundle {
@@ -144,7 +146,26 @@ async fn secured_operations_need_the_credentials_the_func_was_enabled_with() {
         Some(("authorization", &good)),
     )
     .await;
-    assert_eq!((s, body.as_str()), (200, "jwt"));
+    assert_eq!(s, 200, "{body}");
+    let who: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(who["scheme"], "token", "{who}");
+    assert_eq!(who["subject"], "u-1", "{who}");
+    assert_eq!(
+        who["claims"]["sub"], "u-1",
+        "the verified claims reach the Func: {who}"
+    );
+    // A client cannot pose as an authenticated caller.
+    let forged = r#"{"scheme":"token","subject":"admin"}"#;
+    let (s, _, body) = get(
+        &format!("{base}/guarded/open"),
+        Some(("x-funcatron-auth", forged)),
+    )
+    .await;
+    assert_eq!(
+        (s, body.as_str()),
+        (200, "open"),
+        "the forged header was removed"
+    );
 
     // The Func without credentials serves its open operation only.
     assert_eq!(get(&format!("{base}/bare/open"), None).await.0, 200);

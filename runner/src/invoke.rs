@@ -12,7 +12,7 @@ use std::time::Instant;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use funcatron_bundle::auth::{AuthInput, Guard};
+use funcatron_bundle::auth::{AuthInput, Guard, Principal};
 use funcatron_bundle::validate::{Checks, Input, Refusal, ResponseChecks};
 use funcatron_envelope::{encode_body, now_ms, EnvelopeError, Request, Response, Timings, VERSION};
 
@@ -266,8 +266,44 @@ pub fn decode(job: &Job) -> Result<(Request<'_>, Bytes), EnvelopeError> {
     Ok((req, body))
 }
 
+/// The request header that tells a Func who the caller is, as JSON
+/// (`{"scheme": ..., "subject": ..., "claims": {...}}`), set by the Runner
+/// once a secured operation's requirement passed; one sent by the client is
+/// always removed.
+pub const AUTH_HEADER: &str = "x-funcatron-auth";
+
+/// Step 1b, between [`decode`] and [`start`]: remove a client's
+/// [`AUTH_HEADER`]; for a secured operation, check its requirement and tell
+/// the Func who passed it.
+pub fn authorize(func: &str, job: &Job, req: &mut Request<'_>) -> Result<(), InvokeError> {
+    if req
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case(AUTH_HEADER))
+    {
+        req.headers
+            .retain(|(k, _)| !k.eq_ignore_ascii_case(AUTH_HEADER));
+    }
+    let Some(auth) = &job.auth else {
+        return Ok(());
+    };
+    match admit(auth, req) {
+        Ok(Some(who)) => {
+            let json = serde_json::to_string(&who).unwrap_or_default();
+            req.headers
+                .push((Cow::Borrowed(AUTH_HEADER), Cow::Owned(json)));
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => {
+            metrics::counter!("runner_unauthorized_total", "func" => func.to_owned()).increment(1);
+            Err(e)
+        }
+    }
+}
+
 /// The security requirement of a secured operation, checked.
-fn admit(auth: &AuthJob, req: &Request<'_>) -> Result<(), InvokeError> {
+fn admit(auth: &AuthJob, req: &Request<'_>) -> Result<Option<Principal>, InvokeError> {
     let Some(route) = &auth.route else {
         return Err(InvokeError::Unauthorized {
             status: 401,
@@ -283,7 +319,6 @@ fn admit(auth: &AuthJob, req: &Request<'_>) -> Result<(), InvokeError> {
                 query: &req.query,
             },
         )
-        .map(drop)
         .map_err(|f| InvokeError::Unauthorized {
             status: f.status,
             challenge: f.www_authenticate,
@@ -307,12 +342,6 @@ pub fn start<'a>(
         return Err(Handled::Expired {
             request_id: req.id.to_string(),
         });
-    }
-    if let Some(auth) = &job.auth {
-        if let Err(e) = admit(auth, req) {
-            metrics::counter!("runner_unauthorized_total", "func" => func.to_owned()).increment(1);
-            return Err(finish(func, job, req, Instant::now(), Err(e)));
-        }
     }
     if let Some(checks) = &job.checks {
         let checked = checks.check(&Input {
@@ -351,10 +380,13 @@ pub fn run_sync(
     max_time_ms: u64,
     call: impl FnOnce(FuncRequest<'_>) -> crate::runtime::Called,
 ) -> Handled {
-    let (req, body) = match decode(job) {
+    let (mut req, body) = match decode(job) {
         Ok(r) => r,
         Err(why) => return Handled::Undecodable(why.to_string()),
     };
+    if let Err(e) = authorize(func, job, &mut req) {
+        return finish(func, job, &req, Instant::now(), Err(e));
+    }
     let fr = match start(func, &req, body, job, max_time_ms) {
         Ok(fr) => fr,
         Err(h) => return h,

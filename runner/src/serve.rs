@@ -707,10 +707,13 @@ async fn call_version(func: &Arc<str>, prepared: &Prepared, job: Job) -> Handled
 
 /// The skeleton around an awaited runtime call.
 async fn run(func: &str, runtime: &impl Runtime, job: &Job) -> Handled {
-    let (req, body) = match invoke::decode(job) {
+    let (mut req, body) = match invoke::decode(job) {
         Ok(r) => r,
         Err(why) => return Handled::Undecodable(why.to_string()),
     };
+    if let Err(e) = invoke::authorize(func, job, &mut req) {
+        return invoke::finish(func, job, &req, std::time::Instant::now(), Err(e));
+    }
     let fr = match invoke::start(func, &req, body, job, runtime.max_time_ms()) {
         Ok(fr) => fr,
         Err(h) => return h,
