@@ -115,8 +115,9 @@ impl AuthRules {
                     None => global.clone().unwrap_or_default(),
                 };
                 if !req.is_empty() {
-                    let key = format!("{} {template}", m.to_ascii_uppercase());
-                    rules.routes.insert(key, req);
+                    rules
+                        .routes
+                        .insert(crate::validate::route_key(m, template), req);
                 }
             }
         }

@@ -218,7 +218,10 @@ async fn forward(
         format!("{:.3}", now_ms()),
     ));
     hdrs.push((headers::OPERATION.to_owned(), route.operation_id.to_owned()));
-    hdrs.push((headers::ROUTE.to_owned(), route_key(&route)));
+    hdrs.push((
+        headers::ROUTE.to_owned(),
+        funcatron_bundle::validate::route_key(route.method, route.template),
+    ));
     if !route.params.is_empty() {
         let obj: serde_json::Map<String, serde_json::Value> = route
             .params
@@ -255,15 +258,6 @@ async fn forward(
             let _ = delivery.nack(true).await;
         }
     }
-}
-
-/// The routed operation's key, [`headers::ROUTE`]: `METHOD /template`.
-fn route_key(route: &Route<'_>) -> String {
-    let mut key = String::with_capacity(route.method.len() + 1 + route.template.len());
-    key.push_str(route.method);
-    key.push(' ');
-    key.push_str(route.template);
-    key
 }
 
 /// The Tron answers a request itself (404, 405, 503).

@@ -45,7 +45,11 @@ use schema::{Direction, Schemas};
 /// The key rules are filed under: the upper-case method and the path
 /// template as written under `paths` (`POST /pets/{id}`).
 pub fn route_key(method: &str, template: &str) -> String {
-    format!("{} {template}", method.to_ascii_uppercase())
+    let mut key = String::with_capacity(method.len() + 1 + template.len());
+    key.extend(method.chars().map(|c| c.to_ascii_uppercase()));
+    key.push(' ');
+    key.push_str(template);
+    key
 }
 
 /// Why a schema in the document cannot be used.
