@@ -180,6 +180,28 @@ impl AuthRules {
     pub fn scheme_names(&self) -> impl Iterator<Item = &str> {
         self.schemes.iter().map(|s| s.name.as_str())
     }
+
+    /// The request headers (lower-case) that carry credentials for the
+    /// operation `route` (`METHOD /template`): `authorization` for HTTP,
+    /// OAuth 2 and OpenID Connect schemes, the header of `apiKey` ones.
+    pub fn header_names(&self, route: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let schemes = self.routes.get(route).into_iter().flatten().flatten();
+        for (idx, _) in schemes {
+            let name = match &self.schemes[*idx].kind {
+                Kind::ApiKey {
+                    at: KeyIn::Header,
+                    name,
+                } => name.as_str(),
+                Kind::Basic | Kind::Bearer => "authorization",
+                Kind::ApiKey { .. } | Kind::Unsupported(_) => continue,
+            };
+            if !out.iter().any(|h| h == name) {
+                out.push(name.to_owned());
+            }
+        }
+        out
+    }
 }
 
 /// A `$ref` within the document, followed (a few steps at most).

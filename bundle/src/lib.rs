@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 pub mod archive;
 pub mod auth;
+pub mod cors;
 mod locate;
 pub mod openapi;
 pub mod refs;
@@ -237,6 +238,9 @@ pub struct Bundle {
     /// [`Bundle::load`], so every secured operation refuses requests until
     /// the operator configures it). See [`auth`].
     pub auth: BTreeMap<String, funcatron_control::state::SchemeCredentials>,
+    /// Which web pages may call the Func (the `cors` setting it was
+    /// enabled with; `None` after [`Bundle::load`]). See [`cors`].
+    pub cors: Option<funcatron_control::state::CorsSettings>,
     /// The parsed API document (`Null` for tinyFaaS folders without one),
     /// self-contained: the files its `$ref`s named are copied in under
     /// [`refs_pointer`] and every `$ref` is local (`#/...`); path items that
@@ -525,6 +529,7 @@ impl Bundle {
             b.check_responses = check;
         }
         b.auth = settings.auth.clone();
+        b.cors = settings.cors.clone();
         b
     }
 
@@ -633,6 +638,7 @@ impl Bundle {
             concurrency: m.concurrency,
             debug: false,
             auth: BTreeMap::new(),
+            cors: None,
             doc: Arc::new(doc),
             version: hex_prefix(&content_digest(dir)?, 6),
         })

@@ -12,6 +12,11 @@ pub const OPERATION: &str = "x-funcatron-operation";
 /// path): what validation and security rules are keyed by, since an
 /// `operationId` may name several operations (one handler).
 pub const ROUTE: &str = "x-funcatron-route";
+/// On an `OPTIONS` request to a path whose document declares no `options`
+/// operation: the path's methods (`GET, POST`). The Runner answers it as a
+/// CORS preflight (or 405 with these methods) without running the Func;
+/// [`ROUTE`] is `OPTIONS /template` and [`OPERATION`] is empty.
+pub const PREFLIGHT: &str = "x-funcatron-preflight";
 /// Path parameters extracted by the Tron, as a JSON object of strings.
 pub const PATH_PARAMS: &str = "x-funcatron-path-params";
 /// When the Tron forwarded the request (Unix ms, with a fraction): splits

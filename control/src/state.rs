@@ -65,6 +65,40 @@ pub struct FuncSettings {
     /// A scheme without an entry refuses every request (fail closed).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub auth: BTreeMap<String, SchemeCredentials>,
+    /// Cross-origin (browser) access to this Func's routes; `None`: none
+    /// (no CORS headers, preflights answered 405 like any undeclared
+    /// method). See `funcatron_bundle::cors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<CorsSettings>,
+}
+
+/// Which web pages may call a Func from a browser (CORS). Preflights are
+/// answered by the Runner from this and the API document, without running
+/// the Func; answers to allowed origins carry the CORS headers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CorsSettings {
+    /// Allowed origins: exact (`https://app.example.com`), with a
+    /// wildcard first label (`https://*.example.com`), or `*` for any
+    /// (not with `credentials`).
+    pub origins: Vec<String>,
+    /// Request headers a page may send, beyond the CORS-safelisted ones;
+    /// `None`: the ones the document declares for the operation (its
+    /// header parameters, the headers of its security schemes) and
+    /// `Content-Type`. `*` allows any (not with `credentials`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Vec<String>>,
+    /// Answer headers a page may read, beyond the safelisted ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expose: Vec<String>,
+    /// Let pages send cookies and HTTP authentication
+    /// (`Access-Control-Allow-Credentials: true`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub credentials: bool,
+    /// How long a browser may cache a preflight's answer, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_s: Option<u64>,
 }
 
 /// The credentials one security scheme is checked against. Values never

@@ -178,7 +178,7 @@ pub enum FuncCmd {
     /// Uploads and enable/disable/rollback events.
     History(Named),
     /// Route to a version (default: the latest upload), with settings.
-    Enable(EnableArgs),
+    Enable(Box<EnableArgs>),
     /// Stop routing to a Func (its routes answer 404).
     Disable(Named),
     /// Enable the version that was enabled before the current one.
@@ -258,8 +258,39 @@ pub struct EnableArgs {
     /// refuses every request.
     #[arg(long = "auth", value_name = "SCHEME:KEY=VALUE,...")]
     auth: Vec<String>,
+    /// Let web pages from this origin call the Func from a browser (CORS;
+    /// repeatable): `https://app.example.com`, `https://*.example.com`, or
+    /// `*` for any. Preflights are then answered from the document.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
+    /// A request header such pages may send (repeatable; `*` for any);
+    /// without it, the headers the document declares for each operation.
+    #[arg(long = "cors-header", value_name = "NAME", requires = "cors_origins")]
+    cors_headers: Vec<String>,
+    /// An answer header such pages may read (repeatable).
+    #[arg(long = "cors-expose", value_name = "NAME", requires = "cors_origins")]
+    cors_expose: Vec<String>,
+    /// Let such pages send cookies and HTTP authentication.
+    #[arg(long, requires = "cors_origins")]
+    cors_credentials: bool,
+    /// How long browsers may cache a preflight's answer, in seconds.
+    #[arg(long, value_name = "SECONDS", requires = "cors_origins")]
+    cors_max_age: Option<u64>,
     #[command(flatten)]
     remote: Remote,
+}
+
+impl EnableArgs {
+    /// The `cors` setting the flags describe (none without an origin).
+    fn cors(&self) -> Option<funcatron_control::state::CorsSettings> {
+        (!self.cors_origins.is_empty()).then(|| funcatron_control::state::CorsSettings {
+            origins: self.cors_origins.clone(),
+            headers: (!self.cors_headers.is_empty()).then(|| self.cors_headers.clone()),
+            expose: self.cors_expose.clone(),
+            credentials: self.cors_credentials,
+            max_age_s: self.cors_max_age,
+        })
+    }
 }
 
 /// `--auth SCHEME:secret=NAME,jwks=NAME,audience=AUD,issuer=ISS`.
@@ -370,6 +401,7 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
                     debug: a.debug.then_some(true),
                     check_responses: a.check_responses.then_some(true),
                     auth: parse_auth(&a.auth)?,
+                    cors: a.cors(),
                 }),
             };
             let v: Enabled = answer(

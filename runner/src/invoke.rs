@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use funcatron_bundle::auth::{AuthInput, Guard, Principal};
+use funcatron_bundle::cors::Cors;
 use funcatron_bundle::validate::{Checks, Input, Refusal, ResponseChecks};
 use funcatron_envelope::{encode_body, now_ms, EnvelopeError, Request, Response, Timings, VERSION};
 
@@ -45,6 +46,21 @@ pub struct Job {
     /// Runner's `--debug-errors` (dev mode). See
     /// [`InvokeError::client_message`].
     pub debug: bool,
+    /// The Func's CORS policy: answers to allowed origins carry its
+    /// headers.
+    pub cors: Option<Arc<Cors>>,
+    /// An `OPTIONS` the Tron sent as a preflight ([`preflight`]).
+    pub preflight: Option<PreflightJob>,
+}
+
+/// What the Tron says about an `OPTIONS` on a path without an `options`
+/// operation.
+#[derive(Debug)]
+pub struct PreflightJob {
+    /// The path's methods (`GET, POST`).
+    pub allow: String,
+    /// The path template.
+    pub template: String,
 }
 
 /// What the serve loop does with one delivery.
@@ -159,6 +175,19 @@ pub enum InvokeError {
     /// declare; the Func did not run.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// An `OPTIONS` on a path without an `options` operation that is not
+    /// a preflight the Func's CORS policy answers; the path's methods.
+    #[error("OPTIONS is not allowed on {path}; allowed: {allow}")]
+    MethodNotAllowed {
+        /// The request's path.
+        path: String,
+        /// The path's methods.
+        allow: String,
+    },
+    /// A CORS preflight the Func's policy refuses (the browser will not
+    /// send the call).
+    #[error("{0}")]
+    CorsRefused(String),
     /// The request does not pass the operation's security requirement
     /// (401), or lacks a scope (403); the Func did not run.
     #[error("{reason}")]
@@ -227,6 +256,8 @@ impl InvokeError {
             | InvokeError::BadRequest(_)
             | InvokeError::Invalid(_)
             | InvokeError::UnsupportedMediaType(_)
+            | InvokeError::MethodNotAllowed { .. }
+            | InvokeError::CorsRefused(_)
             | InvokeError::Unauthorized { .. }
             | InvokeError::ReplyTooLarge(_) => return Cow::Owned(self.to_string()),
         };
@@ -245,6 +276,8 @@ impl InvokeError {
             InvokeError::Crashed(_) => (500, "func_crashed"),
             InvokeError::ReplyTooLarge(_) => (502, "reply_too_large"),
             InvokeError::UnsupportedMediaType(_) => (415, "unsupported_media_type"),
+            InvokeError::MethodNotAllowed { .. } => (405, "method_not_allowed"),
+            InvokeError::CorsRefused(_) => (403, "cors_refused"),
             InvokeError::Unauthorized { status: 403, .. } => (403, "forbidden"),
             InvokeError::Unauthorized { .. } => (401, "unauthorized"),
             InvokeError::SandboxUnavailable(_) => (503, "sandbox_unavailable"),
@@ -395,6 +428,61 @@ pub fn run_sync(
     finish(func, job, &req, called.started, called.result)
 }
 
+fn header<'r>(req: &'r Request<'_>, name: &str) -> Option<&'r str> {
+    req.headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_ref())
+}
+
+/// A preflight, answered without the Func (and before its security
+/// requirement: browsers send no credentials with one): 204 with the CORS
+/// headers, 403 `cors_refused` with the reason, or, for a Func without a
+/// CORS policy or an `OPTIONS` that is no preflight, 405 with `Allow`.
+pub fn preflight(func: &str, job: &Job, p: &PreflightJob) -> Handled {
+    let (req, _) = match decode(job) {
+        Ok(r) => r,
+        Err(why) => return Handled::Undecodable(why.to_string()),
+    };
+    if req.deadline_ms as f64 <= now_ms() {
+        return Handled::Expired {
+            request_id: req.id.to_string(),
+        };
+    }
+    let origin = header(&req, "origin");
+    let method = header(&req, "access-control-request-method");
+    let result = match (&job.cors, origin, method) {
+        (Some(cors), Some(origin), Some(method)) => {
+            let requested = header(&req, "access-control-request-headers").unwrap_or("");
+            match cors.preflight(origin, method, requested, &p.allow, &p.template) {
+                Ok(headers) => Ok(FuncResponse {
+                    status: 204,
+                    headers: headers
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .collect(),
+                    body: Vec::new(),
+                }),
+                Err(refused) => Err(InvokeError::CorsRefused(refused.0)),
+            }
+        }
+        _ => Err(InvokeError::MethodNotAllowed {
+            path: req.path.to_string(),
+            allow: p.allow.clone(),
+        }),
+    };
+    finish(func, job, &req, Instant::now(), result)
+}
+
+/// The Func's CORS headers on an answer to `req` (none without a policy
+/// or for a preflight, which has its own).
+fn cors_headers(job: &Job, req: &Request<'_>) -> Vec<(&'static str, String)> {
+    match &job.cors {
+        Some(cors) if job.preflight.is_none() => cors.answer_headers(header(req, "origin")),
+        _ => Vec::new(),
+    }
+}
+
 /// An answer travels as one message: one larger than the limit (body and
 /// headers) is refused rather than sent.
 fn within_reply_limit(fr: FuncResponse, max: usize) -> Result<FuncResponse, InvokeError> {
@@ -441,14 +529,25 @@ pub fn finish(
     let (status, response) = match result {
         Ok(fr) => {
             let (body, body_base64) = encode_body(&fr.body);
+            let cors = cors_headers(job, req);
+            let replace = !cors.is_empty();
+            let own = fr.headers.iter().filter(|(k, _)| {
+                // With a policy, the platform's CORS headers replace the Func's.
+                !replace
+                    || !k
+                        .get(..15)
+                        .is_some_and(|p| p.eq_ignore_ascii_case("access-control-"))
+            });
             let r = Response {
                 version: Cow::Borrowed(VERSION),
                 id: Cow::Borrowed(&req.id),
                 status: fr.status,
-                headers: fr
-                    .headers
-                    .iter()
+                headers: own
                     .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str())))
+                    .chain(
+                        cors.into_iter()
+                            .map(|(k, v)| (Cow::Borrowed(k), Cow::Owned(v))),
+                    )
                     .collect(),
                 body,
                 body_base64,
@@ -466,40 +565,7 @@ pub fn finish(
             }
             encoded
         }
-        Err(e) => {
-            let (status, code) = e.status_code();
-            tracing::warn!(request_id = %req.id, func, operation = %job.operation, error = %e, "Func failed");
-            job.observer.func_log(
-                func,
-                "",
-                &req.id,
-                "error",
-                &crate::observe::log_line(&format!("{} {}: {e}", status, job.operation)),
-            );
-            let mut r = Response::error(&req.id, status, code, &e.client_message(job.debug));
-            if let InvokeError::Unauthorized { challenge, .. } = &e {
-                if !challenge.is_empty() {
-                    r.headers.push((
-                        Cow::Borrowed("www-authenticate"),
-                        Cow::Owned(challenge.clone()),
-                    ));
-                }
-            }
-            if let InvokeError::Invalid(problems) = &e {
-                r.body = std::borrow::Cow::Owned(
-                    serde_json::json!({
-                        "error": code,
-                        "message": "the request does not match the API document; the Func was not invoked",
-                        "problems": problems,
-                        "request_id": req.id,
-                    })
-                    .to_string(),
-                );
-            }
-            r.timings = timings;
-            r.reply_key = req.reply_key.clone();
-            (status, r.encode())
-        }
+        Err(e) => failure(func, job, req, &e, timings),
     };
     metrics::counter!("runner_invocations_total", "func" => func.to_owned(), "status" => status_class(status)).increment(1);
     Handled::Reply {
@@ -509,6 +575,56 @@ pub fn finish(
         response,
         unchecked,
     }
+}
+
+/// The envelope of a failure: status, JSON reason, and the headers it
+/// calls for (`WWW-Authenticate`, `Allow`, CORS).
+fn failure(
+    func: &str,
+    job: &Job,
+    req: &Request<'_>,
+    e: &InvokeError,
+    timings: Timings,
+) -> (u16, Vec<u8>) {
+    let (status, code) = e.status_code();
+    tracing::warn!(request_id = %req.id, func, operation = %job.operation, error = %e, "Func failed");
+    job.observer.func_log(
+        func,
+        "",
+        &req.id,
+        "error",
+        &crate::observe::log_line(&format!("{} {}: {e}", status, job.operation)),
+    );
+    let mut r = Response::error(&req.id, status, code, &e.client_message(job.debug));
+    if let InvokeError::Unauthorized { challenge, .. } = e {
+        if !challenge.is_empty() {
+            r.headers.push((
+                Cow::Borrowed("www-authenticate"),
+                Cow::Owned(challenge.clone()),
+            ));
+        }
+    }
+    if let InvokeError::MethodNotAllowed { allow, .. } = e {
+        r.headers
+            .push((Cow::Borrowed("allow"), Cow::Owned(allow.clone())));
+    }
+    for (k, v) in cors_headers(job, req) {
+        r.headers.push((Cow::Borrowed(k), Cow::Owned(v)));
+    }
+    if let InvokeError::Invalid(problems) = e {
+        r.body = std::borrow::Cow::Owned(
+            serde_json::json!({
+                "error": code,
+                "message": "the request does not match the API document; the Func was not invoked",
+                "problems": problems,
+                "request_id": req.id,
+            })
+            .to_string(),
+        );
+    }
+    r.timings = timings;
+    r.reply_key = req.reply_key.clone();
+    (status, r.encode())
 }
 
 fn status_class(status: u16) -> &'static str {

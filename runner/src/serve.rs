@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use tokio::sync::watch;
 
 use funcatron_bundle::auth::{AuthRules, Guard};
+use funcatron_bundle::cors::Cors;
 use funcatron_bundle::validate::{self, Answer, Checks, ResponseChecks};
 
 use crate::error::{DeliveryError, PrepareError, SecretError};
@@ -59,6 +60,8 @@ struct Version {
     /// The document's security schemes with their credentials; `None`
     /// when no operation requires any.
     guard: Option<Arc<Guard>>,
+    /// The Func's CORS policy, if it has one.
+    cors: Option<Arc<Cors>>,
 }
 
 impl Version {
@@ -70,6 +73,7 @@ impl Version {
             routes: HashMap::new(),
             ambiguous_logged: OnceLock::new(),
             guard: None,
+            cors: None,
         }
     }
 
@@ -160,6 +164,25 @@ fn guard_of(b: &Bundle, secrets_dir: Option<&Path>) -> Result<Option<Arc<Guard>>
     Guard::new(rules, &b.auth, &secret)
         .map(|g| Some(Arc::new(g)))
         .map_err(|e| format!("security schemes: {e}"))
+}
+
+/// The Func's CORS policy, with the request headers each operation's
+/// document declares (see [`funcatron_bundle::cors`]).
+fn cors_of(b: &Bundle, checks: &HashMap<String, Checks>) -> Result<Option<Arc<Cors>>, String> {
+    let Some(settings) = &b.cors else {
+        return Ok(None);
+    };
+    let mut cors = Cors::new(settings).map_err(|e| e.to_string())?;
+    let rules = AuthRules::compile(&b.doc, &b.spec_file).map_err(|e| e.to_string())?;
+    for op in &b.operations {
+        let route = validate::route_key(&op.method, &op.path);
+        let mut headers = rules.header_names(&route);
+        if let Some(c) = checks.get(&route) {
+            headers.extend(c.header_names());
+        }
+        cors.declare(route, headers);
+    }
+    Ok(Some(Arc::new(cors)))
 }
 
 /// Runner settings.
@@ -269,6 +292,7 @@ struct PreparedWith {
     memory_bytes: Option<usize>,
     concurrency: Option<usize>,
     auth: BTreeMap<String, funcatron_control::state::SchemeCredentials>,
+    cors: Option<funcatron_control::state::CorsSettings>,
 }
 
 impl PreparedWith {
@@ -280,6 +304,7 @@ impl PreparedWith {
             memory_bytes: b.memory_bytes,
             concurrency: b.concurrency,
             auth: b.auth.clone(),
+            cors: b.cors.clone(),
         }
     }
 }
@@ -389,10 +414,12 @@ async fn prepare_version(b: &Bundle, options: &RunnerOptions, observer: &Observe
     let ready = resolve_env(b, options.secrets_dir.as_deref())
         .map_err(PrepareError::from)
         .and_then(|env| Ok((env, validate::compile_bundle(b)?)));
-    let ready = ready
-        .map_err(|e| e.to_string())
-        .and_then(|(env, checks)| Ok((env, checks, guard_of(b, options.secrets_dir.as_deref())?)));
-    let (env, checks, guard) = match ready {
+    let ready = ready.map_err(|e| e.to_string()).and_then(|(env, checks)| {
+        let guard = guard_of(b, options.secrets_dir.as_deref())?;
+        let cors = cors_of(b, &checks)?;
+        Ok((env, checks, guard, cors))
+    });
+    let (env, checks, guard, cors) = match ready {
         Ok(r) => r,
         Err(why) => {
             tracing::error!(func = %b.name, error = %why, "bundle cannot run; its requests get 500 with this reason");
@@ -428,6 +455,7 @@ async fn prepare_version(b: &Bundle, options: &RunnerOptions, observer: &Observe
         routes: routes_by_operation(&b),
         ambiguous_logged: OnceLock::new(),
         guard,
+        cors,
     }
 }
 
@@ -642,6 +670,17 @@ fn job_for(ctx: &Consumer, delivery: &Delivery, picked_ms: f64) -> Result<Job, D
         .message
         .header(headers::DISPATCHED_MS)
         .and_then(|v| v.parse::<f64>().ok());
+    let preflight = delivery.message.header(headers::PREFLIGHT).map(|allow| {
+        let template = delivery
+            .message
+            .header(headers::ROUTE)
+            .and_then(|r| r.split_once(' '))
+            .map_or("", |(_, t)| t);
+        invoke::PreflightJob {
+            allow: allow.to_owned(),
+            template: template.to_owned(),
+        }
+    });
     Ok(Job {
         payload: delivery.message.payload.clone(),
         operation,
@@ -654,6 +693,8 @@ fn job_for(ctx: &Consumer, delivery: &Delivery, picked_ms: f64) -> Result<Job, D
         observer: ctx.observer.clone(),
         max_reply_bytes: ctx.max_reply_bytes,
         debug: ctx.debug.load(Ordering::Relaxed),
+        cors: ctx.version.cors.clone(),
+        preflight,
     })
 }
 
@@ -681,7 +722,11 @@ async fn handle(ctx: &Consumer, delivery: Delivery) {
     );
     async {
         let payload = job.payload.clone();
-        let handled = call_version(&ctx.func, &ctx.version.prepared, job).await;
+        let handled = match &job.preflight {
+            // Answered here: the Func never sees a preflight.
+            Some(p) => invoke::preflight(func, &job, p),
+            None => call_version(&ctx.func, &ctx.version.prepared, job).await,
+        };
         settle(ctx, delivery, &payload, handled).await;
     }
     .instrument(span)
@@ -865,6 +910,8 @@ mod tests {
             observer: Observer::detached(),
             max_reply_bytes: 1024,
             debug: false,
+            cors: None,
+            preflight: None,
         }
     }
 

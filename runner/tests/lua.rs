@@ -66,6 +66,8 @@ fn job(op: &str, body: &[u8], content_type: &str) -> Job {
         observer: funcatron_runner::observe::Observer::detached(),
         max_reply_bytes: 1 << 20,
         debug: true,
+        cors: None,
+        preflight: None,
     }
 }
 

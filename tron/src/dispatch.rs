@@ -171,7 +171,22 @@ async fn dispatch(broker: &AnyBroker, demand: &Demand, routes: &RouteTable, deli
             RouteOutcome::Found(route) => {
                 tracing::Span::current().record("func", route.func);
                 tracing::Span::current().record("version", route.version);
-                forward(broker, demand, &view, route, delivery, now, ttl_ms).await;
+                forward(broker, demand, &view, route, None, delivery, now, ttl_ms).await;
+            }
+            RouteOutcome::Preflight(route, allow) => {
+                tracing::Span::current().record("func", route.func);
+                let allow = allow.join(", ");
+                forward(
+                    broker,
+                    demand,
+                    &view,
+                    route,
+                    Some(allow),
+                    delivery,
+                    now,
+                    ttl_ms,
+                )
+                .await;
             }
             RouteOutcome::NotFound => {
                 let msg = format!("no Func serves {} {}{}", view.method, view.host, view.path);
@@ -201,17 +216,23 @@ async fn dispatch(broker: &AnyBroker, demand: &Demand, routes: &RouteTable, deli
 }
 
 /// Forward a routed request to its Func queue with the routing outcome in
-/// headers; acknowledge once the forward is confirmed.
+/// headers (a preflight with the path's methods, `preflight`); acknowledge
+/// once the forward is confirmed.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     broker: &AnyBroker,
     demand: &Demand,
     view: &RouteView<'_>,
     route: Route<'_>,
+    preflight: Option<String>,
     delivery: Delivery,
     now: f64,
     ttl_ms: u64,
 ) {
-    let mut hdrs = Vec::with_capacity(5);
+    let mut hdrs = Vec::with_capacity(6);
+    if let Some(allow) = preflight {
+        hdrs.push((headers::PREFLIGHT.to_owned(), allow));
+    }
     hdrs.push((headers::FUNC.to_owned(), route.func.to_owned()));
     hdrs.push((
         headers::DISPATCHED_MS.to_owned(),

@@ -69,6 +69,11 @@ pub enum RouteOutcome<'t> {
     NotFound,
     /// The path exists but not for this method; the methods that do.
     MethodNotAllowed(Vec<&'t str>),
+    /// An `OPTIONS` on a path that exists but declares no `options`
+    /// operation: a CORS preflight for its Func to answer
+    /// (`funcatron_bundle::cors`); the route (method `OPTIONS`, no
+    /// handler) and the path's methods.
+    Preflight(Route<'t>, Vec<&'t str>),
 }
 
 /// A routed request.
@@ -90,6 +95,8 @@ pub struct Route<'t> {
     pub template: &'t str,
     /// Path parameters, percent-decoded.
     pub params: Vec<(&'t str, String)>,
+    /// The path's methods and handlers.
+    allow: &'t [(String, String)],
 }
 
 /// Why a path template does not compile.
@@ -358,7 +365,9 @@ impl RouteTable {
     /// 405 with the first match's methods.
     pub fn route(&self, host: &str, method: &str, path: &str) -> RouteOutcome<'_> {
         let host = RequestHost::new(host);
-        let mut denied: Option<(usize, Vec<&str>)> = None;
+        // The first template that matched without the method: its Func,
+        // and (for a preflight) the route it would answer.
+        let mut denied: Option<(usize, Route<'_>)> = None;
         for e in &self.entries {
             if denied.as_ref().is_some_and(|(f, _)| *f != e.func) {
                 continue;
@@ -370,44 +379,68 @@ impl RouteTable {
                 let Some(caps) = p.regex.captures(rest) else {
                     continue;
                 };
-                let Some((m, op)) = p
+                let found = p
                     .methods
                     .iter()
-                    .find(|(m, _)| m.eq_ignore_ascii_case(method))
-                else {
+                    .find(|(m, _)| m.eq_ignore_ascii_case(method));
+                let Some((m, op)) = found else {
                     if denied.is_none() {
-                        let allow = p.methods.iter().map(|(m, _)| m.as_str()).collect();
-                        denied = Some((e.func, allow));
+                        let mut at = self.route_of(e, p, "OPTIONS", "", &caps);
+                        if !method.eq_ignore_ascii_case("OPTIONS") {
+                            at.params.clear();
+                        }
+                        denied = Some((e.func, at));
                     }
                     break;
                 };
-                let params = p
-                    .names
-                    .iter()
-                    .zip(caps.iter().skip(1))
-                    .map(|(n, c)| {
-                        let raw = c.map(|m| m.as_str()).unwrap_or_default();
-                        (
-                            n.as_str(),
-                            percent_decode_str(raw).decode_utf8_lossy().into_owned(),
-                        )
-                    })
-                    .collect();
-                let f = &self.funcs[e.func];
-                return RouteOutcome::Found(Route {
-                    func: &f.func,
-                    queue: &f.queue,
-                    version: &f.version,
-                    operation_id: op,
-                    method: m,
-                    template: &p.template,
-                    params,
-                });
+                return RouteOutcome::Found(self.route_of(e, p, m, op, &caps));
             }
         }
         match denied {
-            Some((_, allow)) => RouteOutcome::MethodNotAllowed(allow),
+            Some((_, at)) if method.eq_ignore_ascii_case("OPTIONS") => {
+                let allow = self.allow_of(&at);
+                RouteOutcome::Preflight(at, allow)
+            }
+            Some((_, at)) => RouteOutcome::MethodNotAllowed(self.allow_of(&at)),
             None => RouteOutcome::NotFound,
         }
+    }
+
+    fn route_of<'t>(
+        &'t self,
+        e: &'t Entry,
+        p: &'t PathRoute,
+        method: &'t str,
+        op: &'t str,
+        caps: &regex::Captures<'_>,
+    ) -> Route<'t> {
+        let params = p
+            .names
+            .iter()
+            .zip(caps.iter().skip(1))
+            .map(|(n, c)| {
+                let raw = c.map(|m| m.as_str()).unwrap_or_default();
+                (
+                    n.as_str(),
+                    percent_decode_str(raw).decode_utf8_lossy().into_owned(),
+                )
+            })
+            .collect();
+        let f = &self.funcs[e.func];
+        Route {
+            func: &f.func,
+            queue: &f.queue,
+            version: &f.version,
+            operation_id: op,
+            method,
+            template: &p.template,
+            params,
+            allow: &p.methods,
+        }
+    }
+
+    /// The methods of a route's path.
+    fn allow_of<'t>(&self, at: &Route<'t>) -> Vec<&'t str> {
+        at.allow.iter().map(|(m, _)| m.as_str()).collect()
     }
 }

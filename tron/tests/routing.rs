@@ -40,6 +40,7 @@ fn bundle_of_api(name: &str, file: &Path, api: ApiDoc) -> Bundle {
         concurrency: None,
         debug: false,
         auth: Default::default(),
+        cors: None,
         doc: Default::default(),
         version: "v1".into(),
     }
@@ -120,6 +121,23 @@ fn petstore_swagger2_routes_by_host_base_path_template_and_method() {
     assert_eq!(
         t.route("petstore.swagger.io", "GET", "/v2/pet"),
         RouteOutcome::MethodNotAllowed(vec!["PUT", "POST"])
+    );
+    // OPTIONS on a path without an `options` operation: a preflight for
+    // the Func, with the path's methods and parameters.
+    match t.route("petstore.swagger.io", "OPTIONS", "/v2/pet/7") {
+        RouteOutcome::Preflight(r, allow) => {
+            assert_eq!(allow, vec!["GET", "POST", "DELETE"]);
+            assert_eq!(
+                (r.method, r.template, r.operation_id),
+                ("OPTIONS", "/pet/{petId}", "")
+            );
+            assert_eq!(r.params, vec![("petId", "7".to_owned())]);
+        }
+        other => panic!("expected a preflight, got {other:?}"),
+    }
+    assert_eq!(
+        t.route("petstore.swagger.io", "OPTIONS", "/v2/nothing/here"),
+        RouteOutcome::NotFound
     );
     // Outside the base path or no such template.
     assert_eq!(

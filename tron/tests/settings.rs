@@ -39,7 +39,17 @@ async fn settings_with_unusable_names_are_refused() {
         )]),
         ..FuncSettings::default()
     };
-    let bad: [FuncSettings; 6] = [
+    let cors = |origin: &str, credentials: bool| FuncSettings {
+        cors: Some(funcatron_control::state::CorsSettings {
+            origins: vec![origin.to_owned()],
+            credentials,
+            ..Default::default()
+        }),
+        ..FuncSettings::default()
+    };
+    let bad: [FuncSettings; 8] = [
+        cors("*", true),
+        cors("app.example.com", false),
         auth("../keys.json"),
         auth("FUNCATRON_READ_TOKEN"),
         FuncSettings {

@@ -162,6 +162,14 @@ impl std::fmt::Debug for Checks {
 }
 
 impl Checks {
+    /// The header parameters the operation declares (lower-case).
+    pub fn header_names(&self) -> impl Iterator<Item = String> + '_ {
+        self.params
+            .iter()
+            .filter(|p| p.location == params::Location::Header)
+            .map(|p| p.name.to_ascii_lowercase())
+    }
+
     /// Check a request; `Ok` when the Func may be invoked.
     pub fn check<H: AsRef<str>>(&self, input: &Input<'_, H>) -> Result<(), Refusal> {
         let mut problems = Vec::new();

@@ -169,12 +169,17 @@ fn now_ms() -> u64 {
 
 /// Settings are checked like the bundle fields they override: `env` keys
 /// and secret names (the Func's and those its `auth` credentials name) are
-/// variable names (a secret name names a file), and
-/// timeouts and memory are within the operator's ceilings.
+/// variable names (a secret name names a file),
+/// timeouts and memory are within the operator's ceilings, and a `cors`
+/// setting is usable (`funcatron_bundle::cors::Cors::new`).
 fn check_settings(s: &FuncSettings, ceilings: &Ceilings) -> Result<(), RegistryError> {
     ceilings
         .check(s.timeout_ms, s.memory_mb)
         .map_err(|m| RegistryError::new(422, "invalid_settings", m))?;
+    if let Some(cors) = &s.cors {
+        funcatron_bundle::cors::Cors::new(cors)
+            .map_err(|e| RegistryError::new(422, "invalid_settings", e.to_string()))?;
+    }
     let auth_secrets = s
         .auth
         .values()
