@@ -449,6 +449,11 @@ impl Registry {
         self.telemetry.logs()
     }
 
+    /// The route table this Tron dispatches with now.
+    pub fn table(&self) -> Arc<RouteTable> {
+        Arc::clone(&self.routes.borrow())
+    }
+
     /// The status view ([`crate::status`]) of this Tron's routes.
     pub async fn status(&self) -> serde_json::Value {
         let table = Arc::clone(&self.routes.borrow());
