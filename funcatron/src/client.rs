@@ -309,8 +309,13 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
                     Some(Routes::Effective(r)) => (r.runtime.as_str(), served_on(r)),
                     _ => ("-", String::new()),
                 };
+                let refused = f
+                    .refused
+                    .as_deref()
+                    .map(|why| format!("  (refused on this Tron: {why})"))
+                    .unwrap_or_default();
                 out.push_str(&format!(
-                    "{:<20} {:<13} {:<8} {bases}\n",
+                    "{:<20} {:<13} {:<8} {bases}{refused}\n",
                     f.name, enabled, runtime,
                 ));
             }

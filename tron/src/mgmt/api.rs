@@ -141,6 +141,12 @@ pub struct FuncSummary {
     pub uploads: usize,
     /// The enabled version's routes (null when disabled).
     pub routes: Option<Routes>,
+    /// Why this Tron does not route the enabled version, if it does
+    /// not: its bases conflict with a static bundle's (which is kept) or
+    /// with another enabled Func's (both are refused), or it cannot be
+    /// loaded. The reason names both bundles of a pair.
+    #[serde(default)]
+    pub refused: Option<String>,
 }
 
 /// `GET /v1/funcs`.
@@ -165,6 +171,12 @@ pub struct FuncDetail {
     pub uploads: Vec<Upload>,
     /// The enabled version's routes (null when disabled).
     pub routes: Option<Routes>,
+    /// Why this Tron does not route the enabled version, if it does
+    /// not: its bases conflict with a static bundle's (which is kept) or
+    /// with another enabled Func's (both are refused), or it cannot be
+    /// loaded. The reason names both bundles of a pair.
+    #[serde(default)]
+    pub refused: Option<String>,
 }
 
 /// `GET /v1/funcs/{name}/history`.

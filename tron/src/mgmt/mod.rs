@@ -513,6 +513,15 @@ async fn shown_settings(api: &Api, settings: &FuncSettings, sha: Option<&str>) -
     shown
 }
 
+/// Why `func`'s enabled version `sha` is not routed here, if it is not.
+fn refusal(refused: &[crate::registry::Refusal], func: &str, sha: Option<&str>) -> Option<String> {
+    let sha = sha?;
+    refused
+        .iter()
+        .find(|r| r.func == func && r.sha.as_deref() == Some(sha))
+        .map(|r| r.reason.clone())
+}
+
 async fn routes_of(api: &Api, sha: &str) -> Routes {
     match api.registry.bundle(sha).await {
         Ok(b) => Routes::Effective(EffectiveRoutes {
@@ -536,6 +545,7 @@ async fn routes_of(api: &Api, sha: &str) -> Routes {
     ))]
 async fn list(State(api): Shared) -> Json<FuncList> {
     let st = api.registry.state().await;
+    let refused = api.registry.refused();
     let mut funcs = Vec::new();
     for (name, f) in &st.funcs {
         let routes = match &f.enabled {
@@ -543,6 +553,7 @@ async fn list(State(api): Shared) -> Json<FuncList> {
             None => None,
         };
         funcs.push(FuncSummary {
+            refused: refusal(&refused, name, f.enabled.as_deref()),
             name: name.clone(),
             enabled: f.enabled.clone(),
             uploads: f.uploads.len(),
@@ -575,6 +586,7 @@ async fn show(State(api): Shared, Path(name): Path<String>) -> Response {
     };
     Json(FuncDetail {
         settings: shown_settings(&api, &f.settings, f.enabled.as_deref()).await,
+        refused: refusal(&api.registry.refused(), &name, f.enabled.as_deref()),
         name,
         enabled: f.enabled.clone(),
         uploads: f.uploads.clone(),
@@ -697,7 +709,7 @@ async fn rollback(State(api): Shared, Path(name): Path<String>) -> Response {
         (status = 401, description = "no or a wrong token", body = ApiError),
         (status = 403, description = "the read token: this call needs the admin token", body = ApiError),
         (status = 404, description = "no such Func is enabled", body = ApiError),
-        (status = 409, description = "this Tron routes that request to another Func (`routed_elsewhere`)", body = ApiError),
+        (status = 409, description = "this Tron does not route the Func (`route_conflict`, with the reason), or routes that request to another Func (`routed_elsewhere`)", body = ApiError),
         (status = 413, description = "larger than the upload limit", body = ApiError),
         (status = 503, description = "this Tron cannot invoke Funcs", body = ApiError),
     ))]
@@ -714,6 +726,10 @@ async fn invoke(State(api): Shared, Path(name): Path<String>, body: axum::body::
         Err(r) => return *r,
     };
     let Some(b) = api.registry.serving(&name).await else {
+        if let Some(r) = api.registry.refused().iter().find(|r| r.func == name) {
+            let message = format!("{name} is not routed on this Tron: {}", r.reason);
+            return error(409, "route_conflict", &message);
+        }
         return error(404, "no_func", &format!("no Func named {name} is enabled"));
     };
     let http = match invoke_request(&b, req) {
