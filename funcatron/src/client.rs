@@ -10,9 +10,9 @@ use clap::{Args, Subcommand};
 use funcatron_bundle::archive;
 use funcatron_control::state::FuncSettings;
 use funcatron_tron::mgmt::api::{
-    ApiError, CaptureRequest, CaptureStarted, CaptureStopped, EnableRequest, Enabled, FuncDetail,
-    FuncHistory, FuncList, InvokeRequest, LogLevelRequest, LogLevelSet, LogLine, Routes, Status,
-    Uploaded,
+    ApiError, CaptureRequest, CaptureStarted, CaptureStopped, EffectiveRoutes, EnableRequest,
+    Enabled, FuncDetail, FuncHistory, FuncList, InvokeRequest, LogLevelRequest, LogLevelSet,
+    LogLine, Routes, Status, Uploaded,
 };
 use serde::de::DeserializeOwned;
 
@@ -336,15 +336,18 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
                     .as_deref()
                     .map(|s| &s[..12.min(s.len())])
                     .unwrap_or("-");
-                let (runtime, host, base_path) = match &f.routes {
-                    Some(Routes::Effective(r)) => {
-                        (r.runtime.as_str(), r.host.as_str(), r.base_path.as_str())
-                    }
-                    _ => ("-", "", ""),
+                let (runtime, bases) = match &f.routes {
+                    Some(Routes::Effective(r)) => (r.runtime.as_str(), served_on(r)),
+                    _ => ("-", String::new()),
                 };
+                let refused = f
+                    .refused
+                    .as_deref()
+                    .map(|why| format!("  (refused on this Tron: {why})"))
+                    .unwrap_or_default();
                 out.push_str(&format!(
-                    "{:<20} {:<13} {:<8} {}{}\n",
-                    f.name, enabled, runtime, host, base_path,
+                    "{:<20} {:<13} {:<8} {bases}{refused}\n",
+                    f.name, enabled, runtime,
                 ));
             }
             Ok(out)
@@ -446,14 +449,28 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
     }
 }
 
+/// Where a Func's routes are served, as `func list` prints them: every
+/// base (an older Tron that sends none: its host and base path).
+fn served_on(r: &EffectiveRoutes) -> String {
+    if r.bases.is_empty() {
+        return format!("{}{}", r.host, r.base_path);
+    }
+    r.bases.join(", ")
+}
+
 /// `funcatron invoke`.
 #[derive(Args)]
 pub struct InvokeArgs {
     /// The Func.
     name: String,
-    /// Path below its basePath.
+    /// Path below the base's path.
     #[arg(default_value = "/")]
     path: String,
+    /// Which of its bases, as `func show` lists them (`bases`, or an
+    /// operation's own), e.g. `eu.api.example.com/v1` or `*/v2`; default
+    /// its primary host and basePath.
+    #[arg(long)]
+    base: Option<String>,
     /// HTTP method.
     #[arg(short = 'X', long, default_value = "GET")]
     method: String,
@@ -494,6 +511,7 @@ pub async fn invoke(a: InvokeArgs) -> Result<(Vec<u8>, bool)> {
         .remote
         .post(&http, &format!("/v1/funcs/{}/invoke", a.name))?
         .json(&InvokeRequest {
+            base: a.base.clone(),
             method: Some(a.method.clone()),
             path: Some(a.path.clone()),
             query: a.query.clone(),

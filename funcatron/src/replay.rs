@@ -191,6 +191,7 @@ async fn send(http: &reqwest::Client, target: &Target, p: &Pair) -> Result<Answe
             remote
                 .post(http, &format!("/v1/funcs/{name}/invoke"))?
                 .json(&InvokeRequest {
+                    base: None,
                     method: Some(p.method.clone()),
                     path: Some(if rel.is_empty() { "/" } else { rel }.to_owned()),
                     query: Some(p.query.clone()),

@@ -30,7 +30,8 @@ pub struct Health {
     pub ok: bool,
 }
 
-/// One operation of a bundle: method, path template, handler.
+/// One operation of a bundle: method, path template, handler, and where
+/// it is served when that is not the bundle's `bases`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RouteOperation {
     /// Upper-case HTTP method.
@@ -40,6 +41,11 @@ pub struct RouteOperation {
     /// Names the handler.
     #[serde(rename = "operationId")]
     pub operation_id: String,
+    /// Its own bases, when its path item or itself declares `servers`
+    /// (they replace the bundle's `bases` for it); absent: the bundle's.
+    /// Written like the bundle's `bases`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bases: Option<Vec<String>>,
 }
 
 /// Query of `POST /v1/bundles`.
@@ -64,11 +70,19 @@ pub struct Uploaded {
     pub version: String,
     /// `lua`, `python`, `node`, `java`, `exec`, ...
     pub runtime: String,
-    /// The host it answers for, if it names one.
+    /// The primary base's host (its variables at their defaults), if
+    /// it names one; `bases` lists every base.
     pub host: Option<String>,
-    /// Its base path.
+    /// The primary base's path (its variables at their defaults).
     #[serde(rename = "basePath")]
     pub base_path: String,
+    /// Every base it is served on, the primary (`host` + `basePath`)
+    /// first: each server and each enum value of its variables, written
+    /// `api.example.com/v1` (`*/v1`: any host; `{name}`: a server
+    /// variable, any text within its label or segment). An operation
+    /// with its own servers lists its own. `invoke` takes one as `base`.
+    #[serde(default)]
+    pub bases: Vec<String>,
     /// Its operations.
     pub operations: Vec<RouteOperation>,
     /// Whether this upload is now the enabled version.
@@ -82,11 +96,19 @@ pub struct EffectiveRoutes {
     pub runtime: String,
     /// The bundle's content version.
     pub version: String,
-    /// The host it answers for (`*`: any).
+    /// The primary base's host, its variables at their defaults (`*`:
+    /// any); `bases` lists every base.
     pub host: String,
-    /// Its base path.
+    /// The primary base's path (its variables at their defaults).
     #[serde(rename = "basePath")]
     pub base_path: String,
+    /// Every base it is served on, the primary (`host` + `basePath`)
+    /// first: each server and each enum value of its variables, written
+    /// `api.example.com/v1` (`*/v1`: any host; `{name}`: a server
+    /// variable, any text within its label or segment). An operation
+    /// with its own servers lists its own. `invoke` takes one as `base`.
+    #[serde(default)]
+    pub bases: Vec<String>,
     /// Its operations.
     pub operations: Vec<RouteOperation>,
 }
@@ -119,6 +141,12 @@ pub struct FuncSummary {
     pub uploads: usize,
     /// The enabled version's routes (null when disabled).
     pub routes: Option<Routes>,
+    /// Why this Tron does not route the enabled version, if it does
+    /// not: its bases conflict with a static bundle's (which is kept) or
+    /// with another enabled Func's (both are refused), or it cannot be
+    /// loaded. The reason names both bundles of a pair.
+    #[serde(default)]
+    pub refused: Option<String>,
 }
 
 /// `GET /v1/funcs`.
@@ -143,6 +171,12 @@ pub struct FuncDetail {
     pub uploads: Vec<Upload>,
     /// The enabled version's routes (null when disabled).
     pub routes: Option<Routes>,
+    /// Why this Tron does not route the enabled version, if it does
+    /// not: its bases conflict with a static bundle's (which is kept) or
+    /// with another enabled Func's (both are refused), or it cannot be
+    /// loaded. The reason names both bundles of a pair.
+    #[serde(default)]
+    pub refused: Option<String>,
 }
 
 /// `GET /v1/funcs/{name}/history`.
@@ -186,7 +220,15 @@ pub struct InvokeRequest {
     /// HTTP method (default `GET`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
-    /// Path below the Func's basePath (default `/`).
+    /// Which of the Func's bases to call, written as its routes show it
+    /// (`bases`, or an operation's own); default the primary (`host` +
+    /// `basePath`, its variables at their defaults). Another base's
+    /// variables are replaced by their names (a port's by `80`), any
+    /// host by `localhost`; a `host` header in `headers` replaces the
+    /// Host. An unknown base is a 400 `unknown_base` listing the Func's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// Path below the base's path (default `/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// Query string, without `?`.

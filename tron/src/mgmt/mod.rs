@@ -28,12 +28,14 @@ use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
 use utoipa_axum::routes;
 
 use crate::registry::{Registry, RegistryError};
+use crate::RouteOutcome;
 use api::{
     ApiError, CaptureRequest, CaptureStarted, CaptureStopped, EffectiveRoutes, EnableRequest,
     Enabled, FuncDetail, FuncHistory, FuncList, FuncSummary, Health, InvokeRequest,
     LogLevelRequest, LogLevelSet, LogsQuery, RouteOperation, Routes, RoutesUnavailable,
     UploadQuery, Uploaded,
 };
+use funcatron_bundle::{Base, Bundle};
 
 /// The name of the bearer-token security scheme in the document. Its
 /// requirement names the role an operation needs: `read` (the read token
@@ -365,13 +367,19 @@ async fn limited(api: &Api, body: axum::body::Body) -> Result<Bytes, Box<Respons
         })
 }
 
-fn operations(b: &funcatron_bundle::Bundle) -> Vec<RouteOperation> {
+/// Bases as answers show them (`api.example.com/v1`, `*/v1`).
+fn shown(bases: &[Base]) -> Vec<String> {
+    bases.iter().map(ToString::to_string).collect()
+}
+
+fn operations(b: &Bundle) -> Vec<RouteOperation> {
     b.operations
         .iter()
         .map(|o| RouteOperation {
             method: o.method.clone(),
             path: o.path.clone(),
             operation_id: o.operation_id.clone(),
+            bases: o.bases.as_deref().map(shown),
         })
         .collect()
 }
@@ -419,6 +427,7 @@ async fn upload(
                     runtime: b.runtime.as_str().to_owned(),
                     host: b.host.clone(),
                     base_path: b.base_path.clone(),
+                    bases: shown(&b.bases),
                     operations: operations(&b),
                     enabled,
                 }),
@@ -504,6 +513,15 @@ async fn shown_settings(api: &Api, settings: &FuncSettings, sha: Option<&str>) -
     shown
 }
 
+/// Why `func`'s enabled version `sha` is not routed here, if it is not.
+fn refusal(refused: &[crate::registry::Refusal], func: &str, sha: Option<&str>) -> Option<String> {
+    let sha = sha?;
+    refused
+        .iter()
+        .find(|r| r.func == func && r.sha.as_deref() == Some(sha))
+        .map(|r| r.reason.clone())
+}
+
 async fn routes_of(api: &Api, sha: &str) -> Routes {
     match api.registry.bundle(sha).await {
         Ok(b) => Routes::Effective(EffectiveRoutes {
@@ -511,6 +529,7 @@ async fn routes_of(api: &Api, sha: &str) -> Routes {
             version: b.version.clone(),
             host: b.host.as_deref().unwrap_or("*").to_owned(),
             base_path: b.base_path.clone(),
+            bases: shown(&b.bases),
             operations: operations(&b),
         }),
         Err(e) => Routes::Unavailable(RoutesUnavailable { error: e.message }),
@@ -526,6 +545,7 @@ async fn routes_of(api: &Api, sha: &str) -> Routes {
     ))]
 async fn list(State(api): Shared) -> Json<FuncList> {
     let st = api.registry.state().await;
+    let refused = api.registry.refused();
     let mut funcs = Vec::new();
     for (name, f) in &st.funcs {
         let routes = match &f.enabled {
@@ -533,6 +553,7 @@ async fn list(State(api): Shared) -> Json<FuncList> {
             None => None,
         };
         funcs.push(FuncSummary {
+            refused: refusal(&refused, name, f.enabled.as_deref()),
             name: name.clone(),
             enabled: f.enabled.clone(),
             uploads: f.uploads.len(),
@@ -565,6 +586,7 @@ async fn show(State(api): Shared, Path(name): Path<String>) -> Response {
     };
     Json(FuncDetail {
         settings: shown_settings(&api, &f.settings, f.enabled.as_deref()).await,
+        refused: refusal(&api.registry.refused(), &name, f.enabled.as_deref()),
         name,
         enabled: f.enabled.clone(),
         uploads: f.uploads.clone(),
@@ -607,7 +629,7 @@ async fn history(State(api): Shared, Path(name): Path<String>) -> Response {
         (status = 401, description = "no or a wrong token", body = ApiError),
         (status = 403, description = "the read token: this call needs the admin token", body = ApiError),
         (status = 404, description = "no such Func or version", body = ApiError),
-        (status = 409, description = "its host + basePath is taken", body = ApiError),
+        (status = 409, description = "one of its bases conflicts with an enabled or a static bundle's (`route_conflict`, naming both)", body = ApiError),
     ))]
 async fn enable(State(api): Shared, Path(name): Path<String>, body: Bytes) -> Response {
     let req: EnableRequest = match json_body(&body) {
@@ -683,10 +705,11 @@ async fn rollback(State(api): Shared, Path(name): Path<String>) -> Response {
     request_body(content = InvokeRequest, description = "the request to make; optional"),
     responses(
         (status = "default", description = "the Func's answer, as is"),
-        (status = 400, description = "a malformed body", body = ApiError),
+        (status = 400, description = "a malformed body, or a `base` the Func is not served on (the message lists its bases)", body = ApiError),
         (status = 401, description = "no or a wrong token", body = ApiError),
         (status = 403, description = "the read token: this call needs the admin token", body = ApiError),
         (status = 404, description = "no such Func is enabled", body = ApiError),
+        (status = 409, description = "this Tron does not route the Func (`route_conflict`, with the reason), or routes that request to another Func (`routed_elsewhere`)", body = ApiError),
         (status = 413, description = "larger than the upload limit", body = ApiError),
         (status = 503, description = "this Tron cannot invoke Funcs", body = ApiError),
     ))]
@@ -703,42 +726,177 @@ async fn invoke(State(api): Shared, Path(name): Path<String>, body: axum::body::
         Err(r) => return *r,
     };
     let Some(b) = api.registry.serving(&name).await else {
+        if let Some(r) = api.registry.refused().iter().find(|r| r.func == name) {
+            let message = format!("{name} is not routed on this Tron: {}", r.reason);
+            return error(409, "route_conflict", &message);
+        }
         return error(404, "no_func", &format!("no Func named {name} is enabled"));
     };
+    let http = match invoke_request(&b, req) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    let host = http
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let table = api.registry.table();
+    if let RouteOutcome::Found(r) = table.route(host, http.method().as_str(), http.uri().path()) {
+        if r.func != name {
+            let message = format!(
+                "{} {host}{} is routed to {}, not {name}, on this Tron: choose another `base` or give a `host` header",
+                http.method(),
+                http.uri().path(),
+                r.func
+            );
+            return error(409, "routed_elsewhere", &message);
+        }
+    }
+    match tower::ServiceExt::oneshot(ingress, http).await {
+        Ok(r) => r.into_response(),
+        Err(e) => match e {},
+    }
+}
+
+/// The HTTP request `req` asks of `b`: on its `base` (default the
+/// primary), with its Host (a caller's `host` header wins).
+fn invoke_request(
+    b: &Bundle,
+    req: InvokeRequest,
+) -> Result<axum::http::Request<axum::body::Body>, Box<Response>> {
+    let (mut host, base_path) = invoke_base(b, req.base.as_deref())?;
     let rel = req.path.unwrap_or_else(|| "/".into());
-    let mut path = if b.base_path == "/" {
+    let mut path = if base_path == "/" {
         rel.clone()
     } else if rel == "/" || rel.is_empty() {
-        b.base_path.clone()
+        base_path
     } else {
-        format!("{}/{}", b.base_path, rel.trim_start_matches('/'))
+        format!("{base_path}/{}", rel.trim_start_matches('/'))
     };
     if let Some(q) = req.query.filter(|q| !q.is_empty()) {
         path = format!("{path}?{q}");
     }
     let mut builder = axum::http::Request::builder()
         .method(req.method.as_deref().unwrap_or("GET"))
-        .uri(&path)
-        .header(header::HOST, b.host.as_deref().unwrap_or("localhost"));
+        .uri(&path);
     for (k, v) in &req.headers {
-        builder = builder.header(k, v);
+        if k.eq_ignore_ascii_case("host") {
+            host.clone_from(v);
+        } else {
+            builder = builder.header(k, v);
+        }
     }
-    let Ok(mut http) = builder.body(axum::body::Body::from(req.body.unwrap_or_default())) else {
-        return error(
+    let Ok(mut http) = builder
+        .header(header::HOST, host)
+        .body(axum::body::Body::from(req.body.unwrap_or_default()))
+    else {
+        return Err(Box::new(error(
             400,
             "bad_request",
             "method, path or headers are not valid HTTP",
-        );
+        )));
     };
     http.extensions_mut()
         .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
             [127, 0, 0, 1],
             0,
         ))));
-    match tower::ServiceExt::oneshot(ingress, http).await {
-        Ok(r) => r.into_response(),
-        Err(e) => match e {},
+    Ok(http)
+}
+
+/// Every base `b` is served on: its own, then its operations' own, each
+/// once.
+fn every_base(b: &Bundle) -> Vec<&Base> {
+    let mut all: Vec<&Base> = b.bases.iter().collect();
+    for base in b.operations.iter().filter_map(|o| o.bases.as_deref()) {
+        for x in base {
+            if !all.contains(&x) {
+                all.push(x);
+            }
+        }
     }
+    all
+}
+
+/// The Host and base path of an invoke of `b` on `base` (as the routes
+/// show it; `None`: the primary, its variables at their defaults). Any
+/// host is `localhost`; another base's variables are filled in so the
+/// route table matches them: each by its name (lower-case in a host), a
+/// port's by `80`.
+fn invoke_base(b: &Bundle, base: Option<&str>) -> Result<(String, String), Box<Response>> {
+    let primary = || {
+        let host = b.host.clone().unwrap_or_else(|| "localhost".into());
+        (host, b.base_path.clone())
+    };
+    let Some(wanted) = base else {
+        return Ok(primary());
+    };
+    let all = every_base(b);
+    let same = |x: &Base| x.to_string().trim_end_matches('/') == wanted.trim_end_matches('/');
+    match all.iter().position(|x| same(x)) {
+        Some(0) if !b.bases.is_empty() => Ok(primary()),
+        Some(i) => {
+            let host = all[i]
+                .host
+                .as_deref()
+                .map_or_else(|| "localhost".to_owned(), concrete_host);
+            Ok((host, fill(&all[i].path, str::to_owned)))
+        }
+        None => {
+            let list: Vec<String> = all.iter().map(ToString::to_string).collect();
+            Err(Box::new(error(
+                400,
+                "unknown_base",
+                &format!(
+                    "{} is not served on {wanted:?}; its bases: {}",
+                    b.name,
+                    list.join(", ")
+                ),
+            )))
+        }
+    }
+}
+
+/// A host pattern as a Host it matches: variables in the name by their
+/// names, lower-case; in the port by `80`.
+fn concrete_host(host: &str) -> String {
+    let name = |v: &str| v.to_ascii_lowercase();
+    match host.rsplit_once(':') {
+        Some((h, port))
+            if !h.is_empty()
+                && !port.is_empty()
+                && port
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"{}_-".contains(&c))
+                && (port.bytes().all(|c| c.is_ascii_digit()) || port.contains('{')) =>
+        {
+            format!("{}:{}", fill(h, name), fill(port, |_| "80".to_owned()))
+        }
+        _ => fill(host, name),
+    }
+}
+
+/// `text` with each `{name}` replaced by `with(name)` (an empty name by
+/// `x`: a variable matches one character or more).
+fn fill(text: &str, with: impl Fn(&str) -> String) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}').map(|c| c + open) else {
+            break;
+        };
+        out.push_str(&rest[..open]);
+        let name = &rest[open + 1..close];
+        out.push_str(&if name.is_empty() {
+            "x".to_owned()
+        } else {
+            with(name)
+        });
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn json_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, Box<Response>> {

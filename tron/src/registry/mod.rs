@@ -6,13 +6,16 @@
 //!
 //! Split by responsibility: [`store`] keeps archives and the saved state
 //! (atomic writes; on start the Tron loads its state and routes as they
-//! were); [`replicate`] shares changes with the other Trons over the
-//! control topic; [`crate::telemetry`] keeps Func log lines and capture
-//! files; [`crate::status`] assembles the status view. This module holds
+//! were); [`plan`] decides which bundles this Tron routes and which it
+//! refuses (a conflicting pair never stops the rest); [`replicate`]
+//! shares changes with the other Trons over the control topic;
+//! [`crate::telemetry`] keeps Func log lines and capture files;
+//! [`crate::status`] assembles the status view. This module holds
 //! the state machine (upload, enable, disable, rollback, captures, log
 //! levels): each change is checked to route, saved, applied to this
 //! Tron's route table and broadcast, or nothing changes.
 
+pub mod plan;
 pub mod replicate;
 pub mod store;
 
@@ -31,10 +34,11 @@ use crate::autoscale::FuncSettingsMap;
 use crate::context::TronContext;
 use crate::routes::RouteTable;
 use crate::telemetry::Telemetry;
+pub use plan::{Refusal, Served};
 use store::Store;
 
 /// A registry operation failed; `status` is the HTTP status to answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct RegistryError {
     /// HTTP status.
@@ -154,6 +158,8 @@ pub struct Registry {
     state: Mutex<ClusterState>,
     /// The route table this Tron dispatches with.
     routes: watch::Sender<Arc<RouteTable>>,
+    /// The bundles in that table and the ones refused.
+    served: watch::Sender<Arc<Served>>,
     /// Each Func's settings, for the autoscaler.
     settings: watch::Sender<FuncSettingsMap>,
     /// Fetches archives from peers, where the outbound policy allows.
@@ -201,8 +207,11 @@ fn check_settings(s: &FuncSettings, ceilings: &Ceilings) -> Result<(), RegistryE
 }
 
 impl Registry {
-    /// Open (or create) the store, load the saved state and apply it.
-    /// Returns the registry and the route table watch its Tron follows.
+    /// Open (or create) the store, load the saved state and apply it:
+    /// everything that can be routed is; bundles that conflict (with a
+    /// static bundle, with each other) are refused and logged, see
+    /// [`plan`]. Returns the registry and the route table watch its Tron
+    /// follows.
     pub async fn open(
         options: RegistryOptions,
         ctx: TronContext,
@@ -224,12 +233,14 @@ impl Registry {
             id: funcatron_envelope::new_request_id()[..12].to_owned(),
             state: Mutex::new(state),
             routes: routes_tx,
+            served: watch::channel(Arc::new(Served::default())).0,
             settings: watch::channel(FuncSettingsMap::default()).0,
             fetcher,
             autoscaler: std::sync::OnceLock::new(),
         });
         let state = r.state.lock().await.clone();
-        r.apply(&state).await?;
+        let (table, served) = r.prepare(&state).await?;
+        r.install(&state, table, served).await;
         Ok((r, routes_rx))
     }
 
@@ -269,17 +280,23 @@ impl Registry {
         self.state.lock().await.clone()
     }
 
-    /// The bundle serving `func` now (enabled in the registry, or static).
+    /// The bundle serving `func` on this Tron now (enabled in the
+    /// registry, or static), with its settings; `None` when none is, or
+    /// it is refused ([`Registry::refused`]).
     pub async fn serving(&self, func: &str) -> Option<Bundle> {
-        let st = self.state().await;
-        if let Some(sha) = st.funcs.get(func).and_then(|f| f.enabled.clone()) {
-            return self.bundle(&sha).await.ok();
-        }
-        self.options
-            .static_bundles
+        self.served
+            .borrow()
+            .bundles
             .iter()
             .find(|b| b.name == func)
             .cloned()
+    }
+
+    /// The bundles this Tron does not route, each with its reason: an
+    /// enabled version or a static bundle that conflicts with another
+    /// (see [`plan`]), or an enabled version that cannot be loaded.
+    pub fn refused(&self) -> Vec<Refusal> {
+        self.served.borrow().refused.clone()
     }
 
     /// Store an upload and record it under its Func; enable it if asked.
@@ -454,6 +471,11 @@ impl Registry {
         self.telemetry.logs()
     }
 
+    /// The route table this Tron dispatches with now.
+    pub fn table(&self) -> Arc<RouteTable> {
+        Arc::clone(&self.routes.borrow())
+    }
+
     /// The status view ([`crate::status`]) of this Tron's routes.
     pub async fn status(&self) -> serde_json::Value {
         let table = Arc::clone(&self.routes.borrow());
@@ -550,38 +572,65 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         next.revision = st.revision + 1;
         next.origin = self.id.clone();
-        self.apply(&next).await?;
+        let (table, served) = self.prepare(&next).await?;
+        if let Some(r) = served.new_refusal(&self.served.borrow()) {
+            return Err(r.error());
+        }
         self.store.save_state(&next)?;
+        self.install(&next, table, served).await;
         *st = next.clone();
         self.announce(&next).await;
         Ok(())
     }
 
-    /// The bundles `state` enables (plus the static ones), with settings.
-    async fn desired(&self, state: &ClusterState) -> Result<Vec<Bundle>, RegistryError> {
-        let mut list = self.options.static_bundles.clone();
+    /// The bundles `state` enables, with their settings (or why one
+    /// cannot be loaded).
+    async fn enabled(&self, state: &ClusterState) -> Vec<plan::Stored> {
+        let mut list = Vec::new();
         for (name, sha, settings) in state.enabled() {
-            let b = self.bundle(sha).await?;
-            if b.name != name {
-                return Err(RegistryError::new(
+            let b = match self.bundle(sha).await {
+                Ok(b) if b.name == name => Ok(b.with_settings(settings)),
+                Ok(b) => Err(RegistryError::new(
                     422,
                     "invalid_bundle",
                     format!("bundle {sha} is named {}, not {name}", b.name),
-                ));
-            }
-            list.push(b.with_settings(settings));
+                )),
+                Err(e) => Err(e),
+            };
+            list.push((name.to_owned(), sha.to_owned(), b));
         }
-        Ok(list)
+        list
     }
 
-    /// Switch this Tron's routes to `state`.
-    async fn apply(&self, state: &ClusterState) -> Result<(), RegistryError> {
-        self.telemetry.know(&state.captures);
-        let list = self.desired(state).await?;
-        let table = RouteTable::build(&list)
+    /// What this Tron would route for `state` (the static bundles and
+    /// what it enables, less what [`plan`] refuses) and its table.
+    async fn prepare(&self, state: &ClusterState) -> Result<(RouteTable, Served), RegistryError> {
+        let served = plan::plan(&self.options.static_bundles, self.enabled(state).await);
+        let table = RouteTable::build(&served.bundles)
             .map_err(|e| RegistryError::new(409, "route_conflict", e.to_string()))?;
+        Ok((table, served))
+    }
+
+    /// Switch this Tron's routes to `table` (`served`, for `state`);
+    /// log each refusal that is new.
+    async fn install(&self, state: &ClusterState, table: RouteTable, served: Served) {
+        self.telemetry.know(&state.captures);
+        {
+            let before = self.served.borrow();
+            for r in &served.refused {
+                if !before.refused.contains(r) {
+                    tracing::error!(
+                        func = %r.func,
+                        sha = r.sha.as_deref().unwrap_or("static"),
+                        reason = %r.reason,
+                        "bundle refused: this Tron does not route it"
+                    );
+                }
+            }
+        }
         crate::dispatch::declare_routes(&self.broker, &table).await;
         self.routes.send_replace(Arc::new(table));
+        self.served.send_replace(Arc::new(served));
         self.settings.send_replace(Arc::new(
             state
                 .funcs
@@ -589,6 +638,5 @@ impl Registry {
                 .map(|(n, f)| (n.clone(), f.settings.clone()))
                 .collect(),
         ));
-        Ok(())
     }
 }

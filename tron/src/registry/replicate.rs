@@ -121,11 +121,15 @@ impl Registry {
         if !st.older_than(&state) {
             return;
         }
-        match self.apply(&state).await {
-            Ok(()) => {
+        // What a peer enabled is adopted whatever it conflicts with here
+        // (this Tron's static bundles): the conflicting ones are refused
+        // and logged, the rest route (see `super::plan`).
+        match self.prepare(&state).await {
+            Ok((table, served)) => {
                 if let Err(e) = self.store.save_state(&state) {
                     tracing::error!(error = %e, "cannot save the adopted state");
                 }
+                self.install(&state, table, served).await;
                 tracing::info!(revision = state.revision, origin = %state.origin, "adopted the registry state of another Tron");
                 *st = state;
             }

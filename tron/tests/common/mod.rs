@@ -50,3 +50,41 @@ pub fn lua_archive(manifest: &str) -> Vec<u8> {
     .unwrap();
     funcatron_bundle::archive::build(src.path()).unwrap().1
 }
+
+/// Check `v`, the JSON answer of `method template` with `status`, against
+/// the management API document's schema for it, made strict (no
+/// properties besides the documented ones).
+pub fn check_answer(method: &str, template: &str, status: u16, v: &serde_json::Value) {
+    fn strict(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if m.contains_key("properties") && !m.contains_key("additionalProperties") {
+                    m.insert("additionalProperties".into(), false.into());
+                }
+                m.values_mut().for_each(strict);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strict),
+            _ => {}
+        }
+    }
+    let doc = serde_json::to_value(funcatron_tron::mgmt::openapi()).unwrap();
+    let op = &doc["paths"][template][method.to_ascii_lowercase()];
+    let mut root =
+        op["responses"][status.to_string()]["content"]["application/json"]["schema"].clone();
+    assert!(
+        root.is_object(),
+        "{method} {template}: no JSON schema for {status}"
+    );
+    let mut components = doc["components"].clone();
+    strict(&mut components);
+    root["components"] = components;
+    let validator = jsonschema::validator_for(&root).unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(v)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {template} {status}: {v}\n  {errors:#?}"
+    );
+}
