@@ -22,7 +22,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 /// The envelope version this build writes.
-pub const VERSION: &str = "1.0";
+pub const VERSION: &str = "1.1";
 /// The major version this build reads; any other major is dead-lettered.
 pub const MAJOR: u32 = 1;
 
@@ -52,7 +52,7 @@ impl EnvelopeError {
 pub type Header<'a> = (Cow<'a, str>, Cow<'a, str>);
 
 /// A request envelope: one HTTP request on its way to a Func.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Request<'a> {
     /// `major.minor`; readers accept any minor of their major.
     #[serde(borrow)]
@@ -101,6 +101,40 @@ pub struct Request<'a> {
     /// earlier attempt that used the same request id.
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub reply_key: Option<Cow<'a, str>>,
+    /// An asynchronous call (1.1): the client was answered 202 with
+    /// [`Request::call_id`]; the Tron routes it to the Func's async queue
+    /// and its outcome is recorded (and POSTed to
+    /// [`Request::callback_url`]) rather than awaited. `reply_to`, when
+    /// set, names where the outcome goes (the outcomes queue), not a
+    /// waiting client.
+    #[serde(rename = "async", default, skip_serializing_if = "is_false")]
+    pub is_async: bool,
+    /// The call's id (1.1): unguessable, made by the ingress, the key of
+    /// its status record. Present on asynchronous calls.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<Cow<'a, str>>,
+    /// Where the outcome of an asynchronous call is POSTed (1.1).
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<Cow<'a, str>>,
+    /// Which attempt this is, from 1 (1.1); absent: the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// How many attempts the call gets in all (1.1); absent: one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// The delay scheduled before this attempt, in ms (1.1); 0 or absent:
+    /// none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub delay_ms: u64,
+    /// When the call was accepted, Unix epoch ms (1.1): its age (for a
+    /// maximum event age) counts from here across attempts; absent: the
+    /// same as `sent_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_ms: Option<u64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn default_scheme() -> Cow<'static, str> {
@@ -138,6 +172,9 @@ pub struct RouteView<'a> {
     /// See [`Request::reply_key`].
     #[serde(borrow, default)]
     pub reply_key: Option<Cow<'a, str>>,
+    /// See [`Request::is_async`]: routed to the Func's async queue.
+    #[serde(rename = "async", default)]
+    pub is_async: bool,
 }
 
 /// Time spent on the way, reported back so the ingress can emit `Server-Timing`.
@@ -167,7 +204,7 @@ impl Timings {
 }
 
 /// A response envelope: a Func's answer or a platform error, on its way back.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Response<'a> {
     /// `major.minor`, as for requests.
     #[serde(borrow)]
@@ -192,6 +229,14 @@ pub struct Response<'a> {
     /// The request's `reply_key`, copied back.
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub reply_key: Option<Cow<'a, str>>,
+    /// The call this is the outcome of (1.1): copied from
+    /// [`Request::call_id`] by the responder.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<Cow<'a, str>>,
+    /// The attempt this is the outcome of (1.1), copied from
+    /// [`Request::attempt`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 /// Encode bytes as an envelope body: borrowed text when UTF-8, else base64.
@@ -321,6 +366,8 @@ impl<'a> Response<'a> {
             body_base64: false,
             timings: Timings::default(),
             reply_key: None,
+            call_id: None,
+            attempt: None,
         }
     }
 }

@@ -27,6 +27,7 @@ fn valid_request(path: &str, body: &str, headers: Vec<(String, String)>) -> Vec<
         body_base64: false,
         reply_to: Some(Cow::Borrowed("r")),
         reply_key: None,
+        ..Request::default()
     }
     .encode()
 }

@@ -71,9 +71,19 @@ fn lua_encodes_every_canonical_request_vector_identically() {
             "remote",
             "reply_to",
             "reply_key",
+            "call_id",
+            "callback_url",
         ] {
             if let Some(s) = env.get(f).and_then(Value::as_str) {
                 t.set(f, s).unwrap();
+            }
+        }
+        if env.get("async") == Some(&Value::Bool(true)) {
+            t.set("async", true).unwrap();
+        }
+        for f in ["attempt", "max_attempts", "delay_ms", "submitted_ms"] {
+            if let Some(n) = env.get(f).and_then(Value::as_u64) {
+                t.set(f, n).unwrap();
             }
         }
         t.set("deadline_ms", env["deadline_ms"].as_f64().unwrap())
@@ -115,6 +125,16 @@ fn lua_decodes_every_response_vector() {
         assert_eq!(
             r.get::<Option<String>>("reply_key").unwrap().as_deref(),
             rust.reply_key.as_deref(),
+            "{name}"
+        );
+        assert_eq!(
+            r.get::<Option<String>>("call_id").unwrap().as_deref(),
+            rust.call_id.as_deref(),
+            "{name}"
+        );
+        assert_eq!(
+            r.get::<Option<u32>>("attempt").unwrap(),
+            rust.attempt,
             "{name}"
         );
         let body: mlua::LuaString = r.get("body").unwrap();

@@ -55,6 +55,13 @@ fn every_vector_decodes_as_expected() {
                 assert_eq!(view.id, req.id, "{name}");
                 assert_eq!(view.path, req.path, "{name}");
                 assert_eq!(view.reply_to, req.reply_to, "{name}");
+                assert_eq!(view.is_async, req.is_async, "{name}");
+                if let Some(a) = expect.get("async").and_then(Value::as_bool) {
+                    assert_eq!(req.is_async, a, "{name}");
+                }
+                if let Some(n) = expect.get("attempt").and_then(Value::as_u64) {
+                    assert_eq!(req.attempt, Some(n as u32), "{name}");
+                }
                 assert_eq!(
                     hex(&req.body_bytes().unwrap()),
                     expect["body_hex"].as_str().unwrap(),

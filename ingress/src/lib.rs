@@ -393,6 +393,7 @@ fn envelope_of(parts: &axum::http::request::Parts, remote: SocketAddr) -> Reques
         body_base64: false,
         reply_to: None,
         reply_key: None,
+        ..Request::default()
     }
 }
 

@@ -553,6 +553,8 @@ pub fn finish(
                 body_base64,
                 timings,
                 reply_key: req.reply_key.clone(),
+                call_id: req.call_id.clone(),
+                attempt: req.attempt,
             };
             let encoded = (r.status, r.encode());
             drop(r);
@@ -624,6 +626,8 @@ fn failure(
     }
     r.timings = timings;
     r.reply_key = req.reply_key.clone();
+    r.call_id = req.call_id.clone();
+    r.attempt = req.attempt;
     (status, r.encode())
 }
 

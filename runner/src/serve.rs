@@ -897,6 +897,7 @@ mod tests {
             body_base64: false,
             reply_to: Some(Cow::Borrowed("r")),
             reply_key: None,
+            ..Request::default()
         };
         Job {
             payload: req.encode().into(),

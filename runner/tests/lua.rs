@@ -53,6 +53,7 @@ fn job(op: &str, body: &[u8], content_type: &str) -> Job {
         body_base64: b64,
         reply_to: Some(Cow::Borrowed("r")),
         reply_key: None,
+        ..Request::default()
     };
     Job {
         payload: req.encode().into(),

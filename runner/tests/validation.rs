@@ -84,6 +84,7 @@ impl Sent<'_> {
             body_base64,
             reply_to: Some(Cow::Borrowed("replies")),
             reply_key: None,
+            ..Request::default()
         };
         let mut m = Message::new(req.encode());
         m.headers

@@ -3,7 +3,7 @@
 -- envelope/vectors/). Requests are encoded by hand in the canonical field
 -- order (no JSON library quirks with empty arrays or number precision);
 -- responses are decoded with the JSON decoder the caller supplies.
-local M = { VERSION = "1.0", MAJOR = 1 }
+local M = { VERSION = "1.1", MAJOR = 1 }
 
 local byte, char, concat, format = string.byte, string.char, table.concat, string.format
 
@@ -126,6 +126,14 @@ function M.encode_request(r)
   if b64 then parts[#parts + 1] = ',"body_base64":true' end
   if r.reply_to then parts[#parts + 1] = ',"reply_to":' .. str(r.reply_to) end
   if r.reply_key then parts[#parts + 1] = ',"reply_key":' .. str(r.reply_key) end
+  -- 1.1: asynchronous calls.
+  if r.async then parts[#parts + 1] = ',"async":true' end
+  if r.call_id then parts[#parts + 1] = ',"call_id":' .. str(r.call_id) end
+  if r.callback_url then parts[#parts + 1] = ',"callback_url":' .. str(r.callback_url) end
+  if r.attempt then parts[#parts + 1] = ',"attempt":' .. format("%d", r.attempt) end
+  if r.max_attempts then parts[#parts + 1] = ',"max_attempts":' .. format("%d", r.max_attempts) end
+  if r.delay_ms and r.delay_ms > 0 then parts[#parts + 1] = ',"delay_ms":' .. format("%.0f", r.delay_ms) end
+  if r.submitted_ms then parts[#parts + 1] = ',"submitted_ms":' .. format("%.0f", r.submitted_ms) end
   parts[#parts + 1] = "}"
   return concat(parts)
 end
@@ -169,6 +177,8 @@ function M.decode_response(text)
     id = t.id, status = t.status, headers = headers, body = body,
     timings = { dispatch_ms = tonumber(tm.dispatch_ms) or 0, queue_ms = tonumber(tm.queue_ms) or 0, exec_ms = tonumber(tm.exec_ms) or 0 },
     reply_key = type(t.reply_key) == "string" and t.reply_key or nil,
+    call_id = type(t.call_id) == "string" and t.call_id or nil,
+    attempt = type(t.attempt) == "number" and t.attempt or nil,
   }
 end
 
