@@ -22,6 +22,7 @@
 //! (`amqps://host:5671/%2f?cacertfile=/etc/funcatron/ca.pem`, the parameter
 //! RabbitMQ's own URI spec uses).
 
+use funcatron_control::names;
 use funcatron_control::sync::poisoned;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -71,7 +72,17 @@ struct Live {
     publisher: Channel,
     /// Counts connections, so subscribers can tell a new one from the old.
     generation: u64,
+    /// Delay queues declared on this connection, and when: declared again
+    /// after [`REDECLARE_DELAY_QUEUE`], since publishing does not count as
+    /// use against their `x-expires`.
+    delays: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long an idle delay queue outlives its delay (`x-expires`).
+const DELAY_QUEUE_IDLE: Duration = Duration::from_secs(3600);
+/// How often a delay queue in use is declared again, well within
+/// [`DELAY_QUEUE_IDLE`].
+const REDECLARE_DELAY_QUEUE: Duration = Duration::from_secs(600);
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -192,6 +203,7 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
                     connection,
                     publisher,
                     generation,
+                    delays: Mutex::new(HashMap::new()),
                 });
                 strong.current.send_replace(Some(Arc::clone(&live)));
                 strong.up.send_replace(true);
@@ -356,6 +368,47 @@ fn from_field_table(table: Option<&FieldTable>) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Declare the queue messages wait in for `delay_ms` before RabbitMQ
+/// dead-letters them into `target` (once per connection and
+/// [`REDECLARE_DELAY_QUEUE`]).
+async fn declare_delay(live: &Live, target: &str, delay_ms: u64) -> Result<String, BrokerError> {
+    let name = names::delay_queue(target, delay_ms);
+    let fresh = live
+        .delays
+        .lock()
+        .unwrap_or_else(|e| poisoned("amqp.delays", e))
+        .get(&name)
+        .is_some_and(|at| at.elapsed() < REDECLARE_DELAY_QUEUE);
+    if fresh {
+        return Ok(name);
+    }
+    let ms = i64::try_from(delay_ms).unwrap_or(i64::MAX);
+    let idle = i64::try_from(DELAY_QUEUE_IDLE.as_millis()).unwrap_or(i64::MAX);
+    let mut args = FieldTable::default();
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ms));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from("")),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(LongString::from(target)),
+    );
+    args.insert(
+        "x-expires".into(),
+        AMQPValue::LongLongInt(ms.saturating_add(idle)),
+    );
+    live.publisher
+        .queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args)
+        .await
+        .map_err(|e| BrokerError::Protocol(format!("declaring {name}: {e}")))?;
+    live.delays
+        .lock()
+        .unwrap_or_else(|e| poisoned("amqp.delays", e))
+        .insert(name.clone(), std::time::Instant::now());
+    Ok(name)
+}
+
 impl Broker for AmqpBroker {
     async fn declare(&self, queue: &str, kind: QueueKind) -> Result<(), BrokerError> {
         {
@@ -403,6 +456,23 @@ impl Broker for AmqpBroker {
             return Err(BrokerError::NoRoute(queue.to_owned()));
         }
         Ok(())
+    }
+
+    async fn publish_delayed(
+        &self,
+        queue: &str,
+        mut message: Message,
+        delay_ms: u64,
+    ) -> Result<(), BrokerError> {
+        if delay_ms == 0 {
+            return self.publish(queue, message).await;
+        }
+        let live = self.live()?;
+        let delay = declare_delay(&live, queue, delay_ms).await?;
+        // RabbitMQ drops a message's own expiration when it dead-letters
+        // it, so a TTL would not carry over into `queue`: none is set.
+        message.ttl_ms = None;
+        self.publish(&delay, message).await
     }
 
     async fn consume(

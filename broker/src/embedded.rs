@@ -118,6 +118,29 @@ impl Broker for EmbeddedBroker {
         .map_err(|_| BrokerError::NoRoute(queue.to_owned()))
     }
 
+    async fn publish_delayed(
+        &self,
+        queue: &str,
+        message: Message,
+        delay_ms: u64,
+    ) -> Result<(), BrokerError> {
+        if delay_ms == 0 {
+            return self.publish(queue, message).await;
+        }
+        // Refuse a queue that does not exist now, as `publish` would.
+        self.queue(queue)
+            .ok_or_else(|| BrokerError::NoRoute(queue.to_owned()))?;
+        let broker = self.clone();
+        let queue = queue.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+            if let Err(e) = broker.publish(&queue, message).await {
+                tracing::warn!(queue, error = %e, "a delayed message could not be delivered");
+            }
+        });
+        Ok(())
+    }
+
     async fn consume(
         &self,
         queue: &str,

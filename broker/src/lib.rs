@@ -278,6 +278,20 @@ pub trait Broker: Clone + Send + Sync + 'static {
         message: Message,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
+    /// Publish to `queue` after `delay_ms` (0: now), the broker holding
+    /// the message meanwhile; waits until it has taken responsibility, as
+    /// [`Broker::publish`]. RabbitMQ keeps it durably in a delay queue
+    /// ([`names::delay_queue`]) whose TTL dead-letters it into `queue`, so
+    /// no crash of ours loses it; the embedded broker keeps it in memory
+    /// (what must survive a restart of `up` is re-enqueued from the state
+    /// store). `ttl_ms` counts from when it reaches `queue`.
+    fn publish_delayed(
+        &self,
+        queue: &str,
+        message: Message,
+        delay_ms: u64,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
     /// Consume a queue (declaring it as `kind` first).
     fn consume(
         &self,
@@ -382,6 +396,18 @@ impl Broker for AnyBroker {
         match self {
             AnyBroker::Embedded(b) => b.publish(queue, message).await,
             AnyBroker::Amqp(b) => b.publish(queue, message).await,
+        }
+    }
+
+    async fn publish_delayed(
+        &self,
+        queue: &str,
+        message: Message,
+        delay_ms: u64,
+    ) -> Result<(), BrokerError> {
+        match self {
+            AnyBroker::Embedded(b) => b.publish_delayed(queue, message, delay_ms).await,
+            AnyBroker::Amqp(b) => b.publish_delayed(queue, message, delay_ms).await,
         }
     }
 

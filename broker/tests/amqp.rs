@@ -605,3 +605,45 @@ async fn amqps_connects_with_the_cacertfile_and_not_without() {
     drop(sub);
     delete_queues(&[&q]).await;
 }
+
+/// Delayed publishes wait in RabbitMQ (a durable delay queue per delay,
+/// whose TTL dead-letters into the target), keep their headers, and a
+/// short delay is not held up behind a longer one published first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_publishes_arrive_after_their_delay_shortest_first() {
+    let broker = connect(&unique("delayed")).await;
+    let target = unique("delayed-target");
+    broker.declare(&target, QueueKind::Work).await.unwrap();
+    let mut sub = broker
+        .consume(&target, QueueKind::Work, manual(10))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let long = Message {
+        payload: "long".into(),
+        headers: vec![("x-attempt".into(), "2".into())],
+        persistent: true,
+        ..Message::default()
+    };
+    broker.publish_delayed(&target, long, 1500).await.unwrap();
+    broker
+        .publish_delayed(&target, Message::new("short"), 300)
+        .await
+        .unwrap();
+    let first = next(&mut sub).await;
+    assert_eq!(&first.message.payload[..], b"short");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    first.ack().await.unwrap();
+    let second = next(&mut sub).await;
+    assert_eq!(&second.message.payload[..], b"long");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(second.message.header("x-attempt"), Some("2"));
+    second.ack().await.unwrap();
+    drop(sub);
+    delete_queues(&[
+        &target,
+        &funcatron_control::names::delay_queue(&target, 300),
+        &funcatron_control::names::delay_queue(&target, 1500),
+    ])
+    .await;
+}

@@ -305,3 +305,40 @@ async fn dead_letter_requeues_when_the_dead_letter_queue_is_missing() {
     assert_eq!(again.message.header(DEAD_REASON), None);
     again.ack().await.expect("ack");
 }
+
+/// A delayed publish reaches its queue once its delay has passed (virtual
+/// time: the test does not wait), shortest delay first; a queue that does
+/// not exist is refused at once.
+#[tokio::test(start_paused = true)]
+async fn delayed_publishes_arrive_after_their_delay() {
+    let broker = EmbeddedBroker::new(10);
+    broker.declare("t", QueueKind::Work).await.unwrap();
+    let mut sub = broker.consume("t", QueueKind::Work, MANUAL).await.unwrap();
+    let started = tokio::time::Instant::now();
+    broker
+        .publish_delayed("t", Message::new("long"), 5_000)
+        .await
+        .unwrap();
+    broker
+        .publish_delayed("t", Message::new("short"), 1_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        depth(&broker, "t").await.ready,
+        0,
+        "nothing arrives at once"
+    );
+    let first = sub.next().await.unwrap();
+    assert_eq!(&first.message.payload[..], b"short");
+    assert!(started.elapsed() >= Duration::from_millis(1_000));
+    assert!(started.elapsed() < Duration::from_millis(5_000));
+    let second = sub.next().await.unwrap();
+    assert_eq!(&second.message.payload[..], b"long");
+    assert!(started.elapsed() >= Duration::from_millis(5_000));
+    assert!(matches!(
+        broker
+            .publish_delayed("missing", Message::new("x"), 10)
+            .await,
+        Err(BrokerError::NoRoute(_))
+    ));
+}

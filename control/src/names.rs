@@ -11,6 +11,25 @@ pub fn func_queue(func: &str, version: &str) -> String {
     format!("funcatron.func.{func}.{version}")
 }
 
+/// The asynchronous calls of one version of a Func: consumed by its
+/// Runners beside [`func_queue`], with their own concurrency, so a backlog
+/// of async calls never delays a synchronous request.
+pub fn func_async_queue(func: &str, version: &str) -> String {
+    format!("funcatron.async.{func}.{version}")
+}
+
+/// Where Runners publish the outcomes of asynchronous calls; Trons consume
+/// it, record each outcome, deliver callbacks and schedule retries.
+pub const OUTCOMES: &str = "funcatron.outcomes";
+
+/// The queue a message waits in for `delay_ms` before the broker moves it
+/// to `target` (RabbitMQ: a queue-level TTL dead-lettering into `target`;
+/// one queue per distinct delay, so a long delay never holds up a short
+/// one).
+pub fn delay_queue(target: &str, delay_ms: u64) -> String {
+    format!("funcatron.delay.{delay_ms}.{target}")
+}
+
 /// An ingress instance's private reply queue.
 pub fn reply_queue(instance: &str) -> String {
     format!("funcatron.reply.{instance}")
