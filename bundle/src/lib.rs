@@ -241,6 +241,10 @@ pub struct Bundle {
     /// Which web pages may call the Func (the `cors` setting it was
     /// enabled with; `None` after [`Bundle::load`]). See [`cors`].
     pub cors: Option<funcatron_control::state::CorsSettings>,
+    /// How its asynchronous calls are retried, aged and bounded: the
+    /// document's `x-funcatron: {async: ...}` with the enable-time
+    /// `async` setting over it. See [`funcatron_control::calls`].
+    pub async_policy: funcatron_control::calls::AsyncPolicy,
     /// The parsed API document (`Null` for tinyFaaS folders without one),
     /// self-contained: the files its `$ref`s named are copied in under
     /// [`refs_pointer`] and every `$ref` is local (`#/...`); path items that
@@ -353,6 +357,8 @@ struct Manifest {
     concurrency: Option<usize>,
     environments: Option<BTreeMap<String, Vec<Rewrite>>>,
     default_handler: Option<String>,
+    #[serde(rename = "async")]
+    async_policy: Option<funcatron_control::calls::AsyncPolicy>,
 }
 
 /// One staging rewrite: in the document field at `field` (a JSON pointer
@@ -417,6 +423,7 @@ impl Manifest {
             concurrency: over.concurrency.or(self.concurrency),
             environments: over.environments.or(self.environments),
             default_handler: over.default_handler.or(self.default_handler),
+            async_policy: over.async_policy.or(self.async_policy),
             name: over.name.or(self.name),
             runtime: over.runtime.or(self.runtime),
             handler: over.handler.or(self.handler),
@@ -530,6 +537,9 @@ impl Bundle {
         }
         b.auth = settings.auth.clone();
         b.cors = settings.cors.clone();
+        if let Some(over) = &settings.async_policy {
+            b.async_policy = b.async_policy.merged(over);
+        }
         b
     }
 
@@ -604,6 +614,10 @@ impl Bundle {
         let secrets = m.secrets.take().unwrap_or_default();
         check_env_names(&env, &secrets, &source)?;
         check_concurrency(m.concurrency, &source)?;
+        let async_policy = m.async_policy.take().unwrap_or_default();
+        async_policy
+            .resolved()
+            .map_err(|e| BundleError::invalid(&source, format!("field `async`: {e}")))?;
         let spec_version = api.as_ref().map(|a| a.version);
         let mut api = api.unwrap_or_else(|| synthesized_api(&name));
         default_handlers(&mut api, m.default_handler.take(), &source)?;
@@ -639,6 +653,7 @@ impl Bundle {
             debug: false,
             auth: BTreeMap::new(),
             cors: None,
+            async_policy,
             doc: Arc::new(doc),
             version: hex_prefix(&content_digest(dir)?, 6),
         })

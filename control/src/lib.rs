@@ -21,6 +21,7 @@
 
 #![warn(clippy::too_many_lines)]
 
+pub mod calls;
 pub mod fetch;
 pub mod headers;
 pub mod names;

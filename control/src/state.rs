@@ -70,6 +70,10 @@ pub struct FuncSettings {
     /// method). See `funcatron_bundle::cors`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors: Option<CorsSettings>,
+    /// Overrides of the bundle's async policy (retries, backoff, maximum
+    /// age, limits), field by field. See [`crate::calls::AsyncPolicy`].
+    #[serde(rename = "async", default, skip_serializing_if = "Option::is_none")]
+    pub async_policy: Option<crate::calls::AsyncPolicy>,
 }
 
 /// Which web pages may call a Func from a browser (CORS). Preflights are

@@ -277,7 +277,63 @@ pub struct EnableArgs {
     #[arg(long, value_name = "SECONDS", requires = "cors_origins")]
     cors_max_age: Option<u64>,
     #[command(flatten)]
+    async_policy: AsyncArgs,
+    #[command(flatten)]
     remote: Remote,
+}
+
+/// The async policy flags of `func enable` (over the bundle's `async`).
+#[derive(Args, Default)]
+pub struct AsyncArgs {
+    /// Async calls: attempts after the first.
+    #[arg(long)]
+    retries: Option<u32>,
+    /// Async calls: delay before the first retry, ms.
+    #[arg(long, value_name = "MS")]
+    backoff_initial_ms: Option<u64>,
+    /// Async calls: each retry waits this much longer.
+    #[arg(long)]
+    backoff_factor: Option<f64>,
+    /// Async calls: no retry waits longer, ms.
+    #[arg(long, value_name = "MS")]
+    backoff_max_ms: Option<u64>,
+    /// Async calls: not tried again past this age, ms.
+    #[arg(long, value_name = "MS")]
+    max_age_ms: Option<u64>,
+    /// Async calls: the answer statuses that are retried (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "STATUS,...")]
+    retry_on: Option<Vec<u16>>,
+    /// Async calls one Runner runs at once.
+    #[arg(long)]
+    async_concurrency: Option<u16>,
+    /// Most async calls waiting at once; more get 429.
+    #[arg(long)]
+    max_queued: Option<u64>,
+    /// How long a finished call's record is kept, ms.
+    #[arg(long, value_name = "MS")]
+    retention_ms: Option<u64>,
+    /// Accept only async calls with a callback URL.
+    #[arg(long)]
+    async_only: bool,
+}
+
+impl AsyncArgs {
+    /// The `async` setting (none when no flag is given).
+    fn policy(&self) -> Option<funcatron_control::calls::AsyncPolicy> {
+        let p = funcatron_control::calls::AsyncPolicy {
+            retries: self.retries,
+            backoff_initial_ms: self.backoff_initial_ms,
+            backoff_factor: self.backoff_factor,
+            backoff_max_ms: self.backoff_max_ms,
+            max_age_ms: self.max_age_ms,
+            retry_on: self.retry_on.clone(),
+            concurrency: self.async_concurrency,
+            max_queued: self.max_queued,
+            retention_ms: self.retention_ms,
+            async_only: self.async_only.then_some(true),
+        };
+        (p != funcatron_control::calls::AsyncPolicy::default()).then_some(p)
+    }
 }
 
 impl EnableArgs {
@@ -405,6 +461,7 @@ pub async fn func(cmd: FuncCmd) -> Result<String> {
                     check_responses: a.check_responses.then_some(true),
                     auth: parse_auth(&a.auth)?,
                     cors: a.cors(),
+                    async_policy: a.async_policy.policy(),
                 }),
             };
             let v: Enabled = answer(

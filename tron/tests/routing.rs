@@ -41,6 +41,7 @@ fn bundle_of_api(name: &str, file: &Path, api: ApiDoc) -> Bundle {
         debug: false,
         auth: Default::default(),
         cors: None,
+        async_policy: Default::default(),
         doc: Default::default(),
         version: "v1".into(),
     }

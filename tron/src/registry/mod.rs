@@ -182,6 +182,11 @@ fn check_settings(s: &FuncSettings, ceilings: &Ceilings) -> Result<(), RegistryE
     ceilings
         .check(s.timeout_ms, s.memory_mb)
         .map_err(|m| RegistryError::new(422, "invalid_settings", m))?;
+    if let Some(policy) = &s.async_policy {
+        policy
+            .resolved()
+            .map_err(|e| RegistryError::new(422, "invalid_settings", e.to_string()))?;
+    }
     if let Some(cors) = &s.cors {
         funcatron_bundle::cors::Cors::new(cors)
             .map_err(|e| RegistryError::new(422, "invalid_settings", e.to_string()))?;
