@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 pub mod embedded;
 pub mod postgres;
+#[cfg(feature = "suite")]
+pub mod suite;
 
 pub use embedded::EmbeddedStore;
 pub use postgres::{PostgresOptions, PostgresStore};
