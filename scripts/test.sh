@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite. Installs and starts what the tests need on a fresh
-# Debian machine (RabbitMQ, nginx with the Lua module, lua-cjson, and the
-# Func runtimes python3 + venv, Node.js, a JDK, bubblewrap for Func
-# isolation, all from Debian's packages,
+# Debian machine (RabbitMQ, PostgreSQL for the state store, nginx with the
+# Lua module, lua-cjson, and the Func runtimes python3 + venv, Node.js, a
+# JDK, bubblewrap for Func isolation, all from Debian's packages,
 # and a Docker engine for the docker/swarm substrate tests), then runs every
 # test.
 set -euo pipefail
@@ -15,6 +15,8 @@ stage() { echo "== stage '$1' took $((SECONDS - stage_start)) s"; stage_start=$S
 
 need=()
 command -v rabbitmq-server >/dev/null 2>&1 || need+=(rabbitmq-server)
+{ compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null && command -v pg_ctlcluster >/dev/null 2>&1; } \
+  || need+=(postgresql)
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
 [ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || need+=(libnginx-mod-http-lua)
 [ -f /usr/lib/x86_64-linux-gnu/lua/5.1/cjson.so ] || dpkg -s lua-cjson >/dev/null 2>&1 || need+=(lua-cjson)
@@ -78,6 +80,37 @@ if ! as_root rabbitmqctl await_startup --timeout 5 >/dev/null 2>&1; then
 fi
 echo "== RabbitMQ is up"
 stage rabbitmq
+
+# PostgreSQL for the state store's shared adapter (store/tests/postgres.rs):
+# Debian's first cluster, started here, with a role and a database for the
+# tests. A FUNCATRON_TEST_POSTGRES given by the caller names a server of its
+# own, and this stage leaves the local one alone.
+as_postgres() { (cd / && if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi); }
+if [ -z "${FUNCATRON_TEST_POSTGRES:-}" ]; then
+  if ! pg_lsclusters -h | grep -q .; then
+    echo "== creating a PostgreSQL cluster"
+    as_root pg_createcluster "$(ls /usr/lib/postgresql | sort -V | tail -1)" main >/dev/null
+  fi
+  read -r pg_version pg_cluster pg_port pg_status _ < <(pg_lsclusters -h | head -1)
+  if [ "$pg_status" != online ]; then
+    echo "== starting PostgreSQL $pg_version/$pg_cluster on port $pg_port"
+    as_root pg_ctlcluster "$pg_version" "$pg_cluster" start
+  fi
+  for _ in $(seq 1 120); do
+    pg_isready -q -h 127.0.0.1 -p "$pg_port" && break
+    sleep 0.5
+  done
+  pg_isready -q -h 127.0.0.1 -p "$pg_port"
+  as_postgres psql -q -p "$pg_port" -v ON_ERROR_STOP=1 <<'SQL'
+SELECT 'CREATE ROLE funcatron LOGIN PASSWORD ''funcatron'''
+  WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'funcatron') \gexec
+SELECT 'CREATE DATABASE funcatron_test OWNER funcatron'
+  WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'funcatron_test') \gexec
+SQL
+  export FUNCATRON_TEST_POSTGRES="postgres://funcatron:funcatron@127.0.0.1:$pg_port/funcatron_test"
+fi
+echo "== PostgreSQL is up"
+stage postgres
 
 if ! docker info >/dev/null 2>&1; then
   echo "== starting the Docker engine"
