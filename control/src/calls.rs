@@ -244,8 +244,12 @@ mod tests {
                 delay_ms: 300
             }
         );
-        assert!(matches!(next_step(&p, 500, 3, 0, 0.0), Step::DeadLetter(m) if m.contains("no attempts left")));
-        assert!(matches!(next_step(&p, 500, 1, 9_950, 0.0), Step::DeadLetter(m) if m.contains("maximum age")));
+        assert!(
+            matches!(next_step(&p, 500, 3, 0, 0.0), Step::DeadLetter(m) if m.contains("no attempts left"))
+        );
+        assert!(
+            matches!(next_step(&p, 500, 1, 9_950, 0.0), Step::DeadLetter(m) if m.contains("maximum age"))
+        );
     }
 
     #[test]
@@ -262,7 +266,10 @@ mod tests {
         let m = bundle.merged(&over);
         assert_eq!((m.retries, m.max_queued), (Some(1), Some(10)));
         let r = AsyncPolicy::default().resolved().unwrap();
-        assert_eq!((r.max_attempts, r.retry_on.as_slice()), (3, DEFAULT_RETRY_ON));
+        assert_eq!(
+            (r.max_attempts, r.retry_on.as_slice()),
+            (3, DEFAULT_RETRY_ON)
+        );
         for bad in [
             AsyncPolicy {
                 backoff_factor: Some(0.5),

@@ -29,3 +29,7 @@ pub const CAPTURE: &str = "x-funcatron-capture";
 pub const DEAD_REASON: &str = "x-funcatron-dead-reason";
 /// Header on a dead-lettered message: the queue it came from.
 pub const DEAD_SOURCE: &str = "x-funcatron-dead-source";
+/// On an asynchronous call's outcome: the async policy of the Func version
+/// that ran it (JSON, `funcatron_control::calls::AsyncPolicy`), which the
+/// Tron applying the outcome follows.
+pub const ASYNC_POLICY: &str = "x-funcatron-async-policy";

@@ -175,6 +175,9 @@ pub struct RouteView<'a> {
     /// See [`Request::is_async`]: routed to the Func's async queue.
     #[serde(rename = "async", default)]
     pub is_async: bool,
+    /// See [`Request::call_id`]: copied into the Tron's own answers.
+    #[serde(borrow, default)]
+    pub call_id: Option<Cow<'a, str>>,
 }
 
 /// Time spent on the way, reported back so the ingress can emit `Server-Timing`.

@@ -433,6 +433,7 @@ fn main() -> Result<()> {
                     substrate,
                     limits: a.metrics.listener.limits()?,
                     outbound,
+                    calls: open_calls(a.tron.state_store.as_deref()).await?,
                 };
                 tron(broker, &a.bundles, &a.tron, setup, shutdown).await
             }
@@ -448,7 +449,15 @@ fn main() -> Result<()> {
             Command::Ingress(a) => {
                 serve_metrics(&a.metrics, &shutdown).await?;
                 let broker = broker(&a.broker, false)?;
-                ingress(broker, &a.ingress, a.metrics.listener.limits()?, shutdown).await
+                let calls = open_calls(a.ingress.calls_store.as_deref()).await?;
+                ingress(
+                    broker,
+                    &a.ingress,
+                    calls,
+                    a.metrics.listener.limits()?,
+                    shutdown,
+                )
+                .await
             }
             Command::NginxConfig(a) => nginx_config(a),
             Command::Bundle(c) => bundle_cmd::run(c).await,
@@ -598,6 +607,19 @@ struct TronSetup {
     limits: Limits,
     /// Where peers' fetch URLs may point.
     outbound: OutboundPolicy,
+    /// Where asynchronous calls are recorded, if anywhere.
+    calls: Option<funcatron_calls::Calls>,
+}
+
+/// The state store at `target` for asynchronous calls.
+async fn open_calls(target: Option<&str>) -> Result<Option<funcatron_calls::Calls>> {
+    let Some(target) = target else {
+        return Ok(None);
+    };
+    let store = funcatron_store::AnyStore::open(target)
+        .await
+        .with_context(|| format!("opening the state store {target}"))?;
+    Ok(Some(funcatron_calls::Calls::new(store)))
 }
 
 /// What the Runners a substrate starts are given beside their flags.
@@ -623,10 +645,14 @@ async fn tron(
         substrate,
         limits,
         outbound,
+        calls,
     } = setup;
     let mut node = TronNode::new(broker)
         .options(o.options())
         .bundles(load_bundles(dir));
+    if let Some(calls) = calls {
+        node = node.calls(calls);
+    }
     if let Some(substrate) = substrate {
         node = node.autoscaler(substrate, o.scale.options());
     }
@@ -713,6 +739,7 @@ async fn runner(
 async fn ingress(
     broker: AnyBroker,
     o: &IngressArgs,
+    calls: Option<funcatron_calls::Calls>,
     limits: Limits,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -724,6 +751,7 @@ async fn ingress(
         broker,
         IngressOptions {
             limits,
+            calls,
             ..o.options()
         },
         metrics_routes("/_funcatron/metrics"),
@@ -769,11 +797,20 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
             scale::substrate(&a.tron.scale, runners, &dir, true).await?
         };
     let own_runner = substrate.is_none();
+    // One state store for the Tron and the ingress of `up` (an embedded
+    // file is opened by one process, once).
+    let state_target = match (&a.tron.state_store, &a.tron.store) {
+        (Some(t), _) => t.clone(),
+        (None, Some(dir)) => dir.join("records.redb").display().to_string(),
+        (None, None) => "memory:".to_owned(),
+    };
+    let calls = open_calls(Some(&state_target)).await?;
     let setup = TronSetup {
         tokens,
         substrate,
         limits: limits.clone(),
         outbound: a.outbound.policy()?,
+        calls: calls.clone(),
     };
     let t = tokio::spawn({
         let (b, s, o, d) = (
@@ -798,7 +835,7 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
     });
     let i = tokio::spawn({
         let (b, s, o) = (broker.clone(), shutdown.clone(), a.ingress.clone());
-        async move { ingress(b, &o, limits, s).await }
+        async move { ingress(b, &o, calls, limits, s).await }
     });
     tracing::info!(listen = %a.ingress.listen, broker = broker.kind(), bundles = %dir.bundles.display(), "funcatron up");
     // If any role fails, stop the others and report it.

@@ -31,6 +31,11 @@ pub struct IngressArgs {
     /// Most requests waiting at once; more get 429.
     #[arg(long, env = "FUNCATRON_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
+    /// Where asynchronous calls are recorded (the Trons' state store:
+    /// `postgres://...`); without one only fire-and-forget calls are
+    /// accepted. `funcatron up` shares its Tron's.
+    #[arg(long = "calls-store", env = "FUNCATRON_CALLS_STORE")]
+    pub calls_store: Option<String>,
 }
 
 impl IngressArgs {

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub mod args;
+pub mod calls;
 pub mod nginx;
 
 /// The health endpoint, reserved on every host.
@@ -58,6 +59,9 @@ pub struct IngressOptions {
     pub instance: String,
     /// Timeouts and the connection limit of its listener.
     pub limits: funcatron_listener::Limits,
+    /// Where asynchronous calls are recorded; without a store only
+    /// fire-and-forget calls are accepted ([`calls`]).
+    pub calls: Option<funcatron_calls::Calls>,
 }
 
 impl Default for IngressOptions {
@@ -68,6 +72,7 @@ impl Default for IngressOptions {
             max_in_flight: args::DEFAULT_MAX_IN_FLIGHT,
             instance: format!("ingress-{}", &new_request_id()[..12]),
             limits: funcatron_listener::Limits::default(),
+            calls: None,
         }
     }
 }
@@ -229,6 +234,7 @@ pub async fn app(
     });
     Ok(Router::new()
         .route(HEALTH_PATH, get(health))
+        .route(&format!("{}/{{id}}", calls::CALLS_PATH), get(calls::status))
         .fallback(handle)
         .with_state(shared))
 }
@@ -420,6 +426,9 @@ async fn handle(
             started,
         );
     };
+    if let Some(mode) = calls::mode(&parts.headers) {
+        return calls::submit(&s, &parts, remote, body, mode, &id, started).await;
+    }
 
     let (tx, rx) = oneshot::channel();
     let reply_key = new_request_id();

@@ -305,17 +305,22 @@ pub fn decode(job: &Job) -> Result<(Request<'_>, Bytes), EnvelopeError> {
 /// always removed.
 pub const AUTH_HEADER: &str = "x-funcatron-auth";
 
+/// The request header that tells a Func which attempt of an asynchronous
+/// call it runs (from 1); a client's own is always removed.
+pub const ATTEMPT_HEADER: &str = "x-funcatron-attempt";
+
 /// Step 1b, between [`decode`] and [`start`]: remove a client's
 /// [`AUTH_HEADER`]; for a secured operation, check its requirement and tell
 /// the Func who passed it.
 pub fn authorize(func: &str, job: &Job, req: &mut Request<'_>) -> Result<(), InvokeError> {
-    if req
-        .headers
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case(AUTH_HEADER))
-    {
+    let ours =
+        |k: &str| k.eq_ignore_ascii_case(AUTH_HEADER) || k.eq_ignore_ascii_case(ATTEMPT_HEADER);
+    if req.headers.iter().any(|(k, _)| ours(k)) {
+        req.headers.retain(|(k, _)| !ours(k));
+    }
+    if let Some(n) = req.attempt.filter(|_| req.is_async) {
         req.headers
-            .retain(|(k, _)| !k.eq_ignore_ascii_case(AUTH_HEADER));
+            .push((Cow::Borrowed(ATTEMPT_HEADER), Cow::Owned(n.to_string())));
     }
     let Some(auth) = &job.auth else {
         return Ok(());
@@ -371,6 +376,11 @@ pub fn start<'a>(
     max_time_ms: u64,
 ) -> Result<FuncRequest<'a>, Handled> {
     let remaining = req.deadline_ms as f64 - now_ms();
+    if remaining <= 0.0 && req.is_async {
+        // No client waits, but the call's record does: it gets an outcome.
+        let why = InvokeError::Timeout("the call passed its deadline before it ran".into());
+        return Err(finish(func, job, req, Instant::now(), Err(why)));
+    }
     if remaining <= 0.0 {
         return Err(Handled::Expired {
             request_id: req.id.to_string(),

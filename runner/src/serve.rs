@@ -269,6 +269,8 @@ async fn sandboxed(
 struct Serving {
     name: String,
     queue: String,
+    /// Its queue of asynchronous calls, drained before it is retired too.
+    async_queue: String,
     /// Stops the consumer (deliveries in flight finish).
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -293,6 +295,7 @@ struct PreparedWith {
     concurrency: Option<usize>,
     auth: BTreeMap<String, funcatron_control::state::SchemeCredentials>,
     cors: Option<funcatron_control::state::CorsSettings>,
+    async_policy: funcatron_control::calls::AsyncPolicy,
 }
 
 impl PreparedWith {
@@ -305,6 +308,7 @@ impl PreparedWith {
             concurrency: b.concurrency,
             auth: b.auth.clone(),
             cors: b.cors.clone(),
+            async_policy: b.async_policy.clone(),
         }
     }
 }
@@ -475,40 +479,57 @@ async fn start_version(
     let check_responses = Arc::new(AtomicBool::new(
         options.check_responses || b.check_responses,
     ));
-    let consumed = broker
-        .consume(
-            &queue,
-            QueueKind::Work,
-            ConsumeOptions {
-                prefetch: options.prefetch,
-                auto_ack: false,
-            },
-        )
-        .await;
-    match consumed {
-        Ok(sub) => {
-            tracing::info!(func = %b.name, version = %b.version, queue, "serving Func");
-            let ctx = Consumer {
-                broker: broker.clone(),
-                observer: observer.clone(),
-                version,
-                func: Arc::from(b.name.as_str()),
-                version_name: Arc::from(b.version.as_str()),
-                queue: Arc::from(queue.as_str()),
-                load: Arc::clone(&load),
-                max_reply_bytes: options.max_reply_bytes,
-                debug: Arc::clone(&debug),
-                check_responses: Arc::clone(&check_responses),
-            };
-            tasks.spawn(consume(Arc::new(ctx), sub, stop.clone()));
-        }
-        Err(e) => {
-            tracing::error!(func = %b.name, queue, error = %e, "cannot consume the Func's queue")
+    let outcome_headers = Arc::new(vec![
+        (headers::FUNC.to_owned(), b.name.clone()),
+        (
+            headers::ASYNC_POLICY.to_owned(),
+            serde_json::to_string(&b.async_policy).unwrap_or_default(),
+        ),
+    ]);
+    let async_queue = names::func_async_queue(&b.name, &b.version);
+    let async_prefetch = b.async_policy.concurrency.unwrap_or(options.prefetch);
+    for (q, is_async, prefetch) in [
+        (&queue, false, options.prefetch),
+        (&async_queue, true, async_prefetch),
+    ] {
+        let consumed = broker
+            .consume(
+                q,
+                QueueKind::Work,
+                ConsumeOptions {
+                    prefetch,
+                    auto_ack: false,
+                },
+            )
+            .await;
+        match consumed {
+            Ok(sub) => {
+                tracing::info!(func = %b.name, version = %b.version, queue = %q, "serving Func");
+                let ctx = Consumer {
+                    broker: broker.clone(),
+                    observer: observer.clone(),
+                    version: Arc::clone(&version),
+                    func: Arc::from(b.name.as_str()),
+                    version_name: Arc::from(b.version.as_str()),
+                    queue: Arc::from(q.as_str()),
+                    is_async,
+                    outcome_headers: Arc::clone(&outcome_headers),
+                    load: Arc::clone(&load),
+                    max_reply_bytes: options.max_reply_bytes,
+                    debug: Arc::clone(&debug),
+                    check_responses: Arc::clone(&check_responses),
+                };
+                tasks.spawn(consume(Arc::new(ctx), sub, stop.clone()));
+            }
+            Err(e) => {
+                tracing::error!(func = %b.name, queue = %q, error = %e, "cannot consume the Func's queue")
+            }
         }
     }
     Serving {
         name: b.name.clone(),
         queue,
+        async_queue,
         stop,
         tasks,
         load,
@@ -526,12 +547,12 @@ async fn retire(broker: AnyBroker, s: Serving, shutdown: CancellationToken) {
     let grace = std::time::Duration::from_millis(500);
     let limit = std::time::Duration::from_secs(120);
     loop {
-        let idle = s.load.in_flight() == 0
-            && broker
-                .depth(&s.queue)
-                .await
-                .map(|d| d.ready == 0)
-                .unwrap_or(true);
+        let mut idle = s.load.in_flight() == 0;
+        for q in [&s.queue, &s.async_queue] {
+            if idle {
+                idle = broker.depth(q).await.map(|d| d.ready == 0).unwrap_or(true);
+            }
+        }
         if (idle && retired.elapsed() >= grace) || retired.elapsed() >= limit {
             break;
         }
@@ -554,6 +575,11 @@ struct Consumer {
     func: Arc<str>,
     version_name: Arc<str>,
     queue: Arc<str>,
+    /// This consumes the version's queue of asynchronous calls: outcomes
+    /// are published persistent, with [`Consumer::outcome_headers`].
+    is_async: bool,
+    /// The Func and its async policy, for the Tron applying an outcome.
+    outcome_headers: Arc<Vec<(String, String)>>,
     load: Arc<Load>,
     /// Largest answer body sent as one message ([`RunnerOptions::max_reply_bytes`]).
     max_reply_bytes: usize,
@@ -821,11 +847,19 @@ async fn settle(ctx: &Consumer, delivery: Delivery, payload: &bytes::Bytes, hand
                 return;
             };
             let response = bytes::Bytes::from(response);
-            match ctx
-                .broker
-                .publish(&reply_to, Message::new(response.clone()))
-                .await
-            {
+            let message = if ctx.is_async {
+                // An outcome, for the Tron to record: it must survive a
+                // broker restart, and says whose policy applies.
+                Message {
+                    payload: response.clone(),
+                    headers: ctx.outcome_headers.as_ref().clone(),
+                    persistent: true,
+                    ttl_ms: None,
+                }
+            } else {
+                Message::new(response.clone())
+            };
+            match ctx.broker.publish(&reply_to, message).await {
                 // NoRoute: the ingress that asked is gone; the work is done.
                 Ok(()) | Err(BrokerError::NoRoute(_)) => {
                     ack(delivery).await;

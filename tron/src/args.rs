@@ -29,6 +29,13 @@ pub struct TronArgs {
     /// (uploaded bundles, enabled versions; survives restarts).
     #[arg(long, env = "FUNCATRON_STORE")]
     pub store: Option<PathBuf>,
+    /// Where asynchronous calls are recorded (their outcomes applied,
+    /// retries scheduled): `postgres://user:pass@host/db` (shared by every
+    /// Tron and ingress), a file path (embedded, one process), or
+    /// `memory:`. `funcatron up` defaults to `<store>/records.redb`, or
+    /// memory without --store.
+    #[arg(long, env = "FUNCATRON_STATE_STORE")]
+    pub state_store: Option<String>,
     /// Address the management API listens on (with --store).
     #[arg(long, env = "FUNCATRON_MGMT_LISTEN", default_value = DEFAULT_MGMT_LISTEN)]
     pub mgmt_listen: SocketAddr,

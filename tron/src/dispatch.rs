@@ -48,6 +48,9 @@ pub async fn declare_routes(broker: &AnyBroker, routes: &RouteTable) {
         tracing::info!(func, queue, "routing to Func");
         declare_when_connected(broker, queue).await;
     }
+    for queue in routes.async_queues() {
+        declare_when_connected(broker, queue).await;
+    }
 }
 
 /// Run a Tron until `shutdown` fires; in-flight dispatches finish first.
@@ -258,9 +261,16 @@ async fn forward(
         payload: delivery.message.payload.clone(),
         headers: hdrs,
         ttl_ms: Some(ttl_ms),
-        persistent: delivery.message.persistent,
+        persistent: delivery.message.persistent || view.is_async,
     };
-    match broker.publish(route.queue, forward).await {
+    // Asynchronous calls wait in their own queue, so a backlog of them
+    // never holds up a synchronous request.
+    let queue = if view.is_async {
+        route.async_queue
+    } else {
+        route.queue
+    };
+    match broker.publish(queue, forward).await {
         Ok(()) => {
             metrics::counter!("tron_requests_total", "outcome" => "forwarded").increment(1);
             metrics::counter!("tron_dispatched_total", "func" => route.func.to_owned())
@@ -298,11 +308,14 @@ async fn answer(
     };
     let mut resp = Response::error(&view.id, status, code, message);
     resp.reply_key = view.reply_key.clone();
+    resp.call_id = view.call_id.clone();
     if let Some(allow) = allow {
         resp.headers.push(("allow".into(), allow.into()));
     }
     let msg = Message {
         payload: resp.encode().into(),
+        // An asynchronous call's outcome must survive a broker restart.
+        persistent: view.is_async,
         ..Message::default()
     };
     match broker.publish(reply_to, msg).await {

@@ -69,6 +69,7 @@ pub struct TronNode {
     management: Option<Management>,
     scaler: Option<(Arc<dyn Substrate>, AutoscalerOptions)>,
     routes: Option<watch::Receiver<Arc<RouteTable>>>,
+    calls: Option<funcatron_calls::Calls>,
 }
 
 impl TronNode {
@@ -81,7 +82,16 @@ impl TronNode {
             management: None,
             scaler: None,
             routes: None,
+            calls: None,
         }
+    }
+
+    /// Apply asynchronous calls' outcomes to their records in this state
+    /// store ([`funcatron_calls::outcomes`]): retries, dead letters,
+    /// final states.
+    pub fn calls(mut self, calls: funcatron_calls::Calls) -> Self {
+        self.calls = Some(calls);
+        self
     }
 
     /// The dispatcher's options.
@@ -131,8 +141,17 @@ impl TronNode {
             management,
             scaler,
             routes,
+            calls,
         } = self;
         ctx.start(&shutdown);
+        if let Some(calls) = calls {
+            let (broker, stop) = (ctx.broker.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                if let Err(e) = funcatron_calls::outcomes::run(broker, calls, stop).await {
+                    tracing::error!(error = %e, "the outcomes consumer stopped");
+                }
+            });
+        }
         let (routes, registry) = match management {
             Some(m) => {
                 let (registry, routes) = serve_management(&ctx, bundles, m, &shutdown).await?;

@@ -83,6 +83,8 @@ pub struct Route<'t> {
     pub func: &'t str,
     /// Its queue.
     pub queue: &'t str,
+    /// Its queue of asynchronous calls.
+    pub async_queue: &'t str,
     /// The bundle version the queue belongs to.
     pub version: &'t str,
     /// The operation's handler (its `operationId` or default name).
@@ -142,6 +144,7 @@ fn compile(template: &str) -> Result<(Regex, Vec<String>, usize), TemplateError>
 struct FuncInfo {
     func: Arc<str>,
     queue: String,
+    async_queue: String,
     version: String,
 }
 
@@ -341,6 +344,7 @@ impl RouteTable {
             funcs.push(FuncInfo {
                 func: Arc::from(b.name.as_str()),
                 queue: names::func_queue(&b.name, &b.version),
+                async_queue: names::func_async_queue(&b.name, &b.version),
                 version: b.version.clone(),
             });
         }
@@ -355,6 +359,11 @@ impl RouteTable {
     /// The Funcs in the table and their queues, each once.
     pub fn funcs(&self) -> impl Iterator<Item = (&str, &str)> {
         self.funcs.iter().map(|f| (&*f.func, f.queue.as_str()))
+    }
+
+    /// The Funcs' queues of asynchronous calls, each once.
+    pub fn async_queues(&self) -> impl Iterator<Item = &str> {
+        self.funcs.iter().map(|f| f.async_queue.as_str())
     }
 
     /// Route one request. `path` is the raw (percent-encoded) path without query.
@@ -430,6 +439,7 @@ impl RouteTable {
         Route {
             func: &f.func,
             queue: &f.queue,
+            async_queue: &f.async_queue,
             version: &f.version,
             operation_id: op,
             method,

@@ -174,11 +174,13 @@ pub async fn spawn_cluster(
 ) -> InProcess {
     let shutdown = CancellationToken::new();
     RouteTable::build(&bundles).expect("the bundles route");
-    tokio::spawn(
-        TronNode::new(broker.clone())
-            .bundles(bundles.clone())
-            .run(shutdown.clone()),
-    );
+    let mut tron = TronNode::new(broker.clone()).bundles(bundles.clone());
+    // An ingress that records async calls has a Tron applying their
+    // outcomes to the same store.
+    if let Some(calls) = &ingress.calls {
+        tron = tron.calls(calls.clone());
+    }
+    tokio::spawn(tron.run(shutdown.clone()));
     if let Some(ropts) = runner {
         tokio::spawn(
             RunnerNode::new(broker.clone())

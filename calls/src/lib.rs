@@ -1,0 +1,592 @@
+//! Asynchronous calls: their records in the state store, from submission
+//! to a final state.
+//!
+//! ingress (**[`Calls::submit`]**, then 202 + call id) -> `funcatron.requests`
+//! -> Tron -> the Func's async queue -> Runner -> `funcatron.outcomes` ->
+//! Tron (**[`outcomes::run`]**: [`Calls::apply_outcome`], then a delayed
+//! retry, or done) -> the record, which `GET /_funcatron/calls/<id>` reads
+//! ([`Calls::get`], [`CallView`]).
+//!
+//! A record is the durable truth of a call: written (queued) before the
+//! call is published, so a 202 always has a record; updated by
+//! compare-and-set, so Trons applying outcomes at once lose nothing; and it
+//! keeps the request envelope, so a retry or a redrive re-publishes it.
+//! Outcomes are applied at least once: an attempt already recorded is
+//! recognised and not applied twice.
+
+pub mod outcomes;
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use funcatron_control::calls::{next_step, Resolved, Step};
+use funcatron_envelope::{Request, Response};
+use funcatron_store::{AnyStore, Query, Record, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// The store collection of call records.
+pub const COLLECTION: &str = "calls";
+/// The store collection of idempotency keys (value: the call id).
+pub const IDEMPOTENCY: &str = "idempotency";
+
+/// Where a call is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallState {
+    /// Accepted, waiting for its (next) attempt.
+    Queued,
+    /// Finished with an answer the policy does not retry, below 400.
+    Succeeded,
+    /// Finished with an answer the policy does not retry, 400 or above.
+    Failed,
+    /// Out of attempts or of age; waiting for a redrive or a purge.
+    DeadLettered,
+}
+
+impl CallState {
+    /// The store status string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallState::Queued => "queued",
+            CallState::Succeeded => "succeeded",
+            CallState::Failed => "failed",
+            CallState::DeadLettered => "dead_lettered",
+        }
+    }
+
+    /// No further attempt will run on its own.
+    pub fn is_final(self) -> bool {
+        !matches!(self, CallState::Queued)
+    }
+}
+
+/// One attempt's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// From 1.
+    pub n: u32,
+    /// When its outcome was recorded (Unix ms).
+    pub finished_ms: u64,
+    /// The answer's status.
+    pub status: u16,
+    /// The platform's error code, when the answer was one (`func_timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Time inside the Func, ms.
+    pub exec_ms: f64,
+    /// The delay that was scheduled before it, ms.
+    pub delay_ms: u64,
+}
+
+/// A finished call's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallResult {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers in order.
+    pub headers: Vec<(String, String)>,
+    /// The body, as in envelopes.
+    pub body: String,
+    /// `body` is base64.
+    #[serde(default)]
+    pub body_base64: bool,
+}
+
+/// A call's record, as stored (JSON in [`Record::value`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// The call id.
+    pub id: String,
+    /// Where it is.
+    pub state: CallState,
+    /// When it was accepted (Unix ms).
+    pub submitted_ms: u64,
+    /// When the record last changed (Unix ms).
+    pub updated_ms: u64,
+    /// SHA-256 (hex) of the secret returned with the 202.
+    pub secret_sha256: String,
+    /// The Func, once an attempt has told (the Tron routes after the 202).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub func: Option<String>,
+    /// The request line, for listings.
+    pub method: String,
+    /// The request's host.
+    pub host: String,
+    /// The request's path.
+    pub path: String,
+    /// Where the outcome is POSTed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+    /// Outcomes so far, in order.
+    #[serde(default)]
+    pub attempts: Vec<Attempt>,
+    /// The last answer, once final.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<CallResult>,
+    /// Why it failed or was dead-lettered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// How long it is kept once final, ms.
+    pub retention_ms: u64,
+    /// The request envelope of its first attempt (JSON), re-published by
+    /// retries and redrives.
+    pub request: String,
+    /// The delay scheduled before the attempt now waiting, ms.
+    #[serde(default)]
+    pub next_delay_ms: u64,
+}
+
+/// What a client may see of a call: everything but the request; the
+/// answer only to the holder of its secret (or an operator's token).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallView<'a> {
+    /// The call id.
+    pub id: &'a str,
+    /// Where it is.
+    pub state: CallState,
+    /// When it was accepted (Unix ms).
+    pub submitted_ms: u64,
+    /// When it last changed (Unix ms).
+    pub updated_ms: u64,
+    /// The Func, once known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub func: Option<&'a str>,
+    /// Outcomes so far.
+    pub attempts: &'a [Attempt],
+    /// Why it failed or was dead-lettered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
+    /// The answer (with the secret, once final).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<&'a CallResult>,
+}
+
+impl CallRecord {
+    /// The client's view; the answer only when `reveal`.
+    pub fn view(&self, reveal: bool) -> CallView<'_> {
+        CallView {
+            id: &self.id,
+            state: self.state,
+            submitted_ms: self.submitted_ms,
+            updated_ms: self.updated_ms,
+            func: self.func.as_deref(),
+            attempts: &self.attempts,
+            reason: self.reason.as_deref(),
+            result: self.result.as_ref().filter(|_| reveal),
+        }
+    }
+
+    /// Does `secret` open this call's answer? (Compared by digest, in
+    /// constant time.)
+    pub fn opens(&self, secret: &str) -> bool {
+        let digest = sha256_hex(secret);
+        digest
+            .as_bytes()
+            .ct_eq(self.secret_sha256.as_bytes())
+            .into()
+    }
+}
+
+fn sha256_hex(s: &str) -> String {
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Why a call operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The store refused or is unreachable.
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
+    /// A record that is not a call record (or an outcome that is not a
+    /// response envelope).
+    #[error("{0}")]
+    Corrupt(String),
+    /// No such call.
+    #[error("no call {0}")]
+    NotFound(String),
+}
+
+/// A call to accept.
+#[derive(Debug, Clone)]
+pub struct Submission<'a> {
+    /// The envelope to publish (with `call_id` set).
+    pub request: &'a Request<'a>,
+    /// The secret the client gets with the 202.
+    pub secret: &'a str,
+    /// `Idempotency-Key`, if sent, with how long it holds (ms).
+    pub idempotency: Option<(&'a str, u64)>,
+    /// How long the record is kept once final, ms (until the Func's
+    /// policy says otherwise).
+    pub retention_ms: u64,
+    /// When the record expires even if never finished (the maximum age
+    /// plus the retention), Unix ms.
+    pub expires_ms: u64,
+}
+
+/// What [`Calls::submit`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Submitted {
+    /// A new call: publish its request.
+    New,
+    /// The idempotency key names an earlier call: its id; publish nothing.
+    Existing(String),
+}
+
+/// What applying an outcome calls for next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// The call reached a final state.
+    Finished(CallState),
+    /// Publish this request again after `delay_ms`.
+    Retry {
+        /// The next attempt's envelope.
+        request: Bytes,
+        /// How long to wait.
+        delay_ms: u64,
+    },
+    /// This attempt's outcome was already recorded (a redelivery).
+    Duplicate,
+    /// The record is gone (purged, expired): nothing to do.
+    Gone,
+}
+
+/// The call records of one store.
+#[derive(Clone)]
+pub struct Calls {
+    store: AnyStore,
+}
+
+fn decode(rec: &Record) -> Result<CallRecord, CallError> {
+    serde_json::from_slice(&rec.value)
+        .map_err(|e| CallError::Corrupt(format!("call record {}: {e}", rec.key)))
+}
+
+fn encode(call: &CallRecord, template: &Record) -> Record {
+    let expires = if call.state.is_final() {
+        call.updated_ms.saturating_add(call.retention_ms)
+    } else {
+        template.expires_ms
+    };
+    Record::new(COLLECTION, call.id.clone())
+        .with_partition(call.func.clone().unwrap_or_default())
+        .with_status(call.state.as_str())
+        .with_value(serde_json::to_vec(call).unwrap_or_default())
+        .expiring_at(expires)
+}
+
+impl Calls {
+    /// Call records in `store`.
+    pub fn new(store: AnyStore) -> Self {
+        Calls { store }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &AnyStore {
+        &self.store
+    }
+
+    /// Record a new call as queued (before it is published), or find the
+    /// earlier call its idempotency key names.
+    pub async fn submit(&self, s: Submission<'_>) -> Result<Submitted, CallError> {
+        let req = s.request;
+        let id = req.call_id.as_deref().unwrap_or_default().to_owned();
+        let now = funcatron_store::now_ms();
+        if let Some((key, window_ms)) = s.idempotency {
+            let idem = Record::new(IDEMPOTENCY, idempotency_key(&req.host, key))
+                .with_value(id.clone().into_bytes())
+                .expiring_at(now.saturating_add(window_ms));
+            match self.store.insert(&idem).await {
+                Ok(_) => {}
+                Err(StoreError::Exists { .. }) => {
+                    let first = self
+                        .store
+                        .get(IDEMPOTENCY, &idem.key)
+                        .await?
+                        .map(|r| String::from_utf8_lossy(&r.value).into_owned());
+                    if let Some(first) = first {
+                        return Ok(Submitted::Existing(first));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let call = CallRecord {
+            id: id.clone(),
+            state: CallState::Queued,
+            submitted_ms: req.submitted_ms.unwrap_or(now),
+            updated_ms: now,
+            secret_sha256: sha256_hex(s.secret),
+            func: None,
+            method: req.method.to_string(),
+            host: req.host.to_string(),
+            path: req.path.to_string(),
+            callback_url: req.callback_url.as_deref().map(str::to_owned),
+            attempts: Vec::new(),
+            result: None,
+            reason: None,
+            retention_ms: s.retention_ms,
+            request: String::from_utf8_lossy(&req.encode()).into_owned(),
+            next_delay_ms: 0,
+        };
+        let template = Record::new(COLLECTION, id).expiring_at(s.expires_ms);
+        self.store.insert(&encode(&call, &template)).await?;
+        Ok(Submitted::New)
+    }
+
+    /// Forget a call whose request could not be published (the client
+    /// got an error, not a 202).
+    pub async fn withdraw(&self, id: &str) -> Result<(), CallError> {
+        self.store.delete(COLLECTION, id).await?;
+        Ok(())
+    }
+
+    /// A call's record.
+    pub async fn get(&self, id: &str) -> Result<Option<CallRecord>, CallError> {
+        match self.store.get(COLLECTION, id).await? {
+            Some(r) => Ok(Some(decode(&r)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Calls of `func` in `state`, by id, `limit` at most after `after`.
+    pub async fn list(
+        &self,
+        func: &str,
+        state: CallState,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CallRecord>, CallError> {
+        let mut q = Query::new(COLLECTION)
+            .partition(func)
+            .status(state.as_str())
+            .limit(limit);
+        if let Some(a) = after {
+            q = q.after(a);
+        }
+        self.store.list(&q).await?.iter().map(decode).collect()
+    }
+
+    /// Record one attempt's outcome (`response`, from the Func `func`
+    /// under `policy`) and say what comes next; `jitter` (0..1) spreads
+    /// retries. Safe to repeat: an attempt already recorded is a
+    /// [`Applied::Duplicate`].
+    pub async fn apply_outcome(
+        &self,
+        response: &Response<'_>,
+        func: Option<&str>,
+        policy: &Resolved,
+        jitter: f64,
+    ) -> Result<Applied, CallError> {
+        let id = response
+            .call_id
+            .as_deref()
+            .ok_or_else(|| CallError::Corrupt("an outcome without a call_id".into()))?;
+        let n = response.attempt.unwrap_or(1);
+        loop {
+            let Some(rec) = self.store.get(COLLECTION, id).await? else {
+                return Ok(Applied::Gone);
+            };
+            let mut call = decode(&rec)?;
+            if !call.state.is_final() && call.attempts.last().is_some_and(|a| a.n == n) {
+                // Recorded, but the retry's publish may not have happened
+                // (a crash before the outcome was acknowledged): again.
+                return Ok(Applied::Retry {
+                    request: next_request(&call.request, n + 1, call.next_delay_ms, None)?,
+                    delay_ms: call.next_delay_ms,
+                });
+            }
+            if call.state.is_final() || call.attempts.iter().any(|a| a.n >= n) {
+                return Ok(Applied::Duplicate);
+            }
+            let now = funcatron_store::now_ms();
+            let step = next_step(
+                policy,
+                response.status,
+                n,
+                now.saturating_sub(call.submitted_ms),
+                jitter,
+            );
+            let applied = record_attempt(&mut call, response, func, policy, step, now)?;
+            match self.store.replace(&encode(&call, &rec), rec.revision).await {
+                Ok(_) => return Ok(applied),
+                // Another Tron moved the record: read it again.
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Queue a dead-lettered (or failed) call again from its first
+    /// attempt: its record is queued and the request to publish returned.
+    pub async fn redrive(&self, id: &str) -> Result<Bytes, CallError> {
+        loop {
+            let Some(rec) = self.store.get(COLLECTION, id).await? else {
+                return Err(CallError::NotFound(id.to_owned()));
+            };
+            let mut call = decode(&rec)?;
+            if !call.state.is_final() {
+                return Err(CallError::Corrupt(format!("call {id} is still queued")));
+            }
+            let now = funcatron_store::now_ms();
+            call.state = CallState::Queued;
+            call.updated_ms = now;
+            call.attempts.clear();
+            call.result = None;
+            call.reason = None;
+            call.next_delay_ms = 0;
+            call.submitted_ms = now;
+            let request = next_request(&call.request, 1, 0, Some(now))?;
+            let mut template = rec.clone();
+            template.expires_ms = 0;
+            match self
+                .store
+                .replace(&encode(&call, &template), rec.revision)
+                .await
+            {
+                Ok(_) => {
+                    metrics::counter!("calls_redriven_total").increment(1);
+                    return Ok(request);
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Delete a call's record; false when there was none.
+    pub async fn purge(&self, id: &str) -> Result<bool, CallError> {
+        Ok(self.store.delete(COLLECTION, id).await?)
+    }
+}
+
+/// The store key of an idempotency key: per host, since keys are chosen
+/// by clients of different APIs.
+fn idempotency_key(host: &str, key: &str) -> String {
+    let host = host
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    format!("{host} {key}")
+}
+
+/// Add the attempt and move the call as `step` says.
+fn record_attempt(
+    call: &mut CallRecord,
+    response: &Response<'_>,
+    func: Option<&str>,
+    policy: &Resolved,
+    step: Step,
+    now: u64,
+) -> Result<Applied, CallError> {
+    let n = response.attempt.unwrap_or(1);
+    let delay_ms = std::mem::take(&mut call.next_delay_ms);
+    call.attempts.push(Attempt {
+        n,
+        finished_ms: now,
+        status: response.status,
+        error: error_code(response),
+        exec_ms: response.timings.exec_ms,
+        delay_ms,
+    });
+    if let Some(f) = func {
+        call.func = Some(f.to_owned());
+    }
+    call.updated_ms = now;
+    call.retention_ms = policy.retention_ms;
+    let result = || CallResult {
+        status: response.status,
+        headers: response
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        body: response.body.to_string(),
+        body_base64: response.body_base64,
+    };
+    Ok(match step {
+        Step::Done => {
+            call.state = if response.status < 400 {
+                CallState::Succeeded
+            } else {
+                CallState::Failed
+            };
+            if call.state == CallState::Failed {
+                call.reason = Some(format!("attempt {n} answered {}", response.status));
+            }
+            call.result = Some(result());
+            metrics::counter!("calls_finished_total", "state" => call.state.as_str()).increment(1);
+            Applied::Finished(call.state)
+        }
+        Step::DeadLetter(why) => {
+            call.state = CallState::DeadLettered;
+            call.reason = Some(why);
+            call.result = Some(result());
+            metrics::counter!("calls_dead_lettered_total").increment(1);
+            Applied::Finished(CallState::DeadLettered)
+        }
+        Step::Retry { attempt, delay_ms } => {
+            metrics::counter!("calls_retried_total").increment(1);
+            call.next_delay_ms = delay_ms;
+            Applied::Retry {
+                request: next_request(&call.request, attempt, delay_ms, None)?,
+                delay_ms,
+            }
+        }
+    })
+}
+
+fn error_code(response: &Response<'_>) -> Option<String> {
+    if response.status < 400 {
+        return None;
+    }
+    let is_json = response
+        .headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v.starts_with("application/json"));
+    if !is_json {
+        return None;
+    }
+    serde_json::from_str::<serde_json::Value>(&response.body)
+        .ok()?
+        .get("error")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// The request envelope of attempt `attempt`, scheduled `delay_ms`
+/// after now, from the first attempt's (`submitted` resets the call's
+/// age, for a redrive).
+fn next_request(
+    first: &str,
+    attempt: u32,
+    delay_ms: u64,
+    submitted: Option<u64>,
+) -> Result<Bytes, CallError> {
+    let mut req = Request::decode(first.as_bytes())
+        .map_err(|e| CallError::Corrupt(format!("stored request: {e}")))?;
+    let now = funcatron_envelope::now_ms();
+    let span = req.deadline_ms as f64 - req.sent_ms;
+    req.attempt = Some(attempt);
+    req.delay_ms = delay_ms;
+    req.sent_ms = now + delay_ms as f64;
+    req.deadline_ms = (req.sent_ms + span.max(1.0)) as u64;
+    if let Some(s) = submitted {
+        req.submitted_ms = Some(s);
+    }
+    req.reply_key = req.reply_key.take().map(|k| Cow::Owned(k.into_owned()));
+    Ok(Bytes::from(req.encode()))
+}
+
+impl std::fmt::Debug for Calls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Calls")
+            .field("store", &self.store.kind())
+            .finish()
+    }
+}

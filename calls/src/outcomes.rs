@@ -1,0 +1,143 @@
+//! The outcomes consumer, run by every Tron with a state store.
+//!
+//! Runner -> `funcatron.outcomes` -> **Tron: here** -> the call's record
+//! ([`Calls::apply_outcome`]) -> a delayed retry on `funcatron.requests`
+//! (the broker holds it; [`funcatron_broker::Broker::publish_delayed`]), or
+//! a final state. An outcome is acknowledged only once its record is
+//! written and its retry (if any) published: a crash before that makes the
+//! broker deliver it again, and applying it again is safe.
+
+use std::time::Duration;
+
+use funcatron_broker::{
+    AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind,
+};
+use funcatron_control::calls::AsyncPolicy;
+use funcatron_control::{headers, names};
+use funcatron_envelope::Response;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::{Applied, CallError, Calls};
+
+/// Outcomes applied at once by one Tron.
+const PREFETCH: u16 = 64;
+
+/// Apply outcomes until `shutdown`; those being applied finish first.
+pub async fn run(
+    broker: AnyBroker,
+    calls: Calls,
+    shutdown: CancellationToken,
+) -> Result<(), BrokerError> {
+    if let Err(e) = broker.declare(names::OUTCOMES, QueueKind::Work).await {
+        tracing::debug!(error = %e, "outcomes queue declared once the broker is reachable");
+    }
+    let mut sub = broker
+        .consume(
+            names::OUTCOMES,
+            QueueKind::Work,
+            ConsumeOptions {
+                prefetch: PREFETCH,
+                auto_ack: false,
+            },
+        )
+        .await?;
+    let tracker = TaskTracker::new();
+    loop {
+        let d = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            d = sub.next() => match d { Some(d) => d, None => break },
+        };
+        let (broker, calls) = (broker.clone(), calls.clone());
+        tracker.spawn(async move { apply(&broker, &calls, d).await });
+    }
+    drop(sub);
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+/// The policy an outcome says its Func version runs under (the default
+/// when it does not say or says something unusable).
+fn policy_of(d: &Delivery) -> funcatron_control::calls::Resolved {
+    let stated = d
+        .message
+        .header(headers::ASYNC_POLICY)
+        .and_then(|p| serde_json::from_str::<AsyncPolicy>(p).ok())
+        .unwrap_or_default();
+    stated
+        .resolved()
+        .or_else(|_| AsyncPolicy::default().resolved())
+        .unwrap_or_else(|_| unreachable_default())
+}
+
+/// The default policy always resolves; this is its value spelled out.
+fn unreachable_default() -> funcatron_control::calls::Resolved {
+    funcatron_control::calls::Resolved {
+        max_attempts: 3,
+        backoff_initial_ms: 1_000,
+        backoff_factor: 2.0,
+        backoff_max_ms: 60_000,
+        max_age_ms: 6 * 3_600_000,
+        retry_on: funcatron_control::calls::DEFAULT_RETRY_ON.to_vec(),
+        retention_ms: 24 * 3_600_000,
+    }
+}
+
+async fn apply(broker: &AnyBroker, calls: &Calls, d: Delivery) {
+    let payload = d.message.payload.clone();
+    let response = match Response::decode(&payload) {
+        Ok(r) => r,
+        Err(e) => return broker.dead_letter(names::OUTCOMES, d, &e.to_string()).await,
+    };
+    let policy = policy_of(&d);
+    let func = d.message.header(headers::FUNC).map(str::to_owned);
+    let span = tracing::debug_span!(
+        "tron.outcome",
+        request_id = %response.id,
+        call_id = response.call_id.as_deref().unwrap_or_default(),
+        func = func.as_deref().unwrap_or_default(),
+    );
+    let _enter = span.enter();
+    let jitter: f64 = rand::random();
+    match calls
+        .apply_outcome(&response, func.as_deref(), &policy, jitter)
+        .await
+    {
+        Ok(Applied::Retry { request, delay_ms }) => {
+            let message = Message {
+                payload: request,
+                persistent: true,
+                ..Message::default()
+            };
+            match broker
+                .publish_delayed(names::REQUESTS, message, delay_ms)
+                .await
+            {
+                Ok(()) => {
+                    tracing::debug!(delay_ms, "retry scheduled");
+                    let _ = d.ack().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retry not scheduled; the outcome is applied again");
+                    let _ = d.nack(true).await;
+                }
+            }
+        }
+        Ok(Applied::Finished(state)) => {
+            tracing::debug!(state = state.as_str(), "call finished");
+            let _ = d.ack().await;
+        }
+        Ok(Applied::Duplicate | Applied::Gone) => {
+            let _ = d.ack().await;
+        }
+        Err(CallError::Corrupt(why)) => broker.dead_letter(names::OUTCOMES, d, &why).await,
+        Err(e) => {
+            // The store is unreachable: wait a little so a store outage
+            // does not spin, then let the broker deliver it again.
+            tracing::warn!(error = %e, "outcome not applied; retrying");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = d.nack(true).await;
+        }
+    }
+}
