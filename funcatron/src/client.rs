@@ -86,7 +86,7 @@ impl Remote {
 }
 
 /// The answer's body as `T`, or an error with the API's message.
-async fn answer<T: DeserializeOwned>(r: reqwest::Response) -> Result<T> {
+pub(crate) async fn answer<T: DeserializeOwned>(r: reqwest::Response) -> Result<T> {
     let status = r.status();
     let url = r.url().path().to_owned();
     let text = r.text().await?;

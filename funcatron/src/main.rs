@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use funcatron_ingress::nginx;
 
 mod bundle_cmd;
+mod calls_cmd;
 mod client;
 mod dev;
 mod local;
@@ -69,6 +70,12 @@ enum Command {
     Func(client::FuncCmd),
     /// Call a Func through a Tron's management API.
     Invoke(client::InvokeArgs),
+    /// Asynchronous calls: show one.
+    #[command(subcommand)]
+    Call(calls_cmd::CallCmd),
+    /// A Func's dead-letter queue: list, show, redrive, purge.
+    #[command(subcommand)]
+    Dlq(calls_cmd::DlqCmd),
     /// Record a Func's request/response pairs: start, stop, export.
     #[command(subcommand)]
     Capture(client::CaptureCmd),
@@ -463,6 +470,14 @@ fn main() -> Result<()> {
             Command::Bundle(c) => bundle_cmd::run(c).await,
             Command::Func(c) => {
                 print!("{}", client::func(c).await?);
+                Ok(())
+            }
+            Command::Call(c) => {
+                print!("{}", calls_cmd::call(c).await?);
+                Ok(())
+            }
+            Command::Dlq(c) => {
+                print!("{}", calls_cmd::dlq(c).await?);
                 Ok(())
             }
             Command::Capture(c) => {

@@ -144,7 +144,7 @@ impl TronNode {
             calls,
         } = self;
         ctx.start(&shutdown);
-        if let Some(calls) = calls {
+        if let Some(calls) = calls.clone() {
             let (broker, stop) = (ctx.broker.clone(), shutdown.clone());
             tokio::spawn(async move {
                 if let Err(e) = funcatron_calls::outcomes::run(broker, calls, stop).await {
@@ -154,7 +154,8 @@ impl TronNode {
         }
         let (routes, registry) = match management {
             Some(m) => {
-                let (registry, routes) = serve_management(&ctx, bundles, m, &shutdown).await?;
+                let (registry, routes) =
+                    serve_management(&ctx, bundles, m, calls.clone(), &shutdown).await?;
                 (routes, Some(registry))
             }
             None => match routes {
@@ -186,6 +187,7 @@ async fn serve_management(
     ctx: &TronContext,
     bundles: Vec<Bundle>,
     m: Management,
+    calls: Option<funcatron_calls::Calls>,
     shutdown: &CancellationToken,
 ) -> Result<(Arc<Registry>, watch::Receiver<Arc<RouteTable>>), NodeError> {
     let store = m.registry.store.display().to_string();
@@ -203,7 +205,8 @@ async fn serve_management(
     )
     .await
     .map_err(|e| NodeError::Invoke(e.to_string()))?;
-    let api = crate::mgmt::router(Arc::clone(&registry), m.api, Some(invoker)).merge(m.extra);
+    let api = crate::mgmt::router_with_calls(Arc::clone(&registry), m.api, Some(invoker), calls)
+        .merge(m.extra);
     let stop = shutdown.clone();
     tokio::spawn(async move {
         if let Err(e) =

@@ -13,6 +13,7 @@
 //! Errors are JSON: `{"error": code, "message": ...}` ([`api::ApiError`]).
 
 pub mod api;
+mod calls;
 
 use std::sync::{Arc, LazyLock};
 
@@ -95,6 +96,8 @@ struct Api {
     redact_json_fields: Vec<String>,
     /// An in-process ingress for `invoke`.
     ingress: Option<Router>,
+    /// The records of asynchronous calls, if this Tron keeps them.
+    calls: Option<funcatron_calls::Calls>,
 }
 
 type Shared = State<Arc<Api>>;
@@ -261,6 +264,8 @@ fn read_routes() -> OpenApiRouter<Arc<Api>> {
         .routes(r(routes!(history)))
         .routes(r(routes!(capture_export)))
         .routes(r(routes!(logs)))
+        .routes(r(routes!(calls::show_call)))
+        .routes(r(routes!(calls::list_dead)))
 }
 
 /// Routes that need the admin token.
@@ -277,6 +282,8 @@ fn token_routes() -> OpenApiRouter<Arc<Api>> {
         .routes(a(routes!(capture_start)))
         .routes(a(routes!(capture_stop)))
         .routes(a(routes!(log_level)))
+        .routes(a(routes!(calls::redrive)))
+        .routes(a(routes!(calls::purge)))
         .merge(unlimited)
 }
 
@@ -307,6 +314,17 @@ pub fn openapi_yaml_text() -> &'static str {
 /// capture redaction); `ingress` (see `funcatron_ingress::app`) serves
 /// `invoke`.
 pub fn router(registry: Arc<Registry>, options: MgmtOptions, ingress: Option<Router>) -> Router {
+    router_with_calls(registry, options, ingress, None)
+}
+
+/// [`router`], with the records of asynchronous calls (`/v1/calls`, the
+/// dead-letter queues).
+pub fn router_with_calls(
+    registry: Arc<Registry>,
+    options: MgmtOptions,
+    ingress: Option<Router>,
+    calls: Option<funcatron_calls::Calls>,
+) -> Router {
     let api = Arc::new(Api {
         registry,
         tokens: options.tokens,
@@ -314,6 +332,7 @@ pub fn router(registry: Arc<Registry>, options: MgmtOptions, ingress: Option<Rou
         redact_query: options.redact_query,
         redact_json_fields: options.redact_json_fields,
         ingress,
+        calls,
     });
     let (routes, _) = open_routes()
         .merge(read_routes())

@@ -212,6 +212,11 @@ fn check_settings(s: &FuncSettings, ceilings: &Ceilings) -> Result<(), RegistryE
 }
 
 impl Registry {
+    /// The broker this registry talks on.
+    pub fn broker(&self) -> &AnyBroker {
+        &self.broker
+    }
+
     /// Open (or create) the store, load the saved state and apply it:
     /// everything that can be routed is; bundles that conflict (with a
     /// static bundle, with each other) are refused and logged, see
