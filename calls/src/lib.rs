@@ -371,6 +371,22 @@ impl Calls {
         self.store.list(&q).await?.iter().map(decode).collect()
     }
 
+    /// Calls still queued, of every Func, by id, `limit` at most after
+    /// `after`.
+    pub async fn queued(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CallRecord>, CallError> {
+        let mut q = Query::new(COLLECTION)
+            .status(CallState::Queued.as_str())
+            .limit(limit);
+        if let Some(a) = after {
+            q = q.after(a);
+        }
+        self.store.list(&q).await?.iter().map(decode).collect()
+    }
+
     /// Record one attempt's outcome (`response`, from the Func `func`
     /// under `policy`) and say what comes next; `jitter` (0..1) spreads
     /// retries. Safe to repeat: an attempt already recorded is a
@@ -562,7 +578,7 @@ fn error_code(response: &Response<'_>) -> Option<String> {
 /// The request envelope of attempt `attempt`, scheduled `delay_ms`
 /// after now, from the first attempt's (`submitted` resets the call's
 /// age, for a redrive).
-fn next_request(
+pub(crate) fn next_request(
     first: &str,
     attempt: u32,
     delay_ms: u64,

@@ -57,6 +57,46 @@ pub async fn run(
     Ok(())
 }
 
+/// Queue again, as its next attempt and at once, every call the store
+/// still has queued: for a broker that kept nothing across a restart (the
+/// embedded one of `funcatron up --store`), whose delayed retries and
+/// waiting calls were in memory. A call whose attempt was running runs
+/// again (at least once). Returns how many were queued.
+pub async fn requeue_pending(broker: &AnyBroker, calls: &Calls) -> Result<usize, CallError> {
+    const PAGE: usize = 500;
+    if let Err(e) = broker.declare(names::REQUESTS, QueueKind::Work).await {
+        tracing::debug!(error = %e, "request queue declared once the broker is reachable");
+    }
+    let mut after: Option<String> = None;
+    let mut queued = 0;
+    loop {
+        let page = calls.queued(after.as_deref(), PAGE).await?;
+        for call in &page {
+            let next = call.attempts.last().map_or(1, |a| a.n + 1);
+            let message = Message {
+                payload: crate::next_request(&call.request, next, 0, None)?,
+                persistent: true,
+                ..Message::default()
+            };
+            match broker.publish(names::REQUESTS, message).await {
+                Ok(()) => queued += 1,
+                Err(e) => tracing::warn!(call_id = %call.id, error = %e, "call not queued again"),
+            }
+        }
+        if page.len() < PAGE {
+            break;
+        }
+        after = page.last().map(|c| c.id.clone());
+    }
+    if queued > 0 {
+        tracing::info!(
+            queued,
+            "queued again the calls that were waiting when the last run stopped"
+        );
+    }
+    Ok(queued)
+}
+
 /// The policy an outcome says its Func version runs under (the default
 /// when it does not say or says something unusable).
 fn policy_of(d: &Delivery) -> funcatron_control::calls::Resolved {

@@ -820,6 +820,13 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
         (None, None) => "memory:".to_owned(),
     };
     let calls = open_calls(Some(&state_target)).await?;
+    // The embedded broker kept nothing across a restart: what the store
+    // still has queued is queued again.
+    if let (Some(c), AnyBroker::Embedded(_), Some(_)) = (&calls, &broker, &a.tron.store) {
+        funcatron_calls::outcomes::requeue_pending(&broker, c)
+            .await
+            .context("queueing again the calls of the last run")?;
+    }
     let setup = TronSetup {
         tokens,
         substrate,

@@ -254,3 +254,78 @@ async fn an_ingress_without_a_store_takes_only_fire_and_forget_calls() {
     assert_eq!(r.status(), 202);
     assert!(r.headers().get("x-call-secret").is_none());
 }
+
+/// `funcatron up --store` on the embedded broker, killed with calls still
+/// waiting (each failed once; its retry waits a minute in the broker's
+/// memory), and started again: the store's queued calls are queued again
+/// and every one reaches its final state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_calls_survive_a_kill_of_up() {
+    let root = tempfile::tempdir().unwrap();
+    let bundles = root.path().join("bundles");
+    write_bundle(
+        &bundles,
+        "late",
+        &[
+            (
+                "swagger.yaml",
+                "swagger: '2.0'\ninfo: {title: t, version: '1'}\nbasePath: /late\nx-funcatron: {name: late, runtime: lua, async: {retries: 1, backoff_initial_ms: 60000}}\npaths:\n  /x: {post: {operationId: x, responses: {'200': {description: ok}}}}\n",
+            ),
+            (
+                "main.lua",
+                "return { x = function(r) return {status = 503, body = 'later ' .. (r.headers['x-funcatron-attempt'] or 'sync')} end }",
+            ),
+        ],
+    );
+    let (listen, mgmt) = (free_addr(), free_addr());
+    let store = root.path().join("store");
+    let args = [
+        "up",
+        "--bundles",
+        bundles.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--listen",
+        &listen.to_string(),
+        "--mgmt-listen",
+        &mgmt.to_string(),
+    ];
+    let log = root.path().join("up.log");
+    let base = format!("http://{listen}");
+    let start = || async {
+        let up = funcatron_logged(&args, "tok", &log);
+        eventually("the Func answers", || async {
+            text_post(&format!("{base}/late/x")).await == (503, "later sync".to_owned())
+        })
+        .await;
+        up
+    };
+    let up = start().await;
+    let mut accepted = Vec::new();
+    for _ in 0..40 {
+        accepted.push(submit(&base, "/late/x", &[("prefer", "respond-async")]).await);
+    }
+    for a in &accepted {
+        eventually("the first attempt is recorded", || async {
+            let (_, v) = status(&base, a, true).await;
+            v["attempts"].as_array().is_some_and(|l| l.len() == 1)
+        })
+        .await;
+    }
+    drop(up); // SIGKILL: the retries waiting in memory are gone with it.
+    let _up = start().await;
+    for a in &accepted {
+        let v = finished(&base, a).await;
+        assert_eq!(v["state"], "dead_lettered", "{v}");
+        let attempts = v["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 2, "{v}");
+        assert_eq!(v["result"]["body"], "later 2", "{v}");
+    }
+}
+
+async fn text_post(url: &str) -> (u16, String) {
+    match reqwest::Client::new().post(url).send().await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(e) => (0, e.to_string()),
+    }
+}
