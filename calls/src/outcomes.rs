@@ -105,23 +105,7 @@ fn policy_of(d: &Delivery) -> funcatron_control::calls::Resolved {
         .header(headers::ASYNC_POLICY)
         .and_then(|p| serde_json::from_str::<AsyncPolicy>(p).ok())
         .unwrap_or_default();
-    stated
-        .resolved()
-        .or_else(|_| AsyncPolicy::default().resolved())
-        .unwrap_or_else(|_| unreachable_default())
-}
-
-/// The default policy always resolves; this is its value spelled out.
-fn unreachable_default() -> funcatron_control::calls::Resolved {
-    funcatron_control::calls::Resolved {
-        max_attempts: 3,
-        backoff_initial_ms: 1_000,
-        backoff_factor: 2.0,
-        backoff_max_ms: 60_000,
-        max_age_ms: 6 * 3_600_000,
-        retry_on: funcatron_control::calls::DEFAULT_RETRY_ON.to_vec(),
-        retention_ms: 24 * 3_600_000,
-    }
+    stated.resolved().unwrap_or_default()
 }
 
 async fn apply(broker: &AnyBroker, calls: &Calls, d: Delivery) {

@@ -73,6 +73,21 @@ pub struct Resolved {
     pub retention_ms: u64,
 }
 
+impl Default for Resolved {
+    /// The policy of a Func that sets nothing.
+    fn default() -> Self {
+        Resolved {
+            max_attempts: 3,
+            backoff_initial_ms: 1_000,
+            backoff_factor: 2.0,
+            backoff_max_ms: 60_000,
+            max_age_ms: 6 * 3_600_000,
+            retry_on: DEFAULT_RETRY_ON.to_vec(),
+            retention_ms: 24 * 3_600_000,
+        }
+    }
+}
+
 /// The statuses retried by default.
 pub const DEFAULT_RETRY_ON: &[u16] = &[408, 429, 500, 502, 503, 504];
 
@@ -105,23 +120,21 @@ impl AsyncPolicy {
     /// Check the fields and fill in the defaults.
     pub fn resolved(&self) -> Result<Resolved, PolicyError> {
         let bad = |m: String| Err(PolicyError::Invalid(m));
-        let retries = self.retries.unwrap_or(2);
+        let d = Resolved::default();
+        let retries = self.retries.unwrap_or(d.max_attempts - 1);
         if retries > 100 {
             return bad(format!("retries {retries} is more than 100"));
         }
-        let factor = self.backoff_factor.unwrap_or(2.0);
+        let factor = self.backoff_factor.unwrap_or(d.backoff_factor);
         if !(1.0..=100.0).contains(&factor) {
             return bad(format!("backoff_factor {factor} is not between 1 and 100"));
         }
-        let initial = self.backoff_initial_ms.unwrap_or(1_000);
-        let max = self.backoff_max_ms.unwrap_or(60_000).max(initial);
+        let initial = self.backoff_initial_ms.unwrap_or(d.backoff_initial_ms);
+        let max = self.backoff_max_ms.unwrap_or(d.backoff_max_ms).max(initial);
         if max > 7 * 24 * 3_600_000 {
             return bad(format!("backoff_max_ms {max} is more than a week"));
         }
-        let retry_on = self
-            .retry_on
-            .clone()
-            .unwrap_or_else(|| DEFAULT_RETRY_ON.to_vec());
+        let retry_on = self.retry_on.clone().unwrap_or(d.retry_on);
         if let Some(s) = retry_on.iter().find(|s| !(100..=599).contains(*s)) {
             return bad(format!("retry_on: {s} is not an HTTP status"));
         }
@@ -133,9 +146,9 @@ impl AsyncPolicy {
             backoff_initial_ms: initial,
             backoff_factor: factor,
             backoff_max_ms: max,
-            max_age_ms: self.max_age_ms.unwrap_or(6 * 3_600_000),
+            max_age_ms: self.max_age_ms.unwrap_or(d.max_age_ms),
             retry_on,
-            retention_ms: self.retention_ms.unwrap_or(24 * 3_600_000),
+            retention_ms: self.retention_ms.unwrap_or(d.retention_ms),
         })
     }
 }
