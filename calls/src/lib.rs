@@ -14,6 +14,7 @@
 //! Outcomes are applied at least once: an attempt already recorded is
 //! recognised and not applied twice.
 
+pub mod callbacks;
 pub mod outcomes;
 
 use std::borrow::Cow;
@@ -136,6 +137,9 @@ pub struct CallRecord {
     /// The delay scheduled before the attempt now waiting, ms.
     #[serde(default)]
     pub next_delay_ms: u64,
+    /// The delivery of the outcome to `callback_url`, once final.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<callbacks::Callback>,
 }
 
 /// What a client may see of a call: everything but the request; the
@@ -161,6 +165,9 @@ pub struct CallView<'a> {
     /// The answer (with the secret, once final).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<&'a CallResult>,
+    /// The callback's deliveries, for a call with a callback URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback: Option<&'a callbacks::Callback>,
 }
 
 impl CallRecord {
@@ -175,6 +182,7 @@ impl CallRecord {
             attempts: &self.attempts,
             reason: self.reason.as_deref(),
             result: self.result.as_ref().filter(|_| reveal),
+            callback: self.callback.as_ref(),
         }
     }
 
@@ -242,6 +250,9 @@ pub enum Submitted {
 pub enum Applied {
     /// The call reached a final state.
     Finished(CallState),
+    /// The call is final (now, or already: a redelivered outcome) and its
+    /// callback is due: publish this job on `funcatron.callbacks`.
+    Callback(callbacks::Job),
     /// Publish this request again after `delay_ms`.
     Retry {
         /// The next attempt's envelope.
@@ -259,6 +270,8 @@ pub enum Applied {
 #[derive(Clone)]
 pub struct Calls {
     store: AnyStore,
+    /// Which key signs callbacks (the operator's choice, one per node).
+    key_scope: callbacks::KeyScope,
 }
 
 fn decode(rec: &Record) -> Result<CallRecord, CallError> {
@@ -282,7 +295,22 @@ fn encode(call: &CallRecord, template: &Record) -> Record {
 impl Calls {
     /// Call records in `store`.
     pub fn new(store: AnyStore) -> Self {
-        Calls { store }
+        Calls {
+            store,
+            key_scope: callbacks::KeyScope::default(),
+        }
+    }
+
+    /// Sign callbacks with a key of this scope (a key per Func by
+    /// default).
+    pub fn with_key_scope(mut self, scope: callbacks::KeyScope) -> Self {
+        self.key_scope = scope;
+        self
+    }
+
+    /// Which key signs callbacks.
+    pub fn key_scope(&self) -> callbacks::KeyScope {
+        self.key_scope
     }
 
     /// The store.
@@ -332,6 +360,7 @@ impl Calls {
             retention_ms: s.retention_ms,
             request: String::from_utf8_lossy(&req.encode()).into_owned(),
             next_delay_ms: 0,
+            callback: None,
         };
         let template = Record::new(COLLECTION, id).expiring_at(s.expires_ms);
         self.store.insert(&encode(&call, &template)).await?;
@@ -417,7 +446,9 @@ impl Calls {
                 });
             }
             if call.state.is_final() || call.attempts.iter().any(|a| a.n >= n) {
-                return Ok(Applied::Duplicate);
+                // A callback whose job may not have been published yet (a
+                // crash before this outcome's acknowledgement): again.
+                return Ok(callbacks::due(&call).map_or(Applied::Duplicate, Applied::Callback));
             }
             let now = funcatron_store::now_ms();
             let step = next_step(
@@ -456,6 +487,7 @@ impl Calls {
             call.reason = None;
             call.next_delay_ms = 0;
             call.submitted_ms = now;
+            call.callback = None;
             let request = next_request(&call.request, 1, 0, Some(now))?;
             let mut template = rec.clone();
             template.expires_ms = 0;
@@ -537,14 +569,14 @@ fn record_attempt(
             }
             call.result = Some(result());
             metrics::counter!("calls_finished_total", "state" => call.state.as_str()).increment(1);
-            Applied::Finished(call.state)
+            callbacks::arm(call, policy)
         }
         Step::DeadLetter(why) => {
             call.state = CallState::DeadLettered;
             call.reason = Some(why);
             call.result = Some(result());
             metrics::counter!("calls_dead_lettered_total").increment(1);
-            Applied::Finished(CallState::DeadLettered)
+            callbacks::arm(call, policy)
         }
         Step::Retry { attempt, delay_ms } => {
             metrics::counter!("calls_retried_total").increment(1);
@@ -599,10 +631,48 @@ pub(crate) fn next_request(
     Ok(Bytes::from(req.encode()))
 }
 
+/// Consume `queue` until `shutdown`, each delivery handled by `handle` on
+/// a task of its own (at most `prefetch` at once, as the broker holds
+/// back); those being handled finish first.
+pub(crate) async fn consume_each<F, Fut>(
+    broker: &funcatron_broker::AnyBroker,
+    queue: &str,
+    prefetch: u16,
+    shutdown: tokio_util::sync::CancellationToken,
+    handle: F,
+) -> Result<(), funcatron_broker::BrokerError>
+where
+    F: Fn(funcatron_broker::Delivery) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use funcatron_broker::{Broker, ConsumeOptions, QueueKind};
+    if let Err(e) = broker.declare(queue, QueueKind::Work).await {
+        tracing::debug!(queue, error = %e, "queue declared once the broker is reachable");
+    }
+    let options = ConsumeOptions {
+        prefetch,
+        auto_ack: false,
+    };
+    let mut sub = broker.consume(queue, QueueKind::Work, options).await?;
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let d = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            d = sub.next() => match d { Some(d) => d, None => break },
+        };
+        tracker.spawn(handle(d));
+    }
+    drop(sub);
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
 impl std::fmt::Debug for Calls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Calls")
             .field("store", &self.store.kind())
+            .field("key_scope", &self.key_scope)
             .finish()
     }
 }

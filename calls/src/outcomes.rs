@@ -9,14 +9,11 @@
 
 use std::time::Duration;
 
-use funcatron_broker::{
-    AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind,
-};
+use funcatron_broker::{AnyBroker, Broker, BrokerError, Delivery, Message, QueueKind};
 use funcatron_control::calls::AsyncPolicy;
 use funcatron_control::{headers, names};
 use funcatron_envelope::Response;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::{Applied, CallError, Calls};
 
@@ -29,36 +26,21 @@ pub async fn run(
     calls: Calls,
     shutdown: CancellationToken,
 ) -> Result<(), BrokerError> {
-    if let Err(e) = broker.declare(names::OUTCOMES, QueueKind::Work).await {
-        tracing::debug!(error = %e, "outcomes queue declared once the broker is reachable");
-    }
-    let mut sub = broker
-        .consume(
-            names::OUTCOMES,
-            QueueKind::Work,
-            ConsumeOptions {
-                prefetch: PREFETCH,
-                auto_ack: false,
-            },
-        )
-        .await?;
-    let tracker = TaskTracker::new();
-    loop {
-        let d = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            d = sub.next() => match d { Some(d) => d, None => break },
-        };
-        let (broker, calls) = (broker.clone(), calls.clone());
-        tracker.spawn(async move { apply(&broker, &calls, d).await });
-    }
-    drop(sub);
-    tracker.close();
-    tracker.wait().await;
-    Ok(())
+    crate::consume_each(
+        &broker.clone(),
+        names::OUTCOMES,
+        PREFETCH,
+        shutdown,
+        move |d| {
+            let (broker, calls) = (broker.clone(), calls.clone());
+            async move { apply(&broker, &calls, d).await }
+        },
+    )
+    .await
 }
 
 /// Queue again, as its next attempt and at once, every call the store
-/// still has queued: for a broker that kept nothing across a restart (the
+/// still has queued, and every pending callback: for a broker that kept nothing across a restart (the
 /// embedded one of `funcatron up --store`), whose delayed retries and
 /// waiting calls were in memory. A call whose attempt was running runs
 /// again (at least once). Returns how many were queued.
@@ -88,6 +70,7 @@ pub async fn requeue_pending(broker: &AnyBroker, calls: &Calls) -> Result<usize,
         }
         after = page.last().map(|c| c.id.clone());
     }
+    queued += requeue_callbacks(broker, calls).await?;
     if queued > 0 {
         tracing::info!(
             queued,
@@ -95,6 +78,31 @@ pub async fn requeue_pending(broker: &AnyBroker, calls: &Calls) -> Result<usize,
         );
     }
     Ok(queued)
+}
+
+/// Publish again every pending callback's next job (see
+/// [`requeue_pending`]).
+async fn requeue_callbacks(broker: &AnyBroker, calls: &Calls) -> Result<usize, CallError> {
+    const PAGE: usize = 500;
+    if let Err(e) = broker.declare(names::CALLBACKS, QueueKind::Work).await {
+        tracing::debug!(error = %e, "callbacks queue declared once the broker is reachable");
+    }
+    let (mut after, mut queued) = (None::<String>, 0);
+    loop {
+        let (jobs, last) = crate::callbacks::pending(calls, after.as_deref(), PAGE).await?;
+        for job in &jobs {
+            match crate::callbacks::schedule(broker, calls, job).await {
+                Ok(()) => queued += 1,
+                Err(e) => {
+                    tracing::warn!(call_id = %job.call_id, error = %e, "callback not queued again")
+                }
+            }
+        }
+        match last {
+            Some(l) => after = Some(l),
+            None => return Ok(queued),
+        }
+    }
 }
 
 /// The policy an outcome says its Func version runs under (the default
@@ -148,6 +156,17 @@ async fn apply(broker: &AnyBroker, calls: &Calls, d: Delivery) {
                 }
             }
         }
+        Ok(Applied::Callback(job)) => match crate::callbacks::schedule(broker, calls, &job).await {
+            Ok(()) => {
+                tracing::debug!("call finished; callback scheduled");
+                let _ = d.ack().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "callback not scheduled; the outcome is applied again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = d.nack(true).await;
+            }
+        },
         Ok(Applied::Finished(state)) => {
             tracing::debug!(state = state.as_str(), "call finished");
             let _ = d.ack().await;

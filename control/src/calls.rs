@@ -52,6 +52,10 @@ pub struct AsyncPolicy {
     /// are answered 400 (ryo-faas semantics).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub async_only: Option<bool>,
+    /// Deliveries of a callback after the first that failed (no answer,
+    /// or not 2xx), with the same backoff as attempts (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_retries: Option<u32>,
 }
 
 /// An [`AsyncPolicy`] with every default filled in.
@@ -71,6 +75,8 @@ pub struct Resolved {
     pub retry_on: Vec<u16>,
     /// See [`AsyncPolicy::retention_ms`].
     pub retention_ms: u64,
+    /// Callback deliveries in all (callback retries + 1).
+    pub callback_attempts: u32,
 }
 
 impl Default for Resolved {
@@ -84,6 +90,7 @@ impl Default for Resolved {
             max_age_ms: 6 * 3_600_000,
             retry_on: DEFAULT_RETRY_ON.to_vec(),
             retention_ms: 24 * 3_600_000,
+            callback_attempts: 6,
         }
     }
 }
@@ -114,6 +121,7 @@ impl AsyncPolicy {
             max_queued: over.max_queued.or(self.max_queued),
             retention_ms: over.retention_ms.or(self.retention_ms),
             async_only: over.async_only.or(self.async_only),
+            callback_retries: over.callback_retries.or(self.callback_retries),
         }
     }
 
@@ -138,6 +146,12 @@ impl AsyncPolicy {
         if let Some(s) = retry_on.iter().find(|s| !(100..=599).contains(*s)) {
             return bad(format!("retry_on: {s} is not an HTTP status"));
         }
+        let callback_retries = self.callback_retries.unwrap_or(d.callback_attempts - 1);
+        if callback_retries > 100 {
+            return bad(format!(
+                "callback_retries {callback_retries} is more than 100"
+            ));
+        }
         if self.concurrency == Some(0) {
             return bad("concurrency 0 would never run a call".into());
         }
@@ -149,6 +163,7 @@ impl AsyncPolicy {
             max_age_ms: self.max_age_ms.unwrap_or(d.max_age_ms),
             retry_on,
             retention_ms: self.retention_ms.unwrap_or(d.retention_ms),
+            callback_attempts: callback_retries + 1,
         })
     }
 }

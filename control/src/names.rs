@@ -22,6 +22,11 @@ pub fn func_async_queue(func: &str, version: &str) -> String {
 /// it, record each outcome, deliver callbacks and schedule retries.
 pub const OUTCOMES: &str = "funcatron.outcomes";
 
+/// Callback deliveries waiting to be made (a job per call: its id and
+/// which delivery); Trons with a state store consume it, and a failed
+/// delivery comes back through a delay queue.
+pub const CALLBACKS: &str = "funcatron.callbacks";
+
 /// The queue a message waits in for `delay_ms` before the broker moves it
 /// to `target` (RabbitMQ: a queue-level TTL dead-lettering into `target`;
 /// one queue per distinct delay, so a long delay never holds up a short

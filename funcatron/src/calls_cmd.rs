@@ -10,8 +10,22 @@ use crate::client::{answer, Remote};
 /// `funcatron call ...`.
 #[derive(Subcommand)]
 pub enum CallCmd {
-    /// One call: state, attempts, reason and answer.
+    /// One call: state, attempts, reason, answer and callback deliveries.
     Show(CallArgs),
+    /// The key that signs callbacks (`x-funcatron-signature`), for the
+    /// receiver to verify them with (admin token).
+    CallbackKey(KeyArgs),
+}
+
+/// Whose callback key.
+#[derive(Args)]
+pub struct KeyArgs {
+    /// The Func whose callbacks it signs (keys are per Func unless the
+    /// Tron runs with `--callback-key-scope cluster`).
+    #[arg(long)]
+    func: Option<String>,
+    #[command(flatten)]
+    remote: Remote,
 }
 
 /// A call id.
@@ -86,6 +100,17 @@ async fn show(a: CallArgs) -> Result<String> {
 pub async fn call(cmd: CallCmd) -> Result<String> {
     match cmd {
         CallCmd::Show(a) => show(a).await,
+        CallCmd::CallbackKey(a) => {
+            let http = reqwest::Client::new();
+            let mut path = "/v1/callback-key".to_owned();
+            if let Some(f) = &a.func {
+                path.push_str(&format!("?func={f}"));
+            }
+            // Admin only: sent with the management token, as POSTs are.
+            let rb = a.remote.get(&http, &path)?;
+            let v: Value = answer(rb.send().await?).await?;
+            Ok(format!("{}\n", v["key"].as_str().unwrap_or_default()))
+        }
     }
 }
 

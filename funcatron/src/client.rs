@@ -315,6 +315,9 @@ pub struct AsyncArgs {
     /// Accept only async calls with a callback URL.
     #[arg(long)]
     async_only: bool,
+    /// Async calls: deliveries of a callback after a first that failed.
+    #[arg(long)]
+    callback_retries: Option<u32>,
 }
 
 impl AsyncArgs {
@@ -331,6 +334,7 @@ impl AsyncArgs {
             max_queued: self.max_queued,
             retention_ms: self.retention_ms,
             async_only: self.async_only.then_some(true),
+            callback_retries: self.callback_retries,
         };
         (p != funcatron_control::calls::AsyncPolicy::default()).then_some(p)
     }

@@ -666,7 +666,9 @@ async fn tron(
         .options(o.options())
         .bundles(load_bundles(dir));
     if let Some(calls) = calls {
-        node = node.calls(calls);
+        node = node
+            .calls(calls.with_key_scope(o.callback_key_scope))
+            .callbacks_to(outbound.clone());
     }
     if let Some(substrate) = substrate {
         node = node.autoscaler(substrate, o.scale.options());

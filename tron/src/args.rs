@@ -36,6 +36,11 @@ pub struct TronArgs {
     /// memory without --store.
     #[arg(long, env = "FUNCATRON_STATE_STORE")]
     pub state_store: Option<String>,
+    /// Which key signs async callbacks (`x-funcatron-signature`): `func`, a
+    /// key per Func derived from the cluster key, or `cluster`, one key
+    /// for all (`funcatron callback-key [--func NAME]` prints it).
+    #[arg(long, env = "FUNCATRON_CALLBACK_KEY_SCOPE", default_value = "func")]
+    pub callback_key_scope: funcatron_calls::callbacks::KeyScope,
     /// Address the management API listens on (with --store).
     #[arg(long, env = "FUNCATRON_MGMT_LISTEN", default_value = DEFAULT_MGMT_LISTEN)]
     pub mgmt_listen: SocketAddr,

@@ -70,6 +70,8 @@ pub struct TronNode {
     scaler: Option<(Arc<dyn Substrate>, AutoscalerOptions)>,
     routes: Option<watch::Receiver<Arc<RouteTable>>>,
     calls: Option<funcatron_calls::Calls>,
+    /// Where callbacks may be delivered.
+    callback_outbound: funcatron_control::outbound::OutboundPolicy,
 }
 
 impl TronNode {
@@ -83,7 +85,15 @@ impl TronNode {
             scaler: None,
             routes: None,
             calls: None,
+            callback_outbound: funcatron_control::outbound::OutboundPolicy::default(),
         }
+    }
+
+    /// Deliver callbacks only where `policy` allows (by default: no
+    /// loopback, private or metadata address).
+    pub fn callbacks_to(mut self, policy: funcatron_control::outbound::OutboundPolicy) -> Self {
+        self.callback_outbound = policy;
+        self
     }
 
     /// Apply asynchronous calls' outcomes to their records in this state
@@ -142,13 +152,23 @@ impl TronNode {
             scaler,
             routes,
             calls,
+            callback_outbound,
         } = self;
         ctx.start(&shutdown);
         if let Some(calls) = calls.clone() {
-            let (broker, stop) = (ctx.broker.clone(), shutdown.clone());
+            let (broker, stop, for_callbacks) =
+                (ctx.broker.clone(), shutdown.clone(), calls.clone());
             tokio::spawn(async move {
                 if let Err(e) = funcatron_calls::outcomes::run(broker, calls, stop).await {
                     tracing::error!(error = %e, "the outcomes consumer stopped");
+                }
+            });
+            let (broker, stop) = (ctx.broker.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let run =
+                    funcatron_calls::callbacks::run(broker, for_callbacks, callback_outbound, stop);
+                if let Err(e) = run.await {
+                    tracing::error!(error = %e, "the callback deliverer stopped");
                 }
             });
         }

@@ -243,3 +243,71 @@ pub(super) async fn purge(
     }
     Json(acted).into_response()
 }
+
+/// Which callback key to show.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(super) struct KeyFor {
+    /// The Func whose callbacks it signs (needed when keys are per Func).
+    func: Option<String>,
+}
+
+/// The key that signs callbacks.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct CallbackKey {
+    /// `func` (a key per Func) or `cluster` (one key).
+    scope: &'static str,
+    /// The Func, for a per-Func key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    func: Option<String>,
+    /// The HMAC-SHA256 key, hex (use its bytes, hex-decoded).
+    key: String,
+    /// The header that carries signatures.
+    header: &'static str,
+}
+
+/// The key a receiver verifies callbacks with: `x-funcatron-signature` is
+/// `t=<unix seconds>,v1=<hex HMAC-SHA256(key, "<t>.<call id>.<body>")>`.
+#[utoipa::path(get, path = "/v1/callback-key", operation_id = "showCallbackKey",
+    security(("token" = ["admin"])),
+    params(KeyFor),
+    responses(
+        (status = 200, description = "the key", body = CallbackKey),
+        (status = 400, description = "keys are per Func and no Func was named", body = super::api::ApiError),
+        (status = 501, description = "no state store", body = super::api::ApiError),
+        (status = 401, description = "no or a wrong token", body = super::api::ApiError),
+    ))]
+pub(super) async fn callback_key(State(api): Shared, Query(q): Query<KeyFor>) -> Response {
+    use funcatron_calls::callbacks::{self, KeyScope};
+    let calls = match calls_of(&api) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let scope = calls.key_scope();
+    let func = match (scope, q.func) {
+        (KeyScope::Func, None) => {
+            return error(
+                400,
+                "func_required",
+                "callback keys are per Func on this cluster: name one (?func=NAME)",
+            )
+        }
+        (KeyScope::Func, Some(f)) => Some(f),
+        (KeyScope::Cluster, _) => None,
+    };
+    match callbacks::cluster_key(calls).await {
+        Ok(cluster) => {
+            let key = callbacks::signing_key(&cluster, scope, func.as_deref().unwrap_or_default());
+            Json(CallbackKey {
+                scope: match scope {
+                    KeyScope::Func => "func",
+                    KeyScope::Cluster => "cluster",
+                },
+                func,
+                key: callbacks::hex(&key),
+                header: callbacks::SIGNATURE_HEADER,
+            })
+            .into_response()
+        }
+        Err(e) => store_error(&e),
+    }
+}

@@ -284,6 +284,7 @@ fn token_routes() -> OpenApiRouter<Arc<Api>> {
         .routes(a(routes!(log_level)))
         .routes(a(routes!(calls::redrive)))
         .routes(a(routes!(calls::purge)))
+        .routes(a(routes!(calls::callback_key)))
         .merge(unlimited)
 }
 
