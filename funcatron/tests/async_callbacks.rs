@@ -12,7 +12,6 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use axum::http::HeaderMap;
 use common::*;
 use funcatron_broker::{AnyBroker, EmbeddedBroker};
 use funcatron_bundle::Bundle;
@@ -44,37 +43,6 @@ const LUA: &str = r#"return {
   up = function(r) return {status = 201, headers = {['content-type'] = 'text/x-shout'}, body = string.upper(r.body)} end,
   broken = function() return {status = 500, body = 'always'} end,
 }"#;
-
-/// What a receiver got.
-struct Got {
-    headers: HeaderMap,
-    body: bytes::Bytes,
-}
-
-/// A receiver on `addr` that answers 200 and hands each POST over.
-async fn receiver(addr: SocketAddr) -> (mpsc::UnboundedReceiver<Got>, CancellationToken) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |headers: HeaderMap, body: bytes::Bytes| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(Got { headers, body });
-                "thanks"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { s.cancelled().await })
-            .await
-            .unwrap();
-    });
-    (rx, stop)
-}
 
 struct Cluster {
     base: String,

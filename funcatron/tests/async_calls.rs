@@ -257,8 +257,9 @@ async fn an_ingress_without_a_store_takes_only_fire_and_forget_calls() {
 
 /// `funcatron up --store` on the embedded broker, killed with calls still
 /// waiting (each failed once; its retry waits a minute in the broker's
-/// memory), and started again: the store's queued calls are queued again
-/// and every one reaches its final state.
+/// memory) and a callback waiting for its second delivery, and started
+/// again: the store's queued calls are queued again and every one reaches
+/// its final state, and the callback is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_calls_survive_a_kill_of_up() {
     let root = tempfile::tempdir().unwrap();
@@ -269,11 +270,11 @@ async fn accepted_calls_survive_a_kill_of_up() {
         &[
             (
                 "swagger.yaml",
-                "swagger: '2.0'\ninfo: {title: t, version: '1'}\nbasePath: /late\nx-funcatron: {name: late, runtime: lua, async: {retries: 1, backoff_initial_ms: 60000}}\npaths:\n  /x: {post: {operationId: x, responses: {'200': {description: ok}}}}\n",
+                "swagger: '2.0'\ninfo: {title: t, version: '1'}\nbasePath: /late\nx-funcatron: {name: late, runtime: lua, async: {retries: 1, backoff_initial_ms: 60000}}\npaths:\n  /x: {post: {operationId: x, responses: {'200': {description: ok}}}}\n  /ok: {post: {operationId: ok, responses: {'200': {description: ok}}}}\n",
             ),
             (
                 "main.lua",
-                "return { x = function(r) return {status = 503, body = 'later ' .. (r.headers['x-funcatron-attempt'] or 'sync')} end }",
+                "return { x = function(r) return {status = 503, body = 'later ' .. (r.headers['x-funcatron-attempt'] or 'sync')} end, ok = function() return 'done' end }",
             ),
         ],
     );
@@ -312,8 +313,40 @@ async fn accepted_calls_survive_a_kill_of_up() {
         })
         .await;
     }
+    // A finished call whose callback's receiver is down: its next
+    // delivery waits a minute, in memory.
+    let hook = free_addr();
+    let r = reqwest::Client::new()
+        .post(format!("{base}/late/ok"))
+        .header("prefer", "respond-async")
+        .header("x-callback-url", format!("http://{hook}/hook"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let called = Accepted {
+        call_id: r.headers()["x-call-id"].to_str().unwrap().to_owned(),
+        location: r.headers()["location"].to_str().unwrap().to_owned(),
+        secret: None,
+    };
+    eventually("the first delivery fails", || async {
+        let (_, v) = status(&base, &called, false).await;
+        v["callback"]["deliveries"]
+            .as_array()
+            .is_some_and(|d| d.len() == 1)
+    })
+    .await;
     drop(up); // SIGKILL: the retries waiting in memory are gone with it.
+    let (mut got, _receiver) = receiver(hook).await;
     let _up = start().await;
+    // The pending callback is queued again at start.
+    let g = tokio::time::timeout(Duration::from_secs(30), got.recv())
+        .await
+        .expect("the callback after the restart")
+        .unwrap();
+    assert_eq!(g.headers["x-call-id"], called.call_id.as_str());
+    assert_eq!(g.headers["x-funcatron-callback-attempt"], "2");
+    assert_eq!(&g.body[..], b"done");
     for a in &accepted {
         let v = finished(&base, a).await;
         assert_eq!(v["state"], "dead_lettered", "{v}");

@@ -189,3 +189,59 @@ async fn dead_letters_are_listed_shown_redriven_and_purged() {
     let r = tower::ServiceExt::oneshot(app.clone(), req).await.unwrap();
     assert_eq!(r.status(), 401);
 }
+
+/// The callback key: per Func by default (a Func must be named), the
+/// cluster key under `cluster` scope, the same from two Trons sharing a
+/// store, admin token only.
+#[tokio::test]
+async fn the_callback_key_is_shown_to_the_admin() {
+    use funcatron_calls::callbacks::KeyScope;
+    let store = tempfile::tempdir().unwrap();
+    let registry = common::open_registry(store.path()).await;
+    let shared = AnyStore::memory().unwrap();
+    let per_func = Calls::new(shared.clone());
+    let app = mgmt::router_with_calls(
+        Arc::clone(&registry),
+        mgmt::MgmtOptions::new("t"),
+        None,
+        Some(per_func),
+    );
+    let (s, v) = call(&app, "GET", "/v1/callback-key", None).await;
+    assert_eq!((s, &v["error"]), (400, &json!("func_required")), "{v}");
+    let (s, a) = call(&app, "GET", "/v1/callback-key?func=a", None).await;
+    assert_eq!(s, 200, "{a}");
+    assert_eq!(a["scope"], "func");
+    assert_eq!(a["header"], "x-funcatron-signature");
+    let (_, b) = call(&app, "GET", "/v1/callback-key?func=b", None).await;
+    let key = |v: &Value| v["key"].as_str().unwrap().to_owned();
+    assert_eq!(key(&a).len(), 64, "{a}");
+    assert_ne!(key(&a), key(&b), "a key per Func");
+
+    // Another Tron on the same store, one key for the cluster.
+    let cluster = Calls::new(shared).with_key_scope(KeyScope::Cluster);
+    let other = mgmt::router_with_calls(
+        Arc::clone(&registry),
+        mgmt::MgmtOptions::new("t"),
+        None,
+        Some(cluster.clone()),
+    );
+    let (s, c) = call(&other, "GET", "/v1/callback-key", None).await;
+    assert_eq!(s, 200, "{c}");
+    assert_eq!(c["scope"], "cluster");
+    let stored = funcatron_calls::callbacks::cluster_key(&cluster)
+        .await
+        .unwrap();
+    assert_eq!(key(&c), funcatron_calls::callbacks::hex(&stored));
+    assert_ne!(key(&c), key(&a));
+
+    // The read token does not open it.
+    let mut opts = mgmt::MgmtOptions::new("t");
+    opts.tokens.read = Some("r".into());
+    let app = mgmt::router_with_calls(registry, opts, None, Some(cluster));
+    let req = axum::http::Request::get("/v1/callback-key")
+        .header("authorization", "Bearer r")
+        .body(Body::empty())
+        .unwrap();
+    let r = tower::ServiceExt::oneshot(app, req).await.unwrap();
+    assert_eq!(r.status(), 403);
+}

@@ -630,3 +630,37 @@ pub async fn text_with(url: &str, token: &str) -> (u16, String) {
 pub fn log_has(log: &Path, needle: &str) -> bool {
     std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle))
 }
+
+/// What a callback receiver got.
+pub struct Got {
+    pub headers: axum::http::HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+/// A callback receiver on `addr` (`POST /hook`) that answers 200 and
+/// hands each POST over.
+pub async fn receiver(
+    addr: SocketAddr,
+) -> (tokio::sync::mpsc::UnboundedReceiver<Got>, CancellationToken) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(Got { headers, body });
+                "thanks"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { s.cancelled().await })
+            .await
+            .unwrap();
+    });
+    (rx, stop)
+}
