@@ -38,6 +38,8 @@ pub const IDEMPOTENCY: &str = "idempotency";
 pub enum CallState {
     /// Accepted, waiting for its (next) attempt.
     Queued,
+    /// An attempt has started on a Runner (it said so; until its outcome).
+    Running,
     /// Finished with an answer the policy does not retry, below 400.
     Succeeded,
     /// Finished with an answer the policy does not retry, 400 or above.
@@ -51,6 +53,7 @@ impl CallState {
     pub fn as_str(self) -> &'static str {
         match self {
             CallState::Queued => "queued",
+            CallState::Running => "running",
             CallState::Succeeded => "succeeded",
             CallState::Failed => "failed",
             CallState::DeadLettered => "dead_lettered",
@@ -59,7 +62,7 @@ impl CallState {
 
     /// No further attempt will run on its own.
     pub fn is_final(self) -> bool {
-        !matches!(self, CallState::Queued)
+        !matches!(self, CallState::Queued | CallState::Running)
     }
 }
 
@@ -137,6 +140,9 @@ pub struct CallRecord {
     /// The delay scheduled before the attempt now waiting, ms.
     #[serde(default)]
     pub next_delay_ms: u64,
+    /// When the running attempt started (Unix ms), while one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_since_ms: Option<u64>,
     /// The delivery of the outcome to `callback_url`, once final.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback: Option<callbacks::Callback>,
@@ -157,6 +163,9 @@ pub struct CallView<'a> {
     /// The Func, once known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub func: Option<&'a str>,
+    /// When the running attempt started (Unix ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running_since_ms: Option<u64>,
     /// Outcomes so far.
     pub attempts: &'a [Attempt],
     /// Why it failed or was dead-lettered.
@@ -179,6 +188,7 @@ impl CallRecord {
             submitted_ms: self.submitted_ms,
             updated_ms: self.updated_ms,
             func: self.func.as_deref(),
+            running_since_ms: self.running_since_ms,
             attempts: &self.attempts,
             reason: self.reason.as_deref(),
             result: self.result.as_ref().filter(|_| reveal),
@@ -360,6 +370,7 @@ impl Calls {
             retention_ms: s.retention_ms,
             request: String::from_utf8_lossy(&req.encode()).into_owned(),
             next_delay_ms: 0,
+            running_since_ms: None,
             callback: None,
         };
         let template = Record::new(COLLECTION, id).expiring_at(s.expires_ms);
@@ -400,16 +411,15 @@ impl Calls {
         self.store.list(&q).await?.iter().map(decode).collect()
     }
 
-    /// Calls still queued, of every Func, by id, `limit` at most after
-    /// `after`.
-    pub async fn queued(
+    /// Calls in `state` (queued or running), of every Func, by id, `limit`
+    /// at most after `after`.
+    pub async fn waiting(
         &self,
+        state: CallState,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<CallRecord>, CallError> {
-        let mut q = Query::new(COLLECTION)
-            .status(CallState::Queued.as_str())
-            .limit(limit);
+        let mut q = Query::new(COLLECTION).status(state.as_str()).limit(limit);
         if let Some(a) = after {
             q = q.after(a);
         }
@@ -462,6 +472,40 @@ impl Calls {
             match self.store.replace(&encode(&call, &rec), rec.revision).await {
                 Ok(_) => return Ok(applied),
                 // Another Tron moved the record: read it again.
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// A Runner started attempt `n` of call `id` (of `func`) at
+    /// `started_ms`: the call is running, unless that attempt's outcome
+    /// is already recorded (the notice came late) or the call is final.
+    /// The notice is advisory: nothing depends on it but what a client
+    /// sees.
+    pub async fn apply_started(
+        &self,
+        id: &str,
+        n: u32,
+        func: Option<&str>,
+        started_ms: u64,
+    ) -> Result<bool, CallError> {
+        loop {
+            let Some(rec) = self.store.get(COLLECTION, id).await? else {
+                return Ok(false);
+            };
+            let mut call = decode(&rec)?;
+            if call.state.is_final() || call.attempts.iter().any(|a| a.n >= n) {
+                return Ok(false);
+            }
+            call.state = CallState::Running;
+            call.running_since_ms = Some(started_ms);
+            if let Some(f) = func {
+                call.func = Some(f.to_owned());
+            }
+            call.updated_ms = funcatron_store::now_ms();
+            match self.store.replace(&encode(&call, &rec), rec.revision).await {
+                Ok(_) => return Ok(true),
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -534,6 +578,7 @@ fn record_attempt(
 ) -> Result<Applied, CallError> {
     let n = response.attempt.unwrap_or(1);
     let delay_ms = std::mem::take(&mut call.next_delay_ms);
+    call.running_since_ms = None;
     call.attempts.push(Attempt {
         n,
         finished_ms: now,
@@ -580,6 +625,7 @@ fn record_attempt(
         }
         Step::Retry { attempt, delay_ms } => {
             metrics::counter!("calls_retried_total").increment(1);
+            call.state = CallState::Queued;
             call.next_delay_ms = delay_ms;
             Applied::Retry {
                 request: next_request(&call.request, attempt, delay_ms, None)?,
@@ -674,5 +720,142 @@ impl std::fmt::Debug for Calls {
             .field("store", &self.store.kind())
             .field("key_scope", &self.key_scope)
             .finish()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::borrow::Cow;
+
+    use funcatron_control::calls::AsyncPolicy;
+
+    use super::*;
+
+    async fn submitted(calls: &Calls, id: &str) {
+        let req = Request {
+            version: Cow::Borrowed("1.1"),
+            id: Cow::Owned(format!("r-{id}")),
+            deadline_ms: 4_000_000_000_000,
+            method: Cow::Borrowed("POST"),
+            path: Cow::Borrowed("/f"),
+            is_async: true,
+            call_id: Some(Cow::Owned(id.to_owned())),
+            attempt: Some(1),
+            ..Request::default()
+        };
+        let s = Submission {
+            request: &req,
+            secret: "s",
+            idempotency: None,
+            retention_ms: 60_000,
+            expires_ms: 4_000_000_000_000,
+        };
+        assert_eq!(calls.submit(s).await.unwrap(), Submitted::New);
+    }
+
+    fn outcome(id: &str, n: u32, status: u16) -> Response<'static> {
+        let mut out = Response::error("r", status, "func_error", "x");
+        out.call_id = Some(Cow::Owned(id.to_owned()));
+        out.attempt = Some(n);
+        out
+    }
+
+    async fn state(calls: &Calls, id: &str) -> CallRecord {
+        calls.get(id).await.unwrap().unwrap()
+    }
+
+    /// Queued -> running (a start notice) -> queued again for a retry ->
+    /// running -> succeeded; a notice arriving after its attempt's
+    /// outcome changes nothing.
+    #[tokio::test]
+    async fn a_started_attempt_shows_running_until_its_outcome() {
+        let calls = Calls::new(AnyStore::memory().unwrap());
+        submitted(&calls, "c1").await;
+        let policy = AsyncPolicy::default().resolved().unwrap();
+        assert_eq!(state(&calls, "c1").await.state, CallState::Queued);
+
+        assert!(calls.apply_started("c1", 1, Some("f"), 7).await.unwrap());
+        let c = state(&calls, "c1").await;
+        assert_eq!((c.state, c.running_since_ms), (CallState::Running, Some(7)));
+        assert_eq!(c.func.as_deref(), Some("f"));
+        let listed = calls.waiting(CallState::Running, None, 10).await.unwrap();
+        assert_eq!(listed.len(), 1);
+
+        let applied = calls
+            .apply_outcome(&outcome("c1", 1, 503), Some("f"), &policy, 0.0)
+            .await
+            .unwrap();
+        assert!(matches!(applied, Applied::Retry { .. }), "{applied:?}");
+        let c = state(&calls, "c1").await;
+        assert_eq!((c.state, c.running_since_ms), (CallState::Queued, None));
+
+        // Attempt 1's notice, late: nothing changes.
+        assert!(!calls.apply_started("c1", 1, Some("f"), 8).await.unwrap());
+        assert_eq!(state(&calls, "c1").await.state, CallState::Queued);
+
+        assert!(calls.apply_started("c1", 2, Some("f"), 9).await.unwrap());
+        let mut ok = outcome("c1", 2, 200);
+        ok.body = Cow::Borrowed("fine");
+        let applied = calls
+            .apply_outcome(&ok, Some("f"), &policy, 0.0)
+            .await
+            .unwrap();
+        assert_eq!(applied, Applied::Finished(CallState::Succeeded));
+        let c = state(&calls, "c1").await;
+        assert_eq!((c.state, c.running_since_ms), (CallState::Succeeded, None));
+        // A notice after the end changes nothing either.
+        assert!(!calls.apply_started("c1", 3, Some("f"), 10).await.unwrap());
+        assert_eq!(state(&calls, "c1").await.state, CallState::Succeeded);
+    }
+
+    /// A call with a callback URL arms its callback when it finishes, and
+    /// a redelivered outcome asks for the job again while it is pending.
+    #[tokio::test]
+    async fn a_final_call_with_a_callback_url_asks_for_its_job_until_delivered() {
+        let calls = Calls::new(AnyStore::memory().unwrap());
+        let req = Request {
+            version: Cow::Borrowed("1.1"),
+            id: Cow::Borrowed("r"),
+            deadline_ms: 4_000_000_000_000,
+            is_async: true,
+            call_id: Some(Cow::Borrowed("c2")),
+            callback_url: Some(Cow::Borrowed("https://example.com/hook")),
+            attempt: Some(1),
+            ..Request::default()
+        };
+        let s = Submission {
+            request: &req,
+            secret: "s",
+            idempotency: None,
+            retention_ms: 60_000,
+            expires_ms: 4_000_000_000_000,
+        };
+        calls.submit(s).await.unwrap();
+        let policy = AsyncPolicy {
+            callback_retries: Some(3),
+            ..AsyncPolicy::default()
+        }
+        .resolved()
+        .unwrap();
+        let job = callbacks::Job {
+            call_id: "c2".into(),
+            n: 1,
+        };
+        let out = outcome("c2", 1, 404);
+        let first = calls
+            .apply_outcome(&out, Some("f"), &policy, 0.0)
+            .await
+            .unwrap();
+        assert_eq!(first, Applied::Callback(job.clone()));
+        let again = calls
+            .apply_outcome(&out, Some("f"), &policy, 0.0)
+            .await
+            .unwrap();
+        assert_eq!(again, Applied::Callback(job), "redelivered: the job again");
+        let c = state(&calls, "c2").await;
+        let cb = c.callback.unwrap();
+        assert_eq!(cb.state, callbacks::CallbackState::Pending);
+        assert_eq!(cb.max_deliveries, 4);
     }
 }

@@ -49,26 +49,30 @@ pub async fn requeue_pending(broker: &AnyBroker, calls: &Calls) -> Result<usize,
     if let Err(e) = broker.declare(names::REQUESTS, QueueKind::Work).await {
         tracing::debug!(error = %e, "request queue declared once the broker is reachable");
     }
-    let mut after: Option<String> = None;
     let mut queued = 0;
-    loop {
-        let page = calls.queued(after.as_deref(), PAGE).await?;
-        for call in &page {
-            let next = call.attempts.last().map_or(1, |a| a.n + 1);
-            let message = Message {
-                payload: crate::next_request(&call.request, next, 0, None)?,
-                persistent: true,
-                ..Message::default()
-            };
-            match broker.publish(names::REQUESTS, message).await {
-                Ok(()) => queued += 1,
-                Err(e) => tracing::warn!(call_id = %call.id, error = %e, "call not queued again"),
+    for state in [crate::CallState::Queued, crate::CallState::Running] {
+        let mut after: Option<String> = None;
+        loop {
+            let page = calls.waiting(state, after.as_deref(), PAGE).await?;
+            for call in &page {
+                let next = call.attempts.last().map_or(1, |a| a.n + 1);
+                let message = Message {
+                    payload: crate::next_request(&call.request, next, 0, None)?,
+                    persistent: true,
+                    ..Message::default()
+                };
+                match broker.publish(names::REQUESTS, message).await {
+                    Ok(()) => queued += 1,
+                    Err(e) => {
+                        tracing::warn!(call_id = %call.id, error = %e, "call not queued again")
+                    }
+                }
             }
+            if page.len() < PAGE {
+                break;
+            }
+            after = page.last().map(|c| c.id.clone());
         }
-        if page.len() < PAGE {
-            break;
-        }
-        after = page.last().map(|c| c.id.clone());
     }
     queued += requeue_callbacks(broker, calls).await?;
     if queued > 0 {
@@ -116,7 +120,37 @@ fn policy_of(d: &Delivery) -> funcatron_control::calls::Resolved {
     stated.resolved().unwrap_or_default()
 }
 
+/// A Runner's notice that an attempt started (header
+/// [`headers::PHASE`] `started`; body [`Started`]).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Started<'a> {
+    /// The call.
+    #[serde(borrow)]
+    pub call_id: std::borrow::Cow<'a, str>,
+    /// Which attempt.
+    pub attempt: u32,
+    /// When it started (Unix ms).
+    pub started_ms: u64,
+}
+
+async fn started(calls: &Calls, d: Delivery) {
+    if let Ok(s) = serde_json::from_slice::<Started>(&d.message.payload) {
+        let func = d.message.header(headers::FUNC);
+        if let Err(e) = calls
+            .apply_started(&s.call_id, s.attempt, func, s.started_ms)
+            .await
+        {
+            // Advisory: the outcome will move the call on anyway.
+            tracing::debug!(call_id = %s.call_id, error = %e, "start of an attempt not recorded");
+        }
+    }
+    let _ = d.ack().await;
+}
+
 async fn apply(broker: &AnyBroker, calls: &Calls, d: Delivery) {
+    if d.message.header(headers::PHASE) == Some(headers::PHASE_STARTED) {
+        return started(calls, d).await;
+    }
     let payload = d.message.payload.clone();
     let response = match Response::decode(&payload) {
         Ok(r) => r,

@@ -33,3 +33,9 @@ pub const DEAD_SOURCE: &str = "x-funcatron-dead-source";
 /// that ran it (JSON, `funcatron_control::calls::AsyncPolicy`), which the
 /// Tron applying the outcome follows.
 pub const ASYNC_POLICY: &str = "x-funcatron-async-policy";
+
+/// On a message to `funcatron.outcomes`: what it is, when it is not an
+/// outcome ([`PHASE_STARTED`]: a Runner started an attempt).
+pub const PHASE: &str = "x-funcatron-phase";
+/// [`PHASE`]: an async call's attempt started on a Runner.
+pub const PHASE_STARTED: &str = "started";

@@ -98,7 +98,7 @@ async fn finished(base: &str, a: &Accepted) -> Value {
     loop {
         let (s, v) = status(base, a, true).await;
         assert_eq!(s, 200, "{v}");
-        if v["state"] != "queued" {
+        if v["state"] != "queued" && v["state"] != "running" {
             return v;
         }
         assert!(Instant::now() < until, "call never finished: {v}");

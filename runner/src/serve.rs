@@ -751,12 +751,63 @@ async fn handle(ctx: &Consumer, delivery: Delivery) {
         let handled = match &job.preflight {
             // Answered here: the Func never sees a preflight.
             Some(p) => invoke::preflight(func, &job, p),
-            None => call_version(&ctx.func, &ctx.version.prepared, job).await,
+            None => {
+                if ctx.is_async {
+                    announce_start(ctx, &payload);
+                }
+                call_version(&ctx.func, &ctx.version.prepared, job).await
+            }
         };
         settle(ctx, delivery, &payload, handled).await;
     }
     .instrument(span)
     .await
+}
+
+/// Tell the Trons an async call's attempt has started (its record shows
+/// `running`), off the call's path: the notice is advisory, so it is sent
+/// without waiting and not persistent.
+fn announce_start(ctx: &Consumer, payload: &bytes::Bytes) {
+    #[derive(serde::Deserialize)]
+    struct Ids<'a> {
+        #[serde(borrow)]
+        call_id: Option<std::borrow::Cow<'a, str>>,
+        attempt: Option<u32>,
+    }
+    let Ok(Ids {
+        call_id: Some(call_id),
+        attempt,
+    }) = serde_json::from_slice::<Ids>(payload)
+    else {
+        return;
+    };
+    let notice = start_notice(&call_id, attempt.unwrap_or(1));
+    let message = Message {
+        payload: notice.into(),
+        headers: vec![
+            (headers::FUNC.to_owned(), ctx.func.to_string()),
+            (headers::PHASE.to_owned(), headers::PHASE_STARTED.to_owned()),
+        ],
+        persistent: false,
+        ttl_ms: None,
+    };
+    let broker = ctx.broker.clone();
+    tokio::spawn(async move {
+        if let Err(e) = broker.publish(names::OUTCOMES, message).await {
+            tracing::debug!(error = %e, "start of an async attempt not announced");
+        }
+    });
+}
+
+/// The body of a start notice: `{"call_id", "attempt", "started_ms"}`
+/// (`funcatron_calls::outcomes::Started`).
+fn start_notice(call_id: &str, attempt: u32) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "call_id": call_id,
+        "attempt": attempt,
+        "started_ms": now_ms() as u64,
+    }))
+    .unwrap_or_default()
 }
 
 /// Decode, skip if expired, check, start, call, finish.
