@@ -3,7 +3,11 @@
 //! The Tron routes once and records the outcome here, so the Runner never
 //! parses Swagger paths again and the envelope bytes travel unchanged.
 
-/// Name of the Func (bundle) whose queue the message is on.
+/// Name of the Func (bundle) whose queue the message is on. Also a
+/// request header, in the envelope's headers: an ingress sets it on a
+/// call to `/function/<func>/<rest>` (or `/async-function/...`), with the
+/// envelope's path `/<rest>`, and the Tron routes such a request to that
+/// Func below its primary base path. A client's own is removed.
 pub const FUNC: &str = "x-funcatron-func";
 /// The Swagger `operationId` the request routed to.
 pub const OPERATION: &str = "x-funcatron-operation";

@@ -1,6 +1,8 @@
 //! The control protocol: what every Funcatron component agrees on beside
 //! the request envelope (`funcatron-envelope`).
 //!
+//! - [`admission`]: the table Trons broadcast so ingresses refuse async
+//!   calls a Func has no room for, or does not take, before queueing;
 //! - [`names`]: the queues of the request path (requests, Func queues,
 //!   reply queues, dead letters) and the broadcast topics of the control
 //!   plane (control, stats, logs, capture);
@@ -21,6 +23,7 @@
 
 #![warn(clippy::too_many_lines)]
 
+pub mod admission;
 pub mod calls;
 pub mod fetch;
 pub mod headers;

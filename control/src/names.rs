@@ -45,6 +45,11 @@ pub const CONTROL_TOPIC: &str = "funcatron.control";
 /// The broadcast topic Runners report their load on, every second
 /// ([`crate::state::RunnerStats`]).
 pub const STATS_TOPIC: &str = "funcatron.stats";
+/// The broadcast topic of the Trons' admission tables
+/// ([`crate::admission::AdmissionTable`]): Trons send, ingresses hear.
+/// Apart from [`CONTROL_TOPIC`], so Runners and Trons, which have no use
+/// for it, never decode it.
+pub const ADMISSION_TOPIC: &str = "funcatron.admission";
 /// The broadcast topic Func log lines travel on.
 pub const LOGS_TOPIC: &str = "funcatron.logs";
 /// The broadcast topic captured pairs travel on (every Tron with a store

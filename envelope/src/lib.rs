@@ -178,6 +178,46 @@ pub struct RouteView<'a> {
     /// See [`Request::call_id`]: copied into the Tron's own answers.
     #[serde(borrow, default)]
     pub call_id: Option<Cow<'a, str>>,
+    /// The request header [`FUNC_HEADER`], when present: the call names
+    /// its Func (an ingress's `/function/<func>/...` path); the other
+    /// headers are skipped.
+    #[serde(borrow, rename = "headers", default, deserialize_with = "named_func")]
+    pub func: Option<Cow<'a, str>>,
+}
+
+/// The request header naming the Func a call is for (set by an ingress,
+/// never by a client: `funcatron_control::headers::FUNC`).
+pub const FUNC_HEADER: &str = "x-funcatron-func";
+
+/// One `[name, value]` header pair, borrowed where it can be.
+#[derive(Deserialize)]
+struct Pair<'a>(#[serde(borrow)] Cow<'a, str>, #[serde(borrow)] Cow<'a, str>);
+
+/// The value of the first [`FUNC_HEADER`] of a header list.
+fn named_func<'de, D>(d: D) -> Result<Option<Cow<'de, str>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Find;
+    impl<'de> serde::de::Visitor<'de> for Find {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array of [name, value] pairs")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut found = None;
+            while let Some(Pair(k, v)) = seq.next_element::<Pair<'de>>()? {
+                if found.is_none() && k.eq_ignore_ascii_case(FUNC_HEADER) {
+                    found = Some(v);
+                }
+            }
+            Ok(found)
+        }
+    }
+    d.deserialize_seq(Find)
 }
 
 /// Time spent on the way, reported back so the ingress can emit `Server-Timing`.

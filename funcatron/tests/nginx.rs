@@ -92,6 +92,8 @@ async fn nginx_answers_like_the_embedded_ingress() {
         ("DELETE", "/petshop/pets/1", None),
         ("PATCH", "/hello/x", None),
         ("GET", "/no/such/func", None),
+        ("GET", "/function/hello/world", None),
+        ("GET", "/function/nope/world", None),
         ("GET", "/trouble/raise", None),
         ("GET", "/trouble/hop", None),
         ("GET", "/trouble/switch", None),

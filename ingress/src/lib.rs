@@ -9,6 +9,14 @@
 //! 502 malformed reply, 503 broker unavailable or connection lost, 504 no
 //! answer before the deadline). Replies that arrive late, twice, or for no one are dropped.
 //!
+//! OpenFaaS's gateway paths work too: `/function/<func>/<rest>` calls Func
+//! `<func>` at `<rest>` below its primary base path, `/async-function/...`
+//! the same asynchronously. The ingress strips the prefix, sends path
+//! `/<rest>` with the request header `x-funcatron-func: <func>` (a
+//! client's own is always removed), and the Tron routes it. Before
+//! queueing, [`admission`] refuses what a Func's async policy does not
+//! take (`async_only`, `max_queued`), by the table the Trons broadcast.
+//!
 //! Production deployments put nginx with `ingress-lua/` in this role; both
 //! speak the same envelope (`docs/wire.md`).
 
@@ -29,7 +37,7 @@ use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use funcatron_broker::{AnyBroker, Broker, BrokerError, ConsumeOptions, Message, QueueKind};
-use funcatron_control::names;
+use funcatron_control::{headers, names};
 use funcatron_envelope::{
     encode_body, error_body, new_request_id, now_ms, sane_request_id, Request, Response, VERSION,
 };
@@ -39,12 +47,18 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+mod admission;
 pub mod args;
 pub mod calls;
 pub mod nginx;
 
 /// The health endpoint, reserved on every host.
 pub const HEALTH_PATH: &str = "/_funcatron/health";
+/// OpenFaaS's synchronous call path: `/function/<func>/<rest>`.
+pub const FUNCTION_PREFIX: &str = "/function/";
+/// OpenFaaS's asynchronous call path: `/async-function/<func>/<rest>`
+/// (recorded, unless `X-Funcatron-Async: no-result` says otherwise).
+pub const ASYNC_FUNCTION_PREFIX: &str = "/async-function/";
 
 /// Ingress settings.
 #[derive(Debug, Clone)]
@@ -100,6 +114,8 @@ struct Shared {
     pending: DashMap<String, (String, oneshot::Sender<Waiting>)>,
     in_flight: Semaphore,
     options: IngressOptions,
+    /// The Trons' latest admission table.
+    admission: admission::Admission,
 }
 
 /// Removes a request's pending entry however its handler ends (answered,
@@ -178,6 +194,7 @@ pub async fn app(
         pending: DashMap::new(),
         in_flight: Semaphore::new(options.max_in_flight),
         options,
+        admission: admission::Admission::start(broker.clone(), shutdown.clone()),
     });
     // Replies: wake the waiting request; drop late, duplicate or stray ones.
     let s = Arc::clone(&shared);
@@ -254,6 +271,8 @@ async fn health(State(s): State<Arc<Shared>>) -> HttpResponse {
         "broker": s.broker.kind(),
         "connected": connected,
         "in_flight": s.pending.len(),
+        // Funcs refusing async calls now (null: no admission table heard).
+        "queue_full": s.admission.full(),
     });
     let status = if connected {
         StatusCode::OK
@@ -362,12 +381,7 @@ async fn read_body(
 /// The envelope fields the HTTP request gives, borrowed from it (the
 /// caller sets id, times, body and reply fields).
 fn envelope_of(parts: &axum::http::request::Parts, remote: SocketAddr) -> Request<'_> {
-    let host = parts
-        .headers
-        .get("host")
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
-        .unwrap_or_default();
+    let host = host_of(parts);
     let scheme = parts
         .headers
         .get("x-forwarded-proto")
@@ -403,17 +417,79 @@ fn envelope_of(parts: &axum::http::request::Parts, remote: SocketAddr) -> Reques
     }
 }
 
+/// The request's host, as the envelope carries it.
+fn host_of(parts: &axum::http::request::Parts) -> &str {
+    parts
+        .headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or_default()
+}
+
+/// A path naming its Func (OpenFaaS): the Func, the rest of the path
+/// (`/` at least), and whether it is the asynchronous form.
+fn named_func(path: &str) -> Option<(&str, &str, bool)> {
+    let (tail, is_async) = match path.strip_prefix(ASYNC_FUNCTION_PREFIX) {
+        Some(t) => (t, true),
+        None => (path.strip_prefix(FUNCTION_PREFIX)?, false),
+    };
+    let (func, rest) = match tail.find('/') {
+        Some(i) => (&tail[..i], &tail[i..]),
+        None => (tail, "/"),
+    };
+    (!func.is_empty()).then_some((func, rest, is_async))
+}
+
+/// Before queueing: drop a client's Func header; turn an OpenFaaS path
+/// into path `/<rest>` and the Func header; decide whether the call is
+/// async; and ask [`admission`] whether the Func takes it.
+fn prepare(
+    s: &Shared,
+    parts: &mut axum::http::request::Parts,
+) -> Result<Option<calls::Async>, admission::Refusal> {
+    parts.headers.remove(headers::FUNC);
+    let mut mode = calls::mode(&parts.headers);
+    let mut named = None;
+    if let Some((func, rest, is_async)) = named_func(parts.uri.path()) {
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{rest}?{q}"),
+            None => rest.to_owned(),
+        };
+        if let (Ok(uri), Ok(v)) = (pq.parse(), HeaderValue::from_str(func)) {
+            parts.headers.insert(headers::FUNC, v);
+            named = Some(func.to_owned());
+            parts.uri = uri;
+            if is_async && mode.is_none() {
+                mode = Some(calls::Async::Recorded);
+            }
+        }
+    }
+    let host = host_of(parts);
+    s.admission.check(parts, host, named.as_deref(), mode)?;
+    Ok(mode)
+}
+
 async fn handle(
     State(s): State<Arc<Shared>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     req: HttpRequest<Body>,
 ) -> HttpResponse {
     let started = Instant::now();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let mut id = request_id(&parts.headers);
     let body = match read_body(&parts.headers, body, s.options.max_body_bytes, &id, started).await {
         Ok(b) => b,
         Err(answer) => return answer,
+    };
+    let mode = match prepare(&s, &mut parts) {
+        Ok(m) => m,
+        Err(r) => {
+            metrics::counter!("ingress_admission_refused_total", "reason" => r.code).increment(1);
+            let mut answer = error(r.status, &id, r.code, &r.message, started);
+            r.decorate(&mut answer);
+            return answer;
+        }
     };
     // Taken once the request is ready to enqueue: a slow body holds a
     // connection (bounded by the listener's limits), not a request slot.
@@ -426,7 +502,7 @@ async fn handle(
             started,
         );
     };
-    if let Some(mode) = calls::mode(&parts.headers) {
+    if let Some(mode) = mode {
         return calls::submit(&s, &parts, remote, body, mode, &id, started).await;
     }
 

@@ -51,6 +51,10 @@ pub struct Job {
     pub cors: Option<Arc<Cors>>,
     /// An `OPTIONS` the Tron sent as a preflight ([`preflight`]).
     pub preflight: Option<PreflightJob>,
+    /// The Func's async policy takes only asynchronous calls: a
+    /// synchronous one is refused (400 `async_only`) without running it,
+    /// whatever an ingress let through.
+    pub async_only: bool,
 }
 
 /// What the Tron says about an `OPTIONS` on a path without an `options`
@@ -188,6 +192,10 @@ pub enum InvokeError {
     /// send the call).
     #[error("{0}")]
     CorsRefused(String),
+    /// A synchronous call to a Func whose async policy is `async_only`;
+    /// the Func did not run.
+    #[error("Func {0} takes only asynchronous calls with a callback (Prefer: respond-async and X-Callback-Url)")]
+    AsyncOnly(String),
     /// The request does not pass the operation's security requirement
     /// (401), or lacks a scope (403); the Func did not run.
     #[error("{reason}")]
@@ -258,6 +266,7 @@ impl InvokeError {
             | InvokeError::UnsupportedMediaType(_)
             | InvokeError::MethodNotAllowed { .. }
             | InvokeError::CorsRefused(_)
+            | InvokeError::AsyncOnly(_)
             | InvokeError::Unauthorized { .. }
             | InvokeError::ReplyTooLarge(_) => return Cow::Owned(self.to_string()),
         };
@@ -278,6 +287,7 @@ impl InvokeError {
             InvokeError::UnsupportedMediaType(_) => (415, "unsupported_media_type"),
             InvokeError::MethodNotAllowed { .. } => (405, "method_not_allowed"),
             InvokeError::CorsRefused(_) => (403, "cors_refused"),
+            InvokeError::AsyncOnly(_) => (400, "async_only"),
             InvokeError::Unauthorized { status: 403, .. } => (403, "forbidden"),
             InvokeError::Unauthorized { .. } => (401, "unauthorized"),
             InvokeError::SandboxUnavailable(_) => (503, "sandbox_unavailable"),
@@ -309,10 +319,16 @@ pub const AUTH_HEADER: &str = "x-funcatron-auth";
 /// call it runs (from 1); a client's own is always removed.
 pub const ATTEMPT_HEADER: &str = "x-funcatron-attempt";
 
-/// Step 1b, between [`decode`] and [`start`]: remove a client's
-/// [`AUTH_HEADER`]; for a secured operation, check its requirement and tell
-/// the Func who passed it.
+/// Step 1b, between [`decode`] and [`start`]: refuse a synchronous call
+/// to an async-only Func; remove a client's [`AUTH_HEADER`]; for a
+/// secured operation, check its requirement and tell the Func who passed
+/// it.
 pub fn authorize(func: &str, job: &Job, req: &mut Request<'_>) -> Result<(), InvokeError> {
+    if job.async_only && !req.is_async {
+        metrics::counter!("runner_async_only_refused_total", "func" => func.to_owned())
+            .increment(1);
+        return Err(InvokeError::AsyncOnly(func.to_owned()));
+    }
     let ours =
         |k: &str| k.eq_ignore_ascii_case(AUTH_HEADER) || k.eq_ignore_ascii_case(ATTEMPT_HEADER);
     if req.headers.iter().any(|(k, _)| ours(k)) {

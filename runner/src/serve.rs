@@ -62,6 +62,8 @@ struct Version {
     guard: Option<Arc<Guard>>,
     /// The Func's CORS policy, if it has one.
     cors: Option<Arc<Cors>>,
+    /// Its async policy's `async_only` ([`Job::async_only`]).
+    async_only: bool,
 }
 
 impl Version {
@@ -74,6 +76,7 @@ impl Version {
             ambiguous_logged: OnceLock::new(),
             guard: None,
             cors: None,
+            async_only: false,
         }
     }
 
@@ -460,6 +463,7 @@ async fn prepare_version(b: &Bundle, options: &RunnerOptions, observer: &Observe
         ambiguous_logged: OnceLock::new(),
         guard,
         cors,
+        async_only: b.async_policy.async_only.unwrap_or(false),
     }
 }
 
@@ -721,6 +725,7 @@ fn job_for(ctx: &Consumer, delivery: &Delivery, picked_ms: f64) -> Result<Job, D
         debug: ctx.debug.load(Ordering::Relaxed),
         cors: ctx.version.cors.clone(),
         preflight,
+        async_only: ctx.version.async_only,
     })
 }
 
@@ -998,6 +1003,7 @@ mod tests {
             debug: false,
             cors: None,
             preflight: None,
+            async_only: false,
         }
     }
 

@@ -69,6 +69,7 @@ fn job(op: &str, body: &[u8], content_type: &str) -> Job {
         debug: true,
         cors: None,
         preflight: None,
+        async_only: false,
     }
 }
 

@@ -85,6 +85,13 @@ pub async fn run(
         routes.clone(),
         shutdown.clone(),
     ));
+    let tron = format!("tron-{}", &funcatron_envelope::new_request_id()[..12]);
+    tokio::spawn(crate::admission::run(
+        broker.clone(),
+        routes.clone(),
+        tron,
+        shutdown.clone(),
+    ));
     loop {
         let delivery = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -170,7 +177,18 @@ async fn dispatch(broker: &AnyBroker, demand: &Demand, routes: &RouteTable, deli
             return;
         }
         let ttl_ms = (view.deadline_ms as f64 - now).ceil() as u64;
-        match routes.route(&view.host, &view.method, &view.path) {
+        let outcome = match view.func.as_deref() {
+            None => routes.route(&view.host, &view.method, &view.path),
+            Some(func) => match routes.route_func(func, &view.method, &view.path) {
+                Some(outcome) => outcome,
+                None => {
+                    let msg = format!("no enabled Func is named {func:?}");
+                    answer(broker, &view, delivery, 404, "unknown_func", &msg, None).await;
+                    return;
+                }
+            },
+        };
+        match outcome {
             RouteOutcome::Found(route) => {
                 tracing::Span::current().record("func", route.func);
                 tracing::Span::current().record("version", route.version);

@@ -9,11 +9,18 @@
 //! acknowledges a request only after its forward (or answer) is confirmed.
 //! Any number of Trons may consume the same request queue.
 //!
+//! A request whose envelope names its Func (header `x-funcatron-func`,
+//! set by an ingress for `/function/<func>/<rest>`) is routed among that
+//! Func's routes only, `<rest>` below its primary base path. Every Tron
+//! broadcasts an [`admission`] table so ingresses refuse async calls a
+//! Func has no room for, or does not take, before queueing them.
+//!
 //! A Tron also keeps the bundle registry ([`registry`], [`mgmt`]) and may
 //! run the [`autoscale`]r, which starts and stops Runners per Func.
 
 #![warn(clippy::too_many_lines)]
 
+pub mod admission;
 pub mod args;
 pub mod autoscale;
 pub mod context;
@@ -23,7 +30,7 @@ pub mod heartbeats;
 pub mod mgmt;
 pub mod node;
 pub mod registry;
-pub mod routes;
+pub use funcatron_routes as routes;
 pub mod status;
 pub mod telemetry;
 

@@ -780,3 +780,43 @@ mod generated {
         }
     }
 }
+
+#[test]
+fn a_named_func_routes_below_its_primary_base_among_its_own_routes_only() {
+    let root = bundle_text("root", "swagger: '2.0'\npaths:\n  /{any}:\n    get: {operationId: any}\n  /api/v1/x:\n    get: {operationId: shadow}\n");
+    let api = bundle_text(
+        "api",
+        "swagger: '2.0'\nbasePath: /api/v1\npaths:\n  /x:\n    get: {operationId: x}\n",
+    );
+    let t = RouteTable::build(&[root, api]).unwrap();
+    // `/api/v1/x` is api's on an ordinary path; named, root's own.
+    assert_eq!(found(t.route("h", "GET", "/api/v1/x")).func, "api");
+    let r = found(t.route_func("root", "GET", "/api/v1/x").unwrap());
+    assert_eq!((r.func, r.operation_id), ("root", "shadow"));
+    let r = found(t.route_func("api", "GET", "/x").unwrap());
+    assert_eq!((r.func, r.operation_id), ("api", "x"));
+    assert_eq!(
+        t.route_func("api", "GET", "/y").unwrap(),
+        RouteOutcome::NotFound
+    );
+    assert!(t.route_func("nope", "GET", "/x").is_none());
+
+    // An ingress's table from the admission entries routes alike.
+    let entries: Vec<_> = t
+        .func_infos()
+        .iter()
+        .map(|f| f.admission().clone())
+        .collect();
+    let again = RouteTable::from_admission(&entries).unwrap();
+    for path in ["/api/v1/x", "/api/v1/y", "/hello", "/a/b"] {
+        let func = |o: RouteOutcome<'_>| match o {
+            RouteOutcome::Found(r) => Some(r.func.to_owned()),
+            _ => None,
+        };
+        assert_eq!(
+            func(t.route("h", "GET", path)),
+            func(again.route("h", "GET", path)),
+            "{path}"
+        );
+    }
+}

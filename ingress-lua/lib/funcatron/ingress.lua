@@ -238,14 +238,24 @@ local function read_body()
   return body
 end
 
--- Headers in arrival order with repeats, from the raw header block.
+-- Headers in arrival order with repeats, from the raw header block; a
+-- client's x-funcatron-func is removed (only the ingress names a Func).
 local function headers_in_order()
   local out = {}
   for line in ngx.req.raw_header(true):gmatch("[^\r\n]+") do
     local k, v = line:match("^([^:]+):%s*(.-)%s*$")
-    if k then out[#out + 1] = { k:lower(), v } end
+    if k and k:lower() ~= "x-funcatron-func" then out[#out + 1] = { k:lower(), v } end
   end
   return out
+end
+
+-- OpenFaaS's /function/<func>/<rest> (as the embedded ingress): the Func
+-- and the rest of the path ("/" at least); nil for any other path.
+local function named_func(path)
+  local func, rest = path:match("^/function/([^/]+)(.*)$")
+  if not func then return nil end
+  if rest == "" then rest = "/" end
+  return func, rest
 end
 
 -- Response headers a Func's answer cannot set: hop-by-hop headers and the
@@ -272,11 +282,20 @@ function M.handle()
   local var = ngx.var
   local query = var.args or ""
   local path = var.request_uri:match("^[^?]*")
+  if path:find("^/async%-function/") then
+    return answer_error(501, id, "async_unavailable", "the nginx ingress does not take asynchronous calls yet", started)
+  end
+  local headers = headers_in_order()
+  local func, rest = named_func(path)
+  if func then
+    path = rest
+    headers[#headers + 1] = { "x-funcatron-func", func }
+  end
   local env = envelope.encode_request({
     id = id, deadline_ms = math.floor(sent_ms + timeout_ms), sent_ms = sent_ms,
     method = ngx.req.get_method(), scheme = var.http_x_forwarded_proto == "https" and "https" or var.scheme,
     host = var.http_host or var.host, path = path, query = query,
-    headers = headers_in_order(), remote = var.remote_addr .. ":" .. var.remote_port,
+    headers = headers, remote = var.remote_addr .. ":" .. var.remote_port,
     body = body, reply_to = reply_queue, reply_key = key,
   })
   body = nil

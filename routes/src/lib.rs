@@ -1,7 +1,11 @@
 //! The route table: (host, base path) -> Func, then (path template,
 //! method) -> operation, with path parameters.
 //!
-//! ingress -> **Tron: route table** -> Func queue. Built from bundles: one
+//! ingress (admission) -> **Tron: route table** -> Func queue. The Tron
+//! routes every request with it; ingresses build the same table from the
+//! Trons' admission broadcasts (`funcatron_control::admission`) to tell
+//! which Func a request is for before queueing it, so both decide alike.
+//! Built from bundles ([`FuncSpec::of`]) or their broadcast parts: one
 //! entry per base a bundle is served on (every server and enum value of
 //! its document, and the bases of operations with their own servers;
 //! see `funcatron_bundle::servers`), holding the operations served there.
@@ -18,12 +22,16 @@
 //! The table is a self-contained, immutable value (rebuild and swap to
 //! change it); a lookup allocates only the path parameters it returns.
 
+#![warn(clippy::too_many_lines)]
+
 mod pattern;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use funcatron_bundle::{Base, Bundle, Operation};
+use funcatron_control::admission::{AdmissionBase, AdmissionOperation, FuncAdmission};
 use funcatron_control::names;
 use pattern::{BasePattern, Rank, RequestHost};
 use percent_encoding::percent_decode_str;
@@ -140,12 +148,103 @@ fn compile(template: &str) -> Result<(Regex, Vec<String>, usize), TemplateError>
     Ok((regex, names, literal_len))
 }
 
+/// What the table needs of one Func. Borrowed from a [`Bundle`]
+/// ([`FuncSpec::of`]) on a Tron, from an admission broadcast on an
+/// ingress ([`RouteTable::from_admission`]).
+#[derive(Debug, Clone)]
+pub struct FuncSpec<'a> {
+    /// The Func (bundle) name.
+    pub name: &'a str,
+    /// The bundle version (content digest) its queues are named after.
+    pub version: &'a str,
+    /// Its document, named in conflict errors.
+    pub doc: Cow<'a, str>,
+    /// The primary host (`None`: any): where `/function/<name>/...`
+    /// calls go.
+    pub host: Option<&'a str>,
+    /// The primary base path, normalised: the prefix of those calls.
+    pub base_path: &'a str,
+    /// The document's bases.
+    pub bases: &'a [Base],
+    /// The operations (only method, path and bases route; the handler
+    /// name is the operation to invoke).
+    pub operations: &'a [Operation],
+    /// Its async policy says only async calls with a callback are taken.
+    pub async_only: bool,
+    /// Its async policy's limit of waiting async calls.
+    pub max_queued: Option<u64>,
+}
+
+impl<'a> FuncSpec<'a> {
+    /// The spec of a loaded bundle.
+    pub fn of(b: &'a Bundle) -> FuncSpec<'a> {
+        FuncSpec {
+            name: &b.name,
+            version: &b.version,
+            doc: Cow::Owned(b.spec_file.display().to_string()),
+            host: b.host.as_deref(),
+            base_path: &b.base_path,
+            bases: &b.bases,
+            operations: &b.operations,
+            async_only: b.async_policy.async_only.unwrap_or(false),
+            max_queued: b.async_policy.max_queued,
+        }
+    }
+}
+
+/// One Func of a table: its queues and what admission needs.
 #[derive(Debug)]
-struct FuncInfo {
+pub struct FuncInfo {
     func: Arc<str>,
     queue: String,
     async_queue: String,
     version: String,
+    /// The Func as an admission entry (`full` false): what a Tron
+    /// broadcasts of it, with its queue's state filled in.
+    admission: FuncAdmission,
+}
+
+impl FuncInfo {
+    /// The Func's name.
+    pub fn name(&self) -> &str {
+        &self.func
+    }
+
+    /// Its queue of asynchronous calls.
+    pub fn async_queue(&self) -> &str {
+        &self.async_queue
+    }
+
+    /// Its admission entry, not full.
+    pub fn admission(&self) -> &FuncAdmission {
+        &self.admission
+    }
+}
+
+fn admission_of(spec: &FuncSpec<'_>) -> FuncAdmission {
+    let base = |b: &Base| AdmissionBase {
+        host: b.host.clone(),
+        path: b.path.clone(),
+    };
+    FuncAdmission {
+        func: spec.name.to_owned(),
+        version: spec.version.to_owned(),
+        host: spec.host.map(str::to_owned),
+        base_path: spec.base_path.to_owned(),
+        bases: spec.bases.iter().map(base).collect(),
+        operations: spec
+            .operations
+            .iter()
+            .map(|op| AdmissionOperation {
+                method: op.method.clone(),
+                path: op.path.clone(),
+                bases: op.bases.as_ref().map(|bs| bs.iter().map(base).collect()),
+            })
+            .collect(),
+        async_only: spec.async_only,
+        max_queued: spec.max_queued,
+        full: false,
+    }
 }
 
 /// One bundle on one base: the operations served there.
@@ -179,12 +278,12 @@ pub struct RouteTable {
 
 type Compiled = (Regex, Vec<String>, usize);
 
-/// The entries of bundle `b` (number `func`), one per base.
-fn bundle_entries(func: usize, b: &Bundle) -> Result<Vec<Entry>, RouteError> {
+/// The entries of Func `b` (number `func`), one per base.
+fn bundle_entries(func: usize, b: &FuncSpec<'_>) -> Result<Vec<Entry>, RouteError> {
     let mut order: Vec<(&Base, Vec<&Operation>)> = Vec::new();
     let mut index: HashMap<&Base, usize> = HashMap::new();
-    for op in &b.operations {
-        for base in op.bases_in(&b.bases) {
+    for op in b.operations {
+        for base in op.bases_in(b.bases) {
             let i = *index.entry(base).or_insert_with(|| {
                 order.push((base, Vec::new()));
                 order.len() - 1
@@ -206,7 +305,7 @@ fn bundle_entries(func: usize, b: &Bundle) -> Result<Vec<Entry>, RouteError> {
                 Some(c) => c.clone(),
                 None => {
                     let c = compile(&op.path).map_err(|message| RouteError::BadTemplate {
-                        file: b.spec_file.display().to_string(),
+                        file: b.doc.to_string(),
                         template: op.path.clone(),
                         message,
                     })?;
@@ -255,7 +354,7 @@ fn conflicts(entries: &[Entry]) -> Vec<(usize, usize)> {
 }
 
 /// The conflict between entries `a` and `b`, naming both bundles.
-fn conflict(bundles: &[Bundle], a: &Entry, b: &Entry) -> RouteError {
+fn conflict(bundles: &[FuncSpec<'_>], a: &Entry, b: &Entry) -> RouteError {
     let (x, y) = (&bundles[a.func], &bundles[b.func]);
     let (bx, by) = (&a.base.shown, &b.base.shown);
     let claim = if bx == by {
@@ -266,18 +365,15 @@ fn conflict(bundles: &[Bundle], a: &Entry, b: &Entry) -> RouteError {
     };
     RouteError::Conflict(format!(
         "bundles `{}` ({}) and `{}` ({}) {claim}",
-        x.name,
-        x.spec_file.display(),
-        y.name,
-        y.spec_file.display(),
+        x.name, x.doc, y.name, y.doc,
     ))
 }
 
-fn duplicate(a: &Bundle, b: &Bundle) -> RouteError {
+fn duplicate(a: &FuncSpec<'_>, b: &FuncSpec<'_>) -> RouteError {
     RouteError::DuplicateName {
-        name: b.name.clone(),
-        first: a.spec_file.display().to_string(),
-        second: b.spec_file.display().to_string(),
+        name: b.name.to_owned(),
+        first: a.doc.to_string(),
+        second: b.doc.to_string(),
     }
 }
 
@@ -287,8 +383,21 @@ fn duplicate(a: &Bundle, b: &Bundle) -> RouteError {
 /// of the pair, each error naming both); one whose templates do not
 /// compile is left out alone. What is kept builds a [`RouteTable`].
 pub fn servable(bundles: Vec<Bundle>) -> (Vec<Bundle>, Vec<RouteError>) {
-    let mut refused = vec![false; bundles.len()];
+    let specs: Vec<FuncSpec<'_>> = bundles.iter().map(FuncSpec::of).collect();
     let mut errors = Vec::new();
+    let refused = refusals(&specs, &mut errors);
+    drop(specs);
+    let kept = bundles
+        .into_iter()
+        .zip(refused)
+        .filter_map(|(b, r)| (!r).then_some(b))
+        .collect();
+    (kept, errors)
+}
+
+/// Which of `bundles` [`servable`] leaves out, with why in `errors`.
+fn refusals(bundles: &[FuncSpec<'_>], errors: &mut Vec<RouteError>) -> Vec<bool> {
+    let mut refused = vec![false; bundles.len()];
     for (i, b) in bundles.iter().enumerate() {
         if let Some(j) = bundles[..i].iter().position(|o| o.name == b.name) {
             errors.push(duplicate(&bundles[j], b));
@@ -315,23 +424,62 @@ pub fn servable(bundles: Vec<Bundle>) -> (Vec<Bundle>, Vec<RouteError>) {
         let pair = (ea.func.min(eb.func), ea.func.max(eb.func));
         if !reported.contains(&pair) {
             reported.push(pair);
-            errors.push(conflict(&bundles, ea, eb));
+            errors.push(conflict(bundles, ea, eb));
         }
         refused[ea.func] = true;
         refused[eb.func] = true;
     }
-    let kept = bundles
-        .into_iter()
-        .zip(refused)
-        .filter_map(|(b, r)| (!r).then_some(b))
-        .collect();
-    (kept, errors)
+    refused
 }
 
 impl RouteTable {
     /// Build from bundles, refusing the first conflict (see [`servable`]
     /// to leave conflicting bundles out instead).
     pub fn build(bundles: &[Bundle]) -> Result<RouteTable, RouteError> {
+        let specs: Vec<FuncSpec<'_>> = bundles.iter().map(FuncSpec::of).collect();
+        RouteTable::build_specs(&specs)
+    }
+
+    /// The table of the Funcs in an admission broadcast: the same
+    /// entries, in the same order, as the Tron that sent it routes with.
+    pub fn from_admission(funcs: &[FuncAdmission]) -> Result<RouteTable, RouteError> {
+        let base = |b: &AdmissionBase| Base {
+            host: b.host.clone(),
+            path: b.path.clone(),
+        };
+        let owned: Vec<(Vec<Base>, Vec<Operation>)> = funcs
+            .iter()
+            .map(|f| {
+                let ops = f.operations.iter().map(|op| Operation {
+                    method: op.method.clone(),
+                    path: op.path.clone(),
+                    operation_id: String::new(),
+                    has_operation_id: false,
+                    bases: op.bases.as_ref().map(|bs| bs.iter().map(base).collect()),
+                });
+                (f.bases.iter().map(base).collect(), ops.collect())
+            })
+            .collect();
+        let specs: Vec<FuncSpec<'_>> = funcs
+            .iter()
+            .zip(&owned)
+            .map(|(f, (bases, operations))| FuncSpec {
+                name: &f.func,
+                version: &f.version,
+                doc: Cow::Owned(format!("the admission entry of {}", f.func)),
+                host: f.host.as_deref(),
+                base_path: &f.base_path,
+                bases,
+                operations,
+                async_only: f.async_only,
+                max_queued: f.max_queued,
+            })
+            .collect();
+        RouteTable::build_specs(&specs)
+    }
+
+    /// Build from Func specs, refusing the first conflict.
+    pub fn build_specs(bundles: &[FuncSpec<'_>]) -> Result<RouteTable, RouteError> {
         for (i, b) in bundles.iter().enumerate() {
             if let Some(other) = bundles[..i].iter().find(|o| o.name == b.name) {
                 return Err(duplicate(other, b));
@@ -342,10 +490,11 @@ impl RouteTable {
         for (i, b) in bundles.iter().enumerate() {
             entries.extend(bundle_entries(i, b)?);
             funcs.push(FuncInfo {
-                func: Arc::from(b.name.as_str()),
-                queue: names::func_queue(&b.name, &b.version),
-                async_queue: names::func_async_queue(&b.name, &b.version),
-                version: b.version.clone(),
+                func: Arc::from(b.name),
+                queue: names::func_queue(b.name, b.version),
+                async_queue: names::func_async_queue(b.name, b.version),
+                version: b.version.to_owned(),
+                admission: admission_of(b),
             });
         }
         if let Some((a, b)) = conflicts(&entries).first() {
@@ -361,6 +510,11 @@ impl RouteTable {
         self.funcs.iter().map(|f| (&*f.func, f.queue.as_str()))
     }
 
+    /// Every Func of the table, each once, in the order it was built from.
+    pub fn func_infos(&self) -> &[FuncInfo] {
+        &self.funcs
+    }
+
     /// The Funcs' queues of asynchronous calls, each once.
     pub fn async_queues(&self) -> impl Iterator<Item = &str> {
         self.funcs.iter().map(|f| f.async_queue.as_str())
@@ -373,12 +527,41 @@ impl RouteTable {
     /// entries (its other bases) may still serve it, else the answer is
     /// 405 with the first match's methods.
     pub fn route(&self, host: &str, method: &str, path: &str) -> RouteOutcome<'_> {
+        self.route_in(None, host, method, path)
+    }
+
+    /// Route a call that names its Func (`/function/<func>/<rest>` on an
+    /// ingress): `rest` below the Func's primary base path, on its
+    /// primary host, among that Func's entries only. `None`: the table
+    /// has no such Func.
+    pub fn route_func(&self, func: &str, method: &str, rest: &str) -> Option<RouteOutcome<'_>> {
+        let i = self.funcs.iter().position(|f| &*f.func == func)?;
+        let a = &self.funcs[i].admission;
+        let path = match (a.base_path.as_str(), rest) {
+            ("/", "") => Cow::Borrowed("/"),
+            ("/", _) => Cow::Borrowed(rest),
+            (base, _) => Cow::Owned(format!("{base}{rest}")),
+        };
+        let host = a.host.as_deref().unwrap_or("");
+        Some(self.route_in(Some(i), host, method, &path))
+    }
+
+    /// [`RouteTable::route`] among the entries of Func `only`, or of all.
+    fn route_in(
+        &self,
+        only: Option<usize>,
+        host: &str,
+        method: &str,
+        path: &str,
+    ) -> RouteOutcome<'_> {
         let host = RequestHost::new(host);
         // The first template that matched without the method: its Func,
         // and (for a preflight) the route it would answer.
         let mut denied: Option<(usize, Route<'_>)> = None;
         for e in &self.entries {
-            if denied.as_ref().is_some_and(|(f, _)| *f != e.func) {
+            if denied.as_ref().is_some_and(|(f, _)| *f != e.func)
+                || only.is_some_and(|f| f != e.func)
+            {
                 continue;
             }
             let Some(rest) = e.base.under(&host, path) else {
