@@ -2,11 +2,16 @@
 //! B-trees) in one file, or in memory, held by one Tron. The default for a
 //! single node; `funcatron up` without `--store` uses the in-memory form.
 //!
-//! redb is synchronous, so every transaction runs on
-//! [`tokio::task::spawn_blocking`] and the async runtime is never blocked.
-//! Writes are serialised by redb (one write transaction at a time) and each
-//! commit is durable (fsync) before the call returns; reads run beside
-//! writes on a snapshot.
+//! redb is synchronous, so reads run on [`tokio::task::spawn_blocking`]
+//! (on a snapshot, beside writes) and the async runtime is never blocked.
+//! Writes go to one writer thread that commits them in groups (group
+//! commit): it takes every write waiting when it starts a transaction (up
+//! to [`GROUP_MAX`]), applies them in order in that one transaction, and
+//! answers each only after the commit is durable (fsync). Concurrent
+//! writers share one fsync instead of queueing for one each; a lone write
+//! costs what it did. An operation that refuses (a conflict, an existing
+//! key) changes nothing, so it does not disturb the others of its group;
+//! a failure of the database fails the whole group, none of it written.
 //!
 //! Tables: `records` ((collection, key) -> partition, status, revision,
 //! expiry, update time, value), three listing indexes in key order
@@ -47,6 +52,9 @@ const BY_EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("
 /// Counters: `revision` (the last revision given).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// Most writes committed in one transaction by the writer thread.
+const GROUP_MAX: usize = 256;
+
 /// Records [`Store::expire`] removes per write transaction, so a large
 /// backlog does not hold the writer for long.
 const EXPIRE_BATCH: usize = 1000;
@@ -55,11 +63,28 @@ const EXPIRE_BATCH: usize = 1000;
 /// transaction functions; the inner one is the operation's own outcome).
 type Db<T> = Result<T, redb::Error>;
 
+/// A write for the writer thread.
+enum WriteOp {
+    Insert(Record),
+    Replace(Record, u64),
+    Delete(String, String),
+}
+
+/// What a write came to (the operation's own outcome).
+enum WriteOut {
+    Revision(Result<u64, StoreError>),
+    Deleted(bool),
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<WriteOut, StoreError>>;
+
 /// The embedded adapter. Cloning shares the same database.
 #[derive(Clone)]
 pub struct EmbeddedStore {
     /// Shared with the blocking tasks that run its transactions.
     db: Arc<Database>,
+    /// The writer thread's queue; the thread ends with the last clone.
+    writes: std::sync::mpsc::Sender<(WriteOp, Reply)>,
 }
 
 impl EmbeddedStore {
@@ -89,13 +114,39 @@ impl EmbeddedStore {
             .map_err(unavailable)?;
         let db = Arc::new(db);
         create_tables(&db).map_err(unavailable)?;
-        Ok(EmbeddedStore { db })
+        Self::with_writer(db)
     }
 
     async fn with_database(db: Database) -> Result<Self, StoreError> {
-        let store = EmbeddedStore { db: Arc::new(db) };
-        store.blocking(|db| create_tables(db).map(Ok)).await?;
-        Ok(store)
+        let db = Arc::new(db);
+        let d = Arc::clone(&db);
+        tokio::task::spawn_blocking(move || create_tables(&d))
+            .await
+            .map_err(task_failed)?
+            .map_err(unavailable)?;
+        Self::with_writer(db)
+    }
+
+    fn with_writer(db: Arc<Database>) -> Result<Self, StoreError> {
+        let (writes, queue) = std::sync::mpsc::channel();
+        // Weak: the database closes (its file lock released) as soon as
+        // the last store handle is dropped, not when the thread notices.
+        let d = Arc::downgrade(&db);
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer(&d, &queue))
+            .map_err(|e| StoreError::Unavailable(format!("embedded store writer: {e}")))?;
+        Ok(EmbeddedStore { db, writes })
+    }
+
+    /// Hand `op` to the writer thread; its outcome once committed.
+    async fn write(&self, op: WriteOp) -> Result<WriteOut, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.writes
+            .send((op, tx))
+            .map_err(|_| StoreError::Unavailable("embedded store writer stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("embedded store writer stopped".into()))?
     }
 
     /// Run `op` on a blocking thread. Its outer error is redb's; the inner
@@ -211,6 +262,69 @@ impl<'t> Tables<'t> {
         }
         Ok(())
     }
+}
+
+/// The writer thread: take the writes waiting, apply them in order in one
+/// transaction, commit, answer each (see the module).
+fn writer(db: &std::sync::Weak<Database>, queue: &std::sync::mpsc::Receiver<(WriteOp, Reply)>) {
+    while let Ok(first) = queue.recv() {
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX {
+            match queue.try_recv() {
+                Ok(w) => group.push(w),
+                Err(_) => break,
+            }
+        }
+        // A write comes from a live handle, which holds the database; the
+        // writer holds it only while it commits (and before it answers).
+        let Some(live) = db.upgrade() else {
+            for (_, reply) in group {
+                let _ = reply.send(Err(StoreError::Unavailable("the store is closed".into())));
+            }
+            continue;
+        };
+        let committed = commit_group(&live, &group);
+        drop(live);
+        match committed {
+            Ok(outs) => {
+                for ((_, reply), out) in group.into_iter().zip(outs) {
+                    let _ = reply.send(Ok(out));
+                }
+            }
+            Err(e) => {
+                let why = unavailable(e).to_string();
+                for (_, reply) in group {
+                    let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
+                }
+            }
+        }
+    }
+}
+
+fn commit_group(db: &Database, group: &[(WriteOp, Reply)]) -> Db<Vec<WriteOut>> {
+    let txn = db.begin_write()?;
+    let mut outs = Vec::with_capacity(group.len());
+    {
+        let mut t = Tables::open(&txn)?;
+        let now = now_ms();
+        for (op, _) in group {
+            outs.push(match op {
+                WriteOp::Insert(r) => WriteOut::Revision(insert_in(&mut t, r, now)?),
+                WriteOp::Replace(r, expected) => {
+                    WriteOut::Revision(replace_in(&mut t, r, *expected, now)?)
+                }
+                WriteOp::Delete(c, k) => WriteOut::Deleted(match t.meta_of(c, k)? {
+                    Some(old) => {
+                        t.remove(c, k, &old)?;
+                        is_live(old.expires_ms, now)
+                    }
+                    None => false,
+                }),
+            });
+        }
+    }
+    txn.commit()?;
+    Ok(outs)
 }
 
 /// Run `op` in a write transaction: committed when it succeeds, aborted
@@ -385,9 +499,12 @@ fn query_keys(txn: &redb::ReadTransaction, q: &Query, now: u64, limit: usize) ->
 impl Store for EmbeddedStore {
     async fn insert(&self, record: &Record) -> Result<u64, StoreError> {
         check_record(record)?;
-        let r = record.clone();
-        self.blocking(move |db| write(db, |t| insert_in(t, &r, now_ms())))
-            .await
+        match self.write(WriteOp::Insert(record.clone())).await? {
+            WriteOut::Revision(r) => r,
+            WriteOut::Deleted(_) => Err(StoreError::Unavailable(
+                "embedded store: a wrong answer".into(),
+            )),
+        }
     }
 
     async fn get(&self, collection: &str, key: &str) -> Result<Option<Record>, StoreError> {
@@ -407,25 +524,27 @@ impl Store for EmbeddedStore {
 
     async fn replace(&self, record: &Record, expected_revision: u64) -> Result<u64, StoreError> {
         check_record(record)?;
-        let r = record.clone();
-        self.blocking(move |db| write(db, |t| replace_in(t, &r, expected_revision, now_ms())))
-            .await
+        match self
+            .write(WriteOp::Replace(record.clone(), expected_revision))
+            .await?
+        {
+            WriteOut::Revision(r) => r,
+            WriteOut::Deleted(_) => Err(StoreError::Unavailable(
+                "embedded store: a wrong answer".into(),
+            )),
+        }
     }
 
     async fn delete(&self, collection: &str, key: &str) -> Result<bool, StoreError> {
         check_name("collection", collection, true)?;
         check_name("key", key, true)?;
-        let (c, k) = (collection.to_owned(), key.to_owned());
-        self.blocking(move |db| {
-            write(db, |t| {
-                let Some(old) = t.meta_of(&c, &k)? else {
-                    return Ok(Ok(false));
-                };
-                t.remove(&c, &k, &old)?;
-                Ok(Ok(is_live(old.expires_ms, now_ms())))
-            })
-        })
-        .await
+        let op = WriteOp::Delete(collection.to_owned(), key.to_owned());
+        match self.write(op).await? {
+            WriteOut::Deleted(d) => Ok(d),
+            WriteOut::Revision(_) => Err(StoreError::Unavailable(
+                "embedded store: a wrong answer".into(),
+            )),
+        }
     }
 
     async fn list(&self, query: &Query) -> Result<Vec<Record>, StoreError> {
