@@ -71,11 +71,49 @@ async fn status(base: &str, a: &Accepted, secret: Option<&str>) -> (u16, Value) 
     (s, r.json().await.unwrap_or(Value::Null))
 }
 
+/// An async call (`how`: `respond-async` or `no-result`) with a callback
+/// URL that is not http(s): 400 `bad_callback_url` with its request id.
+async fn bad_callback_url(base: &str, how: &str) {
+    let form = if how == "no-result" {
+        ("x-funcatron-async", how)
+    } else {
+        ("prefer", how)
+    };
+    let headers = [
+        form,
+        ("x-callback-url", "ftp://x/y"),
+        ("x-request-id", "bad-cb"),
+    ];
+    let r = call(base, "/hello/world", &headers).await;
+    assert_eq!(r.status(), 400, "{how}");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "bad_callback_url", "{how}");
+    assert_eq!(v["request_id"], "bad-cb", "{how}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_calls_through_nginx_are_queued_by_a_tron() {
     let root = tempfile::tempdir().unwrap();
     let broker = fresh_vhost();
     let bundles = bundles_with_trouble();
+    // A Func whose side effect the test sees: it POSTs its request id to
+    // the test's receiver.
+    let hook = free_addr();
+    let (mut got, _receiver) = receiver(hook).await;
+    write_bundle(
+        bundles.path(),
+        "mark",
+        &[
+            (
+                "swagger.yaml",
+                "swagger: '2.0'\nbasePath: /mark\nx-funcatron: {runtime: exec, timeout_ms: 5000}\npaths:\n  /it:\n    get: {operationId: it}\n",
+            ),
+            (
+                "fn.sh",
+                &format!("curl -s -X POST --data \"ran $FUNCATRON_REQUEST_ID\" http://{hook}/hook\n"),
+            ),
+        ],
+    );
     let dir = bundles.path().to_str().unwrap().to_owned();
     let mgmt = free_addr().to_string();
     let store = root.path().join("store");
@@ -173,27 +211,39 @@ async fn async_calls_through_nginx_are_queued_by_a_tron() {
     })
     .await;
 
-    // Fire-and-forget: 202 and an id, no secret, no record.
-    let ff = submit(&base, "/hello/world", &[("x-funcatron-async", "no-result")]).await;
+    // Fire-and-forget: 202 and an id, no secret, no record (nginx
+    // publishes it without the Tron).
+    let ff = submit(
+        &base,
+        "/mark/it",
+        &[("x-funcatron-async", "no-result"), ("x-request-id", "ff-1")],
+    )
+    .await;
     assert!(ff.secret.is_none());
     let (s, v) = status(&base, &ff, None).await;
     assert_eq!((s, v["error"].as_str()), (404, Some("unknown_call")));
+    let ran = tokio::time::timeout(std::time::Duration::from_secs(30), got.recv())
+        .await
+        .expect("the fire-and-forget call ran")
+        .unwrap();
+    assert_eq!(ran.body, "ran ff-1");
 
-    // Bad input: the embedded ingress's JSON errors.
-    let r = call(
+    // A callback URL travels with the call: the Tron POSTs the result.
+    let cb = format!("http://{hook}/hook");
+    let a = submit(
         &base,
         "/hello/world",
-        &[
-            ("prefer", "respond-async"),
-            ("x-callback-url", "ftp://x/y"),
-            ("x-request-id", "bad-cb"),
-        ],
+        &[("prefer", "respond-async"), ("x-callback-url", &cb)],
     )
     .await;
-    assert_eq!(r.status(), 400);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"], "bad_callback_url");
-    assert_eq!(v["request_id"], "bad-cb");
+    let delivered = tokio::time::timeout(std::time::Duration::from_secs(30), got.recv())
+        .await
+        .expect("the callback arrived")
+        .unwrap();
+    assert_eq!(delivered.headers["x-call-id"], a.call_id.as_str());
+
+    // Bad input: the embedded ingress's JSON errors.
+    bad_callback_url(&base, "respond-async").await;
 
     // The ingress's token stays between nginx and the Tron.
     let r = reqwest::Client::new()
@@ -205,7 +255,7 @@ async fn async_calls_through_nginx_are_queued_by_a_tron() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_tron_nginx_refuses_async_calls() {
+async fn without_a_tron_nginx_refuses_recorded_async_calls() {
     let p = start_processes(1, 1, 0, &[]).await;
     let nginx = start_nginx(&p.broker, &[]).await;
     let base = nginx.base.clone();
@@ -215,7 +265,6 @@ async fn without_a_tron_nginx_refuses_async_calls() {
     .await;
     for (path, headers) in [
         ("/hello/world", &[("prefer", "respond-async")][..]),
-        ("/hello/world", &[("x-funcatron-async", "no-result")][..]),
         ("/async-function/hello/world", &[][..]),
     ] {
         let r = call(&base, path, headers).await;
@@ -225,4 +274,8 @@ async fn without_a_tron_nginx_refuses_async_calls() {
     }
     let (s, body) = text(&format!("{base}/_funcatron/calls/cnope")).await;
     assert_eq!(s, 501, "{body}");
+    // Fire-and-forget needs no record: nginx publishes it itself.
+    let ff = submit(&base, "/hello/world", &[("x-funcatron-async", "no-result")]).await;
+    assert!(ff.secret.is_none());
+    bad_callback_url(&base, "no-result").await;
 }

@@ -101,7 +101,7 @@ local function write_loop(conn)
       for i, item in ipairs(batch) do
         next_tag = next_tag + 1
         unconfirmed[next_tag] = item.id
-        frames[i] = conn:publish_frames(2, conf.request_queue, item.env, PUBLISH_PROPS)
+        frames[i] = conn:publish_frames(2, conf.request_queue, item.env, item.props or PUBLISH_PROPS)
       end
       local _, serr = conn.sock:send(frames)
       if serr then return "send: " .. serr end
@@ -118,7 +118,16 @@ local function settle(tag, multiple, nacked)
   for t = from, tag do
     local id = unconfirmed[t]
     unconfirmed[t] = nil
-    if nacked then fail(id, "broker_unavailable", "the broker refused the request") end
+    if nacked then
+      fail(id, "broker_unavailable", "the broker refused the request")
+    else
+      -- A fire-and-forget call waits for this confirm, not for a reply.
+      local w = id and waiting[id]
+      if w and w.confirm then
+        waiting[id] = nil
+        w.sema:post(1)
+      end
+    end
   end
   if multiple or tag == confirmed_upto + 1 then confirmed_upto = math.max(confirmed_upto, tag) end
 end
@@ -339,6 +348,53 @@ local HOP = { ["content-length"] = true, ["transfer-encoding"] = true, connectio
   ["x-request-id"] = true, ["keep-alive"] = true, ["proxy-connection"] = true,
   te = true, trailer = true, upgrade = true }
 
+-- The embedded ingress's limits (calls/src/submit.rs): an async call may
+-- wait six hours for its first attempt; a callback URL is http(s), at
+-- most 2048 characters, without white space.
+local MAX_AGE_MS = 6 * 3600000
+
+local function bad_callback_url(url)
+  return not (#url <= 2048 and (url:find("^http://") or url:find("^https://")) and not url:find("%s"))
+end
+
+-- Fire-and-forget (X-Funcatron-Async: no-result): no record, so no Tron;
+-- published persistent, answered 202 once the broker confirms it.
+local function fire_and_forget(id, req, started)
+  local cb = ngx.req.get_headers()["x-callback-url"]
+  if type(cb) == "table" then cb = cb[1] end
+  if cb then
+    cb = trim(cb)
+    if bad_callback_url(cb) then
+      return answer_error(400, id, "bad_callback_url", string.format(
+        "X-Callback-Url %q is not an http(s) URL of at most 2048 characters", cb), started)
+    end
+  end
+  local call_id = "c" .. new_id()
+  req.deadline_ms = math.floor(req.sent_ms + MAX_AGE_MS)
+  req.async, req.call_id, req.callback_url = true, call_id, cb
+  req.attempt, req.submitted_ms = 1, math.floor(req.sent_ms)
+  local w = { sema = semaphore.new(), confirm = true }
+  waiting[id] = w
+  outbox[#outbox + 1] = { id = id, env = envelope.encode_request(req),
+    props = { content_type = "application/json", persistent = true } }
+  outbox_sema:post(1)
+  ngx.update_time()
+  local remaining = conf.timeout_ms / 1000 - (ngx.now() - started)
+  if not (remaining > 0 and w.sema:wait(remaining)) then
+    waiting[id] = nil
+    return answer_error(503, id, "broker_unavailable", "the broker did not confirm the call in time; it may run", started)
+  end
+  if w.failed then return answer_error(503, id, w.failed[1], w.failed[2], started) end
+  local location = "/_funcatron/calls/" .. call_id
+  ngx.status = 202
+  ngx.header["Content-Type"] = "application/json"
+  ngx.header["X-Request-Id"] = id
+  ngx.header["X-Call-Id"] = call_id
+  ngx.header["Location"] = location
+  ngx.print(cjson.encode({ call_id = call_id, status_url = location, request_id = id }))
+  return ngx.exit(ngx.OK)
+end
+
 --- content_by_lua: the request path.
 function M.handle()
   ngx.update_time()
@@ -361,7 +417,17 @@ function M.handle()
     headers[#headers + 1] = { "x-funcatron-func", func }
   end
   local mode = async_mode() or (is_async and "recorded") or nil
-  if mode then
+  if mode == "no-result" then
+    if not consumer_up then
+      return answer_error(503, id, "broker_unavailable", "the ingress is not connected to the broker", started)
+    end
+    return fire_and_forget(id, {
+      id = id, sent_ms = sent_ms,
+      method = ngx.req.get_method(), scheme = var.http_x_forwarded_proto == "https" and "https" or var.scheme,
+      host = var.http_host or var.host, path = path, query = query,
+      headers = headers, remote = var.remote_addr .. ":" .. var.remote_port, body = body,
+    }, started)
+  elseif mode then
     if not conf.tron then
       return answer_error(501, id, "async_unavailable",
         "this nginx ingress has no Tron for asynchronous calls (funcatron nginx-config --tron-url)", started)
