@@ -279,3 +279,32 @@ async fn without_a_tron_nginx_refuses_recorded_async_calls() {
     assert!(ff.secret.is_none());
     bad_callback_url(&base, "no-result").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tron_that_cannot_be_reached_is_a_503() {
+    let p = start_processes(1, 1, 0, &[]).await;
+    let root = tempfile::tempdir().unwrap();
+    let token_file = root.path().join("tron-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let nowhere = format!("http://{}", free_addr());
+    let nginx = start_nginx(
+        &p.broker,
+        &[
+            "--tron-url",
+            &nowhere,
+            "--tron-token-file",
+            token_file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let r = call(
+        &nginx.base,
+        "/hello/world",
+        &[("prefer", "respond-async"), ("x-request-id", "no-tron")],
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "tron_unavailable");
+    assert_eq!(v["request_id"], "no-tron");
+}
