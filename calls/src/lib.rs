@@ -16,6 +16,7 @@
 
 pub mod callbacks;
 pub mod outcomes;
+pub mod submit;
 
 use std::borrow::Cow;
 

@@ -136,6 +136,18 @@ struct NginxArgs {
     /// nginx error_log level.
     #[arg(long, default_value = "warn")]
     log_level: String,
+    /// A Tron's management API (`http://host:port`, no path) with a state
+    /// store (`--state-store`): nginx hands it asynchronous calls (`Prefer:
+    /// respond-async`, `X-Funcatron-Async`, `X-tinyFaaS-Async`,
+    /// `/async-function/`) to record and queue, and proxies `GET
+    /// /_funcatron/calls/<id>` to it. Without it they answer 501
+    /// `async_unavailable`.
+    #[arg(long, env = "FUNCATRON_TRON_URL", requires = "tron_token_file")]
+    tron_url: Option<String>,
+    /// File holding the Tron's admin token, sent with each submission; read
+    /// once when nginx starts (never taken from a request).
+    #[arg(long, env = "FUNCATRON_TRON_TOKEN_FILE", requires = "tron_url")]
+    tron_token_file: Option<PathBuf>,
     /// Write the config here instead of standard output.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -565,17 +577,24 @@ async fn signal_shutdown(shutdown: CancellationToken) {
 }
 
 fn nginx_config(a: NginxArgs) -> Result<()> {
-    let text = nginx::render(&nginx::NginxConfig {
-        broker: a.broker,
-        listen: a.listen,
-        prefix: a.prefix,
-        lua_dir: a.lua_dir,
-        workers: a.workers,
-        timeout_ms: a.timeout_ms,
-        max_body_bytes: a.max_body_bytes,
-        load_modules: !a.no_load_modules,
-        log_level: a.log_level,
-    })?;
+    let tron = match (a.tron_url, a.tron_token_file) {
+        (Some(url), Some(token_file)) => Some(nginx::TronTarget { url, token_file }),
+        _ => None,
+    };
+    let text = nginx::render_with_tron(
+        &nginx::NginxConfig {
+            broker: a.broker,
+            listen: a.listen,
+            prefix: a.prefix,
+            lua_dir: a.lua_dir,
+            workers: a.workers,
+            timeout_ms: a.timeout_ms,
+            max_body_bytes: a.max_body_bytes,
+            load_modules: !a.no_load_modules,
+            log_level: a.log_level,
+        },
+        tron.as_ref(),
+    )?;
     match a.out {
         Some(p) => std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?,
         None => print!("{text}"),

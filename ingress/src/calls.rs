@@ -19,26 +19,12 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response as HttpResponse;
 use bytes::Bytes;
-use funcatron_broker::{Broker, Message};
-use funcatron_calls::{Submission, Submitted};
-use funcatron_control::names;
-use funcatron_envelope::{encode_body, new_request_id, now_ms, Request};
+use funcatron_calls::submit::{self as shared, Queued};
+use funcatron_envelope::{encode_body, new_request_id, Request};
+
+pub(crate) use funcatron_calls::submit::{Async, CALLS_PATH, SECRET_HEADER};
 
 use crate::{envelope_of, error, json_response, Shared};
-
-/// Where a call's status is read.
-pub const CALLS_PATH: &str = "/_funcatron/calls";
-/// The header that opens a call's answer.
-pub const SECRET_HEADER: &str = "x-call-secret";
-
-/// How an async call gets queued: its record kept, or none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Async {
-    /// Recorded, pollable, retried.
-    Recorded,
-    /// Fire-and-forget.
-    NoResult,
-}
 
 fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers
@@ -47,50 +33,14 @@ fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         .map(str::trim)
 }
 
-/// Is this request asynchronous, and how?
+/// Is this request asynchronous, and how? (See [`shared::mode`].)
 pub(crate) fn mode(headers: &HeaderMap) -> Option<Async> {
-    match header(headers, "x-funcatron-async").map(str::to_ascii_lowercase) {
-        Some(v) if v == "no-result" => return Some(Async::NoResult),
-        Some(v) if v == "true" || v == "1" => return Some(Async::Recorded),
-        _ => {}
-    }
-    if header(headers, "x-tinyfaas-async").is_some_and(|v| !v.eq_ignore_ascii_case("false")) {
-        return Some(Async::Recorded);
-    }
-    let prefer = headers
-        .get_all("prefer")
+    let pairs: Vec<(&str, &str)> = headers
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim().eq_ignore_ascii_case("respond-async"));
-    prefer.then_some(Async::Recorded)
+        .filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?)))
+        .collect();
+    shared::mode(&pairs)
 }
-
-/// A callback URL a client may give: http or https, bounded. (Where it
-/// may point is checked when it is called, by the outbound policy.)
-fn callback_url(headers: &HeaderMap) -> Result<Option<&str>, String> {
-    let Some(url) = header(headers, "x-callback-url") else {
-        return Ok(None);
-    };
-    let ok = url.len() <= 2048
-        && (url.starts_with("http://") || url.starts_with("https://"))
-        && !url.chars().any(char::is_whitespace);
-    if ok {
-        Ok(Some(url))
-    } else {
-        Err(format!(
-            "X-Callback-Url {url:?} is not an http(s) URL of at most 2048 characters"
-        ))
-    }
-}
-
-/// How long an asynchronous call may wait for its first attempt.
-const MAX_AGE_MS: u64 = 6 * 3_600_000;
-/// How long a finished call's record is kept, until the Func's policy
-/// (applied by the Tron) says otherwise.
-const RETENTION_MS: u64 = 24 * 3_600_000;
-/// How long an `Idempotency-Key` names its first call.
-const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 3_600_000;
 
 /// Record and queue an asynchronous call; answer 202 with its id.
 pub(crate) async fn submit(
@@ -103,13 +53,13 @@ pub(crate) async fn submit(
     started: Instant,
 ) -> HttpResponse {
     let refuse = |status, code, msg: &str| error(status, id, code, msg, started);
-    let callback = match callback_url(&parts.headers) {
-        Ok(c) => c,
-        Err(why) => return refuse(StatusCode::BAD_REQUEST, "bad_callback_url", &why),
-    };
+    let callback = header(&parts.headers, "x-callback-url");
+    if let Err(why) = callback.map(shared::check_callback_url).transpose() {
+        return refuse(StatusCode::BAD_REQUEST, "bad_callback_url", &why);
+    }
     let calls = match (&s.options.calls, mode) {
-        (Some(c), _) => Some(c),
-        (None, Async::NoResult) => None,
+        (Some(c), Async::Recorded) => Some(c),
+        (_, Async::NoResult) => None,
         (None, Async::Recorded) => {
             return refuse(
                 StatusCode::NOT_IMPLEMENTED,
@@ -120,88 +70,36 @@ pub(crate) async fn submit(
     };
     let call_id = format!("c{}", new_request_id());
     let secret = new_request_id();
-    let sent_ms = now_ms();
     let (body, body_base64) = encode_body(&body);
-    let recorded = mode == Async::Recorded;
-    let request = Request {
+    let base = Request {
         id: Cow::Borrowed(id),
-        deadline_ms: sent_ms as u64 + MAX_AGE_MS,
-        sent_ms,
         body,
         body_base64,
-        reply_to: recorded.then_some(Cow::Borrowed(names::OUTCOMES)),
-        is_async: true,
-        call_id: Some(Cow::Borrowed(&call_id)),
-        callback_url: callback.map(Cow::Borrowed),
-        attempt: Some(1),
-        submitted_ms: Some(sent_ms as u64),
         ..envelope_of(parts, remote)
     };
-    if let Some(calls) = calls.filter(|_| recorded) {
-        let idempotency = header(&parts.headers, "idempotency-key")
-            .filter(|k| !k.is_empty() && k.len() <= 256)
-            .map(|k| (k, IDEMPOTENCY_WINDOW_MS));
-        let submission = Submission {
-            request: &request,
-            secret: &secret,
-            idempotency,
-            retention_ms: RETENTION_MS,
-            expires_ms: sent_ms as u64 + MAX_AGE_MS + RETENTION_MS,
-        };
-        match calls.submit(submission).await {
-            Ok(Submitted::New) => {}
-            Ok(Submitted::Existing(first)) => return accepted(id, &first, None, started),
-            Err(e) => {
-                tracing::warn!(error = %e, "call not recorded");
-                return refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "state_store_unavailable",
-                    "the call could not be recorded; nothing was queued",
-                );
-            }
+    let request = shared::first_attempt(base, &call_id, callback, mode);
+    let idempotency = shared::idempotency_key(header(&parts.headers, "idempotency-key"));
+    match shared::queue(calls, &s.broker, &request, &secret, idempotency).await {
+        Ok(Queued::New) => {}
+        Ok(Queued::Existing(first)) => return accepted(id, &first, None, started),
+        Err(e) => {
+            tracing::warn!(error = %e, "async call not queued");
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, e.code(), &e.message());
         }
-    }
-    let message = Message {
-        payload: request.encode().into(),
-        persistent: true,
-        ..Message::default()
-    };
-    if let Err(e) = s.broker.publish(names::REQUESTS, message).await {
-        tracing::warn!(error = %e, "async call not queued");
-        if let Some(calls) = calls.filter(|_| recorded) {
-            let _ = calls.withdraw(&call_id).await;
-        }
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "broker_unavailable",
-            &format!("the call could not be queued: {e}"),
-        );
     }
     metrics::counter!("ingress_async_calls_total").increment(1);
-    let secret = recorded.then_some(secret.as_str());
+    let secret = calls.is_some().then_some(secret.as_str());
     accepted(id, &call_id, secret, started)
 }
 
 /// 202: the call id, where its status is, and (for a new recorded call)
 /// the secret that opens its answer.
 fn accepted(id: &str, call_id: &str, secret: Option<&str>, started: Instant) -> HttpResponse {
-    let location = format!("{CALLS_PATH}/{call_id}");
-    let mut body = serde_json::json!({
-        "call_id": call_id,
-        "status_url": location,
-        "request_id": id,
-    });
-    if let Some(sec) = secret {
-        body["secret"] = serde_json::Value::String(sec.to_owned());
-    }
-    let mut r = json_response(StatusCode::ACCEPTED, body.to_string(), Some(id));
+    let body = shared::accepted_body(id, call_id, secret);
+    let mut r = json_response(StatusCode::ACCEPTED, body, Some(id));
     let h = r.headers_mut();
-    for (name, value) in [
-        ("x-call-id", Some(call_id)),
-        ("location", Some(location.as_str())),
-        (SECRET_HEADER, secret),
-    ] {
-        if let Some(v) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+    for (name, value) in shared::accepted_headers(call_id, secret) {
+        if let Ok(v) = HeaderValue::from_str(&value) {
             h.insert(name, v);
         }
     }

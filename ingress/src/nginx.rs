@@ -1,7 +1,8 @@
 //! The production ingress's configuration: render
 //! `ingress-lua/nginx.conf.template` for one broker and listen address
-//! (`funcatron nginx-config`), so operators get a working nginx + Lua
-//! ingress with one command.
+//! (`funcatron nginx-config`), and optionally the Tron that takes its
+//! asynchronous calls ([`TronTarget`]), so operators get a working nginx +
+//! Lua ingress with one command.
 
 use std::path::{Path, PathBuf};
 
@@ -75,6 +76,49 @@ pub struct NginxConfig {
     pub log_level: String,
 }
 
+/// The Tron that takes the nginx ingress's asynchronous calls.
+pub struct TronTarget {
+    /// Its management API (`http://host:port`): it records and queues the
+    /// calls and answers their status reads.
+    pub url: String,
+    /// The file holding its admin token (read by nginx once, at start).
+    pub token_file: PathBuf,
+}
+
+/// The locations that hand async calls to a Tron: an internal one the Lua
+/// handler posts each envelope to (with the token from `init_by_lua`, and
+/// none of the client's headers), and the status reads, proxied as they are.
+fn tron_locations(url: &str) -> String {
+    format!(
+        r#"location = /_funcatron/tron/submit {{
+            internal;
+            set_by_lua_block $funcatron_tron_auth {{ return require("funcatron.ingress").tron_auth() }}
+            proxy_pass_request_headers off;
+            proxy_set_header Authorization $funcatron_tron_auth;
+            proxy_set_header Content-Type application/json;
+            proxy_pass {url}/v1/calls;
+        }}
+        location ^~ /_funcatron/calls/ {{
+            proxy_pass {url};
+        }}"#
+    )
+}
+
+/// A Tron URL nginx can proxy to: http(s), host and port, no path.
+fn tron_url(url: &str) -> Result<String> {
+    let url = url.trim_end_matches('/');
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| invalid("--tron-url must be an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', ' ', ';', '"', '{', '}']) {
+        return Err(invalid(format!(
+            "--tron-url {url:?}: give the Tron's management address only (http://host:port)"
+        )));
+    }
+    Ok(url.to_owned())
+}
+
 struct Amqp {
     host: String,
     port: u16,
@@ -123,8 +167,14 @@ fn abs(p: &Path) -> Result<PathBuf> {
     p.canonicalize().map_err(io_err(p))
 }
 
-/// Render the config and create the prefix's log directory.
+/// Render the config and create the prefix's log directory; asynchronous
+/// calls answer 501 (see [`render_with_tron`]).
 pub fn render(c: &NginxConfig) -> Result<String> {
+    render_with_tron(c, None)
+}
+
+/// [`render`], with asynchronous calls handed to `tron`.
+pub fn render_with_tron(c: &NginxConfig, tron: Option<&TronTarget>) -> Result<String> {
     let amqp = parse_amqp(&c.broker)?;
     let prefix = abs(&c.prefix)?;
     let logs = prefix.join("logs");
@@ -145,6 +195,21 @@ pub fn render(c: &NginxConfig) -> Result<String> {
     } else {
         String::new()
     };
+    let (tron, locations, token_file) = match tron {
+        Some(t) => {
+            let file = t.token_file.canonicalize().map_err(io_err(&t.token_file))?;
+            let url = tron_url(&t.url)?;
+            ("true", tron_locations(&url), file.display().to_string())
+        }
+        None => (
+            "false",
+            r#"location ^~ /_funcatron/calls/ {
+            content_by_lua_block { require("funcatron.ingress").no_calls() }
+        }"#
+            .to_owned(),
+            String::new(),
+        ),
+    };
     let out = TEMPLATE
         .replace("{{WORKERS}}", &c.workers)
         .replace("{{PREFIX}}", &prefix.display().to_string())
@@ -158,6 +223,9 @@ pub fn render(c: &NginxConfig) -> Result<String> {
         .replace("{{LOGIN}}", &lua_quote(&amqp.login))
         .replace("{{PASSCODE}}", &lua_quote(&amqp.passcode))
         .replace("{{TIMEOUT_MS}}", &c.timeout_ms.to_string())
+        .replace("{{TRON}}", tron)
+        .replace("{{TRON_TOKEN_FILE}}", &lua_quote(&token_file))
+        .replace("{{TRON_LOCATIONS}}", &locations)
         .replace("{{LISTEN}}", &c.listen);
     Ok(out)
 }
@@ -188,5 +256,23 @@ mod tests {
             ("h", "/", "guest")
         );
         assert!(parse_amqp("http://x").is_err());
+    }
+
+    #[test]
+    fn a_tron_url_is_an_address_nginx_can_proxy_to() {
+        assert_eq!(
+            tron_url("http://10.0.0.5:9000/").unwrap(),
+            "http://10.0.0.5:9000"
+        );
+        assert!(tron_url("https://tron.local").is_ok());
+        for bad in [
+            "tron:9000",
+            "http://",
+            "http://t/v1",
+            "http://t;x",
+            "http://t\"x",
+        ] {
+            assert!(tron_url(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -10,6 +10,11 @@
 -- replies to requests by request id and publisher nacks/returns to requests
 -- by delivery tag. Late, duplicate or unknown replies are dropped.
 --
+-- Asynchronous calls (Prefer: respond-async, X-Funcatron-Async,
+-- X-tinyFaaS-Async, /async-function/) are not published here: each goes
+-- by subrequest to a Tron (`funcatron nginx-config --tron-url`), which
+-- records and queues it and answers the 202; without one they get 501.
+--
 -- Every request gets exactly one answer: the Func's, or a JSON error
 -- (413 too large, 502 malformed reply, 503 broker unavailable or connection
 -- lost, 504 no answer before the deadline).
@@ -37,9 +42,21 @@ envelope.configure({
   b64decode = ngx.decode_base64,
 })
 
---- Called from init_by_lua with the generated settings.
+--- Called from init_by_lua with the generated settings. With a Tron
+--- (`funcatron nginx-config --tron-url`), its token is read here, once.
 function M.configure(c)
   for k, v in pairs(c) do conf[k] = v end
+  if conf.tron then
+    local f, err = io.open(conf.tron_token_file, "rb")
+    if not f then error("funcatron: cannot read the Tron token file: " .. tostring(err)) end
+    conf.tron_token = f:read("*a"):match("^%s*(.-)%s*$")
+    f:close()
+  end
+end
+
+--- set_by_lua in the internal submission location: the Tron's token.
+function M.tron_auth()
+  return "Bearer " .. (conf.tron_token or "")
 end
 
 local function new_id()
@@ -84,7 +101,7 @@ local function write_loop(conn)
       for i, item in ipairs(batch) do
         next_tag = next_tag + 1
         unconfirmed[next_tag] = item.id
-        frames[i] = conn:publish_frames(2, conf.request_queue, item.env, PUBLISH_PROPS)
+        frames[i] = conn:publish_frames(2, conf.request_queue, item.env, item.props or PUBLISH_PROPS)
       end
       local _, serr = conn.sock:send(frames)
       if serr then return "send: " .. serr end
@@ -101,7 +118,16 @@ local function settle(tag, multiple, nacked)
   for t = from, tag do
     local id = unconfirmed[t]
     unconfirmed[t] = nil
-    if nacked then fail(id, "broker_unavailable", "the broker refused the request") end
+    if nacked then
+      fail(id, "broker_unavailable", "the broker refused the request")
+    else
+      -- A fire-and-forget call waits for this confirm, not for a reply.
+      local w = id and waiting[id]
+      if w and w.confirm then
+        waiting[id] = nil
+        w.sema:post(1)
+      end
+    end
   end
   if multiple or tag == confirmed_upto + 1 then confirmed_upto = math.max(confirmed_upto, tag) end
 end
@@ -249,13 +275,71 @@ local function headers_in_order()
   return out
 end
 
--- OpenFaaS's /function/<func>/<rest> (as the embedded ingress): the Func
--- and the rest of the path ("/" at least); nil for any other path.
+-- OpenFaaS's /function/<func>/<rest> and /async-function/<func>/<rest>
+-- (as the embedded ingress): the Func, the rest of the path ("/" at
+-- least) and whether it is the async form; nil for any other path.
 local function named_func(path)
+  local is_async = false
   local func, rest = path:match("^/function/([^/]+)(.*)$")
+  if not func then
+    func, rest = path:match("^/async%-function/([^/]+)(.*)$")
+    is_async = true
+  end
   if not func then return nil end
   if rest == "" then rest = "/" end
-  return func, rest
+  return func, rest, is_async
+end
+
+local function trim(v) return v:match("^%s*(.-)%s*$") end
+
+-- Is this request asynchronous, and how (as the embedded ingress, see
+-- calls/src/submit.rs): "no-result", "recorded" or nil.
+local function async_mode()
+  local h = ngx.req.get_headers()
+  local function first(v) if type(v) == "table" then return v[1] end return v end
+  local fa = first(h["x-funcatron-async"])
+  if fa then
+    fa = trim(fa):lower()
+    if fa == "no-result" then return "no-result" end
+    if fa == "true" or fa == "1" then return "recorded" end
+  end
+  local tf = first(h["x-tinyfaas-async"])
+  if tf and trim(tf):lower() ~= "false" then return "recorded" end
+  local prefer = h["prefer"]
+  if type(prefer) ~= "table" then prefer = { prefer } end
+  for _, v in ipairs(prefer) do
+    for part in v:gmatch("[^,]+") do
+      if trim(part):lower() == "respond-async" then return "recorded" end
+    end
+  end
+  return nil
+end
+
+-- Hand an async call's envelope to the Tron (the internal location
+-- /_funcatron/tron/submit) and answer as it does: 202 with X-Call-Id,
+-- Location and X-Call-Secret, or its error as this ingress's JSON error.
+local function submit_to_tron(id, env, started)
+  local res = ngx.location.capture("/_funcatron/tron/submit", { method = ngx.HTTP_POST, body = env })
+  if res.status == 202 then
+    ngx.status = 202
+    ngx.header["Content-Type"] = "application/json"
+    ngx.header["X-Request-Id"] = id
+    -- The subrequest's header names are as the Tron sent them.
+    local keep = { ["x-call-id"] = true, location = true, ["x-call-secret"] = true }
+    for k, v in pairs(res.header) do
+      if keep[k:lower()] then ngx.header[k] = v end
+    end
+    ngx.print(res.body)
+    return ngx.exit(ngx.OK)
+  end
+  local t = cjson.decode(res.body or "")
+  if res.status == 401 or res.status == 403 then
+    ngx.log(ngx.ERR, "funcatron: the Tron refused this ingress's token: ", res.body)
+  elseif type(t) == "table" and type(t.error) == "string" then
+    return answer_error(res.status, id, t.error, tostring(t.message), started)
+  end
+  return answer_error(503, id, "tron_unavailable",
+    "the Tron that queues asynchronous calls did not take this one (" .. tostring(res.status) .. ")", started)
 end
 
 -- Response headers a Func's answer cannot set: hop-by-hop headers and the
@@ -264,14 +348,58 @@ local HOP = { ["content-length"] = true, ["transfer-encoding"] = true, connectio
   ["x-request-id"] = true, ["keep-alive"] = true, ["proxy-connection"] = true,
   te = true, trailer = true, upgrade = true }
 
+-- The embedded ingress's limits (calls/src/submit.rs): an async call may
+-- wait six hours for its first attempt; a callback URL is http(s), at
+-- most 2048 characters, without white space.
+local MAX_AGE_MS = 6 * 3600000
+
+local function bad_callback_url(url)
+  return not (#url <= 2048 and (url:find("^http://") or url:find("^https://")) and not url:find("%s"))
+end
+
+-- Fire-and-forget (X-Funcatron-Async: no-result): no record, so no Tron;
+-- published persistent, answered 202 once the broker confirms it.
+local function fire_and_forget(id, req, started)
+  local cb = ngx.req.get_headers()["x-callback-url"]
+  if type(cb) == "table" then cb = cb[1] end
+  if cb then
+    cb = trim(cb)
+    if bad_callback_url(cb) then
+      return answer_error(400, id, "bad_callback_url", string.format(
+        "X-Callback-Url %q is not an http(s) URL of at most 2048 characters", cb), started)
+    end
+  end
+  local call_id = "c" .. new_id()
+  req.deadline_ms = math.floor(req.sent_ms + MAX_AGE_MS)
+  req.async, req.call_id, req.callback_url = true, call_id, cb
+  req.attempt, req.submitted_ms = 1, math.floor(req.sent_ms)
+  local w = { sema = semaphore.new(), confirm = true }
+  waiting[id] = w
+  outbox[#outbox + 1] = { id = id, env = envelope.encode_request(req),
+    props = { content_type = "application/json", persistent = true } }
+  outbox_sema:post(1)
+  ngx.update_time()
+  local remaining = conf.timeout_ms / 1000 - (ngx.now() - started)
+  if not (remaining > 0 and w.sema:wait(remaining)) then
+    waiting[id] = nil
+    return answer_error(503, id, "broker_unavailable", "the broker did not confirm the call in time; it may run", started)
+  end
+  if w.failed then return answer_error(503, id, w.failed[1], w.failed[2], started) end
+  local location = "/_funcatron/calls/" .. call_id
+  ngx.status = 202
+  ngx.header["Content-Type"] = "application/json"
+  ngx.header["X-Request-Id"] = id
+  ngx.header["X-Call-Id"] = call_id
+  ngx.header["Location"] = location
+  ngx.print(cjson.encode({ call_id = call_id, status_url = location, request_id = id }))
+  return ngx.exit(ngx.OK)
+end
+
 --- content_by_lua: the request path.
 function M.handle()
   ngx.update_time()
   local started = ngx.now()
   local id = request_id()
-  if not consumer_up then
-    return answer_error(503, id, "broker_unavailable", "the ingress is not connected to the broker", started)
-  end
   local body, berr = read_body()
   if not body then
     return answer_error(400, id, "bad_request", "could not read the request body: " .. tostring(berr), started)
@@ -282,14 +410,39 @@ function M.handle()
   local var = ngx.var
   local query = var.args or ""
   local path = var.request_uri:match("^[^?]*")
-  if path:find("^/async%-function/") then
-    return answer_error(501, id, "async_unavailable", "the nginx ingress does not take asynchronous calls yet", started)
-  end
   local headers = headers_in_order()
-  local func, rest = named_func(path)
+  local func, rest, is_async = named_func(path)
   if func then
     path = rest
     headers[#headers + 1] = { "x-funcatron-func", func }
+  end
+  local mode = async_mode() or (is_async and "recorded") or nil
+  if mode == "no-result" then
+    if not consumer_up then
+      return answer_error(503, id, "broker_unavailable", "the ingress is not connected to the broker", started)
+    end
+    return fire_and_forget(id, {
+      id = id, sent_ms = sent_ms,
+      method = ngx.req.get_method(), scheme = var.http_x_forwarded_proto == "https" and "https" or var.scheme,
+      host = var.http_host or var.host, path = path, query = query,
+      headers = headers, remote = var.remote_addr .. ":" .. var.remote_port, body = body,
+    }, started)
+  elseif mode then
+    if not conf.tron then
+      return answer_error(501, id, "async_unavailable",
+        "this nginx ingress has no Tron for asynchronous calls (funcatron nginx-config --tron-url)", started)
+    end
+    -- The Tron sets the call's fields (call id, attempt, deadline, reply).
+    local env = envelope.encode_request({
+      id = id, deadline_ms = math.floor(sent_ms + timeout_ms), sent_ms = sent_ms,
+      method = ngx.req.get_method(), scheme = var.http_x_forwarded_proto == "https" and "https" or var.scheme,
+      host = var.http_host or var.host, path = path, query = query,
+      headers = headers, remote = var.remote_addr .. ":" .. var.remote_port, body = body,
+    })
+    return submit_to_tron(id, env, started)
+  end
+  if not consumer_up then
+    return answer_error(503, id, "broker_unavailable", "the ingress is not connected to the broker", started)
   end
   local env = envelope.encode_request({
     id = id, deadline_ms = math.floor(sent_ms + timeout_ms), sent_ms = sent_ms,
@@ -343,6 +496,13 @@ function M.handle()
   ngx.header["Content-Length"] = #resp.body
   ngx.print(resp.body)
   return ngx.exit(ngx.OK)
+end
+
+--- /_funcatron/calls/<id> without a Tron: nothing to read it from.
+function M.no_calls()
+  ngx.update_time()
+  return answer_error(501, request_id(), "async_unavailable",
+    "this nginx ingress has no Tron for asynchronous calls (funcatron nginx-config --tron-url)", ngx.now())
 end
 
 --- error_page 413 location: the JSON body for bodies over client_max_body_size.

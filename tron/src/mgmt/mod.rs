@@ -14,6 +14,7 @@
 
 pub mod api;
 mod calls;
+mod submit;
 
 use std::sync::{Arc, LazyLock};
 
@@ -239,6 +240,7 @@ fn open_routes() -> OpenApiRouter<Arc<Api>> {
         .routes(routes!(openapi_yaml))
         .routes(routes!(openapi_json))
         .routes(routes!(health))
+        .routes(routes!(submit::call_status))
 }
 
 /// `routes` behind a token with `role`: [`require`] on their methods only
@@ -274,6 +276,7 @@ fn token_routes() -> OpenApiRouter<Arc<Api>> {
     let unlimited = OpenApiRouter::new()
         .routes(a(routes!(upload)))
         .routes(a(routes!(invoke)))
+        .routes(a(routes!(submit::submit_call)))
         .layer(DefaultBodyLimit::disable());
     OpenApiRouter::new()
         .routes(a(routes!(enable)))
