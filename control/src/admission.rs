@@ -89,6 +89,57 @@ pub fn is_full(max_queued: Option<u64>, ready: u64) -> bool {
     max_queued.is_some_and(|m| ready >= m)
 }
 
+/// `Retry-After` of a 429 `queue_full`, seconds: about when the Trons
+/// have read the queue again.
+pub const RETRY_AFTER_S: &str = "1";
+
+/// Why a call is refused before it is queued.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    /// 400 or 429.
+    pub status: u16,
+    /// The JSON error code.
+    pub code: &'static str,
+    /// What the client reads.
+    pub message: String,
+}
+
+/// What `f`'s policy says of a call (`is_async` or not, with a callback
+/// URL or not): `None` to admit it. The one rule both the embedded
+/// ingress (by the broadcast table) and a Tron queueing calls for the
+/// nginx ingress (by its own table) apply.
+pub fn refusal(f: &FuncAdmission, is_async: bool, callback: bool) -> Option<Refusal> {
+    let refuse = |status, code, message: String| {
+        Some(Refusal {
+            status,
+            code,
+            message,
+        })
+    };
+    match is_async {
+        false if f.async_only => refuse(
+            400,
+            "async_only",
+            format!("Func {} takes only asynchronous calls with a callback (Prefer: respond-async and X-Callback-Url)", f.func),
+        ),
+        true if f.async_only && !callback => refuse(
+            400,
+            "callback_required",
+            format!("Func {} takes asynchronous calls only with an X-Callback-Url", f.func),
+        ),
+        true if f.full => refuse(
+            429,
+            "queue_full",
+            format!(
+                "Func {} already has {} asynchronous calls waiting; retry later",
+                f.func,
+                f.max_queued.unwrap_or_default()
+            ),
+        ),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

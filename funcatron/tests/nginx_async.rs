@@ -114,6 +114,20 @@ async fn async_calls_through_nginx_are_queued_by_a_tron() {
             ),
         ],
     );
+    // Funcs whose policy refuses calls: the Tron applies it for nginx.
+    for (name, policy) in [("full", "max_queued: 0"), ("only", "async_only: true")] {
+        write_bundle(
+            bundles.path(),
+            name,
+            &[
+                (
+                    "swagger.yaml",
+                    &format!("swagger: '2.0'\nbasePath: /{name}\nx-funcatron: {{runtime: lua, async: {{{policy}}}}}\npaths:\n  /x:\n    get: {{operationId: x}}\n"),
+                ),
+                ("main.lua", "return { x = function() return 'ran' end }"),
+            ],
+        );
+    }
     let dir = bundles.path().to_str().unwrap().to_owned();
     let mgmt = free_addr().to_string();
     let store = root.path().join("store");
@@ -157,6 +171,18 @@ async fn async_calls_through_nginx_are_queued_by_a_tron() {
         text(&format!("{tron_url}/v1/health")).await.0 == 200
     })
     .await;
+
+    // Admission, applied by the Tron: a Func with no room answers 429
+    // with Retry-After, an async-only one wants a callback.
+    let r = call(&base, "/full/x", &[("prefer", "respond-async")]).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "queue_full", "{v}");
+    let r = call(&base, "/async-function/only/x", &[]).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "callback_required", "{v}");
 
     let forms: [(&str, &[(&str, &str)]); 5] = [
         ("/hello/world", &[("prefer", "respond-async")]),

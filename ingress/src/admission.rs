@@ -19,7 +19,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response as HttpResponse;
 use funcatron_broker::{AnyBroker, Broker};
-use funcatron_control::admission::{AdmissionTable, FuncAdmission};
+use funcatron_control::admission::{self, AdmissionTable, FuncAdmission};
 use funcatron_control::names::ADMISSION_TOPIC;
 use funcatron_routes::{RouteOutcome, RouteTable};
 use tokio::sync::watch;
@@ -44,7 +44,7 @@ pub(crate) struct Admission {
     current: watch::Receiver<Option<Arc<Current>>>,
 }
 
-/// Why a request is refused.
+/// Why a request is refused (`funcatron_control::admission::refusal`).
 pub(crate) struct Refusal {
     /// 400 or 429.
     pub status: StatusCode,
@@ -111,40 +111,17 @@ impl Admission {
 
 /// What `f`'s policy says of a call in `mode`, with a callback or not.
 fn refusal(f: &FuncAdmission, mode: Option<Async>, callback: bool) -> Result<(), Refusal> {
-    let refuse = |status, code, message: String| {
-        Err(Refusal {
-            status,
-            code,
-            message,
-        })
-    };
-    match mode {
-        None if f.async_only => refuse(
-            StatusCode::BAD_REQUEST,
-            "async_only",
-            format!("Func {} takes only asynchronous calls with a callback (Prefer: respond-async and X-Callback-Url)", f.func),
-        ),
-        Some(_) if f.async_only && !callback => refuse(
-            StatusCode::BAD_REQUEST,
-            "callback_required",
-            format!("Func {} takes asynchronous calls only with an X-Callback-Url", f.func),
-        ),
-        Some(_) if f.full => refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "queue_full",
-            format!(
-                "Func {} already has {} asynchronous calls waiting; retry later",
-                f.func,
-                f.max_queued.unwrap_or_default()
-            ),
-        ),
-        _ => Ok(()),
+    match admission::refusal(f, mode.is_some(), callback) {
+        None => Ok(()),
+        Some(r) => Err(Refusal {
+            status: StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST),
+            code: r.code,
+            message: r.message,
+        }),
     }
 }
 
-/// `Retry-After` of a 429 `queue_full`, seconds: about when the Trons
-/// have read the queue again.
-pub(crate) const RETRY_AFTER_S: &str = "1";
+pub(crate) use admission::RETRY_AFTER_S;
 
 impl Refusal {
     /// Add what the refusal's status needs to its answer.

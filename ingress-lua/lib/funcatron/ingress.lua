@@ -336,6 +336,9 @@ local function submit_to_tron(id, env, started)
   if res.status == 401 or res.status == 403 then
     ngx.log(ngx.ERR, "funcatron: the Tron refused this ingress's token: ", res.body)
   elseif type(t) == "table" and type(t.error) == "string" then
+    -- A 429 queue_full says when to come back.
+    local ra = res.header["Retry-After"] or res.header["retry-after"]
+    if ra then ngx.header["Retry-After"] = ra end
     return answer_error(res.status, id, t.error, tostring(t.message), started)
   end
   return answer_error(503, id, "tron_unavailable",

@@ -65,6 +65,10 @@ pub(super) async fn submit_call(State(api): Shared, body: Bytes) -> Response {
     if let Err(why) = callback.map(shared::check_callback_url).transpose() {
         return error(400, "bad_callback_url", &why);
     }
+    let named = first(funcatron_control::headers::FUNC);
+    if let Some(refused) = admit(&api, &base, named, callback.is_some()).await {
+        return refused;
+    }
     let idempotency = shared::idempotency_key(first("idempotency-key"));
     let calls = match (&api.calls, mode) {
         (Some(c), Async::Recorded) => Some(c),
@@ -92,6 +96,48 @@ pub(super) async fn submit_call(State(api): Shared, body: Bytes) -> Response {
     };
     metrics::counter!("tron_async_submissions_total").increment(1);
     accepted(&request.id, call_id, secret)
+}
+
+/// The Func's admission limits, as the embedded ingress applies them
+/// from the broadcast table, here from this Tron's own routes and a fresh
+/// read of the Func's async queue: `Some` answer to refuse the call.
+async fn admit(
+    api: &super::Api,
+    req: &Request<'_>,
+    named: Option<&str>,
+    callback: bool,
+) -> Option<Response> {
+    use funcatron_broker::Broker;
+    use funcatron_control::admission;
+    use funcatron_routes::RouteOutcome;
+    let table = api.registry.table();
+    let outcome = match named {
+        Some(func) => table.route_func(func, &req.method, &req.path),
+        None => Some(table.route(&req.host, &req.method, &req.path)),
+    };
+    let Some(RouteOutcome::Found(route)) = outcome else {
+        // 404s, 405s and preflights are answered when the call runs.
+        return None;
+    };
+    let info = table.func_infos().iter().find(|f| f.name() == route.func)?;
+    let mut a = info.admission().clone();
+    if a.max_queued.is_some() {
+        // Unknown depth (broker away): admit, as the broadcast does.
+        a.full = match api.registry.broker().depth(info.async_queue()).await {
+            Ok(d) => admission::is_full(a.max_queued, d.ready),
+            Err(_) => false,
+        };
+    }
+    // Fire-and-forget is async too: the same rule.
+    let r = admission::refusal(&a, true, callback)?;
+    let mut answer = error(r.status, r.code, &r.message);
+    if r.status == 429 {
+        answer.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(admission::RETRY_AFTER_S),
+        );
+    }
+    Some(answer)
 }
 
 /// 202, as the embedded ingress answers it.
