@@ -283,7 +283,7 @@ async fn raw_amqp(url: &str, concurrency: usize, total: usize, payload: Bytes) -
         }
     });
 
-    let client = Connection::connect(url, ConnectionProperties::default()).await?;
+    let client = open().await.context("AMQP handshake took over 30 s")??;
     let cch = client.create_channel().await?;
     cch.confirm_select(ConfirmSelectOptions::default()).await?;
     let reply = cch
@@ -334,16 +334,22 @@ async fn raw_amqp(url: &str, concurrency: usize, total: usize, payload: Bytes) -
             let props = BasicProperties::default()
                 .with_reply_to(reply_name)
                 .with_correlation_id(id.as_str().into());
-            cch.basic_publish(
+            // Bounded like the reply: a connection RabbitMQ blocks (a
+            // memory or disk alarm) holds confirms back indefinitely, which
+            // would hang the run instead of failing it.
+            let confirm = cch.basic_publish(
                 "".into(),
                 q.as_str().into(),
                 BasicPublishOptions::default(),
                 &payload,
                 props,
-            )
-            .await?
-            .await?;
-            tokio::time::timeout(Duration::from_secs(30), rx).await??;
+            );
+            tokio::time::timeout(Duration::from_secs(30), async { confirm.await?.await })
+                .await
+                .context("no publisher confirm in 30 s (see `rabbitmqctl status`: alarms)")??;
+            tokio::time::timeout(Duration::from_secs(30), rx)
+                .await
+                .context("no reply in 30 s")??;
             Ok(())
         }
     })
