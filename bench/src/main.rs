@@ -20,6 +20,10 @@
 //! With `--switch`: time to the first answer of a new version after
 //! `bundle push --enable` and after a save in dev mode, see [`switch`].
 //! With `--capture`: throughput with capture off and on, see [`switch::capture`].
+//!
+//! After those rows, the asynchronous calls' rows (e)-(g) on the embedded
+//! broker and (unless `--embedded-only`) on RabbitMQ, see [`async_calls`];
+//! `--async-only` runs just them.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,8 +86,20 @@ struct Args {
     /// backlog is drained (needs `cargo build --release`).
     #[arg(long)]
     autoscale: bool,
+    /// Run only the asynchronous calls' rows (e)-(g).
+    #[arg(long)]
+    async_only: bool,
+    /// State store of the asynchronous calls' rows (`memory:`, a path, or
+    /// `postgres://...`).
+    #[arg(long, default_value = "memory:")]
+    calls_store: String,
+    /// The async rows' Func's async concurrency (its policy's
+    /// `concurrency`); default: the Runner's prefetch (64).
+    #[arg(long)]
+    async_concurrency: Option<u16>,
 }
 
+mod async_calls;
 mod autoscale;
 mod runtimes;
 mod switch;
@@ -218,7 +234,13 @@ where
 /// (a) The raw AMQP round trip.
 async fn raw_amqp(url: &str, concurrency: usize, total: usize, payload: Bytes) -> Result<Stats> {
     let queue = format!("bench.echo.{}", funcatron_envelope::new_request_id());
-    let server = Connection::connect(url, ConnectionProperties::default()).await?;
+    let open = || {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            Connection::connect(url, ConnectionProperties::default()),
+        )
+    };
+    let server = open().await.context("AMQP handshake took over 30 s")??;
     let sch = server.create_channel().await?;
     sch.confirm_select(ConfirmSelectOptions::default()).await?;
     sch.basic_qos(256, BasicQosOptions::default()).await?;
@@ -261,7 +283,7 @@ async fn raw_amqp(url: &str, concurrency: usize, total: usize, payload: Bytes) -
         }
     });
 
-    let client = Connection::connect(url, ConnectionProperties::default()).await?;
+    let client = open().await.context("AMQP handshake took over 30 s")??;
     let cch = client.create_channel().await?;
     cch.confirm_select(ConfirmSelectOptions::default()).await?;
     let reply = cch
@@ -312,16 +334,22 @@ async fn raw_amqp(url: &str, concurrency: usize, total: usize, payload: Bytes) -
             let props = BasicProperties::default()
                 .with_reply_to(reply_name)
                 .with_correlation_id(id.as_str().into());
-            cch.basic_publish(
+            // Bounded like the reply: a connection RabbitMQ blocks (a
+            // memory or disk alarm) holds confirms back indefinitely, which
+            // would hang the run instead of failing it.
+            let confirm = cch.basic_publish(
                 "".into(),
                 q.as_str().into(),
                 BasicPublishOptions::default(),
                 &payload,
                 props,
-            )
-            .await?
-            .await?;
-            tokio::time::timeout(Duration::from_secs(30), rx).await??;
+            );
+            tokio::time::timeout(Duration::from_secs(30), async { confirm.await?.await })
+                .await
+                .context("no publisher confirm in 30 s (see `rabbitmqctl status`: alarms)")??;
+            tokio::time::timeout(Duration::from_secs(30), rx)
+                .await
+                .context("no reply in 30 s")??;
             Ok(())
         }
     })
@@ -481,6 +509,33 @@ async fn main() -> Result<()> {
         "measurement", "req/s", "p50 ms", "p99 ms"
     );
 
+    if !args.async_only {
+        base_rows(&args, c1, c64).await?;
+    }
+    let opts = async_calls::Options {
+        store: &args.calls_store,
+        requests: c64,
+        concurrency: args.async_concurrency,
+    };
+    let embedded = AnyBroker::Embedded(EmbeddedBroker::new(100_000));
+    async_calls::run("embedded", Box::new(move || embedded.clone()), &opts)
+        .await
+        .context("async rows, embedded")?;
+    if !args.embedded_only {
+        let url = args.amqp.clone();
+        async_calls::run(
+            "RabbitMQ",
+            Box::new(move || AnyBroker::Amqp(AmqpBroker::connect(&url))),
+            &opts,
+        )
+        .await
+        .context("async rows, RabbitMQ")?;
+    }
+    Ok(())
+}
+
+/// Rows (a) to (d).
+async fn base_rows(args: &Args, c1: usize, c64: usize) -> Result<()> {
     if !args.embedded_only {
         // A realistic payload: the size of a hello request envelope.
         let payload = Bytes::from(vec![b'x'; 420]);

@@ -124,6 +124,10 @@ pub struct CallRecord {
     /// Where the outcome is POSTed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// The `Idempotency-Key` it was submitted with (freed if it is
+    /// withdrawn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
     /// Outcomes so far, in order.
     #[serde(default)]
     pub attempts: Vec<Attempt>,
@@ -339,19 +343,8 @@ impl Calls {
             let idem = Record::new(IDEMPOTENCY, idempotency_key(&req.host, key))
                 .with_value(id.clone().into_bytes())
                 .expiring_at(now.saturating_add(window_ms));
-            match self.store.insert(&idem).await {
-                Ok(_) => {}
-                Err(StoreError::Exists { .. }) => {
-                    let first = self
-                        .store
-                        .get(IDEMPOTENCY, &idem.key)
-                        .await?
-                        .map(|r| String::from_utf8_lossy(&r.value).into_owned());
-                    if let Some(first) = first {
-                        return Ok(Submitted::Existing(first));
-                    }
-                }
-                Err(e) => return Err(e.into()),
+            if let Some(first) = self.claim_key(&idem).await? {
+                return Ok(Submitted::Existing(first));
             }
         }
         let call = CallRecord {
@@ -365,6 +358,7 @@ impl Calls {
             host: req.host.to_string(),
             path: req.path.to_string(),
             callback_url: req.callback_url.as_deref().map(str::to_owned),
+            idempotency_key: s.idempotency.map(|(k, _)| k.to_owned()),
             attempts: Vec::new(),
             result: None,
             reason: None,
@@ -374,14 +368,68 @@ impl Calls {
             running_since_ms: None,
             callback: None,
         };
-        let template = Record::new(COLLECTION, id).expiring_at(s.expires_ms);
-        self.store.insert(&encode(&call, &template)).await?;
+        let template = Record::new(COLLECTION, id.clone()).expiring_at(s.expires_ms);
+        if let Err(e) = self.store.insert(&encode(&call, &template)).await {
+            // The key must not name a call that was never recorded.
+            let _ = self
+                .release_key(&req.host, s.idempotency.map(|k| k.0), &id)
+                .await;
+            return Err(e.into());
+        }
         Ok(Submitted::New)
     }
 
+    /// Take an idempotency key for a new call, or return the call it
+    /// names. A key naming a call with no record (withdrawn, or purged)
+    /// is taken over: a repeat after a refusal must not get a dead id.
+    async fn claim_key(&self, idem: &Record) -> Result<Option<String>, CallError> {
+        for _ in 0..3 {
+            match self.store.insert(idem).await {
+                Ok(_) => return Ok(None),
+                Err(StoreError::Exists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let Some(held) = self.store.get(IDEMPOTENCY, &idem.key).await? else {
+                continue; // expired meanwhile: take it
+            };
+            let first = String::from_utf8_lossy(&held.value).into_owned();
+            if self.store.get(COLLECTION, &first).await?.is_some() {
+                return Ok(Some(first));
+            }
+            match self.store.replace(idem, held.revision).await {
+                Ok(_) => return Ok(None),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CallError::Corrupt(format!(
+            "idempotency key {} keeps changing",
+            idem.key
+        )))
+    }
+
+    /// Free idempotency key `key` of `host` if it still names call `id`.
+    async fn release_key(&self, host: &str, key: Option<&str>, id: &str) -> Result<(), CallError> {
+        let Some(key) = key else { return Ok(()) };
+        let k = idempotency_key(host, key);
+        if let Some(held) = self.store.get(IDEMPOTENCY, &k).await? {
+            if held.value == id.as_bytes() {
+                self.store.delete(IDEMPOTENCY, &k).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Forget a call whose request could not be published (the client
-    /// got an error, not a 202).
+    /// got an error, not a 202), and free its idempotency key, so that
+    /// the client's repeat is a new call.
     pub async fn withdraw(&self, id: &str) -> Result<(), CallError> {
+        if let Some(rec) = self.store.get(COLLECTION, id).await? {
+            let call = decode(&rec)?;
+            if let Some(key) = call.idempotency_key.as_deref() {
+                self.release_key(&call.host, Some(key), id).await?;
+            }
+        }
         self.store.delete(COLLECTION, id).await?;
         Ok(())
     }
@@ -858,5 +906,45 @@ mod tests {
         let cb = c.callback.unwrap();
         assert_eq!(cb.state, callbacks::CallbackState::Pending);
         assert_eq!(cb.max_deliveries, 4);
+    }
+
+    /// A call withdrawn after a failed publish frees its idempotency key:
+    /// the client's repeat is a new call, not the dead id; so is a repeat
+    /// after the first call's record was purged. A live call's key still
+    /// names it.
+    #[tokio::test]
+    async fn a_withdrawn_call_frees_its_idempotency_key() {
+        let calls = Calls::new(AnyStore::memory().unwrap());
+        let submit = |id: &'static str| {
+            let calls = calls.clone();
+            async move {
+                let req = Request {
+                    version: Cow::Borrowed("1.1"),
+                    id: Cow::Borrowed("r"),
+                    host: Cow::Borrowed("shop.example"),
+                    deadline_ms: 4_000_000_000_000,
+                    is_async: true,
+                    call_id: Some(Cow::Borrowed(id)),
+                    ..Request::default()
+                };
+                calls
+                    .submit(Submission {
+                        request: &req,
+                        secret: "s",
+                        idempotency: Some(("order-1", 60_000)),
+                        retention_ms: 60_000,
+                        expires_ms: 4_000_000_000_000,
+                    })
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(submit("c1").await, Submitted::New);
+        calls.withdraw("c1").await.unwrap();
+        assert_eq!(submit("c2").await, Submitted::New, "not the withdrawn c1");
+        assert_eq!(submit("c3").await, Submitted::Existing("c2".into()));
+        assert!(calls.purge("c2").await.unwrap());
+        assert_eq!(submit("c4").await, Submitted::New, "not the purged c2");
+        assert_eq!(submit("c5").await, Submitted::Existing("c4".into()));
     }
 }

@@ -319,6 +319,11 @@ pub const AUTH_HEADER: &str = "x-funcatron-auth";
 /// call it runs (from 1); a client's own is always removed.
 pub const ATTEMPT_HEADER: &str = "x-funcatron-attempt";
 
+/// The request header that tells a Func the id of the asynchronous call it
+/// runs (the `X-Call-Id` of the 202), the same on every attempt; a client's
+/// own is always removed.
+pub const CALL_ID_HEADER: &str = "x-funcatron-call-id";
+
 /// Step 1b, between [`decode`] and [`start`]: refuse a synchronous call
 /// to an async-only Func; remove a client's [`AUTH_HEADER`]; for a
 /// secured operation, check its requirement and tell the Func who passed
@@ -329,14 +334,20 @@ pub fn authorize(func: &str, job: &Job, req: &mut Request<'_>) -> Result<(), Inv
             .increment(1);
         return Err(InvokeError::AsyncOnly(func.to_owned()));
     }
-    let ours =
-        |k: &str| k.eq_ignore_ascii_case(AUTH_HEADER) || k.eq_ignore_ascii_case(ATTEMPT_HEADER);
+    let ours = |k: &str| {
+        k.eq_ignore_ascii_case(AUTH_HEADER)
+            || k.eq_ignore_ascii_case(ATTEMPT_HEADER)
+            || k.eq_ignore_ascii_case(CALL_ID_HEADER)
+    };
     if req.headers.iter().any(|(k, _)| ours(k)) {
         req.headers.retain(|(k, _)| !ours(k));
     }
     if let Some(n) = req.attempt.filter(|_| req.is_async) {
         req.headers
             .push((Cow::Borrowed(ATTEMPT_HEADER), Cow::Owned(n.to_string())));
+    }
+    if let Some(id) = req.call_id.clone().filter(|_| req.is_async) {
+        req.headers.push((Cow::Borrowed(CALL_ID_HEADER), id));
     }
     let Some(auth) = &job.auth else {
         return Ok(());

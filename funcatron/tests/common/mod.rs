@@ -664,3 +664,105 @@ pub async fn receiver(
     });
     (rx, stop)
 }
+
+/// Poll until `f` holds, bounded by `limit` (for waits longer than
+/// [`eventually`]'s 30 s: thousands of calls draining).
+pub async fn eventually_within<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + limit;
+    while !f().await {
+        assert!(Instant::now() < until, "never (in {limit:?}): {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The PostgreSQL server tests use (`FUNCATRON_TEST_POSTGRES`, which
+/// `scripts/test.sh` sets; the same default as `store/tests/postgres.rs`).
+pub fn postgres_base() -> String {
+    std::env::var("FUNCATRON_TEST_POSTGRES").unwrap_or_else(|_| {
+        "postgres://funcatron:funcatron@127.0.0.1:5432/funcatron_test".to_owned()
+    })
+}
+
+/// A PostgreSQL schema of one test's own, dropped (with its records) when
+/// this is dropped; `url` is the server's URL with that schema as the
+/// search path, so every process given it keeps its records there.
+pub struct PgSchema {
+    pub url: String,
+    pub name: String,
+    base: String,
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let _ = psql(
+            &self.base,
+            &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
+        );
+    }
+}
+
+/// Run one SQL statement with `psql` (installed with the server).
+fn psql(url: &str, sql: &str) -> std::io::Result<std::process::Output> {
+    Command::new("psql")
+        .arg(url)
+        .args(["-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+}
+
+/// A fresh schema on the test server (fails, not skips, when unreachable).
+pub fn fresh_pg_schema() -> PgSchema {
+    let base = postgres_base();
+    let name = format!(
+        "test_{}",
+        funcatron_envelope::new_request_id()[..12].to_ascii_lowercase()
+    );
+    let out = psql(&base, &format!("CREATE SCHEMA {name}")).expect("psql on PATH");
+    assert!(
+        out.status.success(),
+        "PostgreSQL at FUNCATRON_TEST_POSTGRES is unreachable or refused a schema (run scripts/test.sh): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sep = if base.contains('?') { '&' } else { '?' };
+    PgSchema {
+        url: format!("{base}{sep}options=-c%20search_path%3D{name}"),
+        name,
+        base,
+    }
+}
+
+/// (messages ready, unacknowledged) of every queue of a RabbitMQ virtual
+/// host (the last part of `broker`), by name.
+pub fn queue_depths(broker: &str) -> Vec<(String, u64, u64)> {
+    let vhost = broker.rsplit('/').next().unwrap();
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-p",
+            vhost,
+            "--no-table-headers",
+            "--quiet",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .output()
+        .expect("rabbitmqctl on PATH");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let c: Vec<_> = l.split_whitespace().collect();
+            match c.as_slice() {
+                [name, ready, unacked] => Some((
+                    (*name).to_owned(),
+                    ready.parse().ok()?,
+                    unacked.parse().ok()?,
+                )),
+                _ => None,
+            }
+        })
+        .collect()
+}
