@@ -10,9 +10,9 @@
 //! (g) sync p99 at concurrency 8 while (f) drains, against the same load
 //!     with no async backlog (idle).
 //!
-//! The callback row (submission to the callback's arrival, p50/p99) waits
-//! for callback delivery: [`callback_latency`] is its placeholder and
-//! prints nothing.
+//! (h) the time from a submission (its 202) to its callback's arrival at a
+//!     receiver in this process, p50/p99, one call at a time, against a
+//!     sync call's p50 at concurrency 1 (target within 2x).
 //!
 //! Ingress, Tron and Runner run in this process, each with its own broker
 //! handle, and share one [`Calls`] (`--calls-store`, default in memory).
@@ -120,6 +120,9 @@ impl AsyncPath {
             funcatron_tron::TronNode::new(tron)
                 .bundles(vec![bundle.clone()])
                 .calls(calls.clone())
+                .callbacks_to(funcatron_control::outbound::OutboundPolicy::new(&[
+                    "127.0.0.1",
+                ])?)
                 .run(stop.clone()),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -387,12 +390,62 @@ async fn drain(path: &mut AsyncPath) -> Result<(Drain, Stats, u64)> {
     Ok((d, during, failed))
 }
 
-/// Placeholder for the callback row: submission to the callback's arrival,
-/// p50 and p99, at low load, against a sync call's p50 (target within 2x).
-/// Callback delivery is being built; until then there is nothing to
-/// measure, this returns `None` and no row is printed.
-async fn callback_latency(_path: &AsyncPath) -> Result<Option<Stats>> {
-    Ok(None)
+/// Calls of the callback row.
+const CALLBACK_CALLS: usize = 500;
+
+/// (h): one call at a time, from its submission to its callback's arrival
+/// at a receiver here; and sync calls at concurrency 1 to compare.
+async fn callback_latency(path: &AsyncPath) -> Result<(Stats, Stats)> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let tx = tx.clone();
+            async move {
+                let at = Instant::now();
+                if let Some(id) = headers.get("x-call-id").and_then(|v| v.to_str().ok()) {
+                    let _ = tx.send((id.to_owned(), at));
+                }
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hook = format!("http://{}/hook", listener.local_addr()?);
+    let stop = path.stop.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    });
+    let conn = tokio::sync::Mutex::new(connect(path.addr).await?);
+    let headers = [
+        ("prefer", "respond-async"),
+        ("x-callback-url", hook.as_str()),
+    ];
+    let mut lat = Vec::with_capacity(CALLBACK_CALLS);
+    let started = Instant::now();
+    for i in 0..CALLBACK_CALLS + 20 {
+        let t0 = Instant::now();
+        let (_, id) = post(&conn, path.addr, &headers).await?;
+        let id = id.context("a 202 without x-call-id")?;
+        loop {
+            let (got, at) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .context("no callback within 30 s")?
+                .context("the receiver stopped")?;
+            if got == id {
+                // The first 20 warm up.
+                if i >= 20 {
+                    lat.push(at.duration_since(t0).as_micros() as u64);
+                }
+                break;
+            }
+        }
+    }
+    let cb = stats(lat, started.elapsed());
+    let sync1 = load(path.addr, 1, CALLBACK_CALLS, &[]).await?.0;
+    Ok((cb, sync1))
 }
 
 /// How the async rows run.
@@ -428,9 +481,9 @@ pub async fn run(label: &str, make: Box<dyn Fn() -> AnyBroker>, o: &Options<'_>)
     row(&format!("(g) sync, idle, {label}, c=8"), idle);
     let (d, during, failed) = drain(&mut path).await?;
     row(&format!("(g) sync, during the drain, {label}, c=8"), during);
-    if let Some(cb) = callback_latency(&path).await? {
-        row(&format!("callback latency, {label}"), cb);
-    }
+    let (cb, sync1) = callback_latency(&path).await?;
+    row(&format!("(h) sync, {label}, c=1"), sync1);
+    row(&format!("(h) submission to callback, {label}, c=1"), cb);
     path.stop.cancel();
     println!(
         "(f) drain of {} queued calls, {label}: {:.0} calls/s ({:.2} s); \
@@ -456,6 +509,11 @@ pub async fn run(label: &str, make: Box<dyn Fn() -> AnyBroker>, o: &Options<'_>)
     println!(
         "sync p99 during the drain / idle, {label}: {:.2}x  (target <= 2x; {failed} sync requests not answered 200)",
         during.p99_ms / idle.p99_ms
+    );
+    println!(
+        "callback p50 / sync p50 at c=1, {label}: {:.2}x  (target <= 2x; callback p99 {:.2} ms)",
+        cb.p50_ms / sync1.p50_ms,
+        cb.p99_ms
     );
     Ok(())
 }
