@@ -36,8 +36,9 @@ pub struct AsyncPolicy {
     /// `func_timeout`, and crashes, 500 `func_crashed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_on: Option<Vec<u16>>,
-    /// Async calls one Runner runs at once (default: the Func's
-    /// concurrency), apart from its synchronous requests.
+    /// Async calls one Runner runs at once, apart from its synchronous
+    /// requests (default: one fewer than the Runner's workers, at least
+    /// one, so a synchronous request always finds a worker free).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u16>,
     /// Most calls waiting at once; more are answered 429 with

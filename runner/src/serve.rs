@@ -491,7 +491,16 @@ async fn start_version(
         ),
     ]);
     let async_queue = names::func_async_queue(&b.name, &b.version);
+    // Async calls run at most `concurrency` at once (default: one worker
+    // fewer than the Runner has, at least one), so a synchronous request
+    // always finds a worker free however long the async backlog; the
+    // broker still delivers a prefetch's worth ahead.
+    let async_running = b
+        .async_policy
+        .concurrency
+        .map_or(options.workers.saturating_sub(1).max(1), usize::from);
     let async_prefetch = b.async_policy.concurrency.unwrap_or(options.prefetch);
+    let async_permits = Arc::new(tokio::sync::Semaphore::new(async_running));
     for (q, is_async, prefetch) in [
         (&queue, false, options.prefetch),
         (&async_queue, true, async_prefetch),
@@ -517,6 +526,7 @@ async fn start_version(
                     version_name: Arc::from(b.version.as_str()),
                     queue: Arc::from(q.as_str()),
                     is_async,
+                    running: is_async.then(|| Arc::clone(&async_permits)),
                     outcome_headers: Arc::clone(&outcome_headers),
                     load: Arc::clone(&load),
                     max_reply_bytes: options.max_reply_bytes,
@@ -582,6 +592,8 @@ struct Consumer {
     /// This consumes the version's queue of asynchronous calls: outcomes
     /// are published persistent, with [`Consumer::outcome_headers`].
     is_async: bool,
+    /// For the async queue: permits to run a call (see [`start_version`]).
+    running: Option<Arc<tokio::sync::Semaphore>>,
     /// The Func and its async policy, for the Tron applying an outcome.
     outcome_headers: Arc<Vec<(String, String)>>,
     load: Arc<Load>,
@@ -757,6 +769,10 @@ async fn handle(ctx: &Consumer, delivery: Delivery) {
             // Answered here: the Func never sees a preflight.
             Some(p) => invoke::preflight(func, &job, p),
             None => {
+                let _permit = match &ctx.running {
+                    Some(p) => Arc::clone(p).acquire_owned().await.ok(),
+                    None => None,
+                };
                 if ctx.is_async {
                     announce_start(ctx, &payload);
                 }
