@@ -54,7 +54,20 @@ async fn cluster(root: &std::path::Path) -> Cluster {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("swagger.yaml"), DOC).unwrap();
     std::fs::write(dir.join("main.lua"), LUA).unwrap();
-    let bundles = vec![Bundle::load(&dir).unwrap()];
+    // A Python Func that runs long enough to be seen running.
+    let slow = root.join("slow");
+    std::fs::create_dir_all(&slow).unwrap();
+    std::fs::write(
+        slow.join("swagger.yaml"),
+        "swagger: '2.0'\ninfo: {title: t, version: '1'}\nbasePath: /slow\nx-funcatron: {name: slow, runtime: python, handler: main.py}\npaths:\n  /nap: {post: {operationId: nap, responses: {'200': {description: ok}}}}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        slow.join("main.py"),
+        "import time\n\ndef nap(req):\n    time.sleep(1.5)\n    return 'rested'\n",
+    )
+    .unwrap();
+    let bundles = vec![Bundle::load(&dir).unwrap(), Bundle::load(&slow).unwrap()];
     let broker = AnyBroker::Embedded(EmbeddedBroker::new(10_000));
     let calls = Calls::new(AnyStore::memory().unwrap());
     let shutdown = CancellationToken::new();
@@ -274,4 +287,40 @@ async fn a_receiver_down_then_up_gets_the_callback_and_refused_urls_fail_at_once
         "{v}"
     );
     assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+/// An attempt that runs for a while shows `running` (with when it
+/// started) until its outcome; then the call is final and no longer says
+/// it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_attempt_shows_running_until_it_ends() {
+    let root = tempfile::tempdir().unwrap();
+    let c = cluster(root.path()).await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/slow/nap", c.base))
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.headers()["x-call-id"].to_str().unwrap().to_owned();
+    let submitted = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    eventually("the call is running", || async {
+        record(&c.calls, &id).await["state"] == "running"
+    })
+    .await;
+    let v = record(&c.calls, &id).await;
+    let since = v["running_since_ms"].as_u64().unwrap();
+    assert!(since + 5_000 > submitted, "{v}");
+    assert_eq!(v["func"], "slow", "{v}");
+    eventually("the call succeeds", || async {
+        record(&c.calls, &id).await["state"] == "succeeded"
+    })
+    .await;
+    let v = record(&c.calls, &id).await;
+    assert!(v.get("running_since_ms").is_none(), "{v}");
+    assert_eq!(v["attempts"].as_array().unwrap().len(), 1, "{v}");
 }

@@ -773,10 +773,12 @@ async fn handle(ctx: &Consumer, delivery: Delivery) {
                     Some(p) => Arc::clone(p).acquire_owned().await.ok(),
                     None => None,
                 };
-                if ctx.is_async {
-                    announce_start(ctx, &payload);
+                let notice = ctx.is_async.then(|| announce_start(ctx, &payload));
+                let handled = call_version(&ctx.func, &ctx.version.prepared, job).await;
+                if let Some(n) = notice {
+                    n.abort();
                 }
-                call_version(&ctx.func, &ctx.version.prepared, job).await
+                handled
             }
         };
         settle(ctx, delivery, &payload, handled).await;
@@ -785,48 +787,55 @@ async fn handle(ctx: &Consumer, delivery: Delivery) {
     .await
 }
 
+/// How long an async attempt runs before the Trons are told it started:
+/// a call that ends sooner goes from queued to its outcome, and costs no
+/// record write for a state nobody could have seen.
+const ANNOUNCE_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Tell the Trons an async call's attempt has started (its record shows
-/// `running`), off the call's path: the notice is advisory, so it is sent
-/// without waiting and not persistent.
-fn announce_start(ctx: &Consumer, payload: &bytes::Bytes) {
+/// `running`) once it has run for [`ANNOUNCE_AFTER`], off the call's path:
+/// the notice is advisory, so it is not persistent and nothing waits for
+/// it. The caller aborts the returned task when the attempt ends.
+fn announce_start(ctx: &Consumer, payload: &bytes::Bytes) -> tokio::task::JoinHandle<()> {
     #[derive(serde::Deserialize)]
     struct Ids<'a> {
         #[serde(borrow)]
         call_id: Option<std::borrow::Cow<'a, str>>,
         attempt: Option<u32>,
     }
-    let Ok(Ids {
-        call_id: Some(call_id),
-        attempt,
-    }) = serde_json::from_slice::<Ids>(payload)
-    else {
-        return;
-    };
-    let notice = start_notice(&call_id, attempt.unwrap_or(1));
-    let message = Message {
-        payload: notice.into(),
-        headers: vec![
-            (headers::FUNC.to_owned(), ctx.func.to_string()),
-            (headers::PHASE.to_owned(), headers::PHASE_STARTED.to_owned()),
-        ],
-        persistent: false,
-        ttl_ms: None,
-    };
-    let broker = ctx.broker.clone();
+    let started_ms = now_ms() as u64;
+    let (broker, func, payload) = (ctx.broker.clone(), Arc::clone(&ctx.func), payload.clone());
     tokio::spawn(async move {
+        tokio::time::sleep(ANNOUNCE_AFTER).await;
+        let Ok(Ids {
+            call_id: Some(call_id),
+            attempt,
+        }) = serde_json::from_slice::<Ids>(&payload)
+        else {
+            return;
+        };
+        let message = Message {
+            payload: start_notice(&call_id, attempt.unwrap_or(1), started_ms).into(),
+            headers: vec![
+                (headers::FUNC.to_owned(), func.to_string()),
+                (headers::PHASE.to_owned(), headers::PHASE_STARTED.to_owned()),
+            ],
+            persistent: false,
+            ttl_ms: None,
+        };
         if let Err(e) = broker.publish(names::OUTCOMES, message).await {
             tracing::debug!(error = %e, "start of an async attempt not announced");
         }
-    });
+    })
 }
 
 /// The body of a start notice: `{"call_id", "attempt", "started_ms"}`
 /// (`funcatron_calls::outcomes::Started`).
-fn start_notice(call_id: &str, attempt: u32) -> Vec<u8> {
+fn start_notice(call_id: &str, attempt: u32, started_ms: u64) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "call_id": call_id,
         "attempt": attempt,
-        "started_ms": now_ms() as u64,
+        "started_ms": started_ms,
     }))
     .unwrap_or_default()
 }
