@@ -781,26 +781,36 @@ mod tests {
 
     use super::*;
 
-    async fn submitted(calls: &Calls, id: &str) {
+    /// Submit call `id` (with a callback URL, an idempotency key).
+    async fn submit_call(
+        calls: &Calls,
+        id: &str,
+        callback: Option<&str>,
+        key: Option<&str>,
+    ) -> Submitted {
         let req = Request {
             version: Cow::Borrowed("1.1"),
             id: Cow::Owned(format!("r-{id}")),
+            host: Cow::Borrowed("shop.example"),
             deadline_ms: 4_000_000_000_000,
             method: Cow::Borrowed("POST"),
             path: Cow::Borrowed("/f"),
             is_async: true,
             call_id: Some(Cow::Owned(id.to_owned())),
+            callback_url: callback.map(|c| Cow::Owned(c.to_owned())),
             attempt: Some(1),
             ..Request::default()
         };
-        let s = Submission {
-            request: &req,
-            secret: "s",
-            idempotency: None,
-            retention_ms: 60_000,
-            expires_ms: 4_000_000_000_000,
-        };
-        assert_eq!(calls.submit(s).await.unwrap(), Submitted::New);
+        calls
+            .submit(Submission {
+                request: &req,
+                secret: "s",
+                idempotency: key.map(|k| (k, 60_000)),
+                retention_ms: 60_000,
+                expires_ms: 4_000_000_000_000,
+            })
+            .await
+            .unwrap()
     }
 
     fn outcome(id: &str, n: u32, status: u16) -> Response<'static> {
@@ -820,7 +830,7 @@ mod tests {
     #[tokio::test]
     async fn a_started_attempt_shows_running_until_its_outcome() {
         let calls = Calls::new(AnyStore::memory().unwrap());
-        submitted(&calls, "c1").await;
+        assert_eq!(submit_call(&calls, "c1", None, None).await, Submitted::New);
         let policy = AsyncPolicy::default().resolved().unwrap();
         assert_eq!(state(&calls, "c1").await.state, CallState::Queued);
 
@@ -863,24 +873,8 @@ mod tests {
     #[tokio::test]
     async fn a_final_call_with_a_callback_url_asks_for_its_job_until_delivered() {
         let calls = Calls::new(AnyStore::memory().unwrap());
-        let req = Request {
-            version: Cow::Borrowed("1.1"),
-            id: Cow::Borrowed("r"),
-            deadline_ms: 4_000_000_000_000,
-            is_async: true,
-            call_id: Some(Cow::Borrowed("c2")),
-            callback_url: Some(Cow::Borrowed("https://example.com/hook")),
-            attempt: Some(1),
-            ..Request::default()
-        };
-        let s = Submission {
-            request: &req,
-            secret: "s",
-            idempotency: None,
-            retention_ms: 60_000,
-            expires_ms: 4_000_000_000_000,
-        };
-        calls.submit(s).await.unwrap();
+        let hook = Some("https://example.com/hook");
+        submit_call(&calls, "c2", hook, None).await;
         let policy = AsyncPolicy {
             callback_retries: Some(3),
             ..AsyncPolicy::default()
@@ -915,30 +909,7 @@ mod tests {
     #[tokio::test]
     async fn a_withdrawn_call_frees_its_idempotency_key() {
         let calls = Calls::new(AnyStore::memory().unwrap());
-        let submit = |id: &'static str| {
-            let calls = calls.clone();
-            async move {
-                let req = Request {
-                    version: Cow::Borrowed("1.1"),
-                    id: Cow::Borrowed("r"),
-                    host: Cow::Borrowed("shop.example"),
-                    deadline_ms: 4_000_000_000_000,
-                    is_async: true,
-                    call_id: Some(Cow::Borrowed(id)),
-                    ..Request::default()
-                };
-                calls
-                    .submit(Submission {
-                        request: &req,
-                        secret: "s",
-                        idempotency: Some(("order-1", 60_000)),
-                        retention_ms: 60_000,
-                        expires_ms: 4_000_000_000_000,
-                    })
-                    .await
-                    .unwrap()
-            }
-        };
+        let submit = |id: &'static str| submit_call(&calls, id, None, Some("order-1"));
         assert_eq!(submit("c1").await, Submitted::New);
         calls.withdraw("c1").await.unwrap();
         assert_eq!(submit("c2").await, Submitted::New, "not the withdrawn c1");

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{error, Api, Shared};
 
-fn calls_of(api: &Api) -> Result<&funcatron_calls::Calls, Box<Response>> {
+pub(super) fn calls_of(api: &Api) -> Result<&funcatron_calls::Calls, Box<Response>> {
     api.calls.as_ref().ok_or_else(|| {
         Box::new(error(
             501,
@@ -26,7 +26,7 @@ fn calls_of(api: &Api) -> Result<&funcatron_calls::Calls, Box<Response>> {
     })
 }
 
-fn store_error(e: &CallError) -> Response {
+pub(super) fn store_error(e: &CallError) -> Response {
     match e {
         CallError::NotFound(id) => error(404, "unknown_call", &format!("no call {id}")),
         CallError::Corrupt(why) => error(409, "call_not_redrivable", why),
@@ -109,12 +109,22 @@ pub(super) struct Selection {
 }
 
 /// What a redrive or purge did.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 pub(super) struct Acted {
     /// The calls acted on.
     ids: Vec<String>,
     /// Those that could not be, with why.
     refused: Vec<(String, String)>,
+}
+
+/// The store and the ids a redrive or purge of `func` names.
+async fn selection<'a>(
+    api: &'a Api,
+    func: &str,
+    s: Selection,
+) -> Result<(&'a funcatron_calls::Calls, Vec<String>), Box<Response>> {
+    let calls = calls_of(api)?;
+    Ok((calls, selected(calls, func, s).await?))
 }
 
 /// The ids a selection names (every dead-lettered call of `func` for
@@ -169,18 +179,11 @@ pub(super) async fn redrive(
     Path(name): Path<String>,
     Json(s): Json<Selection>,
 ) -> Response {
-    let calls = match calls_of(&api) {
-        Ok(c) => c,
+    let (calls, ids) = match selection(&api, &name, s).await {
+        Ok(found) => found,
         Err(r) => return *r,
     };
-    let ids = match selected(calls, &name, s).await {
-        Ok(ids) => ids,
-        Err(r) => return *r,
-    };
-    let mut acted = Acted {
-        ids: Vec::new(),
-        refused: Vec::new(),
-    };
+    let mut acted = Acted::default();
     let broker = api.registry.broker();
     for id in ids {
         match calls.redrive(&id).await {
@@ -217,18 +220,11 @@ pub(super) async fn purge(
     Path(name): Path<String>,
     Json(s): Json<Selection>,
 ) -> Response {
-    let calls = match calls_of(&api) {
-        Ok(c) => c,
+    let (calls, ids) = match selection(&api, &name, s).await {
+        Ok(found) => found,
         Err(r) => return *r,
     };
-    let ids = match selected(calls, &name, s).await {
-        Ok(ids) => ids,
-        Err(r) => return *r,
-    };
-    let mut acted = Acted {
-        ids: Vec::new(),
-        refused: Vec::new(),
-    };
+    let mut acted = Acted::default();
     for id in ids {
         match calls.get(&id).await {
             Ok(Some(c)) if c.state == CallState::DeadLettered => match calls.purge(&id).await {

@@ -175,8 +175,9 @@ pub(super) async fn call_status(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(calls) = &api.calls else {
-        return error(501, "async_unavailable", "this Tron has no state store");
+    let calls = match super::calls::calls_of(&api) {
+        Ok(c) => c,
+        Err(r) => return *r,
     };
     match calls.get(&id).await {
         Ok(Some(call)) => {
@@ -188,11 +189,7 @@ pub(super) async fn call_status(
                 secret.is_some_and(|s| call.opens(s)) || role(&api, &headers) >= Role::Read;
             Json(call.view(reveal)).into_response()
         }
-        Ok(None) => error(
-            404,
-            "unknown_call",
-            "no such call (or its record has expired)",
-        ),
+        Ok(None) => error(404, "unknown_call", &format!("no call {id}")),
         Err(e) => {
             tracing::warn!(error = %e, "call not read");
             error(
