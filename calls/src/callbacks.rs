@@ -11,14 +11,18 @@
 //! and before the acknowledgement POSTs again, so a receiver de-duplicates
 //! by `X-Call-Id`. A job is only a pointer (call id, delivery number):
 //! what is sent comes from the record, and a job whose delivery is already
-//! recorded is dropped. The embedded broker keeps jobs in memory, so the
-//! store also keeps an index of pending callbacks ([`PENDING`]) that
-//! [`crate::outcomes::requeue_pending`] publishes again at start.
+//! recorded is dropped. The embedded broker keeps jobs in memory, so with
+//! it the store also keeps an index of pending callbacks ([`PENDING`])
+//! that [`crate::outcomes::requeue_pending`] publishes again at start; a
+//! broker that keeps its messages (RabbitMQ) needs no index, and skips its
+//! two writes per callback.
 //!
 //! Requests go only where the Tron's outbound policy allows (no private,
 //! loopback or metadata addresses unless the operator allows them); a
 //! refused URL fails the callback at once, without retries.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -47,6 +51,11 @@ pub const SIGNATURE_HEADER: &str = "x-funcatron-signature";
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Jobs delivered at once by one Tron.
 const PREFETCH: u16 = 32;
+/// Deliveries made at once by the Tron that finished their calls.
+const INLINE: usize = 64;
+/// How long a job waits behind a delivery made at once: longer than a
+/// delivery may take, so the job finds it recorded.
+const WATCHDOG: Duration = Duration::from_secs(30);
 
 /// Which key signs a Func's callbacks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,15 +192,34 @@ pub(crate) fn due(call: &CallRecord) -> Option<Job> {
     })
 }
 
-/// Publish `job` (persistent) and index it as pending, so a restart of a
-/// broker that kept nothing finds it again.
-pub async fn schedule(broker: &AnyBroker, calls: &Calls, job: &Job) -> Result<(), ScheduleError> {
-    let index = Record::new(PENDING, job.call_id.clone());
-    match calls.store.insert(&index).await {
-        Ok(_) | Err(StoreError::Exists { .. }) => {}
-        Err(e) => return Err(ScheduleError::Store(e)),
+/// Does `broker` forget its messages when it stops (so pending callbacks
+/// are indexed in the store)?
+fn forgets(broker: &AnyBroker) -> bool {
+    matches!(broker, AnyBroker::Embedded(_))
+}
+
+/// Publish `job` (persistent, delayed by `delay_ms`) and, on a broker that
+/// forgets, index it as pending, so a restart finds it again.
+pub async fn schedule(
+    broker: &AnyBroker,
+    calls: &Calls,
+    job: &Job,
+    delay_ms: u64,
+) -> Result<(), ScheduleError> {
+    if forgets(broker) {
+        let index = Record::new(PENDING, job.call_id.clone());
+        match calls.store.insert(&index).await {
+            Ok(_) | Err(StoreError::Exists { .. }) => {}
+            Err(e) => return Err(ScheduleError::Store(e)),
+        }
     }
-    broker.publish(names::CALLBACKS, job.message()).await?;
+    if delay_ms == 0 {
+        broker.publish(names::CALLBACKS, job.message()).await?;
+    } else {
+        broker
+            .publish_delayed(names::CALLBACKS, job.message(), delay_ms)
+            .await?;
+    }
     Ok(())
 }
 
@@ -261,43 +289,90 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Delivers callbacks: the HTTP client (inside the outbound policy) and
-/// the cluster key.
+/// Delivers callbacks: the HTTP client (inside the outbound policy), the
+/// cluster key, and the slots for deliveries made at once by the Tron that
+/// finished the call ([`Deliverer::inline`]). Cloning shares them.
 #[derive(Clone)]
-struct Deliverer {
+pub struct Deliverer {
     calls: Calls,
     client: reqwest::Client,
     policy: OutboundPolicy,
     cluster_key: Vec<u8>,
+    inline: Arc<tokio::sync::Semaphore>,
+    watchdog: Duration,
+    /// Jobs taken off `funcatron.callbacks` and settled.
+    handled: Arc<AtomicU64>,
 }
 
-/// Deliver callbacks until `shutdown`, to where `outbound` allows.
+impl Deliverer {
+    /// Deliver `calls`' callbacks to where `outbound` allows (the cluster
+    /// key is read from the store, or made).
+    pub async fn new(calls: Calls, outbound: OutboundPolicy) -> Result<Self, RunError> {
+        let cluster_key = cluster_key(&calls).await?;
+        let client = outbound.client(reqwest::Client::builder().timeout(DELIVERY_TIMEOUT))?;
+        Ok(Deliverer {
+            calls,
+            client,
+            policy: outbound,
+            cluster_key,
+            inline: Arc::new(tokio::sync::Semaphore::new(INLINE)),
+            watchdog: WATCHDOG,
+            handled: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// How long a job waits behind a delivery made at once (default
+    /// [`WATCHDOG`]; shorter in tests).
+    pub fn watchdog(mut self, after: Duration) -> Self {
+        self.watchdog = after;
+        self
+    }
+
+    /// How many jobs this deliverer (and its clones) took off
+    /// `funcatron.callbacks` and settled, delivered or found done.
+    pub fn jobs_handled(&self) -> u64 {
+        self.handled.load(Ordering::Relaxed)
+    }
+
+    /// Schedule `job` and, when a slot is free, make its delivery at once
+    /// here rather than after a trip through `funcatron.callbacks`: the job
+    /// is then published delayed by [`WATCHDOG`], and finds the delivery
+    /// recorded (and is dropped) unless this Tron stopped before making
+    /// it. Returns once the job is on the broker; the delivery goes on.
+    pub async fn schedule(&self, broker: &AnyBroker, job: &Job) -> Result<(), ScheduleError> {
+        let Ok(slot) = Arc::clone(&self.inline).try_acquire_owned() else {
+            return schedule(broker, &self.calls, job, 0).await;
+        };
+        let after = u64::try_from(self.watchdog.as_millis()).unwrap_or(u64::MAX);
+        schedule(broker, &self.calls, job, after.max(1)).await?;
+        let (d, broker, job) = (self.clone(), broker.clone(), job.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = d.deliver(&broker, &job).await {
+                tracing::debug!(call_id = %job.call_id, error = %e, "callback left to its job");
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Deliver callbacks until `shutdown` (the jobs on `funcatron.callbacks`).
 pub async fn run(
     broker: AnyBroker,
-    calls: Calls,
-    outbound: OutboundPolicy,
+    deliverer: Deliverer,
     shutdown: CancellationToken,
-) -> Result<(), RunError> {
-    let cluster_key = cluster_key(&calls).await?;
-    let client = outbound.client(reqwest::Client::builder().timeout(DELIVERY_TIMEOUT))?;
-    let d = Deliverer {
-        calls,
-        client,
-        policy: outbound,
-        cluster_key,
-    };
+) -> Result<(), BrokerError> {
     crate::consume_each(
         &broker.clone(),
         names::CALLBACKS,
         PREFETCH,
         shutdown,
         move |m| {
-            let (broker, d) = (broker.clone(), d.clone());
+            let (broker, d) = (broker.clone(), deliverer.clone());
             async move { d.handle(&broker, m).await }
         },
     )
-    .await?;
-    Ok(())
+    .await
 }
 
 /// Why the callback deliverer could not start.
@@ -309,9 +384,6 @@ pub enum RunError {
     /// The HTTP client could not be built.
     #[error("callback client: {0}")]
     Client(#[from] reqwest::Error),
-    /// The callbacks queue could not be consumed.
-    #[error("{0}")]
-    Broker(#[from] BrokerError),
 }
 
 /// What one delivery came to.
@@ -345,6 +417,7 @@ impl Deliverer {
         match self.deliver(broker, &job).await {
             Ok(()) => {
                 let _ = d.ack().await;
+                self.handled.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 // The store or the broker is unreachable: wait a little so
@@ -361,14 +434,14 @@ impl Deliverer {
     /// schedule the next one if it failed and deliveries remain.
     async fn deliver(&self, broker: &AnyBroker, job: &Job) -> Result<(), HandleError> {
         let Some(call) = self.calls.get(&job.call_id).await? else {
-            self.unindex(&job.call_id).await?;
+            self.unindex(broker, &job.call_id).await?;
             return Ok(());
         };
         let pending = due(&call).filter(|d| d.n == job.n);
         let (Some(_), Some(url)) = (pending, call.callback_url.as_deref()) else {
             // Delivered, failed, or this delivery recorded already.
             if due(&call).is_none() {
-                self.unindex(&job.call_id).await?;
+                self.unindex(broker, &job.call_id).await?;
             }
             return Ok(());
         };
@@ -381,12 +454,15 @@ impl Deliverer {
                     .publish_delayed(names::CALLBACKS, job.message(), delay_ms)
                     .await?;
             }
-            None => self.unindex(&job.call_id).await?,
+            None => self.unindex(broker, &job.call_id).await?,
         }
         Ok(())
     }
 
-    async fn unindex(&self, id: &str) -> Result<(), StoreError> {
+    async fn unindex(&self, broker: &AnyBroker, id: &str) -> Result<(), StoreError> {
+        if !forgets(broker) {
+            return Ok(());
+        }
         self.calls.store.delete(PENDING, id).await.map(drop)
     }
 

@@ -15,15 +15,19 @@ use funcatron_control::{headers, names};
 use funcatron_envelope::Response;
 use tokio_util::sync::CancellationToken;
 
+use crate::callbacks::{Deliverer, Job, ScheduleError};
 use crate::{Applied, CallError, Calls};
 
 /// Outcomes applied at once by one Tron.
 const PREFETCH: u16 = 64;
 
-/// Apply outcomes until `shutdown`; those being applied finish first.
+/// Apply outcomes until `shutdown`; those being applied finish first. A
+/// finished call's callback is delivered at once by `deliverer` when it has
+/// a slot (see [`Deliverer::schedule`]); without one, only by its job.
 pub async fn run(
     broker: AnyBroker,
     calls: Calls,
+    deliverer: Option<Deliverer>,
     shutdown: CancellationToken,
 ) -> Result<(), BrokerError> {
     crate::consume_each(
@@ -32,8 +36,8 @@ pub async fn run(
         PREFETCH,
         shutdown,
         move |d| {
-            let (broker, calls) = (broker.clone(), calls.clone());
-            async move { apply(&broker, &calls, d).await }
+            let (broker, calls, deliverer) = (broker.clone(), calls.clone(), deliverer.clone());
+            async move { apply(&broker, &calls, deliverer.as_ref(), d).await }
         },
     )
     .await
@@ -95,7 +99,7 @@ async fn requeue_callbacks(broker: &AnyBroker, calls: &Calls) -> Result<usize, C
     loop {
         let (jobs, last) = crate::callbacks::pending(calls, after.as_deref(), PAGE).await?;
         for job in &jobs {
-            match crate::callbacks::schedule(broker, calls, job).await {
+            match crate::callbacks::schedule(broker, calls, job, 0).await {
                 Ok(()) => queued += 1,
                 Err(e) => {
                     tracing::warn!(call_id = %job.call_id, error = %e, "callback not queued again")
@@ -147,7 +151,7 @@ async fn started(calls: &Calls, d: Delivery) {
     let _ = d.ack().await;
 }
 
-async fn apply(broker: &AnyBroker, calls: &Calls, d: Delivery) {
+async fn apply(broker: &AnyBroker, calls: &Calls, deliverer: Option<&Deliverer>, d: Delivery) {
     if d.message.header(headers::PHASE) == Some(headers::PHASE_STARTED) {
         return started(calls, d).await;
     }
@@ -190,7 +194,8 @@ async fn apply(broker: &AnyBroker, calls: &Calls, d: Delivery) {
                 }
             }
         }
-        Ok(Applied::Callback(job)) => match crate::callbacks::schedule(broker, calls, &job).await {
+        Ok(Applied::Callback(job)) => match schedule_callback(broker, calls, deliverer, &job).await
+        {
             Ok(()) => {
                 tracing::debug!("call finished; callback scheduled");
                 let _ = d.ack().await;
@@ -216,5 +221,17 @@ async fn apply(broker: &AnyBroker, calls: &Calls, d: Delivery) {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let _ = d.nack(true).await;
         }
+    }
+}
+
+async fn schedule_callback(
+    broker: &AnyBroker,
+    calls: &Calls,
+    deliverer: Option<&Deliverer>,
+    job: &Job,
+) -> Result<(), ScheduleError> {
+    match deliverer {
+        Some(d) => d.schedule(broker, job).await,
+        None => crate::callbacks::schedule(broker, calls, job, 0).await,
     }
 }

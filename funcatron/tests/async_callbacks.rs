@@ -12,7 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use funcatron_broker::{AnyBroker, EmbeddedBroker};
+use funcatron_broker::{AnyBroker, Broker, EmbeddedBroker};
 use funcatron_bundle::Bundle;
 use funcatron_calls::Calls;
 use funcatron_control::outbound::OutboundPolicy;
@@ -323,4 +323,110 @@ async fn a_long_attempt_shows_running_until_it_ends() {
     let v = record(&c.calls, &id).await;
     assert!(v.get("running_since_ms").is_none(), "{v}");
     assert_eq!(v["attempts"].as_array().unwrap().len(), 1, "{v}");
+}
+
+/// A finished call with a callback to `hook`, queued as an ingress does
+/// (on `broker`, where nothing consumes it) and its outcome applied
+/// straight through the calls API (no Tron applied it): the job its
+/// callback needs.
+async fn finished_call(
+    calls: &Calls,
+    broker: &AnyBroker,
+    id: &str,
+    hook: &str,
+) -> funcatron_calls::callbacks::Job {
+    use std::borrow::Cow;
+    let req = funcatron_envelope::Request {
+        id: Cow::Owned(format!("r-{id}")),
+        host: Cow::Borrowed("localhost"),
+        deadline_ms: 4_000_000_000_000,
+        sent_ms: funcatron_envelope::now_ms(),
+        method: Cow::Borrowed("POST"),
+        path: Cow::Borrowed("/cb/up"),
+        is_async: true,
+        call_id: Some(Cow::Owned(id.to_owned())),
+        callback_url: Some(Cow::Owned(hook.to_owned())),
+        attempt: Some(1),
+        ..funcatron_envelope::Request::default()
+    };
+    let queued = funcatron_calls::submit::queue(Some(calls), broker, &req, "s", None)
+        .await
+        .unwrap();
+    assert_eq!(queued, funcatron_calls::submit::Queued::New);
+    let mut out = funcatron_envelope::Response::error("r", 200, "none", "x");
+    out.body = Cow::Borrowed("done");
+    out.call_id = Some(Cow::Owned(id.to_owned()));
+    out.attempt = Some(1);
+    let policy = funcatron_control::calls::AsyncPolicy::default()
+        .resolved()
+        .unwrap();
+    match calls
+        .apply_outcome(&out, Some("cbf"), &policy, 0.0)
+        .await
+        .unwrap()
+    {
+        funcatron_calls::Applied::Callback(job) => job,
+        other => panic!("expected a callback job, got {other:?}"),
+    }
+}
+
+/// The Tron that finishes a call delivers its callback at once and leaves
+/// a job delayed behind it (the watchdog). A Tron that stopped before its
+/// delivery leaves only the job, which delivers it; a job arriving after
+/// the delivery is made finds it recorded and sends nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delayed_job_delivers_what_the_finishing_tron_did_not_and_nothing_twice() {
+    use funcatron_calls::callbacks::{self, Deliverer};
+    let broker = AnyBroker::Embedded(EmbeddedBroker::new(1_000));
+    for q in [
+        funcatron_control::names::CALLBACKS,
+        funcatron_control::names::REQUESTS,
+    ] {
+        broker
+            .declare(q, funcatron_broker::QueueKind::Work)
+            .await
+            .unwrap();
+    }
+    let calls = Calls::new(AnyStore::memory().unwrap());
+    let addr = free_addr();
+    let (mut rx, _stop_receiver) = receiver(addr).await;
+    let hook = format!("http://{addr}/hook");
+    let policy = OutboundPolicy::new(&["127.0.0.1"]).unwrap();
+    let d = Deliverer::new(calls.clone(), policy)
+        .await
+        .unwrap()
+        .watchdog(Duration::from_millis(100));
+    let stop = CancellationToken::new();
+    tokio::spawn(callbacks::run(broker.clone(), d.clone(), stop.clone()));
+
+    // The finishing Tron stopped after publishing the job: the job
+    // delivers the callback, once.
+    let job = finished_call(&calls, &broker, "c-lost", &hook).await;
+    callbacks::schedule(&broker, &calls, &job, 100)
+        .await
+        .unwrap();
+    let g = next(&mut rx).await;
+    assert_eq!(header(&g, "x-call-id"), "c-lost");
+    assert_eq!(&g.body[..], b"done");
+    eventually("the job is settled", || async { d.jobs_handled() == 1 }).await;
+    let v = record(&calls, "c-lost").await;
+    assert_eq!(v["callback"]["state"], "delivered", "{v}");
+    assert_eq!(v["callback"]["deliveries"].as_array().unwrap().len(), 1);
+
+    // Delivered at once; the job behind it arrives later and sends nothing.
+    let job = finished_call(&calls, &broker, "c-inline", &hook).await;
+    let t0 = Instant::now();
+    d.schedule(&broker, &job).await.unwrap();
+    let g = next(&mut rx).await;
+    assert_eq!(header(&g, "x-call-id"), "c-inline");
+    eventually("the watchdog job is settled", || async {
+        d.jobs_handled() == 2
+    })
+    .await;
+    assert!(t0.elapsed() >= Duration::from_millis(100), "the job waited");
+    assert!(rx.try_recv().is_err(), "no second POST");
+    let v = record(&calls, "c-inline").await;
+    assert_eq!(v["callback"]["state"], "delivered", "{v}");
+    assert_eq!(v["callback"]["deliveries"].as_array().unwrap().len(), 1);
+    stop.cancel();
 }

@@ -29,7 +29,8 @@ use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use crate::{
-    check_name, check_query, check_record, is_live, now_ms, Query, Record, Store, StoreError,
+    check_name, check_query, check_record, count_query, is_live, now_ms, Query, Record, Store,
+    StoreError,
 };
 
 /// The file name of the embedded store in a store directory.
@@ -571,10 +572,7 @@ impl Store for EmbeddedStore {
         partition: Option<&str>,
         status: Option<&str>,
     ) -> Result<u64, StoreError> {
-        let mut q = Query::new(collection);
-        q.partition = partition.map(str::to_owned);
-        q.status = status.map(str::to_owned);
-        check_query(&q)?;
+        let q = count_query(collection, partition, status)?;
         self.blocking(move |db| {
             let txn = db.begin_read()?;
             let keys = query_keys(&txn, &q, now_ms(), usize::MAX)?;

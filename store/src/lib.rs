@@ -9,10 +9,11 @@
 //! [`Store`] is the small trait every adapter implements, over one record
 //! model ([`Record`]): atomic insert (fails when the key is taken), get,
 //! compare-and-set replace on a revision, delete, ordered listing through an
-//! index ([`Query`]), counting, and expiry. Two adapters sit beside it and
-//! never depend on each other: [`embedded`] (redb, one file or memory; the
-//! single-node default) and [`postgres`] (PostgreSQL, shared by several
-//! Trons at once). Owners hold an [`AnyStore`], the closed enum chosen from
+//! index ([`Query`]), counting, and expiry. Three adapters sit beside it and
+//! never depend on each other: [`memory`] (maps under a lock, gone with the
+//! process; `funcatron up` without `--store`), [`embedded`] (redb in one
+//! file: the durable single-node default) and [`postgres`] (PostgreSQL,
+//! shared by several Trons at once). Owners hold an [`AnyStore`], the closed enum chosen from
 //! configuration with [`AnyStore::open`], and spawn [`expire_periodically`]
 //! to remove expired records.
 
@@ -26,11 +27,13 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 pub mod embedded;
+pub mod memory;
 pub mod postgres;
 #[cfg(feature = "suite")]
 pub mod suite;
 
 pub use embedded::EmbeddedStore;
+pub use memory::MemoryStore;
 pub use postgres::{PostgresOptions, PostgresStore};
 
 /// Most bytes in a record's collection, key, partition or status. Together
@@ -215,7 +218,8 @@ impl Query {
     }
 }
 
-/// The state store seam. Adapters: [`EmbeddedStore`], [`PostgresStore`].
+/// The state store seam. Adapters: [`MemoryStore`], [`EmbeddedStore`],
+/// [`PostgresStore`].
 ///
 /// "Now", for what is live, is the caller's clock ([`now_ms`]); only
 /// [`Store::expire`] takes it as an argument.
@@ -273,7 +277,9 @@ pub trait Store: Clone + Send + Sync + 'static {
 /// The adapter chosen from configuration.
 #[derive(Clone)]
 pub enum AnyStore {
-    /// redb, in a file or in memory: one node.
+    /// Maps in memory, gone with the process: one node.
+    Memory(MemoryStore),
+    /// redb, in a file (or in memory, for its tests): one node.
     Embedded(EmbeddedStore),
     /// PostgreSQL: shared by several Trons.
     Postgres(PostgresStore),
@@ -309,9 +315,9 @@ impl AnyStore {
         EmbeddedStore::open(path).await.map(AnyStore::Embedded)
     }
 
-    /// A fresh in-memory embedded store (gone with the process).
+    /// A fresh in-memory store (gone with the process).
     pub fn memory() -> Result<Self, StoreError> {
-        EmbeddedStore::memory().map(AnyStore::Embedded)
+        Ok(AnyStore::Memory(MemoryStore::new()))
     }
 
     /// PostgreSQL at this URL with the default [`PostgresOptions`]; creates
@@ -323,6 +329,7 @@ impl AnyStore {
     /// A short name for logs and health checks.
     pub fn kind(&self) -> &'static str {
         match self {
+            AnyStore::Memory(_) => "memory",
             AnyStore::Embedded(_) => "embedded",
             AnyStore::Postgres(_) => "postgres",
         }
@@ -332,6 +339,7 @@ impl AnyStore {
 impl Store for AnyStore {
     async fn insert(&self, record: &Record) -> Result<u64, StoreError> {
         match self {
+            AnyStore::Memory(s) => s.insert(record).await,
             AnyStore::Embedded(s) => s.insert(record).await,
             AnyStore::Postgres(s) => s.insert(record).await,
         }
@@ -339,6 +347,7 @@ impl Store for AnyStore {
 
     async fn get(&self, collection: &str, key: &str) -> Result<Option<Record>, StoreError> {
         match self {
+            AnyStore::Memory(s) => s.get(collection, key).await,
             AnyStore::Embedded(s) => s.get(collection, key).await,
             AnyStore::Postgres(s) => s.get(collection, key).await,
         }
@@ -346,6 +355,7 @@ impl Store for AnyStore {
 
     async fn replace(&self, record: &Record, expected_revision: u64) -> Result<u64, StoreError> {
         match self {
+            AnyStore::Memory(s) => s.replace(record, expected_revision).await,
             AnyStore::Embedded(s) => s.replace(record, expected_revision).await,
             AnyStore::Postgres(s) => s.replace(record, expected_revision).await,
         }
@@ -353,6 +363,7 @@ impl Store for AnyStore {
 
     async fn delete(&self, collection: &str, key: &str) -> Result<bool, StoreError> {
         match self {
+            AnyStore::Memory(s) => s.delete(collection, key).await,
             AnyStore::Embedded(s) => s.delete(collection, key).await,
             AnyStore::Postgres(s) => s.delete(collection, key).await,
         }
@@ -360,6 +371,7 @@ impl Store for AnyStore {
 
     async fn list(&self, query: &Query) -> Result<Vec<Record>, StoreError> {
         match self {
+            AnyStore::Memory(s) => s.list(query).await,
             AnyStore::Embedded(s) => s.list(query).await,
             AnyStore::Postgres(s) => s.list(query).await,
         }
@@ -372,6 +384,7 @@ impl Store for AnyStore {
         status: Option<&str>,
     ) -> Result<u64, StoreError> {
         match self {
+            AnyStore::Memory(s) => s.count(collection, partition, status).await,
             AnyStore::Embedded(s) => s.count(collection, partition, status).await,
             AnyStore::Postgres(s) => s.count(collection, partition, status).await,
         }
@@ -379,6 +392,7 @@ impl Store for AnyStore {
 
     async fn expire(&self, now_ms: u64) -> Result<u64, StoreError> {
         match self {
+            AnyStore::Memory(s) => s.expire(now_ms).await,
             AnyStore::Embedded(s) => s.expire(now_ms).await,
             AnyStore::Postgres(s) => s.expire(now_ms).await,
         }
@@ -461,6 +475,19 @@ pub(crate) fn check_record(record: &Record) -> Result<(), StoreError> {
         )));
     }
     Ok(())
+}
+
+/// The checked query a [`Store::count`] walks.
+pub(crate) fn count_query(
+    collection: &str,
+    partition: Option<&str>,
+    status: Option<&str>,
+) -> Result<Query, StoreError> {
+    let mut q = Query::new(collection);
+    q.partition = partition.map(str::to_owned);
+    q.status = status.map(str::to_owned);
+    check_query(&q)?;
+    Ok(q)
 }
 
 /// Check a query, the same way for every adapter.
@@ -551,7 +578,7 @@ mod tests {
     #[tokio::test]
     async fn open_picks_the_adapter() {
         let memory = AnyStore::open("memory:").await.expect("memory store");
-        assert_eq!(memory.kind(), "embedded");
+        assert_eq!(memory.kind(), "memory");
         assert!(matches!(
             AnyStore::open("redis://x").await,
             Err(StoreError::Invalid(_))

@@ -32,7 +32,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use crate::{
-    check_name, check_query, check_record, is_live, now_ms, Query, Record, Store, StoreError,
+    check_name, check_query, check_record, count_query, is_live, now_ms, Query, Record, Store,
+    StoreError,
 };
 
 /// How to connect: the table and the pool.
@@ -419,10 +420,7 @@ impl Store for PostgresStore {
         partition: Option<&str>,
         status: Option<&str>,
     ) -> Result<u64, StoreError> {
-        let mut q = Query::new(collection);
-        q.partition = partition.map(str::to_owned);
-        q.status = status.map(str::to_owned);
-        check_query(&q)?;
+        let q = count_query(collection, partition, status)?;
         let now = signed(now_ms());
         let (sql, params) = self.filtered(&self.sql.count, &q, &now);
         let rows = self.query(sql, &params).await?;

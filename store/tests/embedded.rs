@@ -1,8 +1,13 @@
-//! The shared suite (`funcatron_store::suite`) on the embedded store, in
-//! memory and in a file, plus what only a file can show: records survive
-//! closing and reopening it.
+//! The shared suite (`funcatron_store::suite`) on the single-node stores:
+//! the memory adapter, and the embedded (redb) one in memory and in a
+//! file, plus what only a file can show: records survive closing and
+//! reopening it.
 
-use funcatron_store::{suite, AnyStore};
+use funcatron_store::{suite, AnyStore, EmbeddedStore};
+
+fn redb_in_memory() -> anyhow::Result<AnyStore> {
+    Ok(AnyStore::Embedded(EmbeddedStore::memory()?))
+}
 
 /// Each case, once on a fresh in-memory store and once on a fresh file.
 macro_rules! cases {
@@ -13,6 +18,16 @@ macro_rules! cases {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $case() -> anyhow::Result<()> {
                     let store = AnyStore::memory()?;
+                    suite::$case(&store).await
+                }
+            )*
+        }
+        mod redb_memory {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() -> anyhow::Result<()> {
+                    let store = redb_in_memory()?;
                     suite::$case(&store).await
                 }
             )*
@@ -63,12 +78,14 @@ async fn claim_once() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = AnyStore::open_embedded(dir.path().join("store.redb")).await?;
     suite::claim_once(&[store.clone(), store]).await?;
-    suite::claim_once(&[AnyStore::memory()?]).await
+    suite::claim_once(&[AnyStore::memory()?]).await?;
+    suite::claim_once(&[redb_in_memory()?]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_case_on_one_store() -> anyhow::Result<()> {
-    suite::run_all(&AnyStore::memory()?).await
+    suite::run_all(&AnyStore::memory()?).await?;
+    suite::run_all(&redb_in_memory()?).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -156,21 +156,30 @@ impl TronNode {
         } = self;
         ctx.start(&shutdown);
         if let Some(calls) = calls.clone() {
-            let (broker, stop, for_callbacks) =
-                (ctx.broker.clone(), shutdown.clone(), calls.clone());
+            let deliverer =
+                match funcatron_calls::callbacks::Deliverer::new(calls.clone(), callback_outbound)
+                    .await
+                {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        tracing::error!(error = %e, "callbacks are not delivered");
+                        None
+                    }
+                };
+            let (broker, stop, d) = (ctx.broker.clone(), shutdown.clone(), deliverer.clone());
             tokio::spawn(async move {
-                if let Err(e) = funcatron_calls::outcomes::run(broker, calls, stop).await {
+                if let Err(e) = funcatron_calls::outcomes::run(broker, calls, d, stop).await {
                     tracing::error!(error = %e, "the outcomes consumer stopped");
                 }
             });
-            let (broker, stop) = (ctx.broker.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let run =
-                    funcatron_calls::callbacks::run(broker, for_callbacks, callback_outbound, stop);
-                if let Err(e) = run.await {
-                    tracing::error!(error = %e, "the callback deliverer stopped");
-                }
-            });
+            if let Some(d) = deliverer {
+                let (broker, stop) = (ctx.broker.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = funcatron_calls::callbacks::run(broker, d, stop).await {
+                        tracing::error!(error = %e, "the callback deliverer stopped");
+                    }
+                });
+            }
         }
         let (routes, registry) = match management {
             Some(m) => {
