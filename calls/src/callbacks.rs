@@ -56,6 +56,8 @@ const INLINE: usize = 64;
 /// How long a job waits behind a delivery made at once: longer than a
 /// delivery may take, so the job finds it recorded.
 const WATCHDOG: Duration = Duration::from_secs(30);
+/// How long a job waits after its delivery could not be handled.
+const RETRY_PAUSE_MS: u64 = 500;
 
 /// Which key signs a Func's callbacks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,11 +209,7 @@ pub async fn schedule(
     delay_ms: u64,
 ) -> Result<(), ScheduleError> {
     if forgets(broker) {
-        let index = Record::new(PENDING, job.call_id.clone());
-        match calls.store.insert(&index).await {
-            Ok(_) | Err(StoreError::Exists { .. }) => {}
-            Err(e) => return Err(ScheduleError::Store(e)),
-        }
+        index(calls, job).await?;
     }
     if delay_ms == 0 {
         broker.publish(names::CALLBACKS, job.message()).await?;
@@ -221,6 +219,15 @@ pub async fn schedule(
             .await?;
     }
     Ok(())
+}
+
+/// Index `job`'s call as having a callback pending.
+async fn index(calls: &Calls, job: &Job) -> Result<(), ScheduleError> {
+    let index = Record::new(PENDING, job.call_id.clone());
+    match calls.store.insert(&index).await {
+        Ok(_) | Err(StoreError::Exists { .. }) => Ok(()),
+        Err(e) => Err(ScheduleError::Store(e)),
+    }
 }
 
 /// Why a callback job was not scheduled.
@@ -335,21 +342,39 @@ impl Deliverer {
     }
 
     /// Schedule `job` and, when a slot is free, make its delivery at once
-    /// here rather than after a trip through `funcatron.callbacks`: the job
-    /// is then published delayed by [`WATCHDOG`], and finds the delivery
-    /// recorded (and is dropped) unless this Tron stopped before making
-    /// it. Returns once the job is on the broker; the delivery goes on.
+    /// here rather than after a trip through `funcatron.callbacks`. On a
+    /// broker that keeps its messages the job is then published delayed by
+    /// the watchdog time, and finds the delivery recorded (and is dropped)
+    /// unless this Tron stopped before making it. A broker that forgets
+    /// (the embedded one) would lose a delayed job with the process, just
+    /// as it loses this delivery; the pending index brings both back at
+    /// start, so there the job is published only if the delivery could not
+    /// be made or recorded. Returns once the job (or the index) is written;
+    /// the delivery goes on.
     pub async fn schedule(&self, broker: &AnyBroker, job: &Job) -> Result<(), ScheduleError> {
         let Ok(slot) = Arc::clone(&self.inline).try_acquire_owned() else {
             return schedule(broker, &self.calls, job, 0).await;
         };
-        let after = u64::try_from(self.watchdog.as_millis()).unwrap_or(u64::MAX);
-        schedule(broker, &self.calls, job, after.max(1)).await?;
+        let watched = !forgets(broker);
+        if watched {
+            let after = u64::try_from(self.watchdog.as_millis()).unwrap_or(u64::MAX);
+            schedule(broker, &self.calls, job, after.max(1)).await?;
+        } else {
+            index(&self.calls, job).await?;
+        }
         let (d, broker, job) = (self.clone(), broker.clone(), job.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = d.deliver(&broker, &job).await {
-                tracing::debug!(call_id = %job.call_id, error = %e, "callback left to its job");
+            let Err(e) = d.deliver(&broker, &job).await else {
+                return;
+            };
+            tracing::debug!(call_id = %job.call_id, error = %e, "callback left to its job");
+            if !watched {
+                // Nothing else would make it before a restart: its job,
+                // after a pause so an outage does not spin.
+                if let Err(e) = schedule(&broker, &d.calls, &job, RETRY_PAUSE_MS).await {
+                    tracing::warn!(call_id = %job.call_id, error = %e, "callback pending until the next start");
+                }
             }
         });
         Ok(())
@@ -424,7 +449,7 @@ impl Deliverer {
                 // an outage does not spin, then let the broker deliver it
                 // again.
                 tracing::warn!(error = %e, "callback not handled; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await;
                 let _ = d.nack(true).await;
             }
         }

@@ -239,6 +239,9 @@ pub enum CallError {
 pub struct Submission<'a> {
     /// The envelope to publish (with `call_id` set).
     pub request: &'a Request<'a>,
+    /// `request` encoded, when the caller has it already (it is not
+    /// encoded twice).
+    pub encoded: Option<&'a [u8]>,
     /// The secret the client gets with the 202.
     pub secret: &'a str,
     /// `Idempotency-Key`, if sent, with how long it holds (ms).
@@ -363,7 +366,10 @@ impl Calls {
             result: None,
             reason: None,
             retention_ms: s.retention_ms,
-            request: String::from_utf8_lossy(&req.encode()).into_owned(),
+            request: match s.encoded {
+                Some(e) => String::from_utf8_lossy(e).into_owned(),
+                None => String::from_utf8_lossy(&req.encode()).into_owned(),
+            },
             next_delay_ms: 0,
             running_since_ms: None,
             callback: None,
@@ -804,6 +810,7 @@ mod tests {
         calls
             .submit(Submission {
                 request: &req,
+                encoded: None,
                 secret: "s",
                 idempotency: key.map(|k| (k, 60_000)),
                 retention_ms: 60_000,

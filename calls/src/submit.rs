@@ -158,9 +158,11 @@ pub async fn queue<B: Broker>(
     secret: &str,
     idempotency: Option<&str>,
 ) -> Result<Queued, Refused> {
+    let payload: bytes::Bytes = request.encode().into();
     if let Some(calls) = calls {
         let submission = Submission {
             request,
+            encoded: Some(&payload),
             secret,
             idempotency: idempotency.map(|k| (k, IDEMPOTENCY_WINDOW_MS)),
             retention_ms: RETENTION_MS,
@@ -173,7 +175,7 @@ pub async fn queue<B: Broker>(
         }
     }
     let message = Message {
-        payload: request.encode().into(),
+        payload,
         persistent: true,
         ..Message::default()
     };

@@ -50,8 +50,8 @@ struct Stored {
     value: Bytes,
 }
 
-#[derive(Default)]
 struct Collection {
+    name: Name,
     records: HashMap<Name, Stored>,
     /// For each filter, the keys of the records it matches, in order.
     lists: HashMap<Filter, BTreeSet<Name>>,
@@ -71,17 +71,17 @@ impl Collection {
         self.records.insert(key, stored);
     }
 
-    fn remove(&mut self, key: &str) -> Option<Stored> {
-        let old = self.records.remove(key)?;
+    fn remove(&mut self, key: &str) -> Option<(Name, Stored)> {
+        let (key, old) = self.records.remove_entry(key)?;
         for f in filters(&old) {
             if let Some(keys) = self.lists.get_mut(&f) {
-                keys.remove(key);
+                keys.remove(&key);
                 if keys.is_empty() {
                     self.lists.remove(&f);
                 }
             }
         }
-        Some(old)
+        Some((key, old))
     }
 
     /// The live records under `q`'s filter after its key, in order.
@@ -115,18 +115,19 @@ fn filter_of(q: &Query) -> Filter {
 struct Inner {
     /// The last revision given.
     revision: u64,
-    collections: HashMap<String, Collection>,
+    collections: HashMap<Name, Collection>,
     /// (expires_ms, collection, key) of records that expire.
-    by_expiry: BTreeSet<(u64, String, String)>,
+    by_expiry: BTreeSet<(u64, Name, Name)>,
 }
 
 impl Inner {
     /// Remove a record and its expiry entry.
     fn remove(&mut self, collection: &str, key: &str) -> Option<Stored> {
-        let old = self.collections.get_mut(collection)?.remove(key)?;
+        let c = self.collections.get_mut(collection)?;
+        let (key, old) = c.remove(key)?;
         if old.expires_ms > 0 {
             self.by_expiry
-                .remove(&(old.expires_ms, collection.to_owned(), key.to_owned()));
+                .remove(&(old.expires_ms, Arc::clone(&c.name), key));
         }
         Some(old)
     }
@@ -134,10 +135,7 @@ impl Inner {
     /// Write `r` (whatever held its key removed first) as a new revision.
     fn put(&mut self, r: &Record, now: u64) -> u64 {
         self.revision += 1;
-        if r.expires_ms > 0 {
-            self.by_expiry
-                .insert((r.expires_ms, r.collection.clone(), r.key.clone()));
-        }
+        let key = Name::from(r.key.as_str());
         let stored = Stored {
             partition: Name::from(r.partition.as_str()),
             status: Name::from(r.status.as_str()),
@@ -146,10 +144,23 @@ impl Inner {
             updated_ms: now,
             value: r.value.clone(),
         };
-        self.collections
-            .entry(r.collection.clone())
-            .or_default()
-            .put(Name::from(r.key.as_str()), stored);
+        if !self.collections.contains_key(r.collection.as_str()) {
+            let name = Name::from(r.collection.as_str());
+            let c = Collection {
+                name: Arc::clone(&name),
+                records: HashMap::default(),
+                lists: HashMap::default(),
+            };
+            self.collections.insert(name, c);
+        }
+        let Some(c) = self.collections.get_mut(r.collection.as_str()) else {
+            return self.revision;
+        };
+        if r.expires_ms > 0 {
+            self.by_expiry
+                .insert((r.expires_ms, Arc::clone(&c.name), Arc::clone(&key)));
+        }
+        c.put(key, stored);
         self.revision
     }
 
@@ -249,7 +260,7 @@ impl Store for MemoryStore {
         check_query(query)?;
         let now = now_ms();
         let inner = self.lock()?;
-        let Some(c) = inner.collections.get(&query.collection) else {
+        let Some(c) = inner.collections.get(query.collection.as_str()) else {
             return Ok(Vec::new());
         };
         Ok(c.listed(query, now)
@@ -286,14 +297,14 @@ impl Store for MemoryStore {
         loop {
             let mut inner = self.lock()?;
             let upper = match now_ms.checked_add(1) {
-                Some(next) => Bound::Excluded((next, String::new(), String::new())),
+                Some(next) => Bound::Excluded((next, Name::from(""), Name::from(""))),
                 None => Bound::Unbounded,
             };
-            let due: Vec<(String, String)> = inner
+            let due: Vec<(Name, Name)> = inner
                 .by_expiry
                 .range((Bound::Unbounded, upper))
                 .take(EXPIRE_BATCH)
-                .map(|(_, c, k)| (c.clone(), k.clone()))
+                .map(|(_, c, k)| (Arc::clone(c), Arc::clone(k)))
                 .collect();
             for (c, k) in &due {
                 inner.remove(c, k);
