@@ -298,7 +298,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Delivers callbacks: the HTTP client (inside the outbound policy), the
 /// cluster key, and the slots for deliveries made at once by the Tron that
-/// finished the call ([`Deliverer::inline`]). Cloning shares them.
+/// finished the call ([`Deliverer::schedule`]). Cloning shares them.
 #[derive(Clone)]
 pub struct Deliverer {
     calls: Calls,
@@ -328,8 +328,8 @@ impl Deliverer {
         })
     }
 
-    /// How long a job waits behind a delivery made at once (default
-    /// [`WATCHDOG`]; shorter in tests).
+    /// How long a job waits behind a delivery made at once (default 30 s,
+    /// longer than a delivery may take; shorter in tests).
     pub fn watchdog(mut self, after: Duration) -> Self {
         self.watchdog = after;
         self

@@ -239,9 +239,8 @@ pub enum CallError {
 pub struct Submission<'a> {
     /// The envelope to publish (with `call_id` set).
     pub request: &'a Request<'a>,
-    /// `request` encoded, when the caller has it already (it is not
-    /// encoded twice).
-    pub encoded: Option<&'a [u8]>,
+    /// `request` encoded: what is published, and kept in the record.
+    pub encoded: &'a [u8],
     /// The secret the client gets with the 202.
     pub secret: &'a str,
     /// `Idempotency-Key`, if sent, with how long it holds (ms).
@@ -366,10 +365,7 @@ impl Calls {
             result: None,
             reason: None,
             retention_ms: s.retention_ms,
-            request: match s.encoded {
-                Some(e) => String::from_utf8_lossy(e).into_owned(),
-                None => String::from_utf8_lossy(&req.encode()).into_owned(),
-            },
+            request: String::from_utf8_lossy(s.encoded).into_owned(),
             next_delay_ms: 0,
             running_since_ms: None,
             callback: None,
@@ -810,7 +806,7 @@ mod tests {
         calls
             .submit(Submission {
                 request: &req,
-                encoded: None,
+                encoded: &req.encode(),
                 secret: "s",
                 idempotency: key.map(|k| (k, 60_000)),
                 retention_ms: 60_000,

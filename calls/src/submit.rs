@@ -162,7 +162,7 @@ pub async fn queue<B: Broker>(
     if let Some(calls) = calls {
         let submission = Submission {
             request,
-            encoded: Some(&payload),
+            encoded: &payload,
             secret,
             idempotency: idempotency.map(|k| (k, IDEMPOTENCY_WINDOW_MS)),
             retention_ms: RETENTION_MS,

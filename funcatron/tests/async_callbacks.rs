@@ -375,7 +375,8 @@ async fn finished_call(
 /// stopped before its delivery leaves only the job, which delivers it; a
 /// job arriving after the delivery finds it recorded and sends nothing
 /// again. On the embedded broker (which forgets with the process, as the
-/// delivery does; the pending index covers both) no job is left behind.
+/// delivery does; the pending index covers both) the delivery made at once
+/// has no job behind it: none is on the queue once it is recorded.
 async fn delivered_at_once_or_by_the_job(broker: AnyBroker) {
     use funcatron_calls::callbacks::{self, Deliverer};
     for q in [

@@ -13,9 +13,9 @@
 //! never depend on each other: [`memory`] (maps under a lock, gone with the
 //! process; `funcatron up` without `--store`), [`embedded`] (redb in one
 //! file: the durable single-node default) and [`postgres`] (PostgreSQL,
-//! shared by several Trons at once). Owners hold an [`AnyStore`], the closed enum chosen from
-//! configuration with [`AnyStore::open`], and spawn [`expire_periodically`]
-//! to remove expired records.
+//! shared by several Trons at once). Owners hold an [`AnyStore`], the
+//! closed enum chosen from configuration with [`AnyStore::open`], and
+//! spawn [`expire_periodically`] to remove expired records.
 
 #![warn(clippy::too_many_lines)]
 

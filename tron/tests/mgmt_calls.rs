@@ -54,7 +54,7 @@ async fn dead_call(calls: &Calls, id: &str) {
     calls
         .submit(Submission {
             request: &req,
-            encoded: None,
+            encoded: &req.encode(),
             secret: "s",
             idempotency: None,
             retention_ms: 60_000,
