@@ -149,7 +149,20 @@ impl AsyncPath {
         };
         path.start_runner().await?;
         let conn = tokio::sync::Mutex::new(connect(addr).await?);
+        // Ready when a call is answered and the ingress routes at the edge.
+        let health = format!("http://{addr}/_funcatron/health");
         for _ in 0..400 {
+            let edge = match reqwest::get(&health).await {
+                Ok(r) => r
+                    .json::<serde_json::Value>()
+                    .await
+                    .is_ok_and(|v| v["edge_table_revision"].is_u64()),
+                Err(_) => false,
+            };
+            if !edge {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+                continue;
+            }
             if let Ok((200, _)) = post(&conn, addr, &[]).await {
                 return Ok(path);
             }

@@ -134,6 +134,7 @@ async fn start_nginx(amqp: &str) -> Result<Nginx> {
         max_body_bytes: 10 * 1024 * 1024,
         load_modules: true,
         log_level: "error".into(),
+        routing: funcatron_ingress::edge::Routing::Edge,
     })?;
     let path = prefix.path().join("nginx.conf");
     std::fs::write(&path, conf)?;
@@ -425,6 +426,7 @@ async fn http_load_path(
 async fn start_path(
     make: impl Fn() -> AnyBroker,
     bundles: &std::path::Path,
+    routing: funcatron_ingress::edge::Routing,
     stop: &CancellationToken,
 ) -> Result<std::net::SocketAddr> {
     let (list, errors) = funcatron_bundle::Bundle::load_all(bundles);
@@ -461,12 +463,27 @@ async fn start_path(
     tokio::spawn(funcatron_ingress::run(
         listener,
         ingress,
-        Default::default(),
+        funcatron_ingress::IngressOptions {
+            routing,
+            ..Default::default()
+        },
         stop.clone(),
     ));
-    // Ready when hello answers.
+    // Ready when hello answers and, routing at the edge, the ingress
+    // routes by the Tron's table.
+    let health = format!("http://{addr}/_funcatron/health");
     for _ in 0..400 {
-        if http_load(addr, 1, 1).await.is_ok() {
+        let edge_ready = match routing {
+            funcatron_ingress::edge::Routing::Tron => true,
+            funcatron_ingress::edge::Routing::Edge => match reqwest::get(&health).await {
+                Ok(r) => r
+                    .json::<serde_json::Value>()
+                    .await
+                    .is_ok_and(|v| v["edge_table_revision"].is_u64()),
+                Err(_) => false,
+            },
+        };
+        if edge_ready && http_load(addr, 1, 1).await.is_ok() {
             return Ok(addr);
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -548,16 +565,34 @@ async fn base_rows(args: &Args, c1: usize, c64: usize) -> Result<()> {
 
         let stop = CancellationToken::new();
         let url = args.amqp.clone();
+        let tron_addr = start_path(
+            || AnyBroker::Amqp(AmqpBroker::connect(&url)),
+            &args.bundles,
+            funcatron_ingress::edge::Routing::Tron,
+            &stop,
+        )
+        .await?;
+        let tron1 = http_load(tron_addr, 1, c1)
+            .await
+            .context("tron routing c=1")?;
+        row("(b) full path over RabbitMQ, Tron routing, c=1", tron1);
+        let tron64 = http_load(tron_addr, 64, c64)
+            .await
+            .context("tron routing c=64")?;
+        row("(b) full path over RabbitMQ, Tron routing, c=64", tron64);
+        stop.cancel();
+        let stop = CancellationToken::new();
         let addr = start_path(
             || AnyBroker::Amqp(AmqpBroker::connect(&url)),
             &args.bundles,
+            funcatron_ingress::edge::Routing::Edge,
             &stop,
         )
         .await?;
         let full1 = http_load(addr, 1, c1).await.context("full path c=1")?;
-        row("(b) full path over RabbitMQ, c=1", full1);
+        row("(b) full path over RabbitMQ, edge routing, c=1", full1);
         let full64 = http_load(addr, 64, c64).await.context("full path c=64")?;
-        row("(b) full path over RabbitMQ, c=64", full64);
+        row("(b) full path over RabbitMQ, edge routing, c=64", full64);
         let nginx = if args.no_nginx {
             None
         } else {
@@ -572,12 +607,20 @@ async fn base_rows(args: &Args, c1: usize, c64: usize) -> Result<()> {
 
         println!();
         println!(
-            "ratio full/raw p50 at c=1:          {:.2}x  (target <= 2x)",
+            "ratio full/raw p50 at c=1, edge routing:         {:.2}x  (target <= 1.3x)",
             full1.p50_ms / raw1.p50_ms
         );
         println!(
-            "ratio full/raw throughput at c=64:  {:.2}   (target >= 0.50)",
+            "ratio full/raw throughput at c=64, edge routing: {:.2}   (target >= 0.85)",
             full64.rps / raw64.rps
+        );
+        println!(
+            "ratio full/raw p50 at c=1, Tron routing:         {:.2}x",
+            tron1.p50_ms / raw1.p50_ms
+        );
+        println!(
+            "ratio full/raw throughput at c=64, Tron routing: {:.2}",
+            tron64.rps / raw64.rps
         );
         if let Some((n1, n64)) = nginx {
             println!(
@@ -597,7 +640,13 @@ async fn base_rows(args: &Args, c1: usize, c64: usize) -> Result<()> {
 
     let stop = CancellationToken::new();
     let embedded = AnyBroker::Embedded(EmbeddedBroker::new(10_000));
-    let addr = start_path(|| embedded.clone(), &args.bundles, &stop).await?;
+    let addr = start_path(
+        || embedded.clone(),
+        &args.bundles,
+        funcatron_ingress::edge::Routing::Edge,
+        &stop,
+    )
+    .await?;
     let emb1 = http_load(addr, 1, c1).await.context("embedded c=1")?;
     row("(c) funcatron up (embedded), c=1", emb1);
     let emb64 = http_load(addr, 64, c64).await.context("embedded c=64")?;

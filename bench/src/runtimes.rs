@@ -143,7 +143,13 @@ pub async fn run() -> Result<()> {
     bundles(root.path())?;
     let stop = CancellationToken::new();
     let embedded = AnyBroker::Embedded(EmbeddedBroker::new(10_000));
-    let addr = start_path(|| embedded.clone(), root.path(), &stop).await?;
+    let addr = start_path(
+        || embedded.clone(),
+        root.path(),
+        funcatron_ingress::edge::Routing::Edge,
+        &stop,
+    )
+    .await?;
     let expect: &'static [u8] = b"Hello, bench!";
     // Workers start in the background: wait until each Func answers.
     for path in ["/bench-py", "/bench-node", "/bench-java"] {

@@ -148,15 +148,59 @@ impl Refused {
     }
 }
 
+/// Publish `message` onto the Func queue `routed` names, with its routing
+/// headers (an ingress routing at the edge), or to `funcatron.requests`
+/// for a Tron to route: without a route, and when the Func queue is gone
+/// (a version retired since the table was sent; the Tron routes by its
+/// newer table). The one publish of the embedded ingress's synchronous
+/// requests and of every submission of an async call.
+pub async fn publish_routed<B: Broker>(
+    broker: &B,
+    message: Message,
+    routed: Option<(String, Vec<(String, String)>)>,
+) -> Result<(), BrokerError> {
+    let Some((queue, headers)) = routed else {
+        return broker.publish(names::REQUESTS, message).await;
+    };
+    let Message {
+        payload,
+        ttl_ms,
+        persistent,
+        ..
+    } = message;
+    let edge = Message {
+        payload: payload.clone(),
+        headers,
+        ttl_ms,
+        persistent,
+    };
+    match broker.publish(&queue, edge).await {
+        Err(BrokerError::NoRoute(_)) => {
+            metrics::counter!("edge_fallbacks_total").increment(1);
+            let via_tron = Message {
+                payload,
+                headers: Vec::new(),
+                ttl_ms,
+                persistent,
+            };
+            broker.publish(names::REQUESTS, via_tron).await
+        }
+        other => other,
+    }
+}
+
 /// Record `request` (when `calls` is given: a recorded call) and publish
-/// it persistent with confirm on `funcatron.requests`; a failed publish
-/// withdraws the record.
+/// it persistent with confirm, onto the Func's async queue when `routed`
+/// names it with the routing headers (the ingress routed it at the
+/// edge), else on `funcatron.requests` ([`publish_routed`]); a failed
+/// publish withdraws the record.
 pub async fn queue<B: Broker>(
     calls: Option<&Calls>,
     broker: &B,
     request: &Request<'_>,
     secret: &str,
     idempotency: Option<&str>,
+    routed: Option<(String, Vec<(String, String)>)>,
 ) -> Result<Queued, Refused> {
     let payload: bytes::Bytes = request.encode().into();
     if let Some(calls) = calls {
@@ -179,7 +223,7 @@ pub async fn queue<B: Broker>(
         persistent: true,
         ..Message::default()
     };
-    if let Err(e) = broker.publish(names::REQUESTS, message).await {
+    if let Err(e) = publish_routed(broker, message, routed).await {
         if let (Some(calls), Some(id)) = (calls, request.call_id.as_deref()) {
             let _ = calls.withdraw(id).await;
         }

@@ -1,16 +1,27 @@
-//! The admission table: what an ingress needs to refuse an async call
+//! The route and admission table the Trons push to every ingress: what an
+//! ingress needs to route a request at the edge and to refuse a call
 //! before queueing it.
 //!
-//! **ingress (admits)** -> `funcatron.requests` -> Tron -> the Func's
-//! async queue. An ingress does not know which Func a request is for, so
-//! every Tron broadcasts, on [`crate::names::ADMISSION_TOPIC`], its
-//! routed Funcs with their bases and operations (the ingress builds the
-//! same route table from them and matches requests as the Tron will),
-//! their async policy's `async_only`, and whether their async queue holds
-//! `max_queued` calls or more (`full`). Sent when it changes and every
-//! [`RESEND_MS`]; a table older than its `ttl_ms` is dropped, so an
-//! ingress whose Trons went away admits everything again rather than
-//! refusing on old news.
+//! Tron (broadcasts) -> **ingress (routes and admits by it)** -> the
+//! Func version's queue -> Runner. Every Tron broadcasts, on
+//! [`crate::names::ADMISSION_TOPIC`], its routed Funcs with their bases
+//! and operations (the ingress builds the same route table from them,
+//! `funcatron_routes::RouteTable::from_admission`, and matches requests
+//! as the Tron would), their async policy's `async_only`, whether their
+//! async queue holds `max_queued` calls or more (`full`), and whether
+//! they have no Runner (`cold`: the ingress wakes the autoscaler on a
+//! request for one). The table carries the registry revision it was built
+//! from (`revision`); an ingress that has heard of a newer registry state
+//! on the control topic, or holds no current table, sends requests to
+//! `funcatron.requests` and a Tron routes them. Sent at once when the
+//! routes change, when the admission state changes, and every
+//! [`RESEND_MS`] anyway; a table older than its `ttl_ms` is dropped, so
+//! an ingress whose Trons went away neither routes nor refuses on old
+//! news.
+//!
+//! Requests routed at the edge never pass a Tron, so each ingress counts
+//! them per Func and broadcasts the counts ([`EdgeDemand`], on
+//! [`crate::names::DEMAND_TOPIC`]) for the autoscalers.
 
 use serde::{Deserialize, Serialize};
 
@@ -28,8 +39,54 @@ pub struct AdmissionTable {
     pub sent_ms: u64,
     /// How long it stands without a newer one, ms.
     pub ttl_ms: u64,
+    /// The registry revision (`funcatron_control::state::ClusterState`)
+    /// the Tron's routes were built from; 0 with no registry.
+    #[serde(default)]
+    pub revision: u64,
     /// The Funcs the Tron routes to, in its route table's order.
     pub funcs: Vec<FuncAdmission>,
+    /// The same routes as a flat list of matchers, most specific first,
+    /// for an ingress that does not build the route table itself (the
+    /// nginx Lua ingress): `funcatron_routes::RouteTable::matchers`.
+    #[serde(default)]
+    pub matchers: Vec<EdgeMatcher>,
+}
+
+/// One Func on one base, as regular expressions (PCRE and Rust's `regex`
+/// read them alike). An ingress tries the matchers in order: the first
+/// whose host and base match and that has a path matching the rest of
+/// the request's raw path decides the Func; when that path lacks the
+/// method, later matchers of the same Func may still serve it, else the
+/// answer is 405 with that path's methods (an `OPTIONS` is a preflight).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EdgeMatcher {
+    /// The Func, by position in [`AdmissionTable::funcs`].
+    pub func: usize,
+    /// Matches the request's `Host` (`name[:port]`), compared
+    /// case-insensitively; `None`: any host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Matches the raw path of a request under this base; its first group
+    /// is the rest (absent or empty: `/`). `None`: the base is `/`, the
+    /// whole path is the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// The base's paths, the most literal text first.
+    pub paths: Vec<EdgePath>,
+}
+
+/// One path template of an [`EdgeMatcher`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EdgePath {
+    /// Matches the rest of the path; group `i` is parameter `names[i]`
+    /// (percent-encoded: the ingress decodes it).
+    pub regex: String,
+    /// The parameters' names.
+    pub names: Vec<String>,
+    /// The document's path template (for `x-funcatron-route`).
+    pub template: String,
+    /// (upper-case method, handler), in the document's order.
+    pub methods: Vec<(String, String)>,
 }
 
 /// One Func of an [`AdmissionTable`].
@@ -59,6 +116,10 @@ pub struct FuncAdmission {
     /// get 429.
     #[serde(default)]
     pub full: bool,
+    /// It has no Runner now: a request for it wakes the autoscaler (the
+    /// ingress reports its demand at once).
+    #[serde(default)]
+    pub cold: bool,
 }
 
 /// A base: host (`None`: any) and base path, as
@@ -79,9 +140,29 @@ pub struct AdmissionOperation {
     pub method: String,
     /// Path template relative to the base path.
     pub path: String,
+    /// Its handler (the `operationId` or its default name), which the
+    /// Runner invokes.
+    #[serde(default)]
+    pub operation_id: String,
     /// Its own bases, when it has them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bases: Option<Vec<AdmissionBase>>,
+}
+
+/// How often an ingress reports the requests it routed at the edge.
+pub const DEMAND_EVERY_MS: u64 = 200;
+
+/// What one ingress routed at the edge since its last report: requests
+/// per Func. Trons add the counts to their demand (the autoscaler's
+/// arrival rates) and wake the autoscaler for a cold Func. A report with
+/// no counts asks the Trons to send their table now (an ingress sends one
+/// when it starts hearing tables, so it need not wait for a resend).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EdgeDemand {
+    /// Which ingress (for logs).
+    pub ingress: String,
+    /// (Func, requests since the last report), only Funcs with some.
+    pub counts: Vec<(String, u64)>,
 }
 
 /// Does a queue of `ready` waiting calls leave no room under `max_queued`?
@@ -158,6 +239,18 @@ mod tests {
             tron: "t1".into(),
             sent_ms: 1,
             ttl_ms: TTL_MS,
+            revision: 7,
+            matchers: vec![EdgeMatcher {
+                func: 0,
+                host: None,
+                base: Some("^/f(/.*)?$".into()),
+                paths: vec![EdgePath {
+                    regex: "^/$".into(),
+                    names: vec![],
+                    template: "/".into(),
+                    methods: vec![("GET".into(), "root".into())],
+                }],
+            }],
             funcs: vec![FuncAdmission {
                 func: "f".into(),
                 base_path: "/f".into(),
@@ -165,7 +258,14 @@ mod tests {
                     host: None,
                     path: "/f".into(),
                 }],
+                operations: vec![AdmissionOperation {
+                    method: "GET".into(),
+                    path: "/".into(),
+                    operation_id: "root".into(),
+                    bases: None,
+                }],
                 full: true,
+                cold: true,
                 ..FuncAdmission::default()
             }],
         };

@@ -1,7 +1,9 @@
 //! Broker message headers Funcatron sets beside the envelope body.
 //!
-//! The Tron routes once and records the outcome here, so the Runner never
-//! parses Swagger paths again and the envelope bytes travel unchanged.
+//! The router (the ingress routing at the edge, or a Tron) routes once
+//! and records the outcome here (`funcatron_routes::Route::headers`, the
+//! one function both use), so the Runner never parses Swagger paths again
+//! and the envelope bytes travel unchanged.
 
 /// Name of the Func (bundle) whose queue the message is on. Also a
 /// request header, in the envelope's headers: an ingress sets it on a
@@ -23,8 +25,9 @@ pub const ROUTE: &str = "x-funcatron-route";
 pub const PREFLIGHT: &str = "x-funcatron-preflight";
 /// Path parameters extracted by the Tron, as a JSON object of strings.
 pub const PATH_PARAMS: &str = "x-funcatron-path-params";
-/// When the Tron forwarded the request (Unix ms, with a fraction): splits
-/// the time before the Runner into dispatch and queue wait.
+/// When the request was routed onto its Func queue (Unix ms, with a
+/// fraction): splits the time before the Runner into dispatch and queue
+/// wait.
 pub const DISPATCHED_MS: &str = "x-funcatron-dispatched-ms";
 /// Header on a capture record: the capture it belongs to (the Func is in
 /// [`FUNC`]), so a Tron files it without parsing it.

@@ -50,6 +50,9 @@ pub const STATS_TOPIC: &str = "funcatron.stats";
 /// Apart from [`CONTROL_TOPIC`], so Runners and Trons, which have no use
 /// for it, never decode it.
 pub const ADMISSION_TOPIC: &str = "funcatron.admission";
+/// The broadcast topic ingresses report the requests they routed at the
+/// edge on ([`crate::admission::EdgeDemand`]): ingresses send, Trons hear.
+pub const DEMAND_TOPIC: &str = "funcatron.demand";
 /// The broadcast topic Func log lines travel on.
 pub const LOGS_TOPIC: &str = "funcatron.logs";
 /// The broadcast topic captured pairs travel on (every Tron with a store

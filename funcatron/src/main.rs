@@ -148,6 +148,11 @@ struct NginxArgs {
     /// once when nginx starts (never taken from a request).
     #[arg(long, env = "FUNCATRON_TRON_TOKEN_FILE", requires = "tron_url")]
     tron_token_file: Option<PathBuf>,
+    /// Who routes requests: `edge` (the Lua ingress, by the route table
+    /// the Trons broadcast, straight onto the Func's queue) or `tron`
+    /// (every request through a Tron).
+    #[arg(long, env = "FUNCATRON_ROUTING", value_enum, default_value_t = funcatron_ingress::edge::Routing::Edge)]
+    routing: funcatron_ingress::edge::Routing,
     /// Write the config here instead of standard output.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -592,6 +597,7 @@ fn nginx_config(a: NginxArgs) -> Result<()> {
             max_body_bytes: a.max_body_bytes,
             load_modules: !a.no_load_modules,
             log_level: a.log_level,
+            routing: a.routing,
         },
         tron.as_ref(),
     )?;

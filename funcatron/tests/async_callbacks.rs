@@ -349,7 +349,7 @@ async fn finished_call(
         attempt: Some(1),
         ..funcatron_envelope::Request::default()
     };
-    let queued = funcatron_calls::submit::queue(Some(calls), broker, &req, "s", None)
+    let queued = funcatron_calls::submit::queue(Some(calls), broker, &req, "s", None, None)
         .await
         .unwrap();
     assert_eq!(queued, funcatron_calls::submit::Queued::New);

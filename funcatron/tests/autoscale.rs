@@ -344,7 +344,19 @@ async fn step_load_scales_up_to_the_bound_and_back_to_zero() {
 
 #[tokio::test]
 async fn a_request_for_a_func_at_zero_starts_a_runner_and_is_answered() {
-    let s = scaled_up(&["--min-runners", "0"]).await;
+    from_zero("edge").await;
+}
+
+#[tokio::test]
+async fn a_request_for_a_func_at_zero_through_a_tron_starts_a_runner_and_is_answered() {
+    from_zero("tron").await;
+}
+
+/// Scale from zero with the ingress routing `routing`: at the edge the
+/// ingress's demand report wakes the autoscaler, through a Tron its
+/// dispatcher does.
+async fn from_zero(routing: &str) {
+    let s = scaled_up(&["--min-runners", "0", "--routing", routing]).await;
     s.wait_runners("hello", 0).await;
     let (code, body) = text(&format!("{}/hello/zero", s.base)).await;
     assert_eq!((code, body.as_str()), (200, "Hello, zero!"));

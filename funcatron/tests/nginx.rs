@@ -308,6 +308,14 @@ async fn a_missing_request_queue_is_a_fast_503_from_both_ingresses() {
 
 /// The reply queues of a vhost, from the broker.
 fn reply_queues(vhost: &str) -> Vec<String> {
+    queues(vhost)
+        .into_iter()
+        .filter(|q| q.starts_with("funcatron.reply."))
+        .collect()
+}
+
+/// Every queue of `vhost`.
+fn queues(vhost: &str) -> Vec<String> {
     let out = std::process::Command::new("rabbitmqctl")
         .args([
             "list_queues",
@@ -322,7 +330,6 @@ fn reply_queues(vhost: &str) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::trim)
-        .filter(|q| q.starts_with("funcatron.reply."))
         .map(str::to_owned)
         .collect()
 }
@@ -404,4 +411,144 @@ async fn malformed_replies_are_502_and_late_replies_reach_no_one() {
             .unwrap();
         assert_eq!(r.status(), 504, "{base}: a stale reply was delivered");
     }
+}
+
+/// The health answer of an ingress.
+async fn health(base: &str) -> Value {
+    let (_, body) = text(&format!("{base}/_funcatron/health")).await;
+    serde_json::from_str(&body).unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_routes_at_the_edge_by_the_trons_table_and_reports_its_demand() {
+    let p = start_processes(1, 1, 0, &[]).await;
+    // What the ingresses report they routed at the edge, counted from
+    // the moment the test's own probe report comes back (the
+    // subscription is bound).
+    let broker = funcatron_broker::AmqpBroker::connect(&p.broker);
+    assert!(broker.wait_connected(Duration::from_secs(10)).await);
+    let mut reports = broker
+        .subscribe(funcatron_control::names::DEMAND_TOPIC)
+        .await
+        .unwrap();
+    let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let bound = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn({
+        let (counted, bound) = (counted.clone(), bound.clone());
+        async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            while let Some(d) = reports.next().await {
+                let r: funcatron_control::admission::EdgeDemand =
+                    serde_json::from_slice(&d.message.payload).unwrap();
+                if r.ingress == "test-probe" {
+                    bound.store(true, SeqCst);
+                } else if r.ingress.starts_with("funcatron.reply.nginx-") {
+                    let n: u64 = r
+                        .counts
+                        .iter()
+                        .filter(|(f, _)| f == "hello")
+                        .map(|(_, n)| n)
+                        .sum();
+                    counted.fetch_add(n, SeqCst);
+                }
+            }
+        }
+    });
+    let probe = serde_json::json!({"ingress": "test-probe", "counts": [["nothing", 0]]});
+    eventually("the test hears demand reports", || async {
+        let m = funcatron_broker::Message::new(serde_json::to_vec(&probe).unwrap());
+        broker
+            .broadcast(funcatron_control::names::DEMAND_TOPIC, m)
+            .await
+            .unwrap();
+        bound.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    let nginx = start_nginx(&p.broker, &[]).await;
+    // Every worker asks for the table when it connects; both get it.
+    eventually("both nginx workers route by a table", || async {
+        let h = health(&nginx.base).await;
+        h["routing"] == "edge" && h["edge_table_revision"].is_u64() && h["workers_with_table"] == 2
+    })
+    .await;
+    let http = reqwest::Client::new();
+    for i in 0..10 {
+        let r = http
+            .get(format!("{}/hello/edge{i}", nginx.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), format!("Hello, edge{i}!"));
+    }
+    let r = http
+        .get(format!("{}/function/hello/named", nginx.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "Hello, named!");
+    // Path parameters reach the Func decoded, as the Tron sends them.
+    let r = http
+        .get(format!("{}/petshop/pets/3", nginx.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // 404 and 405 are answered at the edge, as a Tron answers them.
+    let r = http
+        .get(format!("{}/no/such/func", nginx.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "no_route", "{v}");
+    let r = http
+        .patch(format!("{}/hello/x", nginx.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "GET");
+    let r = http
+        .get(format!("{}/function/nope/x", nginx.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "unknown_func");
+    // The requests for hello were counted by nginx, for the autoscaler.
+    let hello = || counted.load(std::sync::atomic::Ordering::SeqCst);
+    eventually("nginx reported its demand", || async { hello() >= 11 }).await;
+    assert_eq!(hello(), 11, "every request for hello counted once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_with_tron_routing_sends_every_request_through_a_tron() {
+    let p = start_processes(1, 1, 0, &[]).await;
+    let nginx = start_nginx(&p.broker, &["--routing", "tron"]).await;
+    let h = health(&nginx.base).await;
+    assert_eq!(h["routing"], "tron", "{h}");
+    assert!(h["edge_table_revision"].is_null(), "{h}");
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("{}/hello/tron", nginx.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "Hello, tron!");
+    let r = http
+        .get(format!("{}/no/such/func", nginx.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // No worker binds a queue to the Trons' tables.
+    let vhost = p.broker.rsplit('/').next().unwrap().to_owned();
+    let all = queues(&vhost);
+    assert_eq!(reply_queues(&vhost).len(), 2, "{all:?}");
+    assert!(
+        all.iter().all(|q| !q.starts_with("funcatron.tables.")),
+        "tables heard with --routing tron: {all:?}"
+    );
 }

@@ -88,7 +88,18 @@ fn cli(args: &[&str], mgmt: &str) -> (bool, String) {
 }
 
 #[tokio::test]
-async fn upload_enable_switch_under_load_rollback_disable_and_restart() {
+async fn upload_enable_switch_under_load_rollback_disable_and_restart_routed_at_the_edge() {
+    switch_under_load("edge").await;
+}
+
+#[tokio::test]
+async fn upload_enable_switch_under_load_rollback_disable_and_restart_routed_by_the_tron() {
+    switch_under_load("tron").await;
+}
+
+/// The registry's whole life under load, with the ingress routing
+/// `routing` (`edge` or `tron`).
+async fn switch_under_load(routing: &str) {
     let root = tempfile::tempdir().unwrap();
     let store = root.path().join("store");
     let empty = root.path().join("no-bundles");
@@ -103,6 +114,8 @@ async fn upload_enable_switch_under_load_rollback_disable_and_restart() {
         empty.to_str().unwrap(),
         "--cache-dir",
         cache.to_str().unwrap(),
+        "--routing",
+        routing,
     ];
     let up = start("up", &store, &addr, &mgmt_addr, &extra, &log);
     wait_ready(&format!("{mgmt}/v1/health")).await;
@@ -199,6 +212,35 @@ async fn upload_enable_switch_under_load_rollback_disable_and_restart() {
         );
     }
     assert!(total >= 4, "{total}");
+    // The load went the way asked: straight onto the Func's queue from
+    // the ingress, or through the Tron.
+    let (_, health) = text(&format!("{base}/_funcatron/health")).await;
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["routing"], routing, "{health}");
+    let count = |m: &str, series: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let edge_routed = "ingress_edge_routed_total{func=\"hello\"}";
+    if routing == "edge" {
+        assert!(health["edge_table_revision"].as_u64().is_some(), "{health}");
+        eventually("the ingress counts what it routed", || async {
+            count(
+                &text(&format!("{base}/_funcatron/metrics")).await.1,
+                edge_routed,
+            ) > 0.0
+        })
+        .await;
+    } else {
+        let (_, m) = text(&format!("{base}/_funcatron/metrics")).await;
+        assert_eq!(
+            count(&m, edge_routed),
+            0.0,
+            "routed at the edge with --routing tron"
+        );
+        assert!(count(&m, "tron_dispatched_total{func=\"hello\"}") > 0.0);
+    }
 
     // History and the CLI.
     let (_, h) = text_with(&format!("{mgmt}/v1/funcs/hello/history"), TOKEN).await;
@@ -577,15 +619,17 @@ async fn a_request_routed_to_the_old_version_finishes_on_it() {
     })
     .await;
     let metrics = format!("{base}/_funcatron/metrics");
+    // Routed by the Tron, or at the edge by the ingress.
     let dispatched = |m: &str| {
         m.lines()
-            .find_map(|l| {
-                l.strip_prefix("tron_dispatched_total{func=\"slow\"}")?
+            .filter_map(|l| {
+                l.strip_prefix("tron_dispatched_total{func=\"slow\"}")
+                    .or_else(|| l.strip_prefix("ingress_edge_routed_total{func=\"slow\"}"))?
                     .trim()
                     .parse::<f64>()
                     .ok()
             })
-            .unwrap_or(0.0)
+            .sum::<f64>()
     };
     let before = dispatched(&text(&metrics).await.1);
     // A slow call, routed to A's queue before the switch...

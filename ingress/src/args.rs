@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::edge::Routing;
 use crate::IngressOptions;
 
 /// Default address the HTTP ingress listens on.
@@ -36,6 +37,12 @@ pub struct IngressArgs {
     /// accepted. `funcatron up` shares its Tron's.
     #[arg(long = "calls-store", env = "FUNCATRON_CALLS_STORE")]
     pub calls_store: Option<String>,
+    /// Who routes requests: `edge` (this ingress, by the route table the
+    /// Trons push, straight onto the Func's queue; through a Tron while
+    /// it has no current table) or `tron` (every request through a Tron,
+    /// one broker hop more).
+    #[arg(long, env = "FUNCATRON_ROUTING", value_enum, default_value_t = Routing::Edge)]
+    pub routing: Routing,
 }
 
 impl IngressArgs {
@@ -45,6 +52,7 @@ impl IngressArgs {
             max_body_bytes: self.max_body_bytes,
             timeout: Duration::from_millis(self.timeout_ms),
             max_in_flight: self.max_in_flight,
+            routing: self.routing,
             ..IngressOptions::default()
         }
     }

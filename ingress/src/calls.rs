@@ -1,8 +1,8 @@
 //! Asynchronous calls at the embedded ingress: the request is recorded and
 //! queued durably, and the client is answered 202 at once.
 //!
-//! **ingress (here)** -> `funcatron.requests` -> Tron -> the Func's async
-//! queue -> Runner -> `funcatron.outcomes` -> Tron -> the call's record,
+//! **ingress (here)** -> the Func's async queue (routed at the edge, or
+//! through `funcatron.requests` and a Tron) -> Runner -> `funcatron.outcomes` -> Tron -> the call's record,
 //! which `GET /_funcatron/calls/<id>` (here too) reads. A call is async when
 //! the client sends `Prefer: respond-async`, `X-Funcatron-Async: true`, or
 //! tinyFaaS's `X-tinyFaaS-Async`; `X-Funcatron-Async: no-result` is
@@ -42,7 +42,9 @@ pub(crate) fn mode(headers: &HeaderMap) -> Option<Async> {
     shared::mode(&pairs)
 }
 
-/// Record and queue an asynchronous call; answer 202 with its id.
+/// Record and queue an asynchronous call (onto its Func's async queue
+/// when `routed` at the edge); answer 202 with its id.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn submit(
     s: &Shared,
     parts: &axum::http::request::Parts,
@@ -51,6 +53,7 @@ pub(crate) async fn submit(
     mode: Async,
     id: &str,
     started: Instant,
+    routed: Option<crate::edge::Routed>,
 ) -> HttpResponse {
     let refuse = |status, code, msg: &str| error(status, id, code, msg, started);
     let callback = header(&parts.headers, "x-callback-url");
@@ -79,7 +82,8 @@ pub(crate) async fn submit(
     };
     let request = shared::first_attempt(base, &call_id, callback, mode);
     let idempotency = shared::idempotency_key(header(&parts.headers, "idempotency-key"));
-    match shared::queue(calls, &s.broker, &request, &secret, idempotency).await {
+    let routed = routed.map(|r| (r.async_queue, r.headers));
+    match shared::queue(calls, &s.broker, &request, &secret, idempotency, routed).await {
         Ok(Queued::New) => {}
         Ok(Queued::Existing(first)) => return accepted(id, &first, None, started),
         Err(e) => {

@@ -1,8 +1,9 @@
 //! The embedded ingress: the front of the request path.
 //!
-//! **ingress** -> `funcatron.requests` -> Tron -> Func queue -> Runner ->
+//! **ingress** -> the Func version's queue (routed here, at the edge: see
+//! [`edge`]; or `funcatron.requests` -> Tron -> Func queue) -> Runner ->
 //! `funcatron.reply.<instance>` -> **ingress**. Each HTTP request becomes a
-//! request envelope on the request queue; the ingress waits on its own
+//! request envelope on its Func's queue; the ingress waits on its own
 //! long-lived exclusive reply queue, matching replies to waiting requests by
 //! request id. Every accepted request gets exactly one answer: the Func's, or
 //! a JSON error (408 body stalled, 413 too large, 429 too many in flight,
@@ -47,9 +48,9 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-mod admission;
 pub mod args;
 pub mod calls;
+pub mod edge;
 pub mod nginx;
 
 /// The health endpoint, reserved on every host.
@@ -76,6 +77,9 @@ pub struct IngressOptions {
     /// Where asynchronous calls are recorded; without a store only
     /// fire-and-forget calls are accepted ([`calls`]).
     pub calls: Option<funcatron_calls::Calls>,
+    /// Who routes requests: this ingress, by the Trons' table ([`edge`]),
+    /// or a Tron.
+    pub routing: edge::Routing,
 }
 
 impl Default for IngressOptions {
@@ -87,6 +91,7 @@ impl Default for IngressOptions {
             instance: format!("ingress-{}", &new_request_id()[..12]),
             limits: funcatron_listener::Limits::default(),
             calls: None,
+            routing: edge::Routing::default(),
         }
     }
 }
@@ -114,8 +119,8 @@ struct Shared {
     pending: DashMap<String, (String, oneshot::Sender<Waiting>)>,
     in_flight: Semaphore,
     options: IngressOptions,
-    /// The Trons' latest admission table.
-    admission: admission::Admission,
+    /// The Trons' latest route table.
+    edge: edge::Edge,
 }
 
 /// Removes a request's pending entry however its handler ends (answered,
@@ -193,8 +198,13 @@ pub async fn app(
         reply_queue,
         pending: DashMap::new(),
         in_flight: Semaphore::new(options.max_in_flight),
+        edge: edge::Edge::start(
+            broker.clone(),
+            options.routing,
+            options.instance.clone(),
+            shutdown.clone(),
+        ),
         options,
-        admission: admission::Admission::start(broker.clone(), shutdown.clone()),
     });
     // Replies: wake the waiting request; drop late, duplicate or stray ones.
     let s = Arc::clone(&shared);
@@ -271,8 +281,11 @@ async fn health(State(s): State<Arc<Shared>>) -> HttpResponse {
         "broker": s.broker.kind(),
         "connected": connected,
         "in_flight": s.pending.len(),
-        // Funcs refusing async calls now (null: no admission table heard).
-        "queue_full": s.admission.full(),
+        // Funcs refusing async calls now (null: no table heard).
+        "queue_full": s.edge.full(),
+        "routing": s.edge.routing().as_str(),
+        // The revision of the table routed by (null: a Tron routes).
+        "edge_table_revision": s.edge.routing_revision(),
     });
     let status = if connected {
         StatusCode::OK
@@ -443,11 +456,11 @@ fn named_func(path: &str) -> Option<(&str, &str, bool)> {
 
 /// Before queueing: drop a client's Func header; turn an OpenFaaS path
 /// into path `/<rest>` and the Func header; decide whether the call is
-/// async; and ask [`admission`] whether the Func takes it.
+/// async; and ask [`edge`] where it goes and whether the Func takes it.
 fn prepare(
     s: &Shared,
     parts: &mut axum::http::request::Parts,
-) -> Result<Option<calls::Async>, admission::Refusal> {
+) -> Result<(Option<calls::Async>, edge::Decision), edge::Refusal> {
     parts.headers.remove(headers::FUNC);
     let mut mode = calls::mode(&parts.headers);
     let mut named = None;
@@ -466,8 +479,8 @@ fn prepare(
         }
     }
     let host = host_of(parts);
-    s.admission.check(parts, host, named.as_deref(), mode)?;
-    Ok(mode)
+    let decision = s.edge.decide(parts, host, named.as_deref(), mode)?;
+    Ok((mode, decision))
 }
 
 async fn handle(
@@ -482,7 +495,7 @@ async fn handle(
         Ok(b) => b,
         Err(answer) => return answer,
     };
-    let mode = match prepare(&s, &mut parts) {
+    let (mode, decision) = match prepare(&s, &mut parts) {
         Ok(m) => m,
         Err(r) => {
             metrics::counter!("ingress_admission_refused_total", "reason" => r.code).increment(1);
@@ -502,8 +515,25 @@ async fn handle(
             started,
         );
     };
+    let routed = match decision {
+        edge::Decision::Tron => None,
+        edge::Decision::Queue(r) => Some(r),
+        edge::Decision::Answer {
+            status,
+            code,
+            message,
+            allow,
+        } => {
+            metrics::counter!("ingress_edge_answered_total", "code" => code).increment(1);
+            let mut answer = error(status, &id, code, &message, started);
+            if let Some(v) = allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
+                answer.headers_mut().insert("allow", v);
+            }
+            return answer;
+        }
+    };
     if let Some(mode) = mode {
-        return calls::submit(&s, &parts, remote, body, mode, &id, started).await;
+        return calls::submit(&s, &parts, remote, body, mode, &id, started, routed).await;
     }
 
     let (tx, rx) = oneshot::channel();
@@ -546,8 +576,12 @@ async fn handle(
         ttl_ms: Some(timeout.as_millis() as u64),
         persistent: false,
     };
-    let span = tracing::debug_span!("ingress.request", request_id = %id);
-    wait_for_answer(&s, message, rx, &id, started)
+    let span = tracing::debug_span!(
+        "ingress.request",
+        request_id = %id,
+        func = routed.as_ref().map(|r| r.func.as_str())
+    );
+    wait_for_answer(&s, message, routed, rx, &id, started)
         .instrument(span)
         .await
 }
@@ -555,12 +589,18 @@ async fn handle(
 async fn wait_for_answer(
     s: &Shared,
     message: Message,
+    routed: Option<edge::Routed>,
     rx: oneshot::Receiver<Waiting>,
     id: &str,
     started: Instant,
 ) -> HttpResponse {
     let timeout = s.options.timeout;
-    match tokio::time::timeout(timeout, s.broker.publish(names::REQUESTS, message)).await {
+    let publish = funcatron_calls::submit::publish_routed(
+        &s.broker,
+        message,
+        routed.map(|r| (r.queue, r.headers)),
+    );
+    match tokio::time::timeout(timeout, publish).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "publish failed");

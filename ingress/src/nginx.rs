@@ -74,6 +74,9 @@ pub struct NginxConfig {
     pub load_modules: bool,
     /// error_log level.
     pub log_level: String,
+    /// Who routes: the Lua ingress at the edge, by the Trons' table, or a
+    /// Tron.
+    pub routing: crate::edge::Routing,
 }
 
 /// The Tron that takes the nginx ingress's asynchronous calls.
@@ -226,7 +229,8 @@ pub fn render_with_tron(c: &NginxConfig, tron: Option<&TronTarget>) -> Result<St
         .replace("{{TRON}}", tron)
         .replace("{{TRON_TOKEN_FILE}}", &lua_quote(&token_file))
         .replace("{{TRON_LOCATIONS}}", &locations)
-        .replace("{{LISTEN}}", &c.listen);
+        .replace("{{LISTEN}}", &c.listen)
+        .replace("{{ROUTING}}", c.routing.as_str());
     Ok(out)
 }
 

@@ -1,10 +1,12 @@
 //! The route table: (host, base path) -> Func, then (path template,
 //! method) -> operation, with path parameters.
 //!
-//! ingress (admission) -> **Tron: route table** -> Func queue. The Tron
-//! routes every request with it; ingresses build the same table from the
-//! Trons' admission broadcasts (`funcatron_control::admission`) to tell
-//! which Func a request is for before queueing it, so both decide alike.
+//! ingress (**edge routing**) or Tron (**route table**) -> Func queue.
+//! A Tron routes the requests on `funcatron.requests` with it; ingresses
+//! build the same table from the Trons' broadcasts
+//! (`funcatron_control::admission`) and route at the edge, straight onto
+//! the Func's queue, so both decide alike and mark the outcome alike
+//! ([`Route::headers`]).
 //! Built from bundles ([`FuncSpec::of`]) or their broadcast parts: one
 //! entry per base a bundle is served on (every server and enum value of
 //! its document, and the bases of operations with their own servers;
@@ -31,8 +33,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use funcatron_bundle::{Base, Bundle, Operation};
-use funcatron_control::admission::{AdmissionBase, AdmissionOperation, FuncAdmission};
-use funcatron_control::names;
+use funcatron_control::admission::{
+    AdmissionBase, AdmissionOperation, EdgeMatcher, EdgePath, FuncAdmission,
+};
+use funcatron_control::{headers, names};
 use pattern::{BasePattern, Rank, RequestHost};
 use percent_encoding::percent_decode_str;
 use regex::Regex;
@@ -105,8 +109,47 @@ pub struct Route<'t> {
     pub template: &'t str,
     /// Path parameters, percent-decoded.
     pub params: Vec<(&'t str, String)>,
+    /// The Func's position in the table ([`RouteTable::func_infos`], and
+    /// the admission entries it was built from).
+    pub index: usize,
     /// The path's methods and handlers.
     allow: &'t [(String, String)],
+}
+
+impl Route<'_> {
+    /// The broker message headers that carry this routing outcome to the
+    /// Runner (`funcatron_control::headers`): Func, operation, route key,
+    /// path parameters, when it was routed, and for a preflight
+    /// (`preflight`: the path's methods) the methods. The one function
+    /// the Tron and an ingress routing at the edge both use.
+    pub fn headers(&self, preflight: Option<String>) -> Vec<(String, String)> {
+        let mut hdrs = Vec::with_capacity(6);
+        if let Some(allow) = preflight {
+            hdrs.push((headers::PREFLIGHT.to_owned(), allow));
+        }
+        hdrs.push((headers::FUNC.to_owned(), self.func.to_owned()));
+        hdrs.push((
+            headers::DISPATCHED_MS.to_owned(),
+            format!("{:.3}", funcatron_envelope::now_ms()),
+        ));
+        hdrs.push((headers::OPERATION.to_owned(), self.operation_id.to_owned()));
+        hdrs.push((
+            headers::ROUTE.to_owned(),
+            funcatron_bundle::validate::route_key(self.method, self.template),
+        ));
+        if !self.params.is_empty() {
+            let obj: serde_json::Map<String, serde_json::Value> = self
+                .params
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), serde_json::Value::String(v.clone())))
+                .collect();
+            hdrs.push((
+                headers::PATH_PARAMS.to_owned(),
+                serde_json::Value::Object(obj).to_string(),
+            ));
+        }
+        hdrs
+    }
 }
 
 /// Why a path template does not compile.
@@ -238,12 +281,14 @@ fn admission_of(spec: &FuncSpec<'_>) -> FuncAdmission {
             .map(|op| AdmissionOperation {
                 method: op.method.clone(),
                 path: op.path.clone(),
+                operation_id: op.operation_id.clone(),
                 bases: op.bases.as_ref().map(|bs| bs.iter().map(base).collect()),
             })
             .collect(),
         async_only: spec.async_only,
         max_queued: spec.max_queued,
         full: false,
+        cold: false,
     }
 }
 
@@ -274,6 +319,8 @@ pub struct RouteTable {
     funcs: Vec<FuncInfo>,
     /// Most specific first.
     entries: Vec<Entry>,
+    /// The registry revision it was built for (0: none).
+    revision: u64,
 }
 
 type Compiled = (Regex, Vec<String>, usize);
@@ -453,8 +500,8 @@ impl RouteTable {
                 let ops = f.operations.iter().map(|op| Operation {
                     method: op.method.clone(),
                     path: op.path.clone(),
-                    operation_id: String::new(),
-                    has_operation_id: false,
+                    operation_id: op.operation_id.clone(),
+                    has_operation_id: !op.operation_id.is_empty(),
                     bases: op.bases.as_ref().map(|bs| bs.iter().map(base).collect()),
                 });
                 (f.bases.iter().map(base).collect(), ops.collect())
@@ -502,7 +549,49 @@ impl RouteTable {
         }
         // Stable: equally specific entries keep the bundles' order.
         entries.sort_by_key(|e| std::cmp::Reverse(e.rank));
-        Ok(RouteTable { funcs, entries })
+        Ok(RouteTable {
+            funcs,
+            entries,
+            revision: 0,
+        })
+    }
+
+    /// The table, marked as built for registry revision `revision`.
+    pub fn at_revision(mut self, revision: u64) -> RouteTable {
+        self.revision = revision;
+        self
+    }
+
+    /// The registry revision the table was built for (0: none).
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// The table as a flat list of regular-expression matchers, in the
+    /// order [`RouteTable::route`] tries its entries: what the nginx Lua
+    /// ingress routes by, so it never parses a document itself.
+    pub fn matchers(&self) -> Vec<EdgeMatcher> {
+        self.entries
+            .iter()
+            .map(|e| {
+                let (host, base) = e.base.regexes();
+                EdgeMatcher {
+                    func: e.func,
+                    host,
+                    base,
+                    paths: e
+                        .paths
+                        .iter()
+                        .map(|p| EdgePath {
+                            regex: p.regex.as_str().to_owned(),
+                            names: p.names.clone(),
+                            template: p.template.clone(),
+                            methods: p.methods.clone(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
     }
 
     /// The Funcs in the table and their queues, each once.
@@ -628,6 +717,7 @@ impl RouteTable {
             method,
             template: &p.template,
             params,
+            index: e.func,
             allow: &p.methods,
         }
     }

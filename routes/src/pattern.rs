@@ -47,6 +47,22 @@ impl Piece {
         Piece::Glob(parts)
     }
 
+    /// A regular expression (PCRE and `regex` alike) matching what this
+    /// piece matches, a variable as `var` (one or more characters of
+    /// that class).
+    fn regex(&self, var: &str) -> String {
+        match self {
+            Piece::Lit(l) => regex::escape(l),
+            Piece::Glob(parts) => parts
+                .iter()
+                .map(|p| match p {
+                    Some(l) => regex::escape(l),
+                    None => var.to_owned(),
+                })
+                .collect(),
+        }
+    }
+
     fn literal_len(&self) -> usize {
         match self {
             Piece::Lit(l) => l.len(),
@@ -218,6 +234,17 @@ impl HostPattern {
                 .all(|(p, l)| p.matches(l, true))
     }
 
+    /// A regular expression matching the request hosts (`name[:port]`,
+    /// compared case-insensitively) this pattern matches.
+    pub(crate) fn regex(&self) -> String {
+        let labels: Vec<String> = self.labels.iter().map(|l| l.regex("[^.]+")).collect();
+        let port = match &self.port {
+            None => "(?::[0-9]+)?".to_owned(),
+            Some(p) => format!(":{}", p.regex("[0-9]+")),
+        };
+        format!("^{}{port}$", labels.join("\\."))
+    }
+
     fn overlaps(&self, other: &HostPattern) -> bool {
         let ports = match (&self.port, &other.port) {
             (Some(a), Some(b)) => intersects(&a.tokens(true), &b.tokens(true)),
@@ -330,6 +357,28 @@ impl BasePattern {
             host_class,
             host_literal,
         }
+    }
+
+    /// Regular expressions of the hosts (see [`HostPattern::regex`];
+    /// `None`: any host) and of the paths under this base (`None`: every
+    /// path, the base is `/`), whose first group is the part under the
+    /// base (`/` when it is empty): what [`BasePattern::under`] decides,
+    /// for an ingress that matches with another regex engine (nginx Lua).
+    pub(crate) fn regexes(&self) -> (Option<String>, Option<String>) {
+        let host = self.host.as_ref().map(HostPattern::regex);
+        let path = match &self.literal_path {
+            Some(base) if base == "/" => None,
+            Some(base) => Some(format!("^{}(/.*)?$", regex::escape(base))),
+            None => {
+                let segs: String = self
+                    .segments
+                    .iter()
+                    .map(|p| format!("/{}", p.regex("[^/]+")))
+                    .collect();
+                Some(format!("^{segs}(/.*)?$"))
+            }
+        };
+        (host, path)
     }
 
     /// Can one request match both?

@@ -4,7 +4,8 @@
 //!
 //! ingress -> requests queue -> **Tron** (dispatch writes [`Demand`]) ->
 //! Func queue -> Runner -> `funcatron.stats` -> **Tron** ([`Heartbeats`],
-//! heard once) -> autoscaler and status.
+//! heard once) -> autoscaler and status; an ingress routing at the edge
+//! -> `funcatron.demand` -> **Tron** ([`Demand`] too).
 
 use std::sync::Arc;
 
@@ -50,6 +51,11 @@ impl TronContext {
             shutdown.clone(),
         );
         tokio::spawn(async move { hear(broker, heartbeats, s).await });
+        tokio::spawn(crate::admission::hear_demand(
+            self.broker.clone(),
+            Arc::clone(&self.demand),
+            shutdown.clone(),
+        ));
     }
 }
 

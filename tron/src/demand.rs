@@ -1,11 +1,13 @@
 //! Demand: what this Tron's dispatcher has seen, per Func, for the
 //! autoscaler and the status view.
 //!
-//! dispatch ([`crate::dispatch`]) -> **Demand** -> autoscaler
+//! dispatch ([`crate::dispatch`]) and the ingresses' edge reports
+//! ([`crate::admission::hear_demand`]) -> **Demand** -> autoscaler
 //! ([`crate::autoscale`]) and status ([`crate::registry`]). The dispatcher
-//! counts every request it forwards and, when the Func has no Runner
-//! (its target is zero), wakes the autoscaler so scale from zero does not
-//! wait for a tick. Arrival rates are computed here, once, from samples of
+//! counts every request it forwards, an ingress routing at the edge
+//! reports what it routed, and a request for a Func with no Runner (its
+//! target is zero) wakes the autoscaler so scale from zero does not wait
+//! for a tick. Arrival rates are computed here, once, from samples of
 //! the counts (a background task of the node samples every
 //! [`SAMPLE_EVERY`]). One `Demand` belongs to one Tron: two Trons in one
 //! process keep separate counts.
@@ -41,12 +43,24 @@ pub struct Demand {
     wake: Notify,
     /// Samples of `dispatched` the arrival rates come from.
     samples: Mutex<Samples>,
+    /// An ingress asked for the route table (it just started).
+    table_wanted: Notify,
 }
 
 impl Demand {
     /// A request for `func` was forwarded: count it and, if `func` has no
     /// Runner, wake the autoscaler.
     pub fn dispatched(&self, func: &str) {
+        self.add(func, 1);
+    }
+
+    /// `n` requests for `func` were routed (here, or at the edge by an
+    /// ingress that reported them): count them and, if `func` has no
+    /// Runner, wake the autoscaler.
+    pub fn add(&self, func: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
         {
             let mut d = self
                 .dispatched
@@ -54,21 +68,35 @@ impl Demand {
                 .unwrap_or_else(|e| poisoned("demand.dispatched", e));
             // Allocate the key only for a Func's first request.
             match d.get_mut(func) {
-                Some(n) => *n += 1,
+                Some(c) => *c += n,
                 None => {
-                    d.insert(func.to_owned(), 1);
+                    d.insert(func.to_owned(), n);
                 }
             }
         }
-        if self.any_cold.load(Ordering::Relaxed)
+        if self.is_cold(func) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// An ingress asked for the route table: the broadcaster sends it now.
+    pub fn want_table(&self) {
+        self.table_wanted.notify_one();
+    }
+
+    /// Completes when an ingress asked for the route table.
+    pub async fn table_wanted(&self) {
+        self.table_wanted.notified().await;
+    }
+
+    /// Has `func` no Runner now (by the autoscaler's last round)?
+    pub fn is_cold(&self, func: &str) -> bool {
+        self.any_cold.load(Ordering::Relaxed)
             && self
                 .cold
                 .read()
                 .unwrap_or_else(|e| poisoned("demand.cold", e))
                 .contains(func)
-        {
-            self.wake.notify_one();
-        }
     }
 
     /// Requests forwarded to `func` since start.

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use funcatron_broker::{
     AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind,
 };
-use funcatron_control::headers;
 use funcatron_control::names;
 use funcatron_envelope::{now_ms, Response, RouteView};
 use tokio::sync::watch;
@@ -88,6 +87,7 @@ pub async fn run(
     let tron = format!("tron-{}", &funcatron_envelope::new_request_id()[..12]);
     tokio::spawn(crate::admission::run(
         broker.clone(),
+        Arc::clone(&ctx.demand),
         routes.clone(),
         tron,
         shutdown.clone(),
@@ -250,31 +250,7 @@ async fn forward(
     now: f64,
     ttl_ms: u64,
 ) {
-    let mut hdrs = Vec::with_capacity(6);
-    if let Some(allow) = preflight {
-        hdrs.push((headers::PREFLIGHT.to_owned(), allow));
-    }
-    hdrs.push((headers::FUNC.to_owned(), route.func.to_owned()));
-    hdrs.push((
-        headers::DISPATCHED_MS.to_owned(),
-        format!("{:.3}", now_ms()),
-    ));
-    hdrs.push((headers::OPERATION.to_owned(), route.operation_id.to_owned()));
-    hdrs.push((
-        headers::ROUTE.to_owned(),
-        funcatron_bundle::validate::route_key(route.method, route.template),
-    ));
-    if !route.params.is_empty() {
-        let obj: serde_json::Map<String, serde_json::Value> = route
-            .params
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
-            .collect();
-        hdrs.push((
-            headers::PATH_PARAMS.to_owned(),
-            serde_json::Value::Object(obj).to_string(),
-        ));
-    }
+    let hdrs = route.headers(preflight);
     let forward = Message {
         payload: delivery.message.payload.clone(),
         headers: hdrs,

@@ -2,13 +2,16 @@
 //! `swagger-examples/` (every server, variable value, relative URL and
 //! override; default handler names), on hand-made conflicts, and a
 //! property test: random valid documents route every declared operation
-//! to itself.
+//! to itself, and route alike through the table an ingress builds from
+//! the Trons' broadcast and through its flat matchers (what the nginx
+//! ingress routes by, read here with a router written as the Lua one is).
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 
 use funcatron_bundle::{parse_api, ApiDoc, Bundle, RuntimeKind};
+use funcatron_control::admission::AdmissionTable;
 use funcatron_tron::routes::Route;
 use funcatron_tron::{servable, RouteError, RouteOutcome, RouteTable};
 
@@ -57,6 +60,137 @@ fn bundle_text(name: &str, doc: &str) -> Bundle {
 
 fn examples() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../swagger-examples")
+}
+
+/// What a router decides, comparable across tables: Found(func,
+/// operation, method, template, params), NotFound, 405 with methods,
+/// Preflight with methods.
+#[derive(Debug, PartialEq)]
+enum Flat {
+    Found(String, String, String, String, Vec<(String, String)>),
+    NotFound,
+    NotAllowed(Vec<String>),
+    Preflight(String, Vec<String>),
+}
+
+fn flat_of(o: RouteOutcome<'_>) -> Flat {
+    match o {
+        RouteOutcome::Found(r) => Flat::Found(
+            r.func.into(),
+            r.operation_id.into(),
+            r.method.into(),
+            r.template.into(),
+            r.params
+                .iter()
+                .map(|(k, v)| ((*k).into(), v.clone()))
+                .collect(),
+        ),
+        RouteOutcome::NotFound => Flat::NotFound,
+        RouteOutcome::MethodNotAllowed(a) => {
+            Flat::NotAllowed(a.iter().map(|m| (*m).into()).collect())
+        }
+        RouteOutcome::Preflight(r, a) => {
+            Flat::Preflight(r.func.into(), a.iter().map(|m| (*m).into()).collect())
+        }
+    }
+}
+
+/// Route by the broadcast's flat matchers, step for step as
+/// `ingress-lua/lib/funcatron/routes.lua` does.
+fn flat_route(t: &AdmissionTable, host: &str, method: &str, path: &str) -> Flat {
+    let re = |p: &str, fold: bool| {
+        regex::RegexBuilder::new(p)
+            .case_insensitive(fold)
+            .build()
+            .unwrap()
+    };
+    let mut denied: Option<(usize, Vec<String>)> = None;
+    for m in &t.matchers {
+        if denied.as_ref().is_some_and(|(f, _)| *f != m.func) {
+            continue;
+        }
+        if m.host.as_ref().is_some_and(|h| !re(h, true).is_match(host)) {
+            continue;
+        }
+        let rest = match &m.base {
+            None => path.to_owned(),
+            Some(b) => match re(b, false).captures(path) {
+                None => continue,
+                Some(c) => match c.get(1).map(|g| g.as_str()) {
+                    None | Some("") => "/".to_owned(),
+                    Some(r) => r.to_owned(),
+                },
+            },
+        };
+        for p in &m.paths {
+            let Some(caps) = re(&p.regex, false).captures(&rest) else {
+                continue;
+            };
+            let Some((meth, op)) = p
+                .methods
+                .iter()
+                .find(|(x, _)| x.eq_ignore_ascii_case(method))
+            else {
+                if denied.is_none() {
+                    denied = Some((m.func, p.methods.iter().map(|(x, _)| x.clone()).collect()));
+                }
+                break;
+            };
+            let params = p
+                .names
+                .iter()
+                .zip(caps.iter().skip(1))
+                .map(|(n, c)| {
+                    let raw = c.map(|g| g.as_str()).unwrap_or_default();
+                    let v = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+                    (n.clone(), v.into_owned())
+                })
+                .collect();
+            return Flat::Found(
+                t.funcs[m.func].func.clone(),
+                op.clone(),
+                meth.clone(),
+                p.template.clone(),
+                params,
+            );
+        }
+    }
+    match denied {
+        Some((f, allow)) if method.eq_ignore_ascii_case("OPTIONS") => {
+            Flat::Preflight(t.funcs[f].func.clone(), allow)
+        }
+        Some((_, allow)) => Flat::NotAllowed(allow),
+        None => Flat::NotFound,
+    }
+}
+
+/// The broadcast a Tron would send of `t`.
+fn broadcast_of(t: &RouteTable) -> AdmissionTable {
+    AdmissionTable {
+        funcs: t
+            .func_infos()
+            .iter()
+            .map(|f| f.admission().clone())
+            .collect(),
+        matchers: t.matchers(),
+        ..AdmissionTable::default()
+    }
+}
+
+/// `t`, the table built from its broadcast, and its flat matchers route
+/// (`host`, `method`, `path`) alike.
+fn routes_alike(t: &RouteTable, host: &str, method: &str, path: &str) -> Result<(), String> {
+    let b = broadcast_of(t);
+    let again = RouteTable::from_admission(&b.funcs).map_err(|e| e.to_string())?;
+    let want = flat_of(t.route(host, method, path));
+    let rebuilt = flat_of(again.route(host, method, path));
+    let flat = flat_route(&b, host, method, path);
+    if want != rebuilt || want != flat {
+        return Err(format!(
+            "{method} {host}{path}: table {want:?}, rebuilt {rebuilt:?}, flat {flat:?}"
+        ));
+    }
+    Ok(())
 }
 
 fn found<'t>(o: RouteOutcome<'t>) -> Route<'t> {
@@ -769,9 +903,16 @@ mod generated {
                             prop_assert_eq!(r.operation_id, want.as_str());
                             prop_assert_eq!(r.template, tpl.as_str());
                             prop_assert_eq!(r.method, method.as_str());
+                            for m in [method.as_str(), "OPTIONS", "TRACE"] {
+                                routes_alike(&t, &host, m, &path).map_err(TestCaseError::fail)?;
+                                routes_alike(&t, &host.to_ascii_uppercase(), m, &path).map_err(TestCaseError::fail)?;
+                                routes_alike(&t, &format!("{host}:8443"), m, &path).map_err(TestCaseError::fail)?;
+                            }
+                            routes_alike(&t, &host, &method, &format!("{path}/extra")).map_err(TestCaseError::fail)?;
                         }
                     }
                 }
+                routes_alike(&t, "nowhere.invalid", "GET", &rel).map_err(TestCaseError::fail)?;
                 if servers.iter().chain(p.servers.iter().flatten()).all(|s| s.host.is_some()) {
                     let r = t.route("nowhere.invalid", "GET", &rel);
                     prop_assert_eq!(r, RouteOutcome::NotFound);
@@ -818,5 +959,64 @@ fn a_named_func_routes_below_its_primary_base_among_its_own_routes_only() {
             func(again.route("h", "GET", path)),
             "{path}"
         );
+        for method in ["GET", "POST", "OPTIONS"] {
+            routes_alike(&t, "h", method, path).unwrap();
+        }
     }
+}
+
+#[test]
+fn every_example_document_routes_alike_through_its_broadcast_and_flat_matchers() {
+    let mut bundles = Vec::new();
+    for entry in std::fs::read_dir(examples()).unwrap() {
+        let file = entry.unwrap().path();
+        let Some(ext) = file.extension().and_then(|e| e.to_str()) else {
+            continue;
+        };
+        if !["yaml", "yml", "json"].contains(&ext) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        let Ok(api) = parse_api(&file, &text) else {
+            continue;
+        };
+        let name = file
+            .file_stem()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .replace('.', "-");
+        bundles.push(bundle_of_api(&name, &file, api));
+    }
+    let (kept, _) = servable(bundles);
+    assert!(
+        kept.len() >= 3,
+        "{} example documents route together",
+        kept.len()
+    );
+    let t = RouteTable::build(&kept).unwrap();
+    let mut probes = 0;
+    for b in &kept {
+        for op in &b.operations {
+            for base in op.bases_in(&b.bases) {
+                let host = base
+                    .host
+                    .as_deref()
+                    .unwrap_or("any.example")
+                    .replace(['{', '}'], "");
+                let path = op.path.replace('{', "x").replace('}', "");
+                let full = match base.path.as_str() {
+                    "/" => path.clone(),
+                    bp => format!("{}{path}", bp.replace(['{', '}'], "")),
+                };
+                for method in [op.method.as_str(), "OPTIONS", "PATCH"] {
+                    routes_alike(&t, &host, method, &full).unwrap();
+                    probes += 1;
+                }
+            }
+        }
+    }
+    assert!(probes > 50, "{probes} probes");
 }

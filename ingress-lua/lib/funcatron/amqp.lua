@@ -1,6 +1,7 @@
 -- A minimal AMQP 0-9-1 client over nginx cosockets, for RabbitMQ: the
--- handshake (PLAIN auth, no heartbeats), channels, queue declarations,
--- auto-ack consumers, and the frames of `mandatory` publishes; the caller
+-- handshake (PLAIN auth, no heartbeats), channels, queue and fanout
+-- exchange declarations, bindings, auto-ack consumers, and the frames of
+-- publishes (`mandatory` to a queue, or to an exchange, with headers); the caller
 -- reads frames and matches deliveries, confirms and returns itself, so many
 -- publishes can be in flight on one connection. Pure Lua arithmetic, no bit library, so it runs
 -- in LuaJIT and in Lua 5.4 alike.
@@ -123,17 +124,34 @@ function M.connect(opts)
   return self
 end
 
---- The frames of one `mandatory` publish to `queue` through the default
---- exchange on `channel` (a string to send; nothing is awaited).
+-- An AMQP field table of string values: { {name, value}, ... }.
+local function string_table(pairs_list)
+  local parts = {}
+  for i, kv in ipairs(pairs_list) do
+    parts[i] = shortstr(kv[1]) .. "S" .. longstr(kv[2])
+  end
+  local body = concat(parts)
+  return u32(#body) .. body
+end
+
+--- The frames of one publish on `channel` (a string to send; nothing is
+--- awaited): to `queue` through the default exchange, `mandatory`; or,
+--- with `props.exchange`, to that exchange (routing key `queue`, not
+--- mandatory). `props.headers`: { {name, value}, ... } string headers.
 function M:publish_frames(channel, queue, body, props)
   props = props or {}
   local flags, p = 0x1000, {}
   if props.content_type then flags = flags + 0x8000 p[#p + 1] = shortstr(props.content_type) end
+  if props.headers and #props.headers > 0 then
+    flags = flags + 0x2000
+    p[#p + 1] = string_table(props.headers)
+  end
   p[#p + 1] = u8(props.persistent and 2 or 1)
   if props.expiration then flags = flags + 0x0100 p[#p + 1] = shortstr(props.expiration) end
   local header = u16(60) .. u16(0) .. u64(#body) .. u16(flags) .. concat(p)
+  local exchange, mandatory = props.exchange or "", props.exchange and 0 or 1
   local out = {
-    method_frame(channel, 60, 40, u16(0) .. shortstr("") .. shortstr(queue) .. u8(1)),
+    method_frame(channel, 60, 40, u16(0) .. shortstr(exchange) .. shortstr(queue) .. u8(mandatory)),
     "\2" .. u16(channel) .. u32(#header) .. header .. FRAME_END,
   }
   local chunk = self.frame_max - 8
@@ -172,6 +190,40 @@ function M:consume_exclusive(queue)
   args, err = self:expect(60, 21)
   if not args then return nil, err end
   return true
+end
+
+--- Declare a fanout exchange as the Rust broker seam does (not durable,
+--- not auto-delete: funcatron_broker's topics).
+function M:declare_fanout(exchange)
+  self:send_method(1, 40, 10, u16(0) .. shortstr(exchange) .. shortstr("fanout") .. u8(0) .. u32(0))
+  return self:expect(40, 11)
+end
+
+--- Declare an exclusive, auto-delete queue bound to each of `exchanges`
+--- (fanout topics, declared here too) and consume it with auto-ack under
+--- consumer tag `tag`.
+function M:subscribe(queue, exchanges, tag)
+  self:send_method(1, 50, 10, u16(0) .. shortstr(queue) .. u8(4 + 8) .. u32(0)) -- exclusive, auto-delete
+  local args, err = self:expect(50, 11)
+  if not args then return nil, err end
+  for _, x in ipairs(exchanges) do
+    args, err = self:declare_fanout(x)
+    if not args then return nil, err end
+    self:send_method(1, 50, 20, u16(0) .. shortstr(queue) .. shortstr(x) .. shortstr("") .. u8(0) .. u32(0))
+    args, err = self:expect(50, 21)
+    if not args then return nil, err end
+  end
+  self:send_method(1, 60, 20, u16(0) .. shortstr(queue) .. shortstr(tag) .. u8(2 + 4) .. u32(0)) -- no-ack, exclusive
+  args, err = self:expect(60, 21)
+  if not args then return nil, err end
+  return true
+end
+
+--- The exchange a basic.deliver's arguments (after class and method)
+--- name: consumer tag, delivery tag, redelivered, exchange.
+function M.deliver_exchange(args)
+  local _, i = r_shortstr(args, 1)
+  return (r_shortstr(args, i + 9))
 end
 
 function M:settimeouts(c, s, r) return self.sock:settimeouts(c, s, r) end

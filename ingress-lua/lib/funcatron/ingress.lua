@@ -1,9 +1,13 @@
--- The nginx ingress: each HTTP request becomes an envelope v1 on RabbitMQ's
--- request queue, and the answer comes back on this nginx worker's own
--- long-lived exclusive reply queue.
+-- The nginx ingress: each HTTP request becomes an envelope v1 on its Func
+-- version's queue (routed here, at the edge, by the route table the Trons
+-- broadcast: see routes.lua) or on RabbitMQ's request queue for a Tron to
+-- route, and the answer comes back on this nginx worker's own long-lived
+-- exclusive reply queue.
 --
 -- Each worker holds one AMQP 0-9-1 connection, owned by a background timer:
--- channel 1 consumes the reply queue, channel 2 publishes in confirm mode.
+-- channel 1 consumes the reply queue and (with edge routing) a queue bound
+-- to the Trons' table topic and the control topic, channel 2 publishes in
+-- confirm mode.
 -- Request handlers put their envelope in the worker's outbox and wait on an
 -- ngx.semaphore; a writer light thread sends everything queued in one write
 -- (publishes pipeline, as in the embedded ingress), and the reader matches
@@ -20,6 +24,7 @@
 -- lost, 504 no answer before the deadline).
 local envelope = require "funcatron.envelope"
 local amqp = require "funcatron.amqp"
+local routes = require "funcatron.routes"
 local semaphore = require "ngx.semaphore"
 local cjson = require "cjson.safe"
 
@@ -27,10 +32,17 @@ local M = {}
 
 local conf = {
   host = "127.0.0.1", port = 5672, vhost = "/", login = "guest", passcode = "guest",
-  request_queue = "funcatron.requests", timeout_ms = 30000,
+  request_queue = "funcatron.requests", timeout_ms = 30000, routing = "edge",
 }
+-- The topics (fanout exchanges) edge routing hears and reports on.
+local TABLE_TOPIC, CONTROL_TOPIC, DEMAND_TOPIC = "funcatron.admission", "funcatron.control", "funcatron.demand"
+local DEMAND_EVERY = 0.2 -- s, funcatron_control::admission::DEMAND_EVERY_MS
+local route_table        -- the newest table heard (routes.prepare), or nil
+local newest_state = 0   -- the newest registry revision heard on the control topic
+local demand, demand_urgent, demand_sent = {}, false, 0 -- Func -> requests routed here since the last report
 local waiting = {}       -- request id -> { sema, result, failed = {code, message} }
 local reply_queue        -- this worker's reply queue
+local table_queue        -- this worker's queue of tables and control messages
 local consumer_up = false
 local outbox, outbox_sema = {}, nil -- envelopes waiting for the writer
 local unconfirmed = {}   -- delivery tag -> request id, until the broker confirms
@@ -89,24 +101,50 @@ end
 
 local PUBLISH_PROPS
 
--- The writer light thread: send everything in the outbox in one write.
+-- The demand report (funcatron_control::admission::EdgeDemand) of what
+-- was routed here since the last one, or nil when nothing was.
+local function demand_report()
+  local counts = {}
+  for func, n in pairs(demand) do counts[#counts + 1] = { func, n } end
+  if #counts == 0 then return nil end
+  demand, demand_urgent = {}, false
+  return cjson.encode({ ingress = reply_queue, counts = counts })
+end
+
+-- The writer light thread: send everything in the outbox in one write,
+-- and the demand report every DEMAND_EVERY (at once for a cold Func).
 local function write_loop(conn)
   while true do
-    local ok, err = outbox_sema:wait(1)
+    local ok, err = outbox_sema:wait(DEMAND_EVERY)
     if ngx.worker.exiting() then return end
+    local frames = {}
     if #outbox > 0 then
       local batch = outbox
       outbox = {}
-      local frames = {}
       for i, item in ipairs(batch) do
         next_tag = next_tag + 1
         unconfirmed[next_tag] = item.id
-        frames[i] = conn:publish_frames(2, conf.request_queue, item.env, item.props or PUBLISH_PROPS)
+        local w = waiting[item.id]
+        if w then w.tag = next_tag end
+        frames[i] = conn:publish_frames(2, item.queue or conf.request_queue, item.env, item.props or PUBLISH_PROPS)
       end
-      local _, serr = conn.sock:send(frames)
-      if serr then return "send: " .. serr end
     elseif not ok and err ~= "timeout" then
       return err
+    end
+    ngx.update_time()
+    local now = ngx.now()
+    if demand_urgent or now - demand_sent >= DEMAND_EVERY then
+      demand_sent = now
+      local report = demand_report()
+      if report then
+        next_tag = next_tag + 1
+        frames[#frames + 1] = conn:publish_frames(2, "", report,
+          { exchange = DEMAND_TOPIC, content_type = "application/json" })
+      end
+    end
+    if #frames > 0 then
+      local _, serr = conn.sock:send(frames)
+      if serr then return "send: " .. serr end
     end
   end
 end
@@ -118,11 +156,16 @@ local function settle(tag, multiple, nacked)
   for t = from, tag do
     local id = unconfirmed[t]
     unconfirmed[t] = nil
+    -- Only the request's current publish counts (not one returned and
+    -- sent again to the request queue).
+    local w = id and waiting[id]
+    if w and w.tag ~= t then w = nil end
+    -- Acknowledged: no return can follow, the fallback copy can go.
+    if w and not nacked then w.edge, w.env = nil, nil end
     if nacked then
-      fail(id, "broker_unavailable", "the broker refused the request")
+      if w then fail(id, "broker_unavailable", "the broker refused the request") end
     else
       -- A fire-and-forget call waits for this confirm, not for a reply.
-      local w = id and waiting[id]
       if w and w.confirm then
         waiting[id] = nil
         w.sema:post(1)
@@ -142,8 +185,12 @@ local function read_loop(conn)
       if err ~= "timeout" then return err end
     elseif f.type == 1 then
       local c, m = amqp.r_u16(f.payload, 1), amqp.r_u16(f.payload, 3)
-      if c == 60 and (m == 60 or m == 50) then -- deliver / return: content follows
-        content[f.channel] = { kind = m == 60 and "reply" or "returned", parts = {}, got = 0 }
+      if c == 60 and m == 60 then -- deliver: a reply, or a table or control message
+        local x = amqp.deliver_exchange(f.payload:sub(5))
+        local kind = (x == "" and "reply") or (x == TABLE_TOPIC and "table") or "control"
+        content[f.channel] = { kind = kind, parts = {}, got = 0 }
+      elseif c == 60 and m == 50 then -- return: content follows
+        content[f.channel] = { kind = "returned", parts = {}, got = 0 }
       elseif c == 60 and m == 80 then -- basic.ack
         settle(amqp.r_u64(f.payload, 5), f.payload:byte(13) % 2 == 1, false)
       elseif c == 60 and m == 120 then -- basic.nack
@@ -167,7 +214,24 @@ local function read_loop(conn)
       content[f.channel] = nil
       local t = cjson.decode(table.concat(st.parts))
       local id = type(t) == "table" and type(t.id) == "string" and t.id or nil
-      if st.kind == "reply" then
+      if st.kind == "table" then
+        ngx.update_time()
+        local now = ngx.now()
+        local prepared, perr = routes.prepare(t, now)
+        if not prepared then
+          ngx.log(ngx.WARN, "funcatron: route table ignored: ", perr)
+        elseif route_table and now < route_table.expires and prepared.revision < route_table.revision then
+          ngx.log(ngx.DEBUG, "funcatron: a table older than the one held ignored")
+        else
+          route_table = prepared
+          -- For the health answer: until when this worker has a table.
+          ngx.shared.funcatron:set("edge:" .. ngx.worker.id(), prepared.expires)
+        end
+      elseif st.kind == "control" then
+        local rev = type(t) == "table" and t.kind == "state" and type(t.state) == "table"
+          and tonumber(t.state.revision)
+        if rev and rev > newest_state then newest_state = rev end
+      elseif st.kind == "reply" then
         -- Only this attempt's answer: a late reply to an earlier request
         -- with the same id carries another key (none: matched by id).
         local w = id and waiting[id]
@@ -179,7 +243,17 @@ local function read_loop(conn)
           ngx.log(ngx.INFO, "funcatron: late, unknown or undecodable reply dropped: ", tostring(id))
         end
       else
-        fail(id, "broker_unavailable", "the request queue " .. conf.request_queue .. " does not exist")
+        local w = id and waiting[id]
+        if w and w.edge then
+          -- The Func queue is gone (a version retired since the table was
+          -- sent): a Tron routes it by its newer table.
+          w.edge = nil
+          outbox[#outbox + 1] = { id = id, env = w.env, props = w.fallback_props }
+          w.env = nil
+          outbox_sema:post(1)
+        else
+          fail(id, "broker_unavailable", "the request queue " .. conf.request_queue .. " does not exist")
+        end
       end
     end
   end
@@ -197,6 +271,10 @@ local function serve(premature)
       local ok
       ok, err = conn:declare_durable(conf.request_queue)
       if ok then ok, err = conn:consume_exclusive(reply_queue) end
+      if ok and conf.routing == "edge" then
+        ok, err = conn:subscribe(table_queue, { TABLE_TOPIC, CONTROL_TOPIC }, "tables")
+        if ok then ok, err = conn:declare_fanout(DEMAND_TOPIC) end
+      end
       if ok then ok, err = conn:open_channel(2, true) end
       if ok then
         consumer_up, backoff = true, 0.1
@@ -204,6 +282,12 @@ local function serve(premature)
         ngx.log(ngx.INFO, "funcatron: consuming replies on ", reply_queue)
         -- Wake every second to notice a worker shutdown.
         conn:settimeouts(1000, 10000, 1000)
+        if conf.routing == "edge" then
+          -- Ask the Trons for their table now (an empty demand report).
+          next_tag = next_tag + 1
+          conn.sock:send(conn:publish_frames(2, "", '{"ingress":"' .. reply_queue .. '","counts":[]}',
+            { exchange = DEMAND_TOPIC, content_type = "application/json" }))
+        end
         local writer = ngx.thread.spawn(write_loop, conn)
         err = read_loop(conn)
         ngx.thread.kill(writer)
@@ -228,6 +312,7 @@ end
 function M.init_worker()
   math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
   reply_queue = string.format("funcatron.reply.nginx-%d-%s", ngx.worker.pid(), new_id():sub(1, 12))
+  table_queue = reply_queue:gsub("^funcatron%.reply%.", "funcatron.tables.")
   outbox_sema = semaphore.new()
   local ok, err = ngx.timer.at(0, serve)
   if not ok then ngx.log(ngx.ERR, "funcatron: cannot start the reply consumer: ", err) end
@@ -362,7 +447,7 @@ end
 
 -- Fire-and-forget (X-Funcatron-Async: no-result): no record, so no Tron;
 -- published persistent, answered 202 once the broker confirms it.
-local function fire_and_forget(id, req, started)
+local function fire_and_forget(id, req, started, routed)
   local cb = ngx.req.get_headers()["x-callback-url"]
   if type(cb) == "table" then cb = cb[1] end
   if cb then
@@ -378,8 +463,15 @@ local function fire_and_forget(id, req, started)
   req.attempt, req.submitted_ms = 1, math.floor(req.sent_ms)
   local w = { sema = semaphore.new(), confirm = true }
   waiting[id] = w
-  outbox[#outbox + 1] = { id = id, env = envelope.encode_request(req),
-    props = { content_type = "application/json", persistent = true } }
+  local env = envelope.encode_request(req)
+  local props = { content_type = "application/json", persistent = true }
+  if routed then
+    w.edge, w.env, w.fallback_props = true, env, props
+    outbox[#outbox + 1] = { id = id, env = env, queue = routed.queue,
+      props = { content_type = "application/json", persistent = true, headers = routed.headers } }
+  else
+    outbox[#outbox + 1] = { id = id, env = env, props = props }
+  end
   outbox_sema:post(1)
   ngx.update_time()
   local remaining = conf.timeout_ms / 1000 - (ngx.now() - started)
@@ -396,6 +488,54 @@ local function fire_and_forget(id, req, started)
   ngx.header["Location"] = location
   ngx.print(cjson.encode({ call_id = call_id, status_url = location, request_id = id }))
   return ngx.exit(ngx.OK)
+end
+
+-- The table to route by now: nil when a Tron routes (`--routing tron`,
+-- no table heard, the table stale, or behind the registry).
+local function edge_table()
+  local t = route_table
+  if conf.routing ~= "edge" or not t or t.revision < newest_state then return nil end
+  ngx.update_time()
+  if ngx.now() >= t.expires then return nil end
+  return t
+end
+
+-- Route at the edge: the route (its Func queue and headers), or an
+-- answer given here (404, 405, 400 for a sync call an async-only Func
+-- refuses) as `status, code, message, allow`; nil for a Tron to route.
+local function edge_route(t, func, host, method, path, mode)
+  local r
+  if func then
+    r = routes.route_func(t, func, method, path)
+  else
+    r = routes.route(t, host, method, path)
+  end
+  -- An async call is accepted whatever its route: a Tron records its 404
+  -- or 405 as the call's outcome (the embedded ingress does the same).
+  if mode and (not r or r.kind == "not_found" or r.kind == "not_allowed") then return nil end
+  if not r then
+    return nil, 404, "unknown_func", string.format("no enabled Func is named %q", func)
+  elseif r.kind == "not_found" then
+    return nil, 404, "no_route", "no Func serves " .. method .. " " .. host .. path
+  elseif r.kind == "not_allowed" then
+    return nil, 405, "method_not_allowed", method .. " is not allowed on " .. path .. "; allowed: " .. r.allow, r.allow
+  end
+  local f = t.funcs[r.func]
+  if r.kind == "found" then
+    local status, code, message = routes.refusal(f, mode ~= nil, ngx.var.http_x_callback_url ~= nil)
+    if status then
+      if status == 429 then ngx.header["Retry-After"] = "1" end
+      return nil, status, code, message
+    end
+  end
+  demand[f.func] = (demand[f.func] or 0) + 1
+  if f.cold then
+    demand_urgent = true
+    outbox_sema:post(1)
+  end
+  ngx.update_time()
+  return { queue = mode and f.async_queue or f.queue,
+    headers = routes.headers(t, r, ngx.now() * 1000, cjson.encode), func = f.func }
 end
 
 --- content_by_lua: the request path.
@@ -420,6 +560,18 @@ function M.handle()
     headers[#headers + 1] = { "x-funcatron-func", func }
   end
   local mode = async_mode() or (is_async and "recorded") or nil
+  local method, host = ngx.req.get_method(), var.http_host or ""
+  local routed
+  -- Recorded async calls go to a Tron (it records them) and route there.
+  local t = mode ~= "recorded" and edge_table()
+  if t then
+    local status, code, message, allow
+    routed, status, code, message, allow = edge_route(t, func, host, method, path, mode)
+    if not routed and status then
+      if allow then ngx.header["Allow"] = allow end
+      return answer_error(status, id, code, message, started)
+    end
+  end
   if mode == "no-result" then
     if not consumer_up then
       return answer_error(503, id, "broker_unavailable", "the ingress is not connected to the broker", started)
@@ -429,7 +581,7 @@ function M.handle()
       method = ngx.req.get_method(), scheme = var.http_x_forwarded_proto == "https" and "https" or var.scheme,
       host = var.http_host or var.host, path = path, query = query,
       headers = headers, remote = var.remote_addr .. ":" .. var.remote_port, body = body,
-    }, started)
+    }, started, routed)
   elseif mode then
     if not conf.tron then
       return answer_error(501, id, "async_unavailable",
@@ -449,7 +601,7 @@ function M.handle()
   end
   local env = envelope.encode_request({
     id = id, deadline_ms = math.floor(sent_ms + timeout_ms), sent_ms = sent_ms,
-    method = ngx.req.get_method(), scheme = var.http_x_forwarded_proto == "https" and "https" or var.scheme,
+    method = method, scheme = var.http_x_forwarded_proto == "https" and "https" or var.scheme,
     host = var.http_host or var.host, path = path, query = query,
     headers = headers, remote = var.remote_addr .. ":" .. var.remote_port,
     body = body, reply_to = reply_queue, reply_key = key,
@@ -458,7 +610,14 @@ function M.handle()
 
   local w = { sema = semaphore.new(), key = key }
   waiting[id] = w
-  outbox[#outbox + 1] = { id = id, env = env }
+  if routed then
+    w.edge, w.env = true, env
+    outbox[#outbox + 1] = { id = id, env = env, queue = routed.queue, props = {
+      content_type = "application/json", expiration = PUBLISH_PROPS.expiration,
+      persistent = false, headers = routed.headers } }
+  else
+    outbox[#outbox + 1] = { id = id, env = env }
+  end
   env = nil
   outbox_sema:post(1)
 
@@ -525,8 +684,17 @@ function M.health()
   end
   ngx.header["Content-Type"] = "application/json"
   if not consumer_up then ngx.status = 503 end
-  ngx.print(string.format('{"status":"%s","broker":"amqp","connected":%s,"workers_ready":%d,"workers":%d}',
-    consumer_up and "ok" or "broker_unavailable", tostring(consumer_up), ready, ngx.worker.count()))
+  local t = edge_table()
+  -- Workers holding a current table (each hears the Trons on its own).
+  local edge = 0
+  ngx.update_time()
+  for i = 0, ngx.worker.count() - 1 do
+    local until_s = ngx.shared.funcatron:get("edge:" .. i)
+    if until_s and until_s > ngx.now() then edge = edge + 1 end
+  end
+  ngx.print(string.format('{"status":"%s","broker":"amqp","connected":%s,"workers_ready":%d,"workers":%d,"routing":"%s","edge_table_revision":%s,"workers_with_table":%d}',
+    consumer_up and "ok" or "broker_unavailable", tostring(consumer_up), ready, ngx.worker.count(),
+    conf.routing, t and tostring(t.revision) or "null", edge))
 end
 
 return M

@@ -85,15 +85,15 @@ pub(super) async fn submit_call(State(api): Shared, body: Bytes) -> Response {
     let secret = new_request_id();
     let request = shared::first_attempt(base.clone(), &call_id, callback, mode);
     let broker = api.registry.broker();
-    let (call_id, secret) = match shared::queue(calls, broker, &request, &secret, idempotency).await
-    {
-        Ok(Queued::New) => (call_id.as_str(), calls.map(|_| secret.as_str())),
-        Ok(Queued::Existing(first)) => return accepted(&request.id, &first, None),
-        Err(e) => {
-            tracing::warn!(error = %e, "async call not queued");
-            return error(503, e.code(), &e.message());
-        }
-    };
+    let (call_id, secret) =
+        match shared::queue(calls, broker, &request, &secret, idempotency, None).await {
+            Ok(Queued::New) => (call_id.as_str(), calls.map(|_| secret.as_str())),
+            Ok(Queued::Existing(first)) => return accepted(&request.id, &first, None),
+            Err(e) => {
+                tracing::warn!(error = %e, "async call not queued");
+                return error(503, e.code(), &e.message());
+            }
+        };
     metrics::counter!("tron_async_submissions_total").increment(1);
     accepted(&request.id, call_id, secret)
 }

@@ -639,7 +639,8 @@ impl Registry {
             }
         }
         crate::dispatch::declare_routes(&self.broker, &table).await;
-        self.routes.send_replace(Arc::new(table));
+        self.routes
+            .send_replace(Arc::new(table.at_revision(state.revision)));
         self.served.send_replace(Arc::new(served));
         self.settings.send_replace(Arc::new(
             state
