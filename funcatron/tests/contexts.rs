@@ -14,6 +14,7 @@ use common::*;
 use funcatron_broker::{AnyBroker, Broker, EmbeddedBroker};
 use funcatron_control::names::{LOGS_TOPIC, STATS_TOPIC};
 use funcatron_control::state::RunnerStats;
+use funcatron_ingress::edge::Routing;
 use funcatron_ingress::IngressOptions;
 use funcatron_runner::{RunnerNode, RunnerOptions};
 use funcatron_tron::TronNode;
@@ -35,13 +36,16 @@ fn lua_bundle(root: &std::path::Path, name: &str) {
 }
 
 /// An embedded ingress on port 0; its base URL.
-async fn ingress(broker: &AnyBroker, shutdown: &CancellationToken) -> String {
+async fn ingress(broker: &AnyBroker, shutdown: &CancellationToken, routing: Routing) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(funcatron_ingress::run(
         listener,
         broker.clone(),
-        IngressOptions::default(),
+        IngressOptions {
+            routing,
+            ..IngressOptions::default()
+        },
         shutdown.clone(),
     ));
     base
@@ -82,7 +86,9 @@ async fn two_trons_and_three_runners_in_one_process_keep_their_own_state() {
     let distinct: std::collections::HashSet<_> = ids.values().collect();
     assert_eq!(distinct.len(), 3, "every Runner has its own id: {ids:?}");
 
-    let base = ingress(&broker, &shutdown).await;
+    // Routed by the Trons: each counts what it dispatched (at the edge,
+    // every Tron hears every ingress's report, by design).
+    let base = ingress(&broker, &shutdown, Routing::Tron).await;
     let http = reqwest::Client::new();
     for f in FUNCS {
         for _ in 0..N {
@@ -202,7 +208,7 @@ async fn a_tron_node_with_its_management_api_runs_in_process() {
             })
             .run(shutdown.clone()),
     );
-    let base = ingress(&broker, &shutdown).await;
+    let base = ingress(&broker, &shutdown, Routing::Edge).await;
     wait_ready(&format!("{api}/v1/health")).await;
 
     let (_, archive) = funcatron_bundle::archive::build(&root.path().join("pushed")).unwrap();
@@ -222,7 +228,11 @@ async fn a_tron_node_with_its_management_api_runs_in_process() {
         text(&format!("{base}/pushed/hi")).await == (200, "ok".to_owned())
     })
     .await;
-    assert!(demand.count("pushed") >= 1);
+    // Routed at the edge: the ingress's demand report reaches the Tron.
+    eventually("the Tron counts the routed request", || async {
+        demand.count("pushed") >= 1
+    })
+    .await;
     let status: serde_json::Value = http
         .get(format!("{api}/v1/status"))
         .bearer_auth("secret")

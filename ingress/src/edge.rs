@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response as HttpResponse;
+use dashmap::DashMap;
 use funcatron_broker::{AnyBroker, Broker, Message};
 use funcatron_control::admission::{self, AdmissionTable, EdgeDemand, FuncAdmission};
 use funcatron_control::names::{ADMISSION_TOPIC, CONTROL_TOPIC, DEMAND_TOPIC};
@@ -71,8 +72,6 @@ pub(crate) struct Current {
     routes: Arc<RouteTable>,
     /// The table's Funcs, by position in `routes`.
     funcs: Vec<FuncAdmission>,
-    /// Requests routed here per Func (by position) since the last report.
-    counts: Vec<AtomicU64>,
     /// The registry revision it was built from.
     revision: u64,
     /// When it stops counting.
@@ -89,6 +88,9 @@ pub(crate) struct Edge {
     newest_state: Arc<AtomicU64>,
     /// Wakes the demand reporter (a request for a cold Func).
     report_now: Arc<Notify>,
+    /// Requests routed here per Func since the last report (by name, so
+    /// no count is lost when tables are swapped).
+    counts: Arc<DashMap<String, AtomicU64>>,
 }
 
 /// Why a request is refused (`funcatron_control::admission::refusal`).
@@ -147,6 +149,7 @@ impl Edge {
             current: rx,
             newest_state: Arc::default(),
             report_now: Arc::default(),
+            counts: Arc::default(),
         };
         tokio::spawn(hear(broker.clone(), tx, instance.clone(), shutdown.clone()));
         if routing == Routing::Edge {
@@ -253,7 +256,7 @@ impl Edge {
         if !edge {
             return Ok(Decision::Tron);
         }
-        c.counts[route.index].fetch_add(1, Ordering::Relaxed);
+        self.count(route.func);
         if c.funcs[route.index].cold {
             self.report_now.notify_one();
         }
@@ -263,6 +266,21 @@ impl Edge {
             async_queue: route.async_queue.to_owned(),
             headers: route.headers(preflight),
         }))
+    }
+}
+
+impl Edge {
+    /// Count a request routed here for `func` (its name allocated only
+    /// for its first request).
+    fn count(&self, func: &str) {
+        if let Some(n) = self.counts.get(func) {
+            n.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.counts
+            .entry(func.to_owned())
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -362,7 +380,6 @@ fn adopt(old: Option<&Current>, table: AdmissionTable) -> Option<Current> {
     };
     Some(Current {
         routes,
-        counts: table.funcs.iter().map(|_| AtomicU64::new(0)).collect(),
         funcs: table.funcs,
         revision: table.revision,
         expires: now + Duration::from_millis(table.ttl_ms),
@@ -421,37 +438,20 @@ async fn hear_revisions(broker: AnyBroker, newest: Arc<AtomicU64>, shutdown: Can
 async fn report(broker: AnyBroker, edge: Edge, instance: String, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(admission::DEMAND_EVERY_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The table last reported from: counts made on it after its
-    // replacement are reported too.
-    let mut last: Option<Arc<Current>> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
             _ = edge.report_now.notified() => {}
         }
-        let now = edge.current.borrow().clone();
-        let mut counts: Vec<(String, u64)> = Vec::new();
-        let mut drain = |c: &Current| {
-            for (f, n) in c.funcs.iter().zip(&c.counts) {
-                let n = n.swap(0, Ordering::Relaxed);
-                if n > 0 {
-                    match counts.iter_mut().find(|(name, _)| *name == f.func) {
-                        Some((_, m)) => *m += n,
-                        None => counts.push((f.func.clone(), n)),
-                    }
-                }
-            }
-        };
-        if let Some(old) = &last {
-            drain(old);
-        }
-        if let Some(c) = &now {
-            if !last.as_ref().is_some_and(|o| Arc::ptr_eq(o, c)) {
-                drain(c);
-            }
-        }
-        last = now;
+        let counts: Vec<(String, u64)> = edge
+            .counts
+            .iter()
+            .filter_map(|e| {
+                let n = e.value().swap(0, Ordering::Relaxed);
+                (n > 0).then(|| (e.key().clone(), n))
+            })
+            .collect();
         if counts.is_empty() {
             continue;
         }
@@ -515,6 +515,7 @@ mod tests {
             current: watch::channel(Some(Arc::new(current))).1,
             newest_state: Arc::new(AtomicU64::new(newest)),
             report_now: Arc::default(),
+            counts: Arc::default(),
         }
     }
 
@@ -553,8 +554,8 @@ mod tests {
         assert_eq!(h("x-funcatron-operation"), Some("greet"));
         assert_eq!(h("x-funcatron-route"), Some("GET /{who}"));
         assert_eq!(h("x-funcatron-path-params"), Some(r#"{"who":"you"}"#));
-        let c = e.current().unwrap();
-        assert_eq!(c.counts[0].load(Ordering::Relaxed), 1, "counted");
+        let counted = e.counts.get("hello").map(|n| n.load(Ordering::Relaxed));
+        assert_eq!(counted, Some(1), "counted");
         assert!(matches!(
             decide(&e, "GET", "/nobody/x"),
             Decision::Answer { status, .. } if status == StatusCode::NOT_FOUND
@@ -588,6 +589,7 @@ mod tests {
             current: watch::channel(None).1,
             newest_state: Arc::default(),
             report_now: Arc::default(),
+            counts: Arc::default(),
         };
         assert!(matches!(decide(&none, "GET", "/hello/you"), Decision::Tron));
     }

@@ -61,6 +61,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<(u64, Vec<FuncAdmission>, Instant)> = None;
     // The flat matchers, built again only when the routes change.
     let mut matchers: Option<(Arc<RouteTable>, Vec<EdgeMatcher>)> = None;

@@ -76,6 +76,9 @@ pub async fn run(
             },
         )
         .await?;
+    // Exported from the start: with edge routing a Tron may forward
+    // nothing for a long time.
+    metrics::counter!("tron_requests_total", "outcome" => "forwarded").increment(0);
     let tracker = TaskTracker::new();
     let mut current = initial;
     let mut watching = true;

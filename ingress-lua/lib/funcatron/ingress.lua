@@ -244,10 +244,12 @@ local function read_loop(conn)
         end
       else
         local w = id and waiting[id]
-        if w and w.edge then
+        -- Only this attempt's publish (a reused request id has its own key).
+        if w and w.edge and t.reply_key == w.key then
           -- The Func queue is gone (a version retired since the table was
-          -- sent): a Tron routes it by its newer table.
-          w.edge = nil
+          -- sent): a Tron routes it by its newer table. The ack that
+          -- follows this return is the old publish's: not this request's.
+          w.edge, w.tag = nil, nil
           outbox[#outbox + 1] = { id = id, env = w.env, props = w.fallback_props }
           w.env = nil
           outbox_sema:post(1)
@@ -560,7 +562,8 @@ function M.handle()
     headers[#headers + 1] = { "x-funcatron-func", func }
   end
   local mode = async_mode() or (is_async and "recorded") or nil
-  local method, host = ngx.req.get_method(), var.http_host or ""
+  -- The host the envelope carries, so the edge routes as a Tron would.
+  local method, host = ngx.req.get_method(), var.http_host or var.host or ""
   local routed
   -- Recorded async calls go to a Tron (it records them) and route there.
   local t = mode ~= "recorded" and edge_table()
