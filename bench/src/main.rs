@@ -151,7 +151,7 @@ async fn start_nginx(amqp: &str) -> Result<Nginx> {
         addr,
         _prefix: prefix,
     };
-    // Ready when every worker consumes its reply queue.
+    // Ready when every worker consumes its reply queue and holds a table.
     for _ in 0..400 {
         if let Ok(stream) = tokio::net::TcpStream::connect(addr).await {
             let io = hyper_util::rt::TokioIo::new(stream);
@@ -169,8 +169,10 @@ async fn start_nginx(amqp: &str) -> Result<Nginx> {
                             .and_then(|r| r.split([',', '}']).next())
                             .map(str::to_owned)
                     };
+                    // And every worker routes at the edge by a table.
                     if count("workers_ready").is_some()
                         && count("workers_ready") == count("workers")
+                        && count("workers_with_table") == count("workers")
                     {
                         return Ok(nginx);
                     }
