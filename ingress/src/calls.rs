@@ -82,7 +82,7 @@ pub(crate) async fn submit(
     };
     let request = shared::first_attempt(base, &call_id, callback, mode);
     let idempotency = shared::idempotency_key(header(&parts.headers, "idempotency-key"));
-    let routed = routed.map(|r| (r.async_queue, r.headers));
+    let routed = routed.map(|r| (r.queue, r.headers));
     match shared::queue(calls, &s.broker, &request, &secret, idempotency, routed).await {
         Ok(Queued::New) => {}
         Ok(Queued::Existing(first)) => return accepted(id, &first, None, started),

@@ -126,10 +126,9 @@ pub(crate) enum Decision {
 pub(crate) struct Routed {
     /// The Func.
     pub func: String,
-    /// Its version's queue of synchronous requests.
+    /// The queue it goes to: its version's queue of synchronous
+    /// requests, or of asynchronous calls for an async call.
     pub queue: String,
-    /// Its version's queue of asynchronous calls.
-    pub async_queue: String,
     /// The routing outcome, as message headers.
     pub headers: Vec<(String, String)>,
 }
@@ -262,8 +261,12 @@ impl Edge {
         }
         Ok(Decision::Queue(Routed {
             func: route.func.to_owned(),
-            queue: route.queue.to_owned(),
-            async_queue: route.async_queue.to_owned(),
+            queue: if mode.is_some() {
+                route.async_queue
+            } else {
+                route.queue
+            }
+            .to_owned(),
             headers: route.headers(preflight),
         }))
     }
@@ -323,15 +326,7 @@ async fn hear(
         }
     };
     // Ask for the table now rather than at the Trons' next resend.
-    let hello = EdgeDemand {
-        ingress: instance,
-        counts: Vec::new(),
-    };
-    if let Ok(bytes) = serde_json::to_vec(&hello) {
-        if let Err(e) = broker.broadcast(DEMAND_TOPIC, Message::new(bytes)).await {
-            tracing::debug!(error = %e, "table request not sent; waiting for the next table");
-        }
-    }
+    send_demand(&broker, instance, Vec::new()).await;
     loop {
         let d = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -458,16 +453,18 @@ async fn report(broker: AnyBroker, edge: Edge, instance: String, shutdown: Cance
         for (func, n) in &counts {
             metrics::counter!("ingress_edge_routed_total", "func" => func.clone()).increment(*n);
         }
-        let msg = EdgeDemand {
-            ingress: instance.clone(),
-            counts,
-        };
-        let Ok(bytes) = serde_json::to_vec(&msg) else {
-            continue;
-        };
-        if let Err(e) = broker.broadcast(DEMAND_TOPIC, Message::new(bytes)).await {
-            tracing::debug!(error = %e, "demand report not sent");
-        }
+        send_demand(&broker, instance.clone(), counts).await;
+    }
+}
+
+/// Broadcast a demand report (no counts: a request for the table).
+async fn send_demand(broker: &AnyBroker, ingress: String, counts: Vec<(String, u64)>) {
+    let report = EdgeDemand { ingress, counts };
+    let Ok(bytes) = serde_json::to_vec(&report) else {
+        return;
+    };
+    if let Err(e) = broker.broadcast(DEMAND_TOPIC, Message::new(bytes)).await {
+        tracing::debug!(error = %e, "demand report not sent");
     }
 }
 
@@ -544,7 +541,6 @@ mod tests {
             panic!("not routed at the edge");
         };
         assert_eq!(r.queue, "funcatron.func.hello.v1");
-        assert_eq!(r.async_queue, "funcatron.async.hello.v1");
         let h = |n: &str| {
             r.headers
                 .iter()
@@ -556,6 +552,15 @@ mod tests {
         assert_eq!(h("x-funcatron-path-params"), Some(r#"{"who":"you"}"#));
         let counted = e.counts.get("hello").map(|n| n.load(Ordering::Relaxed));
         assert_eq!(counted, Some(1), "counted");
+        let Ok(Decision::Queue(a)) = e.decide(
+            &parts("GET", "/hello/you"),
+            "h",
+            None,
+            Some(Async::NoResult),
+        ) else {
+            panic!("an async call not routed at the edge");
+        };
+        assert_eq!(a.queue, "funcatron.async.hello.v1");
         assert!(matches!(
             decide(&e, "GET", "/nobody/x"),
             Decision::Answer { status, .. } if status == StatusCode::NOT_FOUND
