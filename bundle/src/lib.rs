@@ -504,6 +504,7 @@ fn synthesized_api(name: &str) -> ApiDoc {
                 operation_id: "fn".to_owned(),
                 has_operation_id: true,
                 bases: None,
+                direct: false,
             })
             .collect(),
     }

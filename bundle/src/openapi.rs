@@ -53,7 +53,15 @@ pub struct Operation {
     /// Where this operation is served when its path item or itself
     /// declares `servers` (OpenAPI 3); `None`: the document's bases.
     pub bases: Option<Vec<Base>>,
+    /// `x-funcatron-direct: true` on the operation: its requests go in
+    /// direct mode (only the head is queued; the body streams to the
+    /// Runner over HTTP and the answer streams back, see
+    /// `docs/runtimes.md#direct-mode-and-streaming`).
+    pub direct: bool,
 }
+
+/// The operation extension that marks a route direct ([`Operation::direct`]).
+pub const DIRECT_EXTENSION: &str = "x-funcatron-direct";
 
 impl Operation {
     /// This operation's bases: its own, else the document's.
@@ -446,6 +454,16 @@ fn operations(doc: &Value, paths: &Value, version: SpecVersion) -> Result<Vec<Op
             } else {
                 None
             };
+            let direct = match present(obj, DIRECT_EXTENSION) {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(Problem::new(
+                        format!("{op_at}/{DIRECT_EXTENSION}"),
+                        "must be true or false",
+                    ))
+                }
+            };
             out.push(Operation {
                 method: m.to_ascii_uppercase(),
                 path: template.clone(),
@@ -454,6 +472,7 @@ fn operations(doc: &Value, paths: &Value, version: SpecVersion) -> Result<Vec<Op
                     .unwrap_or_else(|| default_handler_name(m, template)),
                 has_operation_id: id.is_some(),
                 bases: op_servers.or_else(|| item_servers.clone()),
+                direct,
             });
         }
     }

@@ -87,6 +87,10 @@ pub struct EdgePath {
     pub template: String,
     /// (upper-case method, handler), in the document's order.
     pub methods: Vec<(String, String)>,
+    /// The methods whose operations are direct (`x-funcatron-direct`):
+    /// their requests go in direct mode.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub direct: Vec<String>,
 }
 
 /// One Func of an [`AdmissionTable`].
@@ -147,6 +151,9 @@ pub struct AdmissionOperation {
     /// Its own bases, when it has them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bases: Option<Vec<AdmissionBase>>,
+    /// A direct operation (`x-funcatron-direct`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub direct: bool,
 }
 
 /// How often an ingress reports the requests it routed at the edge.
@@ -249,6 +256,7 @@ mod tests {
                     names: vec![],
                     template: "/".into(),
                     methods: vec![("GET".into(), "root".into())],
+                    direct: vec![],
                 }],
             }],
             funcs: vec![FuncAdmission {
@@ -263,6 +271,7 @@ mod tests {
                     path: "/".into(),
                     operation_id: "root".into(),
                     bases: None,
+                    direct: false,
                 }],
                 full: true,
                 cold: true,

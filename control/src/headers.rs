@@ -46,3 +46,11 @@ pub const ASYNC_POLICY: &str = "x-funcatron-async-policy";
 pub const PHASE: &str = "x-funcatron-phase";
 /// [`PHASE`]: an async call's attempt started on a Runner.
 pub const PHASE_STARTED: &str = "started";
+
+/// On a request message in direct mode (the envelope's `direct`, value
+/// `1`): only the head is queued. The Runner that takes it answers with a
+/// one-time URL on its own HTTP listener instead of running the Func; the
+/// ingress sends the body there and streams the answer back. Set by the
+/// router (an ingress at the edge, or the Tron for a request the ingress
+/// marked), so the Runner knows without decoding the envelope.
+pub const DIRECT: &str = "x-funcatron-direct";

@@ -22,7 +22,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 /// The envelope version this build writes.
-pub const VERSION: &str = "1.1";
+pub const VERSION: &str = "1.2";
 /// The major version this build reads; any other major is dead-lettered.
 pub const MAJOR: u32 = 1;
 
@@ -131,6 +131,11 @@ pub struct Request<'a> {
     /// same as `sent_ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_ms: Option<u64>,
+    /// Direct mode (1.2): only the head travels; `body` is empty. The
+    /// Runner that takes it answers with [`Response::direct_url`], where
+    /// the ingress then sends the body and reads the answer over HTTP.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub direct: bool,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -175,6 +180,9 @@ pub struct RouteView<'a> {
     /// See [`Request::is_async`]: routed to the Func's async queue.
     #[serde(rename = "async", default)]
     pub is_async: bool,
+    /// See [`Request::direct`]: the Tron marks the message for the Runner.
+    #[serde(default)]
+    pub direct: bool,
     /// See [`Request::call_id`]: copied into the Tron's own answers.
     #[serde(borrow, default)]
     pub call_id: Option<Cow<'a, str>>,
@@ -280,6 +288,12 @@ pub struct Response<'a> {
     /// [`Request::attempt`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
+    /// The answer to a [`Request::direct`] request (1.2): a one-time URL
+    /// on the Runner that took it, where the ingress sends the request
+    /// (its body) and reads the Func's answer, streamed. `status`,
+    /// `headers` and `body` are unused.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub direct_url: Option<Cow<'a, str>>,
 }
 
 /// Encode bytes as an envelope body: borrowed text when UTF-8, else base64.
@@ -411,6 +425,7 @@ impl<'a> Response<'a> {
             reply_key: None,
             call_id: None,
             attempt: None,
+            direct_url: None,
         }
     }
 }

@@ -14,6 +14,11 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
 /// Default request deadline, in milliseconds.
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+/// Default size past which a synchronous request's body goes in direct
+/// mode, in bytes.
+pub const DEFAULT_DIRECT_THRESHOLD_BYTES: usize = 1024 * 1024;
+/// Default largest body in direct mode, in bytes.
+pub const DEFAULT_MAX_DIRECT_BODY_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 /// Default most requests waiting at once.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
 
@@ -23,9 +28,20 @@ pub struct IngressArgs {
     /// Address the HTTP ingress listens on.
     #[arg(long, env = "FUNCATRON_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// Largest request body accepted, in bytes; larger ones get 413.
+    /// Largest request body queued in its envelope, in bytes (async
+    /// calls, and synchronous ones up to the direct threshold); larger
+    /// ones get 413.
     #[arg(long, env = "FUNCATRON_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// Synchronous requests with a larger body go in direct mode: only
+    /// the head is queued and the body streams to the Runner over HTTP;
+    /// 0: never by size (direct routes and `Accept: text/event-stream`
+    /// still go direct).
+    #[arg(long, env = "FUNCATRON_DIRECT_THRESHOLD_BYTES", default_value_t = DEFAULT_DIRECT_THRESHOLD_BYTES)]
+    pub direct_threshold_bytes: usize,
+    /// Largest body of a request in direct mode, in bytes.
+    #[arg(long, env = "FUNCATRON_MAX_DIRECT_BODY_BYTES", default_value_t = DEFAULT_MAX_DIRECT_BODY_BYTES)]
+    pub max_direct_body_bytes: u64,
     /// How long a request waits for its answer before 504, in milliseconds.
     #[arg(long, env = "FUNCATRON_TIMEOUT_MS", default_value_t = DEFAULT_TIMEOUT_MS)]
     pub timeout_ms: u64,
@@ -53,6 +69,8 @@ impl IngressArgs {
             timeout: Duration::from_millis(self.timeout_ms),
             max_in_flight: self.max_in_flight,
             routing: self.routing,
+            direct_threshold_bytes: self.direct_threshold_bytes,
+            max_direct_body_bytes: self.max_direct_body_bytes,
             ..IngressOptions::default()
         }
     }

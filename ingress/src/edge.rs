@@ -131,6 +131,8 @@ pub(crate) struct Routed {
     pub queue: String,
     /// The routing outcome, as message headers.
     pub headers: Vec<(String, String)>,
+    /// The operation is direct (`x-funcatron-direct`).
+    pub direct: bool,
 }
 
 impl Edge {
@@ -268,6 +270,7 @@ impl Edge {
             }
             .to_owned(),
             headers: route.headers(preflight),
+            direct: route.direct,
         }))
     }
 }
@@ -501,6 +504,7 @@ mod tests {
                 path: "/{who}".into(),
                 operation_id: "greet".into(),
                 bases: None,
+                direct: false,
             }],
             ..FuncAdmission::default()
         }

@@ -50,6 +50,7 @@ use tracing::Instrument;
 
 pub mod args;
 pub mod calls;
+mod direct;
 pub mod edge;
 pub mod nginx;
 
@@ -80,6 +81,11 @@ pub struct IngressOptions {
     /// Who routes requests: this ingress, by the Trons' table ([`edge`]),
     /// or a Tron.
     pub routing: edge::Routing,
+    /// Synchronous requests with bodies larger than this go in direct
+    /// mode ([`direct`]); 0: never by size.
+    pub direct_threshold_bytes: usize,
+    /// Largest body of a request in direct mode.
+    pub max_direct_body_bytes: u64,
 }
 
 impl Default for IngressOptions {
@@ -92,6 +98,8 @@ impl Default for IngressOptions {
             limits: funcatron_listener::Limits::default(),
             calls: None,
             routing: edge::Routing::default(),
+            direct_threshold_bytes: args::DEFAULT_DIRECT_THRESHOLD_BYTES,
+            max_direct_body_bytes: args::DEFAULT_MAX_DIRECT_BODY_BYTES,
         }
     }
 }
@@ -121,6 +129,8 @@ struct Shared {
     options: IngressOptions,
     /// The Trons' latest route table.
     edge: edge::Edge,
+    /// Long-lived connections to Runners' direct listeners.
+    http: reqwest::Client,
 }
 
 /// Removes a request's pending entry however its handler ends (answered,
@@ -204,6 +214,10 @@ pub async fn app(
             options.instance.clone(),
             shutdown.clone(),
         ),
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .map_err(std::io::Error::other)?,
         options,
     });
     // Replies: wake the waiting request; drop late, duplicate or stray ones.
@@ -374,21 +388,47 @@ async fn read_body(
     match Limited::new(body, limit).collect().await {
         Ok(b) => Ok(b.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) if funcatron_listener::is_body_timeout(e.as_ref()) => Err(error(
+        Err(e) => Err(body_failed(e.as_ref(), id, started)),
+    }
+}
+
+/// The answer to a body that could not be read: 408 when it stalled, else
+/// 400.
+fn body_failed(e: &(dyn std::error::Error + 'static), id: &str, started: Instant) -> HttpResponse {
+    if funcatron_listener::is_body_timeout(e) {
+        return error(
             StatusCode::REQUEST_TIMEOUT,
             id,
             "body_timeout",
             "the request body stalled past the body timeout",
             started,
-        )),
-        Err(e) => Err(error(
-            StatusCode::BAD_REQUEST,
-            id,
-            "bad_request",
-            &format!("could not read the request body: {e}"),
-            started,
-        )),
+        );
     }
+    error(
+        StatusCode::BAD_REQUEST,
+        id,
+        "bad_request",
+        &format!("could not read the request body: {e}"),
+        started,
+    )
+}
+
+/// Wait for a reply to request `id` (replaced by a fresh id when a
+/// client-chosen one is already waiting: it would steal that request's
+/// reply): this attempt's reply key and where the reply arrives.
+fn register(s: &Shared, id: &mut String) -> (String, oneshot::Receiver<Waiting>) {
+    let (tx, rx) = oneshot::channel();
+    let reply_key = new_request_id();
+    match s.pending.entry(id.clone()) {
+        Entry::Vacant(v) => {
+            v.insert((reply_key.clone(), tx));
+        }
+        Entry::Occupied(_) => {
+            *id = new_request_id();
+            s.pending.insert(id.clone(), (reply_key.clone(), tx));
+        }
+    }
+    (reply_key, rx)
 }
 
 /// The envelope fields the HTTP request gives, borrowed from it (the
@@ -491,10 +531,6 @@ async fn handle(
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
     let mut id = request_id(&parts.headers);
-    let body = match read_body(&parts.headers, body, s.options.max_body_bytes, &id, started).await {
-        Ok(b) => b,
-        Err(answer) => return answer,
-    };
     let (mode, decision) = match prepare(&s, &mut parts) {
         Ok(m) => m,
         Err(r) => {
@@ -503,6 +539,21 @@ async fn handle(
             r.decorate(&mut answer);
             return answer;
         }
+    };
+    let direct_route = matches!(&decision, edge::Decision::Queue(r) if r.direct);
+    let planned = direct::plan(
+        &s,
+        &parts.headers,
+        body,
+        mode.is_some(),
+        direct_route,
+        &id,
+        started,
+    )
+    .await;
+    let body = match planned {
+        Ok(p) => p,
+        Err(answer) => return answer,
     };
     // Taken once the request is ready to enqueue: a slow body holds a
     // connection (bounded by the listener's limits), not a request slot.
@@ -532,22 +583,17 @@ async fn handle(
             return answer;
         }
     };
+    let body = match body {
+        direct::Planned::Whole(b) => b,
+        direct::Planned::Direct(d) => {
+            return direct::call(&s, &parts, remote, d, routed, id, started).await
+        }
+    };
     if let Some(mode) = mode {
         return calls::submit(&s, &parts, remote, body, mode, &id, started, routed).await;
     }
 
-    let (tx, rx) = oneshot::channel();
-    let reply_key = new_request_id();
-    // A client-chosen id already waiting would steal that request's reply.
-    match s.pending.entry(id.clone()) {
-        Entry::Vacant(v) => {
-            v.insert((reply_key.clone(), tx));
-        }
-        Entry::Occupied(_) => {
-            id = new_request_id();
-            s.pending.insert(id.clone(), (reply_key.clone(), tx));
-        }
-    }
+    let (reply_key, rx) = register(&s, &mut id);
     let _guard = PendingGuard {
         shared: &s,
         id: &id,
@@ -594,6 +640,23 @@ async fn wait_for_answer(
     id: &str,
     started: Instant,
 ) -> HttpResponse {
+    match wait_for_reply(s, message, routed, rx, id, started).await {
+        Ok(payload) => respond(&payload, id, started),
+        Err(answer) => answer,
+    }
+}
+
+/// Publish `message` (onto its Func's queue when routed here) and wait for
+/// its reply; an error answer when it cannot be queued or is not answered
+/// in time.
+async fn wait_for_reply(
+    s: &Shared,
+    message: Message,
+    routed: Option<edge::Routed>,
+    rx: oneshot::Receiver<Waiting>,
+    id: &str,
+    started: Instant,
+) -> Result<Bytes, HttpResponse> {
     let timeout = s.options.timeout;
     let publish = funcatron_calls::submit::publish_routed(
         &s.broker,
@@ -604,41 +667,41 @@ async fn wait_for_answer(
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "publish failed");
-            return error(
+            return Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 id,
                 "broker_unavailable",
                 &format!("the request could not be queued: {e}"),
                 started,
-            );
+            ));
         }
         Err(_) => {
-            return error(
+            return Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 id,
                 "broker_unavailable",
                 "the request queue stayed full until the deadline",
                 started,
-            );
+            ));
         }
     }
     let remaining = timeout.saturating_sub(started.elapsed());
     let payload = match tokio::time::timeout(remaining, rx).await {
         Ok(Ok(Waiting::Reply(p))) => p,
         Ok(Ok(Waiting::BrokerLost)) | Ok(Err(_)) => {
-            return error(StatusCode::SERVICE_UNAVAILABLE, id, "broker_connection_lost", "the broker connection was lost while the request was in flight; its outcome is unknown", started);
+            return Err(error(StatusCode::SERVICE_UNAVAILABLE, id, "broker_connection_lost", "the broker connection was lost while the request was in flight; its outcome is unknown", started));
         }
         Err(_) => {
-            return error(
+            return Err(error(
                 StatusCode::GATEWAY_TIMEOUT,
                 id,
                 "timeout",
                 &format!("no answer within {} ms", timeout.as_millis()),
                 started,
-            );
+            ));
         }
     };
-    respond(&payload, id, started)
+    Ok(payload)
 }
 
 fn respond(payload: &Bytes, id: &str, started: Instant) -> HttpResponse {

@@ -112,6 +112,9 @@ pub struct Route<'t> {
     /// The Func's position in the table ([`RouteTable::func_infos`], and
     /// the admission entries it was built from).
     pub index: usize,
+    /// The operation is direct (`x-funcatron-direct`): its requests go in
+    /// direct mode.
+    pub direct: bool,
     /// The path's methods and handlers.
     allow: &'t [(String, String)],
 }
@@ -283,6 +286,7 @@ fn admission_of(spec: &FuncSpec<'_>) -> FuncAdmission {
                 path: op.path.clone(),
                 operation_id: op.operation_id.clone(),
                 bases: op.bases.as_ref().map(|bs| bs.iter().map(base).collect()),
+                direct: op.direct,
             })
             .collect(),
         async_only: spec.async_only,
@@ -311,6 +315,8 @@ struct PathRoute {
     literal_len: usize,
     /// (upper-case method, handler).
     methods: Vec<(String, String)>,
+    /// The methods whose operations are direct.
+    direct: Vec<String>,
 }
 
 /// An immutable route table; rebuild and swap to change it.
@@ -344,8 +350,10 @@ fn bundle_entries(func: usize, b: &FuncSpec<'_>) -> Result<Vec<Entry>, RouteErro
         let mut paths: Vec<PathRoute> = Vec::new();
         for op in ops {
             let method = (op.method.clone(), op.operation_id.clone());
+            let direct = op.direct.then(|| op.method.clone());
             if let Some(p) = paths.iter_mut().find(|p| p.template == op.path) {
                 p.methods.push(method);
+                p.direct.extend(direct);
                 continue;
             }
             let (regex, names, literal_len) = match templates.get(op.path.as_str()) {
@@ -366,6 +374,7 @@ fn bundle_entries(func: usize, b: &FuncSpec<'_>) -> Result<Vec<Entry>, RouteErro
                 names,
                 literal_len,
                 methods: vec![method],
+                direct: direct.into_iter().collect(),
             });
         }
         paths.sort_by_key(|p| std::cmp::Reverse(p.literal_len));
@@ -503,6 +512,7 @@ impl RouteTable {
                     operation_id: op.operation_id.clone(),
                     has_operation_id: !op.operation_id.is_empty(),
                     bases: op.bases.as_ref().map(|bs| bs.iter().map(base).collect()),
+                    direct: op.direct,
                 });
                 (f.bases.iter().map(base).collect(), ops.collect())
             })
@@ -587,6 +597,7 @@ impl RouteTable {
                             names: p.names.clone(),
                             template: p.template.clone(),
                             methods: p.methods.clone(),
+                            direct: p.direct.clone(),
                         })
                         .collect(),
                 }
@@ -718,6 +729,7 @@ impl RouteTable {
             template: &p.template,
             params,
             index: e.func,
+            direct: p.direct.iter().any(|m| m == method),
             allow: &p.methods,
         }
     }

@@ -55,6 +55,12 @@ pub struct Job {
     /// synchronous one is refused (400 `async_only`) without running it,
     /// whatever an ingress let through.
     pub async_only: bool,
+    /// A direct request's body, read whole by the direct listener (the
+    /// envelope carries none): used instead of the envelope's.
+    pub direct_body: Option<Bytes>,
+    /// A direct request's streams ([`crate::direct`]): its body in pieces
+    /// (when not read whole) and its answer, written in pieces.
+    pub direct: Option<Arc<crate::direct::DirectIo>>,
 }
 
 /// What the Tron says about an `OPTIONS` on a path without an `options`
@@ -131,6 +137,13 @@ pub struct FuncRequest<'a> {
     pub params: &'a [(String, String)],
     /// When the Func must have answered.
     pub deadline: Instant,
+    /// A direct request's streams: the body in pieces (then
+    /// [`FuncRequest::body`] is empty) and the answer, written in pieces
+    /// (a runtime that cannot stream answers whole).
+    pub direct: Option<Arc<crate::direct::DirectIo>>,
+    /// Largest answer body ([`Job::max_reply_bytes`]): what a runtime
+    /// collects of an answer written in pieces, when it is not streamed.
+    pub max_reply_bytes: usize,
 }
 
 /// A Func's answer.
@@ -299,6 +312,9 @@ impl InvokeError {
 /// is a slice of the payload (no copy); the rest is decoded once.
 pub fn decode(job: &Job) -> Result<(Request<'_>, Bytes), EnvelopeError> {
     let req = Request::decode(&job.payload)?;
+    if let Some(b) = &job.direct_body {
+        return Ok((req, b.clone()));
+    }
     let body = match (&req.body, req.body_base64) {
         (Cow::Borrowed(text), false) => {
             let text: &str = text;
@@ -414,12 +430,17 @@ pub fn start<'a>(
         });
     }
     if let Some(checks) = &job.checks {
-        let checked = checks.check(&Input {
-            params: &job.params,
-            query: &req.query,
-            headers: &req.headers,
-            body: &body,
-        });
+        // A body streamed to the Func is not here to check.
+        let streamed = job.direct.as_ref().is_some_and(|d| d.streams_body());
+        let checked = checks.check_parts(
+            streamed,
+            &Input {
+                params: &job.params,
+                query: &req.query,
+                headers: &req.headers,
+                body: &body,
+            },
+        );
         if let Err(refusal) = checked {
             metrics::counter!("runner_invalid_requests_total", "func" => func.to_owned())
                 .increment(1);
@@ -438,6 +459,8 @@ pub fn start<'a>(
         operation: &job.operation,
         params: &job.params,
         deadline,
+        direct: job.direct.clone(),
+        max_reply_bytes: job.max_reply_bytes,
     })
 }
 
@@ -592,6 +615,7 @@ pub fn finish(
                 reply_key: req.reply_key.clone(),
                 call_id: req.call_id.clone(),
                 attempt: req.attempt,
+                direct_url: None,
             };
             let encoded = (r.status, r.encode());
             drop(r);

@@ -8,9 +8,12 @@
 //! any executable, one process per call, see [`exec`]; worker and exec
 //! processes each in a sandbox, see [`sandbox`]), publishes the response envelope to the request's reply queue,
 //! and only then acknowledges the request. Messages it cannot decode go to
-//! the dead-letter queue; expired requests are skipped.
+//! the dead-letter queue; expired requests are skipped. Direct requests
+//! (large bodies, streamed answers) are claimed over HTTP on the Runner's
+//! own listener instead, see [`direct`].
 
 pub mod args;
+pub mod direct;
 pub mod error;
 pub mod exec;
 pub mod follow;

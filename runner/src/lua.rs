@@ -247,6 +247,172 @@ pub struct LuaFunc {
     spent: Cell<bool>,
     restore: Restore,
     timeout: Duration,
+    /// The running call's body and answer streams (`req.read`,
+    /// `req.start`, `req.write`).
+    io: Rc<std::cell::RefCell<CallIo>>,
+    /// `req.read`, `req.start` and `req.write`, made once.
+    io_fns: [Function; 3],
+}
+
+/// What `req.read`, `req.start` and `req.write` work on during one call.
+#[derive(Default)]
+struct CallIo {
+    /// When the call must end (waits for the client end there).
+    deadline: Option<Instant>,
+    /// The body `req.read` has yet to return, when it is here whole.
+    unread: Option<bytes::Bytes>,
+    /// A direct request's streams.
+    direct: Option<Arc<crate::direct::DirectIo>>,
+    /// The head given by `req.start` (or the default on the first write).
+    head: Option<(u16, Vec<(String, String)>)>,
+    /// The head went to the client (a direct request): the answer is
+    /// streamed.
+    sent: bool,
+    /// What was written, when the answer is not streamed.
+    written: Option<Vec<u8>>,
+    /// Most bytes collected in `written`.
+    max_bytes: usize,
+}
+
+/// The content type of an answer written in pieces without `req.start`.
+const STREAM_CONTENT_TYPE: &str = "application/octet-stream";
+
+/// What the pieces-API raised: the time limit (uncatchable, as the hook's)
+/// or a broken client.
+fn io_error(timed_out: &Cell<bool>, e: crate::direct::IoError) -> mlua::Error {
+    if matches!(e, crate::direct::IoError::Timeout) {
+        timed_out.set(true);
+        return mlua::Error::runtime("time limit exceeded");
+    }
+    mlua::Error::runtime(e.to_string())
+}
+
+/// Make `req.read`, `req.start` and `req.write` (see `docs/runtimes.md`).
+fn io_functions(
+    lua: &Lua,
+    io: &Rc<std::cell::RefCell<CallIo>>,
+    timed_out: &Rc<Cell<bool>>,
+) -> mlua::Result<[Function; 3]> {
+    let (io_r, t_r) = (Rc::clone(io), Rc::clone(timed_out));
+    let read = lua.create_function(move |lua, ()| {
+        let (direct, deadline) = {
+            let mut c = io_r.borrow_mut();
+            if let Some(b) = c.unread.take() {
+                return if b.is_empty() {
+                    Ok(Value::Nil)
+                } else {
+                    Ok(Value::String(lua.create_string(&b)?))
+                };
+            }
+            (c.direct.clone(), c.deadline)
+        };
+        let Some(d) = direct.filter(|d| d.streams_body()) else {
+            return Ok(Value::Nil);
+        };
+        let deadline = deadline.unwrap_or_else(Instant::now);
+        match d.read_blocking(deadline) {
+            Ok(Some(b)) => Ok(Value::String(lua.create_string(&b)?)),
+            Ok(None) => Ok(Value::Nil),
+            Err(e) => Err(io_error(&t_r, e)),
+        }
+    })?;
+    let (io_s, t_s) = (Rc::clone(io), Rc::clone(timed_out));
+    let start = lua.create_function(move |lua, (status, headers): (i64, Value)| {
+        if !(200..=599).contains(&status) {
+            return Err(mlua::Error::runtime(format!(
+                "invalid HTTP status {status}"
+            )));
+        }
+        let mut headers = headers_of(lua, headers)?;
+        if !headers.iter().any(|(k, _)| k == "content-type") {
+            headers.push(("content-type".into(), STREAM_CONTENT_TYPE.into()));
+        }
+        let mut c = io_s.borrow_mut();
+        if c.head.is_some() {
+            return Err(mlua::Error::runtime(
+                "req.start: the answer has started already",
+            ));
+        }
+        c.head = Some((status as u16, headers));
+        send_head(&mut c).map_err(|e| io_error(&t_s, e))
+    })?;
+    let (io_w, t_w) = (Rc::clone(io), Rc::clone(timed_out));
+    let write = lua.create_function(move |lua, chunk: Value| {
+        let Some(chunk) = lua.coerce_string(chunk)? else {
+            return Err(mlua::Error::runtime("req.write: expected a string"));
+        };
+        let mut c = io_w.borrow_mut();
+        if c.head.is_none() {
+            c.head = Some((
+                200,
+                vec![("content-type".into(), STREAM_CONTENT_TYPE.into())],
+            ));
+            send_head(&mut c).map_err(|e| io_error(&t_w, e))?;
+        }
+        let bytes = chunk.as_bytes();
+        if c.sent {
+            let (d, deadline) = match (&c.direct, c.deadline) {
+                (Some(d), Some(t)) => (Arc::clone(d), t),
+                _ => return Ok(()),
+            };
+            drop(c);
+            let piece = bytes::Bytes::copy_from_slice(&bytes);
+            return d
+                .send_blocking(crate::direct::Part::Chunk(piece), deadline)
+                .map_err(|e| io_error(&t_w, e));
+        }
+        let max = c.max_bytes;
+        let written = c.written.get_or_insert_with(Vec::new);
+        if written.len() + bytes.len() > max {
+            return Err(mlua::Error::runtime(format!(
+                "req.write: the answer exceeds the limit of {max} bytes"
+            )));
+        }
+        written.extend_from_slice(&bytes);
+        Ok(())
+    })?;
+    Ok([read, start, write])
+}
+
+/// On a direct request whose client can take a stream, send the head now.
+fn send_head(c: &mut CallIo) -> Result<(), crate::direct::IoError> {
+    let (Some(d), Some((status, headers)), Some(deadline)) = (&c.direct, &c.head, c.deadline)
+    else {
+        return Ok(());
+    };
+    d.send_blocking(
+        crate::direct::Part::Head(*status, headers.clone()),
+        deadline,
+    )?;
+    c.sent = true;
+    Ok(())
+}
+
+/// A Lua headers table (`{name = value or {values}}`) as pairs, names
+/// lower-cased.
+fn headers_of(lua: &Lua, v: Value) -> mlua::Result<Vec<(String, String)>> {
+    let mut headers = Vec::new();
+    if let Value::Table(h) = v {
+        for pair in h.pairs::<mlua::LuaString, Value>() {
+            let (k, v) = pair?;
+            let k = k.to_string_lossy().to_ascii_lowercase();
+            match v {
+                Value::Table(list) => {
+                    for item in list.sequence_values::<mlua::LuaString>() {
+                        headers.push((k.clone(), item?.to_string_lossy()));
+                    }
+                }
+                other => {
+                    let s = lua
+                        .coerce_string(other)?
+                        .map(|s| s.to_string_lossy())
+                        .unwrap_or_default();
+                    headers.push((k, s));
+                }
+            }
+        }
+    }
+    Ok(headers)
 }
 
 /// What puts the shared tables back after a call: the Lua-side restore of
@@ -321,6 +487,8 @@ impl LuaFunc {
             .map_err(lua_prep)?;
         lua.globals().raw_set("env", env).map_err(lua_prep)?;
         let snapshot = install_wrappers(&lua, &deadline, &timed_out).map_err(lua_prep)?;
+        let io = Rc::new(std::cell::RefCell::new(CallIo::default()));
+        let io_fns = io_functions(&lua, &io, &timed_out).map_err(lua_prep)?;
         lua.set_memory_limit(memory).map_err(lua_prep)?;
 
         // Top-level code gets the Func's limit, and at least 5 s.
@@ -337,6 +505,8 @@ impl LuaFunc {
             spent: Cell::new(false),
             restore,
             timeout,
+            io,
+            io_fns,
         })
     }
 
@@ -380,9 +550,27 @@ impl LuaFunc {
         })?;
         self.lua
             .set_app_data(RequestId(req.envelope.id.to_string()));
-        match handler.call::<Value>(table) {
-            Ok(v) => to_response(&self.lua, v).map_err(|e| self.classify(e)),
-            Err(e) => Err(self.classify(e)),
+        let streams_body = req.direct.as_ref().is_some_and(|d| d.streams_body());
+        *self.io.borrow_mut() = CallIo {
+            deadline: Some(req.deadline),
+            unread: (!streams_body).then(|| req.body.clone()),
+            direct: req.direct.clone(),
+            head: None,
+            sent: false,
+            written: None,
+            max_bytes: req.max_reply_bytes,
+        };
+        let called = handler.call::<Value>(table);
+        let io = std::mem::take(&mut *self.io.borrow_mut());
+        match (called, io.head) {
+            (Err(e), _) => Err(self.classify(e)),
+            // Written in pieces: what was returned is not the answer.
+            (Ok(_), Some((status, headers))) => Ok(FuncResponse {
+                status,
+                headers,
+                body: io.written.unwrap_or_default(),
+            }),
+            (Ok(v), None) => to_response(&self.lua, v).map_err(|e| self.classify(e)),
         }
     }
 
@@ -420,7 +608,7 @@ impl LuaFunc {
     fn request_table(&self, req: &FuncRequest<'_>) -> Result<Table, BuildError> {
         let lua = &self.lua;
         let env = req.envelope;
-        let t = lua.create_table_with_capacity(0, 14)?;
+        let t = lua.create_table_with_capacity(0, 17)?;
         t.raw_set("id", env.id.as_ref())?;
         t.raw_set("method", env.method.as_ref())?;
         t.raw_set("scheme", env.scheme.as_ref())?;
@@ -466,6 +654,14 @@ impl LuaFunc {
             }
         }
         t.raw_set("headers", headers)?;
+        let [read, start, write] = &self.io_fns;
+        t.raw_set("read", read)?;
+        t.raw_set("start", start)?;
+        t.raw_set("write", write)?;
+        if req.direct.as_ref().is_some_and(|d| d.streams_body()) {
+            // Streamed: `req.read()` has it, in pieces.
+            return Ok(t);
+        }
         t.raw_set("body", lua.create_string(&req.body)?)?;
         if content_type.contains("json") && !req.body.is_empty() {
             let v: serde_json::Value = serde_json::from_slice(&req.body).map_err(|e| {
@@ -521,27 +717,7 @@ fn to_response(lua: &Lua, v: Value) -> Result<FuncResponse, mlua::Error> {
                     "invalid HTTP status {status}"
                 )));
             }
-            let mut headers = Vec::new();
-            if let Value::Table(h) = t.raw_get::<Value>("headers")? {
-                for pair in h.pairs::<mlua::LuaString, Value>() {
-                    let (k, v) = pair?;
-                    let k = k.to_string_lossy().to_ascii_lowercase();
-                    match v {
-                        Value::Table(list) => {
-                            for item in list.sequence_values::<mlua::LuaString>() {
-                                headers.push((k.clone(), item?.to_string_lossy()));
-                            }
-                        }
-                        other => {
-                            let s = lua
-                                .coerce_string(other)?
-                                .map(|s| s.to_string_lossy())
-                                .unwrap_or_default();
-                            headers.push((k, s));
-                        }
-                    }
-                }
-            }
+            let mut headers = headers_of(lua, t.raw_get::<Value>("headers")?)?;
             let has_ct = headers.iter().any(|(k, _)| k == "content-type");
             let body = match t.raw_get::<Value>("body")? {
                 Value::Nil => Vec::new(),

@@ -14,6 +14,7 @@ use funcatron_bundle::Bundle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::direct::Direct;
 use crate::follow::{self, Desired, FollowOptions};
 use crate::observe::{new_runner_id, LevelHook, Observer};
 use crate::serve::{serve, RunnerOptions};
@@ -106,7 +107,16 @@ impl RunnerNode {
             Source::Follow(f) => (None, spawn_follower(&broker, f, &shutdown)),
             Source::Watch(rx) => (None, rx),
         };
-        serve(broker, desired, options, observer, shutdown).await;
+        let direct = match Direct::start(options.direct.clone(), &shutdown).await {
+            Ok(d) => d,
+            Err(e) => {
+                // Without it direct requests cannot be served; everything
+                // else can.
+                tracing::error!(error = %e, "direct listener not started; direct requests are answered 503");
+                Direct::unavailable(e.to_string())
+            }
+        };
+        serve(broker, desired, options, observer, direct, shutdown).await;
     }
 }
 

@@ -33,6 +33,7 @@ use funcatron_bundle::auth::{AuthRules, Guard};
 use funcatron_bundle::cors::Cors;
 use funcatron_bundle::validate::{self, Answer, Checks, ResponseChecks};
 
+use crate::direct::Direct;
 use crate::error::{DeliveryError, PrepareError, SecretError};
 use crate::exec::ExecLimits;
 use crate::follow::Desired;
@@ -64,6 +65,10 @@ struct Version {
     cors: Option<Arc<Cors>>,
     /// Its async policy's `async_only` ([`Job::async_only`]).
     async_only: bool,
+    /// The routes (`METHOD /template`) whose direct requests stream their
+    /// body to the Func: direct operations (`x-funcatron-direct`) of a
+    /// runtime that reads bodies in pieces (Lua).
+    streams_body: std::collections::HashSet<String>,
 }
 
 impl Version {
@@ -77,6 +82,7 @@ impl Version {
             guard: None,
             cors: None,
             async_only: false,
+            streams_body: std::collections::HashSet::new(),
         }
     }
 
@@ -219,6 +225,8 @@ pub struct RunnerOptions {
     /// report mismatches, as a Func's `check_responses` setting does for
     /// that Func. `funcatron dev` sets it.
     pub check_responses: bool,
+    /// The direct listener ([`crate::direct`]).
+    pub direct: crate::direct::DirectOptions,
 }
 
 /// Where caches go unless told: `$XDG_CACHE_HOME/funcatron`,
@@ -327,6 +335,7 @@ pub(crate) async fn serve(
     mut desired: watch::Receiver<Desired>,
     options: RunnerOptions,
     observer: Observer,
+    direct: Arc<Direct>,
     shutdown: CancellationToken,
 ) {
     let mut active: HashMap<(String, String), Serving> = HashMap::new();
@@ -346,7 +355,7 @@ pub(crate) async fn serve(
             let key = (b.name.clone(), b.version.clone());
             match active.entry(key) {
                 std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(start_version(&broker, b, &options, &observer).await);
+                    slot.insert(start_version(&broker, b, &options, &observer, &direct).await);
                 }
                 // Re-enabled with settings its preparation depends on:
                 // prepared again, the old one stops taking work and
@@ -355,7 +364,7 @@ pub(crate) async fn serve(
                     if serving.get().prepared_with != PreparedWith::of(b) =>
                 {
                     tracing::info!(func = %b.name, version = %b.version, "settings changed: preparing the version again");
-                    let fresh = start_version(&broker, b, &options, &observer).await;
+                    let fresh = start_version(&broker, b, &options, &observer, &direct).await;
                     let old = std::mem::replace(serving.get_mut(), fresh);
                     old.stop.cancel();
                     old.tasks.close();
@@ -464,6 +473,15 @@ async fn prepare_version(b: &Bundle, options: &RunnerOptions, observer: &Observe
         guard,
         cors,
         async_only: b.async_policy.async_only.unwrap_or(false),
+        streams_body: if b.runtime == RuntimeKind::Lua {
+            b.operations
+                .iter()
+                .filter(|op| op.direct)
+                .map(|op| validate::route_key(&op.method, &op.path))
+                .collect()
+        } else {
+            std::collections::HashSet::new()
+        },
     }
 }
 
@@ -473,6 +491,7 @@ async fn start_version(
     b: &Bundle,
     options: &RunnerOptions,
     observer: &Observer,
+    direct: &Arc<Direct>,
 ) -> Serving {
     let version = Arc::new(prepare_version(b, options, observer).await);
     let queue = names::func_queue(&b.name, &b.version);
@@ -532,6 +551,8 @@ async fn start_version(
                     max_reply_bytes: options.max_reply_bytes,
                     debug: Arc::clone(&debug),
                     check_responses: Arc::clone(&check_responses),
+                    direct: Arc::clone(direct),
+                    tasks: tasks.clone(),
                 };
                 tasks.spawn(consume(Arc::new(ctx), sub, stop.clone()));
             }
@@ -607,6 +628,11 @@ struct Consumer {
     /// `check_responses` setting (it follows re-enables) or
     /// [`RunnerOptions::check_responses`].
     check_responses: Arc<AtomicBool>,
+    /// The Runner's direct listener, where direct requests are claimed.
+    direct: Arc<Direct>,
+    /// The version's tasks: a claimed direct request runs as one of them,
+    /// so retiring the version waits for it.
+    tasks: TaskTracker,
 }
 
 /// Consume one Func queue until `stop`. On `stop` the consumer is
@@ -738,13 +764,15 @@ fn job_for(ctx: &Consumer, delivery: &Delivery, picked_ms: f64) -> Result<Job, D
         cors: ctx.version.cors.clone(),
         preflight,
         async_only: ctx.version.async_only,
+        direct_body: None,
+        direct: None,
     })
 }
 
 /// One delivery, start to end: decode, expiry, checks, deadline, the
 /// runtime's call, the response envelope; then [`settle`] publishes the
 /// reply, acknowledges and captures.
-async fn handle(ctx: &Consumer, delivery: Delivery) {
+async fn handle(ctx: &Arc<Consumer>, delivery: Delivery) {
     let picked_ms = now_ms();
     let func = &*ctx.func;
     if delivery.redelivered {
@@ -757,6 +785,9 @@ async fn handle(ctx: &Consumer, delivery: Delivery) {
         Ok(job) => job,
         Err(why) => return dead_letter(&ctx.broker, &ctx.queue, delivery, &why.to_string()).await,
     };
+    if !ctx.is_async && delivery.message.header(headers::DIRECT).is_some() {
+        return offer_direct(ctx, delivery, job).await;
+    }
     let span = tracing::debug_span!(
         "runner.invoke",
         func,
@@ -785,6 +816,82 @@ async fn handle(ctx: &Consumer, delivery: Delivery) {
     }
     .instrument(span)
     .await
+}
+
+/// A direct request: issue a ticket holding its job, answer the ingress
+/// with the ticket's URL, then acknowledge ([`crate::direct`]). The job
+/// runs when the ingress claims the ticket.
+async fn offer_direct(ctx: &Arc<Consumer>, delivery: Delivery, job: Job) {
+    let payload = job.payload.clone();
+    let head = match funcatron_envelope::Request::decode(&payload) {
+        Ok(r) => r,
+        Err(why) => return dead_letter(&ctx.broker, &ctx.queue, delivery, &why.to_string()).await,
+    };
+    let Some(reply_to) = head.reply_to.as_deref() else {
+        // Nobody could claim it.
+        return ack(delivery).await;
+    };
+    let left_ms = head.deadline_ms as f64 - now_ms();
+    if left_ms <= 0.0 {
+        metrics::counter!("runner_expired_total").increment(1);
+        return ack(delivery).await;
+    }
+    let ttl = ctx
+        .direct
+        .options()
+        .ticket_ttl
+        .min(std::time::Duration::from_millis(left_ms as u64));
+    let route = ctx.version.route(
+        &ctx.func,
+        delivery.message.header(headers::ROUTE),
+        &job.operation,
+    );
+    let stream_body = route.is_some_and(|r| ctx.version.streams_body.contains(r));
+    let run_ctx = Arc::clone(ctx);
+    let start: crate::direct::Start = Box::new(move |body, io| {
+        let tasks = run_ctx.tasks.clone();
+        tasks.spawn(async move {
+            let mut job = job;
+            job.direct_body = body;
+            job.direct = Some(io);
+            run_ctx.load.begin();
+            let started = std::time::Instant::now();
+            let handled = call_version(&run_ctx.func, &run_ctx.version.prepared, job).await;
+            run_ctx.load.end(started.elapsed());
+            handled
+        })
+    });
+    let ticket = crate::direct::Ticket {
+        expires: std::time::Instant::now() + ttl,
+        stream_body,
+        start,
+    };
+    let answer = match ctx.direct.issue(ticket) {
+        Ok(url) => funcatron_envelope::Response {
+            version: std::borrow::Cow::Borrowed(funcatron_envelope::VERSION),
+            id: head.id.clone(),
+            status: 200,
+            reply_key: head.reply_key.clone(),
+            direct_url: Some(std::borrow::Cow::Owned(url)),
+            ..Default::default()
+        },
+        Err((code, why)) => {
+            let mut r = funcatron_envelope::Response::error(&head.id, 503, code, &why);
+            r.reply_key = head.reply_key.clone();
+            r
+        }
+    };
+    match ctx
+        .broker
+        .publish(reply_to, Message::new(answer.encode()))
+        .await
+    {
+        Ok(()) | Err(BrokerError::NoRoute(_)) => ack(delivery).await,
+        Err(e) => {
+            tracing::warn!(func = &*ctx.func, request_id = %head.id, error = %e, "direct ticket not sent; requeueing the request");
+            requeue(delivery).await;
+        }
+    }
 }
 
 /// How long an async attempt runs before the Trons are told it started:
@@ -1029,6 +1136,8 @@ mod tests {
             cors: None,
             preflight: None,
             async_only: false,
+            direct_body: None,
+            direct: None,
         }
     }
 

@@ -70,6 +70,8 @@ fn job(op: &str, body: &[u8], content_type: &str) -> Job {
         cors: None,
         preflight: None,
         async_only: false,
+        direct_body: None,
+        direct: None,
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use funcatron_broker::{
     AnyBroker, Broker, BrokerError, ConsumeOptions, Delivery, Message, QueueKind,
 };
-use funcatron_control::names;
+use funcatron_control::{headers, names};
 use funcatron_envelope::{now_ms, Response, RouteView};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -253,7 +253,10 @@ async fn forward(
     now: f64,
     ttl_ms: u64,
 ) {
-    let hdrs = route.headers(preflight);
+    let mut hdrs = route.headers(preflight);
+    if view.direct {
+        hdrs.push((headers::DIRECT.to_owned(), "1".to_owned()));
+    }
     let forward = Message {
         payload: delivery.message.payload.clone(),
         headers: hdrs,

@@ -172,8 +172,18 @@ impl Checks {
 
     /// Check a request; `Ok` when the Func may be invoked.
     pub fn check<H: AsRef<str>>(&self, input: &Input<'_, H>) -> Result<(), Refusal> {
+        self.check_parts(false, input)
+    }
+
+    /// [`Checks::check`], without the body when `skip_body` (a direct
+    /// request's body, streamed to the Func, is not there to check).
+    pub fn check_parts<H: AsRef<str>>(
+        &self,
+        skip_body: bool,
+        input: &Input<'_, H>,
+    ) -> Result<(), Refusal> {
         let mut problems = Vec::new();
-        if let Some(body) = &self.body {
+        if let Some(body) = self.body.as_ref().filter(|_| !skip_body) {
             let ct = input
                 .headers
                 .iter()
