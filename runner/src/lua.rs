@@ -5,11 +5,15 @@
 //! call; [`crate::serve::check`] (uploads, `funcatron dev`) prepares a
 //! [`LuaFunc`] the same way, on a blocking thread, under the same limits.
 //!
-//! Each Lua bundle version has a pool of OS threads (the `workers`
-//! setting), each holding one prepared Lua state: the handler file is
-//! loaded once and its functions are looked up by `operationId`, then
-//! reused for every request. Requests reach a free thread through a
-//! bounded channel; the serve loop awaits the answer.
+//! A Runner has one pool of OS threads for all its Lua Funcs
+//! ([`LuaThreads`], the `workers` setting), so threads do not grow with
+//! the number of Funcs. Each thread keeps one prepared Lua state per Func
+//! version it has served (at most [`STATES_PER_THREAD`], least recently
+//! used dropped first): the handler file is loaded once and its functions
+//! are looked up by `operationId`, then reused for every request. Requests
+//! reach a free thread through a bounded channel; the serve loop awaits
+//! the answer. A direct request ([`crate::direct`]) runs on a thread of
+//! its own with a fresh state, since it may wait on its client.
 //!
 //! # Sandbox
 //!
@@ -107,68 +111,167 @@ const RESTORE_LIMIT: Duration = Duration::from_millis(500);
 /// The sandbox's Lua-side wrappers and the restore snapshot.
 const SANDBOX_LUA: &str = include_str!("lua/sandbox.lua");
 
-/// One request for a Lua thread (the state is not `Send`, so the request
-/// crosses to its thread, undecoded; the thread runs the serve loop's
-/// skeleton around the call and answers with the encoded response).
-struct Task {
-    func: Arc<str>,
-    job: Job,
-    done: tokio::sync::oneshot::Sender<Handled>,
+/// One piece of work for a thread of the Runner's Lua pool.
+enum Task {
+    /// Prepare a version's state on this thread and say whether it loaded.
+    Prepare {
+        version: Arc<LuaVersion>,
+        done: tokio::sync::oneshot::Sender<Result<(), PrepareError>>,
+    },
+    /// One request (the state is not `Send`, so the request crosses to
+    /// its thread, undecoded; the thread runs the serve loop's skeleton
+    /// around the call and answers with the encoded response).
+    Call {
+        version: Arc<LuaVersion>,
+        func: Arc<str>,
+        job: Job,
+        done: tokio::sync::oneshot::Sender<Handled>,
+    },
+    /// Drop the states of versions no longer served.
+    Sweep,
 }
 
-/// A Lua bundle version, prepared on a pool of threads (each holds its own
-/// state); calls reach a free thread through a bounded channel.
-pub struct LuaPool {
+/// Most Lua states one pool thread keeps (one per Func version it has
+/// served, least recently used dropped first).
+const STATES_PER_THREAD: usize = 64;
+
+/// Most Lua calls of direct requests running at once (each on its own
+/// thread: a call streaming a body or an answer waits on its client).
+const DIRECT_CALLS: usize = 256;
+
+/// The Runner's Lua threads, shared by every Lua Func it serves: threads
+/// do not grow with the number of Funcs. Each thread keeps a prepared
+/// state per version it has served ([`STATES_PER_THREAD`] at most).
+pub struct LuaThreads {
     tx: async_channel::Sender<Task>,
+    threads: usize,
+    /// Direct calls run on threads of their own, at most [`DIRECT_CALLS`].
+    direct: Arc<tokio::sync::Semaphore>,
+    /// Numbers the versions prepared on the pool.
+    next: std::sync::atomic::AtomicU64,
 }
 
-impl LuaPool {
-    /// Prepare `bundle` on `options.workers` threads. When the first
-    /// thread cannot prepare it, the pool stops and the reason is returned.
-    pub async fn prepare(
-        bundle: &Bundle,
-        options: &RunnerOptions,
-        observer: &Observer,
-    ) -> Result<Self, PrepareError> {
-        let limits = options.lua_limits;
-        let workers = options.workers.max(1);
+impl LuaThreads {
+    /// Start `workers` threads (at least one). They end when the last
+    /// handle (and every [`LuaPool`] of it) is dropped.
+    pub fn start(workers: usize) -> Arc<LuaThreads> {
+        let workers = workers.max(1);
         let (tx, rx) = async_channel::bounded::<Task>(workers * 256);
-        // Thread 0 reports whether the bundle prepared, so it is prepared
-        // once per thread and no more.
-        let (report_tx, report) = tokio::sync::oneshot::channel();
-        let mut report_tx = Some(report_tx);
         for i in 0..workers {
             let rx = rx.clone();
-            let bundle = bundle.clone();
-            let report = report_tx.take();
-            let observer = observer.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("funcatron-lua-{i}"))
-                .spawn(move || worker(&bundle, &rx, limits, &observer, report));
+                .spawn(move || worker(&rx));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a Lua worker thread");
             }
         }
+        Arc::new(LuaThreads {
+            tx,
+            threads: workers,
+            direct: Arc::new(tokio::sync::Semaphore::new(DIRECT_CALLS)),
+            next: std::sync::atomic::AtomicU64::new(1),
+        })
+    }
+}
+
+/// What a pool thread needs to prepare a version.
+struct LuaVersion {
+    id: u64,
+    bundle: Bundle,
+    limits: LuaLimits,
+    observer: Observer,
+}
+
+/// A Lua bundle version served by the Runner's [`LuaThreads`]: calls reach
+/// a free thread through a bounded channel.
+pub struct LuaPool {
+    threads: Arc<LuaThreads>,
+    version: Arc<LuaVersion>,
+}
+
+impl Drop for LuaPool {
+    fn drop(&mut self) {
+        // Let the threads drop this version's states soon (a thread that
+        // gets no sweep drops them on its next call).
+        for _ in 0..self.threads.threads {
+            let _ = self.threads.tx.try_send(Task::Sweep);
+        }
+    }
+}
+
+impl LuaPool {
+    /// Prepare `bundle` on one of the Runner's Lua threads; when it cannot
+    /// be prepared, the reason is returned. Other threads prepare it when
+    /// they first serve it.
+    pub async fn prepare(
+        bundle: &Bundle,
+        options: &RunnerOptions,
+        observer: &Observer,
+        threads: &Arc<LuaThreads>,
+    ) -> Result<Self, PrepareError> {
+        let version = Arc::new(LuaVersion {
+            id: threads
+                .next
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            bundle: bundle.clone(),
+            limits: options.lua_limits,
+            observer: observer.clone(),
+        });
+        let (done, report) = tokio::sync::oneshot::channel();
+        let task = Task::Prepare {
+            version: Arc::clone(&version),
+            done,
+        };
+        if threads.tx.send(task).await.is_err() {
+            return Err(PrepareError::Lua("the Lua threads have stopped".into()));
+        }
         match report.await {
-            Ok(Ok(())) => Ok(LuaPool { tx }),
+            Ok(Ok(())) => Ok(LuaPool {
+                threads: Arc::clone(threads),
+                version,
+            }),
             Ok(Err(why)) => Err(why),
-            Err(_) => Err(PrepareError::Lua("cannot start a Lua worker thread".into())),
+            Err(_) => Err(PrepareError::Lua("a Lua worker thread ended".into())),
         }
     }
 
     /// Handle one request on a free thread of the pool: the serve loop's
     /// skeleton ([`crate::invoke::run_sync`]) runs there around the call,
     /// so the Func's time limit and the expiry check start when a thread
-    /// takes it.
+    /// takes it. A direct request runs on a thread of its own (it may wait
+    /// on its client for as long as its time limit).
     pub async fn run(&self, func: &Arc<str>, job: Job) -> Handled {
         let (done, rx) = tokio::sync::oneshot::channel();
-        let task = Task {
-            func: Arc::clone(func),
-            job,
-            done,
-        };
-        if self.tx.send(task).await.is_err() {
-            return Handled::Requeue("the Lua runtime has stopped".into());
+        if job.direct.is_some() {
+            let Ok(permit) = Arc::clone(&self.threads.direct).acquire_owned().await else {
+                return Handled::Requeue("the Lua runtime has stopped".into());
+            };
+            let (version, func) = (Arc::clone(&self.version), Arc::clone(func));
+            let spawned = std::thread::Builder::new()
+                .name("funcatron-lua-direct".into())
+                .spawn(move || {
+                    let f = LuaFunc::prepare_observed(
+                        &version.bundle,
+                        version.limits,
+                        &version.observer,
+                    );
+                    let _ = done.send(call_on(&version.bundle.name, &f, &func, &job));
+                    drop(permit);
+                });
+            if let Err(e) = spawned {
+                return Handled::Requeue(format!("cannot start a Lua thread: {e}"));
+            }
+        } else {
+            let task = Task::Call {
+                version: Arc::clone(&self.version),
+                func: Arc::clone(func),
+                job,
+                done,
+            };
+            if self.threads.tx.send(task).await.is_err() {
+                return Handled::Requeue("the Lua runtime has stopped".into());
+            }
         }
         // A thread answers even when the Func panics (see `run_task`); no
         // answer means its thread is gone, and the request goes back.
@@ -177,45 +280,89 @@ impl LuaPool {
     }
 }
 
-fn worker(
-    bundle: &Bundle,
-    rx: &async_channel::Receiver<Task>,
-    limits: LuaLimits,
-    observer: &Observer,
-    report: Option<tokio::sync::oneshot::Sender<Result<(), PrepareError>>>,
-) {
-    let mut func = LuaFunc::prepare_observed(bundle, limits, observer);
-    if let Some(report) = report {
-        // Nobody waits any more when the version was dropped meanwhile.
-        let _ = report.send(
-            func.as_ref()
-                .map(drop)
-                .map_err(|e| PrepareError::Lua(e.to_string())),
-        );
-    }
+/// One request through the skeleton on this thread, with `f` (or its
+/// preparation's failure).
+fn call_on(name: &str, f: &Result<LuaFunc, PrepareError>, func: &str, job: &Job) -> Handled {
+    invoke::run_sync(func, job, u64::MAX, |req| match f {
+        Ok(f) => run_task(name, f, req),
+        Err(e) => Called::now(Err(InvokeError::Broken(format!(
+            "bundle failed to load: {e}"
+        )))),
+    })
+}
+
+/// A prepared state on a pool thread.
+struct State {
+    /// Gone once the version is no longer served.
+    version: std::sync::Weak<LuaVersion>,
+    func: Result<LuaFunc, PrepareError>,
+    /// When it last served (a count of this thread's calls).
+    used: u64,
+}
+
+/// A pool thread: take tasks until the pool is dropped, keeping a state
+/// per version served.
+fn worker(rx: &async_channel::Receiver<Task>) {
+    let mut states: HashMap<u64, State> = HashMap::new();
+    let mut calls: u64 = 0;
     while let Ok(task) = rx.recv_blocking() {
-        let answer = invoke::run_sync(&task.func, &task.job, u64::MAX, |req| match &func {
-            Ok(f) => run_task(&bundle.name, f, req),
-            Err(e) => Called::now(Err(InvokeError::Broken(format!(
-                "bundle failed to load: {e}"
-            )))),
-        });
-        // The caller may have gone (its delivery dropped at shutdown).
-        let _ = task.done.send(answer);
-        if func.as_ref().is_ok_and(LuaFunc::spent) {
-            // A call ran past its limit: nothing of that state is trusted
-            // (it may hold half-done work, a coroutine mid-loop). The old
-            // state goes before the new one is built.
-            drop(std::mem::replace(
-                &mut func,
-                Err(PrepareError::Lua("rebuilding the Lua state".into())),
-            ));
-            func = LuaFunc::prepare_observed(bundle, limits, observer);
-            if let Err(e) = &func {
-                tracing::error!(func = %bundle.name, error = %e, "Lua state could not be rebuilt after a timeout");
+        calls += 1;
+        if calls % 16 == 0 {
+            states.retain(|_, s| s.version.strong_count() > 0);
+        }
+        match task {
+            Task::Sweep => states.retain(|_, s| s.version.strong_count() > 0),
+            Task::Prepare { version, done } => {
+                let state = state_for(&mut states, &version, calls);
+                let _ = done.send(
+                    state
+                        .func
+                        .as_ref()
+                        .map(drop)
+                        .map_err(|e| PrepareError::Lua(e.to_string())),
+                );
+            }
+            Task::Call {
+                version,
+                func,
+                job,
+                done,
+            } => {
+                let state = state_for(&mut states, &version, calls);
+                let answer = call_on(&version.bundle.name, &state.func, &func, &job);
+                // The caller may have gone (its delivery dropped at shutdown).
+                let _ = done.send(answer);
+                if state.func.as_ref().is_ok_and(LuaFunc::spent) {
+                    // A call ran past its limit: nothing of that state is
+                    // trusted (it may hold half-done work, a coroutine
+                    // mid-loop). It goes now; the next call prepares anew.
+                    states.remove(&version.id);
+                }
             }
         }
     }
+}
+
+/// This thread's state of `version`, prepared now if it has none (the
+/// least recently used state dropped first when the thread holds
+/// [`STATES_PER_THREAD`]).
+fn state_for<'s>(
+    states: &'s mut HashMap<u64, State>,
+    version: &Arc<LuaVersion>,
+    now: u64,
+) -> &'s mut State {
+    if !states.contains_key(&version.id) && states.len() >= STATES_PER_THREAD {
+        if let Some(oldest) = states.iter().min_by_key(|(_, s)| s.used).map(|(k, _)| *k) {
+            states.remove(&oldest);
+        }
+    }
+    let state = states.entry(version.id).or_insert_with(|| State {
+        version: Arc::downgrade(version),
+        func: LuaFunc::prepare_observed(&version.bundle, version.limits, &version.observer),
+        used: now,
+    });
+    state.used = now;
+    state
 }
 
 /// One call on this thread, within the Func's own time limit; a panic in

@@ -14,7 +14,7 @@ use funcatron_bundle::{Bundle, RuntimeKind};
 use crate::error::PrepareError;
 use crate::exec::ExecFunc;
 use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
-use crate::lua::LuaPool;
+use crate::lua::{LuaPool, LuaThreads};
 use crate::observe::Observer;
 use crate::sandbox::Isolation;
 use crate::serve::RunnerOptions;
@@ -59,8 +59,8 @@ pub trait Runtime: Sized + Send + Sync + 'static {
 
 /// A bundle version prepared by the runtime it names.
 pub enum Prepared {
-    /// Lua, on its own threads (which run the serve loop's skeleton
-    /// around each call themselves: [`LuaPool::run`]).
+    /// Lua, on the Runner's Lua threads (which run the serve loop's
+    /// skeleton around each call themselves: [`LuaPool::run`]).
     Lua(LuaPool),
     /// One process per call.
     Exec(ExecFunc),
@@ -74,11 +74,13 @@ pub enum Prepared {
 }
 
 impl Prepared {
-    /// Prepare `bundle` with the runtime its `runtime` names.
+    /// Prepare `bundle` with the runtime its `runtime` names (a Lua Func
+    /// on the Runner's shared Lua threads, `lua`).
     pub async fn prepare(
         bundle: &Bundle,
         options: &RunnerOptions,
         observer: &Observer,
+        lua: &std::sync::Arc<LuaThreads>,
     ) -> Result<Prepared, PrepareError> {
         if bundle.runtime != RuntimeKind::Lua {
             if let Isolation::Unavailable(why) = options.sandbox.isolation().await {
@@ -89,7 +91,9 @@ impl Prepared {
             }
         }
         Ok(match bundle.runtime {
-            RuntimeKind::Lua => Prepared::Lua(LuaPool::prepare(bundle, options, observer).await?),
+            RuntimeKind::Lua => {
+                Prepared::Lua(LuaPool::prepare(bundle, options, observer, lua).await?)
+            }
             RuntimeKind::Exec => {
                 Prepared::Exec(ExecFunc::prepare(bundle, options, observer).await?)
             }

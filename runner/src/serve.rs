@@ -339,6 +339,15 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let mut active: HashMap<(String, String), Serving> = HashMap::new();
+    // One pool of Lua threads for every Lua Func served.
+    let lua = crate::lua::LuaThreads::start(options.workers);
+    let ctx = VersionCtx {
+        broker: &broker,
+        options: &options,
+        observer: &observer,
+        direct: &direct,
+        lua: &lua,
+    };
     let retiring = TaskTracker::new();
     let mut watching = true;
     // Timed log levels end on their own: look again every second.
@@ -355,7 +364,7 @@ pub(crate) async fn serve(
             let key = (b.name.clone(), b.version.clone());
             match active.entry(key) {
                 std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(start_version(&broker, b, &options, &observer, &direct).await);
+                    slot.insert(start_version(&ctx, b).await);
                 }
                 // Re-enabled with settings its preparation depends on:
                 // prepared again, the old one stops taking work and
@@ -364,7 +373,7 @@ pub(crate) async fn serve(
                     if serving.get().prepared_with != PreparedWith::of(b) =>
                 {
                     tracing::info!(func = %b.name, version = %b.version, "settings changed: preparing the version again");
-                    let fresh = start_version(&broker, b, &options, &observer, &direct).await;
+                    let fresh = start_version(&ctx, b).await;
                     let old = std::mem::replace(serving.get_mut(), fresh);
                     old.stop.cancel();
                     old.tasks.close();
@@ -423,10 +432,21 @@ pub(crate) async fn serve(
     retiring.wait().await;
 }
 
+/// What preparing and serving a version uses: the Runner's broker, settings,
+/// observer, direct listener and Lua threads.
+struct VersionCtx<'a> {
+    broker: &'a AnyBroker,
+    options: &'a RunnerOptions,
+    observer: &'a Observer,
+    direct: &'a Arc<Direct>,
+    lua: &'a Arc<crate::lua::LuaThreads>,
+}
+
 /// Prepare one bundle version: its secrets, its checks, then its runtime.
 /// A version that cannot run is still served: its requests get 500 with
 /// the reason.
-async fn prepare_version(b: &Bundle, options: &RunnerOptions, observer: &Observer) -> Version {
+async fn prepare_version(ctx: &VersionCtx<'_>, b: &Bundle) -> Version {
+    let (options, observer) = (ctx.options, ctx.observer);
     let ready = resolve_env(b, options.secrets_dir.as_deref())
         .map_err(PrepareError::from)
         .and_then(|env| Ok((env, validate::compile_bundle(b)?)));
@@ -451,7 +471,7 @@ async fn prepare_version(b: &Bundle, options: &RunnerOptions, observer: &Observe
     };
     let mut b = b.clone();
     b.env = env;
-    let prepared = match Prepared::prepare(&b, options, observer).await {
+    let prepared = match Prepared::prepare(&b, options, observer, ctx.lua).await {
         Ok(p) => p,
         Err(why) => {
             tracing::error!(func = %b.name, error = %why, "bundle failed to prepare; its requests get 500 with this reason");
@@ -486,14 +506,10 @@ async fn prepare_version(b: &Bundle, options: &RunnerOptions, observer: &Observe
 }
 
 /// Prepare one bundle version and start consuming its queue.
-async fn start_version(
-    broker: &AnyBroker,
-    b: &Bundle,
-    options: &RunnerOptions,
-    observer: &Observer,
-    direct: &Arc<Direct>,
-) -> Serving {
-    let version = Arc::new(prepare_version(b, options, observer).await);
+async fn start_version(vctx: &VersionCtx<'_>, b: &Bundle) -> Serving {
+    let (broker, options, observer, direct) =
+        (vctx.broker, vctx.options, vctx.observer, vctx.direct);
+    let version = Arc::new(prepare_version(vctx, b).await);
     let queue = names::func_queue(&b.name, &b.version);
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();

@@ -553,14 +553,16 @@ fn a_stuck_call_is_killed_and_its_thread_serves_on() {
                 lua_limits: limits(),
                 ..Default::default()
             };
-            let one = LuaPool::prepare(&b, &options, &observer).await.unwrap();
+            let threads = funcatron_runner::lua::LuaThreads::start(options.workers);
+            let one = LuaPool::prepare(&b, &options, &observer, &threads).await.unwrap();
             assert_eq!(status_and_body(one.run(&func, job("count", b"", "")).await), (200, "1".into()));
             assert_eq!(status_and_body(one.run(&func, job("stuck", b"", "")).await).0, 504);
             // A fresh state: the stuck call's `n = 100` is gone with it.
             assert_eq!(status_and_body(one.run(&func, job("count", b"", "")).await), (200, "1".into()));
 
             options.workers = 2;
-            let two = LuaPool::prepare(&b, &options, &observer).await.unwrap();
+            let threads = funcatron_runner::lua::LuaThreads::start(options.workers);
+            let two = LuaPool::prepare(&b, &options, &observer, &threads).await.unwrap();
             let started = std::time::Instant::now();
             let (a, b, c) = tokio::join!(
                 two.run(&func, job("stuck", b"", "")),
