@@ -124,7 +124,7 @@ enum Task {
     Call {
         version: Arc<LuaVersion>,
         func: Arc<str>,
-        job: Job,
+        job: Box<Job>,
         done: tokio::sync::oneshot::Sender<Handled>,
     },
     /// Drop the states of versions no longer served.
@@ -266,7 +266,7 @@ impl LuaPool {
             let task = Task::Call {
                 version: Arc::clone(&self.version),
                 func: Arc::clone(func),
-                job,
+                job: Box::new(job),
                 done,
             };
             if self.threads.tx.send(task).await.is_err() {
@@ -307,7 +307,7 @@ fn worker(rx: &async_channel::Receiver<Task>) {
     let mut calls: u64 = 0;
     while let Ok(task) = rx.recv_blocking() {
         calls += 1;
-        if calls % 16 == 0 {
+        if calls.is_multiple_of(16) {
             states.retain(|_, s| s.version.strong_count() > 0);
         }
         match task {

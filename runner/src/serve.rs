@@ -1164,6 +1164,21 @@ mod tests {
         }
     }
 
+    /// [`prepare_version`] on a Runner of its own.
+    async fn prepare_for_test(b: &Bundle, options: &RunnerOptions) -> Version {
+        let broker = AnyBroker::Embedded(funcatron_broker::EmbeddedBroker::new(10));
+        let direct = Direct::unavailable("a test".into());
+        let lua = crate::lua::LuaThreads::start(options.workers);
+        let ctx = VersionCtx {
+            broker: &broker,
+            options,
+            observer: &Observer::detached(),
+            direct: &direct,
+            lua: &lua,
+        };
+        prepare_version(&ctx, b).await
+    }
+
     fn reply(h: Handled) -> (u16, String) {
         match h {
             Handled::Reply { response, .. } => {
@@ -1184,7 +1199,7 @@ mod tests {
             None,
             "return { hi = function(r) return 'hello ' .. r.body end }",
         );
-        let v = prepare_version(&b, &options(), &Observer::detached()).await;
+        let v = prepare_for_test(&b, &options()).await;
         assert!(matches!(v.prepared, Prepared::Lua(_)));
         let deadline = (now_ms() + 10_000.0) as u64;
         for _ in 0..3 {
@@ -1205,7 +1220,7 @@ mod tests {
             None,
             "return { hi = function(r) return string.rep('x', tonumber(r.headers.n or '10')) end }",
         );
-        let v = prepare_version(&b, &options(), &Observer::detached()).await;
+        let v = prepare_for_test(&b, &options()).await;
         let deadline = (now_ms() + 10_000.0) as u64;
         // The test job's limit is 1024 bytes (body and headers).
         let sized = |n: usize| {
@@ -1235,7 +1250,7 @@ mod tests {
             workers: 1,
             ..RunnerOptions::default()
         };
-        let v = Arc::new(prepare_version(&b, &o, &Observer::detached()).await);
+        let v = Arc::new(prepare_for_test(&b, &o).await);
         let mut spin = job((now_ms() + 10_000.0) as u64);
         spin.payload = String::from_utf8(spin.payload.to_vec())
             .unwrap()
@@ -1260,7 +1275,7 @@ mod tests {
     async fn versions_that_cannot_run_answer_500_func_broken() {
         let dir = tempfile::tempdir().unwrap();
         let b = bundle(dir.path(), "lua", None, "this is not lua");
-        let v = prepare_version(&b, &options(), &Observer::detached()).await;
+        let v = prepare_for_test(&b, &options()).await;
         let Prepared::Broken(why) = &v.prepared else {
             panic!("a broken Lua bundle must not be served")
         };
@@ -1289,7 +1304,7 @@ mod tests {
             Some("secrets: [API_TOKEN]\n"),
             "return { hi = function() return 'x' end }",
         );
-        let v = prepare_version(&b, &options(), &Observer::detached()).await;
+        let v = prepare_for_test(&b, &options()).await;
         let Prepared::Broken(why) = &v.prepared else {
             panic!("a bundle without its secret must not be served")
         };
@@ -1317,7 +1332,7 @@ mod tests {
                 "responses": {"201": {"description": "made"}},
             }}},
         }));
-        let v = prepare_version(&b, &options(), &Observer::detached()).await;
+        let v = prepare_for_test(&b, &options()).await;
         let deadline = (now_ms() + 10_000.0) as u64;
         let unchecked = |h: Handled| match h {
             Handled::Reply { unchecked, .. } => unchecked,
@@ -1360,7 +1375,7 @@ mod tests {
         let mut o = options();
         let cache = tempfile::tempdir().unwrap();
         o.worker.cache_dir = cache.path().to_owned();
-        let v = prepare_version(&b, &o, &Observer::detached()).await;
+        let v = prepare_for_test(&b, &o).await;
         assert!(matches!(v.prepared, Prepared::Worker(_)));
     }
 }
