@@ -99,14 +99,15 @@ pub struct RunnerArgs {
     /// bodies and streamed answers travel over HTTP between the ingress
     /// and this listener). Default: a free port on loopback, which
     /// ingresses on the same host reach; in a cluster bind `0.0.0.0:PORT`
-    /// and set `--advertise`.
+    /// and set `--direct-advertise`.
     #[arg(long, env = "FUNCATRON_DIRECT_LISTEN", default_value = "127.0.0.1:0")]
     pub direct_listen: std::net::SocketAddr,
     /// `host:port` at which ingresses reach the direct listener (on
     /// Kubernetes the pod IP, on Docker the container's name); default:
-    /// the bound address (the host name when bound to `0.0.0.0`).
-    #[arg(long, env = "FUNCATRON_ADVERTISE")]
-    pub advertise: Option<String>,
+    /// the bound address (the host name when bound to `0.0.0.0`). Named
+    /// apart from the Tron's `--advertise` (`funcatron up` has both).
+    #[arg(long, env = "FUNCATRON_DIRECT_ADVERTISE")]
+    pub direct_advertise: Option<String>,
     /// How long a direct ticket may wait for the ingress to claim it.
     #[arg(long, env = "FUNCATRON_DIRECT_TICKET_TTL_MS", default_value_t = crate::direct::DEFAULT_TICKET_TTL_MS)]
     pub direct_ticket_ttl_ms: u64,
@@ -114,9 +115,11 @@ pub struct RunnerArgs {
     /// body in pieces.
     #[arg(long, env = "FUNCATRON_MAX_DIRECT_BUFFERED_BYTES", default_value_t = crate::direct::DEFAULT_MAX_BUFFERED_BYTES)]
     pub max_direct_buffered_bytes: usize,
-    /// Largest direct body streamed to a Func.
-    #[arg(long, env = "FUNCATRON_MAX_DIRECT_BODY_BYTES", default_value_t = crate::direct::DEFAULT_MAX_DIRECT_BODY_BYTES)]
-    pub max_direct_body_bytes: u64,
+    /// Largest direct body streamed to a Func (the ingress's
+    /// `--max-direct-body-bytes` is checked first; this is the Runner's
+    /// own bound on what its listener takes).
+    #[arg(long, env = "FUNCATRON_RUNNER_MAX_DIRECT_BODY_BYTES", default_value_t = crate::direct::DEFAULT_MAX_DIRECT_BODY_BYTES)]
+    pub runner_max_direct_body_bytes: u64,
 }
 
 /// Where a Runner finds the Tron's read token (it fetches archives with
@@ -165,10 +168,10 @@ impl RunnerArgs {
             check_responses: self.check_responses,
             direct: crate::direct::DirectOptions {
                 listen: self.direct_listen,
-                advertise: self.advertise.clone(),
+                advertise: self.direct_advertise.clone(),
                 ticket_ttl: Duration::from_millis(self.direct_ticket_ttl_ms),
                 max_buffered_bytes: self.max_direct_buffered_bytes,
-                max_body_bytes: self.max_direct_body_bytes,
+                max_body_bytes: self.runner_max_direct_body_bytes,
             },
         }
     }
@@ -193,10 +196,10 @@ impl Default for RunnerOptions {
             debug_errors: false,
             check_responses: false,
             direct_listen: crate::direct::DirectOptions::default().listen,
-            advertise: None,
+            direct_advertise: None,
             direct_ticket_ttl_ms: crate::direct::DEFAULT_TICKET_TTL_MS,
             max_direct_buffered_bytes: crate::direct::DEFAULT_MAX_BUFFERED_BYTES,
-            max_direct_body_bytes: crate::direct::DEFAULT_MAX_DIRECT_BODY_BYTES,
+            runner_max_direct_body_bytes: crate::direct::DEFAULT_MAX_DIRECT_BODY_BYTES,
         }
         .options()
     }
