@@ -21,6 +21,10 @@
 //! `bundle push --enable` and after a save in dev mode, see [`switch`].
 //! With `--capture`: throughput with capture off and on, see [`switch::capture`].
 //!
+//! Then the speed rows (h)-(l), see [`speed`]: `funcatron up` and nginx
+//! `return 200` under wrk, 1 Func against 100, 1 GiB through direct mode
+//! with each process's peak RSS, server-sent events, idle RSS.
+//!
 //! After those rows, the asynchronous calls' rows (e)-(g) on the embedded
 //! broker and (unless `--embedded-only`) on RabbitMQ, see [`async_calls`];
 //! `--async-only` runs just them.
@@ -89,6 +93,14 @@ struct Args {
     /// Run only the asynchronous calls' rows (e)-(g).
     #[arg(long)]
     async_only: bool,
+    /// Run only the speed rows (h)-(l): `up` and nginx under wrk, 100
+    /// Funcs, 1 GiB in direct mode, server-sent events, idle RSS (needs
+    /// `cargo build --release` and wrk).
+    #[arg(long)]
+    speed_only: bool,
+    /// Skip the speed rows (h)-(l).
+    #[arg(long)]
+    no_speed: bool,
     /// State store of the asynchronous calls' rows (`memory:`, a path, or
     /// `postgres://...`).
     #[arg(long, default_value = "memory:")]
@@ -102,6 +114,7 @@ struct Args {
 mod async_calls;
 mod autoscale;
 mod runtimes;
+mod speed;
 mod switch;
 
 /// nginx with the Lua ingress, stopped (with its workers) on drop.
@@ -528,8 +541,21 @@ async fn main() -> Result<()> {
         "measurement", "req/s", "p50 ms", "p99 ms"
     );
 
-    if !args.async_only {
+    if !args.async_only && !args.speed_only {
         base_rows(&args, c1, c64).await?;
+    }
+    if !args.async_only && !args.no_speed {
+        speed::up_rows(&args.bundles)
+            .await
+            .context("speed rows (h), (i)")?;
+        if !args.embedded_only {
+            speed::direct_rows(&args.amqp, &args.bundles)
+                .await
+                .context("speed rows (j)-(l)")?;
+        }
+    }
+    if args.speed_only {
+        return Ok(());
     }
     let opts = async_calls::Options {
         store: &args.calls_store,

@@ -2,7 +2,9 @@
 //! lives inside one process, so Runners cannot be child processes there;
 //! each Runner is a set of tasks inside `funcatron up`, started and
 //! stopped (gracefully: consumer cancelled, in-flight work finished and
-//! acknowledged) exactly as the autoscaler asks.
+//! acknowledged) exactly as the autoscaler asks. They share one pool of
+//! Lua threads and one direct listener ([`RunnerShared`]), so threads and
+//! ports do not grow with the number of Funcs.
 
 use funcatron_control::sync::poisoned;
 use std::collections::HashMap;
@@ -11,7 +13,7 @@ use std::sync::Mutex;
 use funcatron_broker::AnyBroker;
 use funcatron_runner::follow::Desired;
 use funcatron_runner::observe::LevelHook;
-use funcatron_runner::{RunnerNode, RunnerOptions};
+use funcatron_runner::{RunnerNode, RunnerOptions, RunnerShared};
 use funcatron_tron::autoscale::{BoxFut, Observed, ScaleError, Substrate};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +43,8 @@ pub struct LocalSubstrate {
     bundles: watch::Receiver<Desired>,
     options: RunnerOptions,
     levels: LevelHook,
+    /// The Lua threads and direct listener all its Runners share.
+    shared: RunnerShared,
     runners: Mutex<HashMap<String, Vec<Local>>>,
     stopping: TaskTracker,
 }
@@ -52,12 +56,14 @@ impl LocalSubstrate {
         bundles: watch::Receiver<Desired>,
         options: RunnerOptions,
         levels: LevelHook,
+        shared: RunnerShared,
     ) -> Self {
         LocalSubstrate {
             broker,
             bundles,
             options,
             levels,
+            shared,
             runners: Mutex::default(),
             stopping: TaskTracker::new(),
         }
@@ -70,6 +76,7 @@ impl LocalSubstrate {
         let node = RunnerNode::new(self.broker.clone())
             .options(self.options.clone())
             .log_levels(std::sync::Arc::clone(&self.levels))
+            .shared(self.shared.clone())
             .desired(rx);
         let token = stop.clone();
         let func = func.to_owned();

@@ -824,11 +824,14 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
             let follow =
                 follow_options(&dir, &a.runner, read_token.clone(), runner_outbound.clone());
             let rx = spawn_follower(&broker, follow, &shutdown);
+            let options = a.runner.options();
+            let shared = funcatron_runner::RunnerShared::start(&options, &shutdown).await;
             Some(Arc::new(local::LocalSubstrate::new(
                 broker.clone(),
                 rx,
-                a.runner.options(),
+                options,
                 Arc::clone(&levels),
+                shared,
             )))
         } else {
             let runners = RunnerGrants {

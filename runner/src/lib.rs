@@ -26,5 +26,5 @@ pub mod sandbox;
 pub mod serve;
 pub mod worker;
 
-pub use node::RunnerNode;
+pub use node::{RunnerNode, RunnerShared};
 pub use serve::{check, default_cache_dir, resolve_env, RunnerOptions};

@@ -133,7 +133,7 @@ enum Task {
 
 /// Most Lua states one pool thread keeps (one per Func version it has
 /// served, least recently used dropped first).
-const STATES_PER_THREAD: usize = 64;
+const STATES_PER_THREAD: usize = 256;
 
 /// Most Lua calls of direct requests running at once (each on its own
 /// thread: a call streaming a body or an answer waits on its client).

@@ -14,8 +14,11 @@ use funcatron_bundle::Bundle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
 use crate::direct::Direct;
 use crate::follow::{self, Desired, FollowOptions};
+use crate::lua::LuaThreads;
 use crate::observe::{new_runner_id, LevelHook, Observer};
 use crate::serve::{serve, RunnerOptions};
 
@@ -29,6 +32,37 @@ enum Source {
     Watch(watch::Receiver<Desired>),
 }
 
+/// What several Runners of one process may share: the Lua threads and the
+/// direct listener (`funcatron up` runs a Runner per Func; threads and
+/// ports do not grow with the number of Funcs).
+#[derive(Clone)]
+pub struct RunnerShared {
+    /// Lua threads for every Lua Func of the Runners.
+    pub lua: Arc<LuaThreads>,
+    /// One direct listener for all of them.
+    pub direct: Arc<Direct>,
+}
+
+impl RunnerShared {
+    /// Start the threads and the listener `options` ask for; the listener
+    /// serves until `shutdown`.
+    pub async fn start(options: &RunnerOptions, shutdown: &CancellationToken) -> RunnerShared {
+        let direct = match Direct::start(options.direct.clone(), shutdown).await {
+            Ok(d) => d,
+            Err(e) => {
+                // Without it direct requests cannot be served; everything
+                // else can.
+                tracing::error!(error = %e, "direct listener not started; direct requests are answered 503");
+                Direct::unavailable(e.to_string())
+            }
+        };
+        RunnerShared {
+            lua: LuaThreads::start(options.workers),
+            direct,
+        }
+    }
+}
+
 /// A Runner, to configure and [`run`](RunnerNode::run).
 pub struct RunnerNode {
     broker: AnyBroker,
@@ -36,6 +70,7 @@ pub struct RunnerNode {
     options: RunnerOptions,
     source: Source,
     levels: Option<LevelHook>,
+    shared: Option<RunnerShared>,
 }
 
 impl RunnerNode {
@@ -47,7 +82,15 @@ impl RunnerNode {
             options: RunnerOptions::default(),
             source: Source::Fixed(Vec::new()),
             levels: None,
+            shared: None,
         }
+    }
+
+    /// Use these Lua threads and direct listener (shared with other
+    /// Runners of this process) instead of starting its own.
+    pub fn shared(mut self, shared: RunnerShared) -> Self {
+        self.shared = Some(shared);
+        self
     }
 
     /// The Runner's options.
@@ -95,6 +138,7 @@ impl RunnerNode {
             options,
             source,
             levels,
+            shared,
         } = self;
         // Decided (and logged) once; the runtimes reuse the probe's result.
         options.sandbox.decide_and_log().await;
@@ -107,16 +151,11 @@ impl RunnerNode {
             Source::Follow(f) => (None, spawn_follower(&broker, f, &shutdown)),
             Source::Watch(rx) => (None, rx),
         };
-        let direct = match Direct::start(options.direct.clone(), &shutdown).await {
-            Ok(d) => d,
-            Err(e) => {
-                // Without it direct requests cannot be served; everything
-                // else can.
-                tracing::error!(error = %e, "direct listener not started; direct requests are answered 503");
-                Direct::unavailable(e.to_string())
-            }
+        let shared = match shared {
+            Some(s) => s,
+            None => RunnerShared::start(&options, &shutdown).await,
         };
-        serve(broker, desired, options, observer, direct, shutdown).await;
+        serve(broker, desired, options, observer, shared, shutdown).await;
     }
 }
 

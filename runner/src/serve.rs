@@ -335,18 +335,17 @@ pub(crate) async fn serve(
     mut desired: watch::Receiver<Desired>,
     options: RunnerOptions,
     observer: Observer,
-    direct: Arc<Direct>,
+    shared: crate::node::RunnerShared,
     shutdown: CancellationToken,
 ) {
     let mut active: HashMap<(String, String), Serving> = HashMap::new();
     // One pool of Lua threads for every Lua Func served.
-    let lua = crate::lua::LuaThreads::start(options.workers);
     let ctx = VersionCtx {
         broker: &broker,
         options: &options,
         observer: &observer,
-        direct: &direct,
-        lua: &lua,
+        direct: &shared.direct,
+        lua: &shared.lua,
     };
     let retiring = TaskTracker::new();
     let mut watching = true;
