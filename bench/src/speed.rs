@@ -151,6 +151,7 @@ pub(crate) async fn up_rows(bundles: &Path) -> Result<()> {
     let (up_proc, addr) = up(&bin, bundles)?;
     ready(&http, &format!("http://{addr}/hello/ready")).await?;
     let idle_kb = status(up_proc.0.id(), "VmRSS")?;
+    let idle_anon = status(up_proc.0.id(), "RssAnon")?;
     let up_rps = wrk(&format!("http://{addr}/hello/world"), None)?;
     drop(up_proc);
     let (nginx, naddr) = static_nginx()?;
@@ -183,8 +184,9 @@ pub(crate) async fn up_rows(bundles: &Path) -> Result<()> {
         "(i) up, 100 Lua Funcs in turn, wrk c=64", hundred
     );
     println!(
-        "idle RSS of `up` with the example Funcs:  {:.1} MiB (target <= 60)",
-        mib(idle_kb)
+        "idle RSS of `up` with the example Funcs:  {:.1} MiB (target <= 60; anonymous {:.1} MiB)",
+        mib(idle_kb),
+        mib(idle_anon)
     );
     println!(
         "ratio up/nginx `return 200` throughput:  {:.2} (target >= 0.5)",
@@ -257,6 +259,7 @@ pub(crate) async fn direct_rows(amqp: &str, bundles: &Path) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let runner_idle = status(runner.0.id(), "VmRSS")?;
+    let runner_anon = status(runner.0.id(), "RssAnon")?;
 
     // (j) 1 GiB through /stream/echo, each process's peak RSS.
     let total: u64 = 1 << 30;
@@ -346,8 +349,9 @@ pub(crate) async fn direct_rows(amqp: &str, bundles: &Path) -> Result<()> {
     );
     // (l) idle RSS, measured before the load above.
     println!(
-        "(l) idle RSS of a Runner with the example Funcs: {:.1} MiB (target <= 15)",
-        mib(runner_idle)
+        "(l) idle RSS of a Runner with the example Funcs: {:.1} MiB (target <= 15), of which its own (anonymous) {:.1} MiB; the rest is the binary's code pages, shared by every Funcatron process on the host",
+        mib(runner_idle),
+        mib(runner_anon)
     );
     Ok(())
 }
