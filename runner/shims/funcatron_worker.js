@@ -90,6 +90,17 @@ function fromValue(v) {
   return frameOf(200, {}, v, false);
 }
 
+// A native handler's value -> its last frame: streamed (a generator, or
+// { status, headers, body } with such a body) or whole.
+async function answer(v) {
+  if (streamable(v)) return stream(200, {}, v);
+  if (v && typeof v === 'object' && Number.isInteger(v.status) && streamable(v.body)
+      && Object.keys(v).every((k) => k === 'status' || k === 'headers' || k === 'body')) {
+    return stream(v.status, v.headers, v.body);
+  }
+  return fromValue(v);
+}
+
 // Express-style (req, res): resolves when the handler sends.
 function express(fn, req) {
   return new Promise((resolve, reject) => {
@@ -129,6 +140,78 @@ function express(fn, req) {
 
 const sock = net.createConnection(env.FUNCATRON_SOCKET);
 const send = (items) => sock.write(encode(items));
+// A send that waits while the socket's buffer is full: a Func streaming
+// faster than its client reads is held back, not buffered without end.
+const sendInTurn = (items) => (send(items) ? null : new Promise((resolve) => sock.once('drain', resolve)));
+
+// The largest piece in one frame (runner/src/worker/frame.rs,
+// MAX_CHUNK_BYTES): larger pieces are split.
+const MAX_CHUNK_BYTES = 1024 * 1024;
+
+// The stream open now: `cancelled` is set when the Runner sends `cancel`.
+let open = null;
+
+const tag = (v) => Object.prototype.toString.call(v);
+// Values that stream: generators, async generators, and other async
+// iterables (a Readable stream, say); not strings, Buffers or arrays.
+function streamable(v) {
+  if (v === null || typeof v !== 'object') return false;
+  return tag(v) === '[object Generator]' || tag(v) === '[object AsyncGenerator]'
+    || typeof v[Symbol.asyncIterator] === 'function';
+}
+
+// Send a streamed answer's head and pieces; returns its last frame. The
+// head goes with the first piece (a generator that throws before yielding
+// is answered as an error). A content type not given is
+// text/plain; charset=utf-8 if the first piece is a string,
+// application/octet-stream if it is a Buffer.
+async function stream(status, headers, body) {
+  const h = {};
+  for (const [k, v] of Object.entries(headers || {})) h[k.toLowerCase()] = String(v);
+  status = Number(status);
+  if (!Number.isInteger(status) || status < 200 || status > 599) throw new Error(`invalid HTTP status ${status} for a streamed answer`);
+  const state = { cancelled: false };
+  open = state;
+  let started = false;
+  try {
+    // `for await` closes the generator (its `finally` runs) on break and
+    // on a throw.
+    for await (const piece of body) {
+      let data;
+      let kind;
+      if (typeof piece === 'string') {
+        data = Buffer.from(piece, 'utf8');
+        kind = 'text/plain; charset=utf-8';
+      } else if (Buffer.isBuffer(piece) || piece instanceof Uint8Array) {
+        data = Buffer.from(piece.buffer, piece.byteOffset, piece.byteLength);
+        kind = 'application/octet-stream';
+      } else {
+        throw new TypeError(`a streamed piece must be a string or a Buffer, not ${piece === null ? 'null' : typeof piece}`);
+      }
+      if (!data.length) continue;
+      if (!started) {
+        if (!h['content-type']) h['content-type'] = kind;
+        const head = ['head', String(status)];
+        for (const [k, v] of Object.entries(h)) head.push(k, v);
+        await sendInTurn(head);
+        started = true;
+      }
+      for (let off = 0; off < data.length; off += MAX_CHUNK_BYTES) {
+        await sendInTurn(['chunk', data.subarray(off, off + MAX_CHUNK_BYTES)]);
+      }
+      if (state.cancelled) break;
+    }
+  } finally {
+    open = null;
+  }
+  if (!started) {
+    // Nothing yielded: an empty answer, whole.
+    const out = ['ok', String(status), Buffer.alloc(0)];
+    for (const [k, v] of Object.entries(h)) out.push(k, v);
+    return out;
+  }
+  return ['end'];
+}
 
 let handlers = {};
 let expressFn = null;
@@ -158,7 +241,7 @@ async function serve(items) {
       frame = await express(expressFn, req);
     } else {
       const fn = handlers[req.operation];
-      frame = fn.length >= 2 ? await express(fn, req) : fromValue(await fn(req));
+      frame = fn.length >= 2 ? await express(fn, req) : await answer(await fn(req));
     }
   } catch (e) {
     console.error(`request ${items[1]}: ${e && e.stack || e}`);
@@ -183,6 +266,11 @@ sock.on('data', (chunk) => {
       off += 4 + n;
     }
     buf = buf.subarray(off);
+    if (items.length && items[0].toString('latin1') === 'cancel') {
+      // For the open stream; or one that had ended already.
+      if (open) open.cancelled = true;
+      continue;
+    }
     serve(items);
   }
 });

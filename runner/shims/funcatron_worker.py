@@ -2,11 +2,13 @@
 invocations from its Runner over a Unix socket (see runner/src/worker/frame.rs
 for the frame format). Started by the Runner; not meant to be run by hand.
 
-Funcs import nothing from here but may use `funcatron.Response`."""
+Funcs import nothing from here but may use `funcatron.Response` and
+`funcatron.Stream`."""
 import inspect
 import importlib.util
 import json
 import os
+import select
 import socket
 import struct
 import sys
@@ -22,6 +24,24 @@ class Response:
         self.body = body
         self.status = status
         self.headers = dict(headers or {})
+
+
+class Stream:
+    """What a handler may return to stream its answer with a status and
+    headers: each piece `body` yields (str or bytes) goes to the client as
+    soon as it is yielded (a request that came direct, as one asking for
+    text/event-stream does), or is collected into one answer otherwise.
+    A handler that returns a generator, or is one, streams with status 200."""
+
+    def __init__(self, body, status=200, headers=None):
+        self.body = body
+        self.status = status
+        self.headers = dict(headers or {})
+
+
+# The largest piece in one frame (runner/src/worker/frame.rs,
+# MAX_CHUNK_BYTES): larger pieces are split.
+MAX_CHUNK_BYTES = 1024 * 1024
 
 
 class Request:
@@ -90,6 +110,17 @@ class Conn:
     def send(self, items):
         self.sock.sendall(encode(items))
 
+    def cancelled(self):
+        """Has the Runner sent `cancel` (the open stream is to stop)? Only
+        `cancel` is sent while a stream is open, and never split."""
+        while select.select([self.sock], [], [], 0)[0]:
+            items = self.read()
+            if items is None:
+                sys.exit(0)
+            if items[:1] == [b"cancel"]:
+                return True
+        return False
+
 
 def b(s):
     return s if isinstance(s, bytes) else str(s).encode("utf-8")
@@ -128,6 +159,62 @@ def to_frame(value, tinyfaas):
     return out
 
 
+def streams(value):
+    """Does a handler's value stream its answer?"""
+    return isinstance(value, Stream) or inspect.isgenerator(value)
+
+
+def stream(conn, value):
+    """Send a streamed answer's head and pieces; its last frame is returned.
+    The head goes with the first piece, so a generator that raises before
+    yielding is answered as an error (500), not a stream cut short. A
+    content type not given is text/plain; charset=utf-8 if the first piece
+    is a str, application/octet-stream if it is bytes."""
+    status, headers, body = 200, {}, value
+    if isinstance(value, Stream):
+        status, headers, body = value.status, value.headers, value.body
+    headers = {str(k).lower(): str(v) for k, v in headers.items()}
+    status = int(status)
+    if not 200 <= status <= 599:
+        raise ValueError(f"invalid HTTP status {status} for a streamed answer")
+    pieces = iter(body)
+    started = False
+    try:
+        for piece in pieces:
+            if isinstance(piece, str):
+                data, kind = piece.encode("utf-8"), "text/plain; charset=utf-8"
+            elif isinstance(piece, (bytes, bytearray, memoryview)):
+                data, kind = bytes(piece), "application/octet-stream"
+            else:
+                raise TypeError(
+                    f"a streamed piece must be str or bytes, not {type(piece).__name__}")
+            if not data:
+                continue
+            if not started:
+                headers.setdefault("content-type", kind)
+                head = [b"head", str(status).encode()]
+                for k, v in headers.items():
+                    head += [k.encode("latin-1"), v.encode("utf-8")]
+                conn.send(head)
+                started = True
+            for off in range(0, len(data), MAX_CHUNK_BYTES):
+                conn.send([b"chunk", data[off:off + MAX_CHUNK_BYTES]])
+            if conn.cancelled():
+                break
+    finally:
+        # Runs the generator's `finally` blocks when it did not finish.
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
+    if not started:
+        # Nothing yielded: an empty answer, whole.
+        out = [b"ok", str(status).encode(), b""]
+        for k, v in headers.items():
+            out += [k.encode("latin-1"), v.encode("utf-8")]
+        return out
+    return [b"end"]
+
+
 def main():
     conn = Conn(os.environ["FUNCATRON_SOCKET"])
     bundle = os.environ["FUNCATRON_BUNDLE"]
@@ -135,7 +222,7 @@ def main():
     tinyfaas = os.environ.get("FUNCATRON_STYLE") == "tinyfaas"
     operations = [o for o in os.environ.get("FUNCATRON_OPERATIONS", "").split(",") if o]
     mod = types.ModuleType("funcatron")
-    mod.Response, mod.Request = Response, Request
+    mod.Response, mod.Request, mod.Stream = Response, Request, Stream
     sys.modules["funcatron"] = mod
     try:
         os.chdir(bundle)
@@ -167,6 +254,9 @@ def main():
         items = conn.read()
         if items is None:
             return
+        if items[:1] == [b"cancel"]:
+            # For a stream that had ended already.
+            continue
         try:
             req = Request(items)
             if tinyfaas:
@@ -174,7 +264,7 @@ def main():
                 value = fn(text, req.headers) if arity >= 2 else fn(text)
             else:
                 value = handlers[req.operation](req)
-            frame = to_frame(value, tinyfaas)
+            frame = stream(conn, value) if streams(value) else to_frame(value, tinyfaas)
         except Exception as e:
             print(f"request {items[1].decode('utf-8', 'replace')}: " + traceback.format_exc(),
                   file=sys.stderr, flush=True)

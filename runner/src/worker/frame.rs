@@ -11,6 +11,16 @@
 //!   value)...]`.
 //! - worker -> Runner: `["ok", status, body, (name, value)...]` or
 //!   `["error", why]` (the Func raised; the worker lives on).
+//! - or, for an answer the Func streams (a Python or Node.js generator):
+//!   `["head", status, (name, value)...]` once, then `["chunk", bytes]`
+//!   per piece (a piece larger than [`MAX_CHUNK_BYTES`] split by the
+//!   shim), then `["end"]`, or `["error", why]` if the Func raised
+//!   midway. The Runner passes each piece on as it arrives (a direct
+//!   request, [`crate::direct`]) or collects them into one answer.
+//! - Runner -> worker, only while a stream is open: `["cancel"]` (the
+//!   client went away, or a collected answer outgrew its limit). The shim
+//!   closes the Func's generator at its next piece and ends with
+//!   `["end"]`; a `cancel` that arrives after the end is ignored.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -18,6 +28,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub const MAX_ITEMS: u32 = 100_000;
 /// Largest frame accepted from a worker.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// Largest piece in one `chunk` frame: the shims split larger ones, the
+/// Runner refuses them (a broken protocol). It bounds what one streamed
+/// answer holds in the Runner: a few pieces between the worker and the
+/// client.
+pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// A frame could not be read or written.
 #[derive(Debug, thiserror::Error)]

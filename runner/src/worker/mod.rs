@@ -10,15 +10,28 @@
 //! Func: every line goes to the Runner's log with the request id in flight,
 //! and nothing printed can corrupt the protocol.
 //!
+//! Streamed answers: a Python or Node.js Func that returns a generator
+//! answers in pieces (`head`, `chunk`s, `end`; see [`frame`]). On a direct
+//! request ([`crate::direct`]) each piece is passed to the client as it
+//! arrives, the socket's backpressure holding the Func to the client's
+//! pace; otherwise the pieces are collected into one answer, at most
+//! [`FuncRequest::max_reply_bytes`]. A client that leaves, or a collected
+//! answer that outgrows its limit, has the Runner send `cancel`: the shim
+//! closes the generator at its next piece and the worker serves on (or is
+//! replaced if it does not end the stream within a second).
+//!
 //! Preparing a bundle happens once, off the request path, before its
 //! workers start: Python bundles with a `requirements.txt` get a virtual
 //! environment (cached by the file's SHA-256), Java sources are compiled
 //! with `javac` (cached by the sources' SHA-256). A failure there is a
 //! bundle error: requests are answered 500 with its reason.
 //!
-//! Faults: a call that outlives its time limit kills the worker's process
-//! group (504); a worker that dies or breaks the protocol mid-call answers
-//! 500 `func_crashed`; either way a replacement starts at once. A worker
+//! Faults: a call that outlives its time limit (a stream's included)
+//! kills the worker's process group (504); a worker that dies or breaks
+//! the protocol mid-call answers 500 `func_crashed`; either way a
+//! replacement starts at once. A streamed answer that fails after its head
+//! went to the client is cut off there (the direct listener compares the
+//! final status with the head's). A worker
 //! that cannot start (exits on import, say) is retried with backoff, and
 //! while none is alive requests get 500 `func_broken` with its stderr.
 //!
@@ -43,10 +56,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use funcatron_bundle::{Bundle, Style};
-use tokio::io::{AsyncBufReadExt, BufStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufStream};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
+use crate::direct::{DirectIo, IoError, Part};
 use crate::error::{PrepareError, WorkerError};
 use crate::invoke::{FuncRequest, FuncResponse, InvokeError};
 use crate::observe::{poisoned, Observer};
@@ -108,10 +122,12 @@ impl Worker {
     }
 }
 
-/// Why a call did not return the worker to the pool.
+/// Why a call failed, and whether its worker goes back to the pool.
+#[derive(Debug)]
 enum CallError {
-    /// The Func raised; the worker is fine.
-    Handler(String),
+    /// The worker is fine: the Func raised, or its streamed answer was
+    /// refused and the worker stopped it when told.
+    Kept(InvokeError),
     /// The worker must be replaced.
     Lost(InvokeError),
 }
@@ -566,42 +582,260 @@ fn parse_reply(items: Vec<Vec<u8>>) -> Result<FuncResponse, CallError> {
     let mut it = items.into_iter();
     let answer = match it.next().as_deref() {
         Some(b"ok") => parse_ok(it),
-        Some(b"error") => {
-            return Err(CallError::Handler(
-                it.next()
-                    .map(|m| String::from_utf8_lossy(&m).into_owned())
-                    .unwrap_or_default(),
-            ))
-        }
-        _ => Err("a reply that is neither `ok` nor `error`"),
+        Some(b"error") => return Err(CallError::Kept(handler_error(it.next()))),
+        _ => Err("a reply that is neither `ok`, `head` nor `error`"),
     };
-    answer.map_err(|why| {
-        CallError::Lost(InvokeError::Crashed(format!(
-            "the worker broke the protocol ({why}); it was killed and replaced"
-        )))
-    })
+    answer.map_err(broke)
 }
 
-/// The fields of an `ok` reply, or what is wrong with them.
-fn parse_ok(mut it: impl Iterator<Item = Vec<u8>>) -> Result<FuncResponse, &'static str> {
-    let status = it
-        .next()
-        .and_then(|s| String::from_utf8(s).ok())
+/// The worker broke the protocol: it is replaced.
+fn broke(why: &str) -> CallError {
+    CallError::Lost(InvokeError::Crashed(format!(
+        "the worker broke the protocol ({why}); it was killed and replaced"
+    )))
+}
+
+/// What an `error` frame says the Func raised.
+fn handler_error(message: Option<Vec<u8>>) -> InvokeError {
+    InvokeError::Handler(
+        message
+            .map(|m| String::from_utf8_lossy(&m).into_owned())
+            .unwrap_or_default(),
+    )
+}
+
+/// A status item: a number in `range`.
+fn parse_status(
+    item: Option<Vec<u8>>,
+    range: std::ops::RangeInclusive<u16>,
+) -> Result<u16, &'static str> {
+    item.and_then(|s| String::from_utf8(s).ok())
         .and_then(|s| s.parse::<u16>().ok())
-        .filter(|s| (100..=599).contains(s))
-        .ok_or("`ok` without a valid status")?;
-    let body = it.next().ok_or("`ok` without a body")?;
+        .filter(|s| range.contains(s))
+        .ok_or("a frame without a valid status")
+}
+
+/// The `(name, value)` pairs that end `ok` and `head` frames.
+fn parse_headers(
+    mut it: impl Iterator<Item = Vec<u8>>,
+) -> Result<Vec<(String, String)>, &'static str> {
     let mut headers = Vec::new();
     while let Some(k) = it.next() {
         let v = it.next().ok_or("a header without a value")?;
         let k = String::from_utf8(k).map_err(|_| "a header name that is not UTF-8")?;
         headers.push((k, String::from_utf8_lossy(&v).into_owned()));
     }
+    Ok(headers)
+}
+
+/// The fields of an `ok` reply, or what is wrong with them.
+fn parse_ok(mut it: impl Iterator<Item = Vec<u8>>) -> Result<FuncResponse, &'static str> {
+    let status = parse_status(it.next(), 100..=599)?;
+    let body = it.next().ok_or("`ok` without a body")?;
     Ok(FuncResponse {
         status,
-        headers,
+        headers: parse_headers(it)?,
         body,
     })
+}
+
+/// Where the pieces of a streamed answer go.
+#[derive(Clone, Copy)]
+enum Out<'a> {
+    /// To the client, each as it arrives (a direct request).
+    Direct(&'a Arc<DirectIo>),
+    /// Into one answer body of at most this many bytes (a queued
+    /// request: its answer travels as one message).
+    Collect(usize),
+}
+
+/// What went wrong in one exchange with a worker.
+#[derive(Debug)]
+enum Failed {
+    /// A frame could not be read or written.
+    Frame(frame::FrameError),
+    /// The worker answered: with an error, or nonsense.
+    Call(CallError),
+}
+
+impl From<frame::FrameError> for Failed {
+    fn from(e: frame::FrameError) -> Self {
+        Failed::Frame(e)
+    }
+}
+
+impl From<CallError> for Failed {
+    fn from(e: CallError) -> Self {
+        Failed::Call(e)
+    }
+}
+
+/// Longest a worker may take, once told to `cancel` a stream, to end it
+/// (the Func's generator is closed at its next piece); past it the
+/// worker is replaced.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
+/// One call's frames: the request out, then the answer, whole (`ok`,
+/// `error`) or streamed (`head`, then pieces to `out`). Each wait is for
+/// the worker or the client; the caller bounds it all by the deadline.
+async fn exchange<S>(
+    stream: &mut S,
+    request: &[u8],
+    out: Out<'_>,
+    deadline: Instant,
+) -> Result<FuncResponse, Failed>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    frame::write(stream, request).await?;
+    let first = frame::read(stream).await?;
+    if first.first().map(Vec::as_slice) != Some(b"head") {
+        return Ok(parse_reply(first)?);
+    }
+    let mut it = first.into_iter().skip(1);
+    let status = parse_status(it.next(), 200..=599).map_err(broke)?;
+    let headers = parse_headers(it).map_err(broke)?;
+    relay(stream, status, headers, out, deadline).await
+}
+
+/// A streamed answer after its `head`: each piece to `out`, up to `end`
+/// (the answer: for a direct request its status and headers with no
+/// body, the pieces having gone to the client) or `error`.
+async fn relay<S>(
+    stream: &mut S,
+    status: u16,
+    headers: Vec<(String, String)>,
+    out: Out<'_>,
+    deadline: Instant,
+) -> Result<FuncResponse, Failed>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut body = Vec::new();
+    if let Out::Direct(io) = out {
+        let head = Part::Head(status, headers.clone());
+        if let Err(e) = send_part(io, head, deadline).await {
+            return client_gone(stream, status, headers, e, deadline).await;
+        }
+    }
+    loop {
+        let mut it = frame::read(stream).await?.into_iter();
+        match it.next().as_deref() {
+            Some(b"chunk") => {
+                let piece = match (it.next(), it.next()) {
+                    (Some(p), None) if p.len() <= frame::MAX_CHUNK_BYTES => p,
+                    (Some(_), None) => {
+                        return Err(broke("a `chunk` larger than the largest piece").into())
+                    }
+                    _ => return Err(broke("a `chunk` without exactly one piece").into()),
+                };
+                match out {
+                    Out::Direct(io) => {
+                        if let Err(e) = send_part(io, Part::Chunk(piece.into()), deadline).await {
+                            return client_gone(stream, status, headers, e, deadline).await;
+                        }
+                    }
+                    Out::Collect(max) if body.len() + piece.len() > max => {
+                        metrics::counter!("runner_replies_too_large_total").increment(1);
+                        let e = InvokeError::ReplyTooLarge(format!(
+                            "the Func's streamed answer exceeds the limit of {max} bytes for an answer sent whole (ask for text/event-stream, or make its route direct, to stream it)"
+                        ));
+                        return Err(if cancel(stream, deadline).await {
+                            CallError::Kept(e)
+                        } else {
+                            CallError::Lost(e)
+                        }
+                        .into());
+                    }
+                    Out::Collect(_) => body.extend_from_slice(&piece),
+                }
+            }
+            Some(b"end") => {
+                return Ok(FuncResponse {
+                    status,
+                    headers,
+                    body,
+                })
+            }
+            Some(b"error") => return Err(CallError::Kept(handler_error(it.next())).into()),
+            _ => {
+                return Err(
+                    broke("a frame inside a stream that is not `chunk`, `end` or `error`").into(),
+                )
+            }
+        }
+    }
+}
+
+/// The client stopped taking a streamed answer (`why`): the Func is told
+/// to stop. Its answer stands (nobody reads it); the worker is kept if it
+/// stops in time.
+async fn client_gone<S>(
+    stream: &mut S,
+    status: u16,
+    headers: Vec<(String, String)>,
+    why: IoError,
+    deadline: Instant,
+) -> Result<FuncResponse, Failed>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if matches!(why, IoError::Timeout) {
+        return Err(CallError::Lost(InvokeError::Timeout(
+            "the client did not take the streamed answer before the Func's time limit; its worker was killed and replaced".into(),
+        ))
+        .into());
+    }
+    tracing::debug!(error = %why, "the client left a streamed answer; stopping the Func");
+    metrics::counter!("runner_worker_streams_cancelled_total").increment(1);
+    if cancel(stream, deadline).await {
+        return Ok(FuncResponse {
+            status,
+            headers,
+            body: Vec::new(),
+        });
+    }
+    Err(CallError::Lost(InvokeError::Crashed(format!(
+        "the client left a streamed answer and the Func did not stop within {} ms; its worker was killed and replaced",
+        CANCEL_GRACE.as_millis()
+    )))
+    .into())
+}
+
+/// Tell the worker to stop its stream, and read what it still sends up
+/// to its end (within [`CANCEL_GRACE`] and the deadline): `true` once it
+/// is back in step (its next frame is the next call's), `false` if it
+/// must be replaced.
+async fn cancel<S>(stream: &mut S, deadline: Instant) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let drain = async {
+        frame::write(stream, &frame::encode([b"cancel".as_slice()])).await?;
+        loop {
+            match frame::read(stream).await?.first().map(Vec::as_slice) {
+                Some(b"chunk") => continue,
+                Some(b"end") | Some(b"error") => return Ok(true),
+                _ => return Ok::<_, frame::FrameError>(false),
+            }
+        }
+    };
+    let until = deadline.min(Instant::now() + CANCEL_GRACE);
+    matches!(
+        tokio::time::timeout_at(until.into(), drain).await,
+        Ok(Ok(true))
+    )
+}
+
+/// Hand one part of a streamed answer to the direct listener, waiting (at
+/// most until `deadline`) for the client to take the parts before it.
+async fn send_part(io: &Arc<DirectIo>, part: Part, deadline: Instant) -> Result<(), IoError> {
+    // `DirectIo`'s send blocks (it serves runtimes on their own threads,
+    // as Lua's): run it where blocking is allowed.
+    let io = Arc::clone(io);
+    tokio::task::spawn_blocking(move || io.send_blocking(part, deadline))
+        .await
+        .unwrap_or_else(|e| Err(IoError::Broken(format!("the answer's sender failed: {e}"))))
 }
 
 impl Pool {
@@ -636,6 +870,8 @@ impl Pool {
         }
     }
 
+    /// One call on `w`, its answer streamed or not, all of it within
+    /// `deadline`.
     async fn call(
         &self,
         w: &mut Worker,
@@ -651,20 +887,21 @@ impl Pool {
             c.push_str(&req.envelope.id);
         }
         let frame = request_frame(req, deadline);
-        let exchange = async {
-            frame::write(&mut w.stream, &frame).await?;
-            frame::read(&mut w.stream).await
+        let out = match &req.direct {
+            Some(io) => Out::Direct(io),
+            None => Out::Collect(req.max_reply_bytes),
         };
         let left = deadline.saturating_duration_since(Instant::now());
+        let exchange = exchange(&mut w.stream, &frame, out, deadline);
         match tokio::time::timeout(left, exchange).await {
             Err(_) => Err(CallError::Lost(InvokeError::Timeout(format!(
                 "the Func ran longer than {} ms; its worker was killed and replaced",
                 left.as_millis()
             )))),
-            Ok(Err(frame::FrameError::Garbage(why))) => Err(CallError::Lost(InvokeError::Crashed(
-                format!("the worker broke the protocol ({why}); it was killed and replaced"),
-            ))),
-            Ok(Err(e)) => {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(Failed::Call(e))) => Err(e),
+            Ok(Err(Failed::Frame(frame::FrameError::Garbage(why)))) => Err(broke(&why)),
+            Ok(Err(Failed::Frame(e))) => {
                 let status = tokio::time::timeout(Duration::from_millis(500), w.child.wait())
                     .await
                     .ok()
@@ -675,7 +912,6 @@ impl Pool {
                     "the worker process died while handling the request ({status}); it was replaced"
                 ))))
             }
-            Ok(Ok(items)) => parse_reply(items),
         }
     }
 
@@ -693,9 +929,9 @@ impl Pool {
                 let _ = self.idle_tx.send(w).await;
                 Ok(r)
             }
-            Err(CallError::Handler(msg)) => {
+            Err(CallError::Kept(e)) => {
                 let _ = self.idle_tx.send(w).await;
-                Err(InvokeError::Handler(msg))
+                Err(e)
             }
             Err(CallError::Lost(e)) => {
                 self.live.fetch_sub(1, Ordering::SeqCst);
@@ -763,5 +999,175 @@ mod line_tests {
             got.push(String::from_utf8(line.clone()).unwrap());
         }
         assert_eq!(got, ["aaaaaaaaaa [99990 more bytes cut]", "b", "last"]);
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    //! The Runner's side of streamed answers against a scripted worker on
+    //! an in-memory pipe.
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    type Pipe = tokio::io::DuplexStream;
+
+    fn pipes() -> (Pipe, Pipe) {
+        tokio::io::duplex(8 * 1024 * 1024)
+    }
+
+    async fn say(w: &mut Pipe, items: &[&[u8]]) {
+        frame::write(w, &frame::encode(items.iter().copied()))
+            .await
+            .unwrap();
+    }
+
+    /// Run one exchange collecting at most `max` bytes, the worker's side
+    /// scripted by `worker` (given the pipe once the request is read; what
+    /// it wrote stays readable after it drops the pipe).
+    async fn collect<F, Fut>(max: usize, worker: F) -> (Result<FuncResponse, Failed>, Pipe)
+    where
+        F: FnOnce(Pipe) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let (mut runner, mut shim) = pipes();
+        let script = tokio::spawn(async move {
+            let request = frame::read(&mut shim).await.unwrap();
+            assert_eq!(request, vec![b"invoke".to_vec()]);
+            worker(shim).await
+        });
+        let request = frame::encode([b"invoke".as_slice()]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let got = exchange(&mut runner, &request, Out::Collect(max), deadline).await;
+        script.await.unwrap();
+        (got, runner)
+    }
+
+    #[tokio::test]
+    async fn a_streamed_answer_is_collected_into_one() {
+        let (got, _) = collect(100, |mut w| async move {
+            say(&mut w, &[b"head", b"201", b"content-type", b"text/x"]).await;
+            say(&mut w, &[b"chunk", b"ab"]).await;
+            say(&mut w, &[b"chunk", b"cd"]).await;
+            say(&mut w, &[b"end"]).await;
+        })
+        .await;
+        let r = got.unwrap();
+        assert_eq!(r.status, 201);
+        assert_eq!(r.headers, [("content-type".into(), "text/x".into())]);
+        assert_eq!(r.body, b"abcd");
+    }
+
+    #[tokio::test]
+    async fn past_its_limit_a_stream_is_cancelled_and_the_worker_kept_in_step() {
+        let (got, mut runner) = collect(10, |mut w| async move {
+            say(&mut w, &[b"head", b"200"]).await;
+            say(&mut w, &[b"chunk", b"12345678"]).await;
+            say(&mut w, &[b"chunk", b"12345678"]).await;
+            // Sent before it saw the cancel.
+            say(&mut w, &[b"chunk", b"12345678"]).await;
+            assert_eq!(frame::read(&mut w).await.unwrap(), [b"cancel".to_vec()]);
+            say(&mut w, &[b"end"]).await;
+            // The next call's answer.
+            say(&mut w, &[b"ok", b"200", b"next"]).await;
+        })
+        .await;
+        assert!(
+            matches!(
+                got,
+                Err(Failed::Call(CallError::Kept(InvokeError::ReplyTooLarge(_))))
+            ),
+            "{got:?}"
+        );
+        let next = parse_reply(frame::read(&mut runner).await.unwrap()).unwrap();
+        assert_eq!(next.body, b"next", "in step");
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_does_not_stop_when_told_is_replaced() {
+        let (mut runner, mut w) = pipes();
+        let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
+        let script = tokio::spawn(async move {
+            frame::read(&mut w).await.unwrap();
+            say(&mut w, &[b"head", b"200"]).await;
+            say(&mut w, &[b"chunk", b"12345678"]).await;
+            assert_eq!(frame::read(&mut w).await.unwrap(), [b"cancel".to_vec()]);
+            // Holds the pipe open and says nothing until the Runner gave up.
+            let _ = done.await;
+        });
+        let request = frame::encode([b"invoke".as_slice()]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let started = Instant::now();
+        let got = exchange(&mut runner, &request, Out::Collect(4), deadline).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "within the grace"
+        );
+        let _ = done_tx.send(());
+        script.await.unwrap();
+        assert!(
+            matches!(
+                got,
+                Err(Failed::Call(CallError::Lost(InvokeError::ReplyTooLarge(_))))
+            ),
+            "{got:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_func_raising_mid_stream_keeps_its_worker() {
+        let (got, _) = collect(100, |mut w| async move {
+            say(&mut w, &[b"head", b"200"]).await;
+            say(&mut w, &[b"chunk", b"ab"]).await;
+            say(&mut w, &[b"error", b"ValueError: no"]).await;
+        })
+        .await;
+        match got {
+            Err(Failed::Call(CallError::Kept(InvokeError::Handler(m)))) => {
+                assert_eq!(m, "ValueError: no")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_breaking_the_protocol_replaces_the_worker() {
+        let big = vec![b'x'; frame::MAX_CHUNK_BYTES + 1];
+        let scripts: Vec<Vec<Vec<u8>>> = vec![
+            vec![b"head".to_vec(), b"99".to_vec()],
+            vec![b"head".to_vec(), b"200".to_vec(), b"lonely-name".to_vec()],
+            vec![b"chunk".to_vec(), big],
+            vec![b"chunk".to_vec(), b"a".to_vec(), b"b".to_vec()],
+            vec![b"chunk".to_vec()],
+            vec![b"ok".to_vec(), b"200".to_vec(), b"".to_vec()],
+        ];
+        for frame_items in scripts {
+            let shown = String::from_utf8_lossy(&frame_items[0]).into_owned();
+            let (got, _) = collect(usize::MAX, move |mut w| async move {
+                if frame_items[0] != b"head" {
+                    say(&mut w, &[b"head", b"200"]).await;
+                }
+                let items: Vec<&[u8]> = frame_items.iter().map(Vec::as_slice).collect();
+                say(&mut w, &items).await;
+            })
+            .await;
+            assert!(
+                matches!(
+                    got,
+                    Err(Failed::Call(CallError::Lost(InvokeError::Crashed(_))))
+                ),
+                "{shown}: {got:?}"
+            );
+        }
+        // A worker gone mid-stream: a frame error, handled as a crash.
+        let (got, _) = collect(100, |mut w| async move {
+            say(&mut w, &[b"head", b"200"]).await;
+            say(&mut w, &[b"chunk", b"ab"]).await;
+        })
+        .await;
+        assert!(
+            matches!(got, Err(Failed::Frame(frame::FrameError::Closed))),
+            "{got:?}"
+        );
     }
 }
