@@ -187,16 +187,19 @@ impl DirectIo {
     /// most until `deadline` for the client to take the pieces before.
     /// Blocks, like [`DirectIo::read_blocking`].
     pub fn send_blocking(&self, part: Part, deadline: Instant) -> Result<(), IoError> {
+        self.rt.block_on(self.send(part, deadline))
+    }
+
+    /// [`DirectIo::send_blocking`], for a runtime's async tasks.
+    pub async fn send(&self, part: Part, deadline: Instant) -> Result<(), IoError> {
         if let Part::Head(status, _) = &part {
             self.sent.store(*status, Ordering::Release);
         }
-        let sent = self.rt.block_on(async {
-            tokio::time::timeout_at(
-                tokio::time::Instant::from_std(deadline),
-                self.out.send(part),
-            )
-            .await
-        });
+        let sent = tokio::time::timeout_at(
+            tokio::time::Instant::from_std(deadline),
+            self.out.send(part),
+        )
+        .await;
         match sent {
             Err(_) => Err(IoError::Timeout),
             Ok(Err(_)) => Err(IoError::Broken(

@@ -830,12 +830,7 @@ where
 /// Hand one part of a streamed answer to the direct listener, waiting (at
 /// most until `deadline`) for the client to take the parts before it.
 async fn send_part(io: &Arc<DirectIo>, part: Part, deadline: Instant) -> Result<(), IoError> {
-    // `DirectIo`'s send blocks (it serves runtimes on their own threads,
-    // as Lua's): run it where blocking is allowed.
-    let io = Arc::clone(io);
-    tokio::task::spawn_blocking(move || io.send_blocking(part, deadline))
-        .await
-        .unwrap_or_else(|e| Err(IoError::Broken(format!("the answer's sender failed: {e}"))))
+    io.send(part, deadline).await
 }
 
 impl Pool {

@@ -118,6 +118,10 @@ pub const RUNNER_USER: &str = "65534:65534";
 const CONTAINER_ENV: &[(&str, &str)] = &[
     ("FUNCATRON_INSECURE_NO_SANDBOX", "true"),
     ("FUNCATRON_CACHE_DIR", "/tmp/funcatron-cache"),
+    // Direct mode: the Runner's listener on the container's network; it
+    // advertises the container's host name (its short id, which Docker's
+    // DNS resolves on user-defined and overlay networks).
+    ("FUNCATRON_DIRECT_LISTEN", "0.0.0.0:8090"),
 ];
 
 /// Runners as containers on the local Docker engine.
