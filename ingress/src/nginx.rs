@@ -1,8 +1,9 @@
 //! The production ingress's configuration: render
 //! `ingress-lua/nginx.conf.template` for one broker and listen address
-//! (`funcatron nginx-config`), and optionally the Tron that takes its
-//! asynchronous calls ([`TronTarget`]), so operators get a working nginx +
-//! Lua ingress with one command.
+//! (`funcatron nginx-config`), optionally the Tron that takes its
+//! asynchronous calls ([`TronTarget`]) and its direct mode's settings
+//! ([`NginxDirectArgs`]), so operators get a working nginx + Lua ingress
+//! with one command.
 
 use std::path::{Path, PathBuf};
 
@@ -77,6 +78,54 @@ pub struct NginxConfig {
     /// Who routes: the Lua ingress at the edge, by the Trons' table, or a
     /// Tron.
     pub routing: crate::edge::Routing,
+}
+
+/// Direct mode at the nginx ingress, as on the embedded one
+/// ([`crate::args::IngressArgs`]): synchronous requests on a direct
+/// route, asking for `text/event-stream`, or with bodies past the
+/// threshold queue only their head; nginx's proxy then streams the body
+/// to the Runner's one-time URL and the answer back. `nginx-config`'s own
+/// flags, the same names and defaults as `funcatron ingress`'s.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NginxDirectArgs {
+    /// Synchronous requests with a larger body go in direct mode (a body
+    /// sent without a length, chunked, always does, as nginx would have to
+    /// read it whole to learn its size); 0: never by size (direct routes
+    /// and `Accept: text/event-stream` still go direct).
+    #[arg(long, env = "FUNCATRON_DIRECT_THRESHOLD_BYTES", default_value_t = crate::args::DEFAULT_DIRECT_THRESHOLD_BYTES)]
+    pub direct_threshold_bytes: usize,
+    /// Largest body of a request in direct mode, in bytes.
+    #[arg(long, env = "FUNCATRON_MAX_DIRECT_BODY_BYTES", default_value_t = crate::args::DEFAULT_MAX_DIRECT_BODY_BYTES)]
+    pub max_direct_body_bytes: u64,
+    /// DNS servers nginx resolves Runners' direct addresses with (an nginx
+    /// `resolver` value, e.g. `10.0.0.2 valid=30s`). Needed only when
+    /// Runners advertise host names (`--direct-advertise`); IP addresses,
+    /// the default, need none.
+    #[arg(long, env = "FUNCATRON_NGINX_RESOLVER")]
+    pub resolver: Option<String>,
+}
+
+impl Default for NginxDirectArgs {
+    fn default() -> Self {
+        NginxDirectArgs {
+            direct_threshold_bytes: crate::args::DEFAULT_DIRECT_THRESHOLD_BYTES,
+            max_direct_body_bytes: crate::args::DEFAULT_MAX_DIRECT_BODY_BYTES,
+            resolver: None,
+        }
+    }
+}
+
+/// The `resolver` directive for `--resolver`, or nothing.
+fn resolver(value: Option<&str>) -> Result<String> {
+    let Some(v) = value.map(str::trim) else {
+        return Ok(String::new());
+    };
+    if v.is_empty() || v.contains([';', '{', '}', '"', '\'', '$', '\n', '\r', '#']) {
+        return Err(invalid(format!(
+            "--resolver {v:?}: give nginx resolver addresses and options only"
+        )));
+    }
+    Ok(format!("resolver {v};"))
 }
 
 /// The Tron that takes the nginx ingress's asynchronous calls.
@@ -176,8 +225,18 @@ pub fn render(c: &NginxConfig) -> Result<String> {
     render_with_tron(c, None)
 }
 
-/// [`render`], with asynchronous calls handed to `tron`.
+/// [`render`], with asynchronous calls handed to `tron`; direct mode as
+/// [`NginxDirectArgs::default`].
 pub fn render_with_tron(c: &NginxConfig, tron: Option<&TronTarget>) -> Result<String> {
+    render_with(c, tron, &NginxDirectArgs::default())
+}
+
+/// [`render_with_tron`], with these direct mode settings.
+pub fn render_with(
+    c: &NginxConfig,
+    tron: Option<&TronTarget>,
+    direct: &NginxDirectArgs,
+) -> Result<String> {
     let amqp = parse_amqp(&c.broker)?;
     let prefix = abs(&c.prefix)?;
     let logs = prefix.join("logs");
@@ -213,6 +272,10 @@ pub fn render_with_tron(c: &NginxConfig, tron: Option<&TronTarget>) -> Result<St
             String::new(),
         ),
     };
+    let resolver = resolver(direct.resolver.as_deref())?;
+    // Declared lengths up to the larger limit reach the handler, which
+    // holds each mode to its own.
+    let max_request = direct.max_direct_body_bytes.max(c.max_body_bytes as u64);
     let out = TEMPLATE
         .replace("{{WORKERS}}", &c.workers)
         .replace("{{PREFIX}}", &prefix.display().to_string())
@@ -230,7 +293,17 @@ pub fn render_with_tron(c: &NginxConfig, tron: Option<&TronTarget>) -> Result<St
         .replace("{{TRON_TOKEN_FILE}}", &lua_quote(&token_file))
         .replace("{{TRON_LOCATIONS}}", &locations)
         .replace("{{LISTEN}}", &c.listen)
-        .replace("{{ROUTING}}", c.routing.as_str());
+        .replace("{{ROUTING}}", c.routing.as_str())
+        .replace(
+            "{{DIRECT_THRESHOLD}}",
+            &direct.direct_threshold_bytes.to_string(),
+        )
+        .replace(
+            "{{MAX_DIRECT_BODY}}",
+            &direct.max_direct_body_bytes.to_string(),
+        )
+        .replace("{{MAX_REQUEST_BODY}}", &max_request.to_string())
+        .replace("{{RESOLVER}}", &resolver);
     Ok(out)
 }
 
@@ -260,6 +333,60 @@ mod tests {
             ("h", "/", "guest")
         );
         assert!(parse_amqp("http://x").is_err());
+    }
+
+    fn config(prefix: &Path) -> NginxConfig {
+        NginxConfig {
+            broker: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            listen: "127.0.0.1:8080".into(),
+            prefix: prefix.to_owned(),
+            lua_dir: repo_lua_dir(),
+            workers: "1".into(),
+            timeout_ms: 30_000,
+            max_body_bytes: 1024 * 1024,
+            load_modules: false,
+            log_level: "warn".into(),
+            routing: crate::edge::Routing::Edge,
+        }
+    }
+
+    fn repo_lua_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../ingress-lua/lib")
+    }
+
+    #[test]
+    fn direct_mode_settings_reach_the_config() {
+        let dir = std::env::temp_dir().join(format!("funcatron-nginx-{}", std::process::id()));
+        let c = config(&dir);
+        let text = render(&c).unwrap();
+        // Only the header's mention of {{PLACEHOLDER}} is left.
+        assert_eq!(text.matches("{{").count(), 1, "every placeholder is filled");
+        assert!(text.contains("direct_threshold = 1048576, max_direct_body = 4294967296"));
+        // Declared lengths up to the direct limit reach the handler; a
+        // queued body without a length stops at the queued one.
+        assert!(text.contains("client_max_body_size 4294967296;"));
+        assert!(text.contains("client_max_body_size 1048576;"));
+        assert!(text.contains("grpc_pass grpc://$funcatron_direct_addr;"));
+        assert!(!text.contains("resolver "));
+
+        let direct = NginxDirectArgs {
+            direct_threshold_bytes: 0,
+            max_direct_body_bytes: 1000,
+            resolver: Some("10.0.0.2 valid=30s".into()),
+        };
+        let text = render_with(&c, None, &direct).unwrap();
+        assert!(text.contains("direct_threshold = 0, max_direct_body = 1000"));
+        assert!(text.contains("resolver 10.0.0.2 valid=30s;"));
+        // The queued limit is the larger here.
+        assert!(text.contains("set $funcatron_body_limit 1048576;"));
+        for bad in ["", "1.1.1.1; include /etc/passwd", "x { }", "$host"] {
+            let d = NginxDirectArgs {
+                resolver: Some(bad.into()),
+                ..NginxDirectArgs::default()
+            };
+            assert!(render_with(&c, None, &d).is_err(), "{bad:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 -- envelope/vectors/). Requests are encoded by hand in the canonical field
 -- order (no JSON library quirks with empty arrays or number precision);
 -- responses are decoded with the JSON decoder the caller supplies.
-local M = { VERSION = "1.1", MAJOR = 1 }
+-- VERSION is what ordinary requests carry; a request in direct mode (a 1.2
+-- field) says 1.2.
+local M = { VERSION = "1.1", VERSION_DIRECT = "1.2", MAJOR = 1 }
 
 local byte, char, concat, format = string.byte, string.char, table.concat, string.format
 
@@ -104,7 +106,7 @@ M.json_string = str
 
 --- Encode a request envelope. r = { id, deadline_ms, sent_ms, method, scheme,
 --- host, path, query, headers = {{name, value}, ...}, remote, body (bytes),
---- reply_to }. Returns the JSON text.
+--- reply_to, direct }. Returns the JSON text.
 function M.encode_request(r)
   local hs = {}
   for i, h in ipairs(r.headers or {}) do
@@ -113,7 +115,7 @@ function M.encode_request(r)
   local body, b64 = r.body or "", false
   if not M.valid_utf8(body) then body, b64 = M.b64encode(body), true end
   local parts = {
-    '{"version":"', M.VERSION, '","id":', str(r.id),
+    '{"version":"', r.direct and M.VERSION_DIRECT or M.VERSION, '","id":', str(r.id),
     ',"deadline_ms":', format("%.0f", r.deadline_ms),
     ',"sent_ms":', format("%.3f", r.sent_ms or 0),
     ',"method":', str(r.method), ',"scheme":', str(r.scheme or "http"),
@@ -134,6 +136,8 @@ function M.encode_request(r)
   if r.max_attempts then parts[#parts + 1] = ',"max_attempts":' .. format("%d", r.max_attempts) end
   if r.delay_ms and r.delay_ms > 0 then parts[#parts + 1] = ',"delay_ms":' .. format("%.0f", r.delay_ms) end
   if r.submitted_ms then parts[#parts + 1] = ',"submitted_ms":' .. format("%.0f", r.submitted_ms) end
+  -- 1.2: direct mode (only the head; the body goes to the Runner over HTTP).
+  if r.direct then parts[#parts + 1] = ',"direct":true' end
   parts[#parts + 1] = "}"
   return concat(parts)
 end
@@ -144,7 +148,9 @@ end
 
 --- Decode a response envelope (JSON text, or a table already decoded from
 --- it). Returns { id, status, headers = {{n, v}...}, body (bytes),
---- timings = { dispatch_ms, queue_ms, exec_ms }, reply_key } or nil, reason.
+--- timings = { dispatch_ms, queue_ms, exec_ms }, reply_key, direct_url } or
+--- nil, reason. `direct_url` (1.2) answers a request in direct mode: the
+--- Runner's one-time URL where the ingress sends the body.
 function M.decode_response(text)
   local ok, t = true, text
   if type(text) ~= "table" then ok, t = pcall(M.json_decode, text) end
@@ -179,6 +185,7 @@ function M.decode_response(text)
     reply_key = type(t.reply_key) == "string" and t.reply_key or nil,
     call_id = type(t.call_id) == "string" and t.call_id or nil,
     attempt = type(t.attempt) == "number" and t.attempt or nil,
+    direct_url = type(t.direct_url) == "string" and t.direct_url or nil,
   }
 end
 

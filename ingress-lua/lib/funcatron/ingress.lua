@@ -19,9 +19,18 @@
 -- by subrequest to a Tron (`funcatron nginx-config --tron-url`), which
 -- records and queues it and answers the 202; without one they get 501.
 --
+-- Direct mode (as the embedded ingress, ingress/src/direct.rs): a
+-- synchronous request on a direct route (x-funcatron-direct), asking for
+-- text/event-stream, or with a body past the direct threshold queues only
+-- its head, before its body is read; the Runner that takes it answers with
+-- a one-time URL on its own HTTP listener, and the handler hands the
+-- request to the named location @funcatron_direct (ngx.exec), where
+-- nginx's HTTP/2 proxy streams the body there and the answer back,
+-- unbuffered and both at once (see nginx.conf.template).
+--
 -- Every request gets exactly one answer: the Func's, or a JSON error
--- (413 too large, 502 malformed reply, 503 broker unavailable or connection
--- lost, 504 no answer before the deadline).
+-- (413 too large, 502 malformed reply or Runner unreachable, 503 broker
+-- unavailable or connection lost, 504 no answer before the deadline).
 local envelope = require "funcatron.envelope"
 local amqp = require "funcatron.amqp"
 local routes = require "funcatron.routes"
@@ -33,6 +42,7 @@ local M = {}
 local conf = {
   host = "127.0.0.1", port = 5672, vhost = "/", login = "guest", passcode = "guest",
   request_queue = "funcatron.requests", timeout_ms = 30000, routing = "edge",
+  max_body = 10485760, direct_threshold = 1048576, max_direct_body = 4294967296,
 }
 -- The topics (fanout exchanges) edge routing hears and reports on.
 local TABLE_TOPIC, CONTROL_TOPIC, DEMAND_TOPIC = "funcatron.admission", "funcatron.control", "funcatron.demand"
@@ -328,6 +338,9 @@ local function request_id()
 end
 
 local function answer_error(status, id, code, message, started)
+  -- A body not read (refused before reading, or a direct request answered
+  -- without its Runner) is read and dropped, so the connection stays usable.
+  ngx.req.discard_body()
   ngx.status = status
   ngx.header["Content-Type"] = "application/json"
   ngx.header["X-Request-Id"] = id
@@ -380,9 +393,9 @@ end
 local function trim(v) return v:match("^%s*(.-)%s*$") end
 
 -- Is this request asynchronous, and how (as the embedded ingress, see
--- calls/src/submit.rs): "no-result", "recorded" or nil.
-local function async_mode()
-  local h = ngx.req.get_headers()
+-- calls/src/submit.rs): "no-result", "recorded" or nil. `h`: the request
+-- headers (ngx.req.get_headers).
+local function async_mode(h)
   local function first(v) if type(v) == "table" then return v[1] end return v end
   local fa = first(h["x-funcatron-async"])
   if fa then
@@ -537,80 +550,54 @@ local function edge_route(t, func, host, method, path, mode)
   end
   ngx.update_time()
   return { queue = mode and f.async_queue or f.queue,
-    headers = routes.headers(t, r, ngx.now() * 1000, cjson.encode), func = f.func }
+    headers = routes.headers(t, r, ngx.now() * 1000, cjson.encode), func = f.func,
+    direct = r.direct }
 end
 
---- content_by_lua: the request path.
-function M.handle()
-  ngx.update_time()
-  local started = ngx.now()
-  local id = request_id()
-  local body, berr = read_body()
-  if not body then
-    return answer_error(400, id, "bad_request", "could not read the request body: " .. tostring(berr), started)
+-- Does the client ask for a stream of events (Accept: text/event-stream)?
+local function wants_stream(h)
+  local accept = h["accept"]
+  if type(accept) ~= "table" then accept = { accept } end
+  for _, v in ipairs(accept) do
+    if v:find("text/event-stream", 1, true) then return true end
   end
-  local timeout_ms = conf.timeout_ms
-  local sent_ms = started * 1000
-  local key = new_id()
-  local var = ngx.var
-  local query = var.args or ""
-  local path = var.request_uri:match("^[^?]*")
-  local headers = headers_in_order()
-  local func, rest, is_async = named_func(path)
-  if func then
-    path = rest
-    headers[#headers + 1] = { "x-funcatron-func", func }
-  end
-  local mode = async_mode() or (is_async and "recorded") or nil
-  -- The host the envelope carries, so the edge routes as a Tron would.
-  local method, host = ngx.req.get_method(), var.http_host or var.host or ""
-  local routed
-  -- Recorded async calls go to a Tron (it records them) and route there.
-  local t = mode ~= "recorded" and edge_table()
-  if t then
-    local status, code, message, allow
-    routed, status, code, message, allow = edge_route(t, func, host, method, path, mode)
-    if not routed and status then
-      if allow then ngx.header["Allow"] = allow end
-      return answer_error(status, id, code, message, started)
-    end
-  end
-  if mode == "no-result" then
-    if not consumer_up then
-      return answer_error(503, id, "broker_unavailable", "the ingress is not connected to the broker", started)
-    end
-    return fire_and_forget(id, {
-      id = id, sent_ms = sent_ms,
-      method = ngx.req.get_method(), scheme = var.http_x_forwarded_proto == "https" and "https" or var.scheme,
-      host = var.http_host or var.host, path = path, query = query,
-      headers = headers, remote = var.remote_addr .. ":" .. var.remote_port, body = body,
-    }, started, routed)
-  elseif mode then
-    if not conf.tron then
-      return answer_error(501, id, "async_unavailable",
-        "this nginx ingress has no Tron for asynchronous calls (funcatron nginx-config --tron-url)", started)
-    end
-    -- The Tron sets the call's fields (call id, attempt, deadline, reply).
-    local env = envelope.encode_request({
-      id = id, deadline_ms = math.floor(sent_ms + timeout_ms), sent_ms = sent_ms,
-      method = ngx.req.get_method(), scheme = var.http_x_forwarded_proto == "https" and "https" or var.scheme,
-      host = var.http_host or var.host, path = path, query = query,
-      headers = headers, remote = var.remote_addr .. ":" .. var.remote_port, body = body,
-    })
-    return submit_to_tron(id, env, started)
-  end
-  if not consumer_up then
-    return answer_error(503, id, "broker_unavailable", "the ingress is not connected to the broker", started)
-  end
-  local env = envelope.encode_request({
-    id = id, deadline_ms = math.floor(sent_ms + timeout_ms), sent_ms = sent_ms,
-    method = method, scheme = var.http_x_forwarded_proto == "https" and "https" or var.scheme,
-    host = var.http_host or var.host, path = path, query = query,
-    headers = headers, remote = var.remote_addr .. ":" .. var.remote_port,
-    body = body, reply_to = reply_queue, reply_key = key,
-  })
-  body = nil
+  return false
+end
 
+-- The body's declared length (nil: none), and whether a body comes
+-- without one (chunked: its size is known only once read).
+local function body_length()
+  local n = tonumber(ngx.var.http_content_length)
+  if n then return n, false end
+  return nil, ngx.var.http_transfer_encoding ~= nil
+end
+
+-- Does a synchronous request go in direct mode? On a direct route, when
+-- it asks for a stream, or when its body is past the threshold (declared,
+-- or sent without a length: nginx could only learn its size by reading it
+-- whole). A threshold of 0 sends nothing direct by size.
+local function goes_direct(h, routed, length, unsized)
+  if (routed and routed.direct) or wants_stream(h) then return true end
+  local threshold = conf.direct_threshold
+  if threshold <= 0 then return false end
+  if length then return length > threshold end
+  return unsized
+end
+
+-- A Runner's one-time URL: its direct listener's address and the
+-- ticket's path (anything else in a reply is not a ticket).
+local TICKET_URL = "^http://([%w%.%-:%[%]]+)(/_funcatron/direct/%x+)$"
+
+local function too_large(id, limit, started)
+  return answer_error(413, id, "payload_too_large",
+    "request body exceeds the limit of " .. string.format("%.0f", limit) .. " bytes", started)
+end
+
+-- Publish a synchronous request's envelope (onto its Func's queue when
+-- routed here) and wait for its reply: the decoded reply, or (never
+-- returning) the request answered with why there is none.
+local function publish_and_wait(id, env, key, routed, started)
+  local timeout_ms = conf.timeout_ms
   local w = { sema = semaphore.new(), key = key }
   waiting[id] = w
   if routed then
@@ -638,11 +625,17 @@ function M.handle()
   if not resp then
     return answer_error(502, id, "malformed_reply", "the reply could not be decoded: " .. tostring(derr), started)
   end
+  return resp
+end
+
+-- Answer with a decoded reply: the Func's status, headers and body.
+local function answer_reply(id, resp, started)
   if resp.status < 200 then
     -- 1xx (101 included) would desynchronise the client's connection.
     return answer_error(502, id, "malformed_reply",
       "a Func may not answer with status " .. tostring(resp.status), started)
   end
+  ngx.req.discard_body()
   ngx.status = resp.status
   local grouped = {}
   for _, h in ipairs(resp.headers) do
@@ -663,6 +656,124 @@ function M.handle()
   return ngx.exit(ngx.OK)
 end
 
+-- A request in direct mode: queue its head (no body; edge-routed with
+-- x-funcatron-direct, a Tron marks what it routes itself), wait for the
+-- Runner's ticket, then let nginx's proxy (@funcatron_direct) send the
+-- body there and stream the answer back. The body is never read here:
+-- ngx.exec works only on a request whose body is unread. A refusal (no
+-- ticket: direct_busy, an error) is answered as any reply.
+local function direct_call(id, req, routed, started)
+  if not consumer_up then
+    return answer_error(503, id, "broker_unavailable", "the ingress is not connected to the broker", started)
+  end
+  local key = new_id()
+  req.body, req.direct = "", true
+  req.reply_to, req.reply_key = reply_queue, key
+  if routed then
+    routed.headers[#routed.headers + 1] = { "x-funcatron-direct", "1" }
+  end
+  local resp = publish_and_wait(id, envelope.encode_request(req), key, routed, started)
+  local url = resp.direct_url
+  if not url then return answer_reply(id, resp, started) end
+  local addr, ticket = url:match(TICKET_URL)
+  if not addr then
+    return answer_error(502, id, "malformed_reply", "the reply's direct_url is not a Runner's ticket URL", started)
+  end
+  -- The proxied request: POST (HEAD stays HEAD, so nginx sends no body
+  -- back) to the ticket's path, without the query.
+  ngx.var.funcatron_direct_addr = addr
+  if req.method ~= "HEAD" then ngx.req.set_method(ngx.HTTP_POST) end
+  ngx.req.set_uri(ticket)
+  ngx.req.set_uri_args("")
+  return ngx.exec("@funcatron_direct")
+end
+
+--- content_by_lua: the request path. `bounded`: called again in the
+--- location @funcatron_queued, whose client_max_body_size is the queued
+--- limit, for a body without a declared length that is queued (it must
+--- be read whole, and nginx then stops reading at the limit).
+function M.handle(bounded)
+  ngx.update_time()
+  local started = bounded and ngx.req.start_time() or ngx.now()
+  local id = bounded and ngx.var.funcatron_request_id or request_id()
+  local timeout_ms = conf.timeout_ms
+  local sent_ms = started * 1000
+  local var = ngx.var
+  local h = ngx.req.get_headers()
+  local query = var.args or ""
+  local path = var.request_uri:match("^[^?]*")
+  local func, rest, is_async = named_func(path)
+  local mode = async_mode(h) or (is_async and "recorded") or nil
+  local length, unsized = body_length()
+  -- Decided before the Func is known, so nothing is counted twice: a body
+  -- of unknown size that will be queued (asynchronous calls; synchronous
+  -- ones when nothing goes direct by size) is read in the bounded location.
+  if unsized and not bounded and (mode or (conf.direct_threshold <= 0 and not wants_stream(h))) then
+    return ngx.exec("@funcatron_queued")
+  end
+  local headers = headers_in_order()
+  if func then
+    path = rest
+    headers[#headers + 1] = { "x-funcatron-func", func }
+  end
+  -- The host the envelope carries, so the edge routes as a Tron would.
+  local method, host = ngx.req.get_method(), var.http_host or var.host or ""
+  local routed
+  -- Recorded async calls go to a Tron (it records them) and route there.
+  local t = mode ~= "recorded" and edge_table()
+  if t then
+    local status, code, message, allow
+    routed, status, code, message, allow = edge_route(t, func, host, method, path, mode)
+    if not routed and status then
+      if allow then ngx.header["Allow"] = allow end
+      return answer_error(status, id, code, message, started)
+    end
+  end
+  local req = {
+    id = id, deadline_ms = math.floor(sent_ms + timeout_ms), sent_ms = sent_ms,
+    method = method, scheme = var.http_x_forwarded_proto == "https" and "https" or var.scheme,
+    host = var.http_host or var.host, path = path, query = query,
+    headers = headers, remote = var.remote_addr .. ":" .. var.remote_port,
+  }
+  -- Asynchronous calls never go direct: their bodies must be durable.
+  if not mode and goes_direct(h, routed, length, unsized) then
+    if length and length > conf.max_direct_body then
+      return too_large(id, conf.max_direct_body, started)
+    end
+    return direct_call(id, req, routed, started)
+  end
+  if length and length > conf.max_body then return too_large(id, conf.max_body, started) end
+  local body, berr = read_body()
+  if not body then
+    return answer_error(400, id, "bad_request", "could not read the request body: " .. tostring(berr), started)
+  end
+  if #body > conf.max_body then return too_large(id, conf.max_body, started) end
+  req.body = body
+  body = nil
+  if mode == "no-result" then
+    if not consumer_up then
+      return answer_error(503, id, "broker_unavailable", "the ingress is not connected to the broker", started)
+    end
+    return fire_and_forget(id, req, started, routed)
+  elseif mode then
+    if not conf.tron then
+      return answer_error(501, id, "async_unavailable",
+        "this nginx ingress has no Tron for asynchronous calls (funcatron nginx-config --tron-url)", started)
+    end
+    -- The Tron sets the call's fields (call id, attempt, deadline, reply).
+    return submit_to_tron(id, envelope.encode_request(req), started)
+  end
+  if not consumer_up then
+    return answer_error(503, id, "broker_unavailable", "the ingress is not connected to the broker", started)
+  end
+  local key = new_id()
+  req.reply_to, req.reply_key = reply_queue, key
+  local env = envelope.encode_request(req)
+  req = nil
+  local resp = publish_and_wait(id, env, key, routed, started)
+  return answer_reply(id, resp, started)
+end
+
 --- /_funcatron/calls/<id> without a Tron: nothing to read it from.
 function M.no_calls()
   ngx.update_time()
@@ -670,12 +781,28 @@ function M.no_calls()
     "this nginx ingress has no Tron for asynchronous calls (funcatron nginx-config --tron-url)", ngx.now())
 end
 
---- error_page 413 location: the JSON body for bodies over client_max_body_size.
+--- error_page 413 location: the JSON body for bodies over client_max_body_size
+--- (the location's limit, $funcatron_body_limit).
 function M.too_large()
   ngx.update_time()
-  local id = request_id()
-  return answer_error(413, id, "payload_too_large",
-    "request body exceeds the limit of " .. tostring(conf.max_body) .. " bytes", ngx.now())
+  local id = ngx.var.funcatron_request_id
+  if id == "-" then id = request_id() end
+  return too_large(id, tonumber(ngx.var.funcatron_body_limit) or conf.max_body, ngx.now())
+end
+
+--- error_page 502/504 in @funcatron_direct: nginx could not reach the
+--- Runner holding the ticket, or it did not answer in time (as the
+--- embedded ingress answers).
+function M.direct_failed()
+  ngx.update_time()
+  local id = ngx.var.funcatron_request_id
+  local started = ngx.req.start_time()
+  local upstream = tostring(ngx.var.upstream_status)
+  if upstream:find("504") then
+    return answer_error(504, id, "timeout", string.format("no answer within %d ms", conf.timeout_ms), started)
+  end
+  ngx.log(ngx.WARN, "funcatron: direct request ", id, " to the Runner failed (upstream status ", upstream, ")")
+  return answer_error(502, id, "direct_failed", "the Runner holding the request could not be reached", started)
 end
 
 --- /_funcatron/health: 200 when this worker consumes its reply queue;

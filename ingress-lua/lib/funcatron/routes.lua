@@ -22,6 +22,16 @@ local function unescape(s)
   return (s:gsub("%%(%x%x)", function(h) return char(tonumber(h, 16)) end))
 end
 
+-- Is `method` (upper case) one of the path's direct methods (operations
+-- marked x-funcatron-direct)?
+local function is_direct(p, method)
+  if type(p.direct) ~= "table" then return false end
+  for _, m in ipairs(p.direct) do
+    if m == method then return true end
+  end
+  return false
+end
+
 local function methods_of(p)
   local out = {}
   for i, m in ipairs(p.methods) do out[i] = m[1] end
@@ -69,7 +79,7 @@ local function route_in(t, only, host, method, path)
               break
             end
             return { kind = "found", func = f, method = found[1], operation = found[2],
-              template = p.template, params = params }
+              template = p.template, params = params, direct = is_direct(p, umethod) }
           end
         end
       end
