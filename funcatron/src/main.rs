@@ -153,6 +153,9 @@ struct NginxArgs {
     /// (every request through a Tron).
     #[arg(long, env = "FUNCATRON_ROUTING", value_enum, default_value_t = funcatron_ingress::edge::Routing::Edge)]
     routing: funcatron_ingress::edge::Routing,
+    /// Direct mode: its threshold, largest body and resolver.
+    #[command(flatten)]
+    direct: nginx::NginxDirectArgs,
     /// Write the config here instead of standard output.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -586,7 +589,7 @@ fn nginx_config(a: NginxArgs) -> Result<()> {
         (Some(url), Some(token_file)) => Some(nginx::TronTarget { url, token_file }),
         _ => None,
     };
-    let text = nginx::render_with_tron(
+    let text = nginx::render_with(
         &nginx::NginxConfig {
             broker: a.broker,
             listen: a.listen,
@@ -600,6 +603,7 @@ fn nginx_config(a: NginxArgs) -> Result<()> {
             routing: a.routing,
         },
         tron.as_ref(),
+        &a.direct,
     )?;
     match a.out {
         Some(p) => std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?,

@@ -142,7 +142,17 @@ async fn nginx_answers_like_the_embedded_ingress() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_round_trip_byte_exact_and_oversized_ones_get_413() {
     let p = start_processes(1, 1, 0, &[]).await;
-    let nginx = start_nginx(&p.broker, &["--max-body-bytes", "12000000"]).await;
+    // Queued bodies only (direct mode has its own tests, nginx_direct.rs).
+    let nginx = start_nginx(
+        &p.broker,
+        &[
+            "--max-body-bytes",
+            "12000000",
+            "--direct-threshold-bytes",
+            "0",
+        ],
+    )
+    .await;
     let http = reqwest::Client::new();
     // 9 MiB of binary: far past client_body_buffer_size, so nginx spills it
     // to a temp file that the ingress must read.

@@ -68,8 +68,12 @@ pub(crate) async fn plan(
     started: Instant,
 ) -> Result<Planned, HttpResponse> {
     let o = &s.options;
-    let threshold = o.direct_threshold_bytes;
-    if is_async || threshold == 0 {
+    // 0: never by size (direct routes and event streams still go direct).
+    let threshold = match o.direct_threshold_bytes {
+        0 => usize::MAX,
+        n => n,
+    };
+    if is_async {
         return read_body(headers, body, o.max_body_bytes, id, started)
             .await
             .map(Planned::Whole);
@@ -87,7 +91,7 @@ pub(crate) async fn plan(
             rest: body,
         }));
     }
-    if declared.is_some() {
+    if declared.is_some() || threshold == usize::MAX {
         return read_body(headers, body, o.max_body_bytes, id, started)
             .await
             .map(Planned::Whole);

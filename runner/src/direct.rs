@@ -448,6 +448,11 @@ async fn pump(body: Body, tx: mpsc::Sender<Result<Bytes, String>>, limit: u64) {
                 return;
             }
         };
+        if piece.is_empty() {
+            // HTTP/2 may end a body with an empty frame; a Func never
+            // reads an empty piece.
+            continue;
+        }
         seen += piece.len() as u64;
         if seen > limit {
             let _ = tx
