@@ -358,3 +358,42 @@ async fn a_direct_ticket_is_claimed_once_and_unknown_tickets_are_refused() {
     let r = http.post(&forged).body("x").send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
+
+#[tokio::test]
+async fn with_tron_routing_a_tron_marks_a_direct_request_for_the_runner() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_examples(dir.path(), &["hello", "petshop", "stream"]);
+    let c = start_in_process(
+        AnyBroker::Embedded(EmbeddedBroker::new(10_000)),
+        load(dir.path()),
+        IngressOptions {
+            routing: funcatron_ingress::edge::Routing::Tron,
+            ..options()
+        },
+    )
+    .await;
+    let http = reqwest::Client::new();
+    // Past the queued limit: only direct mode, through the Tron, answers.
+    let body: Vec<u8> = pieces(3 * 1024 * 1024, 3 * 1024 * 1024).next().unwrap();
+    let r = http
+        .post(format!("{}/petshop/echo", c.base))
+        .header("content-type", "application/octet-stream")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), body.as_slice());
+    // An event stream through the Tron.
+    let r = http
+        .get(format!("{}/stream/events?n=2", c.base))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert!(!r.headers().contains_key("content-length"));
+    assert_eq!(
+        r.text().await.unwrap(),
+        "id: 1\ndata: {\"n\":1}\n\nid: 2\ndata: {\"n\":2}\n\n"
+    );
+}
