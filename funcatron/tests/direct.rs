@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use funcatron_broker::{AnyBroker, Broker, ConsumeOptions, EmbeddedBroker, Message, QueueKind};
@@ -43,54 +43,12 @@ async fn cluster() -> Cluster {
     )
     .await;
     // Direct routes are known at the edge: wait for the table.
-    let http = reqwest::Client::new();
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let h: Value = http
-            .get(format!("{}/_funcatron/health", c.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if h["edge_table_revision"].is_u64() {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "no route table reached the ingress: {h}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_edge_table(&c.base).await;
     Cluster {
         c,
         _dir: dir,
         bundles,
     }
-}
-
-/// `n` bytes that are not all alike, in pieces of `piece`.
-fn pieces(n: usize, piece: usize) -> impl Iterator<Item = Vec<u8>> {
-    let mut x: u32 = 0x9e37_79b9;
-    let mut left = n;
-    std::iter::from_fn(move || {
-        if left == 0 {
-            return None;
-        }
-        let len = piece.min(left);
-        left -= len;
-        Some(
-            (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x as u8
-                })
-                .collect(),
-        )
-    })
 }
 
 #[tokio::test]
@@ -198,26 +156,6 @@ async fn a_body_past_the_threshold_goes_direct_to_a_func_that_reads_it_whole() {
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
-}
-
-/// Read events from `stream` until one whole event (ending in a blank
-/// line) is in `buf`; return its text.
-async fn next_event(
-    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
-    buf: &mut String,
-) -> Option<String> {
-    loop {
-        if let Some(end) = buf.find("\n\n") {
-            let event = buf[..end].to_owned();
-            buf.drain(..end + 2);
-            return Some(event);
-        }
-        let piece = tokio::time::timeout(Duration::from_secs(20), stream.next())
-            .await
-            .expect("the next event never came")?
-            .unwrap();
-        buf.push_str(std::str::from_utf8(&piece).unwrap());
-    }
 }
 
 #[tokio::test]

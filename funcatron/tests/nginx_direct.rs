@@ -157,29 +157,6 @@ async fn stack_with(
     }
 }
 
-/// `n` bytes that are not all alike, in pieces of `piece`.
-fn pieces(n: usize, piece: usize) -> impl Iterator<Item = Vec<u8>> {
-    let mut x: u32 = 0x9e37_79b9;
-    let mut left = n;
-    std::iter::from_fn(move || {
-        if left == 0 {
-            return None;
-        }
-        let len = piece.min(left);
-        left -= len;
-        Some(
-            (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x as u8
-                })
-                .collect(),
-        )
-    })
-}
-
 /// The error log, for assertion messages.
 fn error_log(prefix: &Path) -> String {
     std::fs::read_to_string(prefix.join("logs/error.log")).unwrap_or_default()
@@ -312,26 +289,6 @@ async fn a_body_past_the_threshold_goes_direct_where_the_queue_limit_refuses_it(
         v["message"].as_str().unwrap().contains("1048576 bytes"),
         "{v}"
     );
-}
-
-/// Read events from `stream` until one whole event (ending in a blank
-/// line) is in `buf`; return its text.
-async fn next_event(
-    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
-    buf: &mut String,
-) -> Option<String> {
-    loop {
-        if let Some(end) = buf.find("\n\n") {
-            let event = buf[..end].to_owned();
-            buf.drain(..end + 2);
-            return Some(event);
-        }
-        let piece = tokio::time::timeout(Duration::from_secs(20), stream.next())
-            .await
-            .expect("the next event never came")?
-            .unwrap();
-        buf.push_str(std::str::from_utf8(&piece).unwrap());
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

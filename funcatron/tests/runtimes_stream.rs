@@ -61,26 +61,7 @@ async fn cluster_with(edit: impl Fn(&mut funcatron_bundle::Bundle)) -> Cluster {
     .await;
     wait_ready(&format!("{}/hello/ready", c.base)).await;
     // Direct requests are chosen at the edge: wait for the route table.
-    let http = reqwest::Client::new();
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let h: Value = http
-            .get(format!("{}/_funcatron/health", c.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if h["edge_table_revision"].is_u64() {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "no route table reached the ingress: {h}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_edge_table(&c.base).await;
     Cluster { c, _dir: dir }
 }
 

@@ -766,3 +766,71 @@ pub fn queue_depths(broker: &str) -> Vec<(String, u64, u64)> {
         })
         .collect()
 }
+
+/// Poll an ingress's health until it routes at the edge by a table (direct
+/// routes are known only there), bounded by 30 s.
+pub async fn wait_edge_table(base: &str) {
+    let http = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h: serde_json::Value = http
+            .get(format!("{base}/_funcatron/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if h["edge_table_revision"].is_u64() {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "no route table reached the ingress: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `n` bytes that are not all alike, in pieces of `piece`.
+pub fn pieces(n: usize, piece: usize) -> impl Iterator<Item = Vec<u8>> {
+    let mut x: u32 = 0x9e37_79b9;
+    let mut left = n;
+    std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        let len = piece.min(left);
+        left -= len;
+        Some(
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect(),
+        )
+    })
+}
+
+/// Read server-sent events from `stream` until one whole event (ending in
+/// a blank line) is in `buf`; return its text (`None`: the answer ended).
+pub async fn next_event(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    buf: &mut String,
+) -> Option<String> {
+    loop {
+        if let Some(end) = buf.find("\n\n") {
+            let event = buf[..end].to_owned();
+            buf.drain(..end + 2);
+            return Some(event);
+        }
+        let piece = tokio::time::timeout(Duration::from_secs(20), futures::StreamExt::next(stream))
+            .await
+            .expect("the next event never came")?
+            .unwrap();
+        buf.push_str(std::str::from_utf8(&piece).unwrap());
+    }
+}
