@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response as HttpResponse;
 use bytes::{Bytes, BytesMut};
 use funcatron_broker::Message;
@@ -30,7 +30,7 @@ use funcatron_control::headers;
 use funcatron_envelope::{now_ms, Request, Response};
 use futures::StreamExt as _;
 
-use crate::{edge, envelope_of, error, read_body, Shared, HOP_BY_HOP};
+use crate::{edge, envelope_of, error, read_body, Shared};
 
 /// How the request's body travels.
 pub(crate) enum Planned {
@@ -69,10 +69,7 @@ pub(crate) async fn plan(
 ) -> Result<Planned, HttpResponse> {
     let o = &s.options;
     // 0: never by size (direct routes and event streams still go direct).
-    let threshold = match o.direct_threshold_bytes {
-        0 => usize::MAX,
-        n => n,
-    };
+    let threshold = (o.direct_threshold_bytes > 0).then_some(o.direct_threshold_bytes);
     if is_async {
         return read_body(headers, body, o.max_body_bytes, id, started)
             .await
@@ -82,7 +79,8 @@ pub(crate) async fn plan(
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if direct_route || wants_stream(headers) || declared.is_some_and(|n| n > threshold as u64) {
+    let over = |n: u64| threshold.is_some_and(|t| n > t as u64);
+    if direct_route || wants_stream(headers) || declared.is_some_and(over) {
         if declared.is_some_and(|n| n > o.max_direct_body_bytes) {
             return Err(too_large(o.max_direct_body_bytes, id, started));
         }
@@ -91,11 +89,11 @@ pub(crate) async fn plan(
             rest: body,
         }));
     }
-    if declared.is_some() || threshold == usize::MAX {
+    let Some(threshold) = threshold.filter(|_| declared.is_none()) else {
         return read_body(headers, body, o.max_body_bytes, id, started)
             .await
             .map(Planned::Whole);
-    }
+    };
     // No length: read until the body ends or proves larger.
     let mut stream = body.into_data_stream();
     let mut buf = BytesMut::new();
@@ -237,17 +235,13 @@ async fn proxy(
     metrics::counter!("ingress_requests_total", "status" => status.as_str().to_owned())
         .increment(1);
     let mut headers = HeaderMap::new();
-    for (k, v) in answer.headers() {
-        if HOP_BY_HOP.contains(&k.as_str()) {
-            continue;
-        }
-        if let (Ok(k), Ok(v)) = (
-            HeaderName::from_bytes(k.as_str().as_bytes()),
-            HeaderValue::from_bytes(v.as_bytes()),
-        ) {
-            headers.append(k, v);
-        }
-    }
+    funcatron_listener::append_answer_headers(
+        &mut headers,
+        answer
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))),
+    );
     let mut r = HttpResponse::new(Body::from_stream(answer.bytes_stream()));
     *r.status_mut() = status;
     *r.headers_mut() = headers;

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Request as HttpRequest, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Request as HttpRequest, StatusCode};
 use axum::response::Response as HttpResponse;
 use axum::routing::get;
 use axum::Router;
@@ -337,20 +337,6 @@ fn error(
     }
     r
 }
-
-/// Response headers a Func's answer cannot set: hop-by-hop headers
-/// (RFC 9110 7.6.1) and the framing and id the ingress sets itself.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "x-request-id",
-];
 
 fn request_id(headers: &HeaderMap) -> String {
     match headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
@@ -752,19 +738,10 @@ fn respond(payload: &Bytes, id: &str, started: Instant) -> HttpResponse {
     let mut r = HttpResponse::new(Body::from(body));
     *r.status_mut() = status;
     let h = r.headers_mut();
-    for (k, v) in &resp.headers {
-        match (
-            HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_str(v),
-        ) {
-            // Names compare lower-cased; the ingress frames the answer itself.
-            (Ok(k), Ok(_)) if HOP_BY_HOP.contains(&k.as_str()) => {}
-            (Ok(k), Ok(v)) => {
-                h.append(k, v);
-            }
-            _ => tracing::debug!(header = %k, "invalid response header dropped"),
-        }
-    }
+    funcatron_listener::append_answer_headers(
+        h,
+        resp.headers.iter().map(|(k, v)| (k.as_ref(), v.as_ref())),
+    );
     if let Ok(v) = HeaderValue::from_str(id) {
         h.insert("x-request-id", v);
     }

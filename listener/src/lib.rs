@@ -192,6 +192,43 @@ impl ListenerArgs {
     }
 }
 
+/// Response headers a Func's answer cannot set: hop-by-hop headers
+/// (RFC 9110 7.6.1) and the framing and request id the server sets itself.
+pub const FRAMED_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "x-request-id",
+];
+
+/// Append a Func's answer headers (names any case) to `h`, leaving out
+/// [`FRAMED_HEADERS`] and pairs that are not valid HTTP (logged at debug):
+/// the one copy both the ingress and the Runner's direct listener make.
+pub fn append_answer_headers<'a>(
+    h: &mut axum::http::HeaderMap,
+    headers: impl Iterator<Item = (&'a str, &'a str)>,
+) {
+    use axum::http::{HeaderName, HeaderValue};
+    for (k, v) in headers {
+        match (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            // Names compare lower-cased.
+            (Ok(k), Ok(_)) if FRAMED_HEADERS.contains(&k.as_str()) => {}
+            (Ok(k), Ok(v)) => {
+                h.append(k, v);
+            }
+            _ => tracing::debug!(header = %k, "invalid response header dropped"),
+        }
+    }
+}
+
 /// Whether a body error is the body timeout (the handler answers 408).
 pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response as HttpResponse;
 use bytes::Bytes;
 use funcatron_envelope::{error_body, Response};
@@ -500,36 +500,11 @@ fn streamed(
         });
     let mut r = HttpResponse::new(Body::from_stream(pieces));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-    set_headers(
-        &mut r,
+    funcatron_listener::append_answer_headers(
+        r.headers_mut(),
         headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
     );
     r
-}
-
-/// Headers a Func may not set on an HTTP answer (the listener frames it).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "content-length",
-    "keep-alive",
-    "transfer-encoding",
-    "upgrade",
-];
-
-fn set_headers<'a>(r: &mut HttpResponse, headers: impl Iterator<Item = (&'a str, &'a str)>) {
-    let h = r.headers_mut();
-    for (k, v) in headers {
-        match (
-            HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_str(v),
-        ) {
-            (Ok(k), Ok(_)) if HOP_BY_HOP.contains(&k.as_str()) => {}
-            (Ok(k), Ok(v)) => {
-                h.append(k, v);
-            }
-            _ => tracing::debug!(header = %k, "invalid response header dropped"),
-        }
-    }
 }
 
 /// A whole answer: the response envelope the skeleton made, as HTTP.
@@ -569,8 +544,8 @@ fn whole(handled: Result<Handled, tokio::task::JoinError>) -> HttpResponse {
     };
     let mut r = HttpResponse::new(Body::from(body));
     *r.status_mut() = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    set_headers(
-        &mut r,
+    funcatron_listener::append_answer_headers(
+        r.headers_mut(),
         resp.headers.iter().map(|(k, v)| (k.as_ref(), v.as_ref())),
     );
     if let Ok(v) = HeaderValue::from_str(&resp.timings.server_timing(0.0)) {

@@ -838,7 +838,8 @@ async fn handle(ctx: &Arc<Consumer>, delivery: Delivery) {
 /// runs when the ingress claims the ticket.
 async fn offer_direct(ctx: &Arc<Consumer>, delivery: Delivery, job: Job) {
     let payload = job.payload.clone();
-    let head = match funcatron_envelope::Request::decode(&payload) {
+    // The routing fields are all a ticket needs (headers and body skipped).
+    let head = match funcatron_envelope::RouteView::decode(&payload) {
         Ok(r) => r,
         Err(why) => return dead_letter(&ctx.broker, &ctx.queue, delivery, &why.to_string()).await,
     };
