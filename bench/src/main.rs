@@ -25,6 +25,9 @@
 //! `return 200` under wrk, 1 Func against 100, 1 GiB through direct mode
 //! with each process's peak RSS, server-sent events, idle RSS.
 //!
+//! After (a)-(d), the chain rows (m), see [`chains`]; `--chains-only` runs
+//! just them.
+//!
 //! After those rows, the asynchronous calls' rows (e)-(g) on the embedded
 //! broker and (unless `--embedded-only`) on RabbitMQ, see [`async_calls`];
 //! `--async-only` runs just them.
@@ -101,6 +104,10 @@ struct Args {
     /// Skip the speed rows (h)-(l).
     #[arg(long)]
     no_speed: bool,
+    /// Run only the chain rows (m): a 3-stage chain against the three
+    /// calls one after another.
+    #[arg(long)]
+    chains_only: bool,
     /// State store of the asynchronous calls' rows (`memory:`, a path, or
     /// `postgres://...`).
     #[arg(long, default_value = "memory:")]
@@ -113,6 +120,7 @@ struct Args {
 
 mod async_calls;
 mod autoscale;
+mod chains;
 mod runtimes;
 mod speed;
 mod switch;
@@ -382,7 +390,15 @@ async fn raw_amqp(url: &str, concurrency: usize, total: usize, payload: Bytes) -
 
 type Conn = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
-async fn connect(addr: std::net::SocketAddr) -> Result<Conn> {
+/// A keep-alive HTTP/1.1 connection to `addr` sending bodies of type `B`.
+async fn connect<B>(
+    addr: std::net::SocketAddr,
+) -> Result<hyper::client::conn::http1::SendRequest<B>>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stream = tokio::net::TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let io = hyper_util::rt::TokioIo::new(stream);
@@ -446,10 +462,14 @@ async fn start_path(
 ) -> Result<std::net::SocketAddr> {
     let (list, errors) = funcatron_bundle::Bundle::load_all(bundles);
     anyhow::ensure!(errors.is_empty(), "bundles: {errors:?}");
-    // Only what is measured: hello (Lua) and the runtime benchmark's Funcs.
+    // Only what is measured: hello (Lua), the chain rows' Lua Funcs and
+    // the runtime benchmark's Funcs.
     let list: Vec<_> = list
         .into_iter()
-        .filter(|b| b.name == "hello" || b.name.starts_with("bench-"))
+        .filter(|b| {
+            matches!(b.name.as_str(), "hello" | "echo-lua" | "to-upper")
+                || b.name.starts_with("bench-")
+        })
         .collect();
     funcatron_tron::RouteTable::build(&list)?;
     let tron = make();
@@ -541,8 +561,14 @@ async fn main() -> Result<()> {
         "measurement", "req/s", "p50 ms", "p99 ms"
     );
 
+    if args.chains_only {
+        return chains::rows(&args.amqp, &args.bundles, args.embedded_only, c64).await;
+    }
     if !args.async_only && !args.speed_only {
         base_rows(&args, c1, c64).await?;
+        chains::rows(&args.amqp, &args.bundles, args.embedded_only, c64)
+            .await
+            .context("chain rows (m)")?;
     }
     if !args.async_only && !args.no_speed {
         speed::up_rows(&args.bundles)

@@ -245,6 +245,10 @@ pub struct Bundle {
     /// document's `x-funcatron: {async: ...}` with the enable-time
     /// `async` setting over it. See [`funcatron_control::calls`].
     pub async_policy: funcatron_control::calls::AsyncPolicy,
+    /// The Func may be a stage of a chain (`x-funcatron: {chain: true}`;
+    /// `docs/flows.md`). Off by default: a chain reaches a Func's routes
+    /// from the chain endpoint, which the Func must agree to.
+    pub chainable: bool,
     /// The parsed API document (`Null` for tinyFaaS folders without one),
     /// self-contained: the files its `$ref`s named are copied in under
     /// [`refs_pointer`] and every `$ref` is local (`#/...`); path items that
@@ -359,6 +363,7 @@ struct Manifest {
     default_handler: Option<String>,
     #[serde(rename = "async")]
     async_policy: Option<funcatron_control::calls::AsyncPolicy>,
+    chain: Option<bool>,
 }
 
 /// One staging rewrite: in the document field at `field` (a JSON pointer
@@ -424,6 +429,7 @@ impl Manifest {
             environments: over.environments.or(self.environments),
             default_handler: over.default_handler.or(self.default_handler),
             async_policy: over.async_policy.or(self.async_policy),
+            chain: over.chain.or(self.chain),
             name: over.name.or(self.name),
             runtime: over.runtime.or(self.runtime),
             handler: over.handler.or(self.handler),
@@ -655,6 +661,7 @@ impl Bundle {
             auth: BTreeMap::new(),
             cors: None,
             async_policy,
+            chainable: m.chain.unwrap_or(false),
             doc: Arc::new(doc),
             version: hex_prefix(&content_digest(dir)?, 6),
         })

@@ -124,6 +124,9 @@ pub struct FuncAdmission {
     /// ingress reports its demand at once).
     #[serde(default)]
     pub cold: bool,
+    /// The Func may be a stage of a chain (its bundle's `chain: true`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub chainable: bool,
 }
 
 /// A base: host (`None`: any) and base path, as

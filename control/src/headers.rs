@@ -54,3 +54,9 @@ pub const PHASE_STARTED: &str = "started";
 /// router (an ingress at the edge, or the Tron for a request the ingress
 /// marked), so the Runner knows without decoding the envelope.
 pub const DIRECT: &str = "x-funcatron-direct";
+
+/// On a request message that is a stage of a chain (the envelope's
+/// `chain`, value `1`): the Runner that answers it forwards a 2xx answer
+/// to the next stage instead of replying (`docs/flows.md`). Set by
+/// whoever publishes a stage, so the Runner knows without decoding.
+pub const CHAIN: &str = "x-funcatron-chain";

@@ -22,7 +22,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 /// The envelope version this build writes.
-pub const VERSION: &str = "1.2";
+pub const VERSION: &str = "1.3";
 /// The major version this build reads; any other major is dead-lettered.
 pub const MAJOR: u32 = 1;
 
@@ -136,6 +136,55 @@ pub struct Request<'a> {
     /// the ingress then sends the body and reads the answer over HTTP.
     #[serde(default, skip_serializing_if = "is_false")]
     pub direct: bool,
+    /// A chain (1.3): this request is stage [`Chain::at`] of it. The
+    /// Runner that answers it sends a 2xx answer on to the next stage's
+    /// Func queue as that stage's request, and only the last stage (or
+    /// the first that fails) replies to `reply_to`.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<Chain<'a>>,
+}
+
+/// A chain of Funcs (`a | b | c`) resolved by its router (an ingress at
+/// the edge, or a Tron): every stage's queue and routing outcome, so a
+/// Runner forwards without a route table.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Chain<'a> {
+    /// Which stage this request is, from 0.
+    pub at: u32,
+    /// Every stage, the first included.
+    #[serde(borrow)]
+    pub stages: Vec<ChainStage<'a>>,
+    /// The Func's run time of each stage done so far, in ms (for the
+    /// final answer's `Server-Timing`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exec_ms: Vec<f64>,
+}
+
+/// One stage of a [`Chain`]: the request it makes and where it goes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChainStage<'a> {
+    /// The Func.
+    #[serde(borrow)]
+    pub func: Cow<'a, str>,
+    /// Its version's queue of synchronous requests.
+    #[serde(borrow)]
+    pub queue: Cow<'a, str>,
+    /// The stage's request method.
+    #[serde(borrow)]
+    pub method: Cow<'a, str>,
+    /// Its Host: the Func's primary host, else the caller's.
+    #[serde(borrow, default)]
+    pub host: Cow<'a, str>,
+    /// Its path, the Func's base path included.
+    #[serde(borrow)]
+    pub path: Cow<'a, str>,
+    /// Its query string: the stage's options.
+    #[serde(borrow, default)]
+    pub query: Cow<'a, str>,
+    /// The routing outcome as message headers
+    /// (`funcatron_routes::Route::headers`).
+    #[serde(borrow, default)]
+    pub headers: Vec<Header<'a>>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -522,8 +522,14 @@ fn served_on(r: &EffectiveRoutes) -> String {
 /// `funcatron invoke`.
 #[derive(Args)]
 pub struct InvokeArgs {
-    /// The Func.
+    /// The Func; or a chain of Funcs (`docs/flows.md`), e.g.
+    /// `"sed e=s/hate/love/ | to-upper"`, whose first stage reads stdin
+    /// (or `-d`) and whose last stage's answer is printed. A name with
+    /// a space or `|` is a chain; `--chain` makes any one.
     name: String,
+    /// Run NAME as a chain expression even without a `|`.
+    #[arg(long)]
+    chain: bool,
     /// Path below the base's path.
     #[arg(default_value = "/")]
     path: String,
@@ -551,22 +557,36 @@ pub struct InvokeArgs {
     remote: Remote,
 }
 
-/// Call a Func through the Tron; returns the output and whether it was a 2xx.
-pub async fn invoke(a: InvokeArgs) -> Result<(Vec<u8>, bool)> {
+/// `-H Name: value` flags as a map (names lower-case).
+fn header_map(flags: &[String]) -> Result<BTreeMap<String, String>> {
     let mut headers = BTreeMap::new();
-    for h in &a.headers {
+    for h in flags {
         let (k, v) = h
             .split_once(':')
             .with_context(|| format!("-H {h}: expected `Name: value`"))?;
         headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
     }
-    let body = match &a.data {
+    Ok(headers)
+}
+
+/// `-d`: the text, or a file's with `@file`.
+fn data(flag: Option<&str>) -> Result<Option<String>> {
+    Ok(match flag {
         Some(d) if d.starts_with('@') => {
             Some(std::fs::read_to_string(&d[1..]).with_context(|| format!("reading {}", &d[1..]))?)
         }
-        Some(d) => Some(d.clone()),
+        Some(d) => Some(d.to_owned()),
         None => None,
-    };
+    })
+}
+
+/// Call a Func through the Tron; returns the output and whether it was a 2xx.
+pub async fn invoke(a: InvokeArgs) -> Result<(Vec<u8>, bool)> {
+    if a.chain || a.name.contains('|') || a.name.contains(char::is_whitespace) {
+        return invoke_chain(a).await;
+    }
+    let headers = header_map(&a.headers)?;
+    let body = data(a.data.as_deref())?;
     let http = reqwest::Client::new();
     let r = a
         .remote
@@ -582,9 +602,15 @@ pub async fn invoke(a: InvokeArgs) -> Result<(Vec<u8>, bool)> {
         .send()
         .await
         .with_context(|| format!("calling {}", a.remote.tron))?;
+    printed(r, a.include).await
+}
+
+/// What `invoke` prints of an answer (its status line and headers too
+/// with `include`), and whether it was a 2xx.
+async fn printed(r: reqwest::Response, include: bool) -> Result<(Vec<u8>, bool)> {
     let ok = r.status().is_success();
     let mut out = Vec::new();
-    if a.include {
+    if include {
         out.extend_from_slice(format!("{:?} {}\n", r.version(), r.status()).as_bytes());
         for (k, v) in r.headers() {
             out.extend_from_slice(format!("{k}: {}\n", v.to_str().unwrap_or("?")).as_bytes());
@@ -593,6 +619,38 @@ pub async fn invoke(a: InvokeArgs) -> Result<(Vec<u8>, bool)> {
     }
     out.extend_from_slice(&r.bytes().await?);
     Ok((out, ok))
+}
+
+/// `funcatron invoke "a | b"`: the chain through the Tron's `/v1/chain`,
+/// stdin (unless it is a terminal, or `-d` is given) as the first stage's
+/// body.
+async fn invoke_chain(a: InvokeArgs) -> Result<(Vec<u8>, bool)> {
+    use std::io::{IsTerminal, Read};
+    let headers = header_map(&a.headers)?;
+    let body = match data(a.data.as_deref())? {
+        Some(d) => Some(d),
+        None if !std::io::stdin().is_terminal() => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading stdin (the chain's input)")?;
+            Some(s)
+        }
+        None => None,
+    };
+    let http = reqwest::Client::new();
+    let r = a
+        .remote
+        .post(&http, "/v1/chain")?
+        .json(&funcatron_tron::mgmt::api::ChainRequest {
+            chain: a.name.clone(),
+            headers,
+            body,
+        })
+        .send()
+        .await
+        .with_context(|| format!("calling {}", a.remote.tron))?;
+    printed(r, a.include).await
 }
 
 /// `funcatron capture ...`.

@@ -68,7 +68,8 @@ enum Command {
     /// Manage Funcs on a Tron: list, show, history, enable, disable, rollback.
     #[command(subcommand)]
     Func(client::FuncCmd),
-    /// Call a Func through a Tron's management API.
+    /// Call a Func, or a chain of Funcs (`"sed e=s/a/b/ | to-upper"`, input
+    /// from stdin), through a Tron's management API.
     Invoke(client::InvokeArgs),
     /// Asynchronous calls: show one.
     #[command(subcommand)]

@@ -62,7 +62,7 @@ pub(crate) async fn plan(
     s: &Shared,
     headers: &HeaderMap,
     body: Body,
-    is_async: bool,
+    whole: bool,
     direct_route: bool,
     id: &str,
     started: Instant,
@@ -70,7 +70,7 @@ pub(crate) async fn plan(
     let o = &s.options;
     // 0: never by size (direct routes and event streams still go direct).
     let threshold = (o.direct_threshold_bytes > 0).then_some(o.direct_threshold_bytes);
-    if is_async {
+    if whole {
         return read_body(headers, body, o.max_body_bytes, id, started)
             .await
             .map(Planned::Whole);

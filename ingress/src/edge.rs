@@ -37,6 +37,7 @@ use dashmap::DashMap;
 use funcatron_broker::{AnyBroker, Broker, Message};
 use funcatron_control::admission::{self, AdmissionTable, EdgeDemand, FuncAdmission};
 use funcatron_control::names::{ADMISSION_TOPIC, CONTROL_TOPIC, DEMAND_TOPIC};
+use funcatron_routes::chain::StageSpec;
 use funcatron_routes::{RouteOutcome, RouteTable};
 use serde::Deserialize;
 use tokio::sync::{watch, Notify};
@@ -133,6 +134,8 @@ pub(crate) struct Routed {
     pub headers: Vec<(String, String)>,
     /// The operation is direct (`x-funcatron-direct`).
     pub direct: bool,
+    /// A chain's stages, when this is its first stage.
+    pub chain: Option<funcatron_envelope::Chain<'static>>,
 }
 
 impl Edge {
@@ -271,8 +274,83 @@ impl Edge {
             .to_owned(),
             headers: route.headers(preflight),
             direct: route.direct,
+            chain: None,
         }))
     }
+
+    /// Where a chain goes (`funcatron_routes::chain`): resolved here by the
+    /// current table, onto its first stage's queue, with `parts` rewritten
+    /// to that stage's request; to a Tron (which resolves it) when this
+    /// ingress does not route at the edge now.
+    pub(crate) fn decide_chain(
+        &self,
+        parts: &mut Parts,
+        stages: &[StageSpec],
+    ) -> Result<Decision, Refusal> {
+        let Some(c) = self.current() else {
+            return Ok(Decision::Tron);
+        };
+        if self.routing != Routing::Edge || self.behind(&c) {
+            return Ok(Decision::Tron);
+        }
+        let host = host_header(parts);
+        let resolved = c.routes.resolve_chain(stages, &host).map_err(|e| Refusal {
+            status: StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            code: e.code(),
+            message: e.to_string(),
+        })?;
+        for s in &resolved {
+            self.count(&s.func);
+            if c.funcs.iter().any(|f| f.func == *s.func && f.cold) {
+                self.report_now.notify_one();
+            }
+        }
+        let Some(first) = resolved.first() else {
+            return Ok(Decision::Tron);
+        };
+        let pq = match first.query.as_ref() {
+            "" => first.path.to_string(),
+            q => format!("{}?{q}", first.path),
+        };
+        let (Ok(uri), Ok(method), Ok(host)) = (
+            pq.parse(),
+            axum::http::Method::from_bytes(first.method.as_bytes()),
+            HeaderValue::from_str(&first.host),
+        ) else {
+            return Ok(Decision::Tron);
+        };
+        parts.uri = uri;
+        parts.method = method;
+        parts.headers.insert(axum::http::header::HOST, host);
+        parts.headers.remove(funcatron_routes::chain::CHAIN_HEADER);
+        let mut headers: Vec<(String, String)> = first
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        headers.push((funcatron_control::headers::CHAIN.to_owned(), "1".to_owned()));
+        Ok(Decision::Queue(Routed {
+            func: first.func.to_string(),
+            queue: first.queue.to_string(),
+            headers,
+            direct: false,
+            chain: Some(funcatron_envelope::Chain {
+                at: 0,
+                stages: resolved,
+                exec_ms: Vec::new(),
+            }),
+        }))
+    }
+}
+
+/// The request's Host header (empty when none).
+fn host_header(parts: &Parts) -> String {
+    parts
+        .headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 impl Edge {

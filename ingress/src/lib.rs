@@ -42,6 +42,7 @@ use funcatron_control::{headers, names};
 use funcatron_envelope::{
     encode_body, error_body, new_request_id, now_ms, sane_request_id, Request, Response, VERSION,
 };
+use funcatron_routes::chain;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 use tokio::sync::{oneshot, Semaphore};
@@ -489,6 +490,9 @@ fn prepare(
 ) -> Result<(Option<calls::Async>, edge::Decision), edge::Refusal> {
     parts.headers.remove(headers::FUNC);
     let mut mode = calls::mode(&parts.headers);
+    if parts.uri.path() == chain::CHAIN_PATH {
+        return prepare_chain(s, parts, mode).map(|d| (None, d));
+    }
     let mut named = None;
     if let Some((func, rest, is_async)) = named_func(parts.uri.path()) {
         let pq = match parts.uri.query() {
@@ -509,6 +513,72 @@ fn prepare(
     Ok((mode, decision))
 }
 
+/// A chain (`POST /_funcatron/chain`, the expression in the
+/// `X-Funcatron-Chain` header or the `chain` query parameter): parsed
+/// here, resolved at the edge or by a Tron (`funcatron_routes::chain`).
+fn prepare_chain(
+    s: &Shared,
+    parts: &mut axum::http::request::Parts,
+    mode: Option<calls::Async>,
+) -> Result<edge::Decision, edge::Refusal> {
+    let refuse = |status: StatusCode, code: &'static str, message: String| edge::Refusal {
+        status,
+        code,
+        message,
+    };
+    if parts.method != axum::http::Method::POST {
+        return Err(refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{} takes POST", chain::CHAIN_PATH),
+        ));
+    }
+    if mode.is_some() {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "chain_async",
+            "chains answer synchronously; an asynchronous chain is not supported".into(),
+        ));
+    }
+    let expr = chain::expression(
+        parts
+            .headers
+            .get(chain::CHAIN_HEADER)
+            .and_then(|v| v.to_str().ok()),
+        parts.uri.query(),
+    )
+    .map_err(|e| refuse(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+    let stages = chain::parse(&expr)
+        .map_err(|e| refuse(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+    s.edge.decide_chain(parts, &stages)
+}
+
+/// The edge's decision: the routing (`None`: a Tron routes), or the
+/// answer it gave (404, 405).
+fn routed_or_answer(
+    decision: edge::Decision,
+    id: &str,
+    started: Instant,
+) -> Result<Option<edge::Routed>, Box<HttpResponse>> {
+    match decision {
+        edge::Decision::Tron => Ok(None),
+        edge::Decision::Queue(r) => Ok(Some(r)),
+        edge::Decision::Answer {
+            status,
+            code,
+            message,
+            allow,
+        } => {
+            metrics::counter!("ingress_edge_answered_total", "code" => code).increment(1);
+            let mut answer = error(status, id, code, &message, started);
+            if let Some(v) = allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
+                answer.headers_mut().insert("allow", v);
+            }
+            Err(Box::new(answer))
+        }
+    }
+}
+
 async fn handle(
     State(s): State<Arc<Shared>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
@@ -527,11 +597,13 @@ async fn handle(
         }
     };
     let direct_route = matches!(&decision, edge::Decision::Queue(r) if r.direct);
+    let is_chain = parts.uri.path() == chain::CHAIN_PATH
+        || matches!(&decision, edge::Decision::Queue(r) if r.chain.is_some());
     let planned = direct::plan(
         &s,
         &parts.headers,
         body,
-        mode.is_some(),
+        mode.is_some() || is_chain,
         direct_route,
         &id,
         started,
@@ -552,22 +624,9 @@ async fn handle(
             started,
         );
     };
-    let routed = match decision {
-        edge::Decision::Tron => None,
-        edge::Decision::Queue(r) => Some(r),
-        edge::Decision::Answer {
-            status,
-            code,
-            message,
-            allow,
-        } => {
-            metrics::counter!("ingress_edge_answered_total", "code" => code).increment(1);
-            let mut answer = error(status, &id, code, &message, started);
-            if let Some(v) = allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
-                answer.headers_mut().insert("allow", v);
-            }
-            return answer;
-        }
+    let mut routed = match routed_or_answer(decision, &id, started) {
+        Ok(r) => r,
+        Err(answer) => return *answer,
     };
     let body = match body {
         direct::Planned::Whole(b) => b,
@@ -598,6 +657,7 @@ async fn handle(
             body_base64,
             reply_to: Some(Cow::Borrowed(&s.reply_queue)),
             reply_key: Some(Cow::Borrowed(&reply_key)),
+            chain: routed.as_mut().and_then(|r| r.chain.take()),
             ..envelope_of(&parts, remote)
         }
         .encode()
@@ -746,8 +806,9 @@ fn respond(payload: &Bytes, id: &str, started: Instant) -> HttpResponse {
         h.insert("x-request-id", v);
     }
     let total = started.elapsed().as_secs_f64() * 1000.0;
+    // Appended: a Func's own (a chain's per-stage entries) stays.
     if let Ok(v) = HeaderValue::from_str(&resp.timings.server_timing(total)) {
-        h.insert("server-timing", v);
+        h.append("server-timing", v);
     }
     r
 }

@@ -26,6 +26,7 @@
 
 #![warn(clippy::too_many_lines)]
 
+pub mod chain;
 mod pattern;
 
 use std::borrow::Cow;
@@ -219,6 +220,8 @@ pub struct FuncSpec<'a> {
     pub async_only: bool,
     /// Its async policy's limit of waiting async calls.
     pub max_queued: Option<u64>,
+    /// It may be a stage of a chain.
+    pub chainable: bool,
 }
 
 impl<'a> FuncSpec<'a> {
@@ -234,6 +237,7 @@ impl<'a> FuncSpec<'a> {
             operations: &b.operations,
             async_only: b.async_policy.async_only.unwrap_or(false),
             max_queued: b.async_policy.max_queued,
+            chainable: b.chainable,
         }
     }
 }
@@ -293,6 +297,7 @@ fn admission_of(spec: &FuncSpec<'_>) -> FuncAdmission {
         max_queued: spec.max_queued,
         full: false,
         cold: false,
+        chainable: spec.chainable,
     }
 }
 
@@ -530,6 +535,7 @@ impl RouteTable {
                 operations,
                 async_only: f.async_only,
                 max_queued: f.max_queued,
+                chainable: f.chainable,
             })
             .collect();
         RouteTable::build_specs(&specs)

@@ -125,6 +125,15 @@ impl ExecFunc {
         for (k, v) in req.params {
             vars.insert(format!("FUNCATRON_PARAM_{k}"), v.clone());
         }
+        // Query parameters decoded (the first of a repeated name), for
+        // programs that would rather not parse `Http_Query`: a chain
+        // stage's options arrive so (`sed e=s/a/b/`).
+        for (k, v) in form_urlencoded::parse(env.query.as_bytes()) {
+            if !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                vars.entry(format!("FUNCATRON_QUERY_{k}"))
+                    .or_insert_with(|| v.into_owned());
+            }
+        }
         let sandbox = Sandbox {
             dir: self.dir.clone(),
             scratch: scratch.path().to_owned(),

@@ -13,6 +13,7 @@
 //! own listener instead, see [`direct`].
 
 pub mod args;
+mod chain;
 pub mod direct;
 pub mod error;
 pub mod exec;

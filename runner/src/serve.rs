@@ -1050,6 +1050,9 @@ async fn settle(ctx: &Consumer, delivery: Delivery, payload: &bytes::Bytes, hand
                 }
                 return;
             };
+            if !ctx.is_async && delivery.message.header(headers::CHAIN).is_some() {
+                return settle_stage(ctx, delivery, payload, &reply_to, &response).await;
+            }
             let response = bytes::Bytes::from(response);
             let message = if ctx.is_async {
                 // An outcome, for the Tron to record: it must survive a
@@ -1087,6 +1090,50 @@ async fn settle(ctx: &Consumer, delivery: Delivery, payload: &bytes::Bytes, hand
         Handled::Undecodable(why) => dead_letter(&ctx.broker, &ctx.queue, delivery, &why).await,
         Handled::Requeue(why) => {
             tracing::warn!(reason = %why, "requeueing the request");
+            requeue(delivery).await;
+        }
+    }
+}
+
+/// A chain stage's answer ([`crate::chain`]): forward it to the next
+/// stage or reply, then acknowledge; requeue when it cannot be sent.
+async fn settle_stage(
+    ctx: &Consumer,
+    delivery: Delivery,
+    payload: &bytes::Bytes,
+    reply_to: &str,
+    response: &[u8],
+) {
+    let (to, message) = match crate::chain::next(payload, response) {
+        Ok(crate::chain::Next::Reply(r)) => (reply_to.to_owned(), Message::new(r)),
+        Ok(crate::chain::Next::Forward { queue, message }) => (queue, message),
+        Ok(crate::chain::Next::Expired) => {
+            metrics::counter!("runner_expired_total").increment(1);
+            return ack(delivery).await;
+        }
+        Err(why) => return dead_letter(&ctx.broker, &ctx.queue, delivery, &why).await,
+    };
+    match ctx.broker.publish(&to, message).await {
+        Ok(()) => ack(delivery).await,
+        Err(BrokerError::NoRoute(_)) if to == reply_to => ack(delivery).await,
+        Err(BrokerError::NoRoute(q)) => {
+            // The next stage's queue is gone (its version was switched
+            // since the chain was resolved): the caller is told.
+            let id = funcatron_envelope::RouteView::decode(payload)
+                .map(|v| (v.id.into_owned(), v.reply_key.map(|k| k.into_owned())))
+                .unwrap_or_default();
+            let mut r = funcatron_envelope::Response::error(
+                &id.0,
+                503,
+                "chain_stage_unavailable",
+                &format!("the next stage's queue {q} is gone; retry the chain"),
+            );
+            r.reply_key = id.1.map(std::borrow::Cow::Owned);
+            let _ = ctx.broker.publish(reply_to, Message::new(r.encode())).await;
+            ack(delivery).await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, queue = %to, "chain stage not sent on; requeueing the request");
             requeue(delivery).await;
         }
     }

@@ -180,6 +180,9 @@ async fn dispatch(broker: &AnyBroker, demand: &Demand, routes: &RouteTable, deli
             return;
         }
         let ttl_ms = (view.deadline_ms as f64 - now).ceil() as u64;
+        if view.path == funcatron_routes::chain::CHAIN_PATH && view.func.is_none() {
+            return chain(broker, demand, routes, &view, delivery, ttl_ms).await;
+        }
         let outcome = match view.func.as_deref() {
             None => routes.route(&view.host, &view.method, &view.path),
             Some(func) => match routes.route_func(func, &view.method, &view.path) {
@@ -286,6 +289,102 @@ async fn forward(
         }
         Err(e) => {
             tracing::warn!(error = %e, "forward failed; requeueing");
+            let _ = delivery.nack(true).await;
+        }
+    }
+}
+
+/// A chain an ingress did not resolve (nginx, or no current table):
+/// resolve it here (`funcatron_routes::chain`), rewrite the request to
+/// its first stage and forward it there; or answer why it cannot run.
+async fn chain(
+    broker: &AnyBroker,
+    demand: &Demand,
+    routes: &RouteTable,
+    view: &RouteView<'_>,
+    delivery: Delivery,
+    ttl_ms: u64,
+) {
+    use funcatron_routes::chain as c;
+    let payload = delivery.message.payload.clone();
+    let Ok(mut req) = funcatron_envelope::Request::decode(&payload) else {
+        // RouteView decoded; the rest did not.
+        broker
+            .dead_letter(names::REQUESTS, delivery, "malformed chain request")
+            .await;
+        return;
+    };
+    let header = req
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(c::CHAIN_HEADER))
+        .map(|(_, v)| v.as_ref());
+    let query = (!req.query.is_empty()).then_some(req.query.as_ref());
+    let resolved = c::expression(header, query)
+        .and_then(|e| c::parse(&e))
+        .and_then(|stages| routes.resolve_chain(&stages, &req.host));
+    let stages = match resolved {
+        Ok(s) if !s.is_empty() => s,
+        Ok(_) => {
+            return answer(
+                broker,
+                view,
+                delivery,
+                400,
+                "chain_syntax",
+                "no stages",
+                None,
+            )
+            .await
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            return answer(broker, view, delivery, e.status(), e.code(), &msg, None).await;
+        }
+    };
+    for s in &stages {
+        demand.dispatched(&s.func);
+    }
+    let first = &stages[0];
+    let queue = first.queue.to_string();
+    let func = first.func.to_string();
+    let mut hdrs: Vec<(String, String)> = first
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    hdrs.push((headers::CHAIN.to_owned(), "1".to_owned()));
+    req.headers.retain(|(k, _)| {
+        !k.eq_ignore_ascii_case(c::CHAIN_HEADER) && !k.eq_ignore_ascii_case("host")
+    });
+    req.headers
+        .push((std::borrow::Cow::Borrowed("host"), first.host.clone()));
+    req.method = first.method.clone();
+    req.host = first.host.clone();
+    req.path = first.path.clone();
+    req.query = first.query.clone();
+    req.chain = Some(funcatron_envelope::Chain {
+        at: 0,
+        stages: stages.clone(),
+        exec_ms: Vec::new(),
+    });
+    let message = Message {
+        payload: req.encode().into(),
+        headers: hdrs,
+        ttl_ms: Some(ttl_ms),
+        persistent: false,
+    };
+    match broker.publish(&queue, message).await {
+        Ok(()) => {
+            metrics::counter!("tron_requests_total", "outcome" => "forwarded").increment(1);
+            let _ = delivery.ack().await;
+        }
+        Err(BrokerError::NoRoute(q)) => {
+            let msg = format!("the queue {q} of Func {func} does not exist");
+            answer(broker, view, delivery, 503, "func_unavailable", &msg, None).await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "chain forward failed; requeueing");
             let _ = delivery.nack(true).await;
         }
     }

@@ -45,6 +45,7 @@ fn bundle_of_api(name: &str, file: &Path, api: ApiDoc) -> Bundle {
         auth: Default::default(),
         cors: None,
         async_policy: Default::default(),
+        chainable: false,
         doc: Default::default(),
         version: "v1".into(),
     }

@@ -650,7 +650,12 @@ local function answer_reply(id, resp, started)
   for k, v in pairs(grouped) do ngx.header[k] = v end
   ngx.header["X-Request-Id"] = id
   ngx.update_time()
-  ngx.header["Server-Timing"] = envelope.server_timing(resp.timings, (ngx.now() - started) * 1000)
+  -- Added to a Func's own (a chain's per-stage entries stay).
+  local timing = envelope.server_timing(resp.timings, (ngx.now() - started) * 1000)
+  local own = grouped["server-timing"]
+  if own == nil then ngx.header["Server-Timing"] = timing
+  elseif type(own) == "table" then own[#own + 1] = timing; ngx.header["Server-Timing"] = own
+  else ngx.header["Server-Timing"] = { own, timing } end
   ngx.header["Content-Length"] = #resp.body
   ngx.print(resp.body)
   return ngx.exit(ngx.OK)
@@ -704,11 +709,22 @@ function M.handle(bounded)
   local path = var.request_uri:match("^[^?]*")
   local func, rest, is_async = named_func(path)
   local mode = async_mode(h) or (is_async and "recorded") or nil
+  -- A chain (POST /_funcatron/chain) goes to a Tron, which parses and
+  -- resolves it (funcatron_routes::chain): Lua never parses expressions.
+  local is_chain = not func and path == "/_funcatron/chain"
+  if is_chain and ngx.req.get_method() ~= "POST" then
+    ngx.header["Allow"] = "POST"
+    return answer_error(405, id, "method_not_allowed", "/_funcatron/chain takes POST", started)
+  end
+  if is_chain and mode then
+    return answer_error(400, id, "chain_async",
+      "chains answer synchronously; an asynchronous chain is not supported", started)
+  end
   local length, unsized = body_length()
   -- Decided before the Func is known, so nothing is counted twice: a body
   -- of unknown size that will be queued (asynchronous calls; synchronous
   -- ones when nothing goes direct by size) is read in the bounded location.
-  if unsized and not bounded and (mode or (conf.direct_threshold <= 0 and not wants_stream(h))) then
+  if unsized and not bounded and (mode or is_chain or (conf.direct_threshold <= 0 and not wants_stream(h))) then
     return ngx.exec("@funcatron_queued")
   end
   local headers = headers_in_order()
@@ -720,7 +736,7 @@ function M.handle(bounded)
   local method, host = ngx.req.get_method(), var.http_host or var.host or ""
   local routed
   -- Recorded async calls go to a Tron (it records them) and route there.
-  local t = mode ~= "recorded" and edge_table()
+  local t = mode ~= "recorded" and not is_chain and edge_table()
   if t then
     local status, code, message, allow
     routed, status, code, message, allow = edge_route(t, func, host, method, path, mode)
@@ -736,7 +752,7 @@ function M.handle(bounded)
     headers = headers, remote = var.remote_addr .. ":" .. var.remote_port,
   }
   -- Asynchronous calls never go direct: their bodies must be durable.
-  if not mode and goes_direct(h, routed, length, unsized) then
+  if not mode and not is_chain and goes_direct(h, routed, length, unsized) then
     if length and length > conf.max_direct_body then
       return too_large(id, conf.max_direct_body, started)
     end

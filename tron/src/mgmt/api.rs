@@ -242,6 +242,21 @@ pub struct InvokeRequest {
     pub body: Option<String>,
 }
 
+/// Body of `POST /v1/chain`: a chain of Funcs to run (`docs/flows.md`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChainRequest {
+    /// The expression, e.g. `sed e=s/hate/love/ | to-upper`.
+    pub chain: String,
+    /// Request headers (the first stage's `Content-Type`, credentials
+    /// every stage checks).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The first stage's request body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
 /// Body of `POST /v1/funcs/{name}/capture` (optional, as are its fields).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

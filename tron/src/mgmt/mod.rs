@@ -276,6 +276,7 @@ fn token_routes() -> OpenApiRouter<Arc<Api>> {
     let unlimited = OpenApiRouter::new()
         .routes(a(routes!(upload)))
         .routes(a(routes!(invoke)))
+        .routes(a(routes!(chain)))
         .routes(a(routes!(submit::submit_call)))
         .layer(DefaultBodyLimit::disable());
     OpenApiRouter::new()
@@ -782,13 +783,56 @@ async fn invoke(State(api): Shared, Path(name): Path<String>, body: axum::body::
     }
 }
 
+/// Run a chain of Funcs through the request path (an in-process ingress
+/// on this Tron, at its chain endpoint), answering with the last stage's
+/// answer or the first failing stage's error.
+#[utoipa::path(post, path = "/v1/chain", operation_id = "runChain",
+    security(("token" = ["admin"])),
+    request_body(content = api::ChainRequest, description = "the chain and its input"),
+    responses(
+        (status = "default", description = "the last stage's answer, as is; or the first failing stage's status with a JSON `chain_stage_failed` error naming it"),
+        (status = 400, description = "a malformed body or expression, or a stage naming no single operation", body = ApiError),
+        (status = 401, description = "no or a wrong token", body = ApiError),
+        (status = 403, description = "the read token, or a stage's Func did not opt in (`chain_not_allowed`)", body = ApiError),
+        (status = 404, description = "a stage names no enabled Func", body = ApiError),
+        (status = 503, description = "this Tron cannot invoke Funcs", body = ApiError),
+    ))]
+async fn chain(State(api): Shared, body: axum::body::Body) -> Response {
+    let body = match limited(&api, body).await {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let Some(ingress) = api.ingress.clone() else {
+        return error(503, "no_ingress", "this Tron cannot invoke Funcs");
+    };
+    let req: api::ChainRequest = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let builder = axum::http::Request::builder()
+        .method("POST")
+        .uri(funcatron_routes::chain::CHAIN_PATH)
+        .header(funcatron_routes::chain::CHAIN_HEADER, &req.chain);
+    let Some(http) = local_request(builder, "localhost".into(), &req.headers, req.body) else {
+        return error(
+            400,
+            "bad_request",
+            "the chain or headers are not valid HTTP header values",
+        );
+    };
+    match tower::ServiceExt::oneshot(ingress, http).await {
+        Ok(r) => r.into_response(),
+        Err(e) => match e {},
+    }
+}
+
 /// The HTTP request `req` asks of `b`: on its `base` (default the
 /// primary), with its Host (a caller's `host` header wins).
 fn invoke_request(
     b: &Bundle,
     req: InvokeRequest,
 ) -> Result<axum::http::Request<axum::body::Body>, Box<Response>> {
-    let (mut host, base_path) = invoke_base(b, req.base.as_deref())?;
+    let (host, base_path) = invoke_base(b, req.base.as_deref())?;
     let rel = req.path.unwrap_or_else(|| "/".into());
     let mut path = if base_path == "/" {
         rel.clone()
@@ -800,32 +844,43 @@ fn invoke_request(
     if let Some(q) = req.query.filter(|q| !q.is_empty()) {
         path = format!("{path}?{q}");
     }
-    let mut builder = axum::http::Request::builder()
+    let builder = axum::http::Request::builder()
         .method(req.method.as_deref().unwrap_or("GET"))
         .uri(&path);
-    for (k, v) in &req.headers {
+    local_request(builder, host, &req.headers, req.body).ok_or_else(|| {
+        Box::new(error(
+            400,
+            "bad_request",
+            "method, path or headers are not valid HTTP",
+        ))
+    })
+}
+
+/// A request for the in-process ingress: `builder` with `headers` (a
+/// `host` among them replacing `host`), the body, and a loopback peer.
+fn local_request(
+    mut builder: axum::http::request::Builder,
+    mut host: String,
+    headers: &std::collections::BTreeMap<String, String>,
+    body: Option<String>,
+) -> Option<axum::http::Request<axum::body::Body>> {
+    for (k, v) in headers {
         if k.eq_ignore_ascii_case("host") {
             host.clone_from(v);
         } else {
             builder = builder.header(k, v);
         }
     }
-    let Ok(mut http) = builder
+    let mut http = builder
         .header(header::HOST, host)
-        .body(axum::body::Body::from(req.body.unwrap_or_default()))
-    else {
-        return Err(Box::new(error(
-            400,
-            "bad_request",
-            "method, path or headers are not valid HTTP",
-        )));
-    };
+        .body(axum::body::Body::from(body.unwrap_or_default()))
+        .ok()?;
     http.extensions_mut()
         .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
             [127, 0, 0, 1],
             0,
         ))));
-    Ok(http)
+    Some(http)
 }
 
 /// Every base `b` is served on: its own, then its operations' own, each

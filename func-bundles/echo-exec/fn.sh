@@ -1,0 +1,3 @@
+#!/bin/sh
+# echo-exec: the body back (stdin to stdout).
+exec cat
