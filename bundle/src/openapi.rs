@@ -63,6 +63,29 @@ pub struct Operation {
 /// The operation extension that marks a route direct ([`Operation::direct`]).
 pub const DIRECT_EXTENSION: &str = "x-funcatron-direct";
 
+/// The operation extension that makes an operation a pipeline
+/// (`funcatron_envelope::flow::FlowSpec`, `docs/flows.md`).
+pub const FLOW_EXTENSION: &str = "x-funcatron-flow";
+
+/// The pipeline an operation of `doc` declares, checked: `None` when it
+/// declares none.
+pub fn flow_of(
+    doc: &Value,
+    method: &str,
+    template: &str,
+) -> Option<Result<funcatron_envelope::flow::FlowSpec, String>> {
+    let v = doc
+        .get("paths")?
+        .get(template)?
+        .get(method.to_ascii_lowercase())?
+        .get(FLOW_EXTENSION)?;
+    Some(
+        serde_json::from_value::<funcatron_envelope::flow::FlowSpec>(v.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|f| f.check().map(|()| f)),
+    )
+}
+
 impl Operation {
     /// This operation's bases: its own, else the document's.
     pub fn bases_in<'a>(&'a self, document: &'a [Base]) -> &'a [Base] {
@@ -464,6 +487,12 @@ fn operations(doc: &Value, paths: &Value, version: SpecVersion) -> Result<Vec<Op
                     ))
                 }
             };
+            if let Some(v) = present(obj, FLOW_EXTENSION) {
+                let at = format!("{op_at}/{FLOW_EXTENSION}");
+                let spec = serde_json::from_value::<funcatron_envelope::flow::FlowSpec>(v.clone())
+                    .map_err(|e| Problem::new(&at, e.to_string()))?;
+                spec.check().map_err(|e| Problem::new(&at, e))?;
+            }
             out.push(Operation {
                 method: m.to_ascii_uppercase(),
                 path: template.clone(),

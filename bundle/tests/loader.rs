@@ -491,3 +491,47 @@ fn a_document_without_operations_is_not_a_func() {
         "{err}"
     );
 }
+
+#[test]
+fn malformed_pipelines_are_refused_naming_the_operation_and_step() {
+    let flow = |f: &str| {
+        format!("swagger: '2.0'\ninfo: {{title: t, version: '1'}}\nx-funcatron: {{name: p, runtime: lua}}\npaths:\n  /x:\n    post:\n      operationId: x\n      x-funcatron-flow: {f}\n")
+    };
+    for (f, needle) in [
+        ("{steps: []}", "at least one step"),
+        (
+            "{steps: [{apply: {func: 'a b'}}]}",
+            "steps[0]: apply: \"a b\" is not a Func name",
+        ),
+        (
+            "{steps: [{apply: {func: a, mode: async}}]}",
+            "async steps are not supported yet",
+        ),
+        ("{steps: [{callback: {url: 'ftp://x'}}]}", "is not http(s)"),
+        ("{steps: [{teleport: x}]}", "unknown variant"),
+        (
+            "{steps: [{modify: ok}], finally: {parallel: []}}",
+            "finally: parallel",
+        ),
+        (
+            "{steps: [{modify: ok}], cleanup: {modify: x}}",
+            "unknown field",
+        ),
+    ] {
+        let dir = lua_bundle("swagger.yaml", &flow(f));
+        let err = load_err(dir.path());
+        assert!(
+            err.contains(needle) && err.contains("x-funcatron-flow"),
+            "{f}: {err}"
+        );
+    }
+    let dir = lua_bundle(
+        "swagger.yaml",
+        &flow("{steps: [{modify: 'return data'}, {parallel: {a: {func: x}, b: {func: y}}}]}"),
+    );
+    let b = Bundle::load(dir.path()).unwrap();
+    let spec = funcatron_bundle::openapi::flow_of(&b.doc, "POST", "/x")
+        .unwrap()
+        .unwrap();
+    assert_eq!(spec.steps.len(), 2);
+}

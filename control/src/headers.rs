@@ -60,3 +60,9 @@ pub const DIRECT: &str = "x-funcatron-direct";
 /// to the next stage instead of replying (`docs/flows.md`). Set by
 /// whoever publishes a stage, so the Runner knows without decoding.
 pub const CHAIN: &str = "x-funcatron-chain";
+
+/// On a request message that is an `apply` step of a pipeline (the
+/// envelope's `flow`, value `1`): the Runner verifies the flow's signed
+/// state before running the Func and continues the flow with its answer
+/// (`docs/flows.md`). A Tron forwarding the request keeps it.
+pub const FLOW: &str = "x-funcatron-flow";

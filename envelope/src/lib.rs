@@ -15,6 +15,8 @@
 
 #![warn(clippy::too_many_lines)]
 
+pub mod flow;
+
 use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -142,6 +144,11 @@ pub struct Request<'a> {
     /// the first that fails) replies to `reply_to`.
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub chain: Option<Chain<'a>>,
+    /// A pipeline (1.3): this request is the current `apply` step of the
+    /// flow whose state this is ([`flow::FlowState`]); the Runner that
+    /// answers it continues the flow.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<flow::FlowState<'a>>,
 }
 
 /// A chain of Funcs (`a | b | c`) resolved by its router (an ingress at

@@ -774,8 +774,13 @@ async fn runner(
     levels: LevelHook,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let options = funcatron_runner::RunnerOptions {
+        // Callback steps of pipelines go where the operator allows.
+        flow_outbound: follow.outbound.clone(),
+        ..o.options()
+    };
     RunnerNode::new(broker)
-        .options(o.options())
+        .options(options)
         .follow(follow)
         .log_levels(levels)
         .run(shutdown)
@@ -829,7 +834,10 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
             let follow =
                 follow_options(&dir, &a.runner, read_token.clone(), runner_outbound.clone());
             let rx = spawn_follower(&broker, follow, &shutdown);
-            let options = a.runner.options();
+            let options = funcatron_runner::RunnerOptions {
+                flow_outbound: a.outbound.policy()?,
+                ..a.runner.options()
+            };
             let shared = funcatron_runner::RunnerShared::start(&options, &shutdown).await;
             Some(Arc::new(local::LocalSubstrate::new(
                 broker.clone(),

@@ -82,14 +82,7 @@ async fn chain(base: &str, expr: &str, body: &str) -> (u16, String, String) {
         .send()
         .await
         .unwrap();
-    let timing = r
-        .headers()
-        .get_all("server-timing")
-        .iter()
-        .map(|v| v.to_str().unwrap().to_owned())
-        .collect::<Vec<_>>()
-        .join(", ");
-    (r.status().as_u16(), timing, r.text().await.unwrap())
+    text_and_timing(r).await
 }
 
 /// The btrfaas walkthrough: both lines print what btrfaas prints.

@@ -127,6 +127,11 @@ pub struct RunnerArgs {
 /// to every user of the host.
 pub const READ_TOKEN_ENV: &str = "FUNCATRON_READ_TOKEN";
 
+/// The cluster secret pipelines' state is signed with
+/// ([`crate::flow`]); without it the read token serves. An environment
+/// variable only, like the read token.
+pub const FLOW_KEY_ENV: &str = "FUNCATRON_FLOW_KEY";
+
 /// The read token from [`READ_TOKEN_ENV`], if set.
 pub fn read_token_from_env() -> Option<String> {
     std::env::var(READ_TOKEN_ENV)
@@ -173,6 +178,12 @@ impl RunnerArgs {
                 max_buffered_bytes: self.max_direct_buffered_bytes,
                 max_body_bytes: self.runner_max_direct_body_bytes,
             },
+            flow_key: std::env::var(FLOW_KEY_ENV)
+                .ok()
+                .map(|k| k.trim().to_owned())
+                .filter(|k| !k.is_empty())
+                .or_else(read_token_from_env),
+            flow_outbound: Default::default(),
         }
     }
 }

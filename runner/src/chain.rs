@@ -45,17 +45,16 @@ pub(crate) enum Next {
 /// What follows stage `request.chain.at`'s answer `response` (both
 /// encoded). `Err`: the envelopes do not decode (dead-letter).
 pub(crate) fn next(request: &[u8], response: &[u8]) -> Result<Next, String> {
-    let req = Request::decode(request).map_err(|e| e.to_string())?;
+    let mut req = Request::decode(request).map_err(|e| e.to_string())?;
     let mut resp = Response::decode(response).map_err(|e| e.to_string())?;
-    let Some(chain) = &req.chain else {
+    let Some(mut chain) = req.chain.take() else {
         return Ok(Next::Reply(response.to_vec()));
     };
     let at = chain.at as usize;
     let Some(stage) = chain.stages.get(at) else {
         return Err(format!("chain stage {at} of {} stages", chain.stages.len()));
     };
-    let mut exec_ms = chain.exec_ms.clone();
-    exec_ms.push(resp.timings.exec_ms);
+    chain.exec_ms.push(resp.timings.exec_ms);
     if !(200..300).contains(&resp.status) {
         tracing::info!(request_id = %req.id, func = %stage.func, stage = at, status = resp.status, "chain stage failed");
         return Ok(Next::Reply(failed(&req, &resp, at, &stage.func)));
@@ -63,7 +62,7 @@ pub(crate) fn next(request: &[u8], response: &[u8]) -> Result<Next, String> {
     let Some(following) = chain.stages.get(at + 1) else {
         resp.headers.push((
             Cow::Borrowed("server-timing"),
-            Cow::Owned(server_timing(&chain.stages, &exec_ms)),
+            Cow::Owned(server_timing(&chain.stages, &chain.exec_ms)),
         ));
         return Ok(Next::Reply(resp.encode()));
     };
@@ -71,35 +70,6 @@ pub(crate) fn next(request: &[u8], response: &[u8]) -> Result<Next, String> {
     if left_ms <= 0.0 {
         return Ok(Next::Expired);
     }
-    let content_type = resp
-        .headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        .map(|(_, v)| Cow::Owned(v.to_string()));
-    let mut headers: Vec<_> = req
-        .headers
-        .iter()
-        .filter(|(k, _)| !matches!(&**k, "content-type" | "content-length" | "host"))
-        .cloned()
-        .collect();
-    headers.push((Cow::Borrowed("host"), following.host.clone()));
-    if let Some(ct) = content_type {
-        headers.push((Cow::Borrowed("content-type"), ct));
-    }
-    let mut chain = chain.clone();
-    chain.at += 1;
-    chain.exec_ms = exec_ms;
-    let next = Request {
-        method: following.method.clone(),
-        host: following.host.clone(),
-        path: following.path.clone(),
-        query: following.query.clone(),
-        headers,
-        body: std::mem::take(&mut resp.body),
-        body_base64: resp.body_base64,
-        chain: Some(chain),
-        ..req.clone()
-    };
     let mut message_headers: Vec<(String, String)> = following
         .headers
         .iter()
@@ -113,8 +83,37 @@ pub(crate) fn next(request: &[u8], response: &[u8]) -> Result<Next, String> {
         })
         .collect();
     message_headers.push((headers::CHAIN.to_owned(), "1".to_owned()));
+    let queue = following.queue.to_string();
+    let (method, host, path, query) = (
+        following.method.clone(),
+        following.host.clone(),
+        following.path.clone(),
+        following.query.clone(),
+    );
+    let content_type = resp
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        .map(|(_, v)| Cow::Owned(v.to_string()));
+    req.headers
+        .retain(|(k, _)| !matches!(&**k, "content-type" | "content-length" | "host"));
+    req.headers.push((Cow::Borrowed("host"), host.clone()));
+    if let Some(ct) = content_type {
+        req.headers.push((Cow::Borrowed("content-type"), ct));
+    }
+    chain.at += 1;
+    let next = Request {
+        method,
+        host,
+        path,
+        query,
+        body: std::mem::take(&mut resp.body),
+        body_base64: resp.body_base64,
+        chain: Some(chain),
+        ..req
+    };
     Ok(Next::Forward {
-        queue: following.queue.to_string(),
+        queue,
         message: Message {
             payload: next.encode().into(),
             headers: message_headers,

@@ -17,6 +17,7 @@ mod chain;
 pub mod direct;
 pub mod error;
 pub mod exec;
+pub mod flow;
 pub mod follow;
 pub mod invoke;
 pub mod lua;

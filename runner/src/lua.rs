@@ -1027,6 +1027,10 @@ fn resolve_handlers(
     let mut handlers = HashMap::new();
     let mut missing = Vec::new();
     for op in &bundle.operations {
+        // A pipeline's operation runs its steps, not a function.
+        if funcatron_bundle::openapi::flow_of(&bundle.doc, &op.method, &op.path).is_some() {
+            continue;
+        }
         match scope.get::<Value>(op.operation_id.as_str()) {
             Ok(Value::Function(f)) => {
                 handlers.insert(op.operation_id.clone(), f);
@@ -1045,7 +1049,24 @@ fn resolve_handlers(
 }
 
 fn install_sandbox(lua: &Lua, bundle: &Bundle, observer: Observer) -> mlua::Result<()> {
-    let (dir, func, version) = (&bundle.dir, &bundle.name, &bundle.version);
+    install_sandbox_for(
+        lua,
+        Some(&bundle.dir),
+        &bundle.name,
+        &bundle.version,
+        observer,
+    )
+}
+
+/// [`install_sandbox`] for Func `func` at `version`: `require` loads from
+/// `dir` (none without one).
+fn install_sandbox_for(
+    lua: &Lua,
+    dir: Option<&Path>,
+    func: &str,
+    version: &str,
+    observer: Observer,
+) -> mlua::Result<()> {
     let g = lua.globals();
     for name in ["load", "loadfile", "dofile", "require", "collectgarbage"] {
         g.raw_set(name, Value::Nil)?;
@@ -1096,6 +1117,9 @@ fn install_sandbox(lua: &Lua, bundle: &Bundle, observer: Observer) -> mlua::Resu
         })?,
     )?;
     g.raw_set("json", json)?;
+    let Some(dir) = dir else {
+        return Ok(());
+    };
     let root = dir.canonicalize().map_err(mlua::Error::external)?;
     let loaded = lua.create_table()?;
     g.raw_set(
@@ -1118,6 +1142,101 @@ fn install_sandbox(lua: &Lua, bundle: &Bundle, observer: Observer) -> mlua::Resu
         })?,
     )?;
     Ok(())
+}
+
+/// What a flow's `modify` step made of its data.
+#[derive(Debug, PartialEq)]
+pub struct Transformed {
+    /// The new data.
+    pub body: Vec<u8>,
+    /// Its content type (JSON when the chunk returned a table).
+    pub content_type: Option<String>,
+}
+
+/// Run a flow's `modify` step ([`funcatron_envelope::flow::Step::Modify`]):
+/// the chunk `source` in a fresh state with the Lua Funcs' sandbox (no
+/// `require`), under `limits` (time and memory), seeing `data`,
+/// `content_type`, `get(k)`, `set(k, v)` over `vars`, and `json`. It
+/// returns the new data: a string as is, a table as JSON, `nil` the data
+/// unchanged. `flow` names the flow in its `print` lines. Blocking: run it
+/// off the async threads.
+pub fn transform(
+    flow: &str,
+    source: &str,
+    data: &[u8],
+    content_type: Option<&str>,
+    vars: &mut std::collections::BTreeMap<String, serde_json::Value>,
+    limits: LuaLimits,
+) -> Result<Transformed, String> {
+    let libs = StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE;
+    let lua = Lua::new_with(libs, LuaOptions::default()).map_err(lua_err)?;
+    let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
+    let timed_out = Rc::new(Cell::new(false));
+    set_time_hook(&lua, &deadline, &timed_out).map_err(lua_err)?;
+    install_sandbox_for(&lua, None, flow, "flow", Observer::detached()).map_err(lua_err)?;
+    install_wrappers(&lua, &deadline, &timed_out).map_err(lua_err)?;
+    let shared = Rc::new(std::cell::RefCell::new(std::mem::take(vars)));
+    let result = (|| -> mlua::Result<Transformed> {
+        let g = lua.globals();
+        g.raw_set("data", lua.create_string(data)?)?;
+        g.raw_set("content_type", content_type)?;
+        let set = Rc::clone(&shared);
+        g.raw_set(
+            "set",
+            lua.create_function(move |lua, (k, v): (String, Value)| {
+                let v: serde_json::Value = lua.from_value(v)?;
+                set.borrow_mut().insert(k, v);
+                Ok(())
+            })?,
+        )?;
+        let get = Rc::clone(&shared);
+        g.raw_set(
+            "get",
+            lua.create_function(move |lua, k: String| match get.borrow().get(&k) {
+                Some(v) => lua.to_value(v),
+                None => Ok(Value::Nil),
+            })?,
+        )?;
+        lua.set_memory_limit(limits.memory_bytes)?;
+        deadline.set(Some(Instant::now() + limits.timeout));
+        let out: Value = lua
+            .load(source)
+            .set_name("@modify")
+            .set_mode(mlua::chunk::ChunkMode::Text)
+            .call(())?;
+        deadline.set(None);
+        match out {
+            Value::Nil => Ok(Transformed {
+                body: data.to_vec(),
+                content_type: content_type.map(str::to_owned),
+            }),
+            Value::String(s) => Ok(Transformed {
+                body: s.as_bytes().to_vec(),
+                content_type: content_type.map(str::to_owned),
+            }),
+            v @ (Value::Table(_) | Value::Integer(_) | Value::Number(_) | Value::Boolean(_)) => {
+                Ok(Transformed {
+                    body: serde_json::to_vec(&v).map_err(mlua::Error::external)?,
+                    content_type: Some("application/json".into()),
+                })
+            }
+            other => Err(mlua::Error::runtime(format!(
+                "modify returned a {}, not a string, table or nil",
+                other.type_name()
+            ))),
+        }
+    })();
+    *vars = std::mem::take(&mut *shared.borrow_mut());
+    result.map_err(|e| {
+        if timed_out.get() {
+            format!(
+                "modify ran past its limit of {} ms",
+                limits.timeout.as_millis()
+            )
+        } else {
+            lua_err(e)
+        }
+    })
 }
 
 /// `a.b` -> `<bundle>/a/b.lua`, refusing names and links that leave the bundle.

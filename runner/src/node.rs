@@ -41,6 +41,8 @@ pub struct RunnerShared {
     pub lua: Arc<LuaThreads>,
     /// One direct listener for all of them.
     pub direct: Arc<Direct>,
+    /// One flow engine (signing key, callbacks, branch replies).
+    pub flows: Arc<crate::flow::FlowEngine>,
 }
 
 impl RunnerShared {
@@ -59,6 +61,11 @@ impl RunnerShared {
         RunnerShared {
             lua: LuaThreads::start(options.workers),
             direct,
+            flows: crate::flow::FlowEngine::new(
+                options.flow_key.as_deref(),
+                options.flow_outbound.clone(),
+                options.lua_limits,
+            ),
         }
     }
 }

@@ -69,6 +69,9 @@ struct Version {
     /// body to the Func: direct operations (`x-funcatron-direct`) of a
     /// runtime that reads bodies in pieces (Lua).
     streams_body: std::collections::HashSet<String>,
+    /// Its pipelines (`x-funcatron-flow`) by route: requests to them
+    /// start a flow instead of calling the Func's code ([`crate::flow`]).
+    flows: std::collections::BTreeMap<String, Arc<funcatron_envelope::flow::FlowSpec>>,
 }
 
 impl Version {
@@ -83,6 +86,7 @@ impl Version {
             cors: None,
             async_only: false,
             streams_body: std::collections::HashSet::new(),
+            flows: std::collections::BTreeMap::new(),
         }
     }
 
@@ -227,6 +231,13 @@ pub struct RunnerOptions {
     pub check_responses: bool,
     /// The direct listener ([`crate::direct`]).
     pub direct: crate::direct::DirectOptions,
+    /// The cluster secret pipelines' state is signed with (every Runner a
+    /// flow passes must have the same; the read token serves): `None`
+    /// signs with a key of this process only ([`crate::flow`]).
+    pub flow_key: Option<String>,
+    /// Where pipelines' `callback` steps may send (the operator's
+    /// `--allow-outbound`; by default no private or loopback address).
+    pub flow_outbound: funcatron_control::outbound::OutboundPolicy,
 }
 
 /// Where caches go unless told: `$XDG_CACHE_HOME/funcatron`,
@@ -346,6 +357,7 @@ pub(crate) async fn serve(
         observer: &observer,
         direct: &shared.direct,
         lua: &shared.lua,
+        flows: &shared.flows,
     };
     let retiring = TaskTracker::new();
     let mut watching = true;
@@ -439,6 +451,7 @@ struct VersionCtx<'a> {
     observer: &'a Observer,
     direct: &'a Arc<Direct>,
     lua: &'a Arc<crate::lua::LuaThreads>,
+    flows: &'a Arc<crate::flow::FlowEngine>,
 }
 
 /// Prepare one bundle version: its secrets, its checks, then its runtime.
@@ -501,6 +514,7 @@ async fn prepare_version(ctx: &VersionCtx<'_>, b: &Bundle) -> Version {
         } else {
             std::collections::HashSet::new()
         },
+        flows: crate::flow::flows_of(&b),
     }
 }
 
@@ -567,6 +581,7 @@ async fn start_version(vctx: &VersionCtx<'_>, b: &Bundle) -> Serving {
                     debug: Arc::clone(&debug),
                     check_responses: Arc::clone(&check_responses),
                     direct: Arc::clone(direct),
+                    flows: Arc::clone(vctx.flows),
                     tasks: tasks.clone(),
                 };
                 tasks.spawn(consume(Arc::new(ctx), sub, stop.clone()));
@@ -645,6 +660,8 @@ struct Consumer {
     check_responses: Arc<AtomicBool>,
     /// The Runner's direct listener, where direct requests are claimed.
     direct: Arc<Direct>,
+    /// The Runner's flow engine ([`crate::flow`]).
+    flows: Arc<crate::flow::FlowEngine>,
     /// The version's tasks: a claimed direct request runs as one of them,
     /// so retiring the version waits for it.
     tasks: TaskTracker,
@@ -803,6 +820,10 @@ async fn handle(ctx: &Arc<Consumer>, delivery: Delivery) {
     if !ctx.is_async && delivery.message.header(headers::DIRECT).is_some() {
         return offer_direct(ctx, delivery, job).await;
     }
+    let flow = match flow_call(ctx, &delivery, &job) {
+        Ok(f) => f,
+        Err(()) => return refuse_forged_flow(ctx, delivery).await,
+    };
     let span = tracing::debug_span!(
         "runner.invoke",
         func,
@@ -820,14 +841,31 @@ async fn handle(ctx: &Arc<Consumer>, delivery: Delivery) {
                     None => None,
                 };
                 let notice = ctx.is_async.then(|| announce_start(ctx, &payload));
-                let handled = call_version(&ctx.func, &ctx.version.prepared, job).await;
+                let handled = match &flow {
+                    // The flow's first data: the request, checked like
+                    // any request to the operation.
+                    FlowCall::Start(..) => invoke::run_sync(func, &job, u64::MAX, |req| {
+                        Called::now(Ok(crate::invoke::FuncResponse {
+                            status: 200,
+                            headers: req
+                                .envelope
+                                .header_values("content-type")
+                                .next()
+                                .map(|ct| ("content-type".to_owned(), ct.to_owned()))
+                                .into_iter()
+                                .collect(),
+                            body: req.body.to_vec(),
+                        }))
+                    }),
+                    _ => call_version(&ctx.func, &ctx.version.prepared, job).await,
+                };
                 if let Some(n) = notice {
                     n.abort();
                 }
                 handled
             }
         };
-        settle(ctx, delivery, &payload, handled).await;
+        settle(ctx, delivery, &payload, handled, flow).await;
     }
     .instrument(span)
     .await
@@ -1032,7 +1070,13 @@ pub const RESPONSE_STREAM: &str = "response";
 
 /// Publish the reply, then acknowledge, then capture; or skip, dead-letter
 /// or requeue. An answer to check is checked last, off the answer's path.
-async fn settle(ctx: &Consumer, delivery: Delivery, payload: &bytes::Bytes, handled: Handled) {
+async fn settle(
+    ctx: &Consumer,
+    delivery: Delivery,
+    payload: &bytes::Bytes,
+    handled: Handled,
+    flow: FlowCall,
+) {
     match handled {
         Handled::Reply {
             request_id,
@@ -1050,8 +1094,20 @@ async fn settle(ctx: &Consumer, delivery: Delivery, payload: &bytes::Bytes, hand
                 }
                 return;
             };
+            if !matches!(flow, FlowCall::None) {
+                let next = match &flow {
+                    FlowCall::Start(name, spec) => {
+                        ctx.flows
+                            .next(&ctx.broker, payload, &response, Some((name, spec)))
+                            .await
+                    }
+                    _ => ctx.flows.next(&ctx.broker, payload, &response, None).await,
+                };
+                return send_next(ctx, delivery, payload, &reply_to, next).await;
+            }
             if !ctx.is_async && delivery.message.header(headers::CHAIN).is_some() {
-                return settle_stage(ctx, delivery, payload, &reply_to, &response).await;
+                let next = crate::chain::next(payload, &response);
+                return send_next(ctx, delivery, payload, &reply_to, next).await;
             }
             let response = bytes::Bytes::from(response);
             let message = if ctx.is_async {
@@ -1095,16 +1151,74 @@ async fn settle(ctx: &Consumer, delivery: Delivery, payload: &bytes::Bytes, hand
     }
 }
 
-/// A chain stage's answer ([`crate::chain`]): forward it to the next
-/// stage or reply, then acknowledge; requeue when it cannot be sent.
-async fn settle_stage(
+/// How a delivery takes part in a pipeline.
+enum FlowCall {
+    /// It does not.
+    None,
+    /// It is a request to a flow operation: the flow starts with it.
+    Start(String, Arc<funcatron_envelope::flow::FlowSpec>),
+    /// It is a flow's `apply` step (its state verified): the flow goes on
+    /// with the Func's answer.
+    Continue,
+}
+
+/// Whether this delivery starts or continues a flow; `Err` when it claims
+/// to continue one whose state this Runner's key did not sign.
+fn flow_call(ctx: &Consumer, delivery: &Delivery, job: &Job) -> Result<FlowCall, ()> {
+    if ctx.is_async {
+        return Ok(FlowCall::None);
+    }
+    if delivery.message.header(headers::FLOW).is_some() {
+        return if ctx.flows.verify(&delivery.message.payload) {
+            Ok(FlowCall::Continue)
+        } else {
+            Err(())
+        };
+    }
+    let route = ctx.version.route(
+        &ctx.func,
+        delivery.message.header(headers::ROUTE),
+        &job.operation,
+    );
+    Ok(match route.and_then(|r| ctx.version.flows.get(r)) {
+        Some(spec) => FlowCall::Start(format!("{}/{}", ctx.func, job.operation), Arc::clone(spec)),
+        None => FlowCall::None,
+    })
+}
+
+/// A flow step whose state does not verify (forged, altered, or signed
+/// with another key): answered 403 `flow_state_invalid` without running
+/// anything.
+async fn refuse_forged_flow(ctx: &Consumer, delivery: Delivery) {
+    metrics::counter!("runner_flow_state_refused_total").increment(1);
+    let Ok(head) = funcatron_envelope::RouteView::decode(&delivery.message.payload) else {
+        return dead_letter(&ctx.broker, &ctx.queue, delivery, "malformed flow step").await;
+    };
+    tracing::warn!(func = &*ctx.func, request_id = %head.id, "a flow step's state does not verify; refused");
+    if let Some(reply_to) = head.reply_to.as_deref() {
+        let mut r = funcatron_envelope::Response::error(
+            &head.id,
+            403,
+            "flow_state_invalid",
+            "the flow's state is not signed by this cluster (forged or altered); refused",
+        );
+        r.reply_key = head.reply_key.clone();
+        let _ = ctx.broker.publish(reply_to, Message::new(r.encode())).await;
+    }
+    ack(delivery).await;
+}
+
+/// A chain stage's or flow step's outcome ([`crate::chain`],
+/// [`crate::flow`]): forward it or reply, then acknowledge; requeue when
+/// it cannot be sent.
+async fn send_next(
     ctx: &Consumer,
     delivery: Delivery,
     payload: &bytes::Bytes,
     reply_to: &str,
-    response: &[u8],
+    next: Result<crate::chain::Next, String>,
 ) {
-    let (to, message) = match crate::chain::next(payload, response) {
+    let (to, message) = match next {
         Ok(crate::chain::Next::Reply(r)) => (reply_to.to_owned(), Message::new(r)),
         Ok(crate::chain::Next::Forward { queue, message }) => (queue, message),
         Ok(crate::chain::Next::Expired) => {
@@ -1216,12 +1330,14 @@ mod tests {
         let broker = AnyBroker::Embedded(funcatron_broker::EmbeddedBroker::new(10));
         let direct = Direct::unavailable("a test".into());
         let lua = crate::lua::LuaThreads::start(options.workers);
+        let flows = crate::flow::FlowEngine::new(None, Default::default(), options.lua_limits);
         let ctx = VersionCtx {
             broker: &broker,
             options,
             observer: &Observer::detached(),
             direct: &direct,
             lua: &lua,
+            flows: &flows,
         };
         prepare_version(&ctx, b).await
     }

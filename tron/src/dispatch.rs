@@ -260,6 +260,9 @@ async fn forward(
     if view.direct {
         hdrs.push((headers::DIRECT.to_owned(), "1".to_owned()));
     }
+    if delivery.message.header(headers::FLOW).is_some() {
+        hdrs.push((headers::FLOW.to_owned(), "1".to_owned()));
+    }
     let forward = Message {
         payload: delivery.message.payload.clone(),
         headers: hdrs,

@@ -834,3 +834,15 @@ pub async fn next_event(
         buf.push_str(std::str::from_utf8(&piece).unwrap());
     }
 }
+
+/// An answer's status, every `Server-Timing` value joined, and its body.
+pub async fn text_and_timing(r: reqwest::Response) -> (u16, String, String) {
+    let timing = r
+        .headers()
+        .get_all("server-timing")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect::<Vec<_>>()
+        .join(", ");
+    (r.status().as_u16(), timing, r.text().await.unwrap())
+}
