@@ -1,8 +1,11 @@
 //! The embedded broker: in-process bounded queues, so `funcatron up` runs the
 //! whole path in one process with no RabbitMQ.
 //!
-//! Each queue is a bounded MPMC channel: publishers wait for room
-//! (backpressure) and competing consumers share the work. Unacknowledged
+//! Each queue is an MPMC channel bounded by a semaphore of free places:
+//! publishers wait for room (backpressure) and competing consumers share
+//! the work. The channel grows in small blocks as messages arrive, so an
+//! idle queue costs a few hundred bytes whatever its bound (a channel
+//! allocated at its bound cost about 1 MB per queue, two queues per Func). Unacknowledged
 //! deliveries are counted for [`QueueDepth::unacked`]; a nack with requeue,
 //! or a delivery dropped unsettled, goes back on the queue (at its tail)
 //! and is delivered again with [`Delivery::redelivered`] set.
@@ -31,10 +34,34 @@ pub struct EmbeddedBroker {
 
 struct Queue {
     name: String,
+    /// Free places: a publisher takes one, a consumer taking a message
+    /// gives it back. Closed when the queue is deleted.
+    room: tokio::sync::Semaphore,
     tx: async_channel::Sender<Queued>,
     rx: async_channel::Receiver<Queued>,
     unacked: AtomicU64,
     consumers: AtomicU64,
+}
+
+impl Queue {
+    /// Wait for a free place, then queue `queued`; `Err` once the queue
+    /// is deleted.
+    async fn put(&self, queued: Queued) -> Result<(), ()> {
+        self.room.acquire().await.map_err(|_| ())?.forget();
+        self.tx.try_send(queued).map_err(|_| ())
+    }
+
+    /// Queue `queued` now if there is a free place; else hand it back.
+    fn try_put(&self, queued: Queued) -> Result<(), Option<Queued>> {
+        match self.room.try_acquire() {
+            Ok(p) => {
+                p.forget();
+                self.tx.try_send(queued).map_err(|_| None)
+            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => Err(Some(queued)),
+            Err(tokio::sync::TryAcquireError::Closed) => Err(None),
+        }
+    }
 }
 
 /// A message waiting in an embedded queue.
@@ -64,9 +91,12 @@ impl EmbeddedBroker {
             return q;
         }
         let entry = self.queues.entry(name.to_owned()).or_insert_with(|| {
-            let (tx, rx) = async_channel::bounded(self.capacity);
+            let (tx, rx) = async_channel::unbounded();
             Arc::new(Queue {
                 name: name.to_owned(),
+                room: tokio::sync::Semaphore::new(
+                    self.capacity.min(tokio::sync::Semaphore::MAX_PERMITS),
+                ),
                 tx,
                 rx,
                 unacked: AtomicU64::new(0),
@@ -79,6 +109,7 @@ impl EmbeddedBroker {
     /// Remove a queue; its pending messages are dropped.
     pub fn delete(&self, name: &str) {
         if let Some((_, q)) = self.queues.remove(name) {
+            q.room.close();
             q.rx.close();
         }
     }
@@ -110,12 +141,12 @@ impl Broker for EmbeddedBroker {
         let q = self
             .queue(queue)
             .ok_or_else(|| BrokerError::NoRoute(queue.to_owned()))?;
-        q.tx.send(Queued {
+        q.put(Queued {
             message,
             redelivered: false,
         })
         .await
-        .map_err(|_| BrokerError::NoRoute(queue.to_owned()))
+        .map_err(|()| BrokerError::NoRoute(queue.to_owned()))
     }
 
     async fn publish_delayed(
@@ -195,6 +226,8 @@ impl Receiver {
             message,
             redelivered,
         } = self.queue.rx.recv().await.ok()?;
+        // Its place is free again.
+        self.queue.room.add_permits(1);
         let acker = if self.auto_ack {
             DeliveryAcker::None
         } else {
@@ -235,15 +268,15 @@ impl Acker {
             message,
             redelivered: true,
         };
-        match self.queue.tx.try_send(queued) {
+        match self.queue.try_put(queued) {
             Ok(()) => {}
-            Err(async_channel::TrySendError::Full(queued)) => {
-                let tx = self.queue.tx.clone();
+            Err(Some(queued)) => {
+                let queue = Arc::clone(&self.queue);
                 tokio::spawn(async move {
-                    let _ = tx.send(queued).await;
+                    let _ = queue.put(queued).await;
                 });
             }
-            Err(async_channel::TrySendError::Closed(_)) => {
+            Err(None) => {
                 tracing::warn!(queue = %self.queue.name, "queue deleted; requeued message dropped");
             }
         }
