@@ -122,7 +122,10 @@ impl FlowSpec {
             return Err("steps: a flow needs at least one step".into());
         }
         if self.steps.len() + 2 > MAX_STEPS {
-            return Err(format!("steps: at most {MAX_STEPS}"));
+            return Err(format!(
+                "steps: at most {} (with on_failure and finally, {MAX_STEPS} in all)",
+                MAX_STEPS - 2
+            ));
         }
         let named = self
             .steps

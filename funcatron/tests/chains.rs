@@ -49,17 +49,7 @@ fn bundles() -> tempfile::TempDir {
             ),
         ],
     );
-    write_bundle(
-        dir.path(),
-        "fail",
-        &[
-            ("swagger.yaml", &doc("fail", true)),
-            (
-                "main.lua",
-                "return { run = function(r) return { status = 422, headers = { ['content-type'] = 'application/json' }, body = json.encode({ why = 'no ' .. r.body }) } end }",
-            ),
-        ],
-    );
+    write_failing_func(dir.path());
     write_bundle(
         dir.path(),
         "closed",

@@ -37,20 +37,7 @@ fn bundles(hook: &str) -> tempfile::TempDir {
         .unwrap()
         .replace("http://127.0.0.1:8080/echo-lua/", hook);
     std::fs::write(&doc, text).unwrap();
-    write_bundle(
-        dir.path(),
-        "fail",
-        &[
-            (
-                "swagger.yaml",
-                "swagger: '2.0'\ninfo: {title: fail, version: '1'}\nbasePath: /fail\nx-funcatron: {name: fail, runtime: lua}\npaths:\n  /:\n    post: {operationId: run, consumes: ['*/*'], responses: {'200': {description: ok}}}\n",
-            ),
-            (
-                "main.lua",
-                "return { run = function(r) return { status = 422, headers = { ['content-type'] = 'application/json' }, body = json.encode({ why = 'no ' .. r.body }) } end }",
-            ),
-        ],
-    );
+    write_failing_func(dir.path());
     let checks = format!(
         r#"swagger: '2.0'
 info: {{title: checks, version: '1'}}

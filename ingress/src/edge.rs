@@ -293,7 +293,7 @@ impl Edge {
         if self.routing != Routing::Edge || self.behind(&c) {
             return Ok(Decision::Tron);
         }
-        let host = host_header(parts);
+        let host = crate::host_of(parts).to_owned();
         let resolved = c.routes.resolve_chain(stages, &host).map_err(|e| Refusal {
             status: StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
             code: e.code(),
@@ -323,16 +323,10 @@ impl Edge {
         parts.method = method;
         parts.headers.insert(axum::http::header::HOST, host);
         parts.headers.remove(funcatron_routes::chain::CHAIN_HEADER);
-        let mut headers: Vec<(String, String)> = first
-            .headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        headers.push((funcatron_control::headers::CHAIN.to_owned(), "1".to_owned()));
         Ok(Decision::Queue(Routed {
             func: first.func.to_string(),
             queue: first.queue.to_string(),
-            headers,
+            headers: funcatron_routes::chain::message_headers(first),
             direct: false,
             chain: Some(funcatron_envelope::Chain {
                 at: 0,
@@ -341,16 +335,6 @@ impl Edge {
             }),
         }))
     }
-}
-
-/// The request's Host header (empty when none).
-fn host_header(parts: &Parts) -> String {
-    parts
-        .headers
-        .get(axum::http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default()
-        .to_owned()
 }
 
 impl Edge {

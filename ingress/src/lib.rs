@@ -458,7 +458,7 @@ fn envelope_of(parts: &axum::http::request::Parts, remote: SocketAddr) -> Reques
 }
 
 /// The request's host, as the envelope carries it.
-fn host_of(parts: &axum::http::request::Parts) -> &str {
+pub(crate) fn host_of(parts: &axum::http::request::Parts) -> &str {
     parts
         .headers
         .get("host")

@@ -19,6 +19,7 @@
 
 use std::borrow::Cow;
 
+use funcatron_control::headers;
 use funcatron_envelope::ChainStage;
 
 use crate::{RouteOutcome, RouteTable};
@@ -204,7 +205,11 @@ pub fn parse(expr: &str) -> Result<Vec<StageSpec>, ChainError> {
     let mut stages: Vec<Vec<String>> = vec![Vec::new()];
     for t in tokens(expr)? {
         match t {
-            Token::Word(w) => stages.last_mut().map(|s| s.push(w)).unwrap_or_default(),
+            Token::Word(w) => {
+                if let Some(s) = stages.last_mut() {
+                    s.push(w);
+                }
+            }
             Token::Pipe => stages.push(Vec::new()),
         }
     }
@@ -253,6 +258,18 @@ fn stage(i: usize, words: Vec<String>) -> Result<StageSpec, ChainError> {
         path,
         options,
     })
+}
+
+/// The broker message headers a stage's request goes with: its routing
+/// outcome and `x-funcatron-chain`.
+pub fn message_headers(stage: &ChainStage<'_>) -> Vec<(String, String)> {
+    let mut hdrs: Vec<(String, String)> = stage
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    hdrs.push((headers::CHAIN.to_owned(), "1".to_owned()));
+    hdrs
 }
 
 impl RouteTable {

@@ -1175,6 +1175,9 @@ fn flow_call(ctx: &Consumer, delivery: &Delivery, job: &Job) -> Result<FlowCall,
             Err(())
         };
     }
+    if ctx.version.flows.is_empty() {
+        return Ok(FlowCall::None);
+    }
     let route = ctx.version.route(
         &ctx.func,
         delivery.message.header(headers::ROUTE),

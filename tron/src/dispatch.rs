@@ -351,12 +351,7 @@ async fn chain(
     let first = &stages[0];
     let queue = first.queue.to_string();
     let func = first.func.to_string();
-    let mut hdrs: Vec<(String, String)> = first
-        .headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    hdrs.push((headers::CHAIN.to_owned(), "1".to_owned()));
+    let hdrs = c::message_headers(first);
     req.headers.retain(|(k, _)| {
         !k.eq_ignore_ascii_case(c::CHAIN_HEADER) && !k.eq_ignore_ascii_case("host")
     });

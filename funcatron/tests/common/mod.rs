@@ -846,3 +846,22 @@ pub async fn text_and_timing(r: reqwest::Response) -> (u16, String, String) {
         .join(", ");
     (r.status().as_u16(), timing, r.text().await.unwrap())
 }
+
+/// A Lua Func `fail` (`POST /fail/`, may be a chain stage) that answers
+/// 422 `{"why": "no <body>"}`: the failing step of chain and flow tests.
+pub fn write_failing_func(root: &Path) -> PathBuf {
+    write_bundle(
+        root,
+        "fail",
+        &[
+            (
+                "swagger.yaml",
+                "swagger: '2.0'\ninfo: {title: fail, version: '1'}\nbasePath: /fail\nx-funcatron: {name: fail, runtime: lua, chain: true}\npaths:\n  /:\n    post: {operationId: run, consumes: ['*/*'], responses: {'200': {description: ok}}}\n",
+            ),
+            (
+                "main.lua",
+                "return { run = function(r) return { status = 422, headers = { ['content-type'] = 'application/json' }, body = json.encode({ why = 'no ' .. r.body }) } end }",
+            ),
+        ],
+    )
+}
