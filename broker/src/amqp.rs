@@ -489,6 +489,25 @@ impl Broker for AmqpBroker {
                 .unwrap_or_else(|e| poisoned("amqp.declared", e));
             d.insert(queue.to_owned(), kind);
         }
+        // Declared now, while connected, so the queue exists once this
+        // returns: a reply published to it at once (a Runner's answer to a
+        // flow's parallel branch) would otherwise find no queue and be
+        // dropped as unroutable. The consumer itself starts on the first
+        // `next()`, declaring again on whatever connection it gets.
+        // On a channel of its own: a refused declare closes its channel.
+        if let Ok(live) = self.live() {
+            let declared = match live.connection.create_channel().await {
+                Ok(ch) => {
+                    let d = declare_on(&ch, queue, kind).await;
+                    let _ = ch.close(200, "declared".into()).await;
+                    d
+                }
+                Err(e) => Err(unavailable(e)),
+            };
+            if let Err(e) = declared {
+                tracing::debug!(queue, error = %e, "declared when the consumer starts");
+            }
+        }
         Ok(Subscription {
             inner: SubInner::Amqp(Box::new(AmqpSubscription {
                 current: self.inner.current.subscribe(),

@@ -292,7 +292,9 @@ pub trait Broker: Clone + Send + Sync + 'static {
         delay_ms: u64,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
-    /// Consume a queue (declaring it as `kind` first).
+    /// Consume a queue (declaring it as `kind` first: when the broker is
+    /// reachable the queue exists once this returns, so what is published
+    /// to it from then on is kept for this subscription).
     fn consume(
         &self,
         queue: &str,

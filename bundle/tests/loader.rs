@@ -504,8 +504,16 @@ fn malformed_pipelines_are_refused_naming_the_operation_and_step() {
             "steps[0]: apply: \"a b\" is not a Func name",
         ),
         (
-            "{steps: [{apply: {func: a, mode: async}}]}",
-            "async steps are not supported yet",
+            "{steps: [{modify: ok}], on_failure: {apply: {func: a, mode: async}}}",
+            "on_failure: mode async is for apply steps in steps",
+        ),
+        (
+            "{steps: [{parallel: [{func: a, mode: async}]}]}",
+            "steps[0]: mode async is for apply steps in steps",
+        ),
+        (
+            "{steps: [{apply: {func: a, mode: later}}]}",
+            "steps[0]: apply: mode \"later\" is not sync or async",
         ),
         ("{steps: [{callback: {url: 'ftp://x'}}]}", "is not http(s)"),
         ("{steps: [{teleport: x}]}", "unknown variant"),

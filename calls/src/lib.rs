@@ -16,11 +16,13 @@
 
 pub mod callbacks;
 pub mod outcomes;
+pub mod phases;
 pub mod submit;
 
 use std::borrow::Cow;
 
 use bytes::Bytes;
+pub use funcatron_control::calls::StepNote;
 use funcatron_control::calls::{next_step, Resolved, Step};
 use funcatron_envelope::{Request, Response};
 use funcatron_store::{AnyStore, Query, Record, Store, StoreError};
@@ -151,6 +153,10 @@ pub struct CallRecord {
     /// The delivery of the outcome to `callback_url`, once final.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback: Option<callbacks::Callback>,
+    /// For a pipeline's asynchronous phase: each step's attempts, in the
+    /// order they were noted (without their requests).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepNote>,
 }
 
 /// What a client may see of a call: everything but the request; the
@@ -182,6 +188,9 @@ pub struct CallView<'a> {
     /// The callback's deliveries, for a call with a callback URL.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub callback: Option<&'a callbacks::Callback>,
+    /// A pipeline's steps and their attempts.
+    #[serde(skip_serializing_if = "<[StepNote]>::is_empty")]
+    pub steps: &'a [StepNote],
 }
 
 impl CallRecord {
@@ -198,6 +207,7 @@ impl CallRecord {
             reason: self.reason.as_deref(),
             result: self.result.as_ref().filter(|_| reveal),
             callback: self.callback.as_ref(),
+            steps: &self.steps,
         }
     }
 
@@ -261,6 +271,19 @@ pub enum Submitted {
     /// The idempotency key names an earlier call: its id; publish nothing.
     Existing(String),
 }
+
+/// How an asynchronous pipeline ended (header `x-funcatron-flow-end`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FlowEnd {
+    /// It ran to its end: succeeded or failed as its status says.
+    Ended,
+    /// A step ran out of attempts (why): dead-lettered, to be redriven
+    /// from that step.
+    Dead(String),
+}
+
+/// Most step notes one call's record keeps (retries included).
+pub const MAX_STEP_NOTES: usize = 256;
 
 /// What applying an outcome calls for next.
 #[derive(Debug, Clone, PartialEq)]
@@ -369,6 +392,7 @@ impl Calls {
             next_delay_ms: 0,
             running_since_ms: None,
             callback: None,
+            steps: Vec::new(),
         };
         let template = Record::new(COLLECTION, id.clone()).expiring_at(s.expires_ms);
         if let Err(e) = self.store.insert(&encode(&call, &template)).await {
@@ -488,16 +512,49 @@ impl Calls {
         policy: &Resolved,
         jitter: f64,
     ) -> Result<Applied, CallError> {
+        self.apply_outcome_of(response, func, policy, jitter, None)
+            .await
+    }
+
+    /// [`Calls::apply_outcome`] for the outcome of an asynchronous
+    /// pipeline: its steps were retried already (each by its Func's
+    /// policy), so the flow is final as `end` says: as its status says
+    /// ([`FlowEnd::Ended`]), or dead-lettered ([`FlowEnd::Dead`], why).
+    pub async fn apply_flow_end(
+        &self,
+        response: &Response<'_>,
+        func: Option<&str>,
+        policy: &Resolved,
+        end: FlowEnd,
+    ) -> Result<Applied, CallError> {
+        self.apply_outcome_of(response, func, policy, 0.0, Some(end))
+            .await
+    }
+
+    async fn apply_outcome_of(
+        &self,
+        response: &Response<'_>,
+        func: Option<&str>,
+        policy: &Resolved,
+        jitter: f64,
+        end: Option<FlowEnd>,
+    ) -> Result<Applied, CallError> {
         let id = response
             .call_id
             .as_deref()
             .ok_or_else(|| CallError::Corrupt("an outcome without a call_id".into()))?;
-        let n = response.attempt.unwrap_or(1);
         loop {
             let Some(rec) = self.store.get(COLLECTION, id).await? else {
                 return Ok(Applied::Gone);
             };
             let mut call = decode(&rec)?;
+            // A flow's attempts are its steps'; the flow's own outcome is
+            // the call's next attempt.
+            let n = match end {
+                Some(_) if call.state.is_final() => call.attempts.len() as u32,
+                Some(_) => call.attempts.len() as u32 + 1,
+                None => response.attempt.unwrap_or(1),
+            };
             if !call.state.is_final() && call.attempts.last().is_some_and(|a| a.n == n) {
                 // Recorded, but the retry's publish may not have happened
                 // (a crash before the outcome was acknowledged): again.
@@ -512,17 +569,52 @@ impl Calls {
                 return Ok(callbacks::due(&call).map_or(Applied::Duplicate, Applied::Callback));
             }
             let now = funcatron_store::now_ms();
-            let step = next_step(
-                policy,
-                response.status,
-                n,
-                now.saturating_sub(call.submitted_ms),
-                jitter,
-            );
-            let applied = record_attempt(&mut call, response, func, policy, step, now)?;
+            let step = match &end {
+                Some(FlowEnd::Ended) => Step::Done,
+                Some(FlowEnd::Dead(why)) => Step::DeadLetter(why.clone()),
+                None => next_step(
+                    policy,
+                    response.status,
+                    n,
+                    now.saturating_sub(call.submitted_ms),
+                    jitter,
+                ),
+            };
+            let applied = record_attempt(&mut call, response, n, func, policy, step, now)?;
             match self.store.replace(&encode(&call, &rec), rec.revision).await {
                 Ok(_) => return Ok(applied),
                 // Another Tron moved the record: read it again.
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Note a step of an asynchronous pipeline (once per step and
+    /// attempt: a note delivered again changes nothing). A failed
+    /// attempt's request becomes the call's request, so a redrive of the
+    /// call starts again from that step. Returns whether it was new.
+    pub async fn apply_step(&self, note: &StepNote) -> Result<bool, CallError> {
+        loop {
+            let Some(rec) = self.store.get(COLLECTION, &note.call_id).await? else {
+                return Ok(false);
+            };
+            let mut call = decode(&rec)?;
+            let seen = call
+                .steps
+                .iter()
+                .any(|s| s.step == note.step && s.attempt == note.attempt && s.func == note.func);
+            if seen || call.steps.len() >= MAX_STEP_NOTES {
+                return Ok(false);
+            }
+            let mut kept = note.clone();
+            if let Some(request) = kept.request.take() {
+                call.request = request;
+            }
+            call.steps.push(kept);
+            call.updated_ms = funcatron_store::now_ms();
+            match self.store.replace(&encode(&call, &rec), rec.revision).await {
+                Ok(_) => return Ok(true),
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -551,8 +643,8 @@ impl Calls {
             }
             call.state = CallState::Running;
             call.running_since_ms = Some(started_ms);
-            if let Some(f) = func {
-                call.func = Some(f.to_owned());
+            if call.func.is_none() {
+                call.func = func.map(str::to_owned);
             }
             call.updated_ms = funcatron_store::now_ms();
             match self.store.replace(&encode(&call, &rec), rec.revision).await {
@@ -583,6 +675,7 @@ impl Calls {
             call.next_delay_ms = 0;
             call.submitted_ms = now;
             call.callback = None;
+            call.steps.clear();
             let request = next_request(&call.request, 1, 0, Some(now))?;
             let mut template = rec.clone();
             template.expires_ms = 0;
@@ -622,12 +715,12 @@ fn idempotency_key(host: &str, key: &str) -> String {
 fn record_attempt(
     call: &mut CallRecord,
     response: &Response<'_>,
+    n: u32,
     func: Option<&str>,
     policy: &Resolved,
     step: Step,
     now: u64,
 ) -> Result<Applied, CallError> {
-    let n = response.attempt.unwrap_or(1);
     let delay_ms = std::mem::take(&mut call.next_delay_ms);
     call.running_since_ms = None;
     call.attempts.push(Attempt {
@@ -726,6 +819,29 @@ pub(crate) fn next_request(
     }
     req.reply_key = req.reply_key.take().map(|k| Cow::Owned(k.into_owned()));
     Ok(Bytes::from(req.encode()))
+}
+
+/// The message that publishes a stored request again (a retry, a
+/// redrive, a requeue after a restart): persistent, and marked as a
+/// pipeline's step when its envelope carries a flow's state, so the
+/// Runner continues the flow (`x-funcatron-flow`).
+pub fn request_message(payload: Bytes) -> funcatron_broker::Message {
+    #[derive(serde::Deserialize)]
+    struct Flow {
+        #[serde(default)]
+        flow: Option<serde::de::IgnoredAny>,
+    }
+    let is_flow = serde_json::from_slice::<Flow>(&payload).is_ok_and(|f| f.flow.is_some());
+    funcatron_broker::Message {
+        payload,
+        headers: if is_flow {
+            vec![(funcatron_control::headers::FLOW.to_owned(), "1".to_owned())]
+        } else {
+            Vec::new()
+        },
+        persistent: true,
+        ttl_ms: None,
+    }
 }
 
 /// Consume `queue` until `shutdown`, each delivery handled by `handle` on

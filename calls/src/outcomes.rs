@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use funcatron_broker::{AnyBroker, Broker, BrokerError, Delivery, Message, QueueKind};
+use funcatron_broker::{AnyBroker, Broker, BrokerError, Delivery, QueueKind};
 use funcatron_control::calls::AsyncPolicy;
 use funcatron_control::{headers, names};
 use funcatron_envelope::Response;
@@ -60,11 +60,8 @@ pub async fn requeue_pending(broker: &AnyBroker, calls: &Calls) -> Result<usize,
             let page = calls.waiting(state, after.as_deref(), PAGE).await?;
             for call in &page {
                 let next = call.attempts.last().map_or(1, |a| a.n + 1);
-                let message = Message {
-                    payload: crate::next_request(&call.request, next, 0, None)?,
-                    persistent: true,
-                    ..Message::default()
-                };
+                let message =
+                    crate::request_message(crate::next_request(&call.request, next, 0, None)?);
                 match broker.publish(names::REQUESTS, message).await {
                     Ok(()) => queued += 1,
                     Err(e) => {
@@ -137,6 +134,26 @@ pub struct Started<'a> {
     pub started_ms: u64,
 }
 
+/// A note of an asynchronous pipeline's step: kept in the call's record;
+/// acknowledged once written (a store outage makes it come again).
+async fn step(broker: &AnyBroker, calls: &Calls, d: Delivery) {
+    let note = match serde_json::from_slice::<crate::StepNote>(&d.message.payload) {
+        Ok(n) => n,
+        Err(e) => return broker.dead_letter(names::OUTCOMES, d, &e.to_string()).await,
+    };
+    match calls.apply_step(&note).await {
+        Ok(_) => {
+            let _ = d.ack().await;
+        }
+        Err(CallError::Corrupt(why)) => broker.dead_letter(names::OUTCOMES, d, &why).await,
+        Err(e) => {
+            tracing::warn!(call_id = %note.call_id, error = %e, "flow step note not applied; retrying");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = d.nack(true).await;
+        }
+    }
+}
+
 async fn started(calls: &Calls, d: Delivery) {
     if let Ok(s) = serde_json::from_slice::<Started>(&d.message.payload) {
         let func = d.message.header(headers::FUNC);
@@ -152,8 +169,10 @@ async fn started(calls: &Calls, d: Delivery) {
 }
 
 async fn apply(broker: &AnyBroker, calls: &Calls, deliverer: Option<&Deliverer>, d: Delivery) {
-    if d.message.header(headers::PHASE) == Some(headers::PHASE_STARTED) {
-        return started(calls, d).await;
+    match d.message.header(headers::PHASE) {
+        Some(headers::PHASE_STARTED) => return started(calls, d).await,
+        Some(headers::PHASE_STEP) => return step(broker, calls, d).await,
+        _ => {}
     }
     let payload = d.message.payload.clone();
     let response = match Response::decode(&payload) {
@@ -170,16 +189,31 @@ async fn apply(broker: &AnyBroker, calls: &Calls, deliverer: Option<&Deliverer>,
     );
     let _enter = span.enter();
     let jitter: f64 = rand::random();
-    match calls
-        .apply_outcome(&response, func.as_deref(), &policy, jitter)
-        .await
-    {
+    let end = match d.message.header(headers::FLOW_END) {
+        Some(headers::FLOW_END_DEAD) => Some(crate::FlowEnd::Dead(
+            d.message
+                .header(headers::DEAD_REASON)
+                .unwrap_or("a step ran out of attempts")
+                .to_owned(),
+        )),
+        Some(_) => Some(crate::FlowEnd::Ended),
+        None => None,
+    };
+    let applied = match end {
+        Some(end) => {
+            calls
+                .apply_flow_end(&response, func.as_deref(), &policy, end)
+                .await
+        }
+        None => {
+            calls
+                .apply_outcome(&response, func.as_deref(), &policy, jitter)
+                .await
+        }
+    };
+    match applied {
         Ok(Applied::Retry { request, delay_ms }) => {
-            let message = Message {
-                payload: request,
-                persistent: true,
-                ..Message::default()
-            };
+            let message = crate::request_message(request);
             match broker
                 .publish_delayed(names::REQUESTS, message, delay_ms)
                 .await

@@ -227,6 +227,38 @@ pub fn next_step(policy: &Resolved, status: u16, attempt: u32, age_ms: u64, jitt
     }
 }
 
+/// A note of one step of an asynchronous pipeline, from the Runner that
+/// ran it to the Trons (`funcatron.outcomes`, header `x-funcatron-phase:
+/// step`): the call's record lists the steps (`funcatron call show`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepNote {
+    /// The call.
+    pub call_id: String,
+    /// The step's label (`steps[2]`, `on_failure`, `finally`).
+    pub step: String,
+    /// The Func it applied.
+    pub func: String,
+    /// Which attempt of the step (from 1).
+    pub attempt: u32,
+    /// Its answer's status.
+    pub status: u16,
+    /// What comes of it: `done`, `retry` (in `delay_ms`), `exhausted`
+    /// (out of attempts: `on_failure` and `finally` run, the call is
+    /// dead-lettered) or `failed` (a status the policy does not retry).
+    pub outcome: String,
+    /// The delay before the next attempt, for `retry`, ms.
+    #[serde(default)]
+    pub delay_ms: u64,
+    /// Time inside the Func, ms.
+    pub exec_ms: f64,
+    /// When the Runner had the answer (Unix ms).
+    pub finished_ms: u64,
+    /// For a failed attempt: the step's request (envelope JSON), from
+    /// which a redrive of the call starts again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -66,3 +66,19 @@ pub const CHAIN: &str = "x-funcatron-chain";
 /// state before running the Func and continues the flow with its answer
 /// (`docs/flows.md`). A Tron forwarding the request keeps it.
 pub const FLOW: &str = "x-funcatron-flow";
+
+/// [`PHASE`]: a note of one step of an asynchronous pipeline (body
+/// `funcatron_calls::StepNote`): which step, its Func and attempt, how it
+/// ended; for a failed attempt also the step's request, from which a
+/// redrive starts again.
+pub const PHASE_STEP: &str = "step";
+
+/// On the outcome of an asynchronous pipeline (the answer of its last
+/// step): how the flow ended, `ok` (as the status says, never retried as
+/// a whole) or `dead` (a step ran out of attempts: the call is
+/// dead-lettered, redriven from that step).
+pub const FLOW_END: &str = "x-funcatron-flow-end";
+/// [`FLOW_END`]: the flow ran to its end.
+pub const FLOW_END_OK: &str = "ok";
+/// [`FLOW_END`]: a step exhausted its attempts.
+pub const FLOW_END_DEAD: &str = "dead";

@@ -22,6 +22,12 @@ pub fn func_async_queue(func: &str, version: &str) -> String {
 /// it, record each outcome, deliver callbacks and schedule retries.
 pub const OUTCOMES: &str = "funcatron.outcomes";
 
+/// Pipelines reaching their first `mode: async` step during a synchronous
+/// request (`docs/flows.md`): every Tron consumes it; one with a state
+/// store records the call, queues the step and answers the caller 202,
+/// one without answers 501 `async_unavailable`.
+pub const FLOW_PHASES: &str = "funcatron.flow-phases";
+
 /// Callback deliveries waiting to be made (a job per call: its id and
 /// which delivery); Trons with a state store consume it, and a failed
 /// delivery comes back through a delay queue.

@@ -99,6 +99,14 @@ pub enum Parallel {
     Named(BTreeMap<String, Apply>),
 }
 
+impl Apply {
+    /// `mode: async`: this step starts (or continues) the flow's
+    /// asynchronous phase.
+    pub fn is_async(&self) -> bool {
+        self.mode.as_deref() == Some("async")
+    }
+}
+
 impl Parallel {
     /// The branches, with their names for an object join.
     pub fn branches(&self) -> Vec<(Option<&str>, &Apply)> {
@@ -140,6 +148,18 @@ impl FlowSpec {
             .chain(self.finally.iter().map(|s| ("finally".to_owned(), &**s)));
         for (at, step) in named {
             check_step(step).map_err(|e| format!("{at}: {e}"))?;
+            let in_steps = at.starts_with("steps");
+            let async_here = match step {
+                Step::Apply(a) => !in_steps && a.is_async(),
+                Step::Parallel(p) => p.branches().iter().any(|(_, a)| a.is_async()),
+                _ => false,
+            };
+            if async_here {
+                return Err(format!(
+                    "{at}: mode async is for apply steps in steps (a parallel branch, \
+                     on_failure and finally run in the phase they are in)"
+                ));
+            }
         }
         Ok(())
     }
@@ -178,7 +198,7 @@ fn check_apply(a: &Apply) -> Result<(), String> {
     }
     match a.mode.as_deref() {
         None | Some("sync") => Ok(()),
-        Some("async") => Err("apply: async steps are not supported yet".into()),
+        Some("async") => Ok(()),
         Some(m) => Err(format!("apply: mode {m:?} is not sync or async")),
     }
 }
@@ -238,6 +258,11 @@ pub struct FlowState<'a> {
     /// The run time of each step done so far, in ms, by step label.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub timings: Vec<(String, f64)>,
+    /// Set when a step of the asynchronous phase ran out of attempts
+    /// (why): `on_failure` and `finally` run, then the call is
+    /// dead-lettered instead of failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead: Option<String>,
     /// HMAC-SHA256 (hex) over [`FlowState::signed_bytes`].
     #[serde(borrow, default)]
     pub sig: Cow<'a, str>,
@@ -254,6 +279,7 @@ impl FlowState<'_> {
             vars: self.vars.clone(),
             held: self.held.clone(),
             timings: self.timings.clone(),
+            dead: self.dead.clone(),
             sig: Cow::Owned(self.sig.to_string()),
         }
     }

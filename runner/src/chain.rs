@@ -40,6 +40,16 @@ pub(crate) enum Next {
     },
     /// The chain's deadline has passed (the ingress answered 504): stop.
     Expired,
+    /// Publish this request again after `delay_ms` (a step of an
+    /// asynchronous flow its Func's policy retries), held by the broker.
+    Retry {
+        /// Where it goes once the delay is over.
+        queue: String,
+        /// The next attempt.
+        message: Message,
+        /// How long the broker holds it.
+        delay_ms: u64,
+    },
 }
 
 /// What follows stage `request.chain.at`'s answer `response` (both

@@ -35,6 +35,7 @@ use tokio::sync::oneshot;
 
 use crate::chain::Next;
 use crate::lua::LuaLimits;
+use funcatron_control::calls::{next_step, Resolved, StepNote};
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
@@ -43,6 +44,142 @@ const QUOTED_BODY: usize = 4 * 1024;
 
 /// Longest a `callback` step waits for its receiver.
 const CALLBACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest a `parallel` step waits for its branches (less when the
+/// request's deadline is sooner): an asynchronous call's deadline is
+/// hours away.
+const BRANCH_WAIT_MS: f64 = 60_000.0;
+
+/// The step being continued is an attempt of a recorded asynchronous call
+/// run by this Runner's version of the step's Func: its policy retries
+/// the step, and its outcome headers go on the call's outcome.
+pub(crate) struct AsyncPhase<'a> {
+    /// The Func version's async policy.
+    pub policy: &'a Resolved,
+    /// `x-funcatron-func` and the policy, as on any outcome.
+    pub outcome_headers: &'a [(String, String)],
+}
+
+/// What follows a flow's step: what to publish next, after `notes` (to
+/// `funcatron.outcomes`: the steps of an asynchronous flow).
+pub(crate) struct Advanced {
+    pub next: Next,
+    pub notes: Vec<Message>,
+}
+
+/// A step of the asynchronous phase answered `resp` (to `request`, whose
+/// envelope is `raw`): its note, and the retry to publish (with its delay)
+/// when its Func's policy retries it.
+fn step_outcome(
+    p: &AsyncPhase<'_>,
+    req: &Request<'_>,
+    resp: &Response<'_>,
+    raw: &[u8],
+    label: &str,
+    func: &str,
+) -> (StepNote, Option<(Message, u64)>) {
+    let attempt = req.attempt.unwrap_or(1);
+    let now = now_ms();
+    let mut note = StepNote {
+        call_id: req.call_id.as_deref().unwrap_or_default().to_owned(),
+        step: label.to_owned(),
+        func: func.to_owned(),
+        attempt,
+        status: resp.status,
+        outcome: "done".into(),
+        delay_ms: 0,
+        exec_ms: resp.timings.exec_ms,
+        finished_ms: now as u64,
+        request: None,
+    };
+    if (200..300).contains(&resp.status) {
+        return (note, None);
+    }
+    let age = (now as u64).saturating_sub(req.submitted_ms.unwrap_or(now as u64));
+    match next_step(p.policy, resp.status, attempt, age, rand::random()) {
+        funcatron_control::calls::Step::Retry { attempt, delay_ms } => {
+            let mut again = req.clone();
+            let span = req.deadline_ms as f64 - req.sent_ms;
+            again.attempt = Some(attempt);
+            again.delay_ms = delay_ms;
+            again.sent_ms = now + delay_ms as f64;
+            again.deadline_ms = (again.sent_ms + span.max(1.0)) as u64;
+            note.outcome = "retry".into();
+            note.delay_ms = delay_ms;
+            tracing::info!(request_id = %req.id, call_id = %note.call_id, step = label, func, attempt, delay_ms, "flow step retried");
+            let message = Message {
+                payload: again.encode().into(),
+                headers: vec![(headers::FLOW.to_owned(), "1".to_owned())],
+                ttl_ms: None,
+                persistent: true,
+            };
+            (note, Some((message, delay_ms)))
+        }
+        funcatron_control::calls::Step::DeadLetter(why) => {
+            tracing::info!(request_id = %req.id, call_id = %note.call_id, step = label, func, reason = %why, "flow step out of attempts");
+            note.outcome = "exhausted".into();
+            note.request = Some(String::from_utf8_lossy(raw).into_owned());
+            (note, None)
+        }
+        funcatron_control::calls::Step::Done => {
+            note.outcome = "failed".into();
+            note.request = Some(String::from_utf8_lossy(raw).into_owned());
+            (note, None)
+        }
+    }
+}
+
+/// A step note as the message Trons apply.
+fn note_message(note: &StepNote) -> Message {
+    Message {
+        payload: serde_json::to_vec(note).unwrap_or_default().into(),
+        headers: vec![(headers::PHASE.to_owned(), headers::PHASE_STEP.to_owned())],
+        ttl_ms: None,
+        persistent: true,
+    }
+}
+
+/// The outcome of an asynchronous flow: its answer, with the Func's
+/// outcome headers and how the flow ended (`dead`: a step ran out of
+/// attempts, why).
+///
+/// The call is the flow's: `x-funcatron-func` names the flow's Func (from
+/// its name, `<func>/<operationId>`) when known, whichever step's Runner
+/// ends it.
+fn flow_outcome(
+    p: &AsyncPhase<'_>,
+    answer: Vec<u8>,
+    dead: Option<&str>,
+    flow: Option<&str>,
+) -> Message {
+    let mut headers = p.outcome_headers.to_vec();
+    if let Some(func) = flow.and_then(|f| f.split('/').next()) {
+        for (k, v) in &mut headers {
+            if k == headers::FUNC {
+                *v = func.to_owned();
+            }
+        }
+    }
+    match dead {
+        Some(why) => {
+            headers.push((
+                headers::FLOW_END.to_owned(),
+                headers::FLOW_END_DEAD.to_owned(),
+            ));
+            headers.push((headers::DEAD_REASON.to_owned(), why.to_owned()));
+        }
+        None => headers.push((
+            headers::FLOW_END.to_owned(),
+            headers::FLOW_END_OK.to_owned(),
+        )),
+    }
+    Message {
+        payload: answer.into(),
+        headers,
+        ttl_ms: None,
+        persistent: true,
+    }
+}
 
 /// The data passing from step to step.
 #[derive(Debug, Clone)]
@@ -170,9 +307,48 @@ impl FlowEngine {
         request: &[u8],
         response: &[u8],
         start: Option<(&str, &FlowSpec)>,
-    ) -> Result<Next, String> {
+        phase: Option<AsyncPhase<'_>>,
+    ) -> Result<Advanced, String> {
         let req = Request::decode(request).map_err(|e| e.to_string())?;
         let resp = Response::decode(response).map_err(|e| e.to_string())?;
+        let phase = phase.filter(|_| req.is_async && req.call_id.is_some());
+        let mut notes = Vec::new();
+        let next = self
+            .next_of(
+                broker,
+                request,
+                &req,
+                &resp,
+                response,
+                start,
+                phase.as_ref(),
+                &mut notes,
+            )
+            .await?;
+        let next = match (next, &phase) {
+            // Answered before the flow began (refused), or not a flow: the
+            // call's outcome all the same.
+            (Next::Reply(answer), Some(p)) => Next::Forward {
+                queue: names::OUTCOMES.to_owned(),
+                message: flow_outcome(p, answer, None, None),
+            },
+            (next, _) => next,
+        };
+        Ok(Advanced { next, notes })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn next_of(
+        &self,
+        broker: &AnyBroker,
+        request: &[u8],
+        req: &Request<'_>,
+        resp: &Response<'_>,
+        response: &[u8],
+        start: Option<(&str, &FlowSpec)>,
+        phase: Option<&AsyncPhase<'_>>,
+        notes: &mut Vec<Message>,
+    ) -> Result<Next, String> {
         let answered = Data {
             status: resp.status,
             content_type: resp
@@ -208,14 +384,33 @@ impl FlowEngine {
                     data: answered,
                 };
                 let label = run.label(state.at as usize);
+                let func = match run.step(state.at as usize) {
+                    Some(Step::Apply(a)) => a.func.clone(),
+                    _ => String::new(),
+                };
+                let ok = (200..300).contains(&run.data.status);
+                if let Some(p) = phase {
+                    // A step of the asynchronous phase: noted in the
+                    // call's record; a failure retried by its Func's
+                    // policy, from the broker.
+                    let (note, retry) = step_outcome(p, req, resp, request, &label, &func);
+                    let exhausted = note.outcome == "exhausted";
+                    notes.push(note_message(&note));
+                    if let Some((message, delay_ms)) = retry {
+                        return Ok(Next::Retry {
+                            queue: names::REQUESTS.to_owned(),
+                            message,
+                            delay_ms,
+                        });
+                    }
+                    if exhausted {
+                        run.state.dead = Some(format!("{label} ({func}) ran out of attempts"));
+                    }
+                }
                 run.state
                     .timings
                     .push((label.clone(), resp.timings.exec_ms));
-                if !(200..300).contains(&run.data.status) {
-                    let func = match run.step(state.at as usize) {
-                        Some(Step::Apply(a)) => a.func.clone(),
-                        _ => String::new(),
-                    };
+                if !ok {
                     let (status, data) = (run.data.status, run.data.clone());
                     run.fail(&req.id, &label, &func, status, &data);
                 }
@@ -226,7 +421,7 @@ impl FlowEngine {
         if req.deadline_ms as f64 <= now_ms() {
             return Ok(Next::Expired);
         }
-        self.advance(broker, &req, &mut run).await
+        self.advance(broker, req, &mut run, phase).await
     }
 
     /// Run steps here until one must be applied elsewhere or the flow ends.
@@ -235,19 +430,35 @@ impl FlowEngine {
         broker: &AnyBroker,
         req: &Request<'_>,
         run: &mut Run,
+        phase: Option<&AsyncPhase<'_>>,
     ) -> Result<Next, String> {
         loop {
             let at = run.cursor;
             let label = run.label(at);
             let Some(step) = run.step(at).cloned() else {
                 match run.end_of_phase() {
-                    Some(held) => return Ok(Next::Reply(reply(req, &held, &run.state))),
+                    Some(held) => {
+                        let answer = reply(req, &held, &run.state);
+                        return Ok(match phase {
+                            // The call's outcome, for a Tron to record.
+                            Some(p) => Next::Forward {
+                                queue: names::OUTCOMES.to_owned(),
+                                message: flow_outcome(
+                                    p,
+                                    answer,
+                                    run.state.dead.as_deref(),
+                                    Some(&run.state.name),
+                                ),
+                            },
+                            None => Next::Reply(answer),
+                        });
+                    }
                     None => continue,
                 }
             };
             let started = Instant::now();
             let outcome = match &step {
-                Step::Apply(a) => return Ok(self.forward(req, run, a, at)),
+                Step::Apply(a) => return Ok(self.forward(req, run, a, at, phase.is_some())),
                 Step::Modify(src) => self.modify(src, run).await,
                 Step::Callback(c) => self.callback(c, &run.data).await,
                 Step::Parallel(p) => self.parallel(broker, req, p, &run.data).await,
@@ -270,16 +481,49 @@ impl FlowEngine {
 
     /// The request of an `apply` step (`at` in the running phase): to a
     /// Tron, naming its Func, with the signed state.
-    fn forward(&self, req: &Request<'_>, run: &mut Run, a: &Apply, at: usize) -> Next {
+    ///
+    /// In the asynchronous phase (`in_async`: the request is an attempt of
+    /// a recorded call) the step is a new call attempt of the same call,
+    /// persistent, at its first attempt. A synchronous flow reaching a
+    /// `mode: async` step goes to `funcatron.flow-phases` instead, where a
+    /// Tron records the call, queues the step and answers the caller 202.
+    fn forward(
+        &self,
+        req: &Request<'_>,
+        run: &mut Run,
+        a: &Apply,
+        at: usize,
+        in_async: bool,
+    ) -> Next {
         run.state.at = at as u32;
         let mut state = run.state.clone();
         self.sign(&req.id, &mut state);
-        let next = step_request(req, a, &run.data, Some(state));
+        let mut next = step_request(req, a, &run.data, Some(state));
+        let headers = vec![(headers::FLOW.to_owned(), "1".to_owned())];
+        if in_async {
+            next.attempt = Some(1);
+            next.delay_ms = 0;
+            return Next::Forward {
+                queue: names::REQUESTS.to_owned(),
+                message: Message {
+                    payload: next.encode().into(),
+                    headers,
+                    ttl_ms: None,
+                    persistent: true,
+                },
+            };
+        }
+        let queue = if a.is_async() {
+            tracing::info!(request_id = %req.id, flow = %run.state.name, step = %run.label(at), func = %a.func, "the flow's asynchronous phase starts");
+            names::FLOW_PHASES
+        } else {
+            names::REQUESTS
+        };
         Next::Forward {
-            queue: names::REQUESTS.to_owned(),
+            queue: queue.to_owned(),
             message: Message {
                 payload: next.encode().into(),
-                headers: vec![(headers::FLOW.to_owned(), "1".to_owned())],
+                headers,
                 ttl_ms: Some((req.deadline_ms as f64 - now_ms()).max(1.0) as u64),
                 persistent: false,
             },
@@ -369,6 +613,14 @@ impl FlowEngine {
             let mut r = step_request(req, a, data, None);
             r.reply_to = Some(Cow::Borrowed(&branches.queue));
             r.reply_key = Some(Cow::Owned(key.clone()));
+            // A branch is a synchronous request even in the asynchronous
+            // phase: this step waits for it (and is retried as a whole).
+            r.is_async = false;
+            r.call_id = None;
+            r.callback_url = None;
+            r.attempt = None;
+            r.submitted_ms = None;
+            r.deadline_ms = r.deadline_ms.min((now_ms() + BRANCH_WAIT_MS) as u64);
             let published = broker
                 .publish(names::REQUESTS, Message::new(r.encode()))
                 .await;
@@ -377,7 +629,8 @@ impl FlowEngine {
             }
             waits.push((name, a.func.clone(), key, rx));
         }
-        let left = Duration::from_millis((req.deadline_ms as f64 - now_ms()).max(0.0) as u64);
+        let until = (req.deadline_ms as f64).min(now_ms() + BRANCH_WAIT_MS);
+        let left = Duration::from_millis((until - now_ms()).max(0.0) as u64);
         let mut joined_list = Vec::new();
         let mut joined_map = serde_json::Map::new();
         for (name, func, key, rx) in waits {
@@ -664,6 +917,8 @@ fn reply(req: &Request<'_>, held: &Held, state: &FlowState<'_>) -> Vec<u8> {
         body: Cow::Borrowed(&held.body),
         body_base64: held.body_base64,
         reply_key: req.reply_key.clone(),
+        call_id: req.call_id.clone(),
+        attempt: req.attempt,
         ..Default::default()
     }
     .encode()

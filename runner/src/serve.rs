@@ -538,6 +538,7 @@ async fn start_version(vctx: &VersionCtx<'_>, b: &Bundle) -> Serving {
             serde_json::to_string(&b.async_policy).unwrap_or_default(),
         ),
     ]);
+    let policy = Arc::new(b.async_policy.resolved().unwrap_or_default());
     let async_queue = names::func_async_queue(&b.name, &b.version);
     // Async calls run at most `concurrency` at once (default: one worker
     // fewer than the Runner has, at least one), so a synchronous request
@@ -576,6 +577,7 @@ async fn start_version(vctx: &VersionCtx<'_>, b: &Bundle) -> Serving {
                     is_async,
                     running: is_async.then(|| Arc::clone(&async_permits)),
                     outcome_headers: Arc::clone(&outcome_headers),
+                    policy: Arc::clone(&policy),
                     load: Arc::clone(&load),
                     max_reply_bytes: options.max_reply_bytes,
                     debug: Arc::clone(&debug),
@@ -647,6 +649,9 @@ struct Consumer {
     running: Option<Arc<tokio::sync::Semaphore>>,
     /// The Func and its async policy, for the Tron applying an outcome.
     outcome_headers: Arc<Vec<(String, String)>>,
+    /// That policy, resolved: it retries the steps of asynchronous flows
+    /// this version runs.
+    policy: Arc<funcatron_control::calls::Resolved>,
     load: Arc<Load>,
     /// Largest answer body sent as one message ([`RunnerOptions::max_reply_bytes`]).
     max_reply_bytes: usize,
@@ -1087,6 +1092,34 @@ async fn settle(
         } => {
             tracing::Span::current().record("request_id", request_id.as_str());
             tracing::debug!(status, "invoked");
+            if !matches!(flow, FlowCall::None) {
+                let phase = ctx.is_async.then(|| crate::flow::AsyncPhase {
+                    policy: &ctx.policy,
+                    outcome_headers: &ctx.outcome_headers,
+                });
+                let start = match &flow {
+                    FlowCall::Start(name, spec) => Some((name.as_str(), &**spec)),
+                    _ => None,
+                };
+                let next = ctx
+                    .flows
+                    .next(&ctx.broker, payload, &response, start, phase)
+                    .await;
+                let next = match next {
+                    Ok(advanced) => {
+                        if let Err(e) = publish_notes(ctx, advanced.notes).await {
+                            tracing::warn!(error = %e, "flow step notes not published; requeueing the request");
+                            return requeue(delivery).await;
+                        }
+                        Ok(advanced.next)
+                    }
+                    Err(e) => Err(e),
+                };
+                // A fire-and-forget flow runs to its end; its answer goes
+                // to no one.
+                let to = reply_to.as_deref().unwrap_or_default();
+                return send_next(ctx, delivery, payload, to, next).await;
+            }
             let Some(reply_to) = reply_to else {
                 ack(delivery).await;
                 if let Some(u) = &unchecked {
@@ -1094,17 +1127,6 @@ async fn settle(
                 }
                 return;
             };
-            if !matches!(flow, FlowCall::None) {
-                let next = match &flow {
-                    FlowCall::Start(name, spec) => {
-                        ctx.flows
-                            .next(&ctx.broker, payload, &response, Some((name, spec)))
-                            .await
-                    }
-                    _ => ctx.flows.next(&ctx.broker, payload, &response, None).await,
-                };
-                return send_next(ctx, delivery, payload, &reply_to, next).await;
-            }
             if !ctx.is_async && delivery.message.header(headers::CHAIN).is_some() {
                 let next = crate::chain::next(payload, &response);
                 return send_next(ctx, delivery, payload, &reply_to, next).await;
@@ -1165,9 +1187,6 @@ enum FlowCall {
 /// Whether this delivery starts or continues a flow; `Err` when it claims
 /// to continue one whose state this Runner's key did not sign.
 fn flow_call(ctx: &Consumer, delivery: &Delivery, job: &Job) -> Result<FlowCall, ()> {
-    if ctx.is_async {
-        return Ok(FlowCall::None);
-    }
     if delivery.message.header(headers::FLOW).is_some() {
         return if ctx.flows.verify(&delivery.message.payload) {
             Ok(FlowCall::Continue)
@@ -1211,6 +1230,16 @@ async fn refuse_forged_flow(ctx: &Consumer, delivery: Delivery) {
     ack(delivery).await;
 }
 
+/// Publish the notes of an asynchronous flow's step, before what follows
+/// it: a crash in between runs the step again, noted again (the Tron
+/// keeps one note per step and attempt).
+async fn publish_notes(ctx: &Consumer, notes: Vec<Message>) -> Result<(), BrokerError> {
+    for note in notes {
+        ctx.broker.publish(names::OUTCOMES, note).await?;
+    }
+    Ok(())
+}
+
 /// A chain stage's or flow step's outcome ([`crate::chain`],
 /// [`crate::flow`]): forward it or reply, then acknowledge; requeue when
 /// it cannot be sent.
@@ -1222,8 +1251,22 @@ async fn send_next(
     next: Result<crate::chain::Next, String>,
 ) {
     let (to, message) = match next {
+        Ok(crate::chain::Next::Reply(_)) if reply_to.is_empty() => return ack(delivery).await,
         Ok(crate::chain::Next::Reply(r)) => (reply_to.to_owned(), Message::new(r)),
         Ok(crate::chain::Next::Forward { queue, message }) => (queue, message),
+        Ok(crate::chain::Next::Retry {
+            queue,
+            message,
+            delay_ms,
+        }) => {
+            return match ctx.broker.publish_delayed(&queue, message, delay_ms).await {
+                Ok(()) => ack(delivery).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "flow step retry not scheduled; requeueing the request");
+                    requeue(delivery).await
+                }
+            };
+        }
         Ok(crate::chain::Next::Expired) => {
             metrics::counter!("runner_expired_total").increment(1);
             return ack(delivery).await;

@@ -155,6 +155,14 @@ impl TronNode {
             callback_outbound,
         } = self;
         ctx.start(&shutdown);
+        {
+            let (broker, stop, c) = (ctx.broker.clone(), shutdown.clone(), calls.clone());
+            tokio::spawn(async move {
+                if let Err(e) = funcatron_calls::phases::run(broker, c, stop).await {
+                    tracing::error!(error = %e, "the flow phases consumer stopped");
+                }
+            });
+        }
         if let Some(calls) = calls.clone() {
             let deliverer =
                 match funcatron_calls::callbacks::Deliverer::new(calls.clone(), callback_outbound)

@@ -257,12 +257,25 @@ pub fn fresh_vhost() -> String {
 pub struct Proc {
     pub child: Child,
     pub name: String,
+    /// Where its stderr goes: its tail is printed when a test fails.
+    pub log: Option<PathBuf>,
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            if let Some(text) = self
+                .log
+                .as_ref()
+                .and_then(|l| std::fs::read_to_string(l).ok())
+            {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                eprintln!("---- the last lines of {}'s log ----\n{tail}", self.name);
+            }
+        }
     }
 }
 
@@ -302,6 +315,7 @@ pub fn spawn(role: &str, broker: &str, extra: &[&str]) -> Proc {
     Proc {
         child,
         name: role.into(),
+        log: Some(log),
     }
 }
 
@@ -588,6 +602,7 @@ pub fn funcatron_logged(args: &[&str], token: &str, log: &Path) -> Proc {
     Proc {
         child,
         name: args.first().copied().unwrap_or_default().into(),
+        log: Some(log.to_path_buf()),
     }
 }
 

@@ -9,7 +9,7 @@
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use funcatron_broker::{Broker, Message};
+use funcatron_broker::Broker;
 use funcatron_calls::{CallError, CallState};
 use funcatron_control::names;
 use serde::{Deserialize, Serialize};
@@ -188,11 +188,7 @@ pub(super) async fn redrive(
     for id in ids {
         match calls.redrive(&id).await {
             Ok(request) => {
-                let message = Message {
-                    payload: request,
-                    persistent: true,
-                    ..Message::default()
-                };
+                let message = funcatron_calls::request_message(request);
                 match broker.publish(names::REQUESTS, message).await {
                     Ok(()) => acted.ids.push(id),
                     Err(e) => acted.refused.push((id, format!("not queued: {e}"))),
