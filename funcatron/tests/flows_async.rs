@@ -53,9 +53,16 @@ type Hits = HashMap<(String, String), Vec<u32>>;
 struct Counter {
     hits: Arc<Mutex<Hits>>,
     closed: Arc<Mutex<Vec<String>>>,
+    /// How long each execution takes (ms), so that steps are in flight
+    /// when a Runner is killed.
+    work_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Counter {
+    fn executions(&self) -> usize {
+        self.hits.lock().unwrap().values().map(Vec::len).sum()
+    }
+
     fn attempts(&self, call: &str, tag: &str) -> Vec<u32> {
         self.hits
             .lock()
@@ -80,6 +87,10 @@ async fn counter() -> (String, Counter) {
                         .entry((cid, tag.clone()))
                         .or_default()
                         .push(n);
+                    let ms = c.work_ms.load(std::sync::atomic::Ordering::Relaxed);
+                    if ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
                     let closed = c.closed.lock().unwrap().contains(&tag);
                     if closed || (tag == "flaky" && n < 3) {
                         format!("{tag} is closed at attempt {n}")
@@ -151,6 +162,16 @@ paths:
           modify: 'return {{ failed = json.decode(data).step }}'
         finally:
           callback: {{url: "{hook}"}}
+      responses: {{'200': {{description: ok}}}}
+  /relay:
+    post:
+      operationId: relay
+      consumes: ['*/*']
+      x-funcatron-flow:
+        steps:
+          - apply: {{func: tally, mode: async, query: {{tag: a}}}}
+          - apply: {{func: tally, query: {{tag: b}}}}
+          - apply: {{func: tally, query: {{tag: c}}}}
       responses: {{'200': {{description: ok}}}}
 "#
     );
@@ -423,4 +444,208 @@ async fn without_a_state_store_an_async_phase_is_refused_with_501() {
         .unwrap()
         .keys()
         .all(|(_, t)| t == "warm"));
+}
+
+fn cli(mgmt: &str, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_funcatron"))
+        .args(args)
+        .env("FUNCATRON_TRON_URL", format!("http://{mgmt}"))
+        .env("FUNCATRON_TOKEN", "tok")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `funcatron up` and the CLI: `call show` lists the async phase's steps,
+/// `dlq list` finds the flow's dead-lettered call under the flow's Func,
+/// and `dlq redrive` runs it again from the failed step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_show_lists_the_steps_and_dlq_redrive_restarts_the_failed_step_on_up() {
+    let hook = free_addr();
+    let (mut hooks, _stop) = receiver(hook).await;
+    let (counter_url, counter) = counter().await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("bundles");
+    write_bundles(&dir, &counter_url, &format!("http://{hook}/hook"));
+    let (listen, mgmt) = (free_addr(), free_addr());
+    let cache = test_cache_dir();
+    let _up = funcatron_logged(
+        &[
+            "up",
+            "--bundles",
+            dir.to_str().unwrap(),
+            "--store",
+            root.path().join("store").to_str().unwrap(),
+            "--listen",
+            &listen.to_string(),
+            "--mgmt-listen",
+            &mgmt.to_string(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
+        "tok",
+        &root.path().join("up.log"),
+    );
+    let base = format!("http://{listen}");
+    eventually_within("tally answers", Duration::from_secs(120), || async {
+        reqwest::Client::new()
+            .post(format!("{base}/tally/?tag=warm"))
+            .body("x")
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    counter.closed.lock().unwrap().push("gate".into());
+    let a = submit(&format!("{base}/later/doomed"), "x").await;
+    reaches(&base, &a, "dead_lettered", Duration::from_secs(60)).await;
+    let mgmt = mgmt.to_string();
+    let (ok, out) = cli(&mgmt, &["call", "show", &a.call_id]);
+    assert!(ok, "{out}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        sorted(noted(&shown)),
+        vec![
+            ("steps[1]".into(), 1, "retry".into()),
+            ("steps[1]".into(), 2, "retry".into()),
+            ("steps[1]".into(), 3, "exhausted".into()),
+        ],
+        "{shown}"
+    );
+    let (ok, out) = cli(&mgmt, &["dlq", "list", "later"]);
+    assert!(ok && out.contains(&a.call_id), "{out}");
+    assert_eq!(
+        next_hook(&mut hooks).await,
+        serde_json::json!({"ok": false, "status": 503})
+    );
+    counter.closed.lock().unwrap().clear();
+    let (ok, out) = cli(&mgmt, &["dlq", "redrive", "later", "--id", &a.call_id]);
+    assert!(ok, "{out}");
+    let v = reaches(&base, &a, "succeeded", Duration::from_secs(60)).await;
+    assert_eq!(v["result"]["body"], "x", "{v}");
+    assert_eq!(counter.attempts(&a.call_id, "gate"), vec![1, 2, 3, 1]);
+    assert_eq!(counter.attempts(&a.call_id, "last"), vec![1]);
+    assert_eq!(counter.attempts("sync", "before"), vec![0]);
+}
+
+/// Flows whose async phase is running on two Runners over RabbitMQ (a
+/// Tron and an ingress sharing a PostgreSQL state store) while one Runner
+/// is killed with SIGKILL and another started: every flow finishes, every
+/// step's side effect happened at least once, and the duplicates (steps
+/// the killed Runner had run but not acknowledged) are counted, reported
+/// and bounded by what it could hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_phase_survives_kill_9_of_a_runner_over_rabbitmq() {
+    const FLOWS: usize = 120;
+    const PREFETCH: usize = 8;
+    let started = Instant::now();
+    let schema = fresh_pg_schema();
+    let broker = fresh_vhost();
+    let hook = free_addr();
+    let (_hooks, _stop) = receiver(hook).await;
+    let (counter_url, counter) = counter().await;
+    let root = tempfile::tempdir().unwrap();
+    write_bundles(root.path(), &counter_url, &format!("http://{hook}/hook"));
+    let d = root.path().to_str().unwrap().to_owned();
+    let cache = test_cache_dir();
+    let cache = cache.to_str().unwrap().to_owned();
+    let prefetch = PREFETCH.to_string();
+    let runner_args = [
+        "--bundles",
+        d.as_str(),
+        "--workers",
+        "3",
+        "--cache-dir",
+        cache.as_str(),
+        "--runner-prefetch",
+        prefetch.as_str(),
+    ];
+    let _tron = spawn(
+        "tron",
+        &broker,
+        &["--bundles", &d, "--state-store", &schema.url],
+    );
+    let mut r1 = spawn("runner", &broker, &runner_args);
+    let _r2 = spawn("runner", &broker, &runner_args);
+    let (_ingress, base) = spawn_ingress(
+        &broker,
+        &["--calls-store", &schema.url, "--timeout-ms", "20000"],
+    )
+    .await;
+    eventually_within("tally answers", Duration::from_secs(120), || async {
+        reqwest::Client::new()
+            .post(format!("{base}/tally/?tag=warm"))
+            .body("x")
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    println!("cluster ready after {:?}", started.elapsed());
+    counter
+        .work_ms
+        .store(25, std::sync::atomic::Ordering::Relaxed);
+    let url = format!("{base}/later/relay");
+    let submitter = tokio::spawn(async move {
+        let mut submitted = Vec::new();
+        for chunk in 0..FLOWS / 8 {
+            let batch = (0..8).map(|i| {
+                let url = url.clone();
+                async move { submit(&url, &format!("flow-{chunk}-{i}")).await }
+            });
+            submitted.extend(futures::future::join_all(batch).await);
+        }
+        submitted
+    });
+    // Mid-way through the async phases: kill one Runner, start another.
+    eventually_within(
+        "a third of the steps ran",
+        Duration::from_secs(120),
+        || async { counter.executions() >= FLOWS },
+    )
+    .await;
+    let at_kill = counter.executions();
+    r1.child.kill().unwrap(); // SIGKILL
+    r1.child.wait().unwrap();
+    let _r3 = spawn("runner", &broker, &runner_args);
+    let submitted = submitter.await.unwrap();
+    let calls = Calls::new(AnyStore::open(&schema.url).await.unwrap());
+    for a in &submitted {
+        eventually_within("the flow finishes", Duration::from_secs(180), || async {
+            calls
+                .get(&a.call_id)
+                .await
+                .unwrap()
+                .is_some_and(|c| c.state.is_final())
+        })
+        .await;
+        let c = calls.get(&a.call_id).await.unwrap().unwrap();
+        assert_eq!(c.state, funcatron_calls::CallState::Succeeded, "{c:?}");
+        let body = &c.result.as_ref().unwrap().body;
+        assert!(body.starts_with("flow-"), "{body}");
+    }
+    let mut duplicates = 0;
+    for a in &submitted {
+        for tag in ["a", "b", "c"] {
+            let n = counter.attempts(&a.call_id, tag).len();
+            assert!(n >= 1, "{} step {tag} never ran", a.call_id);
+            duplicates += n - 1;
+        }
+    }
+    // What the killed Runner could hold unacknowledged: a prefetch of
+    // tally's async queue (where every async-phase step waits).
+    let bound = PREFETCH;
+    println!(
+        "flows: {FLOWS}, step executions {} ({at_kill} before the kill), duplicates {duplicates} (bound {bound}), in {:?}",
+        counter.executions(),
+        started.elapsed()
+    );
+    assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
 }

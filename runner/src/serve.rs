@@ -833,8 +833,12 @@ async fn handle(ctx: &Arc<Consumer>, delivery: Delivery) {
         "runner.invoke",
         func,
         version = &*ctx.version_name,
-        request_id = tracing::field::Empty
+        request_id = tracing::field::Empty,
+        stage = tracing::field::Empty,
     );
+    if let Some(stage) = stage_of(&delivery) {
+        span.record("stage", stage.as_str());
+    }
     async {
         let payload = job.payload.clone();
         let handled = match &job.preflight {
@@ -1170,6 +1174,39 @@ async fn settle(
             tracing::warn!(reason = %why, "requeueing the request");
             requeue(delivery).await;
         }
+    }
+}
+
+/// Which stage of a chain (`stages[i]`) or step of a pipeline
+/// (`steps[i]`, `on_failure`, `finally`) a delivery is, for its log lines;
+/// `None` for a plain request (not decoded then).
+fn stage_of(delivery: &Delivery) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct At {
+        #[serde(default)]
+        at: u32,
+        #[serde(default)]
+        phase: Option<funcatron_envelope::flow::Phase>,
+    }
+    #[derive(serde::Deserialize)]
+    struct View {
+        flow: Option<At>,
+        chain: Option<At>,
+    }
+    let m = &delivery.message;
+    if m.header(headers::FLOW).is_none() && m.header(headers::CHAIN).is_none() {
+        return None;
+    }
+    let v: View = serde_json::from_slice(&m.payload).ok()?;
+    use funcatron_envelope::flow::Phase;
+    match (v.flow, v.chain) {
+        (Some(f), _) => Some(match f.phase.unwrap_or_default() {
+            Phase::Steps => format!("steps[{}]", f.at),
+            Phase::OnFailure => "on_failure".into(),
+            Phase::Finally => "finally".into(),
+        }),
+        (None, Some(c)) => Some(format!("stages[{}]", c.at)),
+        (None, None) => None,
     }
 }
 
