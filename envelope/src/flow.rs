@@ -258,6 +258,13 @@ pub struct FlowState<'a> {
     /// The run time of each step done so far, in ms, by step label.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub timings: Vec<(String, f64)>,
+    /// `set` values kept in the state store instead of here (too large
+    /// to travel inline): name -> store key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub refs: BTreeMap<String, String>,
+    /// Every store key this flow wrote: deleted when it ends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stored: Vec<String>,
     /// Set when a step of the asynchronous phase ran out of attempts
     /// (why): `on_failure` and `finally` run, then the call is
     /// dead-lettered instead of failed.
@@ -279,6 +286,8 @@ impl FlowState<'_> {
             vars: self.vars.clone(),
             held: self.held.clone(),
             timings: self.timings.clone(),
+            refs: self.refs.clone(),
+            stored: self.stored.clone(),
             dead: self.dead.clone(),
             sig: Cow::Owned(self.sig.to_string()),
         }

@@ -472,7 +472,7 @@ fn main() -> Result<()> {
                 let read_token = funcatron_runner::args::read_token_from_env();
                 let follow =
                     follow_options(&a.bundles, &a.runner, read_token, a.outbound.policy()?);
-                runner(broker, &a.runner, follow, levels, shutdown).await
+                runner(broker, &a.runner, follow, levels, None, shutdown).await
             }
             Command::Ingress(a) => {
                 serve_metrics(&a.metrics, &shutdown).await?;
@@ -772,12 +772,15 @@ async fn runner(
     o: &RunnerArgs,
     follow: FollowOptions,
     levels: LevelHook,
+    flow_store: Option<funcatron_runner::flow::FlowStore>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let base = o.options();
     let options = funcatron_runner::RunnerOptions {
         // Callback steps of pipelines go where the operator allows.
         flow_outbound: follow.outbound.clone(),
-        ..o.options()
+        flow_store: flow_store.or(base.flow_store.clone()),
+        ..base
     };
     RunnerNode::new(broker)
         .options(options)
@@ -824,6 +827,18 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
         .or_else(funcatron_runner::args::read_token_from_env);
     // Its Runners fetch from its Tron, whatever that Tron's address.
     let runner_outbound = a.outbound.policy_trusting(&a.tron.advertise())?;
+    // One state store for the Tron and the ingress of `up` (an embedded
+    // file is opened by one process, once).
+    let state_target = match (&a.tron.state_store, &a.tron.store) {
+        (Some(t), _) => t.clone(),
+        (None, Some(dir)) => dir.join("records.redb").display().to_string(),
+        (None, None) => "memory:".to_owned(),
+    };
+    let calls = open_calls(Some(&state_target)).await?;
+    // Its in-process Runners keep pipelines' large values in that store.
+    let flow_store = calls
+        .as_ref()
+        .map(|c| funcatron_runner::flow::FlowStore::Open(c.store().clone()));
     // `up` scales its Runners itself unless told `--substrate none`: on
     // the embedded broker as tasks of this process, else as the substrate
     // says (child processes by default).
@@ -834,9 +849,11 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
             let follow =
                 follow_options(&dir, &a.runner, read_token.clone(), runner_outbound.clone());
             let rx = spawn_follower(&broker, follow, &shutdown);
+            let base = a.runner.options();
             let options = funcatron_runner::RunnerOptions {
                 flow_outbound: a.outbound.policy()?,
-                ..a.runner.options()
+                flow_store: flow_store.clone().or(base.flow_store.clone()),
+                ..base
             };
             let shared = funcatron_runner::RunnerShared::start(&options, &shutdown).await;
             Some(Arc::new(local::LocalSubstrate::new(
@@ -855,14 +872,6 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
             scale::substrate(&a.tron.scale, runners, &dir, true).await?
         };
     let own_runner = substrate.is_none();
-    // One state store for the Tron and the ingress of `up` (an embedded
-    // file is opened by one process, once).
-    let state_target = match (&a.tron.state_store, &a.tron.store) {
-        (Some(t), _) => t.clone(),
-        (None, Some(dir)) => dir.join("records.redb").display().to_string(),
-        (None, None) => "memory:".to_owned(),
-    };
-    let calls = open_calls(Some(&state_target)).await?;
     // The embedded broker kept nothing across a restart: what the store
     // still has queued is queued again.
     if let (Some(c), AnyBroker::Embedded(_), Some(_)) = (&calls, &broker, &a.tron.store) {
@@ -892,7 +901,7 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
             own_runner.then(|| follow_options(&dir, &a.runner, read_token, runner_outbound));
         async move {
             if let Some(follow) = follow {
-                runner(b, &o, follow, levels, s).await
+                runner(b, &o, follow, levels, flow_store, s).await
             } else {
                 Ok(())
             }

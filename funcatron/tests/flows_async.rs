@@ -56,6 +56,10 @@ struct Counter {
     /// How long each execution takes (ms), so that steps are in flight
     /// when a Runner is killed.
     work_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// The state store the cluster keeps flow values in, and how many it
+    /// held at each execution tagged `peek`.
+    store: Arc<Mutex<Option<AnyStore>>>,
+    peeked: Arc<Mutex<Vec<u64>>>,
 }
 
 impl Counter {
@@ -87,6 +91,20 @@ async fn counter() -> (String, Counter) {
                         .entry((cid, tag.clone()))
                         .or_default()
                         .push(n);
+                    if tag == "peek" {
+                        let store = c.store.lock().unwrap().clone();
+                        if let Some(store) = store {
+                            let n = funcatron_store::Store::count(
+                                &store,
+                                funcatron_runner::flow::VALUES,
+                                None,
+                                None,
+                            )
+                            .await
+                            .unwrap();
+                            c.peeked.lock().unwrap().push(n);
+                        }
+                    }
                     let ms = c.work_ms.load(std::sync::atomic::Ordering::Relaxed);
                     if ms > 0 {
                         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -162,6 +180,16 @@ paths:
           modify: 'return {{ failed = json.decode(data).step }}'
         finally:
           callback: {{url: "{hook}"}}
+      responses: {{'200': {{description: ok}}}}
+  /big:
+    post:
+      operationId: big
+      consumes: ['*/*']
+      x-funcatron-flow:
+        steps:
+          - modify: 'set("big", string.rep("x", 5000)); set("small", "s"); return data'
+          - apply: {{func: tally, query: {{tag: peek}}}}
+          - modify: 'return {{ n = #get("big"), small = get("small"), echoed = data }}'
       responses: {{'200': {{description: ok}}}}
   /relay:
     post:
@@ -282,9 +310,15 @@ async fn cluster(with_store: bool) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     write_bundles(dir.path(), &counter_url, &format!("http://{hook}/hook"));
     let calls = with_store.then(|| Calls::new(AnyStore::memory().unwrap()));
+    *counter.store.lock().unwrap() = calls.as_ref().map(|c| c.store().clone());
     let mut ropts = funcatron_runner::RunnerOptions {
         workers: 3,
         flow_outbound: funcatron_control::outbound::OutboundPolicy::new(&["127.0.0.1"]).unwrap(),
+        // Values past 1 KiB go to the cluster's store.
+        flow_store: calls
+            .as_ref()
+            .map(|c| funcatron_runner::flow::FlowStore::Open(c.store().clone())),
+        flow_inline_bytes: 1024,
         ..Default::default()
     };
     ropts.worker.cache_dir = test_cache_dir();
@@ -648,4 +682,35 @@ async fn an_async_phase_survives_kill_9_of_a_runner_over_rabbitmq() {
         started.elapsed()
     );
     assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
+}
+
+/// A `set` value past the threshold travels as a reference to the state
+/// store (there while the flow runs, read back by a later step) and is
+/// deleted when the flow ends; a small one stays in the envelope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_flow_values_live_in_the_state_store_until_the_flow_ends() {
+    let k = cluster(true).await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/later/big", k.c.base))
+        .header("content-type", "text/plain")
+        .body("abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"n": 5000, "small": "s", "echoed": "abc"})
+    );
+    // While the applied step ran, one value (the large one) was stored.
+    assert_eq!(*k.counter.peeked.lock().unwrap(), vec![1]);
+    let store = k.calls.as_ref().unwrap().store().clone();
+    eventually("the flow's values are deleted", || async {
+        funcatron_store::Store::count(&store, funcatron_runner::flow::VALUES, None, None)
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
 }

@@ -120,6 +120,16 @@ pub struct RunnerArgs {
     /// own bound on what its listener takes).
     #[arg(long, env = "FUNCATRON_RUNNER_MAX_DIRECT_BODY_BYTES", default_value_t = crate::direct::DEFAULT_MAX_DIRECT_BODY_BYTES)]
     pub runner_max_direct_body_bytes: u64,
+    /// Where pipelines' large `set` values are kept instead of in their
+    /// envelopes (`postgres://...`, shared by every Runner of the
+    /// cluster; a path or `memory:` for one process). `funcatron up`
+    /// uses its own state store. Without: values travel inline.
+    #[arg(long, env = "FUNCATRON_FLOW_STORE", hide_env_values = true)]
+    pub flow_store: Option<String>,
+    /// A `set` value whose JSON is longer than this goes to the flow
+    /// store.
+    #[arg(long, env = "FUNCATRON_FLOW_INLINE_BYTES", default_value_t = crate::flow::DEFAULT_INLINE_BYTES)]
+    pub flow_inline_bytes: usize,
 }
 
 /// Where a Runner finds the Tron's read token (it fetches archives with
@@ -184,6 +194,8 @@ impl RunnerArgs {
                 .filter(|k| !k.is_empty())
                 .or_else(read_token_from_env),
             flow_outbound: Default::default(),
+            flow_store: self.flow_store.clone().map(crate::flow::FlowStore::Url),
+            flow_inline_bytes: self.flow_inline_bytes,
         }
     }
 }
@@ -209,6 +221,8 @@ impl Default for RunnerOptions {
             direct_listen: crate::direct::DirectOptions::default().listen,
             direct_advertise: None,
             direct_ticket_ttl_ms: crate::direct::DEFAULT_TICKET_TTL_MS,
+            flow_store: None,
+            flow_inline_bytes: crate::flow::DEFAULT_INLINE_BYTES,
             max_direct_buffered_bytes: crate::direct::DEFAULT_MAX_BUFFERED_BYTES,
             runner_max_direct_body_bytes: crate::direct::DEFAULT_MAX_DIRECT_BODY_BYTES,
         }

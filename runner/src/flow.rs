@@ -36,6 +36,7 @@ use tokio::sync::oneshot;
 use crate::chain::Next;
 use crate::lua::LuaLimits;
 use funcatron_control::calls::{next_step, Resolved, StepNote};
+use funcatron_store::{AnyStore, Store as _};
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
@@ -65,6 +66,9 @@ pub(crate) struct AsyncPhase<'a> {
 pub(crate) struct Advanced {
     pub next: Next,
     pub notes: Vec<Message>,
+    /// The store keys of a flow that ended here: deleted once its answer
+    /// is sent ([`FlowEngine::forget`]).
+    pub cleanup: Vec<String>,
 }
 
 /// A step of the asynchronous phase answered `resp` (to `request`, whose
@@ -224,6 +228,61 @@ pub struct FlowEngine {
     outbound: OutboundPolicy,
     limits: LuaLimits,
     branches: tokio::sync::OnceCell<Branches>,
+    values: Option<Values>,
+}
+
+/// Where a Runner keeps flows' large `set` values (`--flow-store`): a
+/// store to open at first use, or one this process has open already
+/// (`funcatron up`'s).
+#[derive(Clone)]
+pub enum FlowStore {
+    /// `memory:`, a path or `postgres://...` ([`AnyStore::open`]).
+    Url(String),
+    /// An open store.
+    Open(AnyStore),
+}
+
+impl std::fmt::Debug for FlowStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // The URL may hold a password.
+            FlowStore::Url(_) => f.write_str("FlowStore::Url(..)"),
+            FlowStore::Open(s) => write!(f, "FlowStore::Open({s:?})"),
+        }
+    }
+}
+
+/// The default size (JSON bytes) from which a `set` value is kept in the
+/// flow store rather than in the envelope.
+pub const DEFAULT_INLINE_BYTES: usize = 64 * 1024;
+
+/// The state store collection of flows' large values.
+pub const VALUES: &str = "flow_values";
+
+/// How long a large value outlives its flow's deadline if the flow never
+/// ends (its Runners all gone): then the store expires it. In the
+/// asynchronous phase a day more: a dead-lettered flow keeps its values
+/// for a redrive as long as its record is kept by default.
+const VALUE_GRACE_MS: u64 = 3_600_000;
+
+/// The store of large values and the size from which a value goes there.
+struct Values {
+    source: FlowStore,
+    opened: tokio::sync::OnceCell<AnyStore>,
+    inline_bytes: usize,
+}
+
+impl Values {
+    async fn store(&self) -> Result<&AnyStore, String> {
+        self.opened
+            .get_or_try_init(|| async {
+                match &self.source {
+                    FlowStore::Open(s) => Ok(s.clone()),
+                    FlowStore::Url(u) => AnyStore::open(u).await.map_err(|e| e.to_string()),
+                }
+            })
+            .await
+    }
 }
 
 /// The Runner's reply queue for parallel branches: each answer wakes
@@ -260,7 +319,118 @@ impl FlowEngine {
             outbound,
             limits,
             branches: tokio::sync::OnceCell::new(),
+            values: None,
         })
+    }
+
+    /// The same engine keeping `set` values whose JSON is longer than
+    /// `inline_bytes` in `store` (every Runner of a flow needs the same
+    /// store); without, every value travels in the envelope.
+    pub fn with_values(
+        secret: Option<&str>,
+        outbound: OutboundPolicy,
+        limits: LuaLimits,
+        store: Option<FlowStore>,
+        inline_bytes: usize,
+    ) -> Arc<Self> {
+        let mut engine = Arc::into_inner(Self::new(secret, outbound, limits)).expect("just made");
+        engine.values = store.map(|source| Values {
+            source,
+            opened: tokio::sync::OnceCell::new(),
+            inline_bytes,
+        });
+        Arc::new(engine)
+    }
+
+    /// Bring back the values `state` keeps in the store (before steps
+    /// that read them run).
+    async fn load_values(&self, state: &mut FlowState<'_>) -> Result<(), String> {
+        if state.refs.is_empty() {
+            return Ok(());
+        }
+        let values = self.values.as_ref().ok_or(
+            "the flow keeps values in a state store this Runner has not got (--flow-store)",
+        )?;
+        let store = values.store().await?;
+        for (name, key) in std::mem::take(&mut state.refs) {
+            let rec = store
+                .get(VALUES, &key)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("the flow's value {name:?} is gone from the state store"))?;
+            let v = serde_json::from_slice(&rec.value).map_err(|e| e.to_string())?;
+            state.vars.insert(name, v);
+        }
+        Ok(())
+    }
+
+    /// Move the values longer than the threshold into the store, keyed by
+    /// the request id and their digest (a step run again writes the same
+    /// keys). A value the store does not take stays inline.
+    async fn keep_values(&self, id: &str, expires_ms: u64, state: &mut FlowState<'_>) {
+        use sha2::Digest as _;
+        let Some(values) = &self.values else {
+            return;
+        };
+        let large: Vec<(String, Vec<u8>)> = state
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::to_vec(v).unwrap_or_default()))
+            .filter(|(_, bytes)| bytes.len() > values.inline_bytes)
+            .collect();
+        if large.is_empty() {
+            return;
+        }
+        let store = match values.store().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(request_id = %id, error = %e, "flow values kept inline: no state store");
+                return;
+            }
+        };
+        for (name, bytes) in large {
+            let digest: String = sha2::Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let key = format!("{id}/{digest}");
+            let rec = funcatron_store::Record::new(VALUES, key.clone())
+                .with_value(bytes)
+                .expiring_at(expires_ms);
+            match store.insert(&rec).await {
+                Ok(_) | Err(funcatron_store::StoreError::Exists { .. }) => {
+                    state.vars.remove(&name);
+                    if !state.stored.contains(&key) {
+                        state.stored.push(key.clone());
+                    }
+                    state.refs.insert(name, key);
+                }
+                Err(e) => {
+                    tracing::warn!(request_id = %id, error = %e, "a flow value kept inline: the store refused it")
+                }
+            }
+        }
+    }
+
+    /// Delete a finished flow's stored values (after its answer is sent).
+    pub(crate) fn forget(self: &Arc<Self>, keys: Vec<String>) {
+        if keys.is_empty() || self.values.is_none() {
+            return;
+        }
+        let engine = Arc::clone(self);
+        tokio::spawn(async move {
+            let Some(values) = &engine.values else {
+                return;
+            };
+            let Ok(store) = values.store().await else {
+                return;
+            };
+            for key in keys {
+                if let Err(e) = store.delete(VALUES, &key).await {
+                    tracing::debug!(key, error = %e, "a flow value left to expire");
+                }
+            }
+        });
     }
 
     fn mac(&self, id: &str, state: &FlowState<'_>) -> HmacSha256 {
@@ -313,6 +483,7 @@ impl FlowEngine {
         let resp = Response::decode(response).map_err(|e| e.to_string())?;
         let phase = phase.filter(|_| req.is_async && req.call_id.is_some());
         let mut notes = Vec::new();
+        let mut cleanup = Vec::new();
         let next = self
             .next_of(
                 broker,
@@ -322,7 +493,7 @@ impl FlowEngine {
                 response,
                 start,
                 phase.as_ref(),
-                &mut notes,
+                (&mut notes, &mut cleanup),
             )
             .await?;
         let next = match (next, &phase) {
@@ -334,7 +505,11 @@ impl FlowEngine {
             },
             (next, _) => next,
         };
-        Ok(Advanced { next, notes })
+        Ok(Advanced {
+            next,
+            notes,
+            cleanup,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -347,7 +522,7 @@ impl FlowEngine {
         response: &[u8],
         start: Option<(&str, &FlowSpec)>,
         phase: Option<&AsyncPhase<'_>>,
-        notes: &mut Vec<Message>,
+        (notes, cleanup): (&mut Vec<Message>, &mut Vec<String>),
     ) -> Result<Next, String> {
         let answered = Data {
             status: resp.status,
@@ -383,6 +558,16 @@ impl FlowEngine {
                     cursor: state.at as usize + 1,
                     data: answered,
                 };
+                if let Err(e) = self.load_values(&mut run.state).await {
+                    tracing::warn!(request_id = %req.id, flow = %run.state.name, error = %e, "the flow's stored values cannot be read");
+                    run.data = Data {
+                        status: 503,
+                        ..Data::json(&serde_json::json!({
+                            "error": "flow_values_unavailable",
+                            "message": e,
+                        }))
+                    };
+                }
                 let label = run.label(state.at as usize);
                 let func = match run.step(state.at as usize) {
                     Some(Step::Apply(a)) => a.func.clone(),
@@ -421,7 +606,7 @@ impl FlowEngine {
         if req.deadline_ms as f64 <= now_ms() {
             return Ok(Next::Expired);
         }
-        self.advance(broker, req, &mut run, phase).await
+        self.advance(broker, req, &mut run, phase, cleanup).await
     }
 
     /// Run steps here until one must be applied elsewhere or the flow ends.
@@ -431,6 +616,7 @@ impl FlowEngine {
         req: &Request<'_>,
         run: &mut Run,
         phase: Option<&AsyncPhase<'_>>,
+        cleanup: &mut Vec<String>,
     ) -> Result<Next, String> {
         loop {
             let at = run.cursor;
@@ -438,6 +624,11 @@ impl FlowEngine {
             let Some(step) = run.step(at).cloned() else {
                 match run.end_of_phase() {
                     Some(held) => {
+                        // A failed asynchronous flow keeps its values for
+                        // a redrive (they expire with its record).
+                        if phase.is_none() || held.status < 400 {
+                            cleanup.append(&mut run.state.stored);
+                        }
                         let answer = reply(req, &held, &run.state);
                         return Ok(match phase {
                             // The call's outcome, for a Tron to record.
@@ -458,7 +649,21 @@ impl FlowEngine {
             };
             let started = Instant::now();
             let outcome = match &step {
-                Step::Apply(a) => return Ok(self.forward(req, run, a, at, phase.is_some())),
+                Step::Apply(a) => {
+                    let grace = if phase.is_some() {
+                        // Kept as long as a failed call's record.
+                        VALUE_GRACE_MS + 24 * 3_600_000
+                    } else {
+                        VALUE_GRACE_MS
+                    };
+                    self.keep_values(
+                        &req.id,
+                        req.deadline_ms.saturating_add(grace),
+                        &mut run.state,
+                    )
+                    .await;
+                    return Ok(self.forward(req, run, a, at, phase.is_some()));
+                }
                 Step::Modify(src) => self.modify(src, run).await,
                 Step::Callback(c) => self.callback(c, &run.data).await,
                 Step::Parallel(p) => self.parallel(broker, req, p, &run.data).await,

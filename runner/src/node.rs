@@ -61,10 +61,12 @@ impl RunnerShared {
         RunnerShared {
             lua: LuaThreads::start(options.workers),
             direct,
-            flows: crate::flow::FlowEngine::new(
+            flows: crate::flow::FlowEngine::with_values(
                 options.flow_key.as_deref(),
                 options.flow_outbound.clone(),
                 options.lua_limits,
+                options.flow_store.clone(),
+                options.flow_inline_bytes,
             ),
         }
     }

@@ -238,6 +238,10 @@ pub struct RunnerOptions {
     /// Where pipelines' `callback` steps may send (the operator's
     /// `--allow-outbound`; by default no private or loopback address).
     pub flow_outbound: funcatron_control::outbound::OutboundPolicy,
+    /// Where pipelines' large `set` values go ([`crate::flow::FlowStore`]).
+    pub flow_store: Option<crate::flow::FlowStore>,
+    /// From which size (JSON bytes) a value goes there.
+    pub flow_inline_bytes: usize,
 }
 
 /// Where caches go unless told: `$XDG_CACHE_HOME/funcatron`,
@@ -1109,20 +1113,23 @@ async fn settle(
                     .flows
                     .next(&ctx.broker, payload, &response, start, phase)
                     .await;
-                let next = match next {
+                let (next, cleanup) = match next {
                     Ok(advanced) => {
                         if let Err(e) = publish_notes(ctx, advanced.notes).await {
                             tracing::warn!(error = %e, "flow step notes not published; requeueing the request");
                             return requeue(delivery).await;
                         }
-                        Ok(advanced.next)
+                        (Ok(advanced.next), advanced.cleanup)
                     }
-                    Err(e) => Err(e),
+                    Err(e) => (Err(e), Vec::new()),
                 };
                 // A fire-and-forget flow runs to its end; its answer goes
                 // to no one.
                 let to = reply_to.as_deref().unwrap_or_default();
-                return send_next(ctx, delivery, payload, to, next).await;
+                if send_next(ctx, delivery, payload, to, next).await {
+                    ctx.flows.forget(cleanup);
+                }
+                return;
             }
             let Some(reply_to) = reply_to else {
                 ack(delivery).await;
@@ -1133,7 +1140,8 @@ async fn settle(
             };
             if !ctx.is_async && delivery.message.header(headers::CHAIN).is_some() {
                 let next = crate::chain::next(payload, &response);
-                return send_next(ctx, delivery, payload, &reply_to, next).await;
+                send_next(ctx, delivery, payload, &reply_to, next).await;
+                return;
             }
             let response = bytes::Bytes::from(response);
             let message = if ctx.is_async {
@@ -1286,9 +1294,12 @@ async fn send_next(
     payload: &bytes::Bytes,
     reply_to: &str,
     next: Result<crate::chain::Next, String>,
-) {
+) -> bool {
     let (to, message) = match next {
-        Ok(crate::chain::Next::Reply(_)) if reply_to.is_empty() => return ack(delivery).await,
+        Ok(crate::chain::Next::Reply(_)) if reply_to.is_empty() => {
+            ack(delivery).await;
+            return true;
+        }
         Ok(crate::chain::Next::Reply(r)) => (reply_to.to_owned(), Message::new(r)),
         Ok(crate::chain::Next::Forward { queue, message }) => (queue, message),
         Ok(crate::chain::Next::Retry {
@@ -1297,22 +1308,36 @@ async fn send_next(
             delay_ms,
         }) => {
             return match ctx.broker.publish_delayed(&queue, message, delay_ms).await {
-                Ok(()) => ack(delivery).await,
+                Ok(()) => {
+                    ack(delivery).await;
+                    true
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "flow step retry not scheduled; requeueing the request");
-                    requeue(delivery).await
+                    requeue(delivery).await;
+                    false
                 }
             };
         }
         Ok(crate::chain::Next::Expired) => {
             metrics::counter!("runner_expired_total").increment(1);
-            return ack(delivery).await;
+            ack(delivery).await;
+            return true;
         }
-        Err(why) => return dead_letter(&ctx.broker, &ctx.queue, delivery, &why).await,
+        Err(why) => {
+            dead_letter(&ctx.broker, &ctx.queue, delivery, &why).await;
+            return false;
+        }
     };
     match ctx.broker.publish(&to, message).await {
-        Ok(()) => ack(delivery).await,
-        Err(BrokerError::NoRoute(_)) if to == reply_to => ack(delivery).await,
+        Ok(()) | Err(BrokerError::NoRoute(_)) if to == reply_to => {
+            ack(delivery).await;
+            true
+        }
+        Ok(()) => {
+            ack(delivery).await;
+            true
+        }
         Err(BrokerError::NoRoute(q)) => {
             // The next stage's queue is gone (its version was switched
             // since the chain was resolved): the caller is told.
@@ -1328,10 +1353,12 @@ async fn send_next(
             r.reply_key = id.1.map(std::borrow::Cow::Owned);
             let _ = ctx.broker.publish(reply_to, Message::new(r.encode())).await;
             ack(delivery).await;
+            false
         }
         Err(e) => {
             tracing::warn!(error = %e, queue = %to, "chain stage not sent on; requeueing the request");
             requeue(delivery).await;
+            false
         }
     }
 }

@@ -285,6 +285,16 @@ pub enum AnyStore {
     Postgres(PostgresStore),
 }
 
+impl std::fmt::Debug for AnyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AnyStore::Memory(_) => "AnyStore::Memory",
+            AnyStore::Embedded(_) => "AnyStore::Embedded",
+            AnyStore::Postgres(_) => "AnyStore::Postgres",
+        })
+    }
+}
+
 impl AnyStore {
     /// Pick an adapter: `memory:` for a fresh in-memory store,
     /// `postgres://...` (or `postgresql://`) for PostgreSQL with the
