@@ -292,4 +292,11 @@ async fn a_pipeline_runs_across_processes_over_rabbitmq() {
         (status, body.as_str()),
         (200, r#"["BANANA","banana","bonono"]"#)
     );
+    // The failure case across processes: on_failure, then finally.
+    let (status, _, body) = post(&format!("{base}/checks/strict"), "x").await;
+    assert_eq!(status, 422, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["failed"], "steps[1]", "{v}");
+    let (fin, _) = hooked(&mut rx).await;
+    assert_eq!(fin, serde_json::json!({"ok": false, "status": 422}));
 }

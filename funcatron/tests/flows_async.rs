@@ -682,6 +682,28 @@ async fn an_async_phase_survives_kill_9_of_a_runner_over_rabbitmq() {
         started.elapsed()
     );
     assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
+
+    // Dead-lettered over RabbitMQ, redriven from the failed step.
+    counter
+        .work_ms
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    counter.closed.lock().unwrap().push("gate".into());
+    let a = submit(&format!("{base}/later/doomed"), "x").await;
+    reaches(&base, &a, "dead_lettered", Duration::from_secs(60)).await;
+    counter.closed.lock().unwrap().clear();
+    let amqp = funcatron_broker::AmqpBroker::connect(&broker);
+    eventually("the test's broker connection", || async {
+        *amqp.connected().borrow()
+    })
+    .await;
+    let request = calls.redrive(&a.call_id).await.unwrap();
+    amqp.publish(names::REQUESTS, funcatron_calls::request_message(request))
+        .await
+        .unwrap();
+    let v = reaches(&base, &a, "succeeded", Duration::from_secs(60)).await;
+    assert_eq!(v["result"]["body"], "x", "{v}");
+    assert_eq!(counter.attempts(&a.call_id, "gate"), vec![1, 2, 3, 1]);
+    assert_eq!(counter.attempts(&a.call_id, "last"), vec![1]);
 }
 
 /// A `set` value past the threshold travels as a reference to the state
