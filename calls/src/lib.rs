@@ -808,12 +808,7 @@ pub(crate) fn next_request(
 ) -> Result<Bytes, CallError> {
     let mut req = Request::decode(first.as_bytes())
         .map_err(|e| CallError::Corrupt(format!("stored request: {e}")))?;
-    let now = funcatron_envelope::now_ms();
-    let span = req.deadline_ms as f64 - req.sent_ms;
-    req.attempt = Some(attempt);
-    req.delay_ms = delay_ms;
-    req.sent_ms = now + delay_ms as f64;
-    req.deadline_ms = (req.sent_ms + span.max(1.0)) as u64;
+    req.retry_as(attempt, delay_ms);
     if let Some(s) = submitted {
         req.submitted_ms = Some(s);
     }

@@ -157,9 +157,11 @@ async fn queue(
         headers.push((Cow::Borrowed(name), Cow::Owned(value)));
     }
     Ok(Response {
+        version: Cow::Borrowed(funcatron_envelope::VERSION),
+        id: Cow::Owned(req.id.to_string()),
         status: 202,
         headers,
         body: Cow::Owned(submit::accepted_body(&req.id, &id, secret)),
-        ..Response::error(&req.id, 202, "", "")
+        ..Response::default()
     })
 }

@@ -417,6 +417,17 @@ fn decode<'a, T: Deserialize<'a>>(
 }
 
 impl<'a> Request<'a> {
+    /// Make this request attempt `attempt` of its call, sent `delay_ms`
+    /// from now, with the same time to run as before (a retry of an
+    /// asynchronous call or of a flow's step).
+    pub fn retry_as(&mut self, attempt: u32, delay_ms: u64) {
+        let span = self.deadline_ms as f64 - self.sent_ms;
+        self.attempt = Some(attempt);
+        self.delay_ms = delay_ms;
+        self.sent_ms = now_ms() + delay_ms as f64;
+        self.deadline_ms = (self.sent_ms + span.max(1.0)) as u64;
+    }
+
     /// Decode and check the version.
     pub fn decode(bytes: &'a [u8]) -> Result<Self, EnvelopeError> {
         decode(bytes, |r: &Request| &r.version)

@@ -210,6 +210,20 @@ paths:
     );
 }
 
+/// Wait until `tally` (Python: its worker starts on first use) answers
+/// through the ingress at `base`.
+async fn warm(base: &str) {
+    eventually_within("tally answers", Duration::from_secs(120), || async {
+        reqwest::Client::new()
+            .post(format!("{base}/tally/?tag=warm"))
+            .body("x")
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+}
+
 struct Accepted {
     call_id: String,
     secret: String,
@@ -333,16 +347,7 @@ async fn cluster(with_store: bool) -> Cluster {
     )
     .await;
     wait_ready(&format!("{}/hello/ready", c.base)).await;
-    // The Python Func is warm once it answers.
-    eventually_within("tally answers", Duration::from_secs(120), || async {
-        reqwest::Client::new()
-            .post(format!("{}/tally/?tag=warm", c.base))
-            .body("x")
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    warm(&c.base).await;
     Cluster {
         c,
         calls,
@@ -481,20 +486,7 @@ async fn without_a_state_store_an_async_phase_is_refused_with_501() {
 }
 
 fn cli(mgmt: &str, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_funcatron"))
-        .args(args)
-        .env("FUNCATRON_TRON_URL", format!("http://{mgmt}"))
-        .env("FUNCATRON_TOKEN", "tok")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    cli_with(args, &format!("http://{mgmt}"), "tok")
 }
 
 /// `funcatron up` and the CLI: `call show` lists the async phase's steps,
@@ -528,15 +520,7 @@ async fn call_show_lists_the_steps_and_dlq_redrive_restarts_the_failed_step_on_u
         &root.path().join("up.log"),
     );
     let base = format!("http://{listen}");
-    eventually_within("tally answers", Duration::from_secs(120), || async {
-        reqwest::Client::new()
-            .post(format!("{base}/tally/?tag=warm"))
-            .body("x")
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    warm(&base).await;
     counter.closed.lock().unwrap().push("gate".into());
     let a = submit(&format!("{base}/later/doomed"), "x").await;
     reaches(&base, &a, "dead_lettered", Duration::from_secs(60)).await;
@@ -613,15 +597,7 @@ async fn an_async_phase_survives_kill_9_of_a_runner_over_rabbitmq() {
         &["--calls-store", &schema.url, "--timeout-ms", "20000"],
     )
     .await;
-    eventually_within("tally answers", Duration::from_secs(120), || async {
-        reqwest::Client::new()
-            .post(format!("{base}/tally/?tag=warm"))
-            .body("x")
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    warm(&base).await;
     println!("cluster ready after {:?}", started.elapsed());
     counter
         .work_ms

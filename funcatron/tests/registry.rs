@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -71,20 +70,7 @@ async fn post(mgmt: &str, path: &str, body: Value) -> (u16, Value) {
 }
 
 fn cli(args: &[&str], mgmt: &str) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_funcatron"))
-        .args(args)
-        .env("FUNCATRON_TRON_URL", mgmt)
-        .env("FUNCATRON_TOKEN", TOKEN)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    cli_with(args, mgmt, TOKEN)
 }
 
 #[tokio::test]

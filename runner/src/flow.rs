@@ -103,11 +103,7 @@ fn step_outcome(
     match next_step(p.policy, resp.status, attempt, age, rand::random()) {
         funcatron_control::calls::Step::Retry { attempt, delay_ms } => {
             let mut again = req.clone();
-            let span = req.deadline_ms as f64 - req.sent_ms;
-            again.attempt = Some(attempt);
-            again.delay_ms = delay_ms;
-            again.sent_ms = now + delay_ms as f64;
-            again.deadline_ms = (again.sent_ms + span.max(1.0)) as u64;
+            again.retry_as(attempt, delay_ms);
             note.outcome = "retry".into();
             note.delay_ms = delay_ms;
             tracing::info!(request_id = %req.id, call_id = %note.call_id, step = label, func, attempt, delay_ms, "flow step retried");

@@ -880,3 +880,22 @@ pub fn write_failing_func(root: &Path) -> PathBuf {
         ],
     )
 }
+
+/// `funcatron ARGS` against the management API at `mgmt` (a URL) with
+/// `token`: whether it succeeded, and its stdout then stderr.
+pub fn cli_with(args: &[&str], mgmt: &str, token: &str) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_funcatron"))
+        .args(args)
+        .env("FUNCATRON_TRON_URL", mgmt)
+        .env("FUNCATRON_TOKEN", token)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
