@@ -10,7 +10,8 @@
 //! answers each only after the commit is durable (fsync). Concurrent
 //! writers share one fsync instead of queueing for one each; a lone write
 //! costs what it did. An operation that refuses (a conflict, an existing
-//! key) changes nothing, so it does not disturb the others of its group;
+//! key, a refused batch of [`Store::commit`]) changes nothing, so it does
+//! not disturb the others of its group;
 //! a failure of the database fails the whole group, none of it written.
 //!
 //! Tables: `records` ((collection, key) -> partition, status, revision,
@@ -29,8 +30,8 @@ use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use crate::{
-    check_name, check_query, check_record, count_query, is_live, now_ms, Query, Record, Store,
-    StoreError,
+    check_batch, check_name, check_query, check_record, count_query, is_live, now_ms, refusal,
+    Query, Record, Store, StoreError, Write, Written,
 };
 
 /// The file name of the embedded store in a store directory.
@@ -69,12 +70,15 @@ enum WriteOp {
     Insert(Record),
     Replace(Record, u64),
     Delete(String, String),
+    /// All of them or none ([`Store::commit`]).
+    Batch(Vec<Write>),
 }
 
 /// What a write came to (the operation's own outcome).
 enum WriteOut {
     Revision(Result<u64, StoreError>),
     Deleted(bool),
+    Batch(Result<Vec<Written>, StoreError>),
 }
 
 type Reply = tokio::sync::oneshot::Sender<Result<WriteOut, StoreError>>;
@@ -321,6 +325,7 @@ fn commit_group(db: &Database, group: &[(WriteOp, Reply)]) -> Db<Vec<WriteOut>> 
                     }
                     None => false,
                 }),
+                WriteOp::Batch(writes) => WriteOut::Batch(batch_in(&mut t, writes, now)?),
             });
         }
     }
@@ -380,6 +385,46 @@ fn replace_in(
     let revision = t.next_revision()?;
     t.put(r, revision, now)?;
     Ok(Ok(revision))
+}
+
+/// A [`Store::commit`] inside the group's transaction: every precondition
+/// checked first (no record is touched twice, so each holds against the
+/// state before the batch), so a refused batch changes nothing.
+fn batch_in(
+    t: &mut Tables<'_>,
+    writes: &[Write],
+    now: u64,
+) -> Db<Result<Vec<Written>, StoreError>> {
+    let mut olds = Vec::with_capacity(writes.len());
+    for w in writes {
+        let (c, k) = w.target();
+        let old = t.meta_of(c, k)?;
+        let live = old
+            .as_ref()
+            .filter(|m| is_live(m.expires_ms, now))
+            .map(|m| m.revision);
+        if let Some(refused) = refusal(w, live) {
+            return Ok(Err(refused));
+        }
+        olds.push(old);
+    }
+    let mut outs = Vec::with_capacity(writes.len());
+    for (w, old) in writes.iter().zip(olds) {
+        let (c, k) = w.target();
+        let was_live = old.as_ref().is_some_and(|m| is_live(m.expires_ms, now));
+        if let Some(old) = &old {
+            t.remove(c, k, old)?;
+        }
+        outs.push(match w {
+            Write::Insert(r) | Write::Replace { record: r, .. } => {
+                let revision = t.next_revision()?;
+                t.put(r, revision, now)?;
+                Written::Revision(revision)
+            }
+            Write::Delete { .. } => Written::Deleted(was_live),
+        });
+    }
+    Ok(Ok(outs))
 }
 
 /// Remove up to [`EXPIRE_BATCH`] records expired at `now`; how many.
@@ -502,7 +547,7 @@ impl Store for EmbeddedStore {
         check_record(record)?;
         match self.write(WriteOp::Insert(record.clone())).await? {
             WriteOut::Revision(r) => r,
-            WriteOut::Deleted(_) => Err(StoreError::Unavailable(
+            _ => Err(StoreError::Unavailable(
                 "embedded store: a wrong answer".into(),
             )),
         }
@@ -530,7 +575,7 @@ impl Store for EmbeddedStore {
             .await?
         {
             WriteOut::Revision(r) => r,
-            WriteOut::Deleted(_) => Err(StoreError::Unavailable(
+            _ => Err(StoreError::Unavailable(
                 "embedded store: a wrong answer".into(),
             )),
         }
@@ -542,7 +587,20 @@ impl Store for EmbeddedStore {
         let op = WriteOp::Delete(collection.to_owned(), key.to_owned());
         match self.write(op).await? {
             WriteOut::Deleted(d) => Ok(d),
-            WriteOut::Revision(_) => Err(StoreError::Unavailable(
+            _ => Err(StoreError::Unavailable(
+                "embedded store: a wrong answer".into(),
+            )),
+        }
+    }
+
+    async fn commit(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
+        check_batch(writes)?;
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self.write(WriteOp::Batch(writes.to_vec())).await? {
+            WriteOut::Batch(outcome) => outcome,
+            _ => Err(StoreError::Unavailable(
                 "embedded store: a wrong answer".into(),
             )),
         }

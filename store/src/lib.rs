@@ -8,8 +8,10 @@
 //!
 //! [`Store`] is the small trait every adapter implements, over one record
 //! model ([`Record`]): atomic insert (fails when the key is taken), get,
-//! compare-and-set replace on a revision, delete, ordered listing through an
-//! index ([`Query`]), counting, and expiry. Three adapters sit beside it and
+//! compare-and-set replace on a revision, delete, an all-or-nothing batch of
+//! those writes ([`Store::commit`], how a document change and its event are
+//! committed together), ordered listing through an index ([`Query`]),
+//! counting, and expiry. Three adapters sit beside it and
 //! never depend on each other: [`memory`] (maps under a lock, gone with the
 //! process; `funcatron up` without `--store`), [`embedded`] (redb in one
 //! file: the durable single-node default) and [`postgres`] (PostgreSQL,
@@ -44,6 +46,9 @@ pub const MAX_NAME_BYTES: usize = 512;
 /// Most records one [`Store::list`] returns; a larger [`Query::limit`] is
 /// cut to this.
 pub const MAX_LIST: usize = 1000;
+
+/// Most writes in one [`Store::commit`].
+pub const MAX_BATCH: usize = 64;
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -218,6 +223,54 @@ impl Query {
     }
 }
 
+/// One write of an all-or-nothing [`Store::commit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Store a new record, as [`Store::insert`]: refused with
+    /// [`StoreError::Exists`] when a live record holds the key.
+    Insert(Record),
+    /// Compare-and-set, as [`Store::replace`]: refused with
+    /// [`StoreError::Conflict`] when the revision moved or the record is
+    /// gone.
+    Replace {
+        /// What to write; its collection and key name the record.
+        record: Record,
+        /// The revision the live record must still have.
+        expected_revision: u64,
+    },
+    /// Remove a record, as [`Store::delete`]; with an expected revision,
+    /// only if the live record still has it (else [`StoreError::Conflict`]).
+    Delete {
+        /// The record's collection.
+        collection: String,
+        /// The record's key.
+        key: String,
+        /// The revision the live record must have, if any is required.
+        expected_revision: Option<u64>,
+    },
+}
+
+impl Write {
+    /// The (collection, key) this write touches.
+    pub fn target(&self) -> (&str, &str) {
+        match self {
+            Write::Insert(r) | Write::Replace { record: r, .. } => (&r.collection, &r.key),
+            Write::Delete {
+                collection, key, ..
+            } => (collection, key),
+        }
+    }
+}
+
+/// What one write of a [`Store::commit`] came to, in the batch's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// An insert or replace: the record's new revision.
+    Revision(u64),
+    /// A delete: whether a live record was there.
+    Deleted(bool),
+}
+
 /// The state store seam. Adapters: [`MemoryStore`], [`EmbeddedStore`],
 /// [`PostgresStore`].
 ///
@@ -253,6 +306,17 @@ pub trait Store: Clone + Send + Sync + 'static {
         collection: &str,
         key: &str,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Apply every write or none, atomically across every user of the
+    /// store (one transaction): the outcome of each, in order, once all are
+    /// durable. The first write refused (an existing key, a moved revision)
+    /// fails the whole batch with its error, and nothing is written. At
+    /// most [`MAX_BATCH`] writes, each touching a different record (else
+    /// [`StoreError::Invalid`]); each write gets a revision of its own.
+    fn commit(
+        &self,
+        writes: &[Write],
+    ) -> impl Future<Output = Result<Vec<Written>, StoreError>> + Send;
 
     /// Live records matching the query, in key order, read through an index
     /// (never a scan of other collections, partitions or statuses).
@@ -379,6 +443,14 @@ impl Store for AnyStore {
         }
     }
 
+    async fn commit(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.commit(writes).await,
+            AnyStore::Embedded(s) => s.commit(writes).await,
+            AnyStore::Postgres(s) => s.commit(writes).await,
+        }
+    }
+
     async fn list(&self, query: &Query) -> Result<Vec<Record>, StoreError> {
         match self {
             AnyStore::Memory(s) => s.list(query).await,
@@ -483,6 +555,55 @@ pub(crate) fn check_record(record: &Record) -> Result<(), StoreError> {
             "expires_ms {} is past i64::MAX",
             record.expires_ms
         )));
+    }
+    Ok(())
+}
+
+/// Why `write` of a batch is refused when the live record under its key
+/// has revision `live` (`None`: there is none), if it is.
+pub(crate) fn refusal(write: &Write, live: Option<u64>) -> Option<StoreError> {
+    match (write, live) {
+        (Write::Insert(_), Some(revision)) => Some(StoreError::Exists { revision }),
+        (
+            Write::Replace {
+                expected_revision, ..
+            }
+            | Write::Delete {
+                expected_revision: Some(expected_revision),
+                ..
+            },
+            current,
+        ) if current != Some(*expected_revision) => Some(StoreError::Conflict { current }),
+        _ => None,
+    }
+}
+
+/// Check a batch for [`Store::commit`], the same way for every adapter:
+/// at most [`MAX_BATCH`] writes, each valid, no record touched twice.
+pub(crate) fn check_batch(writes: &[Write]) -> Result<(), StoreError> {
+    if writes.len() > MAX_BATCH {
+        return Err(StoreError::Invalid(format!(
+            "a batch of {} writes, more than {MAX_BATCH}",
+            writes.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(writes.len());
+    for w in writes {
+        match w {
+            Write::Insert(r) | Write::Replace { record: r, .. } => check_record(r)?,
+            Write::Delete {
+                collection, key, ..
+            } => {
+                check_name("collection", collection, true)?;
+                check_name("key", key, true)?;
+            }
+        }
+        if !seen.insert(w.target()) {
+            let (c, k) = w.target();
+            return Err(StoreError::Invalid(format!(
+                "the batch writes {c}/{k} twice"
+            )));
+        }
     }
     Ok(())
 }

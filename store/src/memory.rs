@@ -25,8 +25,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 
 use crate::{
-    check_name, check_query, check_record, count_query, is_live, now_ms, Query, Record, Store,
-    StoreError,
+    check_batch, check_name, check_query, check_record, count_query, is_live, now_ms, refusal,
+    Query, Record, Store, StoreError, Write, Written,
 };
 
 /// Records [`Store::expire`] removes per hold of the lock.
@@ -251,6 +251,39 @@ impl Store for MemoryStore {
         Ok(inner
             .remove(collection, key)
             .is_some_and(|old| is_live(old.expires_ms, now)))
+    }
+
+    async fn commit(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
+        check_batch(writes)?;
+        let now = now_ms();
+        let mut inner = self.lock()?;
+        // Every precondition first (no record is touched twice, so each
+        // holds against the state before the batch), then every write.
+        for w in writes {
+            let (c, k) = w.target();
+            let live = inner
+                .stored(c, k)
+                .filter(|s| is_live(s.expires_ms, now))
+                .map(|s| s.revision);
+            if let Some(refused) = refusal(w, live) {
+                return Err(refused);
+            }
+        }
+        Ok(writes
+            .iter()
+            .map(|w| {
+                let (c, k) = w.target();
+                let old = inner.remove(c, k);
+                match w {
+                    Write::Insert(r) | Write::Replace { record: r, .. } => {
+                        Written::Revision(inner.put(r, now))
+                    }
+                    Write::Delete { .. } => {
+                        Written::Deleted(old.is_some_and(|o| is_live(o.expires_ms, now)))
+                    }
+                }
+            })
+            .collect())
     }
 
     async fn list(&self, query: &Query) -> Result<Vec<Record>, StoreError> {

@@ -15,8 +15,10 @@
 //!
 //! Insert is `INSERT ... ON CONFLICT DO UPDATE ... WHERE` the existing row
 //! has expired, so it is atomic across Trons; replace is `UPDATE ... WHERE
-//! revision = $expected`; expiry deletes in batches with `FOR UPDATE SKIP
-//! LOCKED`, so several Trons expiring at once share the work.
+//! revision = $expected`; a batch ([`Store::commit`]) runs the same
+//! statements in one transaction, rolled back at the first refusal;
+//! expiry deletes in batches with `FOR UPDATE SKIP LOCKED`, so several
+//! Trons expiring at once share the work.
 //!
 //! TLS is not supported yet: a URL with `sslmode=require` is refused
 //! (`prefer`, the default, connects without TLS).
@@ -32,8 +34,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use crate::{
-    check_name, check_query, check_record, count_query, is_live, now_ms, Query, Record, Store,
-    StoreError,
+    check_batch, check_name, check_query, check_record, count_query, is_live, now_ms, Query,
+    Record, Store, StoreError, Write, Written,
 };
 
 /// How to connect: the table and the pool.
@@ -87,6 +89,8 @@ struct Sql {
     get: String,
     replace: String,
     delete: String,
+    /// A delete on an expected revision.
+    delete_expected: String,
     /// By (partition given, status given).
     list: [String; 4],
     count: [String; 4],
@@ -138,6 +142,9 @@ impl Sql {
                  WHERE collection = $1 AND {LIVE} AND key = $3 AND revision = $8 RETURNING revision"
             ),
             delete: format!("DELETE FROM {t} WHERE collection = $1 AND key = $2 RETURNING expires_ms"),
+            delete_expected: format!(
+                "DELETE FROM {t} WHERE collection = $1 AND {LIVE} AND key = $3 AND revision = $4 RETURNING revision"
+            ),
             list,
             count,
             expire: format!(
@@ -400,6 +407,101 @@ impl Store for PostgresStore {
             None => Ok(false),
             Some(row) => Ok(is_live(unsigned(row.try_get(0).map_err(failed)?)?, now)),
         }
+    }
+
+    async fn commit(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
+        check_batch(writes)?;
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut client = self.client().await?;
+        // Dropped without a commit (a refusal, an error): rolled back.
+        let tx = client.transaction().await.map_err(failed)?;
+        let now = signed(now_ms());
+        let mut outs = Vec::with_capacity(writes.len());
+        for w in writes {
+            let (c, k) = w.target();
+            let row = match w {
+                Write::Insert(r) | Write::Replace { record: r, .. } => {
+                    let value: &[u8] = &r.value;
+                    let expires = signed(r.expires_ms);
+                    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+                        &r.collection,
+                        &now,
+                        &r.key,
+                        &r.partition,
+                        &r.status,
+                        &value,
+                        &expires,
+                    ];
+                    let expected;
+                    let sql = if let Write::Replace {
+                        expected_revision, ..
+                    } = w
+                    {
+                        expected = signed(*expected_revision);
+                        params.push(&expected);
+                        &self.sql.replace
+                    } else {
+                        &self.sql.insert
+                    };
+                    let statement = tx.prepare_cached(sql).await.map_err(failed)?;
+                    tx.query_opt(&statement, &params).await.map_err(failed)?
+                }
+                Write::Delete {
+                    expected_revision: None,
+                    ..
+                } => {
+                    let statement = tx.prepare_cached(&self.sql.delete).await.map_err(failed)?;
+                    let row = tx.query_opt(&statement, &[&c, &k]).await.map_err(failed)?;
+                    let deleted = match row {
+                        Some(row) => is_live(unsigned(row.try_get(0).map_err(failed)?)?, now_ms()),
+                        None => false,
+                    };
+                    outs.push(Written::Deleted(deleted));
+                    continue;
+                }
+                Write::Delete {
+                    expected_revision: Some(expected),
+                    ..
+                } => {
+                    let expected = signed(*expected);
+                    let statement = tx
+                        .prepare_cached(&self.sql.delete_expected)
+                        .await
+                        .map_err(failed)?;
+                    tx.query_opt(&statement, &[&c, &now, &k, &expected])
+                        .await
+                        .map_err(failed)?
+                }
+            };
+            if let Some(row) = row {
+                let revision = unsigned(row.try_get(0).map_err(failed)?)?;
+                outs.push(match w {
+                    Write::Delete { .. } => Written::Deleted(true),
+                    _ => Written::Revision(revision),
+                });
+                continue;
+            }
+            // Refused: name the live revision, as the single writes do.
+            let statement = tx
+                .prepare_cached(&self.sql.live_revision)
+                .await
+                .map_err(failed)?;
+            let current = tx
+                .query_opt(&statement, &[&c, &now, &k])
+                .await
+                .map_err(failed)?
+                .map(|row| row.try_get(0).map_err(failed).and_then(unsigned))
+                .transpose()?;
+            return Err(match (w, current) {
+                (Write::Insert(_), Some(revision)) => StoreError::Exists { revision },
+                (Write::Insert(_), None) => unavailable("the key changed under the batch"),
+                (_, current) => StoreError::Conflict { current },
+            });
+        }
+        tx.commit().await.map_err(failed)?;
+        Ok(outs)
     }
 
     async fn list(&self, query: &Query) -> Result<Vec<Record>, StoreError> {

@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
 
-use crate::{now_ms, Query, Record, Store, StoreError};
+use crate::{now_ms, Query, Record, Store, StoreError, Write, Written, MAX_BATCH};
 
 /// A collection name no other case or run uses.
 fn unique(name: &str) -> String {
@@ -67,6 +67,15 @@ pub async fn run_all<S: Store>(store: &S) -> Result<()> {
     concurrent_counter(std::slice::from_ref(store))
         .await
         .context("concurrent_counter")?;
+    commit_all_or_nothing(store)
+        .await
+        .context("commit_all_or_nothing")?;
+    commit_invalid_batches(store)
+        .await
+        .context("commit_invalid_batches")?;
+    commit_concurrent(std::slice::from_ref(store))
+        .await
+        .context("commit_concurrent")?;
     list_filters_and_pages(store)
         .await
         .context("list_filters_and_pages")?;
@@ -339,6 +348,196 @@ pub async fn concurrent_counter<S: Store>(stores: &[S]) -> Result<()> {
         "the counter is {n}, not {}",
         TASKS as u64 * INCREMENTS
     );
+    Ok(())
+}
+
+/// A batch applies every write or none: inserts, a replace and deletes
+/// together; the first refusal (an existing key, a moved revision, a
+/// delete on a stale revision) leaves everything as it was; a batch that
+/// touches a record twice, or is too long, is invalid.
+pub async fn commit_all_or_nothing<S: Store>(store: &S) -> Result<()> {
+    let c = unique("commit");
+    ensure!(store.commit(&[]).await?.is_empty(), "an empty batch");
+    let doc = Record::new(&c, "doc").with_status("live");
+    let r_doc = store.insert(&doc).await?;
+    let gone = store.insert(&Record::new(&c, "gone")).await?;
+    let updated = doc.clone().with_value(&b"{\"v\":2}"[..]);
+    let outs = store
+        .commit(&[
+            Write::Replace {
+                record: updated.clone(),
+                expected_revision: r_doc,
+            },
+            Write::Insert(Record::new(&c, "event-1").with_status("pending")),
+            Write::Delete {
+                collection: c.clone(),
+                key: "gone".into(),
+                expected_revision: Some(gone),
+            },
+            Write::Delete {
+                collection: c.clone(),
+                key: "never-was".into(),
+                expected_revision: None,
+            },
+        ])
+        .await?;
+    let [Written::Revision(r2), Written::Revision(r3), Written::Deleted(true), Written::Deleted(false)] =
+        outs[..]
+    else {
+        bail!("the batch's outcomes: {outs:?}");
+    };
+    ensure!(
+        r2 != r3 && r2 > r_doc && r3 > r_doc,
+        "each write has a new revision"
+    );
+    ensure_same(&must_get(store, &c, "doc").await?, &updated)?;
+    ensure!(
+        must_get(store, &c, "event-1").await?.revision == r3,
+        "inserted"
+    );
+    ensure!(store.get(&c, "gone").await?.is_none(), "deleted");
+    // Refusals: nothing of the batch is written.
+    let stale = [
+        Write::Insert(Record::new(&c, "event-2")),
+        Write::Replace {
+            record: doc.clone().with_value(&b"stale"[..]),
+            expected_revision: r_doc,
+        },
+    ];
+    match store.commit(&stale).await {
+        Err(StoreError::Conflict { current }) => {
+            ensure!(
+                current == Some(r2),
+                "the Conflict names the current revision"
+            )
+        }
+        other => bail!("a stale replace in a batch should be a Conflict, got {other:?}"),
+    }
+    let taken = [
+        Write::Insert(Record::new(&c, "event-2")),
+        Write::Insert(Record::new(&c, "event-1")),
+    ];
+    match store.commit(&taken).await {
+        Err(StoreError::Exists { revision }) => ensure!(revision == r3, "Exists names it"),
+        other => bail!("an insert of a taken key in a batch should be Exists, got {other:?}"),
+    }
+    let stale_delete = [
+        Write::Insert(Record::new(&c, "event-2")),
+        Write::Delete {
+            collection: c.clone(),
+            key: "event-1".into(),
+            expected_revision: Some(r_doc),
+        },
+    ];
+    match store.commit(&stale_delete).await {
+        Err(StoreError::Conflict { current }) => ensure!(current == Some(r3), "names r3"),
+        other => bail!("a delete on a stale revision should be a Conflict, got {other:?}"),
+    }
+    ensure!(
+        store.get(&c, "event-2").await?.is_none(),
+        "refused batches wrote nothing"
+    );
+    ensure!(
+        must_get(store, &c, "event-1").await?.revision == r3,
+        "event-1 kept"
+    );
+    ensure!(must_get(store, &c, "doc").await?.revision == r2, "doc kept");
+    Ok(())
+}
+
+/// A batch that touches a record twice, is too long or names a bad key is
+/// invalid, and writes nothing.
+pub async fn commit_invalid_batches<S: Store>(store: &S) -> Result<()> {
+    let c = unique("commit-invalid");
+    let twice = [
+        Write::Insert(Record::new(&c, "x")),
+        Write::Delete {
+            collection: c.clone(),
+            key: "x".into(),
+            expected_revision: None,
+        },
+    ];
+    ensure!(
+        matches!(store.commit(&twice).await, Err(StoreError::Invalid(_))),
+        "a record touched twice is invalid"
+    );
+    let long: Vec<Write> = (0..=MAX_BATCH)
+        .map(|i| Write::Insert(Record::new(&c, format!("long-{i}"))))
+        .collect();
+    ensure!(
+        matches!(store.commit(&long).await, Err(StoreError::Invalid(_))),
+        "a batch over MAX_BATCH is invalid"
+    );
+    ensure!(
+        matches!(
+            store
+                .commit(&[Write::Insert(Record::new(&c, "a\0b"))])
+                .await,
+            Err(StoreError::Invalid(_))
+        ),
+        "a bad name in a batch is invalid"
+    );
+    ensure!(
+        store.get(&c, "x").await?.is_none(),
+        "nothing of an invalid batch"
+    );
+    Ok(())
+}
+
+/// The transactional outbox under contention: tasks (spread over
+/// `stores`, as over several Trons) bump a counter and insert its event in
+/// one batch, retrying on conflicts; every committed bump has exactly one
+/// event, and every event one bump.
+pub async fn commit_concurrent<S: Store>(stores: &[S]) -> Result<()> {
+    const TASKS: usize = 6;
+    const BUMPS: u64 = 15;
+    ensure!(!stores.is_empty(), "commit_concurrent needs a store");
+    let c = unique("outbox");
+    stores[0]
+        .insert(&Record::new(&c, "n").with_value(&b"0"[..]))
+        .await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..TASKS {
+        let store = stores[i % stores.len()].clone();
+        let c = c.clone();
+        tasks.spawn(async move {
+            for _ in 0..BUMPS {
+                loop {
+                    let current = must_get(&store, &c, "n").await?;
+                    let n: u64 = std::str::from_utf8(&current.value)?.parse()?;
+                    let batch = [
+                        Write::Replace {
+                            record: current.clone().with_value((n + 1).to_string()),
+                            expected_revision: current.revision,
+                        },
+                        Write::Insert(
+                            Record::new(&c, format!("event-{:06}", n + 1)).with_status("pending"),
+                        ),
+                    ];
+                    match store.commit(&batch).await {
+                        Ok(_) => break,
+                        Err(StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(anyhow::Error::new(e)),
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined??;
+    }
+    let total = TASKS as u64 * BUMPS;
+    let last = must_get(&stores[0], &c, "n").await?;
+    ensure!(
+        std::str::from_utf8(&last.value)? == total.to_string(),
+        "the counter"
+    );
+    let events = stores[0]
+        .list(&Query::new(&c).status("pending").limit(1000))
+        .await?;
+    let expected: Vec<String> = (1..=total).map(|n| format!("event-{n:06}")).collect();
+    ensure!(keys(&events) == expected, "one event per bump, in order");
     Ok(())
 }
 

@@ -50,6 +50,8 @@ cases!(
     insert_get_exists,
     expired_invisible_and_replaceable,
     compare_and_set,
+    commit_all_or_nothing,
+    commit_invalid_batches,
     revisions_never_reused,
     list_filters_and_pages,
     count_live,
@@ -119,4 +121,13 @@ async fn a_file_is_held_by_one_store() -> anyhow::Result<()> {
         Err(e) => panic!("a second open should be Unavailable, got {e:?}"),
     }
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commit_concurrent_in_memory_and_a_file() -> anyhow::Result<()> {
+    let store = AnyStore::memory()?;
+    suite::commit_concurrent(&[store.clone(), store]).await?;
+    let dir = tempfile::tempdir()?;
+    let store = AnyStore::open_embedded(dir.path().join("store.redb")).await?;
+    suite::commit_concurrent(&[store.clone(), store]).await
 }

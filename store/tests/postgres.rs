@@ -67,6 +67,8 @@ cases!(
     insert_get_exists,
     expired_invisible_and_replaceable,
     compare_and_set,
+    commit_all_or_nothing,
+    commit_invalid_batches,
     revisions_never_reused,
     list_filters_and_pages,
     count_live,
@@ -89,6 +91,14 @@ async fn two_trons() -> (AnyStore, AnyStore, PostgresStore) {
 async fn concurrent_counter_from_two_trons() -> anyhow::Result<()> {
     let (a, b, owner) = two_trons().await;
     let outcome = suite::concurrent_counter(&[a, b]).await;
+    owner.drop_table().await?;
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commit_concurrent_from_two_trons() -> anyhow::Result<()> {
+    let (a, b, owner) = two_trons().await;
+    let outcome = suite::commit_concurrent(&[a, b]).await;
     owner.drop_table().await?;
     outcome
 }
