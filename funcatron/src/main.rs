@@ -456,12 +456,14 @@ fn main() -> Result<()> {
                     outbound: &a.outbound.policy_trusting(&a.tron.advertise())?,
                 };
                 let substrate = scale::substrate(&a.tron.scale, runners, &a.bundles, false).await?;
+                let calls = open_calls(a.tron.state_store.as_deref()).await?;
                 let setup = TronSetup {
                     tokens,
                     substrate,
                     limits: a.metrics.listener.limits()?,
                     outbound,
-                    calls: open_calls(a.tron.state_store.as_deref()).await?,
+                    documents: documents_of(calls.as_ref()),
+                    calls,
                 };
                 tron(broker, &a.bundles, &a.tron, setup, shutdown).await
             }
@@ -478,10 +480,13 @@ fn main() -> Result<()> {
                 serve_metrics(&a.metrics, &shutdown).await?;
                 let broker = broker(&a.broker, false)?;
                 let calls = open_calls(a.ingress.calls_store.as_deref()).await?;
+                // Its store's documents, opened by collection rules and
+                // tokens (no operator tokens here: operators use a Tron).
+                let documents = documents_of(calls.as_ref()).map(|d| (d, None));
                 ingress(
                     broker,
                     &a.ingress,
-                    calls,
+                    (calls, documents),
                     a.metrics.listener.limits()?,
                     shutdown,
                 )
@@ -654,7 +659,17 @@ struct TronSetup {
     outbound: OutboundPolicy,
     /// Where asynchronous calls are recorded, if anywhere.
     calls: Option<funcatron_calls::Calls>,
+    /// The document store on that state store.
+    documents: Option<funcatron_documents::Documents>,
 }
+
+/// The document store on the calls' state store.
+fn documents_of(calls: Option<&funcatron_calls::Calls>) -> Option<funcatron_documents::Documents> {
+    calls.map(|c| funcatron_documents::Documents::new(c.store().clone()))
+}
+
+/// Who may do what at `/_funcatron/store/...`, beside collection rules.
+type StoreOperators = Option<Arc<dyn funcatron_documents::http::Operators>>;
 
 /// The state store at `target` for asynchronous calls.
 async fn open_calls(target: Option<&str>) -> Result<Option<funcatron_calls::Calls>> {
@@ -691,6 +706,7 @@ async fn tron(
         limits,
         outbound,
         calls,
+        documents,
     } = setup;
     let mut node = TronNode::new(broker)
         .options(o.options())
@@ -713,6 +729,7 @@ async fn tron(
                 Ok(())
             }
         });
+        let store_tokens = tokens.clone();
         let listener = tokio::net::TcpListener::bind(o.mgmt_listen)
             .await
             .with_context(|| format!("binding the management API to {}", o.mgmt_listen))?;
@@ -740,7 +757,13 @@ async fn tron(
                 redact_query: o.redact_query.clone(),
                 redact_json_fields: o.redact_json_fields.clone(),
             },
-            extra: metrics_routes("/metrics"),
+            extra: match documents {
+                Some(docs) => metrics_routes("/metrics").merge(funcatron_documents::http::router(
+                    docs,
+                    Some(Arc::new(store_tokens)),
+                )),
+                None => metrics_routes("/metrics"),
+            },
             limits,
         });
     }
@@ -794,10 +817,17 @@ async fn runner(
 async fn ingress(
     broker: AnyBroker,
     o: &IngressArgs,
-    calls: Option<funcatron_calls::Calls>,
+    (calls, documents): (
+        Option<funcatron_calls::Calls>,
+        Option<(funcatron_documents::Documents, StoreOperators)>,
+    ),
     limits: Limits,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let mut extra = metrics_routes("/_funcatron/metrics");
+    if let Some((docs, operators)) = documents {
+        extra = extra.merge(funcatron_documents::http::router(docs, operators));
+    }
     let listener = tokio::net::TcpListener::bind(o.listen)
         .await
         .with_context(|| format!("binding {}", o.listen))?;
@@ -809,7 +839,7 @@ async fn ingress(
             calls,
             ..o.options()
         },
-        metrics_routes("/_funcatron/metrics"),
+        extra,
         shutdown,
     )
     .await?;
@@ -879,7 +909,12 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
             .await
             .context("queueing again the calls of the last run")?;
     }
+    // The ingress of `up` serves the document store with the Tron's tokens.
+    let operators: StoreOperators = tokens.clone().map(|t| Arc::new(t) as _);
+    let shared_documents = documents_of(calls.as_ref());
+    let documents = shared_documents.clone().map(|d| (d, operators));
     let setup = TronSetup {
+        documents: shared_documents,
         tokens,
         substrate,
         limits: limits.clone(),
@@ -909,7 +944,7 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
     });
     let i = tokio::spawn({
         let (b, s, o) = (broker.clone(), shutdown.clone(), a.ingress.clone());
-        async move { ingress(b, &o, calls, limits, s).await }
+        async move { ingress(b, &o, (calls, documents), limits, s).await }
     });
     tracing::info!(listen = %a.ingress.listen, broker = broker.kind(), bundles = %dir.bundles.display(), "funcatron up");
     // If any role fails, stop the others and report it.

@@ -131,6 +131,21 @@ fn same(given: &str, token: &str) -> bool {
             == 0
 }
 
+/// The document store's operators (`/_funcatron/store/...`): the read
+/// token reads every collection, the admin token does everything.
+impl funcatron_documents::http::Operators for Tokens {
+    fn role(&self, token: &str) -> funcatron_documents::http::OperatorRole {
+        use funcatron_documents::http::OperatorRole;
+        if same(token, &self.admin) {
+            OperatorRole::Admin
+        } else if self.read.as_deref().is_some_and(|r| same(token, r)) {
+            OperatorRole::Read
+        } else {
+            OperatorRole::None
+        }
+    }
+}
+
 /// What a call's token lets it do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Role {
