@@ -30,6 +30,8 @@ mod locate;
 pub mod openapi;
 pub mod refs;
 pub mod servers;
+pub mod store;
+pub mod triggers;
 pub mod validate;
 
 pub use openapi::{default_handler_name, parse_api, ApiDoc, Operation, SpecVersion};
@@ -249,6 +251,12 @@ pub struct Bundle {
     /// `docs/flows.md`). Off by default: a chain reaches a Func's routes
     /// from the chain endpoint, which the Func must agree to.
     pub chainable: bool,
+    /// The document-store collections its Func may use, and how
+    /// (`x-funcatron: {store: {orders: [read, write]}}`, [`store`]).
+    pub store_access: BTreeMap<String, Vec<store::StoreOp>>,
+    /// Collections it defines when they are missing (`collections`:
+    /// name -> `{schema, read, write}`, [`store`]).
+    pub collections: BTreeMap<String, Value>,
     /// The parsed API document (`Null` for tinyFaaS folders without one),
     /// self-contained: the files its `$ref`s named are copied in under
     /// [`refs_pointer`] and every `$ref` is local (`#/...`); path items that
@@ -364,6 +372,8 @@ struct Manifest {
     #[serde(rename = "async")]
     async_policy: Option<funcatron_control::calls::AsyncPolicy>,
     chain: Option<bool>,
+    store: Option<BTreeMap<String, Vec<store::StoreOp>>>,
+    collections: Option<BTreeMap<String, Value>>,
 }
 
 /// One staging rewrite: in the document field at `field` (a JSON pointer
@@ -430,6 +440,8 @@ impl Manifest {
             default_handler: over.default_handler.or(self.default_handler),
             async_policy: over.async_policy.or(self.async_policy),
             chain: over.chain.or(self.chain),
+            store: over.store.or(self.store),
+            collections: over.collections.or(self.collections),
             name: over.name.or(self.name),
             runtime: over.runtime.or(self.runtime),
             handler: over.handler.or(self.handler),
@@ -511,6 +523,7 @@ fn synthesized_api(name: &str) -> ApiDoc {
                 has_operation_id: true,
                 bases: None,
                 direct: false,
+                triggers: Vec::new(),
             })
             .collect(),
     }
@@ -625,6 +638,9 @@ impl Bundle {
         async_policy
             .resolved()
             .map_err(|e| BundleError::invalid(&source, format!("field `async`: {e}")))?;
+        let store_access = m.store.take().unwrap_or_default();
+        let collections = m.collections.take().unwrap_or_default();
+        store::check(&store_access, &collections).map_err(|e| BundleError::invalid(&source, e))?;
         let spec_version = api.as_ref().map(|a| a.version);
         let mut api = api.unwrap_or_else(|| synthesized_api(&name));
         default_handlers(&mut api, m.default_handler.take(), &source)?;
@@ -662,6 +678,8 @@ impl Bundle {
             cors: None,
             async_policy,
             chainable: m.chain.unwrap_or(false),
+            store_access,
+            collections,
             doc: Arc::new(doc),
             version: hex_prefix(&content_digest(dir)?, 6),
         })

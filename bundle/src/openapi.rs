@@ -58,6 +58,9 @@ pub struct Operation {
     /// Runner over HTTP and the answer streams back, see
     /// `docs/runtimes.md#direct-mode-and-streaming`).
     pub direct: bool,
+    /// What besides HTTP requests invokes it (`x-funcatron-triggers`,
+    /// [`crate::triggers`]).
+    pub triggers: Vec<crate::triggers::Trigger>,
 }
 
 /// The operation extension that marks a route direct ([`Operation::direct`]).
@@ -493,16 +496,41 @@ fn operations(doc: &Value, paths: &Value, version: SpecVersion) -> Result<Vec<Op
                     .map_err(|e| Problem::new(&at, e.to_string()))?;
                 spec.check().map_err(|e| Problem::new(&at, e))?;
             }
+            let operation_id = id
+                .map(str::to_owned)
+                .unwrap_or_else(|| default_handler_name(m, template));
+            let triggers = match present(obj, crate::triggers::TRIGGERS_EXTENSION) {
+                None => Vec::new(),
+                Some(v) => crate::triggers::parse(v, m, template, &operation_id).map_err(
+                    |(below, why)| {
+                        let ext = crate::triggers::TRIGGERS_EXTENSION;
+                        Problem::new(format!("{op_at}/{ext}{below}"), why)
+                    },
+                )?,
+            };
             out.push(Operation {
                 method: m.to_ascii_uppercase(),
                 path: template.clone(),
-                operation_id: id
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| default_handler_name(m, template)),
+                operation_id,
                 has_operation_id: id.is_some(),
                 bases: op_servers.or_else(|| item_servers.clone()),
                 direct,
+                triggers,
             });
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    for op in &out {
+        for t in &op.triggers {
+            if !names.insert(t.name.as_str()) {
+                return Err(Problem::new(
+                    format!("/paths/{}", escape_token(&op.path)),
+                    format!(
+                        "two triggers are named {:?}: names are unique in a bundle",
+                        t.name
+                    ),
+                ));
+            }
         }
     }
     Ok(out)

@@ -518,6 +518,7 @@ impl RouteTable {
                     has_operation_id: !op.operation_id.is_empty(),
                     bases: op.bases.as_ref().map(|bs| bs.iter().map(base).collect()),
                     direct: op.direct,
+                    triggers: Vec::new(),
                 });
                 (f.bases.iter().map(base).collect(), ops.collect())
             })

@@ -46,6 +46,8 @@ fn bundle_of_api(name: &str, file: &Path, api: ApiDoc) -> Bundle {
         cors: None,
         async_policy: Default::default(),
         chainable: false,
+        store_access: Default::default(),
+        collections: Default::default(),
         doc: Default::default(),
         version: "v1".into(),
     }
