@@ -29,6 +29,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 pub mod embedded;
+pub mod lease;
 pub mod memory;
 pub mod postgres;
 #[cfg(feature = "suite")]

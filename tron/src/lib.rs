@@ -33,6 +33,7 @@ pub mod registry;
 pub use funcatron_routes as routes;
 pub mod status;
 pub mod telemetry;
+pub mod triggers;
 
 pub use context::TronContext;
 pub use dispatch::{declare_routes, TronOptions};

@@ -70,6 +70,8 @@ pub struct TronNode {
     scaler: Option<(Arc<dyn Substrate>, AutoscalerOptions)>,
     routes: Option<watch::Receiver<Arc<RouteTable>>>,
     calls: Option<funcatron_calls::Calls>,
+    /// The document store on that state store, whose events it relays.
+    documents: Option<funcatron_documents::Documents>,
     /// Where callbacks may be delivered.
     callback_outbound: funcatron_control::outbound::OutboundPolicy,
 }
@@ -85,6 +87,7 @@ impl TronNode {
             scaler: None,
             routes: None,
             calls: None,
+            documents: None,
             callback_outbound: funcatron_control::outbound::OutboundPolicy::default(),
         }
     }
@@ -101,6 +104,14 @@ impl TronNode {
     /// final states.
     pub fn calls(mut self, calls: funcatron_calls::Calls) -> Self {
         self.calls = Some(calls);
+        self
+    }
+
+    /// Relay the change events of this document store (on the calls'
+    /// state store) to the triggers of the served bundles
+    /// ([`crate::triggers`]), and define the collections they bring.
+    pub fn documents(mut self, documents: funcatron_documents::Documents) -> Self {
+        self.documents = Some(documents);
         self
     }
 
@@ -152,6 +163,7 @@ impl TronNode {
             scaler,
             routes,
             calls,
+            documents,
             callback_outbound,
         } = self;
         ctx.start(&shutdown);
@@ -189,6 +201,7 @@ impl TronNode {
                 });
             }
         }
+        let static_bundles = documents.as_ref().map(|_| bundles.clone());
         let (routes, registry) = match management {
             Some(m) => {
                 let (registry, routes) =
@@ -200,6 +213,19 @@ impl TronNode {
                 None => (dispatch::fixed(RouteTable::build(&bundles)?), None),
             },
         };
+        if let (Some(docs), Some(calls)) = (documents, calls) {
+            let served = match &registry {
+                Some(r) => r.served_watch(),
+                None => {
+                    let only = crate::registry::Served {
+                        bundles: static_bundles.unwrap_or_default(),
+                        ..Default::default()
+                    };
+                    watch::channel(Arc::new(only)).1
+                }
+            };
+            spawn_triggers(&ctx, docs, calls, served, &shutdown);
+        }
         let scaling = scaler.map(|(substrate, o)| {
             let settings = registry.as_ref().map(|r| r.settings());
             let a = Autoscaler::new(substrate, o, ctx.clone(), routes.clone(), settings);
@@ -216,6 +242,33 @@ impl TronNode {
         }
         Ok(result?)
     }
+}
+
+/// Follow what is served for its triggers (and the collections its
+/// bundles bring), and relay the document store's events to them.
+fn spawn_triggers(
+    ctx: &TronContext,
+    docs: funcatron_documents::Documents,
+    calls: funcatron_calls::Calls,
+    served: watch::Receiver<Arc<crate::registry::Served>>,
+    shutdown: &CancellationToken,
+) {
+    let (tx, rx) = watch::channel(Arc::default());
+    tokio::spawn(crate::triggers::follow(
+        served,
+        Some(docs.clone()),
+        tx,
+        shutdown.clone(),
+    ));
+    let holder = format!("tron-{}", &funcatron_envelope::new_request_id()[..12]);
+    tokio::spawn(crate::triggers::relay(
+        docs,
+        calls,
+        ctx.broker.clone(),
+        rx,
+        holder,
+        shutdown.clone(),
+    ));
 }
 
 /// Open the registry, follow the control topic, collect captures and

@@ -302,6 +302,11 @@ impl Registry {
             .cloned()
     }
 
+    /// What this Tron serves, as it changes (the triggers follow it).
+    pub fn served_watch(&self) -> watch::Receiver<Arc<Served>> {
+        self.served.subscribe()
+    }
+
     /// The bundles this Tron does not route, each with its reason: an
     /// enabled version or a static bundle that conflicts with another
     /// (see [`plan`]), or an enabled version that cannot be loaded.
