@@ -234,6 +234,49 @@ impl Schedule {
     }
 }
 
+impl Schedule {
+    /// The last tick at or before `at_ms`, in ms; `None` when there is
+    /// none or the expression is bad.
+    pub fn last_at_or_before(&self, at_ms: u64) -> Option<u64> {
+        use chrono::TimeZone as _;
+        let (cron, tz) = self.parsed().ok()?;
+        let from = i64::try_from(at_ms / 1000 * 1000).ok()?;
+        let start = tz.timestamp_millis_opt(from).single()?;
+        let last = cron.find_previous_occurrence(&start, true).ok()?;
+        u64::try_from(last.timestamp()).ok().map(|s| s * 1000)
+    }
+
+    /// The ticks to fire at `now_ms` when the last one fired was
+    /// `last_ms`, oldest first, by the catch-up rule: ticks after
+    /// `last_ms` up to `now_ms`; of those older than `grace_ms`, none
+    /// (`skip`), only the newest due tick (`latest`), or each, at most
+    /// [`MAX_CATCH_UP`] (`all`).
+    pub fn due(&self, last_ms: u64, now_ms: u64, grace_ms: u64) -> Vec<u64> {
+        let mut ticks = Vec::new();
+        let mut at = now_ms;
+        while let Some(t) = self.last_at_or_before(at) {
+            if t <= last_ms || ticks.len() == MAX_CATCH_UP {
+                break;
+            }
+            ticks.push(t);
+            match self.catch_up {
+                CatchUp::Latest => break,
+                CatchUp::Skip if now_ms.saturating_sub(t) > grace_ms => {
+                    ticks.pop();
+                    break;
+                }
+                _ => {}
+            }
+            if t < 1000 {
+                break;
+            }
+            at = t - 1000;
+        }
+        ticks.reverse();
+        ticks
+    }
+}
+
 impl QueueTrigger {
     fn check(&self) -> Result<(), (String, String)> {
         let bad = |field: &str, why: String| Err((field.to_owned(), why));
@@ -445,5 +488,46 @@ mod tests {
         };
         // 09:00 in Paris in winter is 08:00 UTC.
         assert_eq!(five.next_after(start), Some(start + 8 * 3_600_000));
+        assert_eq!(every.last_at_or_before(start + 9_999), Some(start));
+        assert_eq!(
+            every.last_at_or_before(start + 10_000),
+            Some(start + 10_000)
+        );
+    }
+
+    #[test]
+    fn missed_ticks_follow_the_catch_up_rule() {
+        let start = 1_767_225_600_000; // a whole minute
+        let mut s = Schedule {
+            cron: "* * * * *".into(),
+            timezone: utc(),
+            catch_up: CatchUp::Latest,
+        };
+        let min = 60_000;
+        // On time: the one tick since the last.
+        assert_eq!(s.due(start, start + min + 5, 10_000), vec![start + min]);
+        assert!(
+            s.due(start + min, start + min + 5, 10_000).is_empty(),
+            "fired already"
+        );
+        // After a ten-minute outage.
+        let now = start + 10 * min + 30_000;
+        assert_eq!(s.due(start, now, 10_000), vec![start + 10 * min]);
+        s.catch_up = CatchUp::Skip;
+        assert!(
+            s.due(start, now, 10_000).is_empty(),
+            "skip: 30 s late is missed"
+        );
+        assert_eq!(
+            s.due(start, start + 10 * min + 5, 10_000),
+            vec![start + 10 * min],
+            "skip: on time still fires"
+        );
+        s.catch_up = CatchUp::All;
+        let all = s.due(start, now, 10_000);
+        assert_eq!(all, (1..=10).map(|i| start + i * min).collect::<Vec<_>>());
+        let long = s.due(start, start + 1000 * min, 10_000);
+        assert_eq!(long.len(), MAX_CATCH_UP, "at most MAX_CATCH_UP");
+        assert_eq!(long.last(), Some(&(start + 1000 * min)), "the newest ones");
     }
 }

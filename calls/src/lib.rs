@@ -35,6 +35,15 @@ pub const COLLECTION: &str = "calls";
 /// The store collection of idempotency keys (value: the call id).
 pub const IDEMPOTENCY: &str = "idempotency";
 
+/// The trigger a call was made by (`funcatron_tron::triggers`), from its
+/// id: `c<32 hex digits>:<trigger>`; `None` for a call a client made.
+pub fn trigger_of(call_id: &str) -> Option<&str> {
+    call_id
+        .split_once(':')
+        .map(|(_, t)| t)
+        .filter(|t| !t.is_empty())
+}
+
 /// Where a call is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

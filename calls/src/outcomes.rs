@@ -242,6 +242,13 @@ async fn apply(broker: &AnyBroker, calls: &Calls, deliverer: Option<&Deliverer>,
         },
         Ok(Applied::Finished(state)) => {
             tracing::debug!(state = state.as_str(), "call finished");
+            if let Some(trigger) = response.call_id.as_deref().and_then(crate::trigger_of) {
+                metrics::counter!("trigger_calls_total",
+                    "func" => func.clone().unwrap_or_default(),
+                    "trigger" => trigger.to_owned(),
+                    "outcome" => state.as_str())
+                .increment(1);
+            }
             let _ = d.ack().await;
         }
         Ok(Applied::Duplicate | Applied::Gone) => {

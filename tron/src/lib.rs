@@ -30,6 +30,7 @@ pub mod heartbeats;
 pub mod mgmt;
 pub mod node;
 pub mod registry;
+pub mod schedules;
 pub use funcatron_routes as routes;
 pub mod status;
 pub mod telemetry;

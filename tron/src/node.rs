@@ -245,7 +245,8 @@ impl TronNode {
 }
 
 /// Follow what is served for its triggers (and the collections its
-/// bundles bring), and relay the document store's events to them.
+/// bundles bring), fire its schedules, and relay the document store's
+/// events to its store triggers.
 fn spawn_triggers(
     ctx: &TronContext,
     docs: funcatron_documents::Documents,
@@ -261,6 +262,17 @@ fn spawn_triggers(
         shutdown.clone(),
     ));
     let holder = format!("tron-{}", &funcatron_envelope::new_request_id()[..12]);
+    let scheduler = crate::schedules::Scheduler::new(
+        calls.clone(),
+        ctx.broker.clone(),
+        holder.clone(),
+        crate::schedules::LEASE_TTL,
+    );
+    tokio::spawn(crate::schedules::run(
+        scheduler,
+        rx.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(crate::triggers::relay(
         docs,
         calls,

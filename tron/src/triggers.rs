@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use funcatron_broker::AnyBroker;
-use funcatron_bundle::triggers::{StoreEvent, TriggerKind, TRIGGER_HEADER};
+use funcatron_bundle::triggers::{Schedule, StoreEvent, TriggerKind, TRIGGER_HEADER};
 use funcatron_bundle::Bundle;
 use funcatron_calls::submit::{first_attempt, queue, Async, Queued, Refused};
 use funcatron_calls::Calls;
@@ -53,7 +53,7 @@ const POLL: Duration = Duration::from_millis(250);
 const PAGE: usize = 100;
 
 /// Where a trigger's calls go.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {
     /// The Func.
     pub func: String,
@@ -70,6 +70,8 @@ pub struct Target {
 pub struct TriggerSet {
     /// Collection -> (which changes, where they go).
     store: HashMap<String, Vec<(Vec<StoreEvent>, Target)>>,
+    /// Cron schedules and where their ticks go.
+    schedules: Vec<(Schedule, Target)>,
 }
 
 fn join(base: &str, path: &str) -> String {
@@ -99,11 +101,14 @@ impl TriggerSet {
                             &op.path,
                         ),
                     };
-                    if let TriggerKind::Store(s) = &t.kind {
-                        set.store
+                    match &t.kind {
+                        TriggerKind::Store(s) => set
+                            .store
                             .entry(s.collection.clone())
                             .or_default()
-                            .push((s.events.clone(), target));
+                            .push((s.events.clone(), target)),
+                        TriggerKind::Schedule(s) => set.schedules.push((s.clone(), target)),
+                        TriggerKind::Queue(_) => {}
                     }
                 }
             }
@@ -119,6 +124,11 @@ impl TriggerSet {
             .flatten()
             .filter(|(events, _)| events.iter().any(|k| k.as_str() == e.kind.as_str()))
             .map(|(_, t)| t)
+    }
+
+    /// The schedules and where their ticks go.
+    pub fn schedules(&self) -> &[(Schedule, Target)] {
+        &self.schedules
     }
 
     /// Whether any trigger listens to the document store.
@@ -184,7 +194,9 @@ pub async fn submit(
     event_id: &str,
 ) -> Result<Queued, Refused> {
     let id = new_request_id();
-    let call_id = format!("c{}", new_request_id());
+    // The trigger in the id: its outcome is counted per trigger
+    // (`trigger_calls_total`, see `funcatron_calls::trigger_of`).
+    let call_id = format!("c{}:{}", new_request_id(), target.trigger);
     let secret = new_request_id();
     let base = Request {
         version: VERSION.into(),
@@ -266,6 +278,7 @@ async fn drain(
             .map_err(|e| e.to_string())?;
         let mut done: Vec<&str> = Vec::with_capacity(page.len());
         let mut failed = None;
+        let mut fired: HashMap<&Target, u64> = HashMap::new();
         for p in &page {
             match &p.event {
                 Err(why) => {
@@ -276,11 +289,20 @@ async fn drain(
                         failed = Some(e);
                         break;
                     }
+                    for t in set.for_event(event) {
+                        *fired.entry(t).or_default() += 1;
+                    }
                 }
             }
             done.push(&p.key);
         }
         docs.delivered(&done).await.map_err(|e| e.to_string())?;
+        let now = funcatron_store::now_ms();
+        for (target, n) in fired {
+            if let Err(e) = crate::schedules::count_firings(docs.store(), target, n, now).await {
+                tracing::debug!(error = %e, "a trigger's firings were not counted");
+            }
+        }
         if let Some(e) = failed {
             return Err(e);
         }
