@@ -36,6 +36,7 @@ mod dev;
 mod local;
 mod replay;
 mod scale;
+mod store_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -77,6 +78,10 @@ enum Command {
     /// A Func's dead-letter queue: list, show, redrive, purge.
     #[command(subcommand)]
     Dlq(calls_cmd::DlqCmd),
+    /// The document store: collections (define, show, drop, tokens) and
+    /// their JSON documents (get, put, create, patch, delete, list).
+    #[command(subcommand)]
+    Store(store_cmd::StoreCmd),
     /// Record a Func's request/response pairs: start, stop, export.
     #[command(subcommand)]
     Capture(client::CaptureCmd),
@@ -502,6 +507,10 @@ fn main() -> Result<()> {
                 print!("{}", calls_cmd::call(c).await?);
                 Ok(())
             }
+            Command::Store(c) => {
+                print!("{}", store_cmd::run(c).await?);
+                Ok(())
+            }
             Command::Dlq(c) => {
                 print!("{}", calls_cmd::dlq(c).await?);
                 Ok(())
@@ -711,6 +720,9 @@ async fn tron(
     let mut node = TronNode::new(broker)
         .options(o.options())
         .bundles(load_bundles(dir));
+    if let Some(docs) = &documents {
+        node = node.documents(docs.clone());
+    }
     if let Some(calls) = calls {
         node = node
             .calls(calls.with_key_scope(o.callback_key_scope))
