@@ -137,9 +137,17 @@ pub struct TronTarget {
     pub token_file: PathBuf,
 }
 
+/// Largest body nginx lets through to the document store: a document
+/// (`funcatron_documents::MAX_DOCUMENT_BYTES`, 1 MiB) and room to spare, so
+/// the Tron, which allows a little over a document, answers a body past
+/// its own limit with its JSON 413 (`body_too_large`); only bodies past
+/// this one get nginx's (`payload_too_large`).
+pub const STORE_MAX_BODY_BYTES: usize = (1 << 20) + 64 * 1024;
+
 /// The locations that hand async calls to a Tron: an internal one the Lua
 /// handler posts each envelope to (with the token from `init_by_lua`, and
-/// none of the client's headers), and the status reads, proxied as they are.
+/// none of the client's headers), and the status reads, proxied as they
+/// are; and the document store ([`store_locations`]).
 fn tron_locations(url: &str) -> String {
     format!(
         r#"location = /_funcatron/tron/submit {{
@@ -152,6 +160,35 @@ fn tron_locations(url: &str) -> String {
         }}
         location ^~ /_funcatron/calls/ {{
             proxy_pass {url};
+        }}
+        {}
+        location @funcatron_store_failed {{
+            content_by_lua_block {{ require("funcatron.ingress").store_failed() }}
+        }}"#,
+        store_locations(&format!(
+            r#"client_max_body_size {STORE_MAX_BODY_BYTES};
+            set $funcatron_body_limit {STORE_MAX_BODY_BYTES};
+            error_page 413 = @funcatron_too_large;
+            error_page 502 504 = @funcatron_store_failed;
+            proxy_pass {url};"#
+        ))
+    )
+}
+
+/// The document store's locations, `/_funcatron/store` and every path
+/// below it (not `/_funcatron/storefront`: the paths the embedded ingress
+/// serves it on), each doing `body`. With a Tron they are proxied as they
+/// are, the client's `Authorization` and body with them (the Tron checks
+/// the token against the collection's rules; the Lua handler is not
+/// involved), and nginx's own failures to reach it are the JSON 503 of
+/// `@funcatron_store_failed`; without one, a JSON 501.
+fn store_locations(body: &str) -> String {
+    format!(
+        r#"location = /_funcatron/store {{
+            {body}
+        }}
+        location ^~ /_funcatron/store/ {{
+            {body}
         }}"#
     )
 }
@@ -265,10 +302,15 @@ pub fn render_with(
         }
         None => (
             "false",
-            r#"location ^~ /_funcatron/calls/ {
-            content_by_lua_block { require("funcatron.ingress").no_calls() }
-        }"#
-            .to_owned(),
+            format!(
+                r#"location ^~ /_funcatron/calls/ {{
+            content_by_lua_block {{ require("funcatron.ingress").no_calls() }}
+        }}
+        {}"#,
+                store_locations(
+                    r#"content_by_lua_block { require("funcatron.ingress").no_store() }"#
+                )
+            ),
             String::new(),
         ),
     };
@@ -386,6 +428,62 @@ mod tests {
             };
             assert!(render_with(&c, None, &d).is_err(), "{bad:?}");
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_document_store_goes_to_the_tron_or_is_a_501() {
+        let dir =
+            std::env::temp_dir().join(format!("funcatron-nginx-store-{}", std::process::id()));
+        let c = config(&dir);
+        let block = |text: &str, location: &str| {
+            let start = text.find(location).unwrap();
+            let end = start + text[start..].find('}').unwrap();
+            text[start..end].to_owned()
+        };
+
+        let text = render(&c).unwrap();
+        for location in [
+            "location = /_funcatron/store {",
+            "location ^~ /_funcatron/store/ {",
+        ] {
+            let b = block(&text, location);
+            assert!(b.contains("no_store()"), "{b}");
+        }
+        assert!(!text.contains("proxy_pass"), "no Tron, nothing proxied");
+
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, "t").unwrap();
+        let tron = TronTarget {
+            url: "http://10.0.0.5:9000/".into(),
+            token_file,
+        };
+        let text = render_with_tron(&c, Some(&tron)).unwrap();
+        assert_eq!(text.matches("{{").count(), 1, "every placeholder is filled");
+        for location in [
+            "location = /_funcatron/store {",
+            "location ^~ /_funcatron/store/ {",
+        ] {
+            let b = block(&text, location);
+            assert!(b.contains("proxy_pass http://10.0.0.5:9000;"), "{b}");
+            // The client's headers (its token) and body go as they are,
+            // up to a document and some: the Tron answers its own 413.
+            assert!(!b.contains("proxy_pass_request_headers off"), "{b}");
+            assert!(!b.contains("proxy_set_header Authorization"), "{b}");
+            assert!(
+                b.contains(&format!("client_max_body_size {STORE_MAX_BODY_BYTES};")),
+                "{b}"
+            );
+            assert!(b.contains("error_page 413 = @funcatron_too_large;"), "{b}");
+            assert!(
+                b.contains("error_page 502 504 = @funcatron_store_failed;"),
+                "{b}"
+            );
+        }
+        assert!(text.contains("store_failed()"));
+        assert!(!text.contains("no_store()"));
+        // A document, with the Tron's own allowance of 1 KiB, fits.
+        const { assert!(STORE_MAX_BODY_BYTES > (1 << 20) + 1024) };
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -797,6 +797,30 @@ function M.no_calls()
     "this nginx ingress has no Tron for asynchronous calls (funcatron nginx-config --tron-url)", ngx.now())
 end
 
+--- /_funcatron/store... without a Tron: the document store is on the Trons
+--- (and on the embedded ingress), nginx has none to hand it to.
+function M.no_store()
+  ngx.update_time()
+  return answer_error(501, request_id(), "store_unavailable",
+    "this nginx ingress has no Tron for the document store (funcatron nginx-config --tron-url)", ngx.now())
+end
+
+--- error_page 502/504 of the document store's locations: nginx could not
+--- reach the Tron, or it did not answer in time (a write may then have
+--- been applied: read the document to know).
+function M.store_failed()
+  ngx.update_time()
+  local id = ngx.var.funcatron_request_id
+  if id == "-" then id = request_id() end
+  local started = ngx.req.start_time()
+  local upstream = tostring(ngx.var.upstream_status)
+  if upstream:find("504") then
+    return answer_error(504, id, "timeout", "the Tron holding the document store did not answer in time", started)
+  end
+  ngx.log(ngx.WARN, "funcatron: document store request ", id, " to the Tron failed (upstream status ", upstream, ")")
+  return answer_error(503, id, "tron_unavailable", "the Tron holding the document store could not be reached", started)
+end
+
 --- error_page 413 location: the JSON body for bodies over client_max_body_size
 --- (the location's limit, $funcatron_body_limit).
 function M.too_large()
