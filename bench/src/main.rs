@@ -31,6 +31,10 @@
 //! After those rows, the asynchronous calls' rows (e)-(g) on the embedded
 //! broker and (unless `--embedded-only`) on RabbitMQ, see [`async_calls`];
 //! `--async-only` runs just them.
+//!
+//! With `--documents`: the document store's writes with their events and
+//! the outbox drained, embedded and on PostgreSQL, rows (n), see
+//! [`documents`] (not part of the default run).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -116,11 +120,27 @@ struct Args {
     /// `concurrency`); default: the Runner's prefetch (64).
     #[arg(long)]
     async_concurrency: Option<u16>,
+    /// Measure the document store instead, rows (n): writes with their
+    /// events from 1 and 64 writers, embedded and on PostgreSQL, and the
+    /// outbox drained.
+    #[arg(long, alias = "documents-only")]
+    documents: bool,
+    /// Writes of each embedded document row.
+    #[arg(long, default_value_t = 5_000)]
+    documents_writes: usize,
+    /// Writes of each PostgreSQL document row.
+    #[arg(long, default_value_t = 2_000)]
+    documents_postgres_writes: usize,
+    /// PostgreSQL for the document rows (a table of the run's own, dropped
+    /// after); none: only the embedded rows.
+    #[arg(long, env = "FUNCATRON_TEST_POSTGRES")]
+    documents_postgres: Option<String>,
 }
 
 mod async_calls;
 mod autoscale;
 mod chains;
+mod documents;
 mod runtimes;
 mod speed;
 mod switch;
@@ -547,6 +567,14 @@ async fn main() -> Result<()> {
     }
     if args.capture {
         return switch::capture(args.requests).await;
+    }
+    if args.documents {
+        return documents::run(&documents::Options {
+            postgres: args.documents_postgres.as_deref(),
+            embedded_writes: args.documents_writes,
+            postgres_writes: args.documents_postgres_writes,
+        })
+        .await;
     }
     let c1 = (args.requests / 10).max(100);
     let c64 = args.requests;
