@@ -164,6 +164,25 @@ fn document_answer(status: StatusCode, d: &Document, id: &str) -> Response {
     r
 }
 
+/// A write's answer: the document, or only its id and version when the
+/// caller may write the collection but not read it.
+fn written_answer(
+    s: &Http,
+    headers: &HeaderMap,
+    c: &Collection,
+    status: StatusCode,
+    d: &Document,
+    id: &str,
+) -> Response {
+    if authorize(s, headers, Some(c), Need::Read, id).is_ok() {
+        return document_answer(status, d, id);
+    }
+    let body = json!({"collection": d.collection, "id": d.id, "version": d.version, "updated_ms": d.updated_ms});
+    let mut r = json_answer(status, &body, id);
+    set_etag(&mut r, d.version);
+    r
+}
+
 /// What a request must be allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Need {
@@ -387,9 +406,29 @@ async fn add_token(
     if let Err(r) = authorize(&s, &headers, None, Need::OperatorAdmin, &rid) {
         return *r;
     }
-    let write = match json_body(body, &rid).await {
-        Ok(v) => v.get("write").and_then(Value::as_bool).unwrap_or(false),
-        Err(r) => return *r,
+    // The body is optional: `{"write": true}` makes a token that writes.
+    let bytes = match axum::body::to_bytes(body, 4096).await {
+        Ok(b) => b,
+        Err(_) => {
+            return refuse(
+                413,
+                "body_too_large",
+                "a token request is a small JSON object",
+                &rid,
+            )
+        }
+    };
+    let write = if bytes.iter().all(u8::is_ascii_whitespace) {
+        false
+    } else {
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(v) => match v.get("write") {
+                None => false,
+                Some(Value::Bool(w)) => *w,
+                Some(_) => return refuse(400, "bad_request", "`write` is true or false", &rid),
+            },
+            Err(e) => return refuse(400, "bad_json", &format!("the body is not JSON: {e}"), &rid),
+        }
     };
     match s.docs.add_token(&c, write).await {
         Ok((token, id)) => json_answer(
@@ -490,16 +529,17 @@ async fn create_document(
     body: Body,
 ) -> Response {
     let rid = request_id(&headers);
-    if let Err(r) = open(&s, &headers, &c, Need::Write, &rid).await {
-        return *r;
-    }
+    let col = match open(&s, &headers, &c, Need::Write, &rid).await {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let doc = match json_body(body, &rid).await {
         Ok(v) => v,
         Err(r) => return *r,
     };
     match s.docs.create(&c, None, doc).await {
         Ok(d) => {
-            let mut r = document_answer(StatusCode::CREATED, &d, &rid);
+            let mut r = written_answer(&s, &headers, &col, StatusCode::CREATED, &d, &rid);
             if let Ok(v) = HeaderValue::from_str(&format!("{PREFIX}/{c}/{}", d.id)) {
                 r.headers_mut().insert(header::LOCATION, v);
             }
@@ -553,9 +593,10 @@ async fn write_document(
     patch: bool,
 ) -> Response {
     let rid = request_id(headers);
-    if let Err(r) = open(s, headers, &c, Need::Write, &rid).await {
-        return *r;
-    }
+    let col = match open(s, headers, &c, Need::Write, &rid).await {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let (pre, value) = match (precondition(headers, &rid), json_body(body, &rid).await) {
         (Ok(p), Ok(d)) => (p, d),
         (Err(r), _) | (_, Err(r)) => return *r,
@@ -573,7 +614,7 @@ async fn write_document(
         (true, false) => s.docs.merge(&c, &id, &value, pre).await,
     };
     match outcome {
-        Ok(d) => document_answer(StatusCode::OK, &d, &rid),
+        Ok(d) => written_answer(s, headers, &col, StatusCode::OK, &d, &rid),
         Err(e) => failed(&e, &rid),
     }
 }
@@ -584,15 +625,16 @@ async fn delete_document(
     headers: HeaderMap,
 ) -> Response {
     let rid = request_id(&headers);
-    if let Err(r) = open(&s, &headers, &c, Need::Write, &rid).await {
-        return *r;
-    }
+    let col = match open(&s, &headers, &c, Need::Write, &rid).await {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let pre = match precondition(&headers, &rid) {
         Ok(p) => p,
         Err(r) => return *r,
     };
     match s.docs.delete(&c, &id, pre).await {
-        Ok(d) => document_answer(StatusCode::OK, &d, &rid),
+        Ok(d) => written_answer(&s, &headers, &col, StatusCode::OK, &d, &rid),
         Err(e) => failed(&e, &rid),
     }
 }

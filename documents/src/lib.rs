@@ -98,7 +98,10 @@ pub enum DocError {
     /// The write's precondition does not hold: the document's version is
     /// not the one expected (`If-Match`), or it exists (`If-None-Match: *`,
     /// a create with a taken id).
-    #[error("precondition failed: the document's version is {current:?}")]
+    #[error("precondition failed: {}", match current {
+        Some(v) => format!("the document is at version {v}"),
+        None => "there is no such document".to_owned(),
+    })]
     Precondition {
         /// The live document's version, `None` when there is none.
         current: Option<u64>,
@@ -177,8 +180,12 @@ pub enum Precondition {
     None,
     /// No live document (`If-None-Match: *`, a create).
     Absent,
-    /// A live document, of any version (`If-Match: *`).
+    /// A live document, of any version (`If-Match: *`); else
+    /// [`DocError::Precondition`].
     Exists,
+    /// A live document, else [`DocError::NotFound`]: what a patch or a
+    /// delete without a precondition requires.
+    Live,
     /// A live document of this version (`If-Match: "<version>"`).
     Version(u64),
 }
@@ -388,7 +395,7 @@ impl Documents {
         apply: impl Fn(&mut Value) -> Result<(), DocError>,
     ) -> Result<Document, DocError> {
         let precondition = match precondition {
-            Precondition::None => Precondition::Exists,
+            Precondition::None => Precondition::Live,
             p => p,
         };
         let written = self
@@ -411,7 +418,7 @@ impl Documents {
         precondition: Precondition,
     ) -> Result<Document, DocError> {
         let precondition = match precondition {
-            Precondition::None => Precondition::Exists,
+            Precondition::None => Precondition::Live,
             p => p,
         };
         let changed = self
@@ -437,7 +444,12 @@ impl Documents {
         let def = self.collection(collection).await?;
         check_id(id)?;
         let records = records_of(collection);
-        for _ in 0..WRITE_TRIES {
+        for attempt in 0..WRITE_TRIES {
+            if attempt > 0 {
+                // Writers racing on one document: apart a little, at random.
+                let ms = rand::random_range(0..(1u64 << attempt.min(5)));
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
             let current = self.store.get(&records, id).await?;
             let (stored, revision) = match &current {
                 Some(r) => (
@@ -457,11 +469,11 @@ impl Documents {
             let holds = match precondition {
                 Precondition::None => true,
                 Precondition::Absent => live.is_none(),
-                Precondition::Exists => live.is_some(),
+                Precondition::Exists | Precondition::Live => live.is_some(),
                 Precondition::Version(v) => live == Some(v),
             };
             if !holds {
-                return Err(if precondition == Precondition::Exists {
+                return Err(if precondition == Precondition::Live {
                     DocError::NotFound {
                         collection: collection.to_owned(),
                         id: id.to_owned(),
@@ -471,10 +483,19 @@ impl Documents {
                 });
             }
             let new = next(stored.doc.as_ref())?;
-            if new.is_none() && stored.doc.is_none() {
+            if new == stored.doc {
+                // Nothing changes (a delete of nothing, a write of the
+                // same document): no new version, no event.
+                let unchanged = new.map(|doc| Document {
+                    collection: collection.to_owned(),
+                    id: id.to_owned(),
+                    version: stored.version,
+                    updated_ms: current.as_ref().map_or(0, |r| r.updated_ms),
+                    doc,
+                });
                 return Ok(Changed {
-                    old: None,
-                    new: None,
+                    old: unchanged.clone(),
+                    new: unchanged,
                 });
             }
             if let Some(doc) = &new {

@@ -86,7 +86,43 @@ on_every_backend!(
     bad_requests,
     one_document_events_in_commit_order,
     tokens_and_definitions,
+    unchanged_writes_and_preconditions,
 );
+
+/// A write that changes nothing makes no version and no event; `If-Match:
+/// *` on a missing document is a failed precondition, a plain patch of
+/// one is not found.
+async fn unchanged_writes_and_preconditions(docs: Documents) -> Result<()> {
+    docs.define("c", Definition::default()).await?;
+    docs.create("c", Some("d"), json!({"a": 1})).await?;
+    let same = docs
+        .put("c", "d", json!({"a": 1}), Precondition::None)
+        .await?;
+    ensure!(same.version == 1, "the same document is no new version");
+    let merged = docs.merge("c", "d", &json!({}), Precondition::None).await?;
+    ensure!(
+        merged.version == 1 && merged.doc == json!({"a": 1}),
+        "an empty merge changes nothing"
+    );
+    ensure!(docs.backlog().await? == 1, "only the create's event");
+    match docs
+        .merge("c", "gone", &json!({"a": 1}), Precondition::Exists)
+        .await
+    {
+        Err(DocError::Precondition { current: None }) => {}
+        other => {
+            bail!("If-Match: * on a missing document is a precondition failure, got {other:?}")
+        }
+    }
+    match docs
+        .merge("c", "gone", &json!({"a": 1}), Precondition::None)
+        .await
+    {
+        Err(DocError::NotFound { .. }) => {}
+        other => bail!("a patch of a missing document is NotFound, got {other:?}"),
+    }
+    Ok(())
+}
 
 /// The events waiting in the outbox for one document, in order.
 async fn events_of(docs: &Documents, collection: &str, id: &str) -> Result<Vec<Value>> {

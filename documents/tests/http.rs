@@ -216,6 +216,76 @@ async fn operators_define_and_rules_open_collections() -> Result<()> {
         "a revoked token writes nothing: {}",
         a.status
     );
+    // A token made without a body reads only; `write` must be a boolean.
+    let a = c
+        .call(
+            Method::POST,
+            "/_funcatron/store/notes/_tokens",
+            Some("admin-secret"),
+            &[],
+            None,
+        )
+        .await?;
+    ensure!(
+        a.status == 201 && a.body["write"] == false,
+        "a read token: {}",
+        a.body
+    );
+    let a = c
+        .call(
+            Method::POST,
+            "/_funcatron/store/notes/_tokens",
+            Some("admin-secret"),
+            &[],
+            Some(json!({"write": "yes"}).to_string()),
+        )
+        .await?;
+    ensure!(a.status == 400, "write is a boolean: {}", a.body);
+    // A token that writes a collection it may not read gets no document back.
+    let a = c
+        .call(
+            Method::PUT,
+            "/_funcatron/store/drop-box/_collection",
+            Some("admin-secret"),
+            &[],
+            Some(json!({"write": "token"}).to_string()),
+        )
+        .await?;
+    ensure!(a.status == 200, "defined");
+    let a = c
+        .call(
+            Method::POST,
+            "/_funcatron/store/drop-box/_tokens",
+            Some("admin-secret"),
+            &[],
+            Some(json!({"write": true}).to_string()),
+        )
+        .await?;
+    let writer = a.body["token"].as_str().unwrap_or_default().to_owned();
+    let a = c
+        .call(
+            Method::PUT,
+            "/_funcatron/store/drop-box/x",
+            Some(&writer),
+            &[],
+            Some(json!({"secret": 1}).to_string()),
+        )
+        .await?;
+    ensure!(
+        a.status == 200 && a.body["version"] == 1 && a.body.get("doc").is_none(),
+        "no document back: {}",
+        a.body
+    );
+    let a = c
+        .call(
+            Method::GET,
+            "/_funcatron/store/drop-box/x",
+            Some(&writer),
+            &[],
+            None,
+        )
+        .await?;
+    ensure!(a.status == 403, "nor by reading: {}", a.status);
     let a = c
         .call(
             Method::GET,
@@ -226,7 +296,7 @@ async fn operators_define_and_rules_open_collections() -> Result<()> {
         )
         .await?;
     ensure!(
-        a.status == 200 && a.body["collections"][0]["name"] == "notes",
+        a.status == 200 && a.body["collections"][1]["name"] == "notes",
         "listed: {}",
         a.body
     );
