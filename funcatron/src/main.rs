@@ -761,6 +761,7 @@ async fn tron(
                 ceilings: o.ceilings(),
                 read_token: tokens.read.clone(),
                 outbound,
+                documents: documents.clone(),
             },
             listener,
             api: MgmtOptions {

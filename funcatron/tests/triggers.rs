@@ -49,6 +49,7 @@ fn audit_bundle(root: &std::path::Path, hook: &str) -> std::path::PathBuf {
 struct Up {
     _proc: Proc,
     base: String,
+    mgmt: String,
 }
 
 async fn start_up(bundles: &std::path::Path, store: &std::path::Path, log: &std::path::Path) -> Up {
@@ -75,7 +76,11 @@ async fn start_up(bundles: &std::path::Path, store: &std::path::Path, log: &std:
         r.is_ok_and(|r| r.status() == 200)
     })
     .await;
-    Up { _proc: proc, base }
+    Up {
+        _proc: proc,
+        base,
+        mgmt: format!("http://{mgmt}"),
+    }
 }
 
 async fn store_call(
@@ -212,4 +217,85 @@ async fn events_of_writes_answered_before_a_kill_are_delivered_after_restart() {
     }
     let want: BTreeSet<String> = (0..DOCS).map(|i| format!("k{i:03}")).collect();
     assert_eq!(seen, want, "every answered write's event reached the Func");
+}
+
+/// A Lua Func `name` at `/<name>` with a store trigger on `collection`.
+fn lua_triggered(root: &std::path::Path, name: &str, collection: &str) -> std::path::PathBuf {
+    let swagger = format!(
+        "swagger: '2.0'\ninfo: {{title: {name}, version: '1'}}\nbasePath: /{name}\n\
+         x-funcatron: {{name: {name}, runtime: lua}}\npaths:\n  /on:\n    post:\n      operationId: on\n      responses: {{'200': {{description: ok}}}}\n      x-funcatron-triggers:\n        - name: {name}-changes\n          store: {{collection: {collection}}}\n"
+    );
+    write_bundle(
+        root,
+        name,
+        &[
+            ("swagger.yaml", swagger.as_str()),
+            ("main.lua", "return { on = function(r) return 'seen' end }"),
+        ],
+    )
+}
+
+/// An upload whose trigger names a collection that is neither defined nor
+/// declared is refused, naming the field; one on a defined collection is
+/// served, and `funcatron func show` lists its trigger and what it fired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_checked_and_func_show_lists_triggers() {
+    let root = tempfile::tempdir().unwrap();
+    let hook = free_addr();
+    let (_got, _r) = receiver(hook).await;
+    let bundles = root.path().join("bundles");
+    audit_bundle(&bundles, &format!("http://{hook}/hook"));
+    let up = start_up(
+        &bundles,
+        &root.path().join("store"),
+        &root.path().join("up.log"),
+    )
+    .await;
+    let uploads = root.path().join("uploads");
+    let bad = lua_triggered(&uploads, "bad", "nowhere");
+    let (ok, out) = cli_with(
+        &["bundle", "push", bad.to_str().unwrap(), "--enable"],
+        &up.mgmt,
+        "tok",
+    );
+    assert!(!ok, "refused: {out}");
+    assert!(out.contains("400") && out.contains("no collection \"nowhere\""), "{out}");
+    assert!(
+        out.contains("/paths/~1on/post/x-funcatron-triggers/0/store/collection"),
+        "the field is named: {out}"
+    );
+    let good = lua_triggered(&uploads, "good", "orders");
+    let (ok, out) = cli_with(
+        &["bundle", "push", good.to_str().unwrap(), "--enable"],
+        &up.mgmt,
+        "tok",
+    );
+    assert!(ok, "accepted: {out}");
+    let (ok, out) = cli_with(&["func", "show", "good"], &up.mgmt, "tok");
+    assert!(
+        ok && out.contains("good-changes"),
+        "the trigger is listed: {out}"
+    );
+    // A write fires it; `func show` counts it.
+    eventually("the trigger fires and is counted", || async {
+        let _ = store_call(
+            &up.base,
+            reqwest::Method::PUT,
+            "orders/n1",
+            Some(json!({"n": rand_n()})),
+        )
+        .await;
+        let (ok, out) = cli_with(&["func", "show", "good"], &up.mgmt, "tok");
+        ok && out.contains("\"fired\"") && out.contains("last_fired_ms")
+    })
+    .await;
+}
+
+/// A fresh value, so every write changes the document.
+fn rand_n() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }

@@ -177,6 +177,13 @@ pub struct FuncDetail {
     /// loaded. The reason names both bundles of a pair.
     #[serde(default)]
     pub refused: Option<String>,
+    /// The enabled version's triggers (`x-funcatron-triggers`), each with
+    /// what it has done: `name`, `operation`, its declaration (`schedule`,
+    /// `queue` or `store`), `fired`, `last_fired_ms` and a schedule's
+    /// `last_tick_ms`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<Object>)]
+    pub triggers: Vec<serde_json::Value>,
 }
 
 /// `GET /v1/funcs/{name}/history`.

@@ -623,15 +623,48 @@ async fn show(State(api): Shared, Path(name): Path<String>) -> Response {
         Some(sha) => Some(routes_of(&api, sha).await),
         None => None,
     };
+    let triggers = match &f.enabled {
+        Some(sha) => triggers_of(&api, &name, sha).await,
+        None => Vec::new(),
+    };
     Json(FuncDetail {
         settings: shown_settings(&api, &f.settings, f.enabled.as_deref()).await,
         refused: refusal(&api.registry.refused(), &name, f.enabled.as_deref()),
+        triggers,
         name,
         enabled: f.enabled.clone(),
         uploads: f.uploads.clone(),
         routes,
     })
     .into_response()
+}
+
+/// The triggers of `func`'s version `sha`, each with its state (what it
+/// fired, when) from the state store when this Tron has one.
+async fn triggers_of(api: &Api, func: &str, sha: &str) -> Vec<serde_json::Value> {
+    let Ok(b) = api.registry.bundle(sha).await else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for op in &b.operations {
+        for t in &op.triggers {
+            let mut v = serde_json::to_value(t).unwrap_or_default();
+            v["operation"] = serde_json::Value::String(op.operation_id.clone());
+            if let Some(calls) = &api.calls {
+                if let Ok(Some(state)) =
+                    crate::schedules::state_of(calls.store(), func, &t.name).await
+                {
+                    v["fired"] = state.fired.into();
+                    v["last_fired_ms"] = state.last_fired_ms.into();
+                    if matches!(t.kind, funcatron_bundle::triggers::TriggerKind::Schedule(_)) {
+                        v["last_tick_ms"] = state.last_tick_ms.into();
+                    }
+                }
+            }
+            out.push(v);
+        }
+    }
+    out
 }
 
 /// Uploads and enable/disable/rollback events.

@@ -140,6 +140,10 @@ pub struct RegistryOptions {
     /// the operator's allowlist; this Tron's own `advertise` host is
     /// added.
     pub outbound: funcatron_control::outbound::OutboundPolicy,
+    /// The document store an upload's store triggers and `store` entries
+    /// must name collections of (or declare them, `collections`); `None`:
+    /// not checked.
+    pub documents: Option<funcatron_documents::Documents>,
 }
 
 /// The registry of one Tron.
@@ -171,6 +175,46 @@ pub struct Registry {
 
 fn now_ms() -> u64 {
     funcatron_envelope::now_ms() as u64
+}
+
+/// Every collection `b`'s store triggers and `store` entries name is
+/// declared by it or defined in `docs`: else a 400 naming the field.
+async fn check_collections(
+    docs: &funcatron_documents::Documents,
+    b: &Bundle,
+) -> Result<(), RegistryError> {
+    let mut named: Vec<(String, &str)> = Vec::new();
+    for op in &b.operations {
+        for (i, t) in op.triggers.iter().enumerate() {
+            if let funcatron_bundle::triggers::TriggerKind::Store(s) = &t.kind {
+                let path = op.path.replace('~', "~0").replace('/', "~1");
+                let method = op.method.to_ascii_lowercase();
+                let at =
+                    format!("/paths/{path}/{method}/x-funcatron-triggers/{i}/store/collection");
+                named.push((at, &s.collection));
+            }
+        }
+    }
+    for c in b.store_access.keys() {
+        named.push((format!("x-funcatron.store.{c}"), c));
+    }
+    for (at, c) in named {
+        if b.collections.contains_key(c) {
+            continue;
+        }
+        match docs.collection(c).await {
+            Ok(_) => {}
+            Err(funcatron_documents::DocError::UnknownCollection(_)) => {
+                return Err(RegistryError::new(
+                    400,
+                    "unknown_collection",
+                    format!("{at}: no collection {c:?}: define it (funcatron store define {c}) or declare it in the bundle's `collections`"),
+                ))
+            }
+            Err(e) => return Err(RegistryError::new(503, "state_store_unavailable", e.to_string())),
+        }
+    }
+    Ok(())
 }
 
 /// Settings are checked like the bundle fields they override: `env` keys
@@ -322,6 +366,9 @@ impl Registry {
         enable: Option<FuncSettings>,
     ) -> Result<(String, Bundle), RegistryError> {
         let (sha, bundle) = self.store.put(bytes, name, Some(&self.check())).await?;
+        if let Some(docs) = &self.options.documents {
+            check_collections(docs, &bundle).await?;
+        }
         {
             let mut st = self.state.lock().await;
             let mut next = st.clone();
