@@ -35,6 +35,10 @@
 //! With `--documents`: the document store's writes with their events and
 //! the outbox drained, embedded and on PostgreSQL, rows (n), see
 //! [`documents`] (not part of the default run).
+//!
+//! With `--triggers`: document write -> triggered Func start on RabbitMQ
+//! and the embedded broker, rows (t), see [`triggers`] (not part of the
+//! default run).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -135,6 +139,13 @@ struct Args {
     /// after); none: only the embedded rows.
     #[arg(long, env = "FUNCATRON_TEST_POSTGRES")]
     documents_postgres: Option<String>,
+    /// Measure triggers instead, rows (t): document write -> triggered
+    /// Func start, on RabbitMQ and the embedded broker.
+    #[arg(long, alias = "triggers-only")]
+    triggers: bool,
+    /// Writes of each trigger row.
+    #[arg(long, default_value_t = 300)]
+    trigger_samples: usize,
 }
 
 mod async_calls;
@@ -144,6 +155,7 @@ mod documents;
 mod runtimes;
 mod speed;
 mod switch;
+mod triggers;
 
 /// nginx with the Lua ingress, stopped (with its workers) on drop.
 struct Nginx {
@@ -567,6 +579,9 @@ async fn main() -> Result<()> {
     }
     if args.capture {
         return switch::capture(args.requests).await;
+    }
+    if args.triggers {
+        return triggers::run(&args.amqp, args.trigger_samples).await;
     }
     if args.documents {
         return documents::run(&documents::Options {

@@ -1,12 +1,15 @@
 //! The loader on the fixture documents in `swagger-examples/`: OpenAPI
 //! 3.1, servers and variables, default handler names, external `$ref`s
-//! (and hostile ones), and errors that say where they are.
+//! (and hostile ones), errors that say where they are, and the event
+//! triggers and document-store declarations a bundle makes.
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 
-use funcatron_bundle::{parse_api, Base, Bundle, SpecVersion, REFS_KEY};
+use funcatron_bundle::store::StoreOp;
+use funcatron_bundle::triggers::{CatchUp, StoreEvent, TriggerKind};
+use funcatron_bundle::{parse_api, Base, Bundle, BundleError, SpecVersion, REFS_KEY};
 use serde_json::Value;
 
 fn examples() -> PathBuf {
@@ -542,4 +545,277 @@ fn malformed_pipelines_are_refused_naming_the_operation_and_step() {
         .unwrap()
         .unwrap();
     assert_eq!(spec.steps.len(), 2);
+}
+
+/// A Swagger 2.0 bundle whose manifest is `x-funcatron: {name: t, runtime:
+/// lua, <manifest>}` and whose `paths` are `paths` (YAML, indented by 2).
+fn triggered_bundle(manifest: &str, paths: &str) -> tempfile::TempDir {
+    lua_bundle(
+        "swagger.yaml",
+        &format!(
+            "swagger: '2.0'\ninfo: {{title: t, version: '1'}}\nbasePath: /t\nx-funcatron: {{name: t, runtime: lua{manifest}}}\npaths:\n{paths}"
+        ),
+    )
+}
+
+/// `paths` with one `method` operation on `path` whose triggers are `list`.
+fn one_operation(method: &str, path: &str, list: &str) -> String {
+    format!(
+        "  {path}:\n    {method}:\n      operationId: tick\n      x-funcatron-triggers: {list}\n"
+    )
+}
+
+#[test]
+fn triggers_are_read_into_their_operations() {
+    let paths = format!(
+        "{}{}  /plain:\n    post: {{operationId: plain}}\n",
+        one_operation(
+            "post",
+            "/tick",
+            "[{name: nightly, schedule: {cron: '0 30 3 * * *', timezone: Europe/Paris, catch_up: all}}, {store: {collection: orders, events: [created]}}]"
+        ),
+        "  /in:\n    post:\n      operationId: TakeOrders\n      x-funcatron-triggers: [{queue: {queue: orders, batch: 10, concurrency: 2}}]\n",
+    );
+    let dir = triggered_bundle(", collections: {orders: {}}", &paths);
+    let b = Bundle::load(dir.path()).unwrap();
+    let of = |path: &str| {
+        &b.operations
+            .iter()
+            .find(|o| o.path == path)
+            .unwrap()
+            .triggers
+    };
+    let tick = of("/tick");
+    assert_eq!(
+        tick.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["nightly", "tick-1"],
+        "an unnamed trigger of several is named after its operation and place"
+    );
+    match &tick[0].kind {
+        TriggerKind::Schedule(s) => {
+            assert_eq!(s.cron, "0 30 3 * * *");
+            assert_eq!(s.timezone, "Europe/Paris");
+            assert_eq!(s.catch_up, CatchUp::All);
+        }
+        other => panic!("{other:?}"),
+    }
+    match &tick[1].kind {
+        TriggerKind::Store(s) => {
+            assert_eq!(s.collection, "orders");
+            assert_eq!(s.events, [StoreEvent::Created]);
+        }
+        other => panic!("{other:?}"),
+    }
+    let take = of("/in");
+    assert_eq!(take.len(), 1);
+    assert_eq!(
+        take[0].name, "takeorders",
+        "a lone trigger is its operation"
+    );
+    match &take[0].kind {
+        TriggerKind::Queue(q) => {
+            assert_eq!(q.queue.as_deref(), Some("orders"));
+            assert_eq!((q.batch, q.concurrency), (10, 2));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(of("/plain").is_empty());
+    assert!(b.collections.contains_key("orders"));
+}
+
+#[test]
+fn bad_triggers_are_refused_naming_their_place() {
+    let ext = "x-funcatron-triggers";
+    let cases = [
+        (
+            one_operation("post", "/tick", "[{schedule: {cron: '61 * * * *'}}]"),
+            format!("/paths/~1tick/post/{ext}/0/schedule"),
+            "cron",
+        ),
+        (
+            one_operation(
+                "post",
+                "/tick",
+                "[{name: a, schedule: {cron: '* * * * *'}}, {name: b, schedule: {cron: '* * * * *', timezone: Mars/Olympus}}]",
+            ),
+            format!("/paths/~1tick/post/{ext}/1/schedule"),
+            "unknown time zone \"Mars/Olympus\"",
+        ),
+        (
+            one_operation("get", "/tick", "[{schedule: {cron: '* * * * *'}}]"),
+            format!("/paths/~1tick/get/{ext}"),
+            "with POST; this one is GET",
+        ),
+        (
+            format!(
+                "  /tick/{{id}}:\n    post:\n      operationId: tick\n      parameters: [{{name: id, in: path, required: true, type: string}}]\n      {ext}: [{{schedule: {{cron: '* * * * *'}}}}]\n"
+            ),
+            format!("/paths/~1tick~1{{id}}/post/{ext}"),
+            "has no parameters",
+        ),
+        (
+            one_operation(
+                "post",
+                "/tick",
+                "[{name: same, schedule: {cron: '* * * * *'}}, {name: same, store: {collection: orders}}]",
+            ),
+            "/paths/~1tick".to_owned(),
+            "two triggers are named \"same\"",
+        ),
+        (
+            format!(
+                "{}  /tock:\n    post:\n      operationId: tock\n      {ext}: [{{name: same, schedule: {{cron: '* * * * *'}}}}]\n",
+                one_operation("post", "/tick", "[{name: same, schedule: {cron: '* * * * *'}}]")
+            ),
+            "/paths/~1tock".to_owned(),
+            "names are unique in a bundle",
+        ),
+        (
+            one_operation("post", "/tick", "[{name: Bad, schedule: {cron: '* * * * *'}}]"),
+            format!("/paths/~1tick/post/{ext}/0/name"),
+            "trigger name",
+        ),
+        (
+            one_operation("post", "/tick", "[{store: {collection: orders, events: []}}]"),
+            format!("/paths/~1tick/post/{ext}/0/store/events"),
+            "at least one of",
+        ),
+        (
+            one_operation("post", "/tick", "{schedule: {cron: '* * * * *'}}"),
+            format!("/paths/~1tick/post/{ext}"),
+            "a list of triggers",
+        ),
+    ];
+    for (paths, pointer, why) in cases {
+        let dir = triggered_bundle("", &paths);
+        let err = Bundle::load(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, BundleError::Located { .. }),
+            "{paths}: located: {err:?}"
+        );
+        let err = err.to_string();
+        assert!(
+            err.contains("swagger.yaml:") && err.contains(&format!(": {pointer}: ")),
+            "{paths}: {pointer} in {err}"
+        );
+        assert!(err.contains(why), "{paths}: {why:?} in {err}");
+    }
+}
+
+#[test]
+fn store_and_collections_mistakes_in_the_manifest_are_refused_naming_the_field() {
+    let paths = "  /x:\n    post: {operationId: x}\n";
+    for (manifest, needle) in [
+        (
+            ", store: {Bad: [read]}",
+            "field `store`: collection name \"Bad\"",
+        ),
+        (
+            ", store: {orders: []}",
+            "field `store.orders`: list at least one of read, write",
+        ),
+        (", store: {orders: [delete]}", "unknown variant `delete`"),
+        (", collections: {x: 3}", "field `collections.x`: a mapping"),
+        (
+            ", collections: {x: {schema: {type: 3}}}",
+            "field `collections.x.schema`: not a JSON Schema",
+        ),
+        (
+            ", collections: {x: {read: everyone}}",
+            "field `collections.x.read`: one of public, token, operator",
+        ),
+        (
+            ", collections: {x: {write: 7}}",
+            "field `collections.x.write`",
+        ),
+        (
+            ", collections: {x: {rules: {}}}",
+            "field `collections.x`: unknown field `rules`",
+        ),
+        (
+            ", collections: {'-x': {}}",
+            "field `collections`: collection name",
+        ),
+    ] {
+        let dir = triggered_bundle(manifest, paths);
+        let err = Bundle::load(dir.path()).unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            shown.contains("swagger.yaml") && shown.contains(needle),
+            "{manifest}: {needle:?} in {shown}"
+        );
+    }
+    // In funcatron.yaml the same checks name that file.
+    let dir = triggered_bundle("", paths);
+    std::fs::write(
+        dir.path().join("funcatron.yaml"),
+        "runtime: lua\ncollections:\n  x: {schema: {type: 3}}\n",
+    )
+    .unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("funcatron.yaml") && err.contains("collections.x.schema"),
+        "{err}"
+    );
+    // And good declarations are kept.
+    let dir = triggered_bundle(
+        ", store: {orders: [read], invoices: [read, write]}, collections: {invoices: {schema: {type: object, required: [total]}, read: token, write: operator}}",
+        paths,
+    );
+    let b = Bundle::load(dir.path()).unwrap();
+    assert_eq!(b.store_access["invoices"], [StoreOp::Read, StoreOp::Write]);
+    assert_eq!(b.collections["invoices"]["read"], "token");
+}
+
+#[test]
+fn the_triggered_example_bundles_load_with_their_triggers() {
+    let bundles = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../func-bundles");
+    let clock = Bundle::load(&bundles.join("clock")).unwrap();
+    assert_eq!(clock.name, "clock");
+    let tick = clock
+        .operations
+        .iter()
+        .find(|o| o.method == "POST" && o.path == "/tick")
+        .unwrap();
+    assert_eq!(tick.triggers.len(), 1);
+    assert_eq!(tick.triggers[0].name, "every-minute");
+    match &tick.triggers[0].kind {
+        TriggerKind::Schedule(s) => {
+            assert_eq!(
+                (s.cron.as_str(), s.timezone.as_str(), s.catch_up),
+                ("0 * * * * *", "UTC", CatchUp::Latest)
+            );
+            // Every minute on the minute: 2026-01-01T00:00:00Z, then +60 s.
+            let start = 1_767_225_600_000;
+            assert_eq!(s.next_after(start), Some(start + 60_000));
+        }
+        other => panic!("{other:?}"),
+    }
+    funcatron_bundle::validate::compile_bundle(&clock).unwrap();
+
+    let audit = Bundle::load(&bundles.join("order-audit")).unwrap();
+    assert_eq!(audit.name, "order-audit");
+    assert!(audit.collections.contains_key("orders"));
+    let event = audit
+        .operations
+        .iter()
+        .find(|o| o.method == "POST" && o.path == "/event")
+        .unwrap();
+    assert_eq!(event.triggers.len(), 1);
+    assert_eq!(event.triggers[0].name, "orders-changed");
+    match &event.triggers[0].kind {
+        TriggerKind::Store(s) => {
+            assert_eq!(s.collection, "orders");
+            assert_eq!(
+                s.events,
+                [
+                    StoreEvent::Created,
+                    StoreEvent::Updated,
+                    StoreEvent::Deleted
+                ]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    funcatron_bundle::validate::compile_bundle(&audit).unwrap();
 }

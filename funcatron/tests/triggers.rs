@@ -259,7 +259,10 @@ async fn uploads_are_checked_and_func_show_lists_triggers() {
         "tok",
     );
     assert!(!ok, "refused: {out}");
-    assert!(out.contains("400") && out.contains("no collection \"nowhere\""), "{out}");
+    assert!(
+        out.contains("400") && out.contains("no collection \"nowhere\""),
+        "{out}"
+    );
     assert!(
         out.contains("/paths/~1on/post/x-funcatron-triggers/0/store/collection"),
         "the field is named: {out}"
