@@ -69,6 +69,9 @@ fn document(n: u64) -> Value {
     })
 }
 
+/// Numbers every write of the run, so each one changes its document.
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
 /// What the write rows did, to check the outbox against.
 #[derive(Default)]
 struct Written {
@@ -93,10 +96,11 @@ async fn writes(
         let (docs, next, written) = (docs.clone(), Arc::clone(&next), Arc::clone(&written));
         async move {
             let n = next.fetch_add(1, Ordering::Relaxed);
-            match docs
-                .put(COLLECTION, &id(n), document(n), Precondition::None)
-                .await
-            {
+            // Every write a change: a write of the same document again
+            // commits nothing (no version, no event).
+            let mut doc = document(n);
+            doc["seq"] = SEQ.fetch_add(1, Ordering::Relaxed).into();
+            match docs.put(COLLECTION, &id(n), doc, Precondition::None).await {
                 Ok(_) => {
                     written.ok.fetch_add(1, Ordering::Relaxed);
                     Ok(())
