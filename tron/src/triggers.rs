@@ -227,11 +227,20 @@ pub async fn relay(
     docs: Documents,
     calls: Calls,
     broker: AnyBroker,
-    triggers: watch::Receiver<Arc<TriggerSet>>,
+    mut triggers: watch::Receiver<Arc<TriggerSet>>,
     holder: String,
     shutdown: CancellationToken,
 ) {
     let changed = docs.changed();
+    // Not before the served triggers are known: a pass with none would
+    // remove every waiting event as unsubscribed.
+    tokio::select! {
+        () = shutdown.cancelled() => return,
+        r = triggers.changed() => if r.is_err() {
+            tracing::warn!("the document relay never got the served triggers");
+            return;
+        },
+    }
     let mut lease = Lease::new(docs.store().clone(), RELAY_LEASE, holder, LEASE_TTL);
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -4,7 +4,8 @@
 //! the test; one of them is killed (it stops, holding the lease) and the
 //! other takes over once the lease expires, with no tick missed and none
 //! fired twice. Then a total outage: the catch-up rule decides what the
-//! missed ticks fire.
+//! missed ticks fire. And the document relay, which shares the trigger
+//! set: it waits for the served triggers before its first pass.
 
 #![allow(clippy::unwrap_used)]
 
@@ -159,4 +160,65 @@ async fn missed_ticks_after_an_outage_follow_catch_up() {
             "{rule}: the next tick"
         );
     }
+}
+
+/// The document relay does not start before the served triggers are
+/// known: an event waiting in the outbox at start is delivered to its
+/// trigger, not removed by a first pass that knew no subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_waits_for_the_served_triggers() {
+    use funcatron_documents::{Definition, Documents, Precondition};
+    let (store, calls, broker) = setup().await;
+    let docs = Documents::new(store.clone());
+    docs.define("orders", Definition::default()).await.unwrap();
+    docs.put(
+        "orders",
+        "o1",
+        serde_json::json!({"n": 1}),
+        Precondition::None,
+    )
+    .await
+    .unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(TriggerSet::default()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(funcatron_tron::triggers::relay(
+        docs.clone(),
+        calls,
+        broker,
+        rx,
+        "tron".into(),
+        stop.clone(),
+    ));
+    // Longer than the relay's poll: a relay that ran now would drop it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(docs.backlog().await.unwrap(), 1, "the event waits");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("swagger.yaml"),
+        "swagger: '2.0'\ninfo: {title: t, version: '1'}\nbasePath: /audit\nx-funcatron: {name: audit, runtime: lua}\npaths:\n  /on:\n    post:\n      operationId: on\n      responses: {'200': {description: ok}}\n      x-funcatron-triggers:\n        - store: {collection: orders}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("main.lua"),
+        "return { on = function() return 'ok' end }",
+    )
+    .unwrap();
+    let bundle = Bundle::load(dir.path()).unwrap();
+    tx.send_replace(std::sync::Arc::new(TriggerSet::of(&[bundle])));
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let keys = store
+            .list(&Query::new(funcatron_calls::IDEMPOTENCY))
+            .await
+            .unwrap();
+        if keys.iter().any(|r| r.key.contains("trigger audit on ")) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the waiting event was never delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
 }
