@@ -256,18 +256,20 @@ async fn forward(
     now: f64,
     ttl_ms: u64,
 ) {
-    let mut hdrs = route.headers(preflight);
-    if view.direct {
-        hdrs.push((headers::DIRECT.to_owned(), "1".to_owned()));
-    }
-    if delivery.message.header(headers::FLOW).is_some() {
-        hdrs.push((headers::FLOW.to_owned(), "1".to_owned()));
-    }
-    let forward = Message {
-        payload: delivery.message.payload.clone(),
-        headers: hdrs,
-        ttl_ms: Some(ttl_ms),
-        persistent: delivery.message.persistent || view.is_async,
+    let message = |preflight| {
+        let mut hdrs = route.headers(preflight);
+        if view.direct {
+            hdrs.push((headers::DIRECT.to_owned(), "1".to_owned()));
+        }
+        if delivery.message.header(headers::FLOW).is_some() {
+            hdrs.push((headers::FLOW.to_owned(), "1".to_owned()));
+        }
+        Message {
+            payload: delivery.message.payload.clone(),
+            headers: hdrs,
+            ttl_ms: Some(ttl_ms),
+            persistent: delivery.message.persistent || view.is_async,
+        }
     };
     // Asynchronous calls wait in their own queue, so a backlog of them
     // never holds up a synchronous request.
@@ -276,7 +278,16 @@ async fn forward(
     } else {
         route.queue
     };
-    match broker.publish(queue, forward).await {
+    // (A preflight's methods are cloned, not a plain request's headers.)
+    let mut published = broker.publish(queue, message(preflight.clone())).await;
+    if let Err(BrokerError::NoRoute(_)) = &published {
+        // The table's queues are declared before it is used, but a declare
+        // made while the broker was still connecting is deferred: declare
+        // it now and publish once more.
+        declare_when_connected(broker, queue).await;
+        published = broker.publish(queue, message(preflight)).await;
+    }
+    match published {
         Ok(()) => {
             metrics::counter!("tron_requests_total", "outcome" => "forwarded").increment(1);
             metrics::counter!("tron_dispatched_total", "func" => route.func.to_owned())
