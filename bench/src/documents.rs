@@ -69,12 +69,11 @@ fn document(n: u64) -> Value {
     })
 }
 
-/// Numbers every write of the run, so each one changes its document.
-static SEQ: AtomicU64 = AtomicU64::new(0);
-
 /// What the write rows did, to check the outbox against.
 #[derive(Default)]
 struct Written {
+    /// Numbers every write of the run, so each one changes its document.
+    seq: AtomicU64,
     /// Writes that committed (each with one event).
     ok: AtomicU64,
     /// Writes given up on ([`DocError::Busy`]: the document kept changing).
@@ -99,7 +98,7 @@ async fn writes(
             // Every write a change: a write of the same document again
             // commits nothing (no version, no event).
             let mut doc = document(n);
-            doc["seq"] = SEQ.fetch_add(1, Ordering::Relaxed).into();
+            doc["seq"] = written.seq.fetch_add(1, Ordering::Relaxed).into();
             match docs.put(COLLECTION, &id(n), doc, Precondition::None).await {
                 Ok(_) => {
                     written.ok.fetch_add(1, Ordering::Relaxed);

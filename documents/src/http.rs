@@ -639,15 +639,6 @@ async fn delete_document(
     }
 }
 
-/// Whether a path is one of these routes (for owners that route the rest
-/// elsewhere).
-pub fn is_store_path(path: &str) -> bool {
-    path == PREFIX
-        || path
-            .strip_prefix(PREFIX)
-            .is_some_and(|r| r.starts_with('/'))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,12 +651,5 @@ mod tests {
         assert_eq!(filter_value("open"), json!("open"));
         assert_eq!(filter_value("007"), json!("007"));
         assert_eq!(filter_value("{\"a\":1}"), json!("{\"a\":1}"));
-    }
-
-    #[test]
-    fn store_paths() {
-        assert!(is_store_path("/_funcatron/store"));
-        assert!(is_store_path("/_funcatron/store/orders/1"));
-        assert!(!is_store_path("/_funcatron/storefront"));
     }
 }

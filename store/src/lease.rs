@@ -46,11 +46,6 @@ impl<S: Store> Lease<S> {
         }
     }
 
-    /// Its holder's name.
-    pub fn holder(&self) -> &str {
-        &self.holder
-    }
-
     /// Take or renew the lease: whether this holder holds it now. Renews
     /// only once a third of its time has passed (cheap to call often). A
     /// store failure is an error: do none of the lease's work this time

@@ -130,11 +130,6 @@ impl TriggerSet {
     pub fn schedules(&self) -> &[(Schedule, Target)] {
         &self.schedules
     }
-
-    /// Whether any trigger listens to the document store.
-    pub fn has_store_triggers(&self) -> bool {
-        !self.store.is_empty()
-    }
 }
 
 /// Keep `out` up to date with the triggers of what `served` serves, and
