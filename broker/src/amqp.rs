@@ -100,6 +100,7 @@ fn declare_options(kind: QueueKind) -> QueueDeclareOptions {
         QueueKind::Exclusive | QueueKind::Broadcast => {
             QueueDeclareOptions::exclusive().auto_delete()
         }
+        QueueKind::External => QueueDeclareOptions::default().passive(),
     }
 }
 
@@ -151,6 +152,15 @@ impl AmqpBroker {
         ok
     }
 
+    /// Declare `queue` again on every new connection.
+    fn remember(&self, queue: &str, kind: QueueKind) {
+        self.inner
+            .declared
+            .lock()
+            .unwrap_or_else(|e| poisoned("amqp.declared", e))
+            .insert(queue.to_owned(), kind);
+    }
+
     fn live(&self) -> Result<Arc<Live>, BrokerError> {
         self.inner
             .current
@@ -187,7 +197,9 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
                     .map(|(q, k)| (q.clone(), *k))
                     .collect();
                 let mut redeclared = true;
-                for (q, k) in &queues {
+                // Another application's queue is checked by its consumer
+                // (a passive declare that fails would close the publisher).
+                for (q, k) in queues.iter().filter(|(_, k)| *k != QueueKind::External) {
                     if let Err(e) = declare_on(&publisher, q, *k).await {
                         tracing::warn!(queue = %q, error = %e, "redeclare after reconnect failed");
                         redeclared = false;
@@ -219,7 +231,7 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
                     .map(|(q, k)| (q.clone(), *k))
                     .collect();
                 drop(strong);
-                for (q, k) in later {
+                for (q, k) in later.into_iter().filter(|(_, k)| *k != QueueKind::External) {
                     if let Err(e) = declare_on(&live.publisher, &q, k).await {
                         tracing::warn!(queue = %q, error = %e, "declare after connecting failed");
                     }
@@ -411,14 +423,7 @@ async fn declare_delay(live: &Live, target: &str, delay_ms: u64) -> Result<Strin
 
 impl Broker for AmqpBroker {
     async fn declare(&self, queue: &str, kind: QueueKind) -> Result<(), BrokerError> {
-        {
-            let mut d = self
-                .inner
-                .declared
-                .lock()
-                .unwrap_or_else(|e| poisoned("amqp.declared", e));
-            d.insert(queue.to_owned(), kind);
-        }
+        self.remember(queue, kind);
         let live = self.live()?;
         declare_on(&live.publisher, queue, kind).await
     }
@@ -481,14 +486,7 @@ impl Broker for AmqpBroker {
         kind: QueueKind,
         options: ConsumeOptions,
     ) -> Result<Subscription, BrokerError> {
-        {
-            let mut d = self
-                .inner
-                .declared
-                .lock()
-                .unwrap_or_else(|e| poisoned("amqp.declared", e));
-            d.insert(queue.to_owned(), kind);
-        }
+        self.remember(queue, kind);
         // Declared now, while connected, so the queue exists once this
         // returns: a reply published to it at once (a Runner's answer to a
         // flow's parallel branch) would otherwise find no queue and be
@@ -518,6 +516,39 @@ impl Broker for AmqpBroker {
                 cancelled: false,
             })),
         })
+    }
+
+    async fn bind(
+        &self,
+        queue: &str,
+        exchange: &str,
+        binding_key: &str,
+    ) -> Result<(), BrokerError> {
+        self.remember(queue, QueueKind::Work);
+        let live = self.live()?;
+        // On a channel of its own: a missing exchange closes it.
+        let ch = live
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)?;
+        let bound = async {
+            declare_on(&ch, queue, QueueKind::Work).await?;
+            ch.queue_bind(
+                queue.into(),
+                exchange.into(),
+                binding_key.into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                BrokerError::Protocol(format!("binding {queue} to exchange {exchange}: {e}"))
+            })
+        }
+        .await;
+        let _ = ch.close(200, "bound".into()).await;
+        bound
     }
 
     async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
@@ -693,6 +724,8 @@ impl AmqpSubscription {
                 persistent: d.properties.delivery_mode() == &Some(2),
             },
             redelivered: d.redelivered,
+            message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
+            routing_key: Some(d.routing_key.to_string()).filter(|k| !k.is_empty()),
             acker: if self.options.auto_ack {
                 Acker::None
             } else {

@@ -189,6 +189,12 @@ impl Broker for EmbeddedBroker {
         })
     }
 
+    async fn bind(&self, _queue: &str, exchange: &str, _key: &str) -> Result<(), BrokerError> {
+        Err(BrokerError::Protocol(format!(
+            "cannot bind to exchange {exchange:?}: the embedded broker has no exchanges (use RabbitMQ, --broker amqp://...)"
+        )))
+    }
+
     async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
         let q = self
             .queue(queue)
@@ -239,6 +245,8 @@ impl Receiver {
         Some(Delivery {
             message,
             redelivered,
+            message_id: None,
+            routing_key: None,
             acker,
             settled: false,
         })

@@ -102,6 +102,11 @@ pub enum QueueKind {
     /// gets its own private queue bound to it, and every message published
     /// while it is subscribed.
     Broadcast,
+    /// A queue another application owns (a queue trigger's): it must
+    /// exist, and is only checked (a passive declare on RabbitMQ), never
+    /// created or changed, so its arguments (quorum, TTLs) stay its
+    /// owner's. The embedded broker creates it, as any queue.
+    External,
 }
 
 /// How to consume.
@@ -132,6 +137,10 @@ pub struct Delivery {
     pub message: Message,
     /// The broker delivered it before and it was not acknowledged.
     pub redelivered: bool,
+    /// The publisher's message id (AMQP `message-id`), when it set one.
+    pub message_id: Option<String>,
+    /// The routing key it was published with (AMQP), when it had one.
+    pub routing_key: Option<String>,
     acker: Acker,
     settled: bool,
 }
@@ -237,6 +246,8 @@ impl Subscription {
             SubInner::Topic(r) => r.recv().await.ok().map(|message| Delivery {
                 message,
                 redelivered: false,
+                message_id: None,
+                routing_key: None,
                 acker: Acker::None,
                 settled: false,
             }),
@@ -301,6 +312,19 @@ pub trait Broker: Clone + Send + Sync + 'static {
         kind: QueueKind,
         options: ConsumeOptions,
     ) -> impl Future<Output = Result<Subscription, BrokerError>> + Send;
+
+    /// Bind `queue` (a durable work queue, declared if missing) to
+    /// `exchange`, which another application owns and must have
+    /// declared, with `binding_key`: what is published there with a
+    /// matching routing key reaches `queue` from then on (an exchange
+    /// trigger's). RabbitMQ keeps the binding across its restarts. The
+    /// embedded broker has no exchanges: [`BrokerError::Protocol`].
+    fn bind(
+        &self,
+        queue: &str,
+        exchange: &str,
+        binding_key: &str,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
     /// How deep a queue is.
     fn depth(&self, queue: &str) -> impl Future<Output = Result<QueueDepth, BrokerError>> + Send;
@@ -422,6 +446,18 @@ impl Broker for AnyBroker {
         match self {
             AnyBroker::Embedded(b) => b.consume(queue, kind, options).await,
             AnyBroker::Amqp(b) => b.consume(queue, kind, options).await,
+        }
+    }
+
+    async fn bind(
+        &self,
+        queue: &str,
+        exchange: &str,
+        binding_key: &str,
+    ) -> Result<(), BrokerError> {
+        match self {
+            AnyBroker::Embedded(b) => b.bind(queue, exchange, binding_key).await,
+            AnyBroker::Amqp(b) => b.bind(queue, exchange, binding_key).await,
         }
     }
 

@@ -45,6 +45,9 @@ pub const MAX_BATCH: usize = 100;
 /// Most calls a queue trigger has running at once.
 pub const MAX_CONCURRENCY: usize = 64;
 
+/// The longest a queue trigger's batch waits to fill, ms.
+pub const MAX_BATCH_WINDOW_MS: u64 = 10_000;
+
 /// Most missed ticks `catch_up: all` fires after an outage.
 pub const MAX_CATCH_UP: usize = 100;
 
@@ -104,7 +107,7 @@ fn utc() -> String {
 }
 
 /// Messages of an AMQP queue the Func does not own, or of an exchange.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueTrigger {
     /// A queue to consume (it must exist on the broker).
@@ -123,6 +126,11 @@ pub struct QueueTrigger {
     /// Calls running at once (default 1).
     #[serde(default = "one")]
     pub concurrency: usize,
+    /// How long a batch waits to fill once its first message is in, ms
+    /// (default 0: the messages already delivered; at most
+    /// [`MAX_BATCH_WINDOW_MS`]).
+    #[serde(default)]
+    pub batch_window_ms: u64,
 }
 
 fn one() -> usize {
@@ -310,6 +318,9 @@ impl QueueTrigger {
         }
         if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
             return bad("concurrency", format!("1 to {MAX_CONCURRENCY}"));
+        }
+        if self.batch_window_ms > MAX_BATCH_WINDOW_MS {
+            return bad("batch_window_ms", format!("at most {MAX_BATCH_WINDOW_MS}"));
         }
         Ok(())
     }

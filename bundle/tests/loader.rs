@@ -818,4 +818,46 @@ fn the_triggered_example_bundles_load_with_their_triggers() {
         other => panic!("{other:?}"),
     }
     funcatron_bundle::validate::compile_bundle(&audit).unwrap();
+
+    let worker = Bundle::load(&bundles.join("queue-worker")).unwrap();
+    let jobs = worker
+        .operations
+        .iter()
+        .find(|o| o.path == "/jobs")
+        .unwrap();
+    match &jobs.triggers[0].kind {
+        TriggerKind::Queue(q) => assert_eq!(
+            (
+                q.queue.as_deref(),
+                q.batch,
+                q.batch_window_ms,
+                q.concurrency
+            ),
+            (Some("jobs"), 10, 100, 2)
+        ),
+        other => panic!("{other:?}"),
+    }
+    funcatron_bundle::validate::compile_bundle(&worker).unwrap();
+
+    let words = Bundle::load(&bundles.join("word-count")).unwrap();
+    assert_eq!(
+        words.store_access["article-stats"],
+        [StoreOp::Read, StoreOp::Write]
+    );
+    assert_eq!(words.store_access["articles"], [StoreOp::Read]);
+    let on = words
+        .operations
+        .iter()
+        .find(|o| o.path == "/on-article")
+        .unwrap();
+    match &on.triggers[0].kind {
+        TriggerKind::Store(s) => {
+            assert_eq!(
+                (s.collection.as_str(), s.events.as_slice()),
+                ("articles", [StoreEvent::Created].as_slice())
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    funcatron_bundle::validate::compile_bundle(&words).unwrap();
 }

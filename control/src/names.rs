@@ -41,6 +41,16 @@ pub fn delay_queue(target: &str, delay_ms: u64) -> String {
     format!("funcatron.delay.{delay_ms}.{target}")
 }
 
+/// The queue an exchange trigger binds to its exchange (durable, shared
+/// by every Tron, so each message is consumed once).
+pub fn trigger_queue(func: &str, trigger: &str) -> String {
+    format!("funcatron.trigger.{func}.{trigger}")
+}
+
+/// Document store requests of Funcs, from their Runners: Trons with a
+/// document store consume it and answer on the Runner's reply queue.
+pub const STORE_REQUESTS: &str = "funcatron.store";
+
 /// An ingress instance's private reply queue.
 pub fn reply_queue(instance: &str) -> String {
     format!("funcatron.reply.{instance}")

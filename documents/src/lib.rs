@@ -33,6 +33,7 @@
 pub mod collections;
 pub mod http;
 pub mod outbox;
+pub mod rpc;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

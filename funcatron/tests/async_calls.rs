@@ -278,23 +278,11 @@ async fn accepted_calls_survive_a_kill_of_up() {
             ),
         ],
     );
-    let (listen, mgmt) = (free_addr(), free_addr());
-    let store = root.path().join("store");
-    let args = [
-        "up",
-        "--bundles",
-        bundles.to_str().unwrap(),
-        "--store",
-        store.to_str().unwrap(),
-        "--listen",
-        &listen.to_string(),
-        "--mgmt-listen",
-        &mgmt.to_string(),
-    ];
+    let cmd = UpCmd::new(&bundles, &root.path().join("store"));
     let log = root.path().join("up.log");
-    let base = format!("http://{listen}");
+    let base = cmd.base.clone();
     let start = || async {
-        let up = funcatron_logged(&args, "tok", &log);
+        let up = cmd.spawn("tok", &log);
         eventually("the Func answers", || async {
             text_post(&format!("{base}/late/x")).await == (503, "later sync".to_owned())
         })

@@ -34,20 +34,9 @@ async fn start_up() -> Up {
     let bundles = root.path().join("bundles");
     std::fs::create_dir_all(&bundles).unwrap();
     let store = root.path().join("store");
-    let (listen, mgmt) = (free_addr().to_string(), free_addr().to_string());
-    let args = [
-        "up",
-        "--bundles",
-        bundles.to_str().unwrap(),
-        "--store",
-        store.to_str().unwrap(),
-        "--listen",
-        &listen,
-        "--mgmt-listen",
-        &mgmt,
-    ];
-    let proc = funcatron_logged(&args, ADMIN, &root.path().join("up.log"));
-    let (base, mgmt) = (format!("http://{listen}"), format!("http://{mgmt}"));
+    let cmd = UpCmd::new(&bundles, &store);
+    let proc = cmd.spawn(ADMIN, &root.path().join("up.log"));
+    let UpCmd { base, mgmt, .. } = cmd;
     wait_ready(&format!("{mgmt}/v1/health")).await;
     wait_ready(&format!("{base}/_funcatron/health")).await;
     Up {

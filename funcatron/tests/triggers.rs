@@ -53,20 +53,9 @@ struct Up {
 }
 
 async fn start_up(bundles: &std::path::Path, store: &std::path::Path, log: &std::path::Path) -> Up {
-    let (listen, mgmt) = (free_addr(), free_addr());
-    let args = [
-        "up",
-        "--bundles",
-        bundles.to_str().unwrap(),
-        "--store",
-        store.to_str().unwrap(),
-        "--listen",
-        &listen.to_string(),
-        "--mgmt-listen",
-        &mgmt.to_string(),
-    ];
-    let proc = funcatron_logged(&args, "tok", log);
-    let base = format!("http://{listen}");
+    let cmd = UpCmd::new(bundles, store);
+    let proc = cmd.spawn("tok", log);
+    let base = cmd.base.clone();
     eventually("the bundle's collection is defined", || async {
         let r = reqwest::Client::new()
             .get(format!("{base}/_funcatron/store/orders/_collection"))
@@ -79,7 +68,7 @@ async fn start_up(bundles: &std::path::Path, store: &std::path::Path, log: &std:
     Up {
         _proc: proc,
         base,
-        mgmt: format!("http://{mgmt}"),
+        mgmt: cmd.mgmt,
     }
 }
 

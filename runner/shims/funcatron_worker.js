@@ -33,6 +33,53 @@ function parseQuery(qs) {
   return out;
 }
 
+// The document store, through the Runner (docs/runtimes.md): each call
+// sends a `store` frame and resolves with the Runner's answer; answers
+// come back in the order asked.
+const storeWaiting = [];
+class StoreError extends Error {
+  constructor(status, body) {
+    super(`${status} ${body && body.error}: ${body && body.message}`);
+    this.name = 'StoreError';
+    this.status = status;
+    this.code = body && body.error;
+    this.body = body;
+  }
+}
+function storeCall(op) {
+  return new Promise((resolve, reject) => {
+    storeWaiting.push({ resolve, reject });
+    send(['store', JSON.stringify(op)]);
+  });
+}
+async function storeOk(op) {
+  const [status, body] = await storeCall(op);
+  if (status >= 400) throw new StoreError(status, body);
+  return body;
+}
+const versioned = (op, o) => storeOk(o && o.ifVersion != null ? { ...op, if_version: o.ifVersion } : op);
+const store = {
+  async get(collection, id) {
+    const [status, body] = await storeCall({ op: 'get', collection, id });
+    if (status === 404 && body && body.error === 'not_found') return null;
+    if (status >= 400) throw new StoreError(status, body);
+    return body;
+  },
+  list(collection, o = {}) {
+    const op = { op: 'list', collection, filter: o.filter || {} };
+    if (o.limit != null) op.limit = o.limit;
+    if (o.after != null) op.after = o.after;
+    return storeOk(op);
+  },
+  create(collection, doc, id) {
+    return storeOk(id == null ? { op: 'create', collection, doc } : { op: 'create', collection, doc, id });
+  },
+  put: (collection, id, doc, o) => versioned({ op: 'put', collection, id, doc }, o),
+  merge: (collection, id, patch, o) => versioned({ op: 'merge', collection, id, patch }, o),
+  delete: (collection, id, o) => versioned({ op: 'delete', collection, id }, o),
+  StoreError,
+};
+
 function request(items) {
   const s = (i) => items[i].toString('utf8');
   const headers = {};
@@ -47,7 +94,7 @@ function request(items) {
   const body = items[8];
   return {
     id: s(1), operation: s(2), method: s(3), scheme: s(4), host: s(5), path: s(6),
-    queryString: s(7), query: parseQuery(s(7)), headers, params, body,
+    queryString: s(7), query: parseQuery(s(7)), headers, params, body, store,
     get text() { return body.toString('utf8'); },
     json() { return body.length ? JSON.parse(body.toString('utf8')) : null; },
     get(name) { return headers[String(name).toLowerCase()]; },
@@ -266,6 +313,11 @@ sock.on('data', (chunk) => {
       off += 4 + n;
     }
     buf = buf.subarray(off);
+    if (items.length === 3 && items[0].toString('latin1') === 'store') {
+      const w = storeWaiting.shift();
+      if (w) w.resolve([parseInt(items[1].toString('latin1'), 10), JSON.parse(items[2].toString('utf8'))]);
+      continue;
+    }
     if (items.length && items[0].toString('latin1') === 'cancel') {
       // For the open stream; or one that had ended already.
       if (open) open.cancelled = true;

@@ -2,8 +2,9 @@
 invocations from its Runner over a Unix socket (see runner/src/worker/frame.rs
 for the frame format). Started by the Runner; not meant to be run by hand.
 
-Funcs import nothing from here but may use `funcatron.Response` and
-`funcatron.Stream`."""
+Funcs import nothing from here but may use `funcatron.Response`,
+`funcatron.Stream` and `funcatron.store` (the document store, through the
+Runner: see docs/runtimes.md)."""
 import inspect
 import importlib.util
 import json
@@ -37,6 +38,88 @@ class Stream:
         self.body = body
         self.status = status
         self.headers = dict(headers or {})
+
+
+class StoreError(Exception):
+    """A document store operation was refused: `status` (HTTP), `code`
+    (`not_found`, `forbidden`, `precondition_failed`, `schema_violation`,
+    ...) and the answer's `body`."""
+
+    def __init__(self, status, body):
+        self.status = status
+        self.body = body
+        self.code = body.get("error") if isinstance(body, dict) else None
+        message = body.get("message") if isinstance(body, dict) else body
+        super().__init__(f"{status} {self.code}: {message}")
+
+
+class Store:
+    """The document store, on the collections the bundle declares
+    (`store: {orders: [read, write]}`). Each call is one round trip through
+    the Runner, within the request's time limit; documents come back as
+    `{"collection", "id", "version", "updated_ms", "doc"}`. Not for use
+    while an answer streams."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def _call(self, op):
+        self._conn.send([b"store", json.dumps(op).encode()])
+        items = self._conn.read()
+        if items is None:
+            sys.exit(0)
+        if len(items) != 3 or items[0] != b"store":
+            raise RuntimeError("the Runner broke the store protocol")
+        return int(items[1]), json.loads(items[2])
+
+    def _ok(self, op):
+        status, body = self._call(op)
+        if status >= 400:
+            raise StoreError(status, body)
+        return body
+
+    def get(self, collection, id):
+        """The document, or None when there is none."""
+        status, body = self._call({"op": "get", "collection": collection, "id": id})
+        if status == 404 and isinstance(body, dict) and body.get("error") == "not_found":
+            return None
+        if status >= 400:
+            raise StoreError(status, body)
+        return body
+
+    def list(self, collection, filter=None, limit=None, after=None):
+        """A page `{"documents": [...], "next": ...}` of the documents whose
+        top-level fields equal `filter`'s; pass `next` as `after` for more."""
+        op = {"op": "list", "collection": collection, "filter": filter or {}}
+        if limit is not None:
+            op["limit"] = limit
+        if after is not None:
+            op["after"] = after
+        return self._ok(op)
+
+    def create(self, collection, doc, id=None):
+        """A new document (the store picks the id unless given)."""
+        op = {"op": "create", "collection": collection, "doc": doc}
+        if id is not None:
+            op["id"] = id
+        return self._ok(op)
+
+    def _versioned(self, op, if_version):
+        if if_version is not None:
+            op["if_version"] = if_version
+        return self._ok(op)
+
+    def put(self, collection, id, doc, if_version=None):
+        """Write the whole document (created if missing)."""
+        return self._versioned({"op": "put", "collection": collection, "id": id, "doc": doc}, if_version)
+
+    def merge(self, collection, id, patch, if_version=None):
+        """Change the document by a JSON merge patch (RFC 7396)."""
+        return self._versioned({"op": "merge", "collection": collection, "id": id, "patch": patch}, if_version)
+
+    def delete(self, collection, id, if_version=None):
+        """Remove the document."""
+        return self._versioned({"op": "delete", "collection": collection, "id": id}, if_version)
 
 
 # The largest piece in one frame (runner/src/worker/frame.rs,
@@ -223,6 +306,7 @@ def main():
     operations = [o for o in os.environ.get("FUNCATRON_OPERATIONS", "").split(",") if o]
     mod = types.ModuleType("funcatron")
     mod.Response, mod.Request, mod.Stream = Response, Request, Stream
+    mod.store, mod.Store, mod.StoreError = Store(conn), Store, StoreError
     sys.modules["funcatron"] = mod
     try:
         os.chdir(bundle)

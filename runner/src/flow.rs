@@ -20,21 +20,20 @@
 //! published: a Runner that dies mid-way leaves its step to run again.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use funcatron_broker::{AnyBroker, Broker, ConsumeOptions, Message, QueueKind};
+use funcatron_broker::{AnyBroker, Broker, Message};
 use funcatron_control::outbound::OutboundPolicy;
 use funcatron_control::{headers, names};
 use funcatron_envelope::flow::{Apply, FlowSpec, FlowState, Held, Parallel, Phase, Step};
 use funcatron_envelope::{encode_body, now_ms, Request, Response};
 use hmac::Mac as _;
-use tokio::sync::oneshot;
 
 use crate::chain::Next;
 use crate::lua::LuaLimits;
+use crate::replies::Replies;
 use funcatron_control::calls::{next_step, Resolved, StepNote};
 use funcatron_store::{AnyStore, Store as _};
 
@@ -223,7 +222,7 @@ pub struct FlowEngine {
     http: reqwest::Client,
     outbound: OutboundPolicy,
     limits: LuaLimits,
-    branches: tokio::sync::OnceCell<Branches>,
+    branches: tokio::sync::OnceCell<Replies>,
     values: Option<Values>,
 }
 
@@ -279,13 +278,6 @@ impl Values {
             })
             .await
     }
-}
-
-/// The Runner's reply queue for parallel branches: each answer wakes
-/// its waiting branch by reply key.
-struct Branches {
-    queue: String,
-    pending: Arc<Mutex<HashMap<String, oneshot::Sender<Bytes>>>>,
 }
 
 impl FlowEngine {
@@ -805,12 +797,7 @@ impl FlowEngine {
         let mut waits = Vec::new();
         for (name, a) in p.branches() {
             let key = funcatron_envelope::new_request_id();
-            let (tx, rx) = oneshot::channel();
-            branches
-                .pending
-                .lock()
-                .map_err(|_| failure("", 500, "flow_branches_unavailable", "poisoned"))?
-                .insert(key.clone(), tx);
+            let rx = branches.wait(&key);
             let mut r = step_request(req, a, data, None);
             r.reply_to = Some(Cow::Borrowed(&branches.queue));
             r.reply_key = Some(Cow::Owned(key.clone()));
@@ -826,6 +813,7 @@ impl FlowEngine {
                 .publish(names::REQUESTS, Message::new(r.encode()))
                 .await;
             if let Err(e) = published {
+                branches.forget(&key);
                 return Err(failure(&a.func, 503, "broker_unavailable", &e.to_string()));
             }
             waits.push((name, a.func.clone(), key, rx));
@@ -836,9 +824,7 @@ impl FlowEngine {
         let mut joined_map = serde_json::Map::new();
         for (name, func, key, rx) in waits {
             let got = tokio::time::timeout(left, rx).await;
-            if let Ok(mut p) = branches.pending.lock() {
-                p.remove(&key);
-            }
+            branches.forget(&key);
             let Ok(Ok(bytes)) = got else {
                 return Err(failure(
                     &func,
@@ -886,42 +872,19 @@ fn failure(func: &str, status: u16, code: &str, message: &str) -> (String, u16, 
     )
 }
 
-/// Start consuming this Runner's reply queue of parallel branches.
-async fn start_branches(broker: &AnyBroker) -> Result<Branches, String> {
-    let queue = names::reply_queue(&format!(
-        "flow-{}",
-        &funcatron_envelope::new_request_id()[..16]
-    ));
-    let mut sub = broker
-        .consume(
-            &queue,
-            QueueKind::Exclusive,
-            ConsumeOptions {
-                prefetch: 1000,
-                auto_ack: true,
-            },
-        )
+/// Start consuming this Runner's reply queue of parallel branches: each
+/// answer is a response envelope naming its `reply_key`.
+async fn start_branches(broker: &AnyBroker) -> Result<Replies, String> {
+    #[derive(serde::Deserialize)]
+    struct Key {
+        reply_key: Option<String>,
+    }
+    fn key_of(payload: &[u8]) -> Option<String> {
+        serde_json::from_slice::<Key>(payload).ok()?.reply_key
+    }
+    Replies::start(broker, "flow", key_of)
         .await
-        .map_err(|e| e.to_string())?;
-    let pending: Arc<Mutex<HashMap<String, oneshot::Sender<Bytes>>>> = Arc::default();
-    let p = Arc::clone(&pending);
-    tokio::spawn(async move {
-        #[derive(serde::Deserialize)]
-        struct Key {
-            reply_key: Option<String>,
-        }
-        while let Some(d) = sub.next().await {
-            let key = serde_json::from_slice::<Key>(&d.message.payload)
-                .ok()
-                .and_then(|k| k.reply_key);
-            let waiting = key.and_then(|k| p.lock().ok().and_then(|mut m| m.remove(&k)));
-            if let Some(tx) = waiting {
-                let _ = tx.send(d.message.payload.clone());
-            }
-            let _ = d.ack().await;
-        }
-    });
-    Ok(Branches { queue, pending })
+        .map_err(|e| e.to_string())
 }
 
 /// The request a step makes of Func `a.func` with `data`, from the flow's

@@ -61,6 +61,9 @@ pub struct Job {
     /// A direct request's streams ([`crate::direct`]): its body in pieces
     /// (when not read whole) and its answer, written in pieces.
     pub direct: Option<Arc<crate::direct::DirectIo>>,
+    /// The Func's way to the document store, when its bundle declares
+    /// collections (`store`).
+    pub store: Option<Arc<crate::store::StoreScope>>,
 }
 
 /// What the Tron says about an `OPTIONS` on a path without an `options`
@@ -144,6 +147,8 @@ pub struct FuncRequest<'a> {
     /// Largest answer body ([`Job::max_reply_bytes`]): what a runtime
     /// collects of an answer written in pieces, when it is not streamed.
     pub max_reply_bytes: usize,
+    /// The Func's way to the document store ([`Job::store`]).
+    pub store: Option<Arc<crate::store::StoreScope>>,
 }
 
 /// A Func's answer.
@@ -461,6 +466,7 @@ pub fn start<'a>(
         deadline,
         direct: job.direct.clone(),
         max_reply_bytes: job.max_reply_bytes,
+        store: job.store.clone(),
     })
 }
 

@@ -10,7 +10,8 @@
 //! and only then acknowledges the request. Messages it cannot decode go to
 //! the dead-letter queue; expired requests are skipped. Direct requests
 //! (large bodies, streamed answers) are claimed over HTTP on the Runner's
-//! own listener instead, see [`direct`].
+//! own listener instead, see [`direct`]. Funcs reach the document store
+//! through their Runner, see [`store`].
 
 pub mod args;
 mod chain;
@@ -23,9 +24,11 @@ pub mod invoke;
 pub mod lua;
 pub mod node;
 pub mod observe;
+mod replies;
 pub mod runtime;
 pub mod sandbox;
 pub mod serve;
+pub mod store;
 pub mod worker;
 
 pub use node::{RunnerNode, RunnerShared};

@@ -697,6 +697,8 @@ impl LuaFunc {
         })?;
         self.lua
             .set_app_data(RequestId(req.envelope.id.to_string()));
+        self.lua
+            .set_app_data(CallStore(req.store.clone(), req.deadline));
         let streams_body = req.direct.as_ref().is_some_and(|d| d.streams_body());
         *self.io.borrow_mut() = CallIo {
             deadline: Some(req.deadline),
@@ -708,6 +710,7 @@ impl LuaFunc {
             max_bytes: req.max_reply_bytes,
         };
         let called = handler.call::<Value>(table);
+        self.lua.remove_app_data::<CallStore>();
         let io = std::mem::take(&mut *self.io.borrow_mut());
         match (called, io.head) {
             (Err(e), _) => Err(self.classify(e)),
@@ -833,6 +836,119 @@ impl From<mlua::Error> for BuildError {
 
 /// The request id of the call in progress, for `print`.
 struct RequestId(String);
+
+/// The running call's way to the document store (`store.*`) and its
+/// deadline, as app data while it runs.
+struct CallStore(Option<Arc<crate::store::StoreScope>>, Instant);
+
+/// Run one `store.*` operation for the call in flight: the answer's body
+/// (a table), or `nil` and the error (its body with `status`).
+fn store_call(lua: &Lua, op: serde_json::Value) -> mlua::Result<(Value, Value)> {
+    let (scope, deadline) = match lua.app_data_ref::<CallStore>() {
+        Some(c) => (c.0.clone(), c.1),
+        None => (None, Instant::now()),
+    };
+    let (status, body) = match scope {
+        Some(s) => {
+            let op = serde_json::to_vec(&op).map_err(mlua::Error::external)?;
+            s.call_blocking(op, deadline)
+        }
+        None => funcatron_documents::rpc::refusal(
+            403,
+            "forbidden",
+            "this Func declares no collections: add `store: {collection: [read, write]}` to its bundle",
+        ),
+    };
+    let body = lua.to_value(&body)?;
+    if status < 400 {
+        return Ok((body, Value::Nil));
+    }
+    if let Value::Table(t) = &body {
+        t.raw_set("status", status)?;
+    }
+    Ok((Value::Nil, body))
+}
+
+/// The `store` table: `get`, `list`, `create`, `put`, `merge`, `delete`
+/// on the collections the bundle declares (`docs/runtimes.md`).
+fn store_table(lua: &Lua) -> mlua::Result<Table> {
+    use serde_json::{json, Value as J};
+    fn opt(lua: &Lua, v: Value, key: &str) -> mlua::Result<J> {
+        match v {
+            Value::Table(t) => {
+                let v: Value = t.raw_get(key)?;
+                serde_json::to_value(&v).map_err(mlua::Error::external)
+            }
+            _ => {
+                let _ = lua;
+                Ok(J::Null)
+            }
+        }
+    }
+    let to_json = |v: &Value| serde_json::to_value(v).map_err(mlua::Error::external);
+    let t = lua.create_table()?;
+    t.raw_set(
+        "get",
+        lua.create_function(|lua, (c, id): (String, String)| {
+            store_call(lua, json!({"op": "get", "collection": c, "id": id}))
+        })?,
+    )?;
+    t.raw_set(
+        "list",
+        lua.create_function(|lua, (c, o): (String, Value)| {
+            let filter = match opt(lua, o.clone(), "filter")? {
+                J::Null => json!({}),
+                f => f,
+            };
+            let mut op = json!({"op": "list", "collection": c, "filter": filter});
+            for k in ["after", "limit"] {
+                let v = opt(lua, o.clone(), k)?;
+                if !v.is_null() {
+                    op[k] = v;
+                }
+            }
+            store_call(lua, op)
+        })?,
+    )?;
+    t.raw_set(
+        "create",
+        lua.create_function(move |lua, (c, doc, id): (String, Value, Option<String>)| {
+            let mut op = json!({"op": "create", "collection": c, "doc": to_json(&doc)?});
+            if let Some(id) = id {
+                op["id"] = J::String(id);
+            }
+            store_call(lua, op)
+        })?,
+    )?;
+    // put(c, id, doc, opts), merge(c, id, patch, opts), delete(c, id, opts).
+    for (name, field) in [
+        ("put", Some("doc")),
+        ("merge", Some("patch")),
+        ("delete", None),
+    ] {
+        t.raw_set(
+            name,
+            lua.create_function(move |lua, args: mlua::MultiValue| {
+                let mut args = args.into_iter();
+                let mut next = || args.next().unwrap_or(Value::Nil);
+                let (c, id) = (next(), next());
+                let (Some(c), Some(id)) = (lua.coerce_string(c)?, lua.coerce_string(id)?) else {
+                    return Err(mlua::Error::runtime(format!("store.{name}: a collection and an id")));
+                };
+                let mut op = json!({"op": name, "collection": c.to_str()?.to_owned(), "id": id.to_str()?.to_owned()});
+                if let Some(field) = field {
+                    op[field] = to_json(&next())?;
+                }
+                let version = opt(lua, next(), "if_version")?;
+                if !version.is_null() {
+                    op["if_version"] = version;
+                }
+                store_call(lua, op)
+            })?,
+        )?;
+    }
+    Ok(t)
+}
 
 fn json_body(v: &Value) -> Result<Vec<u8>, mlua::Error> {
     serde_json::to_vec(v).map_err(mlua::Error::external)
@@ -1117,6 +1233,7 @@ fn install_sandbox_for(
         })?,
     )?;
     g.raw_set("json", json)?;
+    g.raw_set("store", store_table(lua)?)?;
     let Some(dir) = dir else {
         return Ok(());
     };

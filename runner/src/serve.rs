@@ -72,6 +72,8 @@ struct Version {
     /// Its pipelines (`x-funcatron-flow`) by route: requests to them
     /// start a flow instead of calling the Func's code ([`crate::flow`]).
     flows: std::collections::BTreeMap<String, Arc<funcatron_envelope::flow::FlowSpec>>,
+    /// Its way to the document store, when its bundle declares `store`.
+    store: Option<Arc<crate::store::StoreScope>>,
 }
 
 impl Version {
@@ -87,6 +89,7 @@ impl Version {
             async_only: false,
             streams_body: std::collections::HashSet::new(),
             flows: std::collections::BTreeMap::new(),
+            store: None,
         }
     }
 
@@ -354,6 +357,8 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let mut active: HashMap<(String, String), Serving> = HashMap::new();
+    // One reply queue for every Func's store calls, opened at the first.
+    let store = crate::store::StoreClient::new(broker.clone());
     // One pool of Lua threads for every Lua Func served.
     let ctx = VersionCtx {
         broker: &broker,
@@ -362,6 +367,7 @@ pub(crate) async fn serve(
         direct: &shared.direct,
         lua: &shared.lua,
         flows: &shared.flows,
+        store: &store,
     };
     let retiring = TaskTracker::new();
     let mut watching = true;
@@ -456,6 +462,7 @@ struct VersionCtx<'a> {
     direct: &'a Arc<Direct>,
     lua: &'a Arc<crate::lua::LuaThreads>,
     flows: &'a Arc<crate::flow::FlowEngine>,
+    store: &'a Arc<crate::store::StoreClient>,
 }
 
 /// Prepare one bundle version: its secrets, its checks, then its runtime.
@@ -519,6 +526,7 @@ async fn prepare_version(ctx: &VersionCtx<'_>, b: &Bundle) -> Version {
             std::collections::HashSet::new()
         },
         flows: crate::flow::flows_of(&b),
+        store: (!b.store_access.is_empty()).then(|| crate::store::StoreScope::of(ctx.store, &b)),
     }
 }
 
@@ -807,6 +815,7 @@ fn job_for(ctx: &Consumer, delivery: &Delivery, picked_ms: f64) -> Result<Job, D
         async_only: ctx.version.async_only,
         direct_body: None,
         direct: None,
+        store: ctx.version.store.clone(),
     })
 }
 
@@ -1425,6 +1434,7 @@ mod tests {
             async_only: false,
             direct_body: None,
             direct: None,
+            store: None,
         }
     }
 
@@ -1448,6 +1458,7 @@ mod tests {
             direct: &direct,
             lua: &lua,
             flows: &flows,
+            store: &crate::store::StoreClient::new(broker.clone()),
         };
         prepare_version(&ctx, b).await
     }

@@ -72,6 +72,7 @@ fn job(op: &str, body: &[u8], content_type: &str) -> Job {
         async_only: false,
         direct_body: None,
         direct: None,
+        store: None,
     }
 }
 

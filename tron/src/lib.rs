@@ -29,10 +29,12 @@ pub mod dispatch;
 pub mod heartbeats;
 pub mod mgmt;
 pub mod node;
+pub mod queue_triggers;
 pub mod registry;
 pub mod schedules;
 pub use funcatron_routes as routes;
 pub mod status;
+pub mod store_rpc;
 pub mod telemetry;
 pub mod triggers;
 

@@ -244,9 +244,10 @@ impl TronNode {
     }
 }
 
-/// Follow what is served for its triggers (and the collections its
-/// bundles bring), fire its schedules, and relay the document store's
-/// events to its store triggers.
+/// Answer Funcs' store requests, follow what is served for its triggers
+/// (and the collections its bundles bring), fire its schedules, consume
+/// its queue triggers' queues, and relay the document store's events to
+/// its store triggers.
 fn spawn_triggers(
     ctx: &TronContext,
     docs: funcatron_documents::Documents,
@@ -254,6 +255,12 @@ fn spawn_triggers(
     served: watch::Receiver<Arc<crate::registry::Served>>,
     shutdown: &CancellationToken,
 ) {
+    tokio::spawn(crate::store_rpc::serve(
+        docs.clone(),
+        ctx.broker.clone(),
+        served.clone(),
+        shutdown.clone(),
+    ));
     let (tx, rx) = watch::channel(Arc::default());
     tokio::spawn(crate::triggers::follow(
         served,
@@ -270,6 +277,12 @@ fn spawn_triggers(
     );
     tokio::spawn(crate::schedules::run(
         scheduler,
+        rx.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(crate::queue_triggers::run(
+        calls.clone(),
+        ctx.broker.clone(),
         rx.clone(),
         shutdown.clone(),
     ));

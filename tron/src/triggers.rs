@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use funcatron_broker::AnyBroker;
-use funcatron_bundle::triggers::{Schedule, StoreEvent, TriggerKind, TRIGGER_HEADER};
+use funcatron_bundle::triggers::{QueueTrigger, Schedule, StoreEvent, TriggerKind, TRIGGER_HEADER};
 use funcatron_bundle::Bundle;
 use funcatron_calls::submit::{first_attempt, queue, Async, Queued, Refused};
 use funcatron_calls::Calls;
@@ -72,6 +72,8 @@ pub struct TriggerSet {
     store: HashMap<String, Vec<(Vec<StoreEvent>, Target)>>,
     /// Cron schedules and where their ticks go.
     schedules: Vec<(Schedule, Target)>,
+    /// Queue and exchange triggers and where their messages go.
+    queues: Vec<(QueueTrigger, Target)>,
 }
 
 fn join(base: &str, path: &str) -> String {
@@ -108,7 +110,7 @@ impl TriggerSet {
                             .or_default()
                             .push((s.events.clone(), target)),
                         TriggerKind::Schedule(s) => set.schedules.push((s.clone(), target)),
-                        TriggerKind::Queue(_) => {}
+                        TriggerKind::Queue(q) => set.queues.push((q.clone(), target)),
                     }
                 }
             }
@@ -129,6 +131,11 @@ impl TriggerSet {
     /// The schedules and where their ticks go.
     pub fn schedules(&self) -> &[(Schedule, Target)] {
         &self.schedules
+    }
+
+    /// The queue and exchange triggers and where their messages go.
+    pub fn queues(&self) -> &[(QueueTrigger, Target)] {
+        &self.queues
     }
 }
 
@@ -179,15 +186,16 @@ pub async fn define_collections(docs: &Documents, bundles: &[Bundle]) {
     }
 }
 
-/// Queue one triggered call of `target` with `body` (JSON); `key` makes
-/// it once.
+/// Queue one triggered call of `target` with `body` (JSON), once per
+/// `event_id` (its idempotency key is the trigger and the event id);
+/// returns the call's id (the earlier call's when the event id was seen).
 pub async fn submit(
     calls: &Calls,
     broker: &AnyBroker,
     target: &Target,
     body: &str,
     event_id: &str,
-) -> Result<Queued, Refused> {
+) -> Result<String, Refused> {
     let id = new_request_id();
     // The trigger in the id: its outcome is counted per trigger
     // (`trigger_calls_total`, see `funcatron_calls::trigger_of`).
@@ -210,10 +218,14 @@ pub async fn submit(
     };
     let request = first_attempt(base, &call_id, None, Async::Recorded);
     let key = format!("trigger {} {} {event_id}", target.func, target.trigger);
-    let queued = queue(Some(calls), broker, &request, &secret, Some(&key), None).await?;
-    metrics::counter!("trigger_fired_total", "func" => target.func.clone(), "trigger" => target.trigger.clone())
-        .increment(1);
-    Ok(queued)
+    match queue(Some(calls), broker, &request, &secret, Some(&key), None).await? {
+        Queued::New => {
+            metrics::counter!("trigger_fired_total", "func" => target.func.clone(), "trigger" => target.trigger.clone())
+                .increment(1);
+            Ok(call_id)
+        }
+        Queued::Existing(first) => Ok(first),
+    }
 }
 
 /// Relay the document outbox until `shutdown` (see the module): on this

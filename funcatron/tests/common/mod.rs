@@ -48,7 +48,11 @@ pub fn write_bundle(root: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf 
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     for (f, text) in files {
-        std::fs::write(dir.join(f), text).unwrap();
+        let path = dir.join(f);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(path, text).unwrap();
     }
     dir
 }
@@ -603,6 +607,42 @@ pub fn funcatron_logged(args: &[&str], token: &str, log: &Path) -> Proc {
         child,
         name: args.first().copied().unwrap_or_default().into(),
         log: Some(log.to_path_buf()),
+    }
+}
+
+/// `funcatron up` serving `bundles` with its store in `store`, on free
+/// ports: its ingress at `base`, its management API at `mgmt`.
+pub struct UpCmd {
+    pub args: Vec<String>,
+    pub base: String,
+    pub mgmt: String,
+}
+
+impl UpCmd {
+    pub fn new(bundles: &Path, store: &Path) -> Self {
+        let (listen, mgmt) = (free_addr().to_string(), free_addr().to_string());
+        let args = [
+            "up",
+            "--bundles",
+            bundles.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--mgmt-listen",
+            &mgmt,
+        ];
+        UpCmd {
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            base: format!("http://{listen}"),
+            mgmt: format!("http://{mgmt}"),
+        }
+    }
+
+    /// Start it with `token` as its admin token, its log in `log`.
+    pub fn spawn(&self, token: &str, log: &Path) -> Proc {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        funcatron_logged(&args, token, log)
     }
 }
 

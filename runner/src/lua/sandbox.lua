@@ -156,7 +156,7 @@ end
 -- `env` are copied and written back.
 local next, rawset = next, rawset
 local globals, strings = _G, getmetatable("")
-local libraries = { string, table, math, utf8, coroutine, json }
+local libraries = { string, table, math, utf8, coroutine, json, store }
 local function proxy(t)
   local real = {}
   for k, v in next, t do

@@ -682,13 +682,21 @@ async fn exchange<S>(
     stream: &mut S,
     request: &[u8],
     out: Out<'_>,
+    store: Option<&Arc<crate::store::StoreScope>>,
     deadline: Instant,
 ) -> Result<FuncResponse, Failed>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     frame::write(stream, request).await?;
-    let first = frame::read(stream).await?;
+    let first = loop {
+        let f = frame::read(stream).await?;
+        if f.first().map(Vec::as_slice) != Some(b"store") {
+            break f;
+        }
+        let answer = store_call(store, f, deadline).await?;
+        frame::write(stream, &answer).await?;
+    };
     if first.first().map(Vec::as_slice) != Some(b"head") {
         return Ok(parse_reply(first)?);
     }
@@ -696,6 +704,32 @@ where
     let status = parse_status(it.next(), 200..=599).map_err(broke)?;
     let headers = parse_headers(it).map_err(broke)?;
     relay(stream, status, headers, out, deadline).await
+}
+
+/// The answer frame to a Func's `store` frame (`["store", op]`, the
+/// operation as JSON): `["store", status, body]`.
+async fn store_call(
+    store: Option<&Arc<crate::store::StoreScope>>,
+    items: Vec<Vec<u8>>,
+    deadline: Instant,
+) -> Result<Vec<u8>, Failed> {
+    let [_, op] = <[Vec<u8>; 2]>::try_from(items)
+        .map_err(|_| broke("a `store` frame that is not one operation"))?;
+    let (status, body) = match store {
+        Some(s) => s.call(&op, deadline).await,
+        None => funcatron_documents::rpc::refusal(
+            403,
+            "forbidden",
+            "this Func declares no collections: add `store: {collection: [read, write]}` to its bundle",
+        ),
+    };
+    let status = status.to_string();
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    Ok(frame::encode([
+        b"store".as_slice(),
+        status.as_bytes(),
+        &body,
+    ]))
 }
 
 /// A streamed answer after its `head`: each piece to `out`, up to `end`
@@ -887,7 +921,7 @@ impl Pool {
             None => Out::Collect(req.max_reply_bytes),
         };
         let left = deadline.saturating_duration_since(Instant::now());
-        let exchange = exchange(&mut w.stream, &frame, out, deadline);
+        let exchange = exchange(&mut w.stream, &frame, out, req.store.as_ref(), deadline);
         match tokio::time::timeout(left, exchange).await {
             Err(_) => Err(CallError::Lost(InvokeError::Timeout(format!(
                 "the Func ran longer than {} ms; its worker was killed and replaced",
@@ -1033,7 +1067,7 @@ mod stream_tests {
         });
         let request = frame::encode([b"invoke".as_slice()]);
         let deadline = Instant::now() + Duration::from_secs(30);
-        let got = exchange(&mut runner, &request, Out::Collect(max), deadline).await;
+        let got = exchange(&mut runner, &request, Out::Collect(max), None, deadline).await;
         script.await.unwrap();
         (got, runner)
     }
@@ -1051,6 +1085,35 @@ mod stream_tests {
         assert_eq!(r.status, 201);
         assert_eq!(r.headers, [("content-type".into(), "text/x".into())]);
         assert_eq!(r.body, b"abcd");
+    }
+
+    #[tokio::test]
+    async fn store_frames_are_answered_before_the_answer() {
+        let (got, _) = collect(100, |mut w| async move {
+            // A Func without a `store` declaration asks anyway: refused,
+            // and the worker stays in step for its answer.
+            say(
+                &mut w,
+                &[b"store", br#"{"op":"get","collection":"c","id":"x"}"#],
+            )
+            .await;
+            let reply = frame::read(&mut w).await.unwrap();
+            assert_eq!(reply[..2], [b"store".to_vec(), b"403".to_vec()]);
+            let body: serde_json::Value = serde_json::from_slice(&reply[2]).unwrap();
+            assert_eq!(body["error"], "forbidden");
+            say(&mut w, &[b"ok", b"200", b"after"]).await;
+        })
+        .await;
+        assert_eq!(got.unwrap().body, b"after");
+        // A store frame with no operation breaks the protocol.
+        let (got, _) = collect(100, |mut w| async move {
+            say(&mut w, &[b"store"]).await;
+        })
+        .await;
+        assert!(
+            matches!(got, Err(Failed::Call(CallError::Lost(_)))),
+            "{got:?}"
+        );
     }
 
     #[tokio::test]
@@ -1093,7 +1156,7 @@ mod stream_tests {
         let request = frame::encode([b"invoke".as_slice()]);
         let deadline = Instant::now() + Duration::from_secs(30);
         let started = Instant::now();
-        let got = exchange(&mut runner, &request, Out::Collect(4), deadline).await;
+        let got = exchange(&mut runner, &request, Out::Collect(4), None, deadline).await;
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "within the grace"

@@ -33,6 +33,10 @@ const JAVA_SHIM: &[(&str, &str)] = &[
         "funcatron/Json.java",
         include_str!("../../shims/java/funcatron/Json.java"),
     ),
+    (
+        "funcatron/Store.java",
+        include_str!("../../shims/java/funcatron/Store.java"),
+    ),
 ];
 
 /// How to start one worker of a prepared bundle.

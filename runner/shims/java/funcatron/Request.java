@@ -16,8 +16,11 @@ public final class Request {
     /** Path parameters from the Swagger path template. */
     public final Map<String, String> params;
     private final byte[] body;
+    /** The document store, on the collections the bundle declares. */
+    public final Store store;
 
-    Request(List<byte[]> items) {
+    Request(List<byte[]> items, Store store) {
+        this.store = store;
         id = s(items, 1); operation = s(items, 2); method = s(items, 3); scheme = s(items, 4);
         host = s(items, 5); path = s(items, 6); queryString = s(items, 7);
         body = items.get(8);

@@ -78,13 +78,13 @@ public final class Worker {
         return out;
     }
 
-    private static void send(DataOutputStream out, List<byte[]> items) throws Exception {
+    static void send(DataOutputStream out, List<byte[]> items) throws Exception {
         out.writeInt(items.size());
         for (byte[] it : items) { out.writeInt(it.length); out.write(it); }
         out.flush();
     }
 
-    private static List<byte[]> read(DataInputStream in) throws Exception {
+    static List<byte[]> read(DataInputStream in) throws Exception {
         int count;
         try { count = in.readInt(); } catch (EOFException e) { return null; }
         List<byte[]> items = new ArrayList<>(count);
@@ -102,6 +102,7 @@ public final class Worker {
         DataInputStream in = new DataInputStream(Channels.newInputStream(ch));
         DataOutputStream out = new DataOutputStream(new BufferedOutputStream(Channels.newOutputStream(ch), 65536));
         Map<String, Target> targets = new HashMap<>();
+        Store store = new Store(in, out);
         try {
             String ops = System.getenv().getOrDefault("FUNCATRON_OPERATIONS", "");
             for (String op : ops.split(",")) if (!op.isEmpty()) targets.put(op, resolve(op));
@@ -115,7 +116,7 @@ public final class Worker {
             if (items == null) return;
             List<byte[]> frame;
             try {
-                Request req = new Request(items);
+                Request req = new Request(items, store);
                 Target t = targets.get(req.operation);
                 frame = frameOf(t.method.invoke(t.self, req));
             } catch (Throwable t) {
