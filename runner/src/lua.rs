@@ -24,7 +24,10 @@
 //!   text: bytecode is refused.
 //! - `print` goes to the Runner's log with the request id; a `json` table
 //!   (`json.encode`, `json.decode`) is provided; `env` holds the bundle's
-//!   declared environment variables and secrets.
+//!   declared environment variables and secrets; `store` reaches the
+//!   document store collections the bundle declares, through the Runner
+//!   ([`crate::store`]: `store.get`, `list`, `create`, `put`, `merge`,
+//!   `delete`; the call blocks the Lua thread within the deadline).
 //!
 //! # Limits
 //!

@@ -17,6 +17,11 @@
 //!   shim), then `["end"]`, or `["error", why]` if the Func raised
 //!   midway. The Runner passes each piece on as it arrives (a direct
 //!   request, [`crate::direct`]) or collects them into one answer.
+//! - worker -> Runner, any number of times before its answer (not while
+//!   a stream is open): `["store", operation]`, a document-store operation
+//!   as JSON (`funcatron_documents::rpc::Op`); the Runner answers
+//!   `["store", status, body]` (the body as JSON) and waits again for the
+//!   answer ([`crate::store`]).
 //! - Runner -> worker, only while a stream is open: `["cancel"]` (the
 //!   client went away, or a collected answer outgrew its limit). The shim
 //!   closes the Func's generator at its next piece and ends with
