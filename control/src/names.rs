@@ -56,6 +56,11 @@ pub fn reply_queue(instance: &str) -> String {
     format!("funcatron.reply.{instance}")
 }
 
+/// The broadcast topic of document-store changes: a process that
+/// committed one says so (its origin as the body), so the relay of
+/// another process wakes at once instead of at its next poll.
+pub const DOCUMENTS_TOPIC: &str = "funcatron.documents";
+
 /// The broadcast topic of registry states and hellos ([`crate::state::Control`]).
 pub const CONTROL_TOPIC: &str = "funcatron.control";
 /// The broadcast topic Runners report their load on, every second

@@ -246,6 +246,8 @@ pub struct Documents {
     definitions: Arc<Mutex<HashMap<String, Cached>>>,
     /// Signalled after every committed change, for the relay.
     changed: Arc<tokio::sync::Notify>,
+    /// Counts committed changes, for telling other processes.
+    writes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for Documents {
@@ -290,6 +292,7 @@ impl Documents {
             store,
             definitions: Arc::default(),
             changed: Arc::default(),
+            writes: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
     }
 
@@ -302,6 +305,13 @@ impl Documents {
     /// handle or its clones: the relay waits on it.
     pub fn changed(&self) -> Arc<tokio::sync::Notify> {
         Arc::clone(&self.changed)
+    }
+
+    /// The number of changes committed through this handle or its clones,
+    /// as a watch (for telling other processes' relays:
+    /// `funcatron_tron::triggers::announce`).
+    pub fn writes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.writes.subscribe()
     }
 
     /// The live document, if any.
@@ -509,6 +519,7 @@ impl Documents {
             match self.store.commit(&[write, event.record()?]).await {
                 Ok(_) => {
                     self.changed.notify_one();
+                    self.writes.send_modify(|n| *n += 1);
                     metrics::counter!("documents_writes_total", "kind" => event.kind.as_str())
                         .increment(1);
                     let as_document = |version, updated_ms, doc| Document {

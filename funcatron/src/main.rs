@@ -488,6 +488,16 @@ fn main() -> Result<()> {
                 // Its store's documents, opened by collection rules and
                 // tokens (no operator tokens here: operators use a Tron).
                 let documents = documents_of(calls.as_ref()).map(|d| (d, None));
+                // Its writes wake the Trons' relay at once.
+                if let Some((docs, _)) = &documents {
+                    let origin = format!("ingress-{}", &funcatron_envelope::new_request_id()[..12]);
+                    tokio::spawn(funcatron_tron::triggers::announce(
+                        docs.clone(),
+                        broker.clone(),
+                        origin,
+                        shutdown.clone(),
+                    ));
+                }
                 ingress(
                     broker,
                     &a.ingress,

@@ -286,12 +286,19 @@ fn spawn_triggers(
         rx.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(crate::triggers::announce(
+        docs.clone(),
+        ctx.broker.clone(),
+        holder.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(crate::triggers::relay(
         docs,
         calls,
         ctx.broker.clone(),
         rx,
         holder,
+        crate::triggers::RELAY_POLL,
         shutdown.clone(),
     ));
 }

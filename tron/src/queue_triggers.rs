@@ -290,7 +290,17 @@ impl Job {
             .instrument(span)
             .await
         {
-            Ok(id) => id,
+            Ok((id, new)) => {
+                if new {
+                    let now = funcatron_store::now_ms();
+                    if let Err(e) =
+                        crate::schedules::count_firings(self.calls.store(), t, 1, now).await
+                    {
+                        tracing::debug!(error = %e, "a trigger's firing was not counted");
+                    }
+                }
+                id
+            }
             Err(e) => {
                 metrics::counter!("trigger_queue_failures_total", "func" => t.func.clone(), "trigger" => t.trigger.clone(), "why" => "submit")
                     .increment(1);

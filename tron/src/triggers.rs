@@ -17,19 +17,21 @@
 //! only after every call it makes is recorded and queued; a failure stops
 //! the pass there, so a document's events are queued in commit order.
 //!
-//! The relay wakes on every change committed through this process and
-//! polls now and then for changes other Trons committed (a shared
-//! PostgreSQL store).
+//! The relay wakes on every change committed through this process, on
+//! every change another process announces on `funcatron.documents`
+//! ([`announce`]: other Trons on a shared PostgreSQL store, a standalone
+//! ingress), and polls every [`RELAY_POLL`] for what it was not told.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use funcatron_broker::AnyBroker;
+use funcatron_broker::{AnyBroker, Broker as _, Message};
 use funcatron_bundle::triggers::{QueueTrigger, Schedule, StoreEvent, TriggerKind, TRIGGER_HEADER};
 use funcatron_bundle::Bundle;
 use funcatron_calls::submit::{first_attempt, queue, Async, Queued, Refused};
 use funcatron_calls::Calls;
+use funcatron_control::names;
 use funcatron_documents::{Documents, Event};
 use funcatron_envelope::{new_request_id, Request, VERSION};
 use funcatron_store::lease::Lease;
@@ -46,8 +48,10 @@ pub const RELAY_LEASE: &str = "documents-relay";
 /// How long a relay's lease lasts without renewal.
 const LEASE_TTL: Duration = Duration::from_secs(10);
 
-/// How often the relay looks for changes it was not told of.
-const POLL: Duration = Duration::from_millis(250);
+/// How often the relay looks for changes it was not told of (a change
+/// announcement is a broadcast: not kept for a relay that was not
+/// listening).
+pub const RELAY_POLL: Duration = Duration::from_millis(250);
 
 /// Outbox events read per page.
 const PAGE: usize = 100;
@@ -188,14 +192,15 @@ pub async fn define_collections(docs: &Documents, bundles: &[Bundle]) {
 
 /// Queue one triggered call of `target` with `body` (JSON), once per
 /// `event_id` (its idempotency key is the trigger and the event id);
-/// returns the call's id (the earlier call's when the event id was seen).
+/// returns the call's id and whether it is new (else the earlier call of
+/// that event id).
 pub async fn submit(
     calls: &Calls,
     broker: &AnyBroker,
     target: &Target,
     body: &str,
     event_id: &str,
-) -> Result<String, Refused> {
+) -> Result<(String, bool), Refused> {
     let id = new_request_id();
     // The trigger in the id: its outcome is counted per trigger
     // (`trigger_calls_total`, see `funcatron_calls::trigger_of`).
@@ -222,23 +227,59 @@ pub async fn submit(
         Queued::New => {
             metrics::counter!("trigger_fired_total", "func" => target.func.clone(), "trigger" => target.trigger.clone())
                 .increment(1);
-            Ok(call_id)
+            Ok((call_id, true))
         }
-        Queued::Existing(first) => Ok(first),
+        Queued::Existing(first) => Ok((first, false)),
+    }
+}
+
+/// Tell other processes' relays of every change committed through `docs`
+/// (on [`names::DOCUMENTS_TOPIC`], `origin` as the body), until
+/// `shutdown`. Changes committed while a broadcast is in flight are told
+/// in the next one.
+pub async fn announce(
+    docs: Documents,
+    broker: AnyBroker,
+    origin: String,
+    shutdown: CancellationToken,
+) {
+    let mut writes = docs.writes();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = writes.changed() => if r.is_err() { return },
+        }
+        writes.borrow_and_update();
+        let told = broker
+            .broadcast(names::DOCUMENTS_TOPIC, Message::new(origin.clone()))
+            .await;
+        if let Err(e) = told {
+            tracing::debug!(error = %e, "a document change was not announced; relays find it at their next poll");
+        }
     }
 }
 
 /// Relay the document outbox until `shutdown` (see the module): on this
-/// Tron while it holds the lease, as `holder`.
+/// Tron while it holds the lease, as `holder`, looking every `poll` for
+/// changes it was not told of.
 pub async fn relay(
     docs: Documents,
     calls: Calls,
     broker: AnyBroker,
     mut triggers: watch::Receiver<Arc<TriggerSet>>,
     holder: String,
+    poll: Duration,
     shutdown: CancellationToken,
 ) {
     let changed = docs.changed();
+    // Other processes' changes; without it, the poll finds them.
+    let mut told = match broker.subscribe(names::DOCUMENTS_TOPIC).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "not told of other processes' document changes; polling");
+            None
+        }
+    };
     // Not before the served triggers are known: a pass with none would
     // remove every waiting event as unsubscribed.
     tokio::select! {
@@ -248,8 +289,8 @@ pub async fn relay(
             return;
         },
     }
-    let mut lease = Lease::new(docs.store().clone(), RELAY_LEASE, holder, LEASE_TTL);
-    let mut poll = tokio::time::interval(POLL);
+    let mut lease = Lease::new(docs.store().clone(), RELAY_LEASE, holder.clone(), LEASE_TTL);
+    let mut poll = tokio::time::interval(poll);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -261,6 +302,12 @@ pub async fn relay(
             }
             () = changed.notified() => {}
             _ = poll.tick() => {}
+            m = next_told(&mut told) => match m {
+                // Its own announcement: `changed` woke it already.
+                Some(m) if m.payload == holder.as_bytes() => continue,
+                Some(_) => {}
+                None => told = None,
+            },
         }
         match lease.hold().await {
             Ok(true) => {}
@@ -275,6 +322,14 @@ pub async fn relay(
             metrics::counter!("trigger_relay_failures_total").increment(1);
             tracing::warn!(error = %e, "relaying document events stopped; trying again");
         }
+    }
+}
+
+/// The next announcement, or never without a subscription.
+async fn next_told(told: &mut Option<funcatron_broker::Subscription>) -> Option<Message> {
+    match told {
+        Some(s) => s.next().await.map(|d| d.message.clone()),
+        None => std::future::pending().await,
     }
 }
 

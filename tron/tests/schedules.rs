@@ -162,6 +162,22 @@ async fn missed_ticks_after_an_outage_follow_catch_up() {
     }
 }
 
+/// A Func `audit` whose `POST /audit/on` is triggered by `orders`.
+fn audit_bundle() -> Bundle {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("swagger.yaml"),
+        "swagger: '2.0'\ninfo: {title: t, version: '1'}\nbasePath: /audit\nx-funcatron: {name: audit, runtime: lua}\npaths:\n  /on:\n    post:\n      operationId: on\n      responses: {'200': {description: ok}}\n      x-funcatron-triggers:\n        - store: {collection: orders}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("main.lua"),
+        "return { on = function() return 'ok' end }",
+    )
+    .unwrap();
+    Bundle::load(dir.path()).unwrap()
+}
+
 /// The document relay does not start before the served triggers are
 /// known: an event waiting in the outbox at start is delivered to its
 /// trigger, not removed by a first pass that knew no subscriber.
@@ -187,23 +203,13 @@ async fn the_relay_waits_for_the_served_triggers() {
         broker,
         rx,
         "tron".into(),
+        funcatron_tron::triggers::RELAY_POLL,
         stop.clone(),
     ));
     // Longer than the relay's poll: a relay that ran now would drop it.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(docs.backlog().await.unwrap(), 1, "the event waits");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("swagger.yaml"),
-        "swagger: '2.0'\ninfo: {title: t, version: '1'}\nbasePath: /audit\nx-funcatron: {name: audit, runtime: lua}\npaths:\n  /on:\n    post:\n      operationId: on\n      responses: {'200': {description: ok}}\n      x-funcatron-triggers:\n        - store: {collection: orders}\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("main.lua"),
-        "return { on = function() return 'ok' end }",
-    )
-    .unwrap();
-    let bundle = Bundle::load(dir.path()).unwrap();
+    let bundle = audit_bundle();
     tx.send_replace(std::sync::Arc::new(TriggerSet::of(&[bundle])));
     let until = Instant::now() + Duration::from_secs(10);
     loop {
@@ -217,6 +223,92 @@ async fn the_relay_waits_for_the_served_triggers() {
         assert!(
             Instant::now() < until,
             "the waiting event was never delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+}
+
+/// Wait (bounded by 10 s) until the relay has queued a call for the
+/// event of document `id`'s version `version` of `orders`.
+async fn wait_delivered(store: &AnyStore, docs: &funcatron_documents::Documents) -> usize {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let keys = store
+            .list(&Query::new(funcatron_calls::IDEMPOTENCY))
+            .await
+            .unwrap();
+        let n = keys
+            .iter()
+            .filter(|r| r.key.contains("trigger audit on "))
+            .count();
+        if docs.backlog().await.unwrap() == 0 && n > 0 {
+            return n;
+        }
+        assert!(Instant::now() < until, "the event was never delivered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A change committed by another process (a second handle on the same
+/// store, as a standalone ingress or another Tron has) wakes the relay
+/// through its announcement on the broker: with the relay's poll an hour
+/// long, only the announcement can deliver it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_s_change_wakes_the_relay() {
+    use funcatron_documents::{Definition, Documents, Precondition};
+    let (store, calls, broker) = setup().await;
+    let relays = Documents::new(store.clone());
+    let other = Documents::new(store.clone());
+    relays
+        .define("orders", Definition::default())
+        .await
+        .unwrap();
+    let bundle = audit_bundle();
+    let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(TriggerSet::default()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(funcatron_tron::triggers::relay(
+        relays.clone(),
+        calls,
+        broker.clone(),
+        rx,
+        "tron".into(),
+        Duration::from_secs(3600),
+        stop.clone(),
+    ));
+    tokio::spawn(funcatron_tron::triggers::announce(
+        other.clone(),
+        broker,
+        "ingress".into(),
+        stop.clone(),
+    ));
+    // The first pass (at start) delivers a change made before it.
+    other
+        .put(
+            "orders",
+            "o1",
+            serde_json::json!({"n": 1}),
+            Precondition::None,
+        )
+        .await
+        .unwrap();
+    tx.send_replace(std::sync::Arc::new(TriggerSet::of(&[bundle])));
+    assert_eq!(wait_delivered(&store, &relays).await, 1);
+    // Then only the announcement can wake it.
+    other
+        .put(
+            "orders",
+            "o1",
+            serde_json::json!({"n": 2}),
+            Precondition::None,
+        )
+        .await
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while wait_delivered(&store, &relays).await < 2 {
+        assert!(
+            Instant::now() < until,
+            "the second change was never delivered"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
