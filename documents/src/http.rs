@@ -70,34 +70,64 @@ type Refused = Box<Response>;
 /// anything.
 pub fn router(docs: Documents, operators: Option<Arc<dyn Operators>>) -> Router {
     let state = Arc::new(Http { docs, operators });
+    // A wrong method or an unknown path below the prefix is answered in
+    // JSON too (the owner's router keeps its own fallback).
     Router::new()
-        .route(PREFIX, get(list_collections))
+        .route(PREFIX, get(list_collections).fallback(wrong_method))
         .route(
             &format!("{PREFIX}/{{c}}"),
-            get(list_documents).post(create_document),
+            get(list_documents)
+                .post(create_document)
+                .fallback(wrong_method),
         )
         .route(
             &format!("{PREFIX}/{{c}}/_collection"),
             get(show_collection)
                 .put(define_collection)
-                .delete(drop_collection),
+                .delete(drop_collection)
+                .fallback(wrong_method),
         )
         .route(
             &format!("{PREFIX}/{{c}}/_tokens"),
-            axum::routing::post(add_token),
+            axum::routing::post(add_token).fallback(wrong_method),
         )
         .route(
             &format!("{PREFIX}/{{c}}/_tokens/{{token}}"),
-            delete(revoke_token),
+            delete(revoke_token).fallback(wrong_method),
         )
         .route(
             &format!("{PREFIX}/{{c}}/{{id}}"),
             get(get_document)
                 .put(put_document)
                 .patch(patch_document)
-                .delete(delete_document),
+                .delete(delete_document)
+                .fallback(wrong_method),
+        )
+        .route(
+            &format!("{PREFIX}/{{c}}/{{id}}/{{*rest}}"),
+            axum::routing::any(no_route),
         )
         .with_state(state)
+}
+
+async fn wrong_method(method: axum::http::Method, headers: HeaderMap) -> Response {
+    let rid = request_id(&headers);
+    refuse(
+        405,
+        "method_not_allowed",
+        &format!("{method} is not a document store operation here (docs/store.md)"),
+        &rid,
+    )
+}
+
+async fn no_route(headers: HeaderMap) -> Response {
+    let rid = request_id(&headers);
+    refuse(
+        404,
+        "not_found",
+        "no such document store route: /_funcatron/store/<collection>[/<id>] (docs/store.md)",
+        &rid,
+    )
 }
 
 /// The request's id: its `X-Request-Id` when sane, else a fresh one.

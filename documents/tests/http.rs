@@ -560,3 +560,44 @@ async fn writes_preconditions_patches_and_refusals() -> Result<()> {
     );
     Ok(())
 }
+
+/// A wrong method and an unknown path below the prefix are answered with a
+/// JSON reason, not an empty body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_methods_and_unknown_routes_answer_json() -> Result<()> {
+    let c = Client::new().await?;
+    let a = c
+        .call(
+            Method::PATCH,
+            "/_funcatron/store/orders",
+            Some("admin"),
+            &[],
+            None,
+        )
+        .await?;
+    assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(a.body["error"], "method_not_allowed");
+    let a = c
+        .call(
+            Method::POST,
+            "/_funcatron/store/orders/o1",
+            Some("admin"),
+            &[],
+            None,
+        )
+        .await?;
+    assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
+    let a = c
+        .call(
+            Method::GET,
+            "/_funcatron/store/orders/o1/extra/parts",
+            None,
+            &[],
+            None,
+        )
+        .await?;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert_eq!(a.body["error"], "not_found");
+    assert!(a.body["request_id"].is_string());
+    Ok(())
+}
