@@ -9,6 +9,11 @@
 //! and prints why. The ingress also serves, under `/_funcatron/dev/`, each
 //! Func's document and an interactive page to call its operations.
 //!
+//! A state store in memory backs asynchronous calls, triggers and the
+//! document store (`/_funcatron/store/...`, where any bearer token is an
+//! operator's: the server is the developer's), so Funcs that use the
+//! store or are triggered run as on a cluster; it starts empty each run.
+//!
 //! Every Func's answers are checked against its document (the Runner's
 //! `check_responses`): what does not match is printed and listed on the
 //! pages, from the Runner's Func log lines on the embedded broker.
@@ -104,7 +109,18 @@ pub struct Dev {
     runner: RunnerOptions,
     routes: watch::Sender<Arc<RouteTable>>,
     bundles: watch::Sender<Desired>,
+    /// The same bundles for the Tron's triggers and store access.
+    served: watch::Sender<Arc<funcatron_tron::registry::Served>>,
     state: Arc<RwLock<DevState>>,
+}
+
+/// In dev mode every bearer token is an operator's.
+struct Developer;
+
+impl funcatron_documents::http::Operators for Developer {
+    fn role(&self, _token: &str) -> funcatron_documents::http::OperatorRole {
+        funcatron_documents::http::OperatorRole::Admin
+    }
 }
 
 fn is_bundle_dir(dir: &Path) -> bool {
@@ -174,8 +190,13 @@ impl Dev {
                 Ok(table) => {
                     // The Runner first: it consumes the new versions' queues;
                     // then the Tron, once those queues exist.
-                    self.bundles
-                        .send_replace(Desired::from(good.values().cloned().collect::<Vec<_>>()));
+                    let bundles: Vec<Bundle> = good.values().cloned().collect();
+                    self.served
+                        .send_replace(Arc::new(funcatron_tron::registry::Served {
+                            bundles: bundles.clone(),
+                            ..Default::default()
+                        }));
+                    self.bundles.send_replace(Desired::from(bundles));
                     funcatron_tron::declare_routes(&self.broker, &table).await;
                     self.routes.send_replace(Arc::new(table));
                     for dir in &changed {
@@ -296,6 +317,11 @@ pub async fn run(
         .context("subscribing to the Func logs")?;
     let (routes_tx, routes_rx) = watch::channel(Arc::new(RouteTable::default()));
     let (bundles_tx, bundles_rx) = watch::channel(Desired::default());
+    let (served_tx, served_rx) = watch::channel(Arc::default());
+    let calls = funcatron_calls::Calls::new(
+        funcatron_store::AnyStore::memory().context("opening the in-memory state store")?,
+    );
+    let documents = funcatron_documents::Documents::new(calls.store().clone());
     let dev = Arc::new(Dev {
         root: root.clone(),
         environment,
@@ -303,6 +329,7 @@ pub async fn run(
         runner: runner.clone(),
         routes: routes_tx,
         bundles: bundles_tx,
+        served: served_tx,
         state: Arc::default(),
     });
     dev.reload().await;
@@ -316,6 +343,9 @@ pub async fn run(
     roles.spawn(
         TronNode::new(broker.clone())
             .routes(routes_rx)
+            .calls(calls.clone())
+            .documents(documents.clone())
+            .served(served_rx)
             .run(shutdown.clone()),
     );
     roles.spawn({
@@ -339,12 +369,17 @@ pub async fn run(
             get(func_doc),
         )
         .with_state(Arc::clone(&dev.state))
+        .merge(funcatron_documents::http::router(
+            documents,
+            Some(Arc::new(Developer)),
+        ))
         .merge(extra);
     let ingress = tokio::spawn(funcatron_ingress::run_with(
         listener,
         broker.clone(),
         IngressOptions {
             limits,
+            calls: Some(calls),
             ..IngressOptions::default()
         },
         pages,

@@ -271,3 +271,66 @@ async fn a_save_that_conflicts_keeps_its_last_good_version_and_the_others_switch
     .await;
     assert_eq!(text(&format!("{base}/two-b/w")).await.0, 404);
 }
+
+/// Dev mode has a state store (in memory): a Func uses the document store
+/// through its Runner, a store trigger fires on what it wrote, and the
+/// developer reads both over HTTP with any token.
+#[tokio::test]
+async fn funcs_use_the_store_and_triggers_in_dev_mode() {
+    let root = tempfile::tempdir().unwrap();
+    copy_examples(root.path(), &["word-count"]);
+    write_bundle(
+        root.path(),
+        "writer",
+        &[
+            (
+                "swagger.yaml",
+                "swagger: '2.0'\nbasePath: /writer\nx-funcatron:\n  runtime: lua\n  store: {articles: [read, write]}\npaths:\n  /{id}:\n    post:\n      operationId: write\n      parameters: [{name: id, in: path, required: true, type: string}]\n      responses: {'200': {description: ok}}\n",
+            ),
+            (
+                "main.lua",
+                "function write(req)\n  local d = assert(store.put('articles', req.params.id, {text = req.body}))\n  return {version = d.version}\nend\n",
+            ),
+        ],
+    );
+    let addr = free_addr();
+    let log = root.path().join("dev.log");
+    let _dev = funcatron_logged(
+        &[
+            "dev",
+            root.path().to_str().unwrap(),
+            "--listen",
+            &addr.to_string(),
+            "--cache-dir",
+            test_cache_dir().to_str().unwrap(),
+        ],
+        "",
+        &log,
+    );
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::new();
+    eventually("the writer answers", || async {
+        http.post(format!("{base}/writer/a1"))
+            .body("three little words")
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    // word-count's trigger counted what the Lua Func wrote.
+    eventually("the derived document", || async {
+        let Ok(r) = http
+            .get(format!("{base}/_funcatron/store/article-stats/a1"))
+            .bearer_auth("any")
+            .send()
+            .await
+        else {
+            return false;
+        };
+        r.status() == 200
+            && r.json::<serde_json::Value>()
+                .await
+                .is_ok_and(|v| v["doc"]["words"] == 3)
+    })
+    .await;
+}

@@ -72,6 +72,9 @@ pub struct TronNode {
     calls: Option<funcatron_calls::Calls>,
     /// The document store on that state store, whose events it relays.
     documents: Option<funcatron_documents::Documents>,
+    /// What is served, for triggers and store access, when it has no
+    /// registry and its bundles are not fixed (`funcatron dev`).
+    served: Option<watch::Receiver<Arc<crate::registry::Served>>>,
     /// Where callbacks may be delivered.
     callback_outbound: funcatron_control::outbound::OutboundPolicy,
 }
@@ -88,8 +91,17 @@ impl TronNode {
             routes: None,
             calls: None,
             documents: None,
+            served: None,
             callback_outbound: funcatron_control::outbound::OutboundPolicy::default(),
         }
+    }
+
+    /// Take the served bundles (their triggers, their store declarations)
+    /// from this watch: for a Tron without a registry whose bundles change
+    /// (`funcatron dev`); ignored with a registry.
+    pub fn served(mut self, served: watch::Receiver<Arc<crate::registry::Served>>) -> Self {
+        self.served = Some(served);
+        self
     }
 
     /// Deliver callbacks only where `policy` allows (by default: no
@@ -164,6 +176,7 @@ impl TronNode {
             routes,
             calls,
             documents,
+            served: given_served,
             callback_outbound,
         } = self;
         ctx.start(&shutdown);
@@ -214,9 +227,10 @@ impl TronNode {
             },
         };
         if let (Some(docs), Some(calls)) = (documents, calls) {
-            let served = match &registry {
-                Some(r) => r.served_watch(),
-                None => {
+            let served = match (&registry, given_served) {
+                (Some(r), _) => r.served_watch(),
+                (None, Some(s)) => s,
+                (None, None) => {
                     let only = crate::registry::Served {
                         bundles: static_bundles.unwrap_or_default(),
                         ..Default::default()
