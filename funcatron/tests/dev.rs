@@ -10,6 +10,26 @@ use std::sync::Arc;
 
 use common::*;
 
+/// `funcatron dev DIR` on a free port, with the tests' cache: the process,
+/// its base URL and its log.
+fn start_dev(dir: &std::path::Path) -> (Proc, String, std::path::PathBuf) {
+    let addr = free_addr();
+    let log = dir.join("dev.log");
+    let dev = funcatron_logged(
+        &[
+            "dev",
+            dir.to_str().unwrap(),
+            "--listen",
+            &addr.to_string(),
+            "--cache-dir",
+            test_cache_dir().to_str().unwrap(),
+        ],
+        "",
+        &log,
+    );
+    (dev, format!("http://{addr}"), log)
+}
+
 #[tokio::test]
 async fn saves_go_live_broken_saves_keep_the_last_good_version() {
     let root = tempfile::tempdir().unwrap();
@@ -25,21 +45,7 @@ async fn saves_go_live_broken_saves_keep_the_last_good_version() {
             ("main.py", "def hi(req):\n    return 'py one'\n"),
         ],
     );
-    let addr = free_addr();
-    let log = root.path().join("dev.log");
-    let _dev = funcatron_logged(
-        &[
-            "dev",
-            root.path().to_str().unwrap(),
-            "--listen",
-            &addr.to_string(),
-            "--cache-dir",
-            test_cache_dir().to_str().unwrap(),
-        ],
-        "",
-        &log,
-    );
-    let base = format!("http://{addr}");
+    let (_dev, base, log) = start_dev(root.path());
     wait_ready(&format!("{base}/hello/ready")).await;
     wait_ready(&format!("{base}/py")).await;
 
@@ -180,19 +186,7 @@ async fn answers_that_do_not_match_the_document_are_shown() {
             ("main.lua", "return { square = function() return { side = 'wide' } end }"),
         ],
     );
-    let addr = free_addr();
-    let log = root.path().join("dev.log");
-    let _dev = funcatron_logged(
-        &[
-            "dev",
-            root.path().to_str().unwrap(),
-            "--listen",
-            &addr.to_string(),
-        ],
-        "",
-        &log,
-    );
-    let base = format!("http://{addr}");
+    let (_dev, base, log) = start_dev(root.path());
     wait_ready(&format!("{base}/hello/ready")).await;
     let (status, body) = text(&format!("{base}/shapes/square")).await;
     assert_eq!((status, body.as_str()), (200, r#"{"side":"wide"}"#));
@@ -235,19 +229,7 @@ async fn a_save_that_conflicts_keeps_its_last_good_version_and_the_others_switch
             ("main.lua", &lua("two")),
         ],
     );
-    let addr = free_addr();
-    let log = root.path().join("dev.log");
-    let _dev = funcatron_logged(
-        &[
-            "dev",
-            root.path().to_str().unwrap(),
-            "--listen",
-            &addr.to_string(),
-        ],
-        "",
-        &log,
-    );
-    let base = format!("http://{addr}");
+    let (_dev, base, log) = start_dev(root.path());
     wait_ready(&format!("{base}/one/w")).await;
     wait_ready(&format!("{base}/two-b/w")).await;
     // `two`'s second server now claims `one`'s, and `one` changes too:
@@ -293,21 +275,7 @@ async fn funcs_use_the_store_and_triggers_in_dev_mode() {
             ),
         ],
     );
-    let addr = free_addr();
-    let log = root.path().join("dev.log");
-    let _dev = funcatron_logged(
-        &[
-            "dev",
-            root.path().to_str().unwrap(),
-            "--listen",
-            &addr.to_string(),
-            "--cache-dir",
-            test_cache_dir().to_str().unwrap(),
-        ],
-        "",
-        &log,
-    );
-    let base = format!("http://{addr}");
+    let (_dev, base, _log) = start_dev(root.path());
     let http = reqwest::Client::new();
     eventually("the writer answers", || async {
         http.post(format!("{base}/writer/a1"))
