@@ -21,6 +21,13 @@
 //! the file a `cacertfile` query parameter names
 //! (`amqps://host:5671/%2f?cacertfile=/etc/funcatron/ca.pem`, the parameter
 //! RabbitMQ's own URI spec uses).
+//!
+//! A cluster is given as its nodes in one URI
+//! (`amqp://u:p@node1:5672,node2:5672/vhost`, [`addresses`]): the
+//! supervisor connects to one, and on a failure tries the next at once,
+//! backing off only after a whole round failed. `queue_type=quorum` in the
+//! query declares work and delay queues as quorum queues ([`QueueType`];
+//! `docs/brokers.md`).
 
 use funcatron_control::names;
 use funcatron_control::sync::poisoned;
@@ -52,8 +59,11 @@ pub struct AmqpBroker {
 }
 
 struct Inner {
-    /// Where to connect, `amqp://user:pass@host:port/vhost`.
-    uri: String,
+    /// Where to connect, `amqp://user:pass@host:port/vhost`: one URI
+    /// per node of a cluster, tried in turn.
+    uris: Vec<String>,
+    /// How work queues are declared.
+    queue_type: QueueType,
     /// The live connection, `None` while (re)connecting.
     current: watch::Sender<Option<Arc<Live>>>,
     /// `current.is_some()`, for callers that only need up/down.
@@ -72,6 +82,8 @@ struct Live {
     publisher: Channel,
     /// Counts connections, so subscribers can tell a new one from the old.
     generation: u64,
+    /// How work queues are declared.
+    queue_type: QueueType,
     /// Delay queues declared on this connection, and when: declared again
     /// after [`REDECLARE_DELAY_QUEUE`], since publishing does not count as
     /// use against their `x-expires`.
@@ -92,6 +104,68 @@ impl Drop for Inner {
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
+}
+
+/// How work queues are declared (`queue_type` in the broker URL's query,
+/// `--queue-type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    /// Classic queues: on one node (the default).
+    #[default]
+    Classic,
+    /// Quorum queues: replicated across a RabbitMQ cluster's nodes (Raft);
+    /// they survive the loss of a minority of nodes.
+    Quorum,
+}
+
+impl QueueType {
+    /// The type a broker URL asks for (`?queue_type=quorum`).
+    pub fn of_uri(uri: &str) -> Result<QueueType, BrokerError> {
+        match query_param(uri, "queue_type").as_deref() {
+            None | Some("classic") => Ok(QueueType::Classic),
+            Some("quorum") => Ok(QueueType::Quorum),
+            Some(other) => Err(BrokerError::Protocol(format!(
+                "queue_type={other}: use classic or quorum"
+            ))),
+        }
+    }
+}
+
+/// The arguments of a queue of `kind` when work queues are `qt`.
+fn declare_args(kind: QueueKind, qt: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    if kind == QueueKind::Work && qt == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+    }
+    args
+}
+
+/// One AMQP URI per host of `uri`, in order: `amqp://u:p@h1:5672,h2:5673/v?q`
+/// is `amqp://u:p@h1:5672/v?q` then `amqp://u:p@h2:5673/v?q`; a URI with
+/// one host is itself.
+pub fn addresses(uri: &str) -> Vec<String> {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return vec![uri.to_owned()];
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (user, hosts) = match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    let all: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{scheme}://{user}{h}{tail}"))
+        .collect();
+    if all.is_empty() {
+        vec![uri.to_owned()]
+    } else {
+        all
+    }
 }
 
 fn declare_options(kind: QueueKind) -> QueueDeclareOptions {
@@ -116,12 +190,17 @@ async fn declare_exchange(channel: &Channel, topic: &str) -> Result<(), BrokerEr
         .map_err(|e| BrokerError::Protocol(format!("declaring exchange {topic}: {e}")))
 }
 
-async fn declare_on(channel: &Channel, queue: &str, kind: QueueKind) -> Result<(), BrokerError> {
+async fn declare_on(
+    channel: &Channel,
+    queue: &str,
+    kind: QueueKind,
+    qt: QueueType,
+) -> Result<(), BrokerError> {
     if kind == QueueKind::Broadcast {
         return declare_exchange(channel, queue).await;
     }
     channel
-        .queue_declare(queue.into(), declare_options(kind), FieldTable::default())
+        .queue_declare(queue.into(), declare_options(kind), declare_args(kind, qt))
         .await
         .map(drop)
         .map_err(|e| BrokerError::Protocol(format!("declaring {queue}: {e}")))
@@ -133,7 +212,8 @@ impl AmqpBroker {
     pub fn connect(uri: &str) -> Self {
         let (current, _) = watch::channel(None);
         let inner = Arc::new(Inner {
-            uri: uri.to_owned(),
+            uris: addresses(uri),
+            queue_type: QueueType::of_uri(uri).unwrap_or_default(),
             current,
             up: watch::Sender::new(false),
             declared: Mutex::new(HashMap::new()),
@@ -174,11 +254,15 @@ impl AmqpBroker {
 async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     let mut generation = 0u64;
+    // Which node to try next: the one after a node that failed.
+    let mut turn = 0usize;
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        let uri = strong.uri.clone();
+        // The next node of the cluster after one that failed.
+        let nodes = strong.uris.len();
+        let uri = strong.uris[turn % nodes].clone();
         drop(strong);
         let attempt = tokio::select! {
             _ = stop.cancelled() => return,
@@ -200,7 +284,7 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
                 // Another application's queue is checked by its consumer
                 // (a passive declare that fails would close the publisher).
                 for (q, k) in queues.iter().filter(|(_, k)| *k != QueueKind::External) {
-                    if let Err(e) = declare_on(&publisher, q, *k).await {
+                    if let Err(e) = declare_on(&publisher, q, *k, strong.queue_type).await {
                         tracing::warn!(queue = %q, error = %e, "redeclare after reconnect failed");
                         redeclared = false;
                     }
@@ -215,6 +299,7 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
                     connection,
                     publisher,
                     generation,
+                    queue_type: strong.queue_type,
                     delays: Mutex::new(HashMap::new()),
                 });
                 strong.current.send_replace(Some(Arc::clone(&live)));
@@ -232,11 +317,11 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
                     .collect();
                 drop(strong);
                 for (q, k) in later.into_iter().filter(|(_, k)| *k != QueueKind::External) {
-                    if let Err(e) = declare_on(&live.publisher, &q, k).await {
+                    if let Err(e) = declare_on(&live.publisher, &q, k, live.queue_type).await {
                         tracing::warn!(queue = %q, error = %e, "declare after connecting failed");
                     }
                 }
-                tracing::info!(generation, "connected to RabbitMQ");
+                tracing::info!(generation, node = turn % nodes, "connected to RabbitMQ");
                 backoff = Duration::from_millis(100);
                 wait_for_loss(&live, events, &stop).await;
                 let Some(strong) = inner.upgrade() else {
@@ -248,6 +333,12 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
                 let _ = live.connection.close(0, "reconnecting".into()).await;
             }
             Err(e) => {
+                turn += 1;
+                if !turn.is_multiple_of(nodes) {
+                    // Another node of the cluster may be up: try it now.
+                    tracing::warn!(error = %e, node = turn % nodes, "cannot connect to a RabbitMQ node; trying the next");
+                    continue;
+                }
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot connect to RabbitMQ");
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -410,6 +501,22 @@ async fn declare_delay(live: &Live, target: &str, delay_ms: u64) -> Result<Strin
         "x-expires".into(),
         AMQPValue::LongLongInt(ms.saturating_add(idle)),
     );
+    if live.queue_type == QueueType::Quorum {
+        // Replicated too, and dead-lettered into the target at least once
+        // (a quorum queue's default is at most once).
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString(LongString::from("at-least-once")),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString(LongString::from("reject-publish")),
+        );
+    }
     live.publisher
         .queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args)
         .await
@@ -425,7 +532,7 @@ impl Broker for AmqpBroker {
     async fn declare(&self, queue: &str, kind: QueueKind) -> Result<(), BrokerError> {
         self.remember(queue, kind);
         let live = self.live()?;
-        declare_on(&live.publisher, queue, kind).await
+        declare_on(&live.publisher, queue, kind, live.queue_type).await
     }
 
     async fn publish(&self, queue: &str, message: Message) -> Result<(), BrokerError> {
@@ -496,7 +603,7 @@ impl Broker for AmqpBroker {
         if let Ok(live) = self.live() {
             let declared = match live.connection.create_channel().await {
                 Ok(ch) => {
-                    let d = declare_on(&ch, queue, kind).await;
+                    let d = declare_on(&ch, queue, kind, live.queue_type).await;
                     let _ = ch.close(200, "declared".into()).await;
                     d
                 }
@@ -533,7 +640,7 @@ impl Broker for AmqpBroker {
             .await
             .map_err(unavailable)?;
         let bound = async {
-            declare_on(&ch, queue, QueueKind::Work).await?;
+            declare_on(&ch, queue, QueueKind::Work, live.queue_type).await?;
             ch.queue_bind(
                 queue.into(),
                 exchange.into(),
@@ -764,7 +871,7 @@ async fn open_consumer(
         .create_channel()
         .await
         .map_err(unavailable)?;
-    declare_on(&channel, queue, kind).await?;
+    declare_on(&channel, queue, kind, live.queue_type).await?;
     // A broadcast topic: consume a private queue bound to its exchange.
     let bound;
     let queue = if kind == QueueKind::Broadcast {
@@ -812,6 +919,39 @@ async fn open_consumer(
 #[cfg(test)]
 mod tests {
     use super::connection_name;
+
+    #[test]
+    fn a_cluster_uri_is_one_uri_per_node() {
+        use super::addresses;
+        assert_eq!(addresses("amqp://h:5672/%2f"), ["amqp://h:5672/%2f"]);
+        assert_eq!(
+            addresses("amqp://u:p@a:5672,b:5673/v?heartbeat=10"),
+            [
+                "amqp://u:p@a:5672/v?heartbeat=10",
+                "amqp://u:p@b:5673/v?heartbeat=10"
+            ]
+        );
+        assert_eq!(addresses("amqp://a,b"), ["amqp://a", "amqp://b"]);
+        assert_eq!(
+            addresses("amqp://u:p%40x@a,b/v"),
+            ["amqp://u:p%40x@a/v", "amqp://u:p%40x@b/v"]
+        );
+        assert_eq!(addresses("nonsense"), ["nonsense"]);
+    }
+
+    #[test]
+    fn the_queue_type_comes_from_the_uri_query() {
+        use super::QueueType;
+        assert_eq!(
+            QueueType::of_uri("amqp://h/%2f").unwrap(),
+            QueueType::Classic
+        );
+        assert_eq!(
+            QueueType::of_uri("amqp://h/%2f?queue_type=quorum").unwrap(),
+            QueueType::Quorum
+        );
+        assert!(QueueType::of_uri("amqp://h/%2f?queue_type=stream").is_err());
+    }
 
     #[test]
     fn connection_name_comes_from_the_uri_query() {

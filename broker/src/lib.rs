@@ -21,7 +21,7 @@ pub mod embedded;
 
 use funcatron_control::{headers, names};
 
-pub use amqp::AmqpBroker;
+pub use amqp::{AmqpBroker, QueueType};
 pub use embedded::EmbeddedBroker;
 
 /// Why a broker operation failed.
@@ -364,6 +364,7 @@ impl AnyBroker {
         if url == "embedded" || url.starts_with("memory:") {
             Ok(AnyBroker::Embedded(EmbeddedBroker::new(embedded_capacity)))
         } else if url.starts_with("amqp://") {
+            amqp::QueueType::of_uri(url)?;
             Ok(AnyBroker::Amqp(AmqpBroker::connect(url)))
         } else if url.starts_with("amqps://") {
             Err(BrokerError::Protocol(

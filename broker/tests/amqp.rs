@@ -647,3 +647,119 @@ async fn delayed_publishes_arrive_after_their_delay_shortest_first() {
     ])
     .await;
 }
+
+/// `amqp_uri()` with `query` added to its query string.
+fn with_query(uri: &str, query: &str) -> String {
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    format!("{uri}{sep}{query}")
+}
+
+/// A broker URL listing a node that is down first and the real node
+/// second: the adapter moves on to the second at once and works there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_url_moves_on_from_a_node_that_is_down() {
+    // A port nothing listens on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let uri = amqp_uri();
+    let at = uri.rfind('@').expect("a URI with credentials") + 1;
+    let cluster = format!("{}{dead},{}", &uri[..at], &uri[at..]);
+    let name = unique("cluster");
+    let broker = AmqpBroker::connect(&with_query(&cluster, &format!("connection_name={name}")));
+    assert!(
+        broker.wait_connected(DEADLINE).await,
+        "never connected through {cluster}"
+    );
+    assert_eq!(connection_pids(&name).await.len(), 1);
+    let q = unique("cluster");
+    broker.declare(&q, QueueKind::Work).await.expect("declare");
+    let mut sub = broker
+        .consume(&q, QueueKind::Work, manual(1))
+        .await
+        .expect("consume");
+    broker
+        .publish(&q, Message::new("hi"))
+        .await
+        .expect("publish");
+    let d = next(&mut sub).await;
+    assert_eq!(&d.message.payload[..], b"hi");
+    d.ack().await.expect("ack");
+    drop(sub);
+    delete_queues(&[&q]).await;
+}
+
+/// `queue_type=quorum`: work queues (and delay queues) are quorum queues,
+/// private reply queues stay classic, and publish, consume and a delayed
+/// publish work on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_work_queues_carry_messages_and_delays() {
+    let name = unique("quorum");
+    let broker = AmqpBroker::connect(&with_query(
+        &amqp_uri(),
+        &format!("queue_type=quorum&connection_name={name}"),
+    ));
+    assert!(broker.wait_connected(DEADLINE).await);
+    let (work, reply) = (unique("quorum-work"), unique("quorum-reply"));
+    broker
+        .declare(&work, QueueKind::Work)
+        .await
+        .expect("declare");
+    let _replies = broker
+        .consume(
+            &reply,
+            QueueKind::Exclusive,
+            ConsumeOptions {
+                prefetch: 10,
+                auto_ack: true,
+            },
+        )
+        .await
+        .expect("consume replies");
+    let types = |listing: String, q: &str| {
+        listing
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(q))
+            .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+    };
+    let listing = rabbitmqctl(&["-q", "list_queues", "name", "type"]).await;
+    assert_eq!(
+        types(listing.clone(), &work).as_deref(),
+        Some("quorum"),
+        "{listing}"
+    );
+    assert_eq!(
+        types(listing.clone(), &reply).as_deref(),
+        Some("classic"),
+        "{listing}"
+    );
+
+    let mut sub = broker
+        .consume(&work, QueueKind::Work, manual(2))
+        .await
+        .expect("consume");
+    broker
+        .publish(&work, Message::new("now"))
+        .await
+        .expect("publish");
+    let d = next(&mut sub).await;
+    assert_eq!(&d.message.payload[..], b"now");
+    d.ack().await.expect("ack");
+    broker
+        .publish_delayed(&work, Message::new("later"), 50)
+        .await
+        .expect("publish delayed");
+    let d = next(&mut sub).await;
+    assert_eq!(&d.message.payload[..], b"later");
+    d.ack().await.expect("ack");
+    let listing = rabbitmqctl(&["-q", "list_queues", "name", "type"]).await;
+    let delay = funcatron_control::names::delay_queue(&work, 50);
+    assert_eq!(
+        types(listing.clone(), &delay).as_deref(),
+        Some("quorum"),
+        "{listing}"
+    );
+    drop(sub);
+    delete_queues(&[&work, &delay]).await;
+}

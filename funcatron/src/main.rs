@@ -170,9 +170,16 @@ struct NginxArgs {
 #[derive(Args, Clone)]
 struct BrokerArgs {
     /// Broker to use: `embedded` (in-process; only with `up`) or an AMQP URL
-    /// such as `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    /// such as `amqp://guest:guest@127.0.0.1:5672/%2f`; for a RabbitMQ
+    /// cluster, its nodes separated by commas
+    /// (`amqp://u:p@node1:5672,node2:5672/%2f`), tried in turn.
     #[arg(long, env = "FUNCATRON_BROKER", default_value = "embedded")]
     broker: String,
+    /// How work queues are declared on RabbitMQ: `classic` (default) or
+    /// `quorum` (replicated across the cluster; see docs/brokers.md).
+    /// Passed on in the broker URL (`queue_type=`) to the Runners it starts.
+    #[arg(long, env = "FUNCATRON_QUEUE_TYPE")]
+    queue_type: Option<String>,
     /// Capacity of each embedded queue; publishers wait when it is full.
     #[arg(long, env = "FUNCATRON_EMBEDDED_CAPACITY", default_value_t = 10_000)]
     embedded_capacity: usize,
@@ -452,11 +459,12 @@ fn main() -> Result<()> {
             Command::Tron(a) => {
                 serve_metrics(&a.metrics, &shutdown).await?;
                 let broker = broker(&a.broker, false)?;
+                let broker_url = a.broker.url();
                 let tokens = management_tokens(&a.tron)?;
                 let read = tokens.as_ref().and_then(|t| t.read.as_deref());
                 let outbound = a.outbound.policy()?;
                 let runners = RunnerGrants {
-                    broker_url: &a.broker.broker,
+                    broker_url: &broker_url,
                     read_token: read,
                     outbound: &a.outbound.policy_trusting(&a.tron.advertise())?,
                 };
@@ -637,8 +645,21 @@ fn nginx_config(a: NginxArgs) -> Result<()> {
     Ok(())
 }
 
+impl BrokerArgs {
+    /// The broker URL with `--queue-type` in its query.
+    fn url(&self) -> String {
+        match &self.queue_type {
+            Some(t) if self.broker.starts_with("amqp") => {
+                let sep = if self.broker.contains('?') { '&' } else { '?' };
+                format!("{}{sep}queue_type={t}", self.broker)
+            }
+            _ => self.broker.clone(),
+        }
+    }
+}
+
 fn broker(a: &BrokerArgs, embedded_ok: bool) -> Result<AnyBroker> {
-    let b = AnyBroker::from_url(&a.broker, a.embedded_capacity)?;
+    let b = AnyBroker::from_url(&a.url(), a.embedded_capacity)?;
     if matches!(b, AnyBroker::Embedded(_)) && !embedded_ok {
         bail!("the embedded broker lives inside one process: use `funcatron up`, or give --broker amqp://... to run roles separately");
     }
@@ -917,8 +938,9 @@ async fn up(a: UpArgs, levels: LevelHook, shutdown: CancellationToken) -> Result
                 shared,
             )))
         } else {
+            let broker_url = a.broker.url();
             let runners = RunnerGrants {
-                broker_url: &a.broker.broker,
+                broker_url: &broker_url,
                 read_token: read_token.as_deref(),
                 outbound: &runner_outbound,
             };
