@@ -78,8 +78,9 @@ struct Inner {
 struct Live {
     connection: Connection,
     /// Publishes go through one confirm-mode channel; lapin matches confirms
-    /// to publishes, so concurrent publishers share it safely.
-    publisher: Channel,
+    /// to publishes, so concurrent publishers share it safely. Replaced
+    /// when the broker nacks on it ([`Live::renew_publisher`]).
+    publisher: Mutex<Channel>,
     /// Counts connections, so subscribers can tell a new one from the old.
     generation: u64,
     /// How work queues are declared.
@@ -95,6 +96,58 @@ const DELAY_QUEUE_IDLE: Duration = Duration::from_secs(3600);
 /// How often a delay queue in use is declared again, well within
 /// [`DELAY_QUEUE_IDLE`].
 const REDECLARE_DELAY_QUEUE: Duration = Duration::from_secs(600);
+
+impl Live {
+    /// The publisher channel now.
+    fn publisher(&self) -> Channel {
+        self.publisher
+            .lock()
+            .unwrap_or_else(|e| poisoned("amqp.publisher", e))
+            .clone()
+    }
+
+    /// Replace the publisher channel `failed` with a fresh confirm-mode
+    /// channel on the same connection (once, whoever of the publishers that
+    /// saw it fail asks first); the old one is closed.
+    async fn renew_publisher(&self, failed: &Channel) {
+        if self.publisher().id() != failed.id() {
+            return;
+        }
+        let fresh = match self.connection.create_channel().await {
+            Ok(ch) => ch,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open a new publisher channel");
+                return;
+            }
+        };
+        if let Err(e) = fresh.confirm_select(ConfirmSelectOptions::default()).await {
+            tracing::warn!(error = %e, "cannot put the new publisher channel in confirm mode");
+            return;
+        }
+        let replaced = {
+            let mut p = self
+                .publisher
+                .lock()
+                .unwrap_or_else(|e| poisoned("amqp.publisher", e));
+            if p.id() == failed.id() {
+                Ok(std::mem::replace(&mut *p, fresh))
+            } else {
+                Err(fresh)
+            }
+        };
+        match replaced {
+            Ok(old) => {
+                tracing::warn!("RabbitMQ refused a publish; publishing through a new channel");
+                metrics::counter!("broker_publisher_renewals_total").increment(1);
+                let _ = old.close(200, "renewed".into()).await;
+            }
+            // Another publisher renewed it meanwhile.
+            Err(unused) => {
+                let _ = unused.close(200, "not needed".into()).await;
+            }
+        }
+    }
+}
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -297,7 +350,7 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
                 let events = connection.events_listener();
                 let live = Arc::new(Live {
                     connection,
-                    publisher,
+                    publisher: Mutex::new(publisher),
                     generation,
                     queue_type: strong.queue_type,
                     delays: Mutex::new(HashMap::new()),
@@ -317,7 +370,7 @@ async fn supervise(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
                     .collect();
                 drop(strong);
                 for (q, k) in later.into_iter().filter(|(_, k)| *k != QueueKind::External) {
-                    if let Err(e) = declare_on(&live.publisher, &q, k, live.queue_type).await {
+                    if let Err(e) = declare_on(&live.publisher(), &q, k, live.queue_type).await {
                         tracing::warn!(queue = %q, error = %e, "declare after connecting failed");
                     }
                 }
@@ -413,7 +466,7 @@ async fn wait_for_loss(
 ) {
     // Errors arrive as events; the status poll catches anything that does not
     // (a closed publisher channel, for one).
-    let usable = || live.connection.status().connected() && live.publisher.status().connected();
+    let usable = || live.connection.status().connected() && live.publisher().status().connected();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
@@ -517,7 +570,7 @@ async fn declare_delay(live: &Live, target: &str, delay_ms: u64) -> Result<Strin
             AMQPValue::LongString(LongString::from("reject-publish")),
         );
     }
-    live.publisher
+    live.publisher()
         .queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args)
         .await
         .map_err(|e| BrokerError::Protocol(format!("declaring {name}: {e}")))?;
@@ -532,7 +585,7 @@ impl Broker for AmqpBroker {
     async fn declare(&self, queue: &str, kind: QueueKind) -> Result<(), BrokerError> {
         self.remember(queue, kind);
         let live = self.live()?;
-        declare_on(&live.publisher, queue, kind, live.queue_type).await
+        declare_on(&live.publisher(), queue, kind, live.queue_type).await
     }
 
     async fn publish(&self, queue: &str, message: Message) -> Result<(), BrokerError> {
@@ -545,8 +598,8 @@ impl Broker for AmqpBroker {
         if let Some(ttl) = message.ttl_ms {
             props = props.with_expiration(ShortString::from(ttl.max(1).to_string()));
         }
-        let confirm = live
-            .publisher
+        let publisher = live.publisher();
+        let confirm = publisher
             .basic_publish(
                 "".into(),
                 queue.into(),
@@ -562,6 +615,11 @@ impl Broker for AmqpBroker {
             .await
             .map_err(unavailable)?;
         if confirm.is_nack() {
+            // A quorum queue's leader that moved while this channel knew
+            // the old one (a node of the cluster died) leaves the channel
+            // refusing every publish to it: the next publishes go through
+            // a fresh channel, which finds the new leader.
+            live.renew_publisher(&publisher).await;
             return Err(BrokerError::Nacked(queue.to_owned()));
         }
         if confirm.take_message().is_some() {
@@ -686,13 +744,13 @@ impl Broker for AmqpBroker {
 
     async fn broadcast(&self, topic: &str, message: Message) -> Result<(), BrokerError> {
         let live = self.live()?;
-        declare_exchange(&live.publisher, topic).await?;
+        declare_exchange(&live.publisher(), topic).await?;
         let mut props = BasicProperties::default();
         if !message.headers.is_empty() {
             props = props.with_headers(to_field_table(&message.headers));
         }
         let confirm = live
-            .publisher
+            .publisher()
             .basic_publish(
                 topic.into(),
                 "".into(),

@@ -9,7 +9,7 @@
 //! call reaches `succeeded` (none lost with the node); and the components
 //! move to the surviving nodes: requests succeed again after the kill.
 //!
-//! Its own test binary: it runs its own RabbitMQ nodes (stopped at the
+//! Its own test binary: it runs its own RabbitMQ nodes (killed at the
 //! end), beside the shared one.
 
 #![allow(clippy::unwrap_used)]
@@ -157,14 +157,6 @@ struct Seen {
     accepted: Vec<String>,
 }
 
-// Fails today (see docs/brokers.md, "Not yet"): after the kill every
-// component reconnects to a surviving node and the quorum queues elect
-// new leaders, and a freshly started ingress is served; but the ingress
-// and Runner that were publishing at the kill get every publish on their
-// new connection refused (publisher-confirm nacks) for as long as they
-// run. Kept, ignored, as the reproduction: `cargo test -p funcatron
-// --test amqp_cluster -- --ignored`.
-#[ignore = "publishes stay refused after failover (docs/brokers.md)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_loses_no_accepted_call_and_everyone_moves_on() {
     let started = Instant::now();
