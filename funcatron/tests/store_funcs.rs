@@ -53,6 +53,7 @@ function run(req)
   local missing, e5 = store.get("notes", "nobody")
   out.missing = (missing == nil) and e5.error or "found"
   out.deleted = assert(store.delete("notes", id)).deleted
+  out.created = #assert(store.create("notes", {text = "made"})).id
   return out
 end
 "#;
@@ -81,6 +82,7 @@ def run(req):
     out["schema"] = err(lambda: store.put("notes", id, {"text": 5}))
     out["missing"] = "not_found" if store.get("notes", "nobody") is None else "found"
     out["deleted"] = store.delete("notes", id)["deleted"]
+    out["created"] = len(store.create("notes", {"text": "made"})["id"])
     return out
 "#;
 
@@ -101,6 +103,7 @@ exports.run = async (req) => {
   out.schema = await err(s.put('notes', id, { text: 5 }));
   out.missing = (await s.get('notes', 'nobody')) === null ? 'not_found' : 'found';
   out.deleted = (await s.delete('notes', id)).deleted;
+  out.created = (await s.create('notes', { text: 'made' })).id.length;
   return out;
 };
 "#;
@@ -135,6 +138,7 @@ public class Notes {
         out.put("schema", err(() -> s.put("notes", id, Map.of("text", 5))));
         out.put("missing", s.get("notes", "nobody") == null ? "not_found" : "found");
         out.put("deleted", s.delete("notes", id).get("deleted"));
+        out.put("created", ((String) s.create("notes", Map.of("text", "made")).get("id")).length());
         return out;
     }
 }
@@ -213,6 +217,8 @@ async fn funcs_in_every_runtime_use_the_store_they_declare() {
         "schema": "400 schema_violation",
         "missing": "not_found",
         "deleted": true,
+        // A create without an id gets one (32 hex digits).
+        "created": 32,
     });
     for (name, ..) in notes {
         let url = format!("{base}/{name}/run/n-{name}");

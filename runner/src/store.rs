@@ -78,10 +78,16 @@ impl StoreScope {
                 format!("a store operation over {MAX_OP_BYTES} bytes"),
             );
         }
-        let op: Op = match serde_json::from_slice(op) {
+        let mut op: Op = match serde_json::from_slice(op) {
             Ok(op) => op,
             Err(e) => return refusal(400, "invalid", format!("store operation: {e}")),
         };
+        // A create gets its id here, not at the Tron: a request the broker
+        // delivers twice (a Tron died before answering) then finds its
+        // document (412) instead of making a second one.
+        if let Op::Create { id: id @ None, .. } = &mut op {
+            *id = Some(funcatron_envelope::new_request_id());
+        }
         let need = if op.writes() {
             StoreOp::Write
         } else {
@@ -221,5 +227,128 @@ impl StoreClient {
                 "the document store did not answer in time",
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    //! The Runner's side against a stand-in Tron on the embedded broker:
+    //! what reaches `funcatron.store`, and what comes back.
+
+    use super::*;
+    use funcatron_broker::{ConsumeOptions, EmbeddedBroker, QueueKind};
+
+    /// A Tron stand-in: answers each request with the operation it got.
+    async fn echo_tron(broker: &AnyBroker) {
+        let mut sub = broker
+            .consume(
+                names::STORE_REQUESTS,
+                QueueKind::Work,
+                ConsumeOptions {
+                    prefetch: 10,
+                    auto_ack: false,
+                },
+            )
+            .await
+            .unwrap();
+        let b = broker.clone();
+        tokio::spawn(async move {
+            while let Some(d) = sub.next().await {
+                let reply = d.message.header(REPLY_HEADER).unwrap().to_owned();
+                let r: Request = serde_json::from_slice(&d.message.payload).unwrap();
+                let body = serde_json::json!({"func": r.func, "version": r.version, "op": r.op});
+                let answer = Answer {
+                    key: r.key,
+                    status: 200,
+                    body,
+                };
+                let m = Message::new(serde_json::to_vec(&answer).unwrap());
+                b.publish(&reply, m).await.unwrap();
+                d.ack().await.unwrap();
+            }
+        });
+    }
+
+    fn scope(broker: &AnyBroker, access: &[(&str, &[StoreOp])]) -> Arc<StoreScope> {
+        Arc::new(StoreScope {
+            client: StoreClient::new(broker.clone()),
+            runtime: None,
+            func: "f".into(),
+            version: "v1".into(),
+            access: access
+                .iter()
+                .map(|(c, ops)| ((*c).to_owned(), ops.to_vec()))
+                .collect(),
+        })
+    }
+
+    #[tokio::test]
+    async fn calls_name_the_func_get_an_id_for_creates_and_stay_within_the_declaration() {
+        let broker = AnyBroker::Embedded(EmbeddedBroker::new(100));
+        echo_tron(&broker).await;
+        let s = scope(
+            &broker,
+            &[
+                ("notes", &[StoreOp::Read, StoreOp::Write]),
+                ("audit", &[StoreOp::Read]),
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+
+        let (status, body) = s
+            .call(
+                br#"{"op":"create","collection":"notes","doc":{"a":1}}"#,
+                deadline,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            (body["func"].as_str(), body["version"].as_str()),
+            (Some("f"), Some("v1"))
+        );
+        // The Runner chose the id: a repeated delivery finds the document.
+        let id = body["op"]["id"].as_str().unwrap();
+        assert_eq!(id.len(), 32, "{body}");
+        // A Func's own id is kept.
+        let (_, body) = s
+            .call(
+                br#"{"op":"create","collection":"notes","id":"n1","doc":{}}"#,
+                deadline,
+            )
+            .await;
+        assert_eq!(body["op"]["id"], "n1");
+
+        // Refused before anything is sent.
+        let (status, body) = s
+            .call(
+                br#"{"op":"put","collection":"audit","id":"x","doc":{}}"#,
+                deadline,
+            )
+            .await;
+        assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")));
+        let (status, _) = s
+            .call(br#"{"op":"get","collection":"secrets","id":"x"}"#, deadline)
+            .await;
+        assert_eq!(status, 403);
+        let (status, body) = s.call(b"{\"op\":\"drop\"}", deadline).await;
+        assert_eq!((status, body["error"].as_str()), (400, Some("invalid")));
+    }
+
+    #[tokio::test]
+    async fn without_a_tron_a_call_is_503() {
+        let broker = AnyBroker::Embedded(EmbeddedBroker::new(100));
+        let s = scope(&broker, &[("notes", &[StoreOp::Read])]);
+        let (status, body) = s
+            .call(
+                br#"{"op":"get","collection":"notes","id":"x"}"#,
+                Instant::now() + Duration::from_secs(5),
+            )
+            .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (503, Some("store_unavailable")),
+            "{body}"
+        );
     }
 }
