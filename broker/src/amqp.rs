@@ -540,7 +540,7 @@ async fn declare_delay(live: &Live, target: &str, delay_ms: u64) -> Result<Strin
     }
     let ms = i64::try_from(delay_ms).unwrap_or(i64::MAX);
     let idle = i64::try_from(DELAY_QUEUE_IDLE.as_millis()).unwrap_or(i64::MAX);
-    let mut args = FieldTable::default();
+    let mut args = declare_args(QueueKind::Work, live.queue_type);
     args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ms));
     args.insert(
         "x-dead-letter-exchange".into(),
@@ -555,12 +555,8 @@ async fn declare_delay(live: &Live, target: &str, delay_ms: u64) -> Result<Strin
         AMQPValue::LongLongInt(ms.saturating_add(idle)),
     );
     if live.queue_type == QueueType::Quorum {
-        // Replicated too, and dead-lettered into the target at least once
-        // (a quorum queue's default is at most once).
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(LongString::from("quorum")),
-        );
+        // Replicated too (above), and dead-lettered into the target at
+        // least once (a quorum queue's default is at most once).
         args.insert(
             "x-dead-letter-strategy".into(),
             AMQPValue::LongString(LongString::from("at-least-once")),

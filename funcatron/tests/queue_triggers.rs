@@ -179,6 +179,9 @@ async fn queue_triggers_lose_nothing_when_the_runner_is_killed() {
         .await;
     }
     publish(&ch, "", "orders.in", "f1", "{\"fail\": true}").await;
+    // Over the 10 MiB a triggered call may carry: dead-lettered, never called.
+    let big = "x".repeat(11 << 20);
+    publish(&ch, "", "orders.in", "big", &big).await;
     for i in 0..EVENTS {
         publish(&ch, "shop", "order.created", &format!("e{i}"), "plain text").await;
     }
@@ -296,5 +299,39 @@ async fn queue_triggers_lose_nothing_when_the_runner_is_killed() {
         };
         assert_eq!(record.state, want, "message {id}, call {call}");
     }
+    // The oversized message is on funcatron.dead with its reason.
+    let mut reasons = Vec::new();
+    while let Some(m) = ch
+        .basic_get(
+            funcatron_control::names::DEAD_LETTERS.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        let reason = m
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| {
+                h.inner()
+                    .get(funcatron_control::headers::DEAD_REASON)
+                    .and_then(|v| v.as_long_string())
+                    .map(|v| v.to_string())
+            })
+            .unwrap_or_default();
+        reasons.push((m.delivery.data.len(), reason));
+    }
+    assert!(
+        reasons
+            .iter()
+            .any(|(len, why)| *len == big.len() && why.contains("over")),
+        "the oversized message is dead-lettered with its reason: {:?}",
+        reasons
+            .iter()
+            .map(|(l, w)| (l, w.as_str()))
+            .collect::<Vec<_>>()
+    );
     conn.close(200, "done".into()).await.unwrap();
 }

@@ -876,16 +876,14 @@ fn store_call(lua: &Lua, op: serde_json::Value) -> mlua::Result<(Value, Value)> 
 /// on the collections the bundle declares (`docs/runtimes.md`).
 fn store_table(lua: &Lua) -> mlua::Result<Table> {
     use serde_json::{json, Value as J};
-    fn opt(lua: &Lua, v: Value, key: &str) -> mlua::Result<J> {
+    /// Field `key` of an options table, as JSON (`null` without one).
+    fn opt(v: &Value, key: &str) -> mlua::Result<J> {
         match v {
             Value::Table(t) => {
                 let v: Value = t.raw_get(key)?;
                 serde_json::to_value(&v).map_err(mlua::Error::external)
             }
-            _ => {
-                let _ = lua;
-                Ok(J::Null)
-            }
+            _ => Ok(J::Null),
         }
     }
     let to_json = |v: &Value| serde_json::to_value(v).map_err(mlua::Error::external);
@@ -899,13 +897,13 @@ fn store_table(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set(
         "list",
         lua.create_function(|lua, (c, o): (String, Value)| {
-            let filter = match opt(lua, o.clone(), "filter")? {
+            let filter = match opt(&o, "filter")? {
                 J::Null => json!({}),
                 f => f,
             };
             let mut op = json!({"op": "list", "collection": c, "filter": filter});
             for k in ["after", "limit"] {
-                let v = opt(lua, o.clone(), k)?;
+                let v = opt(&o, k)?;
                 if !v.is_null() {
                     op[k] = v;
                 }
@@ -942,7 +940,7 @@ fn store_table(lua: &Lua) -> mlua::Result<Table> {
                 if let Some(field) = field {
                     op[field] = to_json(&next())?;
                 }
-                let version = opt(lua, next(), "if_version")?;
+                let version = opt(&next(), "if_version")?;
                 if !version.is_null() {
                     op["if_version"] = version;
                 }

@@ -30,7 +30,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use funcatron_broker::{AnyBroker, Broker, ConsumeOptions, Delivery, QueueKind, Subscription};
 use funcatron_bundle::triggers::QueueTrigger;
-use funcatron_calls::{CallState, Calls};
+use funcatron_calls::Calls;
 use funcatron_control::names;
 use futures::FutureExt as _;
 use serde_json::{json, Map, Value};
@@ -165,7 +165,6 @@ async fn consume(calls: Calls, broker: AnyBroker, key: Key, stop: CancellationTo
     let source = Arc::new(Source {
         queue: queue.clone(),
         exchange: q.exchange.clone(),
-        trigger: target.trigger.clone(),
     });
     let mut in_flight = JoinSet::new();
     loop {
@@ -257,7 +256,6 @@ async fn admit(broker: &AnyBroker, queue: &str, batch: Vec<Delivery>) -> Vec<Del
 struct Source {
     queue: String,
     exchange: Option<String>,
-    trigger: String,
 }
 
 /// One batch's call.
@@ -335,7 +333,6 @@ impl Job {
         loop {
             match self.calls.get(id).await {
                 Ok(Some(c)) if c.state.is_final() => return Some(c.state.as_str()),
-                Ok(Some(c)) if c.state == CallState::Queued || c.state == CallState::Running => {}
                 Ok(Some(_)) => {}
                 Ok(None) => {
                     // Purged by an operator (or expired): nothing more
@@ -379,7 +376,7 @@ impl Job {
             .collect();
         json!({
             "type": "message",
-            "trigger": self.source.trigger,
+            "trigger": self.target.trigger,
             "queue": self.source.queue,
             "exchange": self.source.exchange,
             "routing_key": d.routing_key,

@@ -77,17 +77,16 @@ type Declared<'a> = (&'a str, &'a str, &'a BTreeMap<String, Vec<StoreOp>>);
 
 /// What `func` at `version` may do with `collection`: the declaration of
 /// that version, else of the version of it served now.
-fn allowed(
-    declared: &[Declared<'_>],
-    func: &str,
-    version: &str,
-    collection: &str,
-    op: StoreOp,
-) -> bool {
-    let of = |d: &&Declared<'_>| d.2.get(collection).is_some_and(|ops| ops.contains(&op));
-    match declared.iter().find(|d| d.0 == func && d.1 == version) {
+fn allowed<'a, I>(declared: I, func: &str, version: &str, collection: &str, op: StoreOp) -> bool
+where
+    I: IntoIterator<Item = Declared<'a>>,
+    I::IntoIter: Clone,
+{
+    let declared = declared.into_iter();
+    let of = |d: &Declared<'_>| d.2.get(collection).is_some_and(|ops| ops.contains(&op));
+    match declared.clone().find(|d| d.0 == func && d.1 == version) {
         Some(d) => of(&d),
-        None => declared.iter().filter(|d| d.0 == func).any(|d| of(&d)),
+        None => declared.filter(|d| d.0 == func).any(|d| of(&d)),
     }
 }
 
@@ -147,13 +146,12 @@ async fn handle(
     let (status, body) = async {
         let need = if request.op.writes() { StoreOp::Write } else { StoreOp::Read };
         let now_served = Arc::clone(&served.borrow());
-        let declared: Vec<Declared<'_>> = now_served
+        let declared = now_served
             .bundles
             .iter()
-            .map(|b| (b.name.as_str(), b.version.as_str(), &b.store_access))
-            .collect();
+            .map(|b| (b.name.as_str(), b.version.as_str(), &b.store_access));
         let ok = allowed(
-            &declared,
+            declared,
             &request.func,
             &request.version,
             request.op.collection(),
@@ -223,13 +221,13 @@ mod tests {
         access.insert("orders".to_owned(), vec![StoreOp::Read, StoreOp::Write]);
         access.insert("audit".to_owned(), vec![StoreOp::Read]);
         let declared = [("f", "v2", &access)];
-        assert!(allowed(&declared, "f", "v2", "orders", StoreOp::Write));
-        assert!(allowed(&declared, "f", "v2", "audit", StoreOp::Read));
-        assert!(!allowed(&declared, "f", "v2", "audit", StoreOp::Write));
-        assert!(!allowed(&declared, "f", "v2", "other", StoreOp::Read));
+        assert!(allowed(declared, "f", "v2", "orders", StoreOp::Write));
+        assert!(allowed(declared, "f", "v2", "audit", StoreOp::Read));
+        assert!(!allowed(declared, "f", "v2", "audit", StoreOp::Write));
+        assert!(!allowed(declared, "f", "v2", "other", StoreOp::Read));
         // A draining version: the served version's declaration.
-        assert!(allowed(&declared, "f", "v1", "orders", StoreOp::Write));
+        assert!(allowed(declared, "f", "v1", "orders", StoreOp::Write));
         // Another Func: nothing.
-        assert!(!allowed(&declared, "g", "v2", "orders", StoreOp::Read));
+        assert!(!allowed(declared, "g", "v2", "orders", StoreOp::Read));
     }
 }

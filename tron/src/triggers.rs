@@ -292,6 +292,9 @@ pub async fn relay(
     let mut lease = Lease::new(docs.store().clone(), RELAY_LEASE, holder.clone(), LEASE_TTL);
     let mut poll = tokio::time::interval(poll);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Announcements are for the lease holder; the others take the lease
+    // over at a poll, not at every write in the cluster.
+    let mut holding = false;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => {
@@ -304,12 +307,14 @@ pub async fn relay(
             _ = poll.tick() => {}
             m = next_told(&mut told) => match m {
                 // Its own announcement: `changed` woke it already.
-                Some(m) if m.payload == holder.as_bytes() => continue,
+                Some(m) if m.payload == holder.as_bytes() || !holding => continue,
                 Some(_) => {}
                 None => told = None,
             },
         }
-        match lease.hold().await {
+        let held = lease.hold().await;
+        holding = matches!(held, Ok(true));
+        match held {
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => {
